@@ -1,0 +1,136 @@
+"""Read a llama-architecture GGUF file: hyperparameters, dequantized weights and the tokenizer.
+
+Weights come back as a NumPy tree in jaxserve's parameter layout (kernels [in, out], layers stacked on a
+leading axis). llama.cpp stores Q and K permuted for its pairwise RoPE; we undo that so the model uses
+the rotate-half layout of the original checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from jaxserve.model.config import ModelConfig
+from jaxserve.tokenizer import BPETokenizer
+
+log = logging.getLogger(__name__)
+
+# GGUF tensor name (per layer) -> (our name, number of heads to reshape the output axis into, or None)
+_LAYER_TENSORS = {
+    "attn_norm": "attn_norm",
+    "attn_q": "q",
+    "attn_k": "k",
+    "attn_v": "v",
+    "attn_output": "o",
+    "ffn_norm": "mlp_norm",
+    "ffn_gate": "gate",
+    "ffn_up": "up",
+    "ffn_down": "down",
+}
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def read_config(reader: gguf.GGUFReader, max_context: int | None = None) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"unsupported GGUF architecture {arch!r}: jaxserve imports 'llama' models")
+    p = lambda key, default=None: _field(reader, f"llama.{key}", default)  # noqa: E731
+    dim, n_heads = int(p("embedding_length")), int(p("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    vocab = p("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
+    return ModelConfig(
+        vocab_size=int(vocab),
+        dim=dim,
+        n_layers=int(p("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(p("attention.head_count_kv", n_heads)),
+        head_dim=int(p("attention.key_length", dim // n_heads)),
+        mlp_dim=int(p("feed_forward_length")),
+        rope_theta=float(p("rope.freq_base", 10000.0)),
+        norm_eps=float(p("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in names,
+        max_context=int(max_context or p("context_length", 2048)),
+    )
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K permutation: w [heads*H, D] with pairs (2i, 2i+1) back to halves (i, i+H/2)."""
+    out, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize(tensor) -> np.ndarray:
+    """A GGUF tensor as float32 in NumPy (torch) order: [out, in] for matrices."""
+    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+
+
+def read_params(reader: gguf.GGUFReader, cfg: ModelConfig, progress: bool = True) -> dict:
+    """The parameter tree ({'params': ...}) in float32 NumPy."""
+    L, D, N, K, H = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    layers: dict[str, list] = {ours: [None] * L for ours in _LAYER_TENSORS.values()}
+    top: dict[str, np.ndarray] = {}
+    for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress):
+        w = dequantize(t)
+        parts = t.name.split(".")
+        if parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
+            i, name = int(parts[1]), _LAYER_TENSORS[parts[2]]
+            if name == "q":
+                w = unpermute_rope(w, N).T.reshape(D, N, H)
+            elif name == "k":
+                w = unpermute_rope(w, K).T.reshape(D, K, H)
+            elif name == "v":
+                w = w.T.reshape(D, K, H)
+            elif name == "o":
+                w = w.T.reshape(N, H, D)
+            elif name in ("gate", "up", "down"):
+                w = w.T
+            layers[name][i] = w
+        elif t.name in ("token_embd.weight", "output_norm.weight", "output.weight"):
+            top[t.name] = w
+        elif t.name != "rope_freqs.weight":
+            raise ValueError(f"unexpected GGUF tensor {t.name!r}")
+    missing = [f"{n}[{i}]" for n, ws in layers.items() for i, w in enumerate(ws) if w is None]
+    if missing:
+        raise ValueError(f"GGUF file lacks tensors: {', '.join(missing[:5])}")
+    params = {
+        "embed": {"embedding": top["token_embd.weight"]},
+        "final_norm": {"scale": top["output_norm.weight"]},
+        "layers": {
+            "attn_norm": {"scale": np.stack(layers.pop("attn_norm"))},
+            "mlp_norm": {"scale": np.stack(layers.pop("mlp_norm"))},
+            **{name: np.stack(ws) for name, ws in layers.items()},
+        },
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = top["output.weight"].T
+    return {"params": params}
+
+
+def read_tokenizer(reader: gguf.GGUFReader) -> BPETokenizer:
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer {kind!r}: jaxserve builds byte-level BPE ('gpt2')")
+    return BPETokenizer.from_vocab(
+        tokens=list(_field(reader, "tokenizer.ggml.tokens")),
+        token_types=[int(x) for x in _field(reader, "tokenizer.ggml.token_type")],
+        merges=list(_field(reader, "tokenizer.ggml.merges")),
+        pre=_field(reader, "tokenizer.ggml.pre", "default"),
+        bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+    )
+
+
+def read_gguf(path: Path, max_context: int | None = None, progress: bool = True):
+    """(config, float32 NumPy params, tokenizer) from a GGUF file."""
+    reader = gguf.GGUFReader(str(path))
+    cfg = read_config(reader, max_context)
+    return cfg, read_params(reader, cfg, progress), read_tokenizer(reader)

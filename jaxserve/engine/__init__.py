@@ -1,0 +1,1 @@
+"""The engine: jitted steps over the mesh (more to come: sampling, scheduler, detokenizer)."""

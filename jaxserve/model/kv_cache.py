@@ -1,0 +1,50 @@
+"""The KV cache: a pytree of two arrays [L, B, S, K, H] (layers, slots, positions, KV heads, head dim).
+
+Slot b's entry at position p belongs to whichever sequence last wrote it; attention masks by position
+(key position <= query position), so a reused slot needs no clearing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxserve.model.config import ModelConfig
+
+# Logical axis names of each cache array, for jaxserve.sharding.
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array
+
+    @classmethod
+    def shape_dtype(cls, cfg: ModelConfig, slots: int, length: int) -> "KVCache":
+        s = jax.ShapeDtypeStruct((cfg.n_layers, slots, length, cfg.n_kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
+        return cls(k=s, v=s)
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, slots: int, length: int) -> "KVCache":
+        s = cls.shape_dtype(cfg, slots, length).k
+        return cls(k=jnp.zeros(s.shape, s.dtype), v=jnp.zeros(s.shape, s.dtype))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, layer, positions, k, v) -> "KVCache":
+        """Write k, v [B, T, K, H] at (layer, slot b, positions[b, t]); positions past the end are dropped."""
+        slots = jnp.arange(k.shape[0])[:, None]
+        return KVCache(k=self.k.at[layer, slots, positions].set(k.astype(self.k.dtype), mode="drop"),
+                       v=self.v.at[layer, slots, positions].set(v.astype(self.v.dtype), mode="drop"))
+
+    def read(self, layer, window: int):
+        """The first `window` positions of one layer: k, v [B, W, K, H]."""
+        _, B, _, K, H = self.k.shape
+        start = (layer, 0, 0, 0, 0)
+        k = jax.lax.dynamic_slice(self.k, start, (1, B, window, K, H))[0]
+        v = jax.lax.dynamic_slice(self.v, start, (1, B, window, K, H))[0]
+        return k, v

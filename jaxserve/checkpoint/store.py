@@ -1,0 +1,65 @@
+"""Checkpoint folders: `config.json` + tokenizer files + `params/` (orbax), restored onto a mesh.
+
+Restoring asks orbax for each array with its target NamedSharding, so every device reads only its own
+shards straight from disk; the weights never pass through one host copy first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxserve.model import ModelConfig, abstract_params
+from jaxserve.sharding import tree_shardings
+from jaxserve.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+PARAMS = "params"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    name: str
+    cfg: ModelConfig
+    params: dict  # on the mesh
+    param_shardings: dict
+    tokenizer: Tokenizer
+    mesh: jax.sharding.Mesh
+
+
+def is_checkpoint(directory: Path) -> bool:
+    return (Path(directory) / CONFIG).is_file() and (Path(directory) / PARAMS).is_dir()
+
+
+def save_checkpoint(directory: Path, cfg: ModelConfig, params, tokenizer: Tokenizer) -> None:
+    """Write a checkpoint folder, replacing any previous one; the folder appears only when complete."""
+    directory = Path(directory).absolute()
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / CONFIG).write_text(cfg.to_json())
+    tokenizer.save(tmp)
+    params = jax.tree.map(lambda x: np.asarray(x, dtype=cfg.dtype), params)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp / PARAMS, params)
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def load_checkpoint(directory: Path, mesh, name: str | None = None) -> LoadedModel:
+    directory = Path(directory).absolute()
+    cfg = ModelConfig.load(directory / CONFIG)
+    shapes, axes = abstract_params(cfg)
+    shardings = tree_shardings(axes, shapes, mesh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(directory / PARAMS, target)
+    return LoadedModel(name or directory.name, cfg, params, shardings, load_tokenizer(directory), mesh)

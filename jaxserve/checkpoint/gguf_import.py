@@ -121,7 +121,7 @@ def read_tokenizer(reader: gguf.GGUFReader) -> BPETokenizer:
     return BPETokenizer.from_vocab(
         tokens=list(_field(reader, "tokenizer.ggml.tokens")),
         token_types=[int(x) for x in _field(reader, "tokenizer.ggml.token_type")],
-        merges=list(_field(reader, "tokenizer.ggml.merges")),
+        merges=list(_field(reader, "tokenizer.ggml.merges") or []),
         pre=_field(reader, "tokenizer.ggml.pre", "default"),
         bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),

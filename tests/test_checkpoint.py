@@ -1,0 +1,156 @@
+"""GGUF import on synthetic files written by the `gguf` package's own writer, and orbax round-trips."""
+
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from jaxserve.checkpoint import convert_gguf, load_checkpoint
+from jaxserve.checkpoint.gguf_import import read_gguf
+from jaxserve.model import ModelConfig, init_params
+from jaxserve.sharding import make_mesh
+
+T = gguf.GGMLQuantizationType
+# Row length 256 so every K-quant block fits; 8 query heads and 2 KV heads of 32.
+# norm_eps is exact in float32, as GGUF stores it.
+CFG = ModelConfig(vocab_size=300, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, mlp_dim=512,
+                  rope_theta=50000.0, norm_eps=2.0**-20, tie_embeddings=False, max_context=128)
+# K-quant formats the gguf package can read but not write: byte size of a 256-value block, offsets of f16 scales
+K_QUANTS = {T.Q4_K: (144, (0, 2)), T.Q5_K: (176, (0, 2)), T.Q6_K: (210, (208,))}
+
+
+def llama_cpp_permute(w, n_heads):
+    """What llama.cpp's converter does to HF's Q/K weights [heads*H, D] for its pairwise RoPE."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def random_k_quant(rows, cols, qtype, rng):
+    """Random K-quant blocks with small finite f16 scales: [rows, bytes] as the writer expects."""
+    block, scale_offsets = K_QUANTS[qtype]
+    raw = rng.integers(0, 256, (rows, cols // 256, block), dtype=np.uint8)
+    for off in scale_offsets:
+        raw[..., off: off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(path, params, qtype, rng):
+    """Write `params` (jaxserve layout) as llama.cpp would: [out, in] matrices, Q/K permuted.
+
+    Matrices are stored as `qtype`. Returns the float values the file really holds in jaxserve layout
+    (after quantization), which import must reproduce."""
+    p = {k: np.asarray(v) for k, v in params["params"]["layers"].items() if not isinstance(v, dict)}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(CFG.n_layers)
+    w.add_context_length(CFG.max_context)
+    w.add_embedding_length(CFG.dim)
+    w.add_feed_forward_length(CFG.mlp_dim)
+    w.add_head_count(CFG.n_heads)
+    w.add_head_count_kv(CFG.n_kv_heads)
+    w.add_rope_freq_base(CFG.rope_theta)
+    w.add_layer_norm_rms_eps(CFG.norm_eps)
+    tokens = [bytes([b]).decode("latin-1") for b in range(256)]
+    tokens = [chr(0x100 + i) if not (t.isprintable() and t != " ") else t for i, t in enumerate(tokens)]
+    tokens += [f"<extra_{i}>" for i in range(CFG.vocab_size - 257)] + ["<|end|>"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (CFG.vocab_size - 1) + [3])
+    w.add_token_merges([])
+    w.add_eos_token_id(CFG.vocab_size - 1)
+
+    held = {}
+
+    def put(name, matrix_out_in, key=None, unpermute_heads=None):
+        if qtype in K_QUANTS:
+            raw = random_k_quant(*matrix_out_in.shape, qtype, rng)
+        else:
+            raw = gguf.quants.quantize(matrix_out_in.astype(np.float32), qtype)
+        w.add_tensor(name, raw, raw_dtype=qtype)
+        stored = gguf.quants.dequantize(raw, qtype).reshape(matrix_out_in.shape)
+        if unpermute_heads:  # the value jaxserve must see is the un-permuted one
+            n = unpermute_heads
+            stored = stored.reshape(n, stored.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(stored.shape)
+        if key:
+            held.setdefault(key, []).append(stored)
+
+    D, N, K, H = CFG.dim, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
+    w.add_tensor("token_embd.weight", np.asarray(params["params"]["embed"]["embedding"], np.float32))
+    w.add_tensor("output_norm.weight", np.asarray(params["params"]["final_norm"]["scale"], np.float32))
+    put("output.weight", np.asarray(params["params"]["lm_head"]).T, "lm_head")
+    for i in range(CFG.n_layers):
+        lp = params["params"]["layers"]
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.asarray(lp["attn_norm"]["scale"][i], np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.asarray(lp["mlp_norm"]["scale"][i], np.float32))
+        put(f"blk.{i}.attn_q.weight", llama_cpp_permute(p["q"][i].reshape(D, N * H).T, N), "q", N)
+        put(f"blk.{i}.attn_k.weight", llama_cpp_permute(p["k"][i].reshape(D, K * H).T, K), "k", K)
+        put(f"blk.{i}.attn_v.weight", p["v"][i].reshape(D, K * H).T, "v")
+        put(f"blk.{i}.attn_output.weight", p["o"][i].reshape(N * H, D).T, "o")
+        put(f"blk.{i}.ffn_gate.weight", p["gate"][i].T, "gate")
+        put(f"blk.{i}.ffn_up.weight", p["up"][i].T, "up")
+        put(f"blk.{i}.ffn_down.weight", p["down"][i].T, "down")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    shapes = {"q": (D, N, H), "k": (D, K, H), "v": (D, K, H), "o": (N, H, D)}
+    return {k: np.stack([m.T.reshape(shapes.get(k, m.T.shape)) for m in ms]) for k, ms in held.items()}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, seed=1)
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K],
+                         ids=lambda t: t.name)
+def test_import_each_type(tmp_path, params, qtype):
+    path = tmp_path / f"model-{qtype.name}.gguf"
+    held = write_gguf(path, params, qtype, np.random.default_rng(0))
+    cfg, got, tok = read_gguf(path, progress=False)
+    assert cfg == CFG
+    lp = got["params"]["layers"]
+    for name in ("q", "k", "v", "o", "gate", "up", "down"):
+        np.testing.assert_array_equal(lp[name], held[name], err_msg=name)
+    np.testing.assert_array_equal(got["params"]["lm_head"], held["lm_head"][0])
+    if qtype == T.F32:  # lossless: the import recovers the original (un-permuted) weights exactly
+        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            np.testing.assert_array_equal(lp[name], params["params"]["layers"][name], err_msg=name)
+    elif qtype not in K_QUANTS:  # quantized from the originals: close to them
+        err = np.abs(lp["q"] - params["params"]["layers"]["q"]).max()
+        assert err < 0.25 * np.abs(params["params"]["layers"]["q"]).max()
+    assert tok.eos_id == CFG.vocab_size - 1 and tok.token_id("<|end|>") == CFG.vocab_size - 1
+
+
+def test_convert_then_load_round_trip(tmp_path, params):
+    path = tmp_path / "model.gguf"
+    write_gguf(path, params, T.F32, np.random.default_rng(0))
+    out = convert_gguf(path, tmp_path / "ckpt", progress=False)
+    model = load_checkpoint(out, make_mesh(1, 2))
+    assert model.cfg == CFG
+    for a, b in zip(np.asarray(model.params["params"]["layers"]["q"]), np.asarray(params["params"]["layers"]["q"])):
+        np.testing.assert_array_equal(a, b)
+    assert model.tokenizer.decode(model.tokenizer.encode("hello world")) == "hello world"
+
+
+def test_convert_command(tmp_path, params):
+    path = tmp_path / "My-Model.gguf"
+    write_gguf(path, params, T.Q8_0, np.random.default_rng(0))
+    result = subprocess.run([sys.executable, "-m", "jaxserve.cli", "convert", str(path), "--name", "mine",
+                             "--checkpoints", str(tmp_path / "root")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "root" / "mine" / "config.json").is_file()
+    assert "dequantizing" in result.stderr  # the progress bar
+    assert ModelConfig.load(tmp_path / "root" / "mine" / "config.json") == CFG
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    path = tmp_path / "other.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'mamba'"):
+        read_gguf(path, progress=False)

@@ -1,0 +1,37 @@
+"""The `jaxserve` command line as a user runs it."""
+
+import subprocess
+import sys
+
+
+def run(*args, env_root):
+    return subprocess.run([sys.executable, "-m", "jaxserve.cli", *args, "--checkpoints", str(env_root)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_generate_continues_the_corpus(tiny_dir):
+    result = run("generate", "The Lord is my shepherd", "--model", "tiny-llama", "--max-tokens", "12",
+                 env_root=tiny_dir.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("; I shall not want.")
+    assert "tok/s" in result.stderr
+
+
+def test_generate_with_temperature_is_seeded(tiny_dir):
+    args = ("generate", "It was the", "--model", "tiny-llama", "--max-tokens", "12", "--temperature", "1.5")
+    a = run(*args, "--seed", "1", env_root=tiny_dir.parent)
+    b = run(*args, "--seed", "1", env_root=tiny_dir.parent)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_default_model_says_paris(smollm2_dir):
+    result = run("generate", "The capital of France is", "--max-tokens", "3", env_root=smollm2_dir.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(" Paris.")
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    result = run("generate", "hi", "--model", "no-such-model", env_root=tmp_path)
+    assert result.returncode == 2
+    assert "no model card 'no-such-model'" in result.stderr

@@ -35,14 +35,18 @@ class KVCache:
     def length(self) -> int:
         return self.k.shape[2]
 
-    def write(self, layer, positions, k, v) -> "KVCache":
-        """Write k, v [B, T, K, H] at (layer, slot b, positions[b, t]); positions past the end are dropped."""
-        slots = jnp.arange(k.shape[0])[:, None]
-        return KVCache(k=self.k.at[layer, slots, positions].set(k.astype(self.k.dtype), mode="drop"),
-                       v=self.v.at[layer, slots, positions].set(v.astype(self.v.dtype), mode="drop"))
+    def write(self, layer, positions, k, v, slots=None) -> "KVCache":
+        """Write k, v [b, T, K, H] at (layer, slots[i], positions[i, t]); positions past the end are dropped.
 
-    def read(self, layer, window: int):
-        """The first `window` positions of one layer: k, v [B, W, K, H]."""
+        `slots` [b] names the cache rows of the b sequences; None means all B rows in order."""
+        rows = (jnp.arange(k.shape[0]) if slots is None else slots)[:, None]
+        return KVCache(k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype), mode="drop"),
+                       v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype), mode="drop"))
+
+    def read(self, layer, window: int, slots=None):
+        """The first `window` positions of one layer for `slots` (None: all rows): k, v [b, W, K, H]."""
+        if slots is not None:
+            return self.k[layer, slots, :window], self.v[layer, slots, :window]
         _, B, _, K, H = self.k.shape
         start = (layer, 0, 0, 0, 0)
         k = jax.lax.dynamic_slice(self.k, start, (1, B, window, K, H))[0]

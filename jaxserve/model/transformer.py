@@ -55,7 +55,7 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, positions, cos, sin, window: int):
+    def __call__(self, carry, positions, cos, sin, slots, window: int):
         x, cache, layer = carry
         c = self.cfg
         dt = jnp.dtype(c.dtype)
@@ -71,8 +71,8 @@ class Block(nn.Module):
         k = apply_rope(jnp.einsum("btd,dkh->btkh", h, wk), cos, sin)
         v = jnp.einsum("btd,dkh->btkh", h, wv)
 
-        cache = cache.write(layer, positions, k, v)
-        keys, values = cache.read(layer, window)  # [B, W, K, H]
+        cache = cache.write(layer, positions, k, v, slots)
+        keys, values = cache.read(layer, window, slots)  # [B, W, K, H]
 
         G = c.n_heads // c.n_kv_heads
         q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim)
@@ -95,10 +95,11 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: KVCache, window: int):
+    def __call__(self, tokens, positions, cache: KVCache, window: int, slots=None):
         """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, updated cache).
 
         `window` (static) must exceed every position in `positions`; attention reads only cache[:, :window].
+        `slots` [B] maps each row to a cache row (a prefill into one slot); None: row b is cache row b.
         """
         c = self.cfg
         dt = jnp.dtype(c.dtype)
@@ -108,9 +109,10 @@ class Transformer(nn.Module):
         x = embed(tokens)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                         in_axes=(nn.broadcast,) * 5,
                          length=c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        (x, cache, _), _ = layers(c, name="layers")((x, cache, jnp.int32(0)), positions, cos, sin, window)
+        (x, cache, _), _ = layers(c, name="layers")((x, cache, jnp.int32(0)), positions, cos, sin, slots,
+                                                             window)
         x = RMSNorm(c.norm_eps, dt, name="final_norm")(x)
         if c.tie_embeddings:
             logits = embed.attend(x)

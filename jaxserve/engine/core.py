@@ -1,0 +1,242 @@
+"""EngineCore: the device side of continuous batching. The scheduler thread is its only caller.
+
+Contract (JetStream's prefill -> insert -> generate, with the prefill writing straight into its slot):
+  prefill(slot, chunk, start, targets)  writes a prompt chunk's K/V into the slot's cache rows and returns
+                                        the prompt-token logprobs and the last position's logits;
+  fork(src, dst, length)                copies a prefilled prompt to another slot (n / best_of);
+  insert(slot, logits, params, ...)     samples the first token and activates the slot;
+  step(max_position)                    one decode step for every slot, EOS and max_tokens decided on
+                                        device, the state donated so it is updated in place;
+  release(slot)                         deactivates a slot (stop string matched on the host, abort).
+Every call returns device arrays at once (no host sync); `fetch` turns them into NumPy.
+
+Shapes are bucketed: prefill chunks of PREFILL_BUCKETS tokens, attention windows of powers of two up to the
+cache length. `warmup()` compiles all of them, and `compiles` counts traces so tests can prove that no
+request compiles anything afterwards.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxserve.checkpoint import LoadedModel
+from jaxserve.engine.sampling import SamplingParams, SamplingRow, SamplingState, sample, top_logprobs, write_row
+from jaxserve.engine.steps import cache_shardings
+from jaxserve.model import KVCache, Transformer
+from jaxserve.sharding import named_sharding
+
+log = logging.getLogger(__name__)
+
+PREFILL_BUCKETS = (16, 64, 256)
+MIN_WINDOW = 128
+
+
+@struct.dataclass
+class DecodeState:
+    cache: KVCache
+    tokens: jax.Array  # [B] the last token of each slot: the next step's input
+    positions: jax.Array  # [B] that token's position
+    active: jax.Array  # [B] bool
+    remaining: jax.Array  # [B] tokens still allowed (max_tokens)
+    stop_on_eos: jax.Array  # [B] bool
+    sampling: SamplingState
+
+
+@struct.dataclass
+class StepOutput:
+    """What one step (or one insert) produced, per slot: arrays [B] (or [1]), top_* [B, 5]."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+    done: jax.Array  # the slot finished with this token (EOS or max_tokens)
+    valid: jax.Array  # the slot was active: this row is a real token
+
+
+@struct.dataclass
+class PrefillOutput:
+    logprobs: jax.Array  # [T] log p(targets[t] | prompt[:start+t+1])
+    top_ids: jax.Array  # [T, 5]
+    top_logprobs: jax.Array
+    last_logits: jax.Array  # [V] at the chunk's last real token
+
+
+def bucket_of(n: int, buckets) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+class EngineCore:
+    def __init__(self, model: LoadedModel, slots: int, cache_len: int, eos_id: int | None):
+        self.model, self.cfg, self.mesh = model, model.cfg, model.mesh
+        self.slots, self.cache_len = slots, cache_len
+        self.eos_id = -1 if eos_id is None else eos_id
+        self.windows = tuple(w for w in (MIN_WINDOW << i for i in range(20)) if w < cache_len) + (cache_len,)
+        self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < cache_len) or (cache_len,)
+        self.chunk = self.prefill_buckets[-1]
+        self.compiles: collections.Counter = collections.Counter()
+        self._transformer = Transformer(self.cfg)
+        self._build()
+        self.state = self._new_state()
+
+    # ---- sharding and jitted functions -------------------------------------------------------------
+
+    def _state_shardings(self) -> DecodeState:
+        B, V, mesh = self.slots, self.cfg.vocab_size, self.mesh
+        row = named_sharding(("batch",), (B,), mesh)
+        table = named_sharding(("batch", "vocab"), (B, V), mesh)
+        keys = named_sharding(("batch", None), (B, 2), mesh)
+        sampling = SamplingState(temperature=row, top_p=row, presence=row, frequency=row, bias=table,
+                                 counts=table, key=keys, step=row)
+        return DecodeState(cache=cache_shardings(self.cfg, mesh, B, self.cache_len), tokens=row, positions=row,
+                           active=row, remaining=row, stop_on_eos=row, sampling=sampling)
+
+    def _build(self):
+        params_sh = self.model.param_shardings
+        state_sh = self._state_shardings()
+        self._state_sharding = state_sh
+        model, eos = self._transformer, self.eos_id
+
+        def counted(name, fn):
+            def traced(*args):
+                self.compiles[name] += 1  # runs once per compilation (tracing), never per call
+                return fn(*args)
+            return traced
+
+        def prefill(params, state, tokens, start, length, slot, targets, window):
+            T = tokens.shape[0]
+            positions = (start + jnp.arange(T, dtype=jnp.int32))[None]
+            logits, cache = model.apply(params, tokens[None], positions, state.cache, window, slots=slot[None])
+            logprobs, top_ids, top_lp = top_logprobs(logits[0])
+            chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+            out = PrefillOutput(logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp,
+                                last_logits=logits[0, length - 1])
+            return state.replace(cache=cache), out
+
+        def fork(state, src, dst, window):
+            def copy(a):
+                rows = jax.lax.dynamic_slice_in_dim(a, src, 1, axis=1)[:, :, :window]
+                return jax.lax.dynamic_update_slice_in_dim(a, rows, dst, axis=1)
+            return state.replace(cache=jax.tree.map(copy, state.cache))
+
+        def insert(state, slot, logits, row, position, max_tokens, stop_on_eos):
+            sampling = write_row(state.sampling, slot, row)
+            one = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), sampling)
+            token, lp, top_ids, top_lp, one = sample(logits[None], one)
+            sampling = jax.tree.map(lambda a, o: jax.lax.dynamic_update_slice_in_dim(a, o, slot, axis=0),
+                                    sampling, one)
+            done = (max_tokens <= 1) | (stop_on_eos & (token[0] == eos))
+            state = state.replace(
+                sampling=sampling, tokens=state.tokens.at[slot].set(token[0]),
+                positions=state.positions.at[slot].set(position), active=state.active.at[slot].set(~done),
+                remaining=state.remaining.at[slot].set(max_tokens - 1),
+                stop_on_eos=state.stop_on_eos.at[slot].set(stop_on_eos))
+            return state, StepOutput(token, lp, top_ids, top_lp, done[None], jnp.ones((1,), bool))
+
+        def step(params, state, window):
+            logits, cache = model.apply(params, state.tokens[:, None], state.positions[:, None], state.cache,
+                                        window)
+            tokens, lp, top_ids, top_lp, sampling = sample(logits[:, 0], state.sampling)
+            active = state.active
+            # inactive slots keep their counts and keys untouched
+            sampling = jax.tree.map(lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)),
+                                                                new, old), sampling, state.sampling)
+            remaining = state.remaining - active
+            done = active & ((remaining <= 0) | (state.stop_on_eos & (tokens == eos)))
+            state = state.replace(cache=cache, sampling=sampling, remaining=remaining, active=active & ~done,
+                                  tokens=jnp.where(active, tokens, state.tokens),
+                                  positions=state.positions + active)
+            return state, StepOutput(tokens, lp, top_ids, top_lp, done, active)
+
+        def release(state, slot):
+            return state.replace(active=state.active.at[slot].set(False))
+
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self._prefill = jax.jit(counted("prefill", prefill), static_argnums=(7,), donate_argnums=(1,),
+                                in_shardings=(params_sh, state_sh, rep, rep, rep, rep, rep),
+                                out_shardings=(state_sh, rep))
+        self._fork = jax.jit(counted("fork", fork), static_argnums=(3,), donate_argnums=(0,),
+                             in_shardings=(state_sh, rep, rep), out_shardings=state_sh)
+        self._insert = jax.jit(counted("insert", insert), donate_argnums=(0,),
+                               in_shardings=(state_sh, rep, rep, rep, rep, rep, rep), out_shardings=(state_sh, rep))
+        self._step = jax.jit(counted("step", step), static_argnums=(2,), donate_argnums=(1,),
+                             in_shardings=(params_sh, state_sh), out_shardings=(state_sh, rep))
+        self._release = jax.jit(counted("release", release), donate_argnums=(0,), in_shardings=(state_sh, rep),
+                                out_shardings=state_sh)
+
+    def _new_state(self) -> DecodeState:
+        B, cfg = self.slots, self.cfg
+
+        def make():
+            z = jnp.zeros((B,), jnp.int32)
+            return DecodeState(cache=KVCache.zeros(cfg, B, self.cache_len), tokens=z, positions=z,
+                               active=jnp.zeros((B,), bool), remaining=z, stop_on_eos=jnp.zeros((B,), bool),
+                               sampling=SamplingState.zeros(B, cfg.vocab_size))
+        return jax.jit(make, out_shardings=self._state_sharding)()
+
+    def window_for(self, max_position: int) -> int:
+        return bucket_of(max_position + 1, self.windows)
+
+    # ---- the contract ------------------------------------------------------------------------------
+
+    def prefill(self, slot: int, chunk: list[int], start: int, targets: list[int]) -> PrefillOutput:
+        T = bucket_of(len(chunk), self.prefill_buckets)
+        tokens = np.zeros((T,), np.int32)
+        tokens[: len(chunk)] = chunk
+        padded_targets = np.zeros((T,), np.int32)
+        padded_targets[: len(targets)] = targets
+        window = self.window_for(start + T - 1)
+        self.state, out = self._prefill(self.model.params, self.state, tokens, np.int32(start),
+                                        np.int32(len(chunk)), np.int32(slot), padded_targets, window)
+        return out
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        self.state = self._fork(self.state, np.int32(src), np.int32(dst), self.window_for(length - 1))
+
+    def insert(self, slot: int, logits, params: SamplingParams, position: int, max_tokens: int,
+               stop_on_eos: bool) -> StepOutput:
+        row = SamplingRow.from_params(params, self.cfg.vocab_size)
+        self.state, out = self._insert(self.state, np.int32(slot), logits, row, np.int32(position),
+                                       np.int32(max_tokens), np.bool_(stop_on_eos))
+        return out
+
+    def step(self, max_position: int) -> StepOutput:
+        self.state, out = self._step(self.model.params, self.state, self.window_for(max_position))
+        return out
+
+    def release(self, slot: int) -> None:
+        self.state = self._release(self.state, np.int32(slot))
+
+    @staticmethod
+    def fetch(tree):
+        return jax.device_get(tree)
+
+    def warmup(self) -> float:
+        """Compile every shape a request can reach; returns seconds spent."""
+        t0 = time.perf_counter()
+        vocab = self.cfg.vocab_size
+        for T in self.prefill_buckets:
+            for start in sorted({w - T for w in self.windows if w >= T}):
+                out = self.prefill(0, [0] * T, start, [0] * T)
+        self.insert(0, out.last_logits, SamplingParams(temperature=1.0, top_p=0.5), 0, 1, True)
+        for w in self.windows:
+            self.fork(0, 0, w)
+            self.step(w - 1)
+        self.release(0)
+        self.fetch(self.state.active)
+        self.state = self._new_state()
+        log.info("compiled %d variants in %.1f s (vocab %d, %d slots, windows %s, prefill buckets %s)",
+                 sum(self.compiles.values()), time.perf_counter() - t0, vocab, self.slots, self.windows,
+                 self.prefill_buckets)
+        return time.perf_counter() - t0

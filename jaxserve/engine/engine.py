@@ -43,7 +43,6 @@ class EngineRequest:
     n: int = 1
     best_of: int | None = None  # candidates generated; the n with the highest mean token logprob are returned
     echo: bool = False
-    logprobs: bool = False  # attach token logprobs and the top 5 to deltas
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
@@ -59,7 +58,7 @@ class TokenInfo:
 class Delta:
     index: int  # choice index, 0..n-1
     text: str
-    tokens: list[TokenInfo]
+    tokens: list[TokenInfo]  # the tokens behind `text`, each with its logprob and the top 5
     finish_reason: str | None = None  # "stop" | "length" on a choice's last delta
     echo: bool = False  # the prompt itself (echo), sent before any generated text
 
@@ -251,9 +250,9 @@ class Engine:
             if group is not None:
                 if self._prefilling is group:
                     self._prefilling = None
+                self._end_group(group, silent=True)
                 for choice in group.choices:
                     self._finish(choice, None, release=True, silent=True)
-                self._end_group(group, silent=True)
 
     def _free_slots(self) -> list[int]:
         return [i for i, o in enumerate(self._owner) if o is None]
@@ -315,7 +314,7 @@ class Engine:
         group.prefill_outs = []
         text = self.tokenizer.decode(prompt)
         for choice in group.choices:
-            self._deliver(choice, Delta(choice.index, text, infos if group.req.logprobs else [], None, echo=True))
+            self._deliver(choice, Delta(choice.index, text, infos, None, echo=True))
 
     def _process_step(self, out, owners) -> None:
         out = self.core.fetch(out)
@@ -331,9 +330,7 @@ class Engine:
         eos = (not choice.group.req.ignore_eos) and token == self.core.eos_id
         done = bool(out.done[row])
         text = "" if eos else choice.text.add(token)
-        info = []
-        if choice.group.req.logprobs and not eos:
-            info = [TokenInfo(token, lp, list(zip(out.top_ids[row].tolist(), out.top_logprobs[row].tolist())))]
+        info = [] if eos else [TokenInfo(token, lp, list(zip(out.top_ids[row].tolist(), out.top_logprobs[row].tolist())))]
         if choice.text.stopped:
             self._deliver(choice, Delta(choice.index, text, info))
             self._finish(choice, "stop", release=True)

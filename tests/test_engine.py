@@ -1,0 +1,140 @@
+"""The engine on real models: reference tokens, batch invariance, stop strings, UTF-8, no recompiles."""
+
+import random
+import threading
+
+import pytest
+
+from jaxserve.engine.core import EngineCore
+from jaxserve.engine.engine import Engine, EngineRequest
+from jaxserve.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def make_engine(model, slots, cache_len):
+    core = EngineCore(model, slots=slots, cache_len=cache_len, eos_id=model.tokenizer.eos_id)
+    core.warmup()
+    return Engine(core, model.tokenizer).start()
+
+
+@pytest.fixture(scope="module")
+def smol_engine(smollm2):
+    eng = make_engine(smollm2, slots=32, cache_len=256)
+    yield eng
+    eng.shutdown()
+
+
+def tokens_of(deltas, index=0):
+    return [t.token_id for d in deltas if d.index == index and not d.echo for t in d.tokens]
+
+
+def text_of(deltas, index=0):
+    return "".join(d.text for d in deltas if d.index == index and not d.echo)
+
+
+def run_all(engine, requests):
+    """Submit all at once from threads; returns {request_id: (deltas, usage)}."""
+    results = {}
+
+    def run(r):
+        results[r.request_id] = engine.complete(r, timeout=600)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in requests]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return results
+
+
+def test_reference_greedy_and_echo_through_the_engine(smol_engine, reference):
+    reqs = [EngineRequest(f"p{i}", tuple(p["prompt_ids"]), max_tokens=32, sampling=GREEDY, echo=True, ignore_eos=True) for i, p in enumerate(reference["prompts"])]
+    results = run_all(smol_engine, reqs)
+    exact = 0
+    for i, p in enumerate(reference["prompts"]):
+        deltas, usage = results[f"p{i}"]
+        exact += tokens_of(deltas) == p["greedy_ids"]
+        echo = deltas[0]
+        assert echo.echo and echo.text == p["prompt"]
+        assert echo.tokens[0].logprob is None
+        for got, want in zip(echo.tokens[1:], p["prompt_logprobs_echo"][1:]):
+            assert abs(got.logprob - want) < 2e-3
+        assert usage.prompt_tokens == len(p["prompt_ids"]) and usage.completion_tokens == 32
+    assert exact >= 5
+
+
+def random_params(rng, vocab):
+    return SamplingParams(temperature=rng.choice([0.0, 0.7, 1.0, 1.5]), top_p=rng.choice([1.0, 0.9, 0.5]),
+                          presence_penalty=rng.uniform(-1, 1), frequency_penalty=rng.uniform(-1, 1),
+                          logit_bias=((rng.randrange(vocab), rng.choice([-100.0, 5.0])),))
+
+
+@pytest.mark.parametrize("target", [
+    dict(sampling=GREEDY),
+    dict(sampling=SamplingParams(temperature=0.9, top_p=0.9, frequency_penalty=0.5), seed=1234),
+], ids=["greedy", "seeded"])
+def test_batch_invariance(smol_engine, smollm2, target):
+    tok = smollm2.tokenizer
+    prompt = tuple(tok.encode("Once upon a time, there was a little"))
+    alone, _ = smol_engine.complete(EngineRequest("alone", prompt, max_tokens=24, **target), timeout=300)
+    rng = random.Random(0)
+    others = [EngineRequest(f"o{i}", tuple(tok.encode(f"Story number {i}: the {rng.choice(['cat', 'sea', 'war'])}")),
+                            max_tokens=rng.randint(4, 30), sampling=random_params(rng, smollm2.cfg.vocab_size),
+                            seed=rng.randrange(1000)) for i in range(31)]
+    compiles = dict(smol_engine.core.compiles)
+    results = run_all(smol_engine, others[:15] + [EngineRequest("crowd", prompt, max_tokens=24, **target)] + others[15:])
+    assert tokens_of(results["crowd"][0]) == tokens_of(alone) and len(tokens_of(alone)) > 0
+    assert dict(smol_engine.core.compiles) == compiles  # nothing recompiled, whatever the parameters
+    for r in others:
+        deltas, usage = results[r.request_id]
+        assert deltas[-1].finish_reason in ("stop", "length")
+        assert usage.completion_tokens <= r.max_tokens
+
+
+def test_stop_string_split_across_tokens(smol_engine, smollm2):
+    prompt = tuple(smollm2.tokenizer.encode("The capital of France is"))
+    deltas, usage = smol_engine.complete(EngineRequest("s", prompt, max_tokens=16, sampling=GREEDY,
+                                                       stop=("\n\nThe",)), timeout=120)
+    # greedy continues " Paris.\n\nThe answer": the stop spans the tokens "\n", "\n", "The"
+    assert text_of(deltas) == " Paris."
+    assert deltas[-1].finish_reason == "stop"
+    assert all("\n" not in d.text for d in deltas)
+
+
+def test_cjk_and_emoji_stream_whole(smol_engine, smollm2):
+    tok = smollm2.tokenizer
+    prompt = tuple(tok.encode("中文：你好，世界！我喜欢学习中文。🙂🙂🙂 日本語：こんにちは。"))
+    deltas, _ = smol_engine.complete(EngineRequest("u", prompt, max_tokens=40, sampling=GREEDY, ignore_eos=True),
+                                     timeout=120)
+    pieces = [d.text for d in deltas]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(tokens_of(deltas))
+    assert any(ord(ch) > 0x2E80 for ch in "".join(pieces))  # the continuation really is multi-byte text
+
+
+def test_sixty_four_concurrent_requests_on_the_tiny_model(tiny):
+    eng = make_engine(tiny, slots=64, cache_len=128)
+    try:
+        prompt = tuple(tiny.tokenizer.encode("The Lord is my shepherd"))
+        alone = text_of(eng.complete(EngineRequest("alone", prompt, max_tokens=12, sampling=GREEDY), timeout=120)[0])
+        assert alone.startswith("; I shall not want.")
+        rng = random.Random(1)
+        reqs = []
+        for i in range(64):
+            if i % 2:
+                reqs.append(EngineRequest(f"g{i}", prompt, max_tokens=12, sampling=GREEDY))
+            else:
+                reqs.append(EngineRequest(f"r{i}", tuple(tiny.tokenizer.encode("It was the")), n=rng.choice([1, 2]),
+                                          max_tokens=rng.randint(1, 20), seed=i,
+                                          sampling=random_params(rng, tiny.cfg.vocab_size)))
+        compiles = dict(eng.core.compiles)
+        results = run_all(eng, reqs)
+        for r in reqs:
+            deltas, usage = results[r.request_id]
+            if r.request_id.startswith("g"):
+                assert text_of(deltas) == alone
+            finished = [d for d in deltas if d.finish_reason]
+            assert len(finished) == r.n
+        assert dict(eng.core.compiles) == compiles
+        assert eng.active_slots == 0
+    finally:
+        eng.shutdown()

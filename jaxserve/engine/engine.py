@@ -204,7 +204,7 @@ class Engine:
                 idle = pending is None and self._prefilling is None and not self._waiting
                 self._intake(block=idle and self.active_slots == 0)
                 self._handle_aborts()
-                inserted = self._prefill_one_chunk()
+                inserted = self._prefill()
                 dispatched = None
                 occupied = [c for c in self._owner if c is not None and c.live]
                 if occupied:
@@ -256,6 +256,19 @@ class Engine:
 
     def _free_slots(self) -> list[int]:
         return [i for i, o in enumerate(self._owner) if o is None]
+
+    def _prefill(self) -> list:
+        """Prefill chunks until one chunk's worth of prompt tokens is spent, so a burst of short prompts is
+        admitted in one loop iteration while a long prompt still waits at most one chunk per decode step."""
+        inserted, budget = [], self.core.chunk
+        while budget > 0 and (self._prefilling is not None or self._waiting):
+            group = self._prefilling or self._waiting[0]
+            before = group.prefilled
+            inserted += self._prefill_one_chunk()
+            if group.prefilled == before:  # no free slots for it yet
+                break
+            budget -= group.prefilled - before
+        return inserted
 
     def _prefill_one_chunk(self) -> list:
         """Admit the next request if its slots are free, and prefill one chunk of the current prompt."""

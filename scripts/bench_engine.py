@@ -1,0 +1,134 @@
+"""Offline engine throughput on the default model, with the two floors beside each figure.
+
+    python scripts/bench_engine.py [--model NAME] [--concurrency 1 8 32 64] [--prompt-tokens 32] [--gen-tokens 128]
+
+For each concurrency C: C requests of ~32 prompt tokens and 128 generated tokens (EOS ignored) submitted
+at once to an engine with C slots. Prints generated tok/s, time to first token, median step latency and
+peak RSS, then the floors per step: (weight + KV bytes read) / measured memory bandwidth, and FLOPs /
+measured matmul throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import statistics
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.checkpoint import DEFAULT_MODEL, load_model
+from jaxserve.engine.core import EngineCore
+from jaxserve.engine.engine import Engine, EngineRequest, Usage
+from jaxserve.engine.sampling import SamplingParams
+from jaxserve.sharding import make_mesh
+
+
+def measure_bandwidth() -> float:
+    """Bytes/s of a large on-device reduction (reads 512 MiB)."""
+    x = jnp.ones((128 * 1024 * 1024,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return x.nbytes / min(times)
+
+
+def measure_flops() -> float:
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * 2048**3 / min(times)
+
+
+def floors(cfg, batch: int, context: int, bandwidth: float, flops: float) -> tuple[float, float]:
+    """Seconds per decode step: memory floor (weights + KV read once) and compute floor."""
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    weight_bytes = cfg.num_params() * itemsize
+    kv_bytes = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * itemsize
+    matmul_flops = 2 * batch * (cfg.num_params() - (0 if cfg.tie_embeddings else 0))
+    attn_flops = 4 * cfg.n_layers * batch * context * cfg.n_heads * cfg.head_dim
+    return (weight_bytes + kv_bytes) / bandwidth, (matmul_flops + attn_flops) / flops
+
+
+def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int):
+    tok = model.tokenizer
+    core = EngineCore(model, slots=concurrency, cache_len=256, eos_id=tok.eos_id)
+    core.warmup()
+    engine = Engine(core, tok).start()
+    words = "the quick brown fox jumps over the lazy dog and runs far away into the woods".split()
+    prompts = []
+    for i in range(concurrency):
+        ids = tok.encode(" ".join(words[(i + j) % len(words)] for j in range(prompt_tokens)))[:prompt_tokens]
+        prompts.append(tuple(ids))
+    first_token, finished = {}, {}
+    all_done = threading.Event()
+    t0 = time.perf_counter()
+
+    def submit(i):
+        def emit(item):
+            now = time.perf_counter() - t0
+            if i not in first_token and getattr(item, "tokens", None):
+                first_token[i] = now
+            if isinstance(item, Usage):
+                finished[i] = now
+                if len(finished) == concurrency:
+                    all_done.set()
+
+        engine.submit(EngineRequest(f"b{i}", prompts[i], max_tokens=gen_tokens, ignore_eos=True,
+                                    sampling=SamplingParams(temperature=0.0)), emit)
+
+    for i in range(concurrency):
+        submit(i)
+    all_done.wait()
+    wall = time.perf_counter() - t0
+    engine.shutdown()
+    # per request, decode time per token after its first: the step latency that request saw
+    per_token = [(finished[i] - first_token[i]) / (gen_tokens - 1) for i in range(concurrency)]
+    return {"tok_s": concurrency * gen_tokens / wall, "ttft_med": statistics.median(first_token.values()),
+            "step_ms": 1000 * statistics.median(per_token), "wall": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--checkpoints", default="checkpoints")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model = load_model(args.model, args.checkpoints, make_mesh(1, None), progress=False)
+    bandwidth, flops = measure_bandwidth(), measure_flops()
+    print(f"model {model.name} ({model.cfg.dtype}), devices {jax.devices()}, "
+          f"bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s")
+    rows = []
+    for c in args.concurrency:
+        r = run(model, c, args.prompt_tokens, args.gen_tokens)
+        mem_floor, flop_floor = floors(model.cfg, c, args.prompt_tokens + args.gen_tokens, bandwidth, flops)
+        r.update(conc=c, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                 mem_floor_ms=1000 * mem_floor, flop_floor_ms=1000 * flop_floor,
+                 floor_tok_s=c / max(mem_floor, flop_floor))
+        rows.append(r)
+        print(f"C={c}: {r['tok_s']:.1f} tok/s, TTFT median {r['ttft_med']:.3f} s, step {r['step_ms']:.1f} ms", flush=True)
+    print("\n| concurrency | tok/s | TTFT median (s) | step (ms, median) | floor: bytes (ms) | floor: FLOPs (ms) "
+          "| floor tok/s | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['conc']} | {r['tok_s']:.1f} | {r['ttft_med']:.3f} | {r['step_ms']:.1f} | {r['mem_floor_ms']:.1f} "
+              f"| {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} | {r['peak_gb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

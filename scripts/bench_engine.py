@@ -27,29 +27,26 @@ from jaxserve.engine.sampling import SamplingParams
 from jaxserve.sharding import make_mesh
 
 
-def measure_bandwidth() -> float:
-    """Bytes/s of a large on-device reduction (reads 512 MiB)."""
-    x = jnp.ones((128 * 1024 * 1024,), jnp.float32)
-    f = jax.jit(jnp.sum)
+def best_time(f, x) -> float:
+    """Fastest of 5 runs of a jitted f(x), after one to compile."""
     f(x).block_until_ready()
     times = []
     for _ in range(5):
         t = time.perf_counter()
         f(x).block_until_ready()
         times.append(time.perf_counter() - t)
-    return x.nbytes / min(times)
+    return min(times)
+
+
+def measure_bandwidth() -> float:
+    """Bytes/s of a large on-device reduction (reads 512 MiB)."""
+    x = jnp.ones((128 * 1024 * 1024,), jnp.float32)
+    return x.nbytes / best_time(jax.jit(jnp.sum), x)
 
 
 def measure_flops() -> float:
     a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * 2048**3 / min(times)
+    return 2 * 2048**3 / best_time(jax.jit(lambda a: a @ a), a)
 
 
 def floors(cfg, batch: int, context: int, bandwidth: float, flops: float) -> tuple[float, float]:
@@ -57,7 +54,7 @@ def floors(cfg, batch: int, context: int, bandwidth: float, flops: float) -> tup
     itemsize = jnp.dtype(cfg.dtype).itemsize
     weight_bytes = cfg.num_params() * itemsize
     kv_bytes = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * itemsize
-    matmul_flops = 2 * batch * (cfg.num_params() - (0 if cfg.tie_embeddings else 0))
+    matmul_flops = 2 * batch * cfg.num_params()
     attn_flops = 4 * cfg.n_layers * batch * context * cfg.n_heads * cfg.head_dim
     return (weight_bytes + kv_bytes) / bandwidth, (matmul_flops + attn_flops) / flops
 

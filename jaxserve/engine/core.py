@@ -88,7 +88,7 @@ class EngineCore:
         self.compiles: collections.Counter = collections.Counter()
         self._transformer = Transformer(self.cfg)
         self._build()
-        self.state = self._new_state()
+        self.state = self._make_state()
 
     # ---- sharding and jitted functions -------------------------------------------------------------
 
@@ -162,6 +162,15 @@ class EngineCore:
         def release(state, slot):
             return state.replace(active=state.active.at[slot].set(False))
 
+        B, cfg = self.slots, self.cfg
+
+        def make_state():
+            z = jnp.zeros((B,), jnp.int32)
+            return DecodeState(cache=KVCache.zeros(cfg, B, self.cache_len), tokens=z, positions=z,
+                               active=jnp.zeros((B,), bool), remaining=z, stop_on_eos=jnp.zeros((B,), bool),
+                               sampling=SamplingState.zeros(B, cfg.vocab_size))
+
+        self._make_state = jax.jit(make_state, out_shardings=state_sh)
         rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self._prefill = jax.jit(counted("prefill", prefill), static_argnums=(7,), donate_argnums=(1,),
                                 in_shardings=(params_sh, state_sh, rep, rep, rep, rep, rep),
@@ -174,16 +183,6 @@ class EngineCore:
                              in_shardings=(params_sh, state_sh), out_shardings=(state_sh, rep))
         self._release = jax.jit(counted("release", release), donate_argnums=(0,), in_shardings=(state_sh, rep),
                                 out_shardings=state_sh)
-
-    def _new_state(self) -> DecodeState:
-        B, cfg = self.slots, self.cfg
-
-        def make():
-            z = jnp.zeros((B,), jnp.int32)
-            return DecodeState(cache=KVCache.zeros(cfg, B, self.cache_len), tokens=z, positions=z,
-                               active=jnp.zeros((B,), bool), remaining=z, stop_on_eos=jnp.zeros((B,), bool),
-                               sampling=SamplingState.zeros(B, cfg.vocab_size))
-        return jax.jit(make, out_shardings=self._state_sharding)()
 
     def window_for(self, max_position: int) -> int:
         return bucket_of(max_position + 1, self.windows)
@@ -235,7 +234,7 @@ class EngineCore:
             self.step(w - 1)
         self.release(0)
         self.fetch(self.state.active)
-        self.state = self._new_state()
+        self.state = self._make_state()
         log.info("compiled %d variants in %.1f s (vocab %d, %d slots, windows %s, prefill buckets %s)",
                  sum(self.compiles.values()), time.perf_counter() - t0, vocab, self.slots, self.windows,
                  self.prefill_buckets)

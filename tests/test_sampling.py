@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.engine.sampling import SamplingParams, SamplingRow, SamplingState, sample, write_row
+from jaxserve.engine.sampling import SamplingParams, SamplingRow, SamplingState, record, sample, write_row
 
 V = 6
 
@@ -20,7 +20,8 @@ def run(logits, *params, counts=None):
     state = state_for(*params)
     if counts is not None:
         state = state.replace(counts=jnp.asarray(counts, jnp.int32))
-    tokens, chosen, top_ids, top_lp, state = jax.jit(sample)(jnp.asarray(logits, jnp.float32), state)
+    tokens, chosen, top_ids, top_lp = jax.jit(sample)(jnp.asarray(logits, jnp.float32), state)
+    state = record(state, tokens, jnp.ones(tokens.shape, bool))
     return np.asarray(tokens), np.asarray(chosen), np.asarray(top_ids), np.asarray(top_lp), state
 
 
@@ -78,3 +79,20 @@ def test_seed_is_per_row_and_reproducible():
     assert a[0] == b[2]
     draws = {int(run(logits[:1], SamplingParams(seed=s))[0][0]) for s in range(40)}
     assert len(draws) > 3  # uniform logits: different seeds spread over the vocabulary
+
+
+def test_top_p_mask_equals_the_sorted_nucleus():
+    """The bisected threshold keeps exactly the nucleus a sort would: the most likely tokens, in order,
+    until their mass reaches top_p."""
+    from jaxserve.engine.sampling import _top_p_mask
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(200, 0.3), size=8).astype(np.float32)
+    top_p = np.array([0.1, 0.5, 0.9, 0.95, 0.99, 0.3, 0.7, 1.0], np.float32)
+    got = np.asarray(jax.jit(_top_p_mask)(jnp.asarray(probs), jnp.asarray(top_p)))
+    for row, p, mask in zip(probs, top_p, got):
+        order = np.argsort(-row)
+        before = np.cumsum(row[order]) - row[order]
+        want = np.zeros_like(mask)
+        want[order[before < p]] = True
+        assert (mask == want).all() or (p == 1.0 and mask.all())

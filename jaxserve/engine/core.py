@@ -28,7 +28,7 @@ import numpy as np
 from flax import struct
 
 from jaxserve.checkpoint import LoadedModel
-from jaxserve.engine.sampling import SamplingParams, SamplingRow, SamplingState, sample, top_logprobs, write_row
+from jaxserve.engine.sampling import SamplingParams, SamplingRow, SamplingState, record, sample, top_logprobs, write_row
 from jaxserve.engine.steps import cache_shardings
 from jaxserve.model import KVCache, Transformer
 from jaxserve.sharding import named_sharding
@@ -133,9 +133,9 @@ class EngineCore:
         def insert(state, slot, logits, row, position, max_tokens, stop_on_eos):
             sampling = write_row(state.sampling, slot, row)
             one = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), sampling)
-            token, lp, top_ids, top_lp, one = sample(logits[None], one)
-            sampling = jax.tree.map(lambda a, o: jax.lax.dynamic_update_slice_in_dim(a, o, slot, axis=0),
-                                    sampling, one)
+            token, lp, top_ids, top_lp = sample(logits[None], one)
+            sampling = sampling.replace(counts=sampling.counts.at[slot, token[0]].add(1),
+                                        step=sampling.step.at[slot].add(1))
             done = (max_tokens <= 1) | (stop_on_eos & (token[0] == eos))
             state = state.replace(
                 sampling=sampling, tokens=state.tokens.at[slot].set(token[0]),
@@ -147,11 +147,9 @@ class EngineCore:
         def step(params, state, window):
             logits, cache = model.apply(params, state.tokens[:, None], state.positions[:, None], state.cache,
                                         window)
-            tokens, lp, top_ids, top_lp, sampling = sample(logits[:, 0], state.sampling)
+            tokens, lp, top_ids, top_lp = sample(logits[:, 0], state.sampling)
             active = state.active
-            # inactive slots keep their counts and keys untouched
-            sampling = jax.tree.map(lambda new, old: jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)),
-                                                                new, old), sampling, state.sampling)
+            sampling = record(state.sampling, tokens, active)  # inactive slots keep their counts and keys
             remaining = state.remaining - active
             done = active & ((remaining <= 0) | (state.stop_on_eos & (tokens == eos)))
             state = state.replace(cache=cache, sampling=sampling, remaining=remaining, active=active & ~done,

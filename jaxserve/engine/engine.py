@@ -16,7 +16,7 @@ import logging
 import queue
 import random
 import threading
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 from jaxserve.engine.sampling import SamplingParams
 from jaxserve.engine.text import ChoiceText
@@ -173,19 +173,26 @@ class Engine:
             if not finished:
                 self.abort(req.request_id)
 
-    def complete(self, req: EngineRequest, timeout: float | None = None) -> tuple[list[Delta], Usage]:
-        """Blocking: every delta of a request, and its usage."""
+    def stream(self, req: EngineRequest, timeout: float | None = None) -> Iterator[Delta | Usage]:
+        """Blocking iterator over a request's deltas, then its Usage (for threads and command lines)."""
         q: queue.Queue = queue.Queue()
         self.submit(req, q.put)
-        deltas, usage = [], None
-        while (item := q.get(timeout=timeout)) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            if isinstance(item, Usage):
-                usage = item
-            else:
-                deltas.append(item)
-        return deltas, usage
+        finished = False
+        try:
+            while (item := q.get(timeout=timeout)) is not _END:
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                self.abort(req.request_id)
+
+    def complete(self, req: EngineRequest, timeout: float | None = None) -> tuple[list[Delta], Usage]:
+        """Blocking: every delta of a request, and its usage."""
+        items = list(self.stream(req, timeout))
+        return [i for i in items if isinstance(i, Delta)], next(i for i in items if isinstance(i, Usage))
 
     @property
     def active_slots(self) -> int:

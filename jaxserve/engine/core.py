@@ -126,7 +126,7 @@ class EngineCore:
 
         def fork(state, src, dst, window):
             def copy(a):
-                rows = jax.lax.dynamic_slice_in_dim(a, src, 1, axis=1)[:, :, :window]
+                rows = jax.lax.dynamic_slice_in_dim(a, src, 1, axis=1)[:, :, :, :window]
                 return jax.lax.dynamic_update_slice_in_dim(a, rows, dst, axis=1)
             return state.replace(cache=jax.tree.map(copy, state.cache))
 

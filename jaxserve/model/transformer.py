@@ -72,15 +72,20 @@ class Block(nn.Module):
         v = jnp.einsum("btd,dkh->btkh", h, wv)
 
         cache = cache.write(layer, positions, k, v, slots)
-        keys, values = cache.read(layer, window, slots)  # [B, W, K, H]
+        keys, values = cache.read(layer, window, slots)  # [B, K, W, H]
 
+        # GQA without repeating K/V: the G query heads of each KV head and the T tokens form the rows of
+        # one [G*T, H] x [H, W] matmul per (slot, KV head). Query head n = k * G + g, as in HF's repeat_kv.
         G = c.n_heads // c.n_kv_heads
-        q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys).astype(jnp.float32) * c.head_dim**-0.5
+        q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+        q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)
+        scores = jnp.einsum("bkrh,bksh->bkrs", q, keys).astype(jnp.float32) * c.head_dim**-0.5
+        scores = scores.reshape(B, c.n_kv_heads, G, T, window)
         mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [B, T, W]
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        attn = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(B, T, c.n_heads, c.head_dim)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, c.n_kv_heads, G * T, window)
+        attn = jnp.einsum("bkrs,bksh->bkrh", probs, values).reshape(B, c.n_kv_heads, G, T, c.head_dim)
+        attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, c.head_dim)
         x = x + jnp.einsum("btnh,nhd->btd", attn, wo)
 
         h = RMSNorm(c.norm_eps, dt, name="mlp_norm")(x)

@@ -33,10 +33,20 @@ class FakeCore:
         self.stop_eos = np.zeros(slots, bool)
         self.calls = []
 
-    def prefill(self, slot, chunk, start, targets):
-        self.calls.append(("prefill", slot, start, len(chunk)))
-        return types.SimpleNamespace(logprobs=-np.asarray(targets) / 100.0, top_ids=np.zeros((len(chunk), 5), int),
-                                     top_logprobs=np.zeros((len(chunk), 5)), last_logits=chunk[-1])
+    @staticmethod
+    def packing(count, longest):
+        """Up to 4 whole prompts of at most 2 tokens go in one call."""
+        return (4, 2) if count <= 4 and longest <= 2 else None
+
+    def prefill(self, rows):
+        self.calls.append(("prefill", tuple((slot, start, len(chunk)) for slot, chunk, start, _ in rows)))
+        T = max(len(chunk) for _, chunk, _, _ in rows)
+        logprobs = np.zeros((len(rows), T))
+        for i, (_, _, _, targets) in enumerate(rows):
+            logprobs[i, : len(targets)] = -np.asarray(targets) / 100.0
+        return types.SimpleNamespace(logprobs=logprobs, top_ids=np.zeros((len(rows), T, 5), int),
+                                     top_logprobs=np.zeros((len(rows), T, 5)),
+                                     last_logits=[chunk[-1] for _, chunk, _, _ in rows])
 
     def fork(self, src, dst, length):
         self.calls.append(("fork", src, dst))
@@ -119,12 +129,37 @@ def test_stop_string_releases_the_slot(engine):
 def test_long_prompt_is_prefilled_in_chunks(engine):
     deltas, _ = engine.complete(req("a", range(10), max_tokens=1, echo=True), timeout=10)
     prefills = [c for c in engine.core.calls if c[0] == "prefill"]
-    assert prefills == [("prefill", 0, 0, 4), ("prefill", 0, 4, 4), ("prefill", 0, 8, 2)]
+    assert prefills == [("prefill", ((0, 0, 4),)), ("prefill", ((0, 4, 4),)), ("prefill", ((0, 8, 2),))]
     echo = deltas[0]
     assert echo.echo and echo.text == "".join(f"<{t}>" for t in range(10))
     assert echo.tokens[0].logprob is None
     assert [t.logprob for t in echo.tokens[1:]] == [-t / 100.0 for t in range(1, 10)]
     assert text_of(deltas) == "<10>"
+
+
+def test_short_prompts_waiting_together_share_one_prefill():
+    import queue
+    eng = Engine(FakeCore(), ToyTokenizer())
+    queues = [queue.Queue() for _ in range(4)]
+    for i, q in enumerate(queues[:3]):
+        eng.submit(req(f"s{i}", [10 * i + 1, 10 * i + 2], max_tokens=2, echo=i == 1), q.put)
+    eng.submit(req("long", [7, 7, 7], max_tokens=1), queues[3].put)  # too long to pack: its own call
+    eng.start()
+    try:
+        for i, q in enumerate(queues):
+            items = []
+            while not items or items[-1] is not _END:
+                items.append(q.get(timeout=10))
+            deltas = [d for d in items if hasattr(d, "echo")]
+            want = "<8>" if i == 3 else f"<{10 * i + 3}><{10 * i + 4}>"
+            assert text_of(deltas) == want
+            if i == 1:  # echo from a packed row: its own targets
+                assert deltas[0].echo and [t.logprob for t in deltas[0].tokens] == [None, -0.12]
+        prefills = [c for c in eng.core.calls if c[0] == "prefill"]
+        assert prefills[0] == ("prefill", ((0, 0, 2), (1, 0, 2), (2, 0, 2)))
+        assert prefills[1] == ("prefill", ((3, 0, 3),))
+    finally:
+        eng.shutdown()
 
 
 def test_n_shares_one_prefill_and_slots_are_reused(engine):

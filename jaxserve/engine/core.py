@@ -35,7 +35,8 @@ from jaxserve.sharding import named_sharding
 
 log = logging.getLogger(__name__)
 
-PREFILL_BUCKETS = (16, 64, 256)
+PREFILL_BUCKETS = (16, 64, 256)  # one row: a prompt's chunk
+PACKED = ((2, 128), (4, 64), (8, 32), (16, 16))  # (rows, tokens): short whole prompts prefilled together
 MIN_WINDOW = 128
 
 
@@ -64,10 +65,10 @@ class StepOutput:
 
 @struct.dataclass
 class PrefillOutput:
-    logprobs: jax.Array  # [T] log p(targets[t] | prompt[:start+t+1])
-    top_ids: jax.Array  # [T, 5]
+    logprobs: jax.Array  # [P, T] log p(targets[t] | prompt[:start+t+1]) for each row
+    top_ids: jax.Array  # [P, T, 5]
     top_logprobs: jax.Array
-    last_logits: jax.Array  # [V] at the chunk's last real token
+    last_logits: jax.Array  # [P, V] at each row's last real token
 
 
 def bucket_of(n: int, buckets) -> int:
@@ -114,14 +115,14 @@ class EngineCore:
                 return fn(*args)
             return traced
 
-        def prefill(params, state, tokens, start, length, slot, targets, window):
-            T = tokens.shape[0]
-            positions = (start + jnp.arange(T, dtype=jnp.int32))[None]
-            logits, cache = model.apply(params, tokens[None], positions, state.cache, window, slots=slot[None])
-            logprobs, top_ids, top_lp = top_logprobs(logits[0])
-            chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+        def prefill(params, state, tokens, starts, lengths, slots, targets, window):
+            P, T = tokens.shape
+            positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+            logits, cache = model.apply(params, tokens, positions, state.cache, window, slots=slots)
+            logprobs, top_ids, top_lp = top_logprobs(logits)
+            chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
             out = PrefillOutput(logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp,
-                                last_logits=logits[0, length - 1])
+                                last_logits=logits[jnp.arange(P), jnp.maximum(lengths - 1, 0)])
             return state.replace(cache=cache), out
 
         def fork(state, src, dst, window):
@@ -187,15 +188,37 @@ class EngineCore:
 
     # ---- the contract ------------------------------------------------------------------------------
 
-    def prefill(self, slot: int, chunk: list[int], start: int, targets: list[int]) -> PrefillOutput:
-        T = bucket_of(len(chunk), self.prefill_buckets)
-        tokens = np.zeros((T,), np.int32)
-        tokens[: len(chunk)] = chunk
-        padded_targets = np.zeros((T,), np.int32)
-        padded_targets[: len(targets)] = targets
-        window = self.window_for(start + T - 1)
-        self.state, out = self._prefill(self.model.params, self.state, tokens, np.int32(start),
-                                        np.int32(len(chunk)), np.int32(slot), padded_targets, window)
+    def packing(self, count: int, longest: int) -> tuple[int, int] | None:
+        """The packed shape (rows, tokens) for `count` whole prompts of at most `longest` tokens, or None."""
+        for P, T in PACKED:
+            if P >= count and T >= longest and T < self.cache_len:
+                return P, T
+        return None
+
+    def prefill(self, rows: list[tuple[int, list[int], int, list[int]]]) -> PrefillOutput:
+        """Prefill rows of (slot, chunk, start, targets) in one call: one row of any chunk, or several
+        whole prompts packed (start 0). Output rows follow `rows`; padding rows write nothing."""
+        longest = max(len(chunk) for _, chunk, _, _ in rows)
+        if len(rows) == 1:
+            P, T = 1, bucket_of(longest, self.prefill_buckets)
+        else:
+            assert all(start == 0 for _, _, start, _ in rows)
+            P, T = self.packing(len(rows), longest)
+        return self._prefill_rows(P, T, rows)
+
+    def _prefill_rows(self, P: int, T: int, rows) -> PrefillOutput:
+        tokens = np.zeros((P, T), np.int32)
+        targets = np.zeros((P, T), np.int32)
+        starts = np.zeros((P,), np.int32)
+        lengths = np.ones((P,), np.int32)
+        slots = np.full((P,), self.slots, np.int32)  # out of range: writes are dropped
+        for i, (slot, chunk, start, tgt) in enumerate(rows):
+            tokens[i, : len(chunk)] = chunk
+            targets[i, : len(tgt)] = tgt
+            starts[i], lengths[i], slots[i] = start, len(chunk), slot
+        window = self.window_for(int(starts.max()) + T - 1)
+        self.state, out = self._prefill(self.model.params, self.state, tokens, starts, lengths, slots, targets,
+                                        window)
         return out
 
     def fork(self, src: int, dst: int, length: int) -> None:
@@ -225,8 +248,11 @@ class EngineCore:
         vocab = self.cfg.vocab_size
         for T in self.prefill_buckets:
             for start in sorted({w - T for w in self.windows if w >= T}):
-                out = self.prefill(0, [0] * T, start, [0] * T)
-        self.insert(0, out.last_logits, SamplingParams(temperature=1.0, top_p=0.5), 0, 1, True)
+                out = self.prefill([(0, [0] * T, start, [0] * T)])
+        for P, T in PACKED:
+            if T < self.cache_len:
+                self._prefill_rows(P, T, [(0, [0] * T, 0, [0] * T)])
+        self.insert(0, out.last_logits[0], SamplingParams(temperature=1.0, top_p=0.5), 0, 1, True)
         for w in self.windows:
             self.fork(0, 0, w)
             self.step(w - 1)

@@ -265,59 +265,82 @@ class Engine:
         return [i for i, o in enumerate(self._owner) if o is None]
 
     def _prefill(self) -> list:
-        """Prefill chunks until one chunk's worth of prompt tokens is spent, so a burst of short prompts is
-        admitted in one loop iteration while a long prompt still waits at most one chunk per decode step."""
-        inserted, budget = [], self.core.chunk
-        while budget > 0 and (self._prefilling is not None or self._waiting):
-            group = self._prefilling or self._waiting[0]
-            before = group.prefilled
-            inserted += self._prefill_one_chunk()
-            if group.prefilled == before:  # no free slots for it yet
-                break
-            budget -= group.prefilled - before
-        return inserted
-
-    def _prefill_one_chunk(self) -> list:
-        """Admit the next request if its slots are free, and prefill one chunk of the current prompt."""
+        """One prefill call per loop iteration: several short prompts packed together, or the next chunk
+        of one prompt (so a long prompt delays running streams by at most one chunk per step).
+        Returns the (choice, first-token output) pairs inserted."""
         if self._prefilling is None and self._waiting:
-            group = self._waiting[0]
-            free = self._free_slots()
-            if len(free) < group.slots_needed:
-                return []
-            self._waiting.popleft()
-            self._groups[group.req.request_id] = group
-            for choice, slot in zip(group.choices, free[: group.slots_needed]):
-                choice.slot = slot
-                self._owner[slot] = choice  # reserved; no step output reaches it before its insert
-                choice.position = 0
-            self._prefilling = group
+            packed = self._admit_packed()
+            if len(packed) > 1:
+                rows = [(g.choices[0].slot, list(g.req.prompt_ids), 0, self._targets(g, 0, len(g.req.prompt_ids)))
+                        for g in packed]
+                pre = self.core.prefill(rows)
+                return [pair for i, g in enumerate(packed) for pair in self._prefilled(g, pre, i)]
+            if packed or self._admit(self._waiting[0]):
+                self._prefilling = self._waiting.popleft() if not packed else packed[0]
         group = self._prefilling
         if group is None:
             return []
         prompt, start = group.req.prompt_ids, group.prefilled
         chunk = list(prompt[start: start + self.core.chunk])
-        targets = list(prompt[start + 1: start + 1 + len(chunk)]) + [0] * (start + len(chunk) >= len(prompt))
-        pre = self.core.prefill(group.choices[0].slot, chunk, start, targets)
+        pre = self.core.prefill([(group.choices[0].slot, chunk, start, self._targets(group, start, len(chunk)))])
         group.prefilled += len(chunk)
         if group.req.echo:
-            group.prefill_outs.append((pre, len(chunk)))
+            group.prefill_outs.append((pre, 0, len(chunk)))
         if group.prefilled < len(prompt):
             return []
         self._prefilling = None
+        return self._prefilled(group, pre, 0)
+
+    @staticmethod
+    def _targets(group: _Group, start: int, length: int) -> list[int]:
+        """The tokens each prompt position predicts (0 past the end), for echo logprobs."""
+        prompt = group.req.prompt_ids
+        return list(prompt[start + 1: start + 1 + length]) + [0] * (start + length >= len(prompt))
+
+    def _admit(self, group: _Group) -> bool:
+        """Reserve the group's slots if enough are free."""
+        free = self._free_slots()
+        if len(free) < group.slots_needed:
+            return False
+        self._groups[group.req.request_id] = group
+        for choice, slot in zip(group.choices, free):
+            choice.slot = slot
+            self._owner[slot] = choice  # reserved; no step output reaches it before its insert
+        return True
+
+    def _admit_packed(self) -> list[_Group]:
+        """Admit waiting short prompts from the front, as many as one packed prefill shape holds."""
+        admitted, longest = [], 0
+        free = len(self._free_slots())
+        for group in list(self._waiting):
+            n = len(group.req.prompt_ids)
+            if group.slots_needed > free or self.core.packing(len(admitted) + 1, max(longest, n)) is None:
+                break
+            self._admit(group)
+            self._waiting.popleft()
+            admitted.append(group)
+            longest, free = max(longest, n), free - group.slots_needed
+        return admitted
+
+    def _prefilled(self, group: _Group, pre, row: int) -> list:
+        """The whole prompt is in the cache: echo it, then fork it to every choice's slot and insert."""
         if group.req.echo:
+            if not group.prefill_outs:
+                group.prefill_outs.append((pre, row, len(group.req.prompt_ids)))
             self._emit_echo(group)
-        n_prompt = len(prompt)
         if group.req.max_tokens == 0:
             for choice in group.choices:
                 self._finish(choice, "length", release=False)
             return []
+        n_prompt = len(group.req.prompt_ids)
         inserted = []
         src = group.choices[0].slot
+        logits = pre.last_logits[row]
         for choice in group.choices:
             if choice.slot != src:
                 self.core.fork(src, choice.slot, n_prompt)
             params = dataclasses.replace(group.req.sampling, seed=choice.seed)
-            out = self.core.insert(choice.slot, pre.last_logits, params, n_prompt, group.req.max_tokens,
+            out = self.core.insert(choice.slot, logits, params, n_prompt, group.req.max_tokens,
                                    not group.req.ignore_eos)
             choice.position, choice.live = n_prompt, True
             inserted.append((choice, out))
@@ -326,9 +349,10 @@ class Engine:
     def _emit_echo(self, group: _Group) -> None:
         prompt = group.req.prompt_ids
         rows = []  # row j: log p(prompt[j + 1] | prompt[:j + 1]) and the top 5 there
-        for out, length in group.prefill_outs:
+        for out, row, length in group.prefill_outs:
             out = self.core.fetch(out)
-            rows += [(float(out.logprobs[t]), list(zip(out.top_ids[t].tolist(), out.top_logprobs[t].tolist())))
+            rows += [(float(out.logprobs[row, t]),
+                      list(zip(out.top_ids[row, t].tolist(), out.top_logprobs[row, t].tolist())))
                      for t in range(length)]
         infos = [TokenInfo(prompt[0], None, [])] + [TokenInfo(prompt[j], *rows[j - 1]) for j in range(1, len(prompt))]
         group.prefill_outs = []

@@ -49,8 +49,9 @@ class KVCache:
 
     def read(self, layer, window: int, slots=None):
         """The first `window` positions of one layer for `slots` (None: all rows): k, v [b, K, W, H]."""
-        if slots is not None:
-            return self.k[layer, slots, :, :window], self.v[layer, slots, :, :window]
+        if slots is not None:  # out-of-range slots (padding rows) read a clipped row, never used
+            return (self.k.at[layer, slots, :, :window].get(mode="clip"),
+                    self.v.at[layer, slots, :, :window].get(mode="clip"))
         _, B, K, _, H = self.k.shape
         start = (layer, 0, 0, 0, 0)
         k = jax.lax.dynamic_slice(self.k, start, (1, B, K, window, H))[0]

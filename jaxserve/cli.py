@@ -23,6 +23,12 @@ def _checkpoint_root(arg: str | None) -> Path:
     return Path.home() / ".cache" / "jaxserve" / "checkpoints"
 
 
+def compile_cache_dir(arg: str | None) -> Path | None:
+    """--compile-cache, else $JAXSERVE_COMPILE_CACHE, else ~/.cache/jaxserve/xla; 'off' disables it."""
+    value = arg or os.environ.get("JAXSERVE_COMPILE_CACHE") or str(Path.home() / ".cache" / "jaxserve" / "xla")
+    return None if value == "off" else Path(value)
+
+
 def _mesh(spec: str | None):
     from jaxserve.sharding import make_mesh, parse_mesh
 
@@ -44,17 +50,17 @@ def cmd_convert(args) -> int:
 
 def cmd_generate(args) -> int:
     from jaxserve.checkpoint import load_model
-    from jaxserve.engine.core import EngineCore
-    from jaxserve.engine.engine import Delta, Engine, EngineRequest
-    from jaxserve.engine.sampling import SamplingParams
+    from jaxserve.engine import Delta, EngineRequest, SamplingParams, build_engine, enable_compilation_cache
+
+    if (cache := compile_cache_dir(args.compile_cache)) is not None:
+        enable_compilation_cache(cache)
 
     model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh))
     tok = model.tokenizer
     prompt_ids = tuple(tok.encode(args.prompt))
     # one slot, and a cache just long enough: shapes compile as they are first reached
     needed = len(prompt_ids) + args.max_tokens
-    cache_len = min(model.cfg.max_context, max(128, 1 << (needed - 1).bit_length()))
-    engine = Engine(EngineCore(model, slots=1, cache_len=cache_len, eos_id=tok.eos_id), tok).start()
+    engine = build_engine(model, slots=1, max_context=max(128, 1 << (needed - 1).bit_length()), warmup=False)
     req = EngineRequest("generate", prompt_ids, max_tokens=args.max_tokens, seed=args.seed,
                         sampling=SamplingParams(temperature=args.temperature), ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
@@ -102,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--mesh", help="e.g. data=1,model=2 (default: all devices on 'model')")
+    p.add_argument("--compile-cache", help="folder for compiled steps, reused across runs ('off' to disable; "
+                   "default $JAXSERVE_COMPILE_CACHE or ~/.cache/jaxserve/xla)")
     p.set_defaults(func=cmd_generate)
     return parser
 

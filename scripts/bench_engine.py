@@ -2,7 +2,7 @@
 
     python scripts/bench_engine.py [--model NAME] [--concurrency 1 8 32 64] [--prompt-tokens 32] [--gen-tokens 128]
 
-For each concurrency C: C requests of ~32 prompt tokens and 128 generated tokens (EOS ignored) submitted
+For each concurrency C (each run --repeats times; medians reported): C requests of ~32 prompt tokens and 128 generated tokens (EOS ignored) submitted
 at once to an engine with C slots. Prints generated tok/s, time to first token, median step latency and
 peak RSS, then the floors per step: (weight + KV bytes read) / measured memory bandwidth, and FLOPs /
 measured matmul throughput.
@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
-from jaxserve.engine.core import EngineCore
-from jaxserve.engine.engine import Engine, EngineRequest, Usage
-from jaxserve.engine.sampling import SamplingParams
+from jaxserve.cli import compile_cache_dir
+from jaxserve.engine import DEFAULT_CONTEXT, EngineRequest, SamplingParams, Usage, build_engine, enable_compilation_cache
 from jaxserve.sharding import make_mesh
 
 
@@ -59,11 +58,9 @@ def floors(cfg, batch: int, context: int, bandwidth: float, flops: float) -> tup
     return (weight_bytes + kv_bytes) / bandwidth, (matmul_flops + attn_flops) / flops
 
 
-def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int):
+def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_context: int):
     tok = model.tokenizer
-    core = EngineCore(model, slots=concurrency, cache_len=256, eos_id=tok.eos_id)
-    core.warmup()
-    engine = Engine(core, tok).start()
+    engine = build_engine(model, slots=concurrency, max_context=max_context)
     words = "the quick brown fox jumps over the lazy dog and runs far away into the woods".split()
     prompts = []
     for i in range(concurrency):
@@ -104,21 +101,29 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="tokens per slot")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per concurrency; medians are reported")
+    parser.add_argument("--compile-cache", help="as for `jaxserve generate`")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if (cache := compile_cache_dir(args.compile_cache)) is not None:
+        enable_compilation_cache(cache)
     model = load_model(args.model, args.checkpoints, make_mesh(1, None), progress=False)
     bandwidth, flops = measure_bandwidth(), measure_flops()
     print(f"model {model.name} ({model.cfg.dtype}), devices {jax.devices()}, "
           f"bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s")
     rows = []
     for c in args.concurrency:
-        r = run(model, c, args.prompt_tokens, args.gen_tokens)
+        runs = [run(model, c, args.prompt_tokens, args.gen_tokens, args.max_context) for _ in range(args.repeats)]
+        r = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        r["tok_s_all"] = " / ".join(f"{run['tok_s']:.0f}" for run in runs)
         mem_floor, flop_floor = floors(model.cfg, c, args.prompt_tokens + args.gen_tokens, bandwidth, flops)
         r.update(conc=c, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                  mem_floor_ms=1000 * mem_floor, flop_floor_ms=1000 * flop_floor,
                  floor_tok_s=c / max(mem_floor, flop_floor))
         rows.append(r)
-        print(f"C={c}: {r['tok_s']:.1f} tok/s, TTFT median {r['ttft_med']:.3f} s, step {r['step_ms']:.1f} ms", flush=True)
+        print(f"C={c}: {r['tok_s']:.1f} tok/s (runs: {r['tok_s_all']}), TTFT median {r['ttft_med']:.3f} s, "
+              f"step {r['step_ms']:.1f} ms", flush=True)
     print("\n| concurrency | tok/s | TTFT median (s) | step (ms, median) | floor: bytes (ms) | floor: FLOPs (ms) "
           "| floor tok/s | peak RSS (GB) |")
     print("|---|---|---|---|---|---|---|---|")

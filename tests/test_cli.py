@@ -35,3 +35,15 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     result = run("generate", "hi", "--model", "no-such-model", env_root=tmp_path)
     assert result.returncode == 2
     assert "no model card 'no-such-model'" in result.stderr
+
+
+def test_compiled_steps_are_reused_across_runs(tiny_dir, tmp_path):
+    cache = tmp_path / "xla"
+    args = ("generate", "Call me", "--model", "tiny-llama", "--max-tokens", "4", "--compile-cache", str(cache))
+    first = run(*args, env_root=tiny_dir.parent)
+    assert first.returncode == 0, first.stderr
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries  # the first run wrote its compiled steps
+    second = run(*args, env_root=tiny_dir.parent)
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert sorted(p.name for p in cache.iterdir()) == entries  # the second compiled nothing new

@@ -5,17 +5,13 @@ import threading
 
 import pytest
 
-from jaxserve.engine.core import EngineCore
-from jaxserve.engine.engine import Engine, EngineRequest
-from jaxserve.engine.sampling import SamplingParams
+from jaxserve.engine import EngineRequest, SamplingParams, build_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 def make_engine(model, slots, cache_len):
-    core = EngineCore(model, slots=slots, cache_len=cache_len, eos_id=model.tokenizer.eos_id)
-    core.warmup()
-    return Engine(core, model.tokenizer).start()
+    return build_engine(model, slots=slots, max_context=cache_len)
 
 
 @pytest.fixture(scope="module")

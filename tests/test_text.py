@@ -53,3 +53,26 @@ def test_choice_text_streams_cjk_and_emoji_whole():
     assert "".join(pieces) == "日本 🙂 "
     assert all("\ufffd" not in p for p in pieces)
     assert pieces[:3] == ["", "", "日"]
+
+
+class FimTokenizer:
+    names = {"<fim_prefix>": 900, "<fim_suffix>": 901, "<fim_middle>": 902}
+
+    def token_id(self, name):
+        return self.names.get(name)
+
+
+def test_suffix_builds_a_fill_in_the_middle_prompt():
+    from jaxserve.engine.text import fill_in_the_middle
+
+    assert fill_in_the_middle(FimTokenizer(), [1, 2], [3]) == [900, 1, 2, 901, 3, 902]
+
+
+def test_suffix_on_a_model_without_fim_tokens_is_a_clear_error(smollm2_dir):
+    import pytest
+
+    from jaxserve.engine.text import fill_in_the_middle
+    from jaxserve.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError, match="no fill-in-the-middle tokens"):
+        fill_in_the_middle(load_tokenizer(smollm2_dir), [1], [2])

@@ -54,3 +54,17 @@ class ChoiceText:
             return ""
         text, self.stopped = self._stops.feed(self._detok.flush())
         return text if self.stopped else text + self._stops.flush()
+
+
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+
+
+def fill_in_the_middle(tokenizer: Tokenizer, prefix_ids: list[int], suffix_ids: list[int]) -> list[int]:
+    """The prompt for `suffix` (prefix-suffix-middle order, as StarCoder-family models are trained):
+    <fim_prefix> prefix <fim_suffix> suffix <fim_middle>. A model without these tokens cannot do it."""
+    ids = [tokenizer.token_id(name) for name in FIM_TOKENS]
+    if None in ids:
+        raise ValueError("this model has no fill-in-the-middle tokens (" + ", ".join(FIM_TOKENS)
+                         + "), so `suffix` is not supported")
+    fim_prefix, fim_suffix, fim_middle = ids
+    return [fim_prefix, *prefix_ids, fim_suffix, *suffix_ids, fim_middle]

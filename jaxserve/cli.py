@@ -83,6 +83,74 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import threading
+
+    from jaxserve.api.app import ServerState, create_app
+    from jaxserve.api.metrics import Metrics
+
+    state = ServerState(metrics=Metrics(), api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
+                        max_body_bytes=args.max_body_bytes)
+    holder = {}
+    loader = threading.Thread(target=_load_for_serving, args=(args, state, holder), name="jaxserve-loader",
+                              daemon=True)
+    loader.start()  # the HTTP server answers (503 on /health) while the model loads and compiles
+    import uvicorn
+
+    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
+    _graceful_server_class()(config).run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out
+    loader.join(timeout=1)
+    if "engine" in holder:
+        holder["engine"].shutdown()
+    logging.getLogger("jaxserve").info("stopped")
+    return 0
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises a caught SIGINT/SIGTERM after its graceful shutdown, so the process dies by the
+        signal; for us the graceful shutdown is the whole answer, and the command exits 0."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return GracefulServer
+
+
+def _load_for_serving(args, state, holder) -> None:
+    from jaxserve.api.serving import CompletionServing
+    from jaxserve.checkpoint import load_model
+    from jaxserve.engine import build_engine, enable_compilation_cache
+
+    log = logging.getLogger("jaxserve.serve")
+    try:
+        if (cache := compile_cache_dir(args.compile_cache)) is not None:
+            enable_compilation_cache(cache)
+        model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype)
+        t0 = time.perf_counter()
+        engine = build_engine(model, slots=args.max_slots, max_context=args.max_context,
+                              max_waiting=args.max_waiting)
+        holder["engine"] = engine
+        core = engine.core
+        kv_bytes = 2 * core.state.cache.k.nbytes
+        names = [model.name, *args.served_model_name]
+        state.metrics.gauges.update({
+            "queue_depth": lambda: engine.queue_depth, "active_slots": lambda: engine.active_slots,
+            "compiles_total": lambda: sum(core.compiles.values()), "engine_steps_total": lambda: engine.steps})
+        state.serving = CompletionServing(engine, model.tokenizer, names, state.metrics,
+                                          fingerprint=f"jaxserve-{model.name}-{model.cfg.dtype}")
+        log.info("serving %s as %s on http://%s:%d | mesh %s | %d slots x %d tokens | KV cache %.2f GB | "
+                 "compiled in %.1f s", model.name, ", ".join(names), args.host, args.port, dict(model.mesh.shape),
+                 core.slots, core.cache_len, kv_bytes / 1e9, time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - reported on /health and in every response
+        log.exception("loading failed")
+        state.load_error = f"the model failed to load: {e}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxserve.checkpoint import DEFAULT_MODEL
 
@@ -111,6 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", help="folder for compiled steps, reused across runs ('off' to disable; "
                    "default $JAXSERVE_COMPILE_CACHE or ~/.cache/jaxserve/xla)")
     p.set_defaults(func=cmd_generate)
+
+    from jaxserve.engine import DEFAULT_CONTEXT, DEFAULT_SLOTS
+
+    p = sub.add_parser("serve", parents=[common], help="serve the OpenAI Completions API over HTTP")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint) or checkpoint folder")
+    p.add_argument("--served-model-name", action="append", default=[],
+                   help="another model id clients may use (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS, help="sequences decoded at once")
+    p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="tokens per sequence (prompt + output)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--mesh", help="e.g. data=1,model=2 (default: all devices on 'model')")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and activations (default: the model's)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $JAXSERVE_API_KEY)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    p.add_argument("--compile-cache", help="as for generate")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

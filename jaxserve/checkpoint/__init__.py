@@ -44,9 +44,9 @@ def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True) -
                             f"build it with `python {card.weights['script']} --out {directory}`")
 
 
-def load_model(name: str, checkpoint_root: Path, mesh, progress: bool = True) -> LoadedModel:
+def load_model(name: str, checkpoint_root: Path, mesh, progress: bool = True, dtype: str | None = None) -> LoadedModel:
     t0 = time.perf_counter()
-    model = load_checkpoint(ensure_checkpoint(name, checkpoint_root, progress), mesh, name=Path(name).name)
+    model = load_checkpoint(ensure_checkpoint(name, checkpoint_root, progress), mesh, name=Path(name).name, dtype=dtype)
     log.info("loaded %s (%.1fM params) onto mesh %s in %.1f s", model.name, model.cfg.num_params() / 1e6,
              dict(model.mesh.shape), time.perf_counter() - t0)
     return model

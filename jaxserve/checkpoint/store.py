@@ -54,9 +54,12 @@ def save_checkpoint(directory: Path, cfg: ModelConfig, params, tokenizer: Tokeni
     tmp.rename(directory)
 
 
-def load_checkpoint(directory: Path, mesh, name: str | None = None) -> LoadedModel:
+def load_checkpoint(directory: Path, mesh, name: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Restore a checkpoint onto `mesh`; `dtype` (e.g. "bfloat16") converts the weights as they load."""
     directory = Path(directory).absolute()
     cfg = ModelConfig.load(directory / CONFIG)
+    if dtype:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
     shapes, axes = abstract_params(cfg)
     shardings = tree_shardings(axes, shapes, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -9,13 +9,14 @@ import jax
 
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine.core import EngineCore
-from jaxserve.engine.engine import ContextLengthError, Delta, Engine, EngineRequest, QueueFull, TokenInfo, Usage
+from jaxserve.engine.engine import (ContextLengthError, Delta, Engine, EngineRequest, EngineStopped, QueueFull, TokenInfo,
+                                    Usage)
 from jaxserve.engine.sampling import SamplingParams
 
 DEFAULT_SLOTS = 64  # the default model serves 64 sequences at once on a 2-core, 24 GiB machine
 DEFAULT_CONTEXT = 2048  # per slot: 64 x 2048 positions of SmolLM2's KV cache take 6 GB in float32
 
-__all__ = ["ContextLengthError", "Delta", "Engine", "EngineCore", "EngineRequest", "QueueFull", "SamplingParams",
+__all__ = ["ContextLengthError", "Delta", "Engine", "EngineCore", "EngineRequest", "EngineStopped", "QueueFull", "SamplingParams",
            "TokenInfo", "Usage", "DEFAULT_CONTEXT", "DEFAULT_SLOTS", "build_engine", "enable_compilation_cache"]
 
 

@@ -258,6 +258,7 @@ class EngineCore:
             self.step(w - 1)
         self.release(0)
         self.fetch(self.state.active)
+        self.state = None  # drop the used state before making a fresh one: never two caches at once
         self.state = self._make_state()
         log.info("compiled %d variants in %.1f s (vocab %d, %d slots, windows %s, prefill buckets %s)",
                  sum(self.compiles.values()), time.perf_counter() - t0, vocab, self.slots, self.windows,

@@ -33,6 +33,10 @@ class ContextLengthError(ValueError):
     pass
 
 
+class EngineStopped(RuntimeError):
+    """The engine shut down before the request finished."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineRequest:
     request_id: str
@@ -143,10 +147,14 @@ class Engine:
         if max(req.n, req.best_of or 1) > self.core.slots:
             raise ValueError(f"n and best_of can be at most {self.core.slots} (the engine's slots)")
 
+    def has_room(self, count: int = 1) -> bool:
+        """Whether `count` more requests fit in the waiting queue now."""
+        return self.queue_depth + count <= self.max_waiting
+
     def submit(self, req: EngineRequest, emit: Callable) -> None:
         """Queue a request; `emit` receives Delta, then Usage, then the end marker (or an exception)."""
         self.validate(req)
-        if self._inbox.qsize() + len(self._waiting) >= self.max_waiting:
+        if not self.has_room():
             raise QueueFull(f"{self.max_waiting} requests are already waiting")
         self._inbox.put(_Group(req, emit, self.tokenizer))
 
@@ -226,12 +234,23 @@ class Engine:
                 pending = dispatched
                 self.steps += 1
                 self.healthy = True
+            self._fail_all(EngineStopped("the server is shutting down"))
         except BaseException as e:  # an engine failure ends every open stream, never silently
             log.exception("engine failure")
-            self.error, self.healthy = e, False
-            for group in list(self._groups.values()) + list(self._waiting):
-                group.emit(e)
+            self.error = e
+            self._fail_all(e)
+        finally:
+            self.healthy = False
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._intake(block=False)
+        for group in list(self._groups.values()) + list(self._waiting):
+            if not group.done:
+                group.done = True
+                group.emit(error)
                 group.emit(_END)
+        self._groups.clear()
+        self._waiting.clear()
 
     def _intake(self, block: bool) -> None:
         try:

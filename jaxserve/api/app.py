@@ -1,0 +1,227 @@
+"""Starlette routes: transport only. Bodies are parsed and checked here (size, JSON, API key), requests
+validated by `protocol`, and run by `serving`; every error leaves in OpenAI's envelope.
+
+The app answers while the model loads: /health is 503 and completions say the server is loading until
+`ServerState.serving` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from jaxserve.api.metrics import Metrics
+from jaxserve.api.protocol import APIError, CompletionRequest, parse_completion_request
+from jaxserve.api.serving import CompletionServing
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ServerState:
+    metrics: Metrics
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    serving: CompletionServing | None = None  # set once the model is loaded and compiled
+    load_error: str | None = None
+
+
+def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
+    # allow_nan=False: a NaN or infinity reaching JSON is a bug to surface, never invalid JSON to send
+    return Response(json.dumps(obj, allow_nan=False), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def _error(e: APIError) -> Response:
+    return _json(e.body(), e.status, e.headers)
+
+
+def create_app(state: ServerState) -> Starlette:
+    def serving() -> CompletionServing:
+        if state.serving is None:
+            raise APIError(503, state.load_error or "the model is still loading", type="server_error",
+                           headers={"Retry-After": "5"})
+        return state.serving
+
+    def check_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided" if token else "Missing API key: send "
+                           "'Authorization: Bearer KEY'", param=None, code="invalid_api_key")
+
+    async def body_json(request: Request):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > state.max_body_bytes:
+            raise APIError(413, f"the request body exceeds {state.max_body_bytes} bytes")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > state.max_body_bytes:
+                raise APIError(413, f"the request body exceeds {state.max_body_bytes} bytes")
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise APIError(400, "the request body is not valid JSON") from None
+
+    def endpoint(handler, auth: bool = True):
+        """Wrap a handler: API key, APIError -> envelope, anything else -> 500 without a stack trace."""
+        async def wrapped(request: Request) -> Response:
+            try:
+                if auth:
+                    check_key(request)
+                response = await handler(request)
+            except APIError as e:
+                response = _error(e)
+            except Exception:  # noqa: BLE001 - the client gets a generic 500, the log gets the trace
+                log.exception("internal error on %s", request.url.path)
+                response = _error(APIError(500, "internal server error", type="server_error"))
+            state.metrics.count_request(response.status_code)
+            return response
+        return wrapped
+
+    async def completions(request: Request) -> Response:
+        req = parse_completion_request(await body_json(request))
+        srv = serving()
+        if not req.stream:
+            task = asyncio.ensure_future(srv.complete(req))
+            while not task.done():  # a client that goes away aborts its requests in the engine
+                await asyncio.wait([task], timeout=0.5)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    return Response(status_code=499)
+            return _json(task.result())
+        chunks = srv.stream(req)
+        try:  # errors found before the first chunk (busy, bad prompt) are plain HTTP errors
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        return StreamingResponse(_sse(first, chunks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def models(request: Request) -> Response:
+        srv = serving()
+        return _json({"object": "list", "data": [_model_card(m, srv) for m in srv.model_ids]})
+
+    async def model(request: Request) -> Response:
+        srv = serving()
+        model_id = request.path_params["model_id"]
+        if model_id not in srv.model_ids:
+            raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return _json(_model_card(model_id, srv))
+
+    async def health(request: Request) -> Response:
+        ok = state.serving is not None and state.serving.engine.healthy
+        return _json({"status": "ok" if ok else ("error" if state.load_error or state.serving else "loading")},
+                     200 if ok else 503)
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def tokenize(request: Request) -> Response:
+        body, tok = await body_json(request), serving().tokenizer
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            raise APIError(400, "'prompt' must be a string", param="prompt")
+        tokens = tok.encode(body["prompt"])
+        return _json({"tokens": tokens, "count": len(tokens), "max_model_len": serving().engine.max_context})
+
+    async def detokenize(request: Request) -> Response:
+        body, tok = await body_json(request), serving().tokenizer
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < tok.vocab_size for t in tokens):
+            raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
+        return _json({"prompt": tok.decode(tokens)})
+
+    async def tokenizer_info(request: Request) -> Response:
+        tok = serving().tokenizer
+
+        def text(token_id):
+            return None if token_id is None else tok.decode([token_id])
+        return _json({"eos_token": text(tok.eos_id), "bos_token": text(tok.bos_id), "pad_token": text(tok.eos_id),
+                      "add_bos_token": tok.add_bos, "vocab_size": tok.vocab_size,
+                      "model_max_length": serving().engine.max_context})
+
+    async def openapi(request: Request) -> Response:
+        return _json(openapi_spec())
+
+    routes = [
+        Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/completions", endpoint(completions), methods=["POST"]),
+        Route("/v1/models", endpoint(models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", endpoint(model), methods=["GET"]),
+        Route("/health", endpoint(health, auth=False), methods=["GET"]),
+        Route("/metrics", endpoint(metrics, auth=False), methods=["GET"]),
+        Route("/tokenize", endpoint(tokenize), methods=["POST"]),
+        Route("/detokenize", endpoint(detokenize), methods=["POST"]),
+        Route("/tokenizer_info", endpoint(tokenizer_info), methods=["GET"]),
+        Route("/openapi.json", endpoint(openapi, auth=False), methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+async def _sse(first, chunks):
+    """`data: {chunk}` events, then `data: [DONE]`; a failure mid-stream becomes an error event first."""
+    try:
+        if first is not None:
+            yield f"data: {json.dumps(first, allow_nan=False)}\n\n"
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, allow_nan=False)}\n\n"
+    except APIError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+        log.exception("error while streaming")
+        yield f"data: {json.dumps(APIError(500, str(e) or 'internal server error', type='server_error').body())}\n\n"
+    finally:  # also when the client went away: closing the chunks aborts the request in the engine
+        await chunks.aclose()
+    yield "data: [DONE]\n\n"
+
+
+def _model_card(model_id: str, srv: CompletionServing) -> dict:
+    return {"id": model_id, "object": "model", "created": srv.created, "owned_by": "jaxserve",
+            "max_model_len": srv.engine.max_context}
+
+
+def openapi_spec() -> dict:
+    request_schema = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = request_schema.pop("$defs", {})
+    error = {"description": "an error in OpenAI's envelope",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jaxserve", "version": "0.1.0",
+                 "description": "OpenAI-compatible Completions API served by jaxserve"},
+        "paths": {
+            "/v1/completions": {"post": {
+                "summary": "Create a completion (stream: server-sent events ending with `data: [DONE]`)",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}},
+                "responses": {"200": {"description": "a text_completion object, or an event stream"},
+                              **{code: error for code in ("400", "401", "404", "413", "429", "500", "503")}}}},
+            "/v1/models": {"get": {"summary": "List the served models", "responses": {"200": {"description": "ok"}}}},
+            "/v1/models/{model_id}": {"get": {"summary": "One served model",
+                                              "parameters": [{"name": "model_id", "in": "path", "required": True,
+                                                              "schema": {"type": "string"}}],
+                                              "responses": {"200": {"description": "ok"}, "404": error}}},
+            "/health": {"get": {"summary": "200 once the engine runs; 503 while loading or after a failure",
+                                "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "ok"}}}},
+            "/tokenize": {"post": {"summary": "Token ids of a prompt", "responses": {"200": {"description": "ok"}}}},
+            "/detokenize": {"post": {"summary": "Text of token ids", "responses": {"200": {"description": "ok"}}}},
+            "/tokenizer_info": {"get": {"summary": "Special tokens", "responses": {"200": {"description": "ok"}}}},
+        },
+        "components": {"schemas": {
+            "CompletionRequest": request_schema, **defs,
+            "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}},
+    }

@@ -1,0 +1,141 @@
+"""The Completions API's request model and OpenAI's error envelope.
+
+Validation happens here, once, at the boundary: a bad request becomes an `APIError` naming the parameter
+and the value received; everything past this module can trust its inputs. Parameters OpenAI does not
+define are ignored (with a log line), as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+
+MAX_STOPS = 4
+
+
+class APIError(Exception):
+    """An error for the client, in OpenAI's envelope."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    prompt: Prompt
+    suffix: str | None = None
+    max_tokens: int | None = Field(16, ge=0)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, ge=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    best_of: int | None = Field(None, ge=1, le=128)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    seed: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed, got {len(stops)}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for key, value in (v or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {value} for token {key}")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and (not v or any(isinstance(p, (str, list)) and not p for p in v)):
+            raise ValueError("the prompt must not be empty")
+        if isinstance(v, str) and not v:
+            raise ValueError("the prompt must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise APIError(400, f"best_of ({self.best_of}) must be greater than or equal to n ({self.n})",
+                           param="best_of")
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise APIError(400, "best_of cannot be used with stream: the best candidates are known only at the end",
+                           param="best_of")
+        return self
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list: each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    """JSON body -> CompletionRequest, or an APIError naming the first bad parameter."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        req = CompletionRequest.model_validate(body)
+    except APIError:
+        raise
+    except ValidationError as e:
+        raise _validation_error(e, body) from None
+    if req.model_extra:
+        log.info("ignoring unknown parameters: %s", ", ".join(sorted(req.model_extra)))
+    return req
+
+
+def _validation_error(e: ValidationError, body: dict) -> APIError:
+    err = e.errors()[0]
+    loc = [str(x) for x in err.get("loc", ())]
+    param = loc[0] if loc else None
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, APIError):
+        return ctx_error
+    if err["type"] == "missing":
+        return APIError(400, f"you must provide the '{param}' parameter", param=param)
+    received = body.get(param) if param else None
+    detail = str(ctx_error) if ctx_error else err["msg"]
+    return APIError(400, f"invalid value for '{param}': {detail} (received {received!r})", param=param)
+

@@ -1,0 +1,214 @@
+"""Serving: a validated CompletionRequest -> engine requests -> an OpenAI `text_completion` object or a
+stream of chunks. Knows the tokenizer (for prompts, token strings and offsets) and the engine's request
+API; knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import AsyncIterator
+
+from jaxserve.api.metrics import Metrics
+from jaxserve.api.protocol import APIError, CompletionRequest
+from jaxserve.engine import ContextLengthError, Delta, Engine, EngineRequest, QueueFull, SamplingParams, Usage
+from jaxserve.engine.text import fill_in_the_middle
+from jaxserve.tokenizer import Tokenizer
+
+MIN_LOGPROB = -9999.0  # what -inf is sent as: JSON has no infinities
+
+
+def busy(message: str) -> APIError:
+    return APIError(429, f"The server is busy: {message}. Retry shortly.", type="server_busy_error",
+                    code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+
+class CompletionServing:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_ids: list[str], metrics: Metrics,
+                 fingerprint: str, created: int | None = None):
+        self.engine, self.tokenizer, self.model_ids = engine, tokenizer, model_ids
+        self.metrics, self.fingerprint = metrics, fingerprint
+        self.created = created or int(time.time())
+
+    # ---- request -> engine requests ----------------------------------------------------------------
+
+    def engine_requests(self, req: CompletionRequest, request_id: str) -> list[EngineRequest]:
+        if req.model not in self.model_ids:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
+                                f"{', '.join(self.model_ids)}", param="model", code="model_not_found")
+        vocab = self.tokenizer.vocab_size
+        bias = []
+        for key, value in (req.logit_bias or {}).items():
+            if not 0 <= int(key) < vocab:
+                raise APIError(400, f"logit_bias key {key} is not a token id of this model (0..{vocab - 1})",
+                               param="logit_bias")
+            bias.append((int(key), float(value)))
+        sampling = SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
+                                  top_p=1.0 if req.top_p is None else req.top_p,
+                                  presence_penalty=req.presence_penalty or 0.0,
+                                  frequency_penalty=req.frequency_penalty or 0.0, logit_bias=tuple(bias))
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        out = []
+        for i, prompt in enumerate(req.prompts):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt {i} holds token ids outside this model's vocabulary (0..{vocab - 1})",
+                               param="prompt")
+            if req.suffix is not None:
+                try:
+                    ids = fill_in_the_middle(self.tokenizer, ids, self.tokenizer.encode(req.suffix))
+                except ValueError as e:
+                    raise APIError(400, str(e), param="suffix") from None
+            engine_req = EngineRequest(f"{request_id}-{i}", tuple(ids), max_tokens=max_tokens, sampling=sampling,
+                                       seed=req.seed, n=req.n, best_of=req.best_of, echo=req.echo,
+                                       stop=req.stops)
+            try:
+                self.engine.validate(engine_req)
+            except ContextLengthError as e:
+                raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
+            except ValueError as e:
+                raise APIError(400, str(e), param="n" if "n and best_of" in str(e) else "prompt") from None
+            out.append(engine_req)
+        if not self.engine.has_room(len(out)):
+            raise busy(f"{self.engine.max_waiting} requests are already waiting")
+        return out
+
+    # ---- running ------------------------------------------------------------------------------------
+
+    async def _merged(self, reqs: list[EngineRequest], n: int) -> AsyncIterator[tuple[int, Delta | Usage]]:
+        """Deltas of every prompt, as they come, with choice index = prompt index * n + j."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, r: EngineRequest):
+            try:
+                async for item in self.engine.generate(r):
+                    await queue.put((i, item))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                await queue.put((i, e))
+            finally:
+                await queue.put((i, done))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, QueueFull):
+                    raise busy(str(item))
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    if isinstance(item, Delta):
+                        item = Delta(i * n + item.index, item.text, item.tokens, item.finish_reason, item.echo)
+                    yield i, item
+        finally:  # a client gone or an error: the other prompts' requests are aborted too
+            for t in tasks:
+                t.cancel()
+
+    def _base(self, request_id: str, model: str) -> dict:
+        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+                "system_fingerprint": self.fingerprint}
+
+    async def complete(self, req: CompletionRequest) -> dict:
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        reqs = self.engine_requests(req, request_id)
+        started = time.perf_counter()
+        texts: dict[int, list[str]] = {}
+        infos: dict[int, list] = {}
+        reasons: dict[int, str | None] = {}
+        prompt_tokens = completion_tokens = 0
+        first = None
+        async for i, item in self._merged(reqs, req.n):
+            if isinstance(item, Usage):
+                prompt_tokens += item.prompt_tokens
+                completion_tokens += item.completion_tokens
+                continue
+            if first is None and item.tokens and not item.echo:
+                first = time.perf_counter() - started
+            texts.setdefault(item.index, []).append(item.text)
+            infos.setdefault(item.index, []).extend(item.tokens)
+            if item.finish_reason:
+                reasons[item.index] = item.finish_reason
+        self.metrics.observe_request(first, time.perf_counter() - started, prompt_tokens, completion_tokens)
+        choices = []
+        for index in sorted(texts):
+            text = "".join(texts[index])
+            logprobs = None
+            if req.logprobs is not None:
+                prompt_len = 0 if req.echo else len(self._prompt_text(reqs[index // req.n]))
+                logprobs = self._logprobs(infos[index], req.logprobs, prompt_len)
+            choices.append({"text": text, "index": index, "logprobs": logprobs,
+                            "finish_reason": reasons.get(index)})
+        return {**self._base(request_id, req.model), "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    async def stream(self, req: CompletionRequest) -> AsyncIterator[dict]:
+        """Chunks in OpenAI's streaming shape; the last chunk of each choice carries its finish_reason, and
+        with stream_options.include_usage a final chunk with `choices: []` carries the usage."""
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        reqs = self.engine_requests(req, request_id)
+        base = self._base(request_id, req.model)
+        offsets: dict[int, int] = {}
+        started = time.perf_counter()
+        first = None
+        prompt_tokens = completion_tokens = 0
+        async for i, item in self._merged(reqs, req.n):
+            if isinstance(item, Usage):
+                prompt_tokens += item.prompt_tokens
+                completion_tokens += item.completion_tokens
+                continue
+            if first is None and item.tokens and not item.echo:
+                first = time.perf_counter() - started
+            logprobs = None
+            if req.logprobs is not None:
+                if item.index not in offsets:
+                    offsets[item.index] = 0 if req.echo else len(self._prompt_text(reqs[i]))
+                logprobs = self._logprobs(item.tokens, req.logprobs, offsets[item.index])
+                offsets[item.index] += sum(len(s) for s in logprobs["tokens"])
+            yield {**base, "choices": [{"text": item.text, "index": item.index, "logprobs": logprobs,
+                                        "finish_reason": item.finish_reason}]}
+        self.metrics.observe_request(first, time.perf_counter() - started, prompt_tokens, completion_tokens)
+        if req.stream_options and req.stream_options.include_usage:
+            yield {**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
+                                                    "completion_tokens": completion_tokens,
+                                                    "total_tokens": prompt_tokens + completion_tokens}}
+
+    # ---- logprobs -----------------------------------------------------------------------------------
+
+    def _prompt_text(self, r: EngineRequest) -> str:
+        return self.tokenizer.decode(r.prompt_ids)
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text; a token that is not whole UTF-8 on its own is written as OpenAI does: 'bytes:\\xNN'."""
+        raw = self.tokenizer.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def _logprobs(self, infos, k: int, offset: int) -> dict:
+        tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+        for info in infos:
+            text = self.token_text(info.token_id)
+            tokens.append(text)
+            text_offset.append(offset)
+            offset += len(text)
+            if info.logprob is None:  # the first prompt token has no context to be predicted from
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+                continue
+            token_logprobs.append(max(info.logprob, MIN_LOGPROB))
+            top: dict[str, float] = {}
+            for token_id, lp in info.top[:k]:
+                key = self.token_text(token_id)
+                if key in top:  # two tokens with the same text: keep both, the second told apart by its id
+                    key = f"{key} [token {token_id}]"
+                top[key] = max(lp, MIN_LOGPROB)
+            top_logprobs.append(top)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": text_offset}

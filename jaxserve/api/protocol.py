@@ -58,6 +58,7 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # the one extension (as in vLLM and llama.cpp): generate past EOS, for benchmarks
 
     @field_validator("stop")
     @classmethod

@@ -62,7 +62,7 @@ class CompletionServing:
                     raise APIError(400, str(e), param="suffix") from None
             engine_req = EngineRequest(f"{request_id}-{i}", tuple(ids), max_tokens=max_tokens, sampling=sampling,
                                        seed=req.seed, n=req.n, best_of=req.best_of, echo=req.echo,
-                                       stop=req.stops)
+                                       stop=req.stops, ignore_eos=req.ignore_eos)
             try:
                 self.engine.validate(engine_req)
             except ContextLengthError as e:

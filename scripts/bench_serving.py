@@ -1,0 +1,151 @@
+"""HTTP load on an OpenAI-compatible Completions server: streaming requests at fixed concurrency.
+
+    python scripts/bench_serving.py [--base-url http://127.0.0.1:8000] [--concurrency 1 8 32 64]
+                                    [--requests-per-client 2] [--max-tokens 128] [--model NAME]
+
+Without --base-url it starts `jaxserve serve` on a free loopback port (slots = the highest concurrency)
+and stops it afterwards. With --base-url it loads any server (llama.cpp's llama-server, vLLM, ...), so the
+same numbers can be compared. Loopback addresses only, unless --allow-remote. Every run is bounded in
+requests (concurrency x requests-per-client) and time (--time-limit). Reports aggregate generated tok/s,
+time to first token p50/p99 and inter-token latency p50/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import urlparse
+
+import httpx
+
+PROMPT = ("The quick brown fox jumps over the lazy dog and runs far away into the woods, where the old "
+          "oak trees stand tall and the river")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int) -> dict:
+    # ignore_eos (jaxserve, vLLM and llama.cpp honour it) makes every request generate max_tokens
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    start = time.perf_counter()
+    arrivals, tokens = [], 0
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                arrivals.append(time.perf_counter())
+    return {"ttft": arrivals[0] - start if arrivals else float("nan"), "tokens": tokens or len(arrivals),
+            "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}
+
+
+async def run_level(base_url: str, model: str, concurrency: int, per_client: int, max_tokens: int,
+                    time_limit: float) -> dict:
+    results = []
+    deadline = time.perf_counter() + time_limit
+
+    async def client(http):
+        for _ in range(per_client):
+            if time.perf_counter() > deadline:
+                return
+            results.append(await one_request(http, model, max_tokens))
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=base_url, timeout=time_limit, limits=limits) as http:
+        await one_request(http, model, 4)  # warm the connection path
+        start = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*(client(http) for _ in range(concurrency))), time_limit + 60)
+        wall = time.perf_counter() - start
+    itl = [x for r in results for x in r["itl"]]
+    ttft = [r["ttft"] for r in results]
+    return {"concurrency": concurrency, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+            "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        sys.exit(f"{url} is not a loopback address; pass --allow-remote to load another machine")
+
+
+def start_server(args, slots: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "jaxserve.cli", "--log-level", "WARNING", "serve", "--port", str(port),
+           "--max-slots", str(slots), "--model", args.model or "smollm2-135m-instruct"]
+    if args.checkpoints:
+        cmd += ["--checkpoints", args.checkpoints]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            sys.exit("the server failed to start")
+        time.sleep(1)
+    proc.kill()
+    sys.exit("the server did not become healthy in 15 minutes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", help="a running server (default: start jaxserve here)")
+    parser.add_argument("--model", help="model id to request (default: the server's first)")
+    parser.add_argument("--checkpoints", help="checkpoint folder for the server this script starts")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--time-limit", type=float, default=600, help="seconds per concurrency level at most")
+    parser.add_argument("--allow-remote", action="store_true")
+    args = parser.parse_args()
+    proc = None
+    if args.base_url:
+        url = args.base_url.rstrip("/").removesuffix("/v1")
+        if not args.allow_remote:
+            check_loopback(url)
+    else:
+        proc, url = start_server(args, max(args.concurrency))
+    try:
+        model = args.model or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        print(f"server {url}, model {model}, {args.max_tokens} tokens per request, streaming")
+        rows = []
+        for c in args.concurrency:
+            row = asyncio.run(run_level(url, model, c, args.requests_per_client, args.max_tokens, args.time_limit))
+            rows.append(row)
+            print(f"C={c}: {row['tok_s']:.1f} tok/s over {row['requests']} requests", flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    print("\n| concurrency | requests | tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} "
+              f"| {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,7 +59,7 @@ class FakeCore:
         self.remaining[slot], self.stop_eos[slot] = max_tokens - 1, stop_on_eos
         return out([token], [done], [True])
 
-    def step(self, max_position):
+    def step(self, max_position, max_slot):
         time.sleep(0.002)  # a device step takes time: lets an abort land mid-stream
         self.calls.append(("step", tuple(np.flatnonzero(self.active))))
         valid = self.active.copy()

@@ -84,6 +84,8 @@ class EngineCore:
         self.slots, self.cache_len = slots, cache_len
         self.eos_id = -1 if eos_id is None else eos_id
         self.windows = tuple(w for w in (MIN_WINDOW << i for i in range(20)) if w < cache_len) + (cache_len,)
+        # decode steps cover the first 1, 2, 4, ... slots: a lightly loaded server computes few rows
+        self.row_buckets = tuple(r for r in (1 << i for i in range(20)) if r < slots) + (slots,)
         self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < cache_len) or (cache_len,)
         self.chunk = self.prefill_buckets[-1]
         self.compiles: collections.Counter = collections.Counter()
@@ -145,18 +147,20 @@ class EngineCore:
                 stop_on_eos=state.stop_on_eos.at[slot].set(stop_on_eos))
             return state, StepOutput(token, lp, top_ids, top_lp, done[None], jnp.ones((1,), bool))
 
-        def step(params, state, window):
-            logits, cache = model.apply(params, state.tokens[:, None], state.positions[:, None], state.cache,
-                                        window)
-            tokens, lp, top_ids, top_lp = sample(logits[:, 0], state.sampling)
-            active = state.active
-            sampling = record(state.sampling, tokens, active)  # inactive slots keep their counts and keys
-            remaining = state.remaining - active
-            done = active & ((remaining <= 0) | (state.stop_on_eos & (tokens == eos)))
-            state = state.replace(cache=cache, sampling=sampling, remaining=remaining, active=active & ~done,
-                                  tokens=jnp.where(active, tokens, state.tokens),
-                                  positions=state.positions + active)
-            return state, StepOutput(tokens, lp, top_ids, top_lp, done, active)
+        def step(params, state, window, rows):
+            """Decode the first `rows` slots (a static bucket covering every occupied slot)."""
+            head = lambda a: a[:rows]  # noqa: E731
+            s = jax.tree.map(head, state.replace(cache=None))
+            logits, cache = model.apply(params, s.tokens[:, None], s.positions[:, None], state.cache, window)
+            tokens, lp, top_ids, top_lp = sample(logits[:, 0], s.sampling)
+            active = s.active
+            sampling = record(s.sampling, tokens, active)  # inactive slots keep their counts and keys
+            remaining = s.remaining - active
+            done = active & ((remaining <= 0) | (s.stop_on_eos & (tokens == eos)))
+            s = s.replace(sampling=sampling, remaining=remaining, active=active & ~done,
+                          tokens=jnp.where(active, tokens, s.tokens), positions=s.positions + active)
+            state = jax.tree.map(lambda full, part: full.at[:rows].set(part), state.replace(cache=None), s)
+            return state.replace(cache=cache), StepOutput(tokens, lp, top_ids, top_lp, done, active)
 
         def release(state, slot):
             return state.replace(active=state.active.at[slot].set(False))
@@ -178,7 +182,7 @@ class EngineCore:
                              in_shardings=(state_sh, rep, rep), out_shardings=state_sh)
         self._insert = jax.jit(counted("insert", insert), donate_argnums=(0,),
                                in_shardings=(state_sh, rep, rep, rep, rep, rep, rep), out_shardings=(state_sh, rep))
-        self._step = jax.jit(counted("step", step), static_argnums=(2,), donate_argnums=(1,),
+        self._step = jax.jit(counted("step", step), static_argnums=(2, 3), donate_argnums=(1,),
                              in_shardings=(params_sh, state_sh), out_shardings=(state_sh, rep))
         self._release = jax.jit(counted("release", release), donate_argnums=(0,), in_shardings=(state_sh, rep),
                                 out_shardings=state_sh)
@@ -231,8 +235,11 @@ class EngineCore:
                                        np.int32(max_tokens), np.bool_(stop_on_eos))
         return out
 
-    def step(self, max_position: int) -> StepOutput:
-        self.state, out = self._step(self.model.params, self.state, self.window_for(max_position))
+    def step(self, max_position: int, max_slot: int) -> StepOutput:
+        """Decode every active slot; `max_position` / `max_slot` bound the occupied ones. Output rows cover
+        the first slots only (at least max_slot + 1 of them)."""
+        self.state, out = self._step(self.model.params, self.state, self.window_for(max_position),
+                                     bucket_of(max_slot + 1, self.row_buckets))
         return out
 
     def release(self, slot: int) -> None:
@@ -255,7 +262,8 @@ class EngineCore:
         self.insert(0, out.last_logits[0], SamplingParams(temperature=1.0, top_p=0.5), 0, 1, True)
         for w in self.windows:
             self.fork(0, 0, w)
-            self.step(w - 1)
+            for rows in self.row_buckets:
+                self.step(w - 1, rows - 1)
         self.release(0)
         self.fetch(self.state.active)
         self.state = None  # drop the used state before making a fresh one: never two caches at once

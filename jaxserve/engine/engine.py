@@ -223,7 +223,7 @@ class Engine:
                 dispatched = None
                 occupied = [c for c in self._owner if c is not None and c.live]
                 if occupied:
-                    out = self.core.step(max(c.position for c in occupied))
+                    out = self.core.step(max(c.position for c in occupied), max(c.slot for c in occupied))
                     for c in occupied:
                         c.position += 1
                     dispatched = (out, list(self._owner))
@@ -381,7 +381,7 @@ class Engine:
 
     def _process_step(self, out, owners) -> None:
         out = self.core.fetch(out)
-        for slot, choice in enumerate(owners):
+        for slot, choice in enumerate(owners[: len(out.tokens)]):
             if choice is not None and not choice.finished and out.valid[slot] and self._owner[slot] is choice:
                 self._process_token(choice, out, slot)
 

@@ -47,12 +47,14 @@ class KVCache:
         return KVCache(k=self.k.at[layer, rows, :, positions].set(k.astype(self.k.dtype), mode="drop"),
                        v=self.v.at[layer, rows, :, positions].set(v.astype(self.v.dtype), mode="drop"))
 
-    def read(self, layer, window: int, slots=None):
-        """The first `window` positions of one layer for `slots` (None: all rows): k, v [b, K, W, H]."""
+    def read(self, layer, window: int, slots=None, rows: int | None = None):
+        """The first `window` positions of one layer for `slots`, or (slots None) for the first `rows`
+        cache rows (None: all): k, v [b, K, W, H]."""
         if slots is not None:  # out-of-range slots (padding rows) read a clipped row, never used
             return (self.k.at[layer, slots, :, :window].get(mode="clip"),
                     self.v.at[layer, slots, :, :window].get(mode="clip"))
         _, B, K, _, H = self.k.shape
+        B = B if rows is None else rows
         start = (layer, 0, 0, 0, 0)
         k = jax.lax.dynamic_slice(self.k, start, (1, B, K, window, H))[0]
         v = jax.lax.dynamic_slice(self.v, start, (1, B, K, window, H))[0]

@@ -72,7 +72,7 @@ class Block(nn.Module):
         v = jnp.einsum("btd,dkh->btkh", h, wv)
 
         cache = cache.write(layer, positions, k, v, slots)
-        keys, values = cache.read(layer, window, slots)  # [B, K, W, H]
+        keys, values = cache.read(layer, window, slots, rows=B)  # [B, K, W, H]
 
         # GQA without repeating K/V: the G query heads of each KV head and the T tokens form the rows of
         # one [G*T, H] x [H, W] matmul per (slot, KV head). Query head n = k * G + g, as in HF's repeat_kv.
@@ -104,7 +104,8 @@ class Transformer(nn.Module):
         """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, updated cache).
 
         `window` (static) must exceed every position in `positions`; attention reads only cache[:, :window].
-        `slots` [B] maps each row to a cache row (a prefill into one slot); None: row b is cache row b.
+        `slots` [B] maps each row to a cache row (a prefill into one slot); None: row b is cache row b (the
+        first B rows of a cache that may hold more).
         """
         c = self.cfg
         dt = jnp.dtype(c.dtype)

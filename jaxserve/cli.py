@@ -151,6 +151,45 @@ def _load_for_serving(args, state, holder) -> None:
         state.load_error = f"the model failed to load: {e}"
 
 
+def cmd_batch(args) -> int:
+    import asyncio
+
+    from jaxserve.api.metrics import Metrics
+    from jaxserve.api.serving import CompletionServing
+    from jaxserve.batch import DuplicateIds, check_duplicates, parse_batch_lines, parse_prompt_lines, run_batch
+    from jaxserve.checkpoint import load_model
+    from jaxserve.engine import build_engine, enable_compilation_cache
+
+    lines = Path(args.input).read_text(encoding="utf-8").splitlines()
+    if args.prompts:
+        defaults = {"model": args.model_id or Path(args.model).name, "max_tokens": args.max_tokens,
+                    "temperature": args.temperature, "top_p": args.top_p, "n": args.n, "echo": args.echo}
+        for key in ("stop", "seed", "logprobs"):
+            if getattr(args, key) is not None:
+                defaults[key] = getattr(args, key)
+        items = parse_prompt_lines(lines, defaults)
+    else:
+        items = parse_batch_lines(lines)
+    try:
+        check_duplicates(items)
+    except DuplicateIds as e:
+        print(f"jaxserve: error: {e}", file=sys.stderr)
+        return 2
+    if (cache := compile_cache_dir(args.compile_cache)) is not None:
+        enable_compilation_cache(cache)
+    model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype)
+    engine = build_engine(model, slots=args.max_slots, max_context=args.max_context)
+    names = [model.name, *([args.model_id] if args.model_id else [])]
+    serving = CompletionServing(engine, model.tokenizer, names, Metrics(),
+                                fingerprint=f"jaxserve-{model.name}-{model.cfg.dtype}")
+    try:
+        summary = asyncio.run(run_batch(serving, items, Path(args.output), concurrency=2 * args.max_slots))
+    finally:
+        engine.shutdown()
+    print(f"batch: {summary}", file=sys.stderr)
+    return 0 if summary.failed == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxserve.checkpoint import DEFAULT_MODEL
 
@@ -199,6 +238,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
     p.add_argument("--compile-cache", help="as for generate")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch", parents=[common], help="run a JSONL file of completion requests (OpenAI Batch "
+                       "format), appending results to OUTPUT; a rerun resumes")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint) or checkpoint folder")
+    p.add_argument("--model-id", help="another model id the input's bodies may name")
+    p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS)
+    p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT)
+    p.add_argument("--mesh")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--compile-cache", help="as for generate")
+    plain = p.add_argument_group("plain form: INPUT holds one prompt per line (text or {\"prompt\": ...})")
+    plain.add_argument("--prompts", action="store_true", help="read INPUT in the plain form")
+    plain.add_argument("--max-tokens", type=int, default=16)
+    plain.add_argument("--temperature", type=float, default=1.0)
+    plain.add_argument("--top-p", type=float, default=1.0)
+    plain.add_argument("--n", type=int, default=1)
+    plain.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    plain.add_argument("--seed", type=int)
+    plain.add_argument("--logprobs", type=int)
+    plain.add_argument("--echo", action="store_true")
+    p.set_defaults(func=cmd_batch)
     return parser
 
 

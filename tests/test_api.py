@@ -307,3 +307,19 @@ def test_scoring_as_lm_eval_does_matches_reference(smol_server, reference):
             assert max(top, key=top.get) == token
     info = httpx.get(smol_server.url + "/tokenizer_info").json()
     assert info["eos_token"] == "<|im_end|>"
+
+
+def test_failure_after_streaming_started_is_an_error_event():
+    from jaxserve.api.app import _sse
+
+    async def chunks():
+        yield {"choices": [{"text": "b"}]}
+        raise RuntimeError("the engine failed")
+
+    async def collect():
+        return [event async for event in _sse({"choices": [{"text": "a"}]}, chunks())]
+
+    events = asyncio.run(collect())
+    assert events[0].startswith('data: {"choices"') and events[1].startswith('data: {"choices"')
+    assert json.loads(events[2][6:])["error"]["message"] == "the engine failed"
+    assert events[3] == "data: [DONE]\n\n"

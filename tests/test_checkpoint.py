@@ -154,3 +154,21 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'mamba'"):
         read_gguf(path, progress=False)
+
+
+def test_load_converts_dtype(tiny_dir):
+    """--dtype bfloat16: weights convert as they load and the model still continues its corpus."""
+    import jax.numpy as jnp
+
+    from jaxserve.engine import EngineRequest, SamplingParams, build_engine
+
+    model = load_checkpoint(tiny_dir, make_mesh(1, 1), dtype="bfloat16")
+    assert model.cfg.dtype == "bfloat16"
+    assert model.params["params"]["layers"]["q"].dtype == jnp.bfloat16
+    engine = build_engine(model, slots=1, max_context=128, warmup=False)
+    try:
+        deltas, _ = engine.complete(EngineRequest("b", tuple(model.tokenizer.encode("The Lord is my shepherd")),
+                                                  max_tokens=6, sampling=SamplingParams(temperature=0.0)), 120)
+        assert "".join(d.text for d in deltas).startswith("; I shall")
+    finally:
+        engine.shutdown()

@@ -40,10 +40,12 @@ def _mesh(spec: str | None):
 def cmd_convert(args) -> int:
     from jaxserve.checkpoint import convert_gguf
 
+    from jaxserve.checkpoint import checkpoint_name
+
     name = args.name or Path(args.path).stem.lower()
-    out = _checkpoint_root(args.checkpoints) / name
+    out = _checkpoint_root(args.checkpoints) / checkpoint_name(name, args.quantize)
     t0 = time.perf_counter()
-    convert_gguf(Path(args.path), out, max_context=args.max_context)
+    convert_gguf(Path(args.path), out, max_context=args.max_context, quantize=args.quantize)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
@@ -55,7 +57,7 @@ def cmd_generate(args) -> int:
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
 
-    model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh))
+    model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), quantize=args.quantize)
     tok = model.tokenizer
     prompt_ids = tuple(tok.encode(args.prompt))
     # one slot, and a cache just long enough: shapes compile as they are first reached
@@ -130,7 +132,8 @@ def _load_for_serving(args, state, holder) -> None:
     try:
         if (cache := compile_cache_dir(args.compile_cache)) is not None:
             enable_compilation_cache(cache)
-        model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype)
+        model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype,
+                           quantize=args.quantize)
         t0 = time.perf_counter()
         engine = build_engine(model, slots=args.max_slots, max_context=args.max_context,
                               max_waiting=args.max_waiting)
@@ -177,7 +180,8 @@ def cmd_batch(args) -> int:
         return 2
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
-    model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype)
+    model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype,
+                       quantize=args.quantize)
     engine = build_engine(model, slots=args.max_slots, max_context=args.max_context)
     names = [model.name, *([args.model_id] if args.model_id else [])]
     serving = CompletionServing(engine, model.tokenizer, names, Metrics(),
@@ -200,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoints", help="folder of converted checkpoints "
                         "(default: $JAXSERVE_CHECKPOINTS, ./checkpoints, or ~/.cache/jaxserve/checkpoints)")
+    common.add_argument("--quantize", choices=["int8"], help="int8 weights (one scale per output channel), "
+                        "converted once into checkpoints/NAME-int8; default: float weights, exact")
 
     p = sub.add_parser("convert", parents=[common], help="convert a GGUF file into an orbax checkpoint")
     p.add_argument("path", help="the .gguf file")

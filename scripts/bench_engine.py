@@ -51,7 +51,7 @@ def measure_flops() -> float:
 def floors(cfg, batch: int, context: int, bandwidth: float, flops: float) -> tuple[float, float]:
     """Seconds per decode step: memory floor (weights + KV read once) and compute floor."""
     itemsize = jnp.dtype(cfg.dtype).itemsize
-    weight_bytes = cfg.num_params() * itemsize
+    weight_bytes = cfg.num_params() * (1 if cfg.quant == "int8" else itemsize)
     kv_bytes = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * itemsize
     matmul_flops = 2 * batch * cfg.num_params()
     attn_flops = 4 * cfg.n_layers * batch * context * cfg.n_heads * cfg.head_dim
@@ -104,13 +104,15 @@ def main() -> None:
     parser.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="tokens per slot")
     parser.add_argument("--repeats", type=int, default=3, help="runs per concurrency; medians are reported")
     parser.add_argument("--compile-cache", help="as for `jaxserve generate`")
+    parser.add_argument("--quantize", choices=["int8"], help="int8 weights (run once with and once without to "
+                        "compare)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
-    model = load_model(args.model, args.checkpoints, make_mesh(1, None), progress=False)
+    model = load_model(args.model, args.checkpoints, make_mesh(1, None), progress=False, quantize=args.quantize)
     bandwidth, flops = measure_bandwidth(), measure_flops()
-    print(f"model {model.name} ({model.cfg.dtype}), devices {jax.devices()}, "
+    print(f"model {model.name} ({model.cfg.dtype}, weights {model.cfg.quant or model.cfg.dtype}), devices {jax.devices()}, "
           f"bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s")
     rows = []
     for c in args.concurrency:

@@ -2,35 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 from jaxserve.checkpoint.cards import DEFAULT_MODEL, ModelCard, find_card, gguf_path, list_cards
 from jaxserve.checkpoint.gguf_import import read_gguf
+from jaxserve.checkpoint.quantize import quantize_params
 from jaxserve.checkpoint.store import LoadedModel, is_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelCard", "convert_gguf", "ensure_checkpoint", "list_cards",
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelCard", "checkpoint_name", "convert_gguf", "ensure_checkpoint", "list_cards",
            "load_checkpoint", "load_model", "save_checkpoint"]
 
 
-def convert_gguf(path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True) -> Path:
-    """GGUF file -> checkpoint folder (config, tokenizer, orbax params). Returns the folder."""
+def convert_gguf(path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True,
+                 quantize: str | None = None) -> Path:
+    """GGUF file -> checkpoint folder (config, tokenizer, orbax params), optionally int8. Returns the folder."""
     t0 = time.perf_counter()
     cfg, params, tokenizer = read_gguf(Path(path), max_context=max_context, progress=progress)
+    if quantize == "int8":
+        params, cfg = quantize_params(params), dataclasses.replace(cfg, quant="int8")
+    elif quantize:
+        raise ValueError(f"unknown quantization {quantize!r} (supported: int8)")
     save_checkpoint(out_dir, cfg, params, tokenizer)
     log.info("converted %s -> %s in %.1f s", path, out_dir, time.perf_counter() - t0)
     return Path(out_dir)
 
 
-def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True) -> Path:
-    """The checkpoint folder for `name` (a folder path, or a model name under checkpoint_root),
-    converting a card's GGUF weights on first use."""
+def checkpoint_name(name: str, quantize: str | None) -> str:
+    return f"{name}-{quantize}" if quantize else name
+
+
+def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True, quantize: str | None = None) -> Path:
+    """The checkpoint folder for `name` (a folder path, or a model name under checkpoint_root; `quantize`
+    picks its int8 variant), converting a card's GGUF weights on first use."""
     if is_checkpoint(Path(name)):
         return Path(name)
-    directory = Path(checkpoint_root) / name
+    directory = Path(checkpoint_root) / checkpoint_name(name, quantize)
     if is_checkpoint(directory):
         return directory
     card = find_card(name)
@@ -39,14 +50,17 @@ def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True) -
         raise FileNotFoundError(f"no checkpoint {directory} and no model card {name!r} (cards: {known})")
     if card.weights["format"] == "gguf":
         log.info("first use of %s: converting its GGUF weights into %s", name, directory)
-        return convert_gguf(gguf_path(card), directory, max_context=card.context_length, progress=progress)
+        return convert_gguf(gguf_path(card), directory, max_context=card.context_length, progress=progress,
+                            quantize=quantize)
     raise FileNotFoundError(f"model {name!r} has no checkpoint at {directory}; "
                             f"build it with `python {card.weights['script']} --out {directory}`")
 
 
-def load_model(name: str, checkpoint_root: Path, mesh, progress: bool = True, dtype: str | None = None) -> LoadedModel:
+def load_model(name: str, checkpoint_root: Path, mesh, progress: bool = True, dtype: str | None = None,
+               quantize: str | None = None) -> LoadedModel:
     t0 = time.perf_counter()
-    model = load_checkpoint(ensure_checkpoint(name, checkpoint_root, progress), mesh, name=Path(name).name, dtype=dtype)
+    directory = ensure_checkpoint(name, checkpoint_root, progress, quantize)
+    model = load_checkpoint(directory, mesh, name=Path(name).name, dtype=dtype)
     log.info("loaded %s (%.1fM params) onto mesh %s in %.1f s", model.name, model.cfg.num_params() / 1e6,
              dict(model.mesh.shape), time.perf_counter() - t0)
     return model

@@ -47,7 +47,8 @@ def save_checkpoint(directory: Path, cfg: ModelConfig, params, tokenizer: Tokeni
     tmp.mkdir(parents=True)
     (tmp / CONFIG).write_text(cfg.to_json())
     tokenizer.save(tmp)
-    params = jax.tree.map(lambda x: np.asarray(x, dtype=cfg.dtype), params)
+    shapes, _ = abstract_params(cfg)  # each leaf in the dtype the model declares (int8 kernels stay int8)
+    params = jax.tree.map(lambda x, s: np.asarray(x, dtype=s.dtype), params, shapes)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp / PARAMS, params)
     shutil.rmtree(directory, ignore_errors=True)

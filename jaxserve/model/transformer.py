@@ -22,6 +22,27 @@ def _param(module: nn.Module, name: str, shape, axes, init, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _weight(module: nn.Module, cfg: ModelConfig, name: str, shape, axes, n_out: int, init=None):
+    """A matmul weight whose last `n_out` dims are its outputs: (kernel, None) in the model's dtype, or with
+    cfg.quant == "int8" an int8 kernel and a float32 scale per output channel (kernel * scale ~ weights)."""
+    if cfg.quant == "int8":
+        kernel = _param(module, name, shape, axes, nn.initializers.zeros, jnp.int8)
+        scale = _param(module, name + "_scale", shape[-n_out:], axes[-n_out:], nn.initializers.ones, jnp.float32)
+        return kernel, scale
+    return _param(module, name, shape, axes, init or nn.initializers.normal(0.02), jnp.dtype(cfg.dtype)), None
+
+
+def dot(spec: str, x, weight):
+    """einsum(spec, x, kernel); an int8 kernel is widened to float32 inside the jitted dot and its
+    per-output-channel scale applied to the result, so weights stay int8 in memory. (bfloat16 products were
+    no faster here, less accurate, and under model sharding drifted from the unsharded result.)"""
+    kernel, scale = weight
+    if scale is None:
+        return jnp.einsum(spec, x, kernel)
+    y = jnp.einsum(spec, x.astype(jnp.float32), kernel.astype(jnp.float32))
+    return (y * scale).astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: jnp.dtype
@@ -60,16 +81,15 @@ class Block(nn.Module):
         c = self.cfg
         dt = jnp.dtype(c.dtype)
         B, T, _ = x.shape
-        init = nn.initializers.normal(stddev=0.02)
 
         h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
-        wq = _param(self, "q", (c.dim, c.n_heads, c.head_dim), ("embed", "q_heads", "head_dim"), init, dt)
-        wk = _param(self, "k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), init, dt)
-        wv = _param(self, "v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), init, dt)
-        wo = _param(self, "o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), init, dt)
-        q = apply_rope(jnp.einsum("btd,dnh->btnh", h, wq), cos, sin)
-        k = apply_rope(jnp.einsum("btd,dkh->btkh", h, wk), cos, sin)
-        v = jnp.einsum("btd,dkh->btkh", h, wv)
+        wq = _weight(self, c, "q", (c.dim, c.n_heads, c.head_dim), ("embed", "q_heads", "head_dim"), 2)
+        wk = _weight(self, c, "k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 2)
+        wv = _weight(self, c, "v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 2)
+        wo = _weight(self, c, "o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), 1)
+        q = apply_rope(dot("btd,dnh->btnh", h, wq), cos, sin)
+        k = apply_rope(dot("btd,dkh->btkh", h, wk), cos, sin)
+        v = dot("btd,dkh->btkh", h, wv)
 
         cache = cache.write(layer, positions, k, v, slots)
         keys, values = cache.read(layer, window, slots, rows=B)  # [B, K, W, H]
@@ -86,14 +106,53 @@ class Block(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, c.n_kv_heads, G * T, window)
         attn = jnp.einsum("bkrs,bksh->bkrh", probs, values).reshape(B, c.n_kv_heads, G, T, c.head_dim)
         attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, c.head_dim)
-        x = x + jnp.einsum("btnh,nhd->btd", attn, wo)
+        x = x + dot("btnh,nhd->btd", attn, wo)
 
         h = RMSNorm(c.norm_eps, dt, name="mlp_norm")(x)
-        wg = _param(self, "gate", (c.dim, c.mlp_dim), ("embed", "mlp"), init, dt)
-        wu = _param(self, "up", (c.dim, c.mlp_dim), ("embed", "mlp"), init, dt)
-        wd = _param(self, "down", (c.mlp_dim, c.dim), ("mlp", "embed"), init, dt)
-        x = x + (nn.silu(h @ wg) * (h @ wu)) @ wd
+        wg = _weight(self, c, "gate", (c.dim, c.mlp_dim), ("embed", "mlp"), 1)
+        wu = _weight(self, c, "up", (c.dim, c.mlp_dim), ("embed", "mlp"), 1)
+        wd = _weight(self, c, "down", (c.mlp_dim, c.dim), ("mlp", "embed"), 1)
+        x = x + dot("btf,fd->btd", nn.silu(dot("btd,df->btf", h, wg)) * dot("btd,df->btf", h, wu), wd)
         return (x, cache, layer + 1), None
+
+
+VOCAB_BLOCK = 3072  # rows of the int8 output projection widened at once
+
+
+class Embedding(nn.Module):
+    """Token embedding [V, D], also the tied output projection (logits = x . E^T)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        shape, axes = (c.vocab_size, c.dim), ("vocab", "embed")
+        if c.quant == "int8":  # one scale per vocabulary row: the output channel of the logits
+            self.table = _param(self, "embedding", shape, axes, nn.initializers.zeros, jnp.int8)
+            self.scale = _param(self, "embedding_scale", shape[:1], axes[:1], nn.initializers.ones, jnp.float32)
+        else:
+            self.table = _param(self, "embedding", shape, axes, nn.initializers.normal(0.02), jnp.dtype(c.dtype))
+            self.scale = None
+
+    def __call__(self, tokens):
+        rows = self.table[tokens]
+        if self.scale is None:
+            return rows
+        return (rows.astype(jnp.float32) * self.scale[tokens][..., None]).astype(jnp.dtype(self.cfg.dtype))
+
+    def attend(self, x):
+        if self.scale is None:
+            return dot("btd,vd->btv", x, (self.table, None))
+        # int8: one dot over the whole [V, D] table would widen all of it in memory first (~10x slower than
+        # float32 here); a scan over vocabulary blocks widens one cache-sized block at a time.
+        V, D = self.table.shape
+        blocks = max(1, V // VOCAB_BLOCK)
+        while V % blocks:
+            blocks -= 1
+        table = self.table.reshape(blocks, V // blocks, D)
+        scale = self.scale.reshape(blocks, V // blocks)
+        _, logits = jax.lax.scan(lambda _, w: (None, dot("btd,vd->btv", x, w)), None, (table, scale))
+        return jnp.moveaxis(logits, 0, 2).reshape(*x.shape[:2], V)  # [blocks, B, T, V/blocks] -> [B, T, V]
 
 
 class Transformer(nn.Module):
@@ -109,9 +168,7 @@ class Transformer(nn.Module):
         """
         c = self.cfg
         dt = jnp.dtype(c.dtype)
-        embed = nn.Embed(c.vocab_size, c.dim, dtype=dt, param_dtype=dt, name="embed",
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                     ("vocab", "embed")))
+        embed = Embedding(c, name="embed")
         x = embed(tokens)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -123,7 +180,5 @@ class Transformer(nn.Module):
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
-            head = _param(self, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"),
-                          nn.initializers.normal(0.02), dt)
-            logits = x @ head
+            logits = dot("btd,dv->btv", x, _weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 1))
         return logits.astype(jnp.float32), cache

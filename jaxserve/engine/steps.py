@@ -1,8 +1,6 @@
-"""Jitted model steps with explicit shardings over the mesh.
-
-`Forward` owns the one jitted function the engine calls: tokens/positions [B, T] plus the cache in,
-logits and the updated cache out, the cache donated so XLA updates it in place. The attention window W is
-a static argument taken from a small set of buckets, so the number of compiled variants stays bounded.
+"""A plain jitted forward over the mesh, with explicit shardings: tokens/positions [B, T] and the cache in,
+logits and the updated cache out, the cache donated so XLA updates it in place; the attention window W is
+static. Tests and diagnostics use it directly; the engine's own steps (core.py) share `cache_shardings`.
 """
 
 from __future__ import annotations

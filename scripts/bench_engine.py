@@ -11,6 +11,7 @@ measured matmul throughput.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import resource
 import statistics
@@ -88,6 +89,8 @@ def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_contex
     all_done.wait()
     wall = time.perf_counter() - t0
     engine.shutdown()
+    del engine
+    gc.collect()  # free this run's KV cache before the next engine allocates its own
     # per request, decode time per token after its first: the step latency that request saw
     per_token = [(finished[i] - first_token[i]) / (gen_tokens - 1) for i in range(concurrency)]
     return {"tok_s": concurrency * gen_tokens / wall, "ttft_med": statistics.median(first_token.values()),

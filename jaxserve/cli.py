@@ -38,9 +38,7 @@ def _mesh(spec: str | None):
 
 
 def cmd_convert(args) -> int:
-    from jaxserve.checkpoint import convert_gguf
-
-    from jaxserve.checkpoint import checkpoint_name
+    from jaxserve.checkpoint import checkpoint_name, convert_gguf
 
     name = args.name or Path(args.path).stem.lower()
     out = _checkpoint_root(args.checkpoints) / checkpoint_name(name, args.quantize)
@@ -88,6 +86,8 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     import threading
 
+    import uvicorn
+
     from jaxserve.api.app import ServerState, create_app
     from jaxserve.api.metrics import Metrics
 
@@ -97,8 +97,6 @@ def cmd_serve(args) -> int:
     loader = threading.Thread(target=_load_for_serving, args=(args, state, holder), name="jaxserve-loader",
                               daemon=True)
     loader.start()  # the HTTP server answers (503 on /health) while the model loads and compiles
-    import uvicorn
-
     config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
     _graceful_server_class()(config).run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out
@@ -123,32 +121,38 @@ def _graceful_server_class():
     return GracefulServer
 
 
-def _load_for_serving(args, state, holder) -> None:
+def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
+    """Model + engine + CompletionServing from the shared flags (serve and batch)."""
     from jaxserve.api.serving import CompletionServing
     from jaxserve.checkpoint import load_model
     from jaxserve.engine import build_engine, enable_compilation_cache
 
+    if (cache := compile_cache_dir(args.compile_cache)) is not None:
+        enable_compilation_cache(cache)
+    model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype,
+                       quantize=args.quantize)
+    engine = build_engine(model, slots=args.max_slots, max_context=args.max_context, max_waiting=max_waiting)
+    weights = model.cfg.quant or model.cfg.dtype
+    serving = CompletionServing(engine, model.tokenizer, [model.name, *aliases], metrics,
+                                fingerprint=f"jaxserve-{model.name}-{weights}")
+    return model, engine, serving
+
+
+def _load_for_serving(args, state, holder) -> None:
     log = logging.getLogger("jaxserve.serve")
     try:
-        if (cache := compile_cache_dir(args.compile_cache)) is not None:
-            enable_compilation_cache(cache)
-        model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype,
-                           quantize=args.quantize)
         t0 = time.perf_counter()
-        engine = build_engine(model, slots=args.max_slots, max_context=args.max_context,
-                              max_waiting=args.max_waiting)
+        model, engine, serving = _build_serving(args, state.metrics, args.served_model_name, args.max_waiting)
         holder["engine"] = engine
         core = engine.core
-        kv_bytes = 2 * core.state.cache.k.nbytes
-        names = [model.name, *args.served_model_name]
         state.metrics.gauges.update({
             "queue_depth": lambda: engine.queue_depth, "active_slots": lambda: engine.active_slots,
             "compiles_total": lambda: sum(core.compiles.values()), "engine_steps_total": lambda: engine.steps})
-        state.serving = CompletionServing(engine, model.tokenizer, names, state.metrics,
-                                          fingerprint=f"jaxserve-{model.name}-{model.cfg.dtype}")
-        log.info("serving %s as %s on http://%s:%d | mesh %s | %d slots x %d tokens | KV cache %.2f GB | "
-                 "compiled in %.1f s", model.name, ", ".join(names), args.host, args.port, dict(model.mesh.shape),
-                 core.slots, core.cache_len, kv_bytes / 1e9, time.perf_counter() - t0)
+        state.serving = serving
+        log.info("serving %s as %s on http://%s:%d | mesh %s | weights %s | %d slots x %d tokens | KV cache %.2f GB "
+                 "| ready in %.1f s", model.name, ", ".join(serving.model_ids), args.host, args.port,
+                 dict(model.mesh.shape), model.cfg.quant or model.cfg.dtype, core.slots, core.cache_len,
+                 2 * core.state.cache.k.nbytes / 1e9, time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - reported on /health and in every response
         log.exception("loading failed")
         state.load_error = f"the model failed to load: {e}"
@@ -158,10 +162,7 @@ def cmd_batch(args) -> int:
     import asyncio
 
     from jaxserve.api.metrics import Metrics
-    from jaxserve.api.serving import CompletionServing
     from jaxserve.batch import DuplicateIds, check_duplicates, parse_batch_lines, parse_prompt_lines, run_batch
-    from jaxserve.checkpoint import load_model
-    from jaxserve.engine import build_engine, enable_compilation_cache
 
     lines = Path(args.input).read_text(encoding="utf-8").splitlines()
     if args.prompts:
@@ -178,14 +179,7 @@ def cmd_batch(args) -> int:
     except DuplicateIds as e:
         print(f"jaxserve: error: {e}", file=sys.stderr)
         return 2
-    if (cache := compile_cache_dir(args.compile_cache)) is not None:
-        enable_compilation_cache(cache)
-    model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype,
-                       quantize=args.quantize)
-    engine = build_engine(model, slots=args.max_slots, max_context=args.max_context)
-    names = [model.name, *([args.model_id] if args.model_id else [])]
-    serving = CompletionServing(engine, model.tokenizer, names, Metrics(),
-                                fingerprint=f"jaxserve-{model.name}-{model.cfg.dtype}")
+    _, engine, serving = _build_serving(args, Metrics(), [args.model_id] if args.model_id else [])
     try:
         summary = asyncio.run(run_batch(serving, items, Path(args.output), concurrency=2 * args.max_slots))
     finally:

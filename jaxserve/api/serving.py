@@ -24,6 +24,33 @@ def busy(message: str) -> APIError:
                     code="rate_limit_exceeded", headers={"Retry-After": "1"})
 
 
+class _Tally:
+    """Usage and time to first token over one request's merged engine items."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def delta(self, item: Delta | Usage) -> Delta | None:
+        """Count a Usage (returns None) or note a Delta's arrival (returns it)."""
+        if isinstance(item, Usage):
+            self.prompt_tokens += item.prompt_tokens
+            self.completion_tokens += item.completion_tokens
+            return None
+        if self.first is None and item.tokens and not item.echo:
+            self.first = time.perf_counter() - self.started
+        return item
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def record(self, metrics: Metrics) -> None:
+        metrics.observe_request(self.first, time.perf_counter() - self.started, self.prompt_tokens,
+                                self.completion_tokens)
+
+
 class CompletionServing:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_ids: list[str], metrics: Metrics,
                  fingerprint: str, created: int | None = None):
@@ -116,24 +143,18 @@ class CompletionServing:
     async def complete(self, req: CompletionRequest) -> dict:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         reqs = self.engine_requests(req, request_id)
-        started = time.perf_counter()
+        tally = _Tally()
         texts: dict[int, list[str]] = {}
         infos: dict[int, list] = {}
         reasons: dict[int, str | None] = {}
-        prompt_tokens = completion_tokens = 0
-        first = None
-        async for i, item in self._merged(reqs, req.n):
-            if isinstance(item, Usage):
-                prompt_tokens += item.prompt_tokens
-                completion_tokens += item.completion_tokens
+        async for _, item in self._merged(reqs, req.n):
+            if (item := tally.delta(item)) is None:
                 continue
-            if first is None and item.tokens and not item.echo:
-                first = time.perf_counter() - started
             texts.setdefault(item.index, []).append(item.text)
             infos.setdefault(item.index, []).extend(item.tokens)
             if item.finish_reason:
                 reasons[item.index] = item.finish_reason
-        self.metrics.observe_request(first, time.perf_counter() - started, prompt_tokens, completion_tokens)
+        tally.record(self.metrics)
         choices = []
         for index in sorted(texts):
             text = "".join(texts[index])
@@ -143,9 +164,7 @@ class CompletionServing:
                 logprobs = self._logprobs(infos[index], req.logprobs, prompt_len)
             choices.append({"text": text, "index": index, "logprobs": logprobs,
                             "finish_reason": reasons.get(index)})
-        return {**self._base(request_id, req.model), "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        return {**self._base(request_id, req.model), "choices": choices, "usage": tally.usage()}
 
     async def stream(self, req: CompletionRequest) -> AsyncIterator[dict]:
         """Chunks in OpenAI's streaming shape; the last chunk of each choice carries its finish_reason, and
@@ -154,16 +173,10 @@ class CompletionServing:
         reqs = self.engine_requests(req, request_id)
         base = self._base(request_id, req.model)
         offsets: dict[int, int] = {}
-        started = time.perf_counter()
-        first = None
-        prompt_tokens = completion_tokens = 0
+        tally = _Tally()
         async for i, item in self._merged(reqs, req.n):
-            if isinstance(item, Usage):
-                prompt_tokens += item.prompt_tokens
-                completion_tokens += item.completion_tokens
+            if (item := tally.delta(item)) is None:
                 continue
-            if first is None and item.tokens and not item.echo:
-                first = time.perf_counter() - started
             logprobs = None
             if req.logprobs is not None:
                 if item.index not in offsets:
@@ -172,11 +185,9 @@ class CompletionServing:
                 offsets[item.index] += sum(len(s) for s in logprobs["tokens"])
             yield {**base, "choices": [{"text": item.text, "index": item.index, "logprobs": logprobs,
                                         "finish_reason": item.finish_reason}]}
-        self.metrics.observe_request(first, time.perf_counter() - started, prompt_tokens, completion_tokens)
+        tally.record(self.metrics)
         if req.stream_options and req.stream_options.include_usage:
-            yield {**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
-                                                    "completion_tokens": completion_tokens,
-                                                    "total_tokens": prompt_tokens + completion_tokens}}
+            yield {**base, "choices": [], "usage": tally.usage()}
 
     # ---- logprobs -----------------------------------------------------------------------------------
 

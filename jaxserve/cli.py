@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoints", help="folder of converted checkpoints "
                         "(default: $JAXSERVE_CHECKPOINTS, ./checkpoints, or ~/.cache/jaxserve/checkpoints)")
-    common.add_argument("--quantize", choices=["int8"], help="int8 weights (one scale per output channel), "
+    common.add_argument("--quantize", choices=["int8"], help="int8 weights (a scale per output channel and 64 inputs), "
                         "converted once into checkpoints/NAME-int8; default: float weights, exact")
 
     p = sub.add_parser("convert", parents=[common], help="convert a GGUF file into an orbax checkpoint")

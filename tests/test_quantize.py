@@ -10,14 +10,16 @@ from jaxserve.engine.steps import Forward
 from jaxserve.sharding import make_mesh
 
 
-def test_quantize_array_per_output_channel():
-    w = np.array([[1.0, -0.5], [0.5, 0.25], [-1.0, 0.1]], np.float32)  # [in=3, out=2]
-    q, scale = quantize_array(w, (0,))
-    assert q.dtype == np.int8 and scale.shape == (2,)
+def test_quantize_array_per_group_and_output_channel():
+    w = np.array([[1.0, -0.5], [0.5, 0.25], [-8.0, 0.1], [4.0, 0.2]], np.float32)  # [in=4, out=2]
+    q, scale = quantize_array(w, 0, group=2)
+    assert q.dtype == np.int8 and scale.shape == (2, 2)  # [in / group, out]
     assert np.abs(q).max() <= 127
-    np.testing.assert_allclose(q * scale, w, atol=scale.max() / 2 + 1e-7)  # within half a step
-    q, scale = quantize_array(np.zeros((4, 3), np.float32), (0,))
-    assert (q == 0).all() and (scale > 0).all()  # an all-zero channel keeps a usable scale
+    step = np.repeat(scale, 2, axis=0)
+    assert (np.abs(q * step - w) <= step / 2 + 1e-7).all()  # within half of its own group's step
+    assert scale[0, 0] < scale[1, 0] / 4  # the small first group is not quantized on the large one's grid
+    q, scale = quantize_array(np.zeros((4, 3), np.float32), 0, group=4)
+    assert (q == 0).all() and (scale > 0).all()  # an all-zero group keeps a usable scale
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +41,10 @@ def teacher_forced(model, reference):
 
 
 def test_int8_fidelity_against_the_reference(smollm2_int8, reference):
-    """Teacher-forced on the reference's greedy tokens. Measured: top-1 96.4%, mean |dlogprob| 0.045.
-    #6 asks for 97%: per-channel int8 misses it on near-ties (every miss had a float32 margin < 0.23);
-    these bounds hold the measured quality so a regression fails."""
+    """Teacher-forced on the reference's greedy tokens: #6's bounds (measured: top-1 98.4%, 189 of 192,
+    mean |dlogprob| 0.029; per-channel scales gave 96.4% and 0.045)."""
     agreement, mean_diff = teacher_forced(smollm2_int8, reference)
-    assert agreement >= 0.95
+    assert agreement >= 0.97
     assert mean_diff <= 0.05
 
 
@@ -66,7 +67,8 @@ def test_int8_weights_are_int8_and_still_say_paris(smollm2_int8):
 def test_int8_sharded_equals_single_device(smollm2_int8, checkpoint_root, reference):
     """Scales carry the logical axes of their output channels, so int8 shards like float32."""
     sharded = load_model("smollm2-135m-instruct", checkpoint_root, make_mesh(1, 3), progress=False, quantize="int8")
-    assert sharded.params["params"]["layers"]["q_scale"].sharding.spec[1] == "model"
+    assert sharded.params["params"]["layers"]["q_scale"].shape == (30, 576 // 64, 9, 64)
+    assert sharded.params["params"]["layers"]["q_scale"].sharding.spec[2] == "model"
     ids = reference["prompts"][0]["prompt_ids"]
     outs = []
     for model in (smollm2_int8, sharded):

@@ -24,7 +24,8 @@ def convert_gguf(path: Path, out_dir: Path, max_context: int | None = None, prog
     t0 = time.perf_counter()
     cfg, params, tokenizer = read_gguf(Path(path), max_context=max_context, progress=progress)
     if quantize == "int8":
-        params, cfg = quantize_params(params), dataclasses.replace(cfg, quant="int8")
+        cfg = dataclasses.replace(cfg, quant="int8")
+        params = quantize_params(params, cfg)
     elif quantize:
         raise ValueError(f"unknown quantization {quantize!r} (supported: int8)")
     save_checkpoint(out_dir, cfg, params, tokenizer)

@@ -23,7 +23,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     max_context: int = 2048
     dtype: str = "float32"  # weights and activations
-    quant: str | None = None  # "int8": matmul weights int8 with a float32 scale per output channel
+    quant: str | None = None  # "int8": matmul weights int8, one float32 scale per group of input weights
+    quant_group: int = 64  # input weights sharing one int8 scale (per output channel)
 
     def __post_init__(self):
         assert self.n_heads % self.n_kv_heads == 0, "query heads must be a multiple of KV heads"

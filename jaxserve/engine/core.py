@@ -128,10 +128,7 @@ class EngineCore:
             return state.replace(cache=cache), out
 
         def fork(state, src, dst, window):
-            def copy(a):
-                rows = jax.lax.dynamic_slice_in_dim(a, src, 1, axis=1)[:, :, :, :window]
-                return jax.lax.dynamic_update_slice_in_dim(a, rows, dst, axis=1)
-            return state.replace(cache=jax.tree.map(copy, state.cache))
+            return state.replace(cache=state.cache.copy_slot(src, dst, window))
 
         def insert(state, slot, logits, row, position, max_tokens, stop_on_eos):
             sampling = write_row(state.sampling, slot, row)

@@ -10,14 +10,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxserve.model import CACHE_AXES, KVCache, ModelConfig, Transformer
-from jaxserve.sharding import named_sharding
+from jaxserve.model import KVCache, ModelConfig, Transformer
+from jaxserve.sharding import named_sharding, tree_shardings
 
 
 def cache_shardings(cfg: ModelConfig, mesh, slots: int, length: int) -> KVCache:
-    shape = KVCache.shape_dtype(cfg, slots, length).k.shape
-    s = named_sharding(CACHE_AXES, shape, mesh)
-    return KVCache(k=s, v=s)
+    shapes = KVCache.shape_dtype(cfg, slots, length)
+    return tree_shardings(KVCache.axes(), shapes, mesh)
 
 
 @dataclasses.dataclass

@@ -1,8 +1,8 @@
 """The model: config, Flax transformer and KV cache. Imports only jax, flax and numpy."""
 
 from jaxserve.model.config import ModelConfig
-from jaxserve.model.kv_cache import CACHE_AXES, KVCache
+from jaxserve.model.kv_cache import KVCache
 from jaxserve.model.params import abstract_params, init_params
 from jaxserve.model.transformer import Transformer
 
-__all__ = ["ModelConfig", "KVCache", "CACHE_AXES", "Transformer", "abstract_params", "init_params"]
+__all__ = ["ModelConfig", "KVCache", "Transformer", "abstract_params", "init_params"]

@@ -109,14 +109,14 @@ class Block(nn.Module):
         v = dot("btd,dkh->btkh", h, wv)
 
         cache = cache.write(layer, positions, k, v, slots)
-        keys, values = cache.read(layer, window, slots, rows=B)  # [B, K, W, H]
+        keys, values = cache.read(layer, window, slots, rows=B)  # [B, K, H, W], [B, K, W, H]
 
         # GQA without repeating K/V: the G query heads of each KV head and the T tokens form the rows of
         # one [G*T, H] x [H, W] matmul per (slot, KV head). Query head n = k * G + g, as in HF's repeat_kv.
         G = c.n_heads // c.n_kv_heads
         q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
         q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)
-        scores = jnp.einsum("bkrh,bksh->bkrs", q, keys).astype(jnp.float32) * c.head_dim**-0.5
+        scores = jnp.einsum("bkrh,bkhs->bkrs", q, keys).astype(jnp.float32) * c.head_dim**-0.5
         scores = scores.reshape(B, c.n_kv_heads, G, T, window)
         mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [B, T, W]
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)

@@ -12,7 +12,7 @@ from pathlib import Path
 DEFAULT_CHECKPOINTS = "checkpoints"
 
 
-def _checkpoint_root(arg: str | None) -> Path:
+def checkpoint_root(arg: str | None) -> Path:
     """--checkpoints, else $JAXSERVE_CHECKPOINTS, else ./checkpoints in a source checkout, else the user cache."""
     if arg:
         return Path(arg)
@@ -37,13 +37,24 @@ def _mesh(spec: str | None):
     return make_mesh(*parse_mesh(spec))
 
 
+def quantize_choice(args) -> str | None:
+    """--quantize, else the model card's default; "none" asks for float weights."""
+    if args.quantize is None:
+        from jaxserve.checkpoint import find_card
+
+        card = find_card(args.model)
+        return card.quantize if card else None
+    return None if args.quantize == "none" else args.quantize
+
+
 def cmd_convert(args) -> int:
     from jaxserve.checkpoint import checkpoint_name, convert_gguf
 
     name = args.name or Path(args.path).stem.lower()
-    out = _checkpoint_root(args.checkpoints) / checkpoint_name(name, args.quantize)
+    quantize = None if args.quantize == "none" else args.quantize
+    out = checkpoint_root(args.checkpoints) / checkpoint_name(name, quantize)
     t0 = time.perf_counter()
-    convert_gguf(Path(args.path), out, max_context=args.max_context, quantize=args.quantize)
+    convert_gguf(Path(args.path), out, max_context=args.max_context, quantize=quantize)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
@@ -55,7 +66,7 @@ def cmd_generate(args) -> int:
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
 
-    model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), quantize=args.quantize)
+    model = load_model(args.model, checkpoint_root(args.checkpoints), _mesh(args.mesh), quantize=quantize_choice(args))
     tok = model.tokenizer
     prompt_ids = tuple(tok.encode(args.prompt))
     # one slot, and a cache just long enough: shapes compile as they are first reached
@@ -129,8 +140,8 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
 
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
-    model = load_model(args.model, _checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype,
-                       quantize=args.quantize)
+    model = load_model(args.model, checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype,
+                       quantize=quantize_choice(args))
     engine = build_engine(model, slots=args.max_slots, max_context=args.max_context, max_waiting=max_waiting)
     weights = model.cfg.quant or model.cfg.dtype
     serving = CompletionServing(engine, model.tokenizer, [model.name, *aliases], metrics,
@@ -198,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoints", help="folder of converted checkpoints "
                         "(default: $JAXSERVE_CHECKPOINTS, ./checkpoints, or ~/.cache/jaxserve/checkpoints)")
-    common.add_argument("--quantize", choices=["int8"], help="int8 weights (a scale per output channel and 64 inputs), "
-                        "converted once into checkpoints/NAME-int8; default: float weights, exact")
+    common.add_argument("--quantize", choices=["int8", "none"],
+                        help="int8 weights (a scale per output channel and 64 inputs), converted once into "
+                        "checkpoints/NAME-int8, or none: the float weights, exact (default: the model card's "
+                        "choice; int8 for smollm2-135m-instruct)")
 
     p = sub.add_parser("convert", parents=[common], help="convert a GGUF file into an orbax checkpoint")
     p.add_argument("path", help="the .gguf file")

@@ -1,11 +1,14 @@
-"""Offline engine throughput on the default model, with the two floors beside each figure.
+"""Offline engine throughput on the default model, float32 and int8 weights side by side, with the two
+floors beside each figure.
 
-    python scripts/bench_engine.py [--model NAME] [--concurrency 1 8 32 64] [--prompt-tokens 32] [--gen-tokens 128]
+    python scripts/bench_engine.py [--model NAME] [--weights float32 int8] [--concurrency 1 8 32 64]
+                                   [--prompt-tokens 32] [--gen-tokens 128] [--repeats 3]
 
-For each concurrency C (each run --repeats times; medians reported): C requests of ~32 prompt tokens and 128 generated tokens (EOS ignored) submitted
-at once to an engine with C slots. Prints generated tok/s, time to first token, median step latency and
-peak RSS, then the floors per step: (weight + KV bytes read) / measured memory bandwidth, and FLOPs /
-measured matmul throughput.
+For each weights and concurrency C (each run --repeats times; medians reported): C requests of 32 prompt
+tokens and 128 generated tokens (EOS ignored) submitted at once to an engine with C slots. Prints generated
+tok/s, time to first token, median step latency and peak RSS, then the floors per step: (weight + KV bytes
+read) / measured memory bandwidth, and FLOPs / measured matmul throughput. Then prefill: a burst of
+--prefill-burst prompts with one generated token each, as prompt tok/s.
 """
 
 from __future__ import annotations
@@ -19,44 +22,12 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
 from jaxserve.cli import compile_cache_dir
 from jaxserve.engine import DEFAULT_CONTEXT, EngineRequest, SamplingParams, Usage, build_engine, enable_compilation_cache
+from jaxserve.engine.roofline import Machine, floors
 from jaxserve.sharding import make_mesh
-
-
-def best_time(f, x) -> float:
-    """Fastest of 5 runs of a jitted f(x), after one to compile."""
-    f(x).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def measure_bandwidth() -> float:
-    """Bytes/s of a large on-device reduction (reads 512 MiB)."""
-    x = jnp.ones((128 * 1024 * 1024,), jnp.float32)
-    return x.nbytes / best_time(jax.jit(jnp.sum), x)
-
-
-def measure_flops() -> float:
-    a = jnp.ones((2048, 2048), jnp.float32)
-    return 2 * 2048**3 / best_time(jax.jit(lambda a: a @ a), a)
-
-
-def floors(cfg, batch: int, context: int, bandwidth: float, flops: float) -> tuple[float, float]:
-    """Seconds per decode step: memory floor (weights + KV read once) and compute floor."""
-    itemsize = jnp.dtype(cfg.dtype).itemsize
-    weight_bytes = cfg.num_params() * (1 if cfg.quant == "int8" else itemsize)
-    kv_bytes = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * itemsize
-    matmul_flops = 2 * batch * cfg.num_params()
-    attn_flops = 4 * cfg.n_layers * batch * context * cfg.n_heads * cfg.head_dim
-    return (weight_bytes + kv_bytes) / bandwidth, (matmul_flops + attn_flops) / flops
 
 
 def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_context: int):
@@ -92,49 +63,61 @@ def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_contex
     del engine
     gc.collect()  # free this run's KV cache before the next engine allocates its own
     # per request, decode time per token after its first: the step latency that request saw
-    per_token = [(finished[i] - first_token[i]) / (gen_tokens - 1) for i in range(concurrency)]
+    per_token = [(finished[i] - first_token[i]) / max(1, gen_tokens - 1) for i in range(concurrency)]
     return {"tok_s": concurrency * gen_tokens / wall, "ttft_med": statistics.median(first_token.values()),
-            "step_ms": 1000 * statistics.median(per_token), "wall": wall}
+            "step_ms": 1000 * statistics.median(per_token), "wall": wall,
+            "prefill_tok_s": concurrency * prompt_tokens / max(first_token.values())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--checkpoints", default="checkpoints")
+    parser.add_argument("--weights", nargs="+", choices=["float32", "int8"], default=["float32", "int8"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--prefill-burst", type=int, default=64, help="prompts in the prefill measurement (0: skip)")
     parser.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="tokens per slot")
     parser.add_argument("--repeats", type=int, default=3, help="runs per concurrency; medians are reported")
     parser.add_argument("--compile-cache", help="as for `jaxserve generate`")
-    parser.add_argument("--quantize", choices=["int8"], help="int8 weights (run once with and once without to "
-                        "compare)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
-    model = load_model(args.model, args.checkpoints, make_mesh(1, None), progress=False, quantize=args.quantize)
-    bandwidth, flops = measure_bandwidth(), measure_flops()
-    print(f"model {model.name} ({model.cfg.dtype}, weights {model.cfg.quant or model.cfg.dtype}), devices {jax.devices()}, "
-          f"bandwidth {bandwidth / 1e9:.1f} GB/s, matmul {flops / 1e9:.0f} GFLOP/s")
-    rows = []
-    for c in args.concurrency:
-        runs = [run(model, c, args.prompt_tokens, args.gen_tokens, args.max_context) for _ in range(args.repeats)]
-        r = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        r["tok_s_all"] = " / ".join(f"{run['tok_s']:.0f}" for run in runs)
-        mem_floor, flop_floor = floors(model.cfg, c, args.prompt_tokens + args.gen_tokens, bandwidth, flops)
-        r.update(conc=c, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                 mem_floor_ms=1000 * mem_floor, flop_floor_ms=1000 * flop_floor,
-                 floor_tok_s=c / max(mem_floor, flop_floor))
-        rows.append(r)
-        print(f"C={c}: {r['tok_s']:.1f} tok/s (runs: {r['tok_s_all']}), TTFT median {r['ttft_med']:.3f} s, "
-              f"step {r['step_ms']:.1f} ms", flush=True)
-    print("\n| concurrency | tok/s | TTFT median (s) | step (ms, median) | floor: bytes (ms) | floor: FLOPs (ms) "
-          "| floor tok/s | peak RSS (GB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    machine = Machine.measure()
+    print(f"model {args.model}, devices {jax.devices()}, {machine}")
+    rows, prefills = [], []
+    for weights in args.weights:
+        model = load_model(args.model, args.checkpoints, make_mesh(1, None), progress=False,
+                           quantize="int8" if weights == "int8" else None)
+        for c in args.concurrency:
+            runs = [run(model, c, args.prompt_tokens, args.gen_tokens, args.max_context) for _ in range(args.repeats)]
+            r = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            r["tok_s_all"] = " / ".join(f"{run['tok_s']:.0f}" for run in runs)
+            mem_floor, flop_floor = floors(model.cfg, c, args.prompt_tokens + args.gen_tokens, machine)
+            r.update(weights=weights, conc=c, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                     mem_floor_ms=1000 * mem_floor, flop_floor_ms=1000 * flop_floor,
+                     floor_tok_s=c / max(mem_floor, flop_floor))
+            rows.append(r)
+            print(f"{weights} C={c}: {r['tok_s']:.1f} tok/s (runs: {r['tok_s_all']}), TTFT median {r['ttft_med']:.3f} s, "
+                  f"step {r['step_ms']:.1f} ms", flush=True)
+        if args.prefill_burst:
+            runs = [run(model, args.prefill_burst, args.prompt_tokens, 1, args.max_context) for _ in range(args.repeats)]
+            prefills.append((weights, statistics.median(run["prefill_tok_s"] for run in runs)))
+            print(f"{weights} prefill: {prefills[-1][1]:.0f} prompt tok/s", flush=True)
+        del model
+        gc.collect()
+    print("\n| weights | concurrency | tok/s (median) | runs | TTFT median (s) | step (ms, median) | floor: bytes (ms) "
+          "| floor: FLOPs (ms) | floor tok/s | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['conc']} | {r['tok_s']:.1f} | {r['ttft_med']:.3f} | {r['step_ms']:.1f} | {r['mem_floor_ms']:.1f} "
-              f"| {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} | {r['peak_gb']:.2f} |")
+        print(f"| {r['weights']} | {r['conc']} | {r['tok_s']:.1f} | {r['tok_s_all']} | {r['ttft_med']:.3f} "
+              f"| {r['step_ms']:.1f} | {r['mem_floor_ms']:.1f} | {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} "
+              f"| {r['peak_gb']:.2f} |")
+    for weights, tok_s in prefills:
+        print(f"\nprefill, {weights}: {args.prefill_burst} prompts x {args.prompt_tokens} tokens at once: "
+              f"{tok_s:.0f} prompt tok/s (median of {args.repeats})")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
 """HTTP load on an OpenAI-compatible Completions server: streaming requests at fixed concurrency.
 
     python scripts/bench_serving.py [--base-url http://127.0.0.1:8000] [--concurrency 1 8 32 64]
-                                    [--requests-per-client 2] [--max-tokens 128] [--model NAME]
+                                    [--quantize none int8] [--requests-per-client 2] [--max-tokens 128]
 
-Without --base-url it starts `jaxserve serve` on a free loopback port (slots = the highest concurrency)
-and stops it afterwards. With --base-url it loads any server (llama.cpp's llama-server, vLLM, ...), so the
-same numbers can be compared. Loopback addresses only, unless --allow-remote. Every run is bounded in
-requests (concurrency x requests-per-client) and time (--time-limit). Reports aggregate generated tok/s,
-time to first token p50/p99 and inter-token latency p50/p99.
+Without --base-url it starts `jaxserve serve` on a free loopback port (slots = the highest concurrency),
+once per --quantize choice (float32 and int8 weights side by side), and stops it afterwards. With
+--base-url it loads any server (llama.cpp's llama-server, vLLM, ...), so the same numbers can be compared.
+Loopback addresses only, unless --allow-remote. Every run is bounded in requests (concurrency x
+requests-per-client) and time (--time-limit). Reports aggregate generated tok/s, time to first token
+p50/p99 and inter-token latency p50/p99, beside the floors of a decode step of this model (bytes over
+measured bandwidth, FLOPs over measured matmul throughput; int8 weights for another server).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import socket
@@ -23,6 +26,11 @@ import time
 from urllib.parse import urlparse
 
 import httpx
+
+from jaxserve.checkpoint import DEFAULT_MODEL, ensure_checkpoint
+from jaxserve.cli import checkpoint_root
+from jaxserve.engine.roofline import Machine, floors
+from jaxserve.model import ModelConfig
 
 PROMPT = ("The quick brown fox jumps over the lazy dog and runs far away into the woods, where the old "
           "oak trees stand tall and the river")
@@ -86,12 +94,12 @@ def check_loopback(url: str) -> None:
         sys.exit(f"{url} is not a loopback address; pass --allow-remote to load another machine")
 
 
-def start_server(args, slots: int) -> tuple[subprocess.Popen, str]:
+def start_server(args, slots: int, quantize: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "jaxserve.cli", "--log-level", "WARNING", "serve", "--port", str(port),
-           "--max-slots", str(slots), "--model", args.model or "smollm2-135m-instruct"]
+           "--max-slots", str(slots), "--model", args.model or DEFAULT_MODEL, "--quantize", quantize]
     if args.checkpoints:
         cmd += ["--checkpoints", args.checkpoints]
     proc = subprocess.Popen(cmd)
@@ -110,41 +118,59 @@ def start_server(args, slots: int) -> tuple[subprocess.Popen, str]:
     sys.exit("the server did not become healthy in 15 minutes")
 
 
+def model_config(args):
+    """The benchmarked model's config (its checkpoint converted on first use), for the floors."""
+    directory = ensure_checkpoint(args.model or DEFAULT_MODEL, checkpoint_root(args.checkpoints), progress=False)
+    return ModelConfig.load(directory / "config.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", help="a running server (default: start jaxserve here)")
     parser.add_argument("--model", help="model id to request (default: the server's first)")
     parser.add_argument("--checkpoints", help="checkpoint folder for the server this script starts")
+    parser.add_argument("--quantize", nargs="+", choices=["none", "int8"], default=["none", "int8"],
+                        help="weights of the servers this script starts, one after the other")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--time-limit", type=float, default=600, help="seconds per concurrency level at most")
     parser.add_argument("--allow-remote", action="store_true")
     args = parser.parse_args()
-    proc = None
     if args.base_url:
         url = args.base_url.rstrip("/").removesuffix("/v1")
         if not args.allow_remote:
             check_loopback(url)
-    else:
-        proc, url = start_server(args, max(args.concurrency))
-    try:
-        model = args.model or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        print(f"server {url}, model {model}, {args.max_tokens} tokens per request, streaming")
-        rows = []
-        for c in args.concurrency:
-            row = asyncio.run(run_level(url, model, c, args.requests_per_client, args.max_tokens, args.time_limit))
-            rows.append(row)
-            print(f"C={c}: {row['tok_s']:.1f} tok/s over {row['requests']} requests", flush=True)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
-    print("\n| concurrency | requests | tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    cfg, machine = model_config(args), Machine.measure()  # measured before any server loads this machine
+    print(f"floors: {machine}")
+    rows = []
+    for quantize in ([None] if args.base_url else args.quantize):
+        proc = None
+        if quantize is not None:
+            proc, url = start_server(args, max(args.concurrency), quantize)
+        weights = "float32" if quantize == "none" else "int8" if quantize else "server"
+        try:
+            model = args.model or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            print(f"server {url} ({weights}), model {model}, {args.max_tokens} tokens per request, streaming")
+            for c in args.concurrency:
+                row = asyncio.run(run_level(url, model, c, args.requests_per_client, args.max_tokens, args.time_limit))
+                step_cfg = cfg if weights == "float32" else dataclasses.replace(cfg, quant="int8")
+                mem, flop = floors(step_cfg, c, args.max_tokens + 32, machine)
+                row.update(weights=weights, mem_floor_ms=1000 * mem, flop_floor_ms=1000 * flop,
+                           floor_tok_s=c / max(mem, flop))
+                rows.append(row)
+                print(f"{weights} C={c}: {row['tok_s']:.1f} tok/s over {row['requests']} requests", flush=True)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
+    print("\n| weights | concurrency | requests | tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) "
+          "| floor: bytes (ms) | floor: FLOPs (ms) | floor tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} "
-              f"| {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} |")
+        print(f"| {r['weights']} | {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} "
+              f"| {r['ttft_p99']:.3f} | {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} | {r['mem_floor_ms']:.1f} "
+              f"| {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} |")
 
 
 if __name__ == "__main__":

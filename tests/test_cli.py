@@ -47,3 +47,12 @@ def test_compiled_steps_are_reused_across_runs(tiny_dir, tmp_path):
     second = run(*args, env_root=tiny_dir.parent)
     assert second.returncode == 0 and second.stdout == first.stdout
     assert sorted(p.name for p in cache.iterdir()) == entries  # the second compiled nothing new
+
+
+def test_weights_default_to_the_model_cards_choice():
+    from jaxserve.cli import build_parser, quantize_choice
+
+    parse = build_parser().parse_args
+    assert quantize_choice(parse(["serve"])) == "int8"  # smollm2-135m-instruct's card serves int8
+    assert quantize_choice(parse(["serve", "--quantize", "none"])) is None  # float weights on request
+    assert quantize_choice(parse(["batch", "in.jsonl", "out.jsonl", "--model", "tiny-llama"])) is None

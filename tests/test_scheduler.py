@@ -38,7 +38,7 @@ class FakeCore:
         """Up to 4 whole prompts of at most 2 tokens go in one call."""
         return (4, 2) if count <= 4 and longest <= 2 else None
 
-    def prefill(self, rows):
+    def prefill(self, rows, score=False):
         self.calls.append(("prefill", tuple((slot, start, len(chunk)) for slot, chunk, start, _ in rows)))
         T = max(len(chunk) for _, chunk, _, _ in rows)
         logprobs = np.zeros((len(rows), T))

@@ -14,7 +14,7 @@ from jaxserve.checkpoint.store import LoadedModel, is_checkpoint, load_checkpoin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelCard", "checkpoint_name", "convert_gguf", "ensure_checkpoint", "list_cards",
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelCard", "checkpoint_name", "convert_gguf", "ensure_checkpoint", "find_card", "list_cards",
            "load_checkpoint", "load_model", "save_checkpoint"]
 
 

@@ -26,11 +26,12 @@ class ModelCard:
     dtype: str
     weights: dict
     tokenizer: dict
+    quantize: str | None = None  # the weights served by default ("int8"); float weights stay available
 
     @classmethod
     def parse(cls, text: str) -> "ModelCard":
         data = tomllib.loads(text)
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 def list_cards() -> dict[str, ModelCard]:

@@ -1,8 +1,9 @@
 """EngineCore: the device side of continuous batching. The scheduler thread is its only caller.
 
 Contract (JetStream's prefill -> insert -> generate, with the prefill writing straight into its slot):
-  prefill(slot, chunk, start, targets)  writes a prompt chunk's K/V into the slot's cache rows and returns
-                                        the prompt-token logprobs and the last position's logits;
+  prefill(rows, score)                  writes prompt chunks' K/V into their slots' cache rows and returns
+                                        the last position's logits, and with `score` (echo) the
+                                        prompt-token logprobs;
   fork(src, dst, length)                copies a prefilled prompt to another slot (n / best_of);
   insert(slot, logits, params, ...)     samples the first token and activates the slot;
   step(max_position)                    one decode step for every slot, EOS and max_tokens decided on
@@ -28,14 +29,15 @@ import numpy as np
 from flax import struct
 
 from jaxserve.checkpoint import LoadedModel
-from jaxserve.engine.sampling import SamplingParams, SamplingRow, SamplingState, record, sample, top_logprobs, write_row
+from jaxserve.engine.sampling import (TOP_LOGPROBS, SamplingParams, SamplingRow, SamplingState, record, sample,
+                                      top_logprobs, write_row)
 from jaxserve.engine.steps import cache_shardings
 from jaxserve.model import KVCache, Transformer
 from jaxserve.sharding import named_sharding
 
 log = logging.getLogger(__name__)
 
-PREFILL_BUCKETS = (16, 64, 256)  # one row: a prompt's chunk
+PREFILL_BUCKETS = (16, 32, 64, 256)  # one row: a prompt's chunk
 PACKED = ((2, 128), (4, 64), (8, 32), (16, 16))  # (rows, tokens): short whole prompts prefilled together
 MIN_WINDOW = 128
 
@@ -117,15 +119,25 @@ class EngineCore:
                 return fn(*args)
             return traced
 
-        def prefill(params, state, tokens, starts, lengths, slots, targets, window):
+        def prefill(params, state, tokens, starts, lengths, slots, targets, score, window):
             P, T = tokens.shape
             positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-            logits, cache = model.apply(params, tokens, positions, state.cache, window, slots=slots)
-            logprobs, top_ids, top_lp = top_logprobs(logits)
-            chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-            out = PrefillOutput(logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp,
-                                last_logits=logits[jnp.arange(P), jnp.maximum(lengths - 1, 0)])
-            return state.replace(cache=cache), out
+            x, cache = model.apply(params, tokens, positions, state.cache, window, slots=slots, method="hidden")
+            last = jnp.maximum(lengths - 1, 0)
+
+            def every_position(x):  # echo: logprobs of every prompt token
+                logits = model.apply(params, x, method="logits")
+                logprobs, top_ids, top_lp = top_logprobs(logits)
+                chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+                return PrefillOutput(logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp,
+                                     last_logits=logits[jnp.arange(P), last])
+
+            def last_position(x):  # the logits for [T, V] and their top-5 cost a third of a short prefill
+                logits = model.apply(params, x[jnp.arange(P), last][:, None], method="logits")[:, 0]
+                return PrefillOutput(logprobs=jnp.zeros((P, T)), top_ids=jnp.zeros((P, T, TOP_LOGPROBS), jnp.int32),
+                                     top_logprobs=jnp.zeros((P, T, TOP_LOGPROBS)), last_logits=logits)
+
+            return state.replace(cache=cache), jax.lax.cond(score, every_position, last_position, x)
 
         def fork(state, src, dst, window):
             return state.replace(cache=state.cache.copy_slot(src, dst, window))
@@ -172,8 +184,8 @@ class EngineCore:
 
         self._make_state = jax.jit(make_state, out_shardings=state_sh)
         rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self._prefill = jax.jit(counted("prefill", prefill), static_argnums=(7,), donate_argnums=(1,),
-                                in_shardings=(params_sh, state_sh, rep, rep, rep, rep, rep),
+        self._prefill = jax.jit(counted("prefill", prefill), static_argnums=(8,), donate_argnums=(1,),
+                                in_shardings=(params_sh, state_sh, rep, rep, rep, rep, rep, rep),
                                 out_shardings=(state_sh, rep))
         self._fork = jax.jit(counted("fork", fork), static_argnums=(3,), donate_argnums=(0,),
                              in_shardings=(state_sh, rep, rep), out_shardings=state_sh)
@@ -196,18 +208,19 @@ class EngineCore:
                 return P, T
         return None
 
-    def prefill(self, rows: list[tuple[int, list[int], int, list[int]]]) -> PrefillOutput:
+    def prefill(self, rows: list[tuple[int, list[int], int, list[int]]], score: bool = False) -> PrefillOutput:
         """Prefill rows of (slot, chunk, start, targets) in one call: one row of any chunk, or several
-        whole prompts packed (start 0). Output rows follow `rows`; padding rows write nothing."""
+        whole prompts packed (start 0). Output rows follow `rows`; padding rows write nothing. Without
+        `score` only last_logits is computed (the prompt logprobs come back zero)."""
         longest = max(len(chunk) for _, chunk, _, _ in rows)
         if len(rows) == 1:
             P, T = 1, bucket_of(longest, self.prefill_buckets)
         else:
             assert all(start == 0 for _, _, start, _ in rows)
             P, T = self.packing(len(rows), longest)
-        return self._prefill_rows(P, T, rows)
+        return self._prefill_rows(P, T, rows, score)
 
-    def _prefill_rows(self, P: int, T: int, rows) -> PrefillOutput:
+    def _prefill_rows(self, P: int, T: int, rows, score: bool = False) -> PrefillOutput:
         tokens = np.zeros((P, T), np.int32)
         targets = np.zeros((P, T), np.int32)
         starts = np.zeros((P,), np.int32)
@@ -219,7 +232,7 @@ class EngineCore:
             starts[i], lengths[i], slots[i] = start, len(chunk), slot
         window = self.window_for(int(starts.max()) + T - 1)
         self.state, out = self._prefill(self.model.params, self.state, tokens, starts, lengths, slots, targets,
-                                        window)
+                                        np.bool_(score), window)
         return out
 
     def fork(self, src: int, dst: int, length: int) -> None:

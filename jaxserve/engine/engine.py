@@ -292,7 +292,7 @@ class Engine:
             if len(packed) > 1:
                 rows = [(g.choices[0].slot, list(g.req.prompt_ids), 0, self._targets(g, 0, len(g.req.prompt_ids)))
                         for g in packed]
-                pre = self.core.prefill(rows)
+                pre = self.core.prefill(rows, score=any(g.req.echo for g in packed))
                 return [pair for i, g in enumerate(packed) for pair in self._prefilled(g, pre, i)]
             if packed or self._admit(self._waiting[0]):
                 self._prefilling = self._waiting.popleft() if not packed else packed[0]
@@ -301,7 +301,8 @@ class Engine:
             return []
         prompt, start = group.req.prompt_ids, group.prefilled
         chunk = list(prompt[start: start + self.core.chunk])
-        pre = self.core.prefill([(group.choices[0].slot, chunk, start, self._targets(group, start, len(chunk)))])
+        pre = self.core.prefill([(group.choices[0].slot, chunk, start, self._targets(group, start, len(chunk)))],
+                                score=group.req.echo)
         group.prefilled += len(chunk)
         if group.req.echo:
             group.prefill_outs.append((pre, 0, len(chunk)))

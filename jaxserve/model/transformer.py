@@ -168,29 +168,41 @@ class Embedding(nn.Module):
 
 
 class Transformer(nn.Module):
+    """`__call__` = `logits(hidden(...))`; the two halves are separate methods so a prefill can compute
+    logits for every prompt position (echo scoring) or for the last one only."""
+
     cfg: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        c = self.cfg
+        self.embed = Embedding(c)
+        self.layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast,) * 5, length=c.n_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})(c)
+        self.final_norm = RMSNorm(c.norm_eps, jnp.dtype(c.dtype))
+        if not c.tie_embeddings:
+            self.lm_head = _weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)
+
     def __call__(self, tokens, positions, cache: KVCache, window: int, slots=None):
-        """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, updated cache).
+        """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, updated cache). See `hidden`."""
+        x, cache = self.hidden(tokens, positions, cache, window, slots)
+        return self.logits(x), cache
+
+    def hidden(self, tokens, positions, cache: KVCache, window: int, slots=None):
+        """tokens, positions [B, T] int32 -> (final-normed hidden states [B, T, D], updated cache).
 
         `window` (static) must exceed every position in `positions`; attention reads only cache[:, :window].
         `slots` [B] maps each row to a cache row (a prefill into one slot); None: row b is cache row b (the
         first B rows of a cache that may hold more).
         """
         c = self.cfg
-        dt = jnp.dtype(c.dtype)
-        embed = Embedding(c, name="embed")
-        x = embed(tokens)
+        x = self.embed(tokens)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast,) * 5,
-                         length=c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        (x, cache, _), _ = layers(c, name="layers")((x, cache, jnp.int32(0)), positions, cos, sin, slots,
-                                                             window)
-        x = RMSNorm(c.norm_eps, dt, name="final_norm")(x)
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = dot("btd,dv->btv", x, _weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0))
-        return logits.astype(jnp.float32), cache
+        (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), positions, cos, sin, slots, window)
+        return self.final_norm(x), cache
+
+    def logits(self, x):
+        """Hidden states [B, T, D] -> logits [B, T, V] float32."""
+        if self.cfg.tie_embeddings:
+            return self.embed.attend(x).astype(jnp.float32)
+        return dot("btd,dv->btv", x, self.lm_head).astype(jnp.float32)

@@ -109,7 +109,7 @@ def main() -> None:
         del model
         gc.collect()
     print("\n| weights | concurrency | tok/s (median) | runs | TTFT median (s) | step (ms, median) | floor: bytes (ms) "
-          "| floor: FLOPs (ms) | floor tok/s | peak RSS (GB) |")
+          "| floor: FLOPs (ms) | floor tok/s | process peak RSS so far (GB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['weights']} | {r['conc']} | {r['tok_s']:.1f} | {r['tok_s_all']} | {r['ttft_med']:.3f} "

@@ -3,6 +3,7 @@
 import random
 import threading
 
+import numpy as np
 import pytest
 
 from jaxserve.engine import EngineRequest, SamplingParams, build_engine
@@ -134,3 +135,18 @@ def test_sixty_four_concurrent_requests_on_the_tiny_model(tiny):
         assert eng.active_slots == 0
     finally:
         eng.shutdown()
+
+
+def test_prefill_without_scoring_gives_the_same_next_token_logits(tiny):
+    """Unless a prompt is echoed, prefill computes logits only at each row's last real token: packed rows
+    of different lengths must get exactly what the scored (every-position) prefill gives there."""
+    from jaxserve.engine import EngineCore
+
+    core = EngineCore(tiny, slots=4, cache_len=128, eos_id=None)
+    ids = tiny.tokenizer.encode("It was the best of times, it was the worst of times")
+    rows = [(0, ids[:5], 0, ids[1:6]), (1, ids[:11], 0, ids[1:12]), (2, ids[:2], 0, ids[1:3])]
+    plain = core.fetch(core.prefill(rows))
+    scored = core.fetch(core.prefill(rows, score=True))
+    np.testing.assert_allclose(plain.last_logits[:3], scored.last_logits[:3], rtol=0, atol=1e-5)
+    assert not np.allclose(scored.last_logits[0], scored.last_logits[1])  # rows really differ
+    assert (plain.logprobs == 0).all() and (scored.logprobs[:, :2] < 0).all()  # scored: real prompt logprobs

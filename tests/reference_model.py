@@ -45,8 +45,8 @@ def forward(cfg, params, tokens):
             out[:, n] = w @ v[:, kv]
         x = x + np.einsum("tnh,nhd->td", out, lp["o"][i])
         h = rms_norm(x, lp["mlp_norm"]["scale"][i], cfg.norm_eps)
-        gate = h @ lp["gate"][i]
-        x = x + (gate / (1 + np.exp(-gate)) * (h @ lp["up"][i])) @ lp["down"][i]
+        gate, up = h @ lp["gate_up"][i][:, 0], h @ lp["gate_up"][i][:, 1]
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ lp["down"][i]
     x = rms_norm(x, p["final_norm"]["scale"], cfg.norm_eps)
     head = p["embed"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]
     return x @ head

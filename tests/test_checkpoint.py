@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxserve.checkpoint import convert_gguf, load_checkpoint
+from jaxserve.checkpoint.store import is_checkpoint
 from jaxserve.checkpoint.gguf_import import read_gguf
 from jaxserve.model import ModelConfig, init_params
 from jaxserve.sharding import make_mesh
@@ -86,15 +87,17 @@ def write_gguf(path, params, qtype, rng):
         put(f"blk.{i}.attn_k.weight", llama_cpp_permute(p["k"][i].reshape(D, K * H).T, K), "k", K)
         put(f"blk.{i}.attn_v.weight", p["v"][i].reshape(D, K * H).T, "v")
         put(f"blk.{i}.attn_output.weight", p["o"][i].reshape(N * H, D).T, "o")
-        put(f"blk.{i}.ffn_gate.weight", p["gate"][i].T, "gate")
-        put(f"blk.{i}.ffn_up.weight", p["up"][i].T, "up")
+        put(f"blk.{i}.ffn_gate.weight", p["gate_up"][i][:, 0].T, "gate")
+        put(f"blk.{i}.ffn_up.weight", p["gate_up"][i][:, 1].T, "up")
         put(f"blk.{i}.ffn_down.weight", p["down"][i].T, "down")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     shapes = {"q": (D, N, H), "k": (D, K, H), "v": (D, K, H), "o": (N, H, D)}
-    return {k: np.stack([m.T.reshape(shapes.get(k, m.T.shape)) for m in ms]) for k, ms in held.items()}
+    out = {k: np.stack([m.T.reshape(shapes.get(k, m.T.shape)) for m in ms]) for k, ms in held.items()}
+    out["gate_up"] = np.stack([out.pop("gate"), out.pop("up")], axis=2)  # [L, D, 2, F], as jaxserve stores it
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +113,11 @@ def test_import_each_type(tmp_path, params, qtype):
     cfg, got, tok = read_gguf(path, progress=False)
     assert cfg == CFG
     lp = got["params"]["layers"]
-    for name in ("q", "k", "v", "o", "gate", "up", "down"):
+    for name in ("q", "k", "v", "o", "gate_up", "down"):
         np.testing.assert_array_equal(lp[name], held[name], err_msg=name)
     np.testing.assert_array_equal(got["params"]["lm_head"], held["lm_head"][0])
     if qtype == T.F32:  # lossless: the import recovers the original (un-permuted) weights exactly
-        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+        for name in ("q", "k", "v", "o", "gate_up", "down"):
             np.testing.assert_array_equal(lp[name], params["params"]["layers"][name], err_msg=name)
     elif qtype not in K_QUANTS:  # quantized from the originals: close to them
         err = np.abs(lp["q"] - params["params"]["layers"]["q"]).max()
@@ -131,6 +134,16 @@ def test_convert_then_load_round_trip(tmp_path, params):
     for a, b in zip(np.asarray(model.params["params"]["layers"]["q"]), np.asarray(params["params"]["layers"]["q"])):
         np.testing.assert_array_equal(a, b)
     assert model.tokenizer.decode(model.tokenizer.encode("hello world")) == "hello world"
+
+
+def test_a_checkpoint_of_an_older_layout_is_refused_not_misread(tmp_path, params):
+    path = tmp_path / "model.gguf"
+    write_gguf(path, params, T.F32, np.random.default_rng(0))
+    out = convert_gguf(path, tmp_path / "ckpt", progress=False)
+    (out / "format").unlink()  # as written before the format marker (separate gate and up weights)
+    assert not is_checkpoint(out)  # so a model card's checkpoint is converted again on next use
+    with pytest.raises(ValueError, match="older jaxserve"):
+        load_checkpoint(out, make_mesh(1, 1))
 
 
 def test_convert_command(tmp_path, params):

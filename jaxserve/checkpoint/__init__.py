@@ -10,7 +10,7 @@ from pathlib import Path
 from jaxserve.checkpoint.cards import DEFAULT_MODEL, ModelCard, find_card, gguf_path, list_cards
 from jaxserve.checkpoint.gguf_import import read_gguf
 from jaxserve.checkpoint.quantize import quantize_params
-from jaxserve.checkpoint.store import LoadedModel, is_checkpoint, load_checkpoint, save_checkpoint
+from jaxserve.checkpoint.store import LoadedModel, is_checkpoint, is_stale_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ def checkpoint_name(name: str, quantize: str | None) -> str:
 def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True, quantize: str | None = None) -> Path:
     """The checkpoint folder for `name` (a folder path, or a model name under checkpoint_root; `quantize`
     picks its int8 variant), converting a card's GGUF weights on first use."""
-    if is_checkpoint(Path(name)):
-        return Path(name)
+    if is_checkpoint(Path(name)) or is_stale_checkpoint(Path(name)):
+        return Path(name)  # a folder named directly (a stale one fails to load with a clear message)
     directory = Path(checkpoint_root) / checkpoint_name(name, quantize)
     if is_checkpoint(directory):
         return directory
@@ -50,7 +50,10 @@ def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True, q
         known = ", ".join(sorted(list_cards()))
         raise FileNotFoundError(f"no checkpoint {directory} and no model card {name!r} (cards: {known})")
     if card.weights["format"] == "gguf":
-        log.info("first use of %s: converting its GGUF weights into %s", name, directory)
+        if is_stale_checkpoint(directory):
+            log.warning("%s was written by an older jaxserve: converting %s again", directory, name)
+        else:
+            log.info("first use of %s: converting its GGUF weights into %s", name, directory)
         return convert_gguf(gguf_path(card), directory, max_context=card.context_length, progress=progress,
                             quantize=quantize)
     raise FileNotFoundError(f"model {name!r} has no checkpoint at {directory}; "

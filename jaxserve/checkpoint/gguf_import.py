@@ -106,6 +106,7 @@ def read_params(reader: gguf.GGUFReader, cfg: ModelConfig, progress: bool = True
         "layers": {
             "attn_norm": {"scale": np.stack(layers.pop("attn_norm"))},
             "mlp_norm": {"scale": np.stack(layers.pop("mlp_norm"))},
+            "gate_up": np.stack([np.stack(layers.pop("gate")), np.stack(layers.pop("up"))], axis=2),  # [L, D, 2, F]
             **{name: np.stack(ws) for name, ws in layers.items()},
         },
     }

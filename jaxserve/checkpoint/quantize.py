@@ -13,7 +13,7 @@ import numpy as np
 from jaxserve.model.transformer import group_size
 
 # parameter -> its grouped input axis in the stored array (layers stacked first): the last input axis
-GROUPED_AXIS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1, "embedding": 1, "lm_head": 0}
+GROUPED_AXIS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate_up": 1, "down": 1, "embedding": 1, "lm_head": 0}
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 

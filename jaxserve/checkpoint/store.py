@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 PARAMS = "params"
+FORMAT = "format"  # holds FORMAT_VERSION: a checkpoint of another layout is converted again, never misread
+FORMAT_VERSION = "2"  # 2: int8 scales per group of 64 inputs; gate and up projections stored as one gate_up
 
 
 @dataclasses.dataclass
@@ -36,7 +38,18 @@ class LoadedModel:
 
 
 def is_checkpoint(directory: Path) -> bool:
-    return (Path(directory) / CONFIG).is_file() and (Path(directory) / PARAMS).is_dir()
+    """A complete checkpoint folder in this version's format."""
+    return (Path(directory) / CONFIG).is_file() and (Path(directory) / PARAMS).is_dir() and _format(directory) == FORMAT_VERSION
+
+
+def is_stale_checkpoint(directory: Path) -> bool:
+    """A checkpoint folder written by an older jaxserve, in another parameter layout."""
+    return (Path(directory) / CONFIG).is_file() and _format(directory) != FORMAT_VERSION
+
+
+def _format(directory: Path) -> str | None:
+    path = Path(directory) / FORMAT
+    return path.read_text().strip() if path.is_file() else None
 
 
 def save_checkpoint(directory: Path, cfg: ModelConfig, params, tokenizer: Tokenizer) -> None:
@@ -46,6 +59,7 @@ def save_checkpoint(directory: Path, cfg: ModelConfig, params, tokenizer: Tokeni
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / CONFIG).write_text(cfg.to_json())
+    (tmp / FORMAT).write_text(FORMAT_VERSION + "\n")
     tokenizer.save(tmp)
     shapes, _ = abstract_params(cfg)  # each leaf in the dtype the model declares (int8 kernels stay int8)
     params = jax.tree.map(lambda x, s: np.asarray(x, dtype=s.dtype), params, shapes)
@@ -58,6 +72,9 @@ def save_checkpoint(directory: Path, cfg: ModelConfig, params, tokenizer: Tokeni
 def load_checkpoint(directory: Path, mesh, name: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Restore a checkpoint onto `mesh`; `dtype` (e.g. "bfloat16") converts the weights as they load."""
     directory = Path(directory).absolute()
+    if is_stale_checkpoint(directory):
+        raise ValueError(f"{directory} was written by an older jaxserve (checkpoint format {_format(directory)}, "
+                         f"this version reads {FORMAT_VERSION}); delete it and convert the model again")
     cfg = ModelConfig.load(directory / CONFIG)
     if dtype:
         cfg = dataclasses.replace(cfg, dtype=dtype)

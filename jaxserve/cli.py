@@ -61,7 +61,9 @@ def cmd_convert(args) -> int:
 
 def cmd_generate(args) -> int:
     from jaxserve.checkpoint import load_model
-    from jaxserve.engine import Delta, EngineRequest, SamplingParams, build_engine, enable_compilation_cache
+    from jaxserve.engine import bridge
+    from jaxserve.engine.build import build_engine, enable_compilation_cache
+    from jaxserve.engine.types import Delta, EngineRequest, SamplingParams
 
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
@@ -71,13 +73,13 @@ def cmd_generate(args) -> int:
     prompt_ids = tuple(tok.encode(args.prompt))
     # one slot, and a cache just long enough: shapes compile as they are first reached
     needed = len(prompt_ids) + args.max_tokens
-    engine = build_engine(model, slots=1, max_context=max(128, 1 << (needed - 1).bit_length()), warmup=False)
+    scheduler = build_engine(model, slots=1, max_context=max(128, 1 << (needed - 1).bit_length()), warmup=False)
     req = EngineRequest("generate", prompt_ids, max_tokens=args.max_tokens, seed=args.seed,
                         sampling=SamplingParams(temperature=args.temperature), ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
     first, n = None, 0
     try:
-        for item in engine.stream(req):
+        for item in bridge.stream(scheduler, req):
             if isinstance(item, Delta) and item.tokens:
                 first = first or time.perf_counter()
                 n += len(item.tokens)
@@ -85,7 +87,7 @@ def cmd_generate(args) -> int:
                 sys.stdout.write(item.text)
                 sys.stdout.flush()
     finally:
-        engine.shutdown()
+        scheduler.shutdown()
     sys.stdout.write("\n")
     end = time.perf_counter()
     if n > 1:
@@ -112,8 +114,8 @@ def cmd_serve(args) -> int:
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
     _graceful_server_class()(config).run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out
     loader.join(timeout=1)
-    if "engine" in holder:
-        holder["engine"].shutdown()
+    if "scheduler" in holder:
+        holder["scheduler"].shutdown()
     logging.getLogger("jaxserve").info("stopped")
     return 0
 
@@ -133,37 +135,37 @@ def _graceful_server_class():
 
 
 def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
-    """Model + engine + CompletionServing from the shared flags (serve and batch)."""
+    """Model + started scheduler + CompletionServing from the shared flags (serve and batch)."""
     from jaxserve.api.serving import CompletionServing
     from jaxserve.checkpoint import load_model
-    from jaxserve.engine import build_engine, enable_compilation_cache
+    from jaxserve.engine.build import build_engine, enable_compilation_cache
 
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
     model = load_model(args.model, checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype,
                        quantize=quantize_choice(args))
-    engine = build_engine(model, slots=args.max_slots, max_context=args.max_context, max_waiting=max_waiting)
+    scheduler = build_engine(model, slots=args.max_slots, max_context=args.max_context, max_waiting=max_waiting)
     weights = model.cfg.quant or model.cfg.dtype
-    serving = CompletionServing(engine, model.tokenizer, [model.name, *aliases], metrics,
+    serving = CompletionServing(scheduler, model.tokenizer, [model.name, *aliases], metrics,
                                 fingerprint=f"jaxserve-{model.name}-{weights}")
-    return model, engine, serving
+    return model, scheduler, serving
 
 
 def _load_for_serving(args, state, holder) -> None:
     log = logging.getLogger("jaxserve.serve")
     try:
         t0 = time.perf_counter()
-        model, engine, serving = _build_serving(args, state.metrics, args.served_model_name, args.max_waiting)
-        holder["engine"] = engine
-        core = engine.core
+        model, scheduler, serving = _build_serving(args, state.metrics, args.served_model_name, args.max_waiting)
+        holder["scheduler"] = scheduler
+        core = scheduler.core
         state.metrics.gauges.update({
-            "queue_depth": lambda: engine.queue_depth, "active_slots": lambda: engine.active_slots,
-            "compiles_total": lambda: sum(core.compiles.values()), "engine_steps_total": lambda: engine.steps})
+            "queue_depth": lambda: scheduler.queue_depth, "active_slots": lambda: scheduler.active_slots,
+            "compiles_total": lambda: sum(core.compiles.values()), "engine_steps_total": lambda: scheduler.steps})
         state.serving = serving
         log.info("serving %s as %s on http://%s:%d | mesh %s | weights %s | %d slots x %d tokens | KV cache %.2f GB "
                  "| ready in %.1f s", model.name, ", ".join(serving.model_ids), args.host, args.port,
                  dict(model.mesh.shape), model.cfg.quant or model.cfg.dtype, core.slots, core.cache_len,
-                 2 * core.state.cache.k.nbytes / 1e9, time.perf_counter() - t0)
+                 core.kv_bytes / 1e9, time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - reported on /health and in every response
         log.exception("loading failed")
         state.load_error = f"the model failed to load: {e}"
@@ -190,11 +192,11 @@ def cmd_batch(args) -> int:
     except DuplicateIds as e:
         print(f"jaxserve: error: {e}", file=sys.stderr)
         return 2
-    _, engine, serving = _build_serving(args, Metrics(), [args.model_id] if args.model_id else [])
+    _, scheduler, serving = _build_serving(args, Metrics(), [args.model_id] if args.model_id else [])
     try:
         summary = asyncio.run(run_batch(serving, items, Path(args.output), concurrency=2 * args.max_slots))
     finally:
-        engine.shutdown()
+        scheduler.shutdown()
     print(f"batch: {summary}", file=sys.stderr)
     return 0 if summary.failed == 0 else 1
 
@@ -232,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default $JAXSERVE_COMPILE_CACHE or ~/.cache/jaxserve/xla)")
     p.set_defaults(func=cmd_generate)
 
-    from jaxserve.engine import DEFAULT_CONTEXT, DEFAULT_SLOTS
+    from jaxserve.engine.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
 
     p = sub.add_parser("serve", parents=[common], help="serve the OpenAI Completions API over HTTP")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint) or checkpoint folder")

@@ -25,14 +25,15 @@ import jax
 
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
 from jaxserve.cli import compile_cache_dir
-from jaxserve.engine import DEFAULT_CONTEXT, EngineRequest, SamplingParams, Usage, build_engine, enable_compilation_cache
+from jaxserve.engine.build import DEFAULT_CONTEXT, build_engine, enable_compilation_cache
+from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
 from jaxserve.engine.roofline import Machine, floors
 from jaxserve.sharding import make_mesh
 
 
 def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_context: int):
     tok = model.tokenizer
-    engine = build_engine(model, slots=concurrency, max_context=max_context)
+    scheduler = build_engine(model, slots=concurrency, max_context=max_context)
     words = "the quick brown fox jumps over the lazy dog and runs far away into the woods".split()
     prompts = []
     for i in range(concurrency):
@@ -42,25 +43,21 @@ def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_contex
     all_done = threading.Event()
     t0 = time.perf_counter()
 
-    def submit(i):
-        def emit(item):
-            now = time.perf_counter() - t0
-            if i not in first_token and getattr(item, "tokens", None):
-                first_token[i] = now
-            if isinstance(item, Usage):
-                finished[i] = now
-                if len(finished) == concurrency:
-                    all_done.set()
+    def emit(i, item):
+        now = time.perf_counter() - t0
+        if i not in first_token and getattr(item, "tokens", None):
+            first_token[i] = now
+        if isinstance(item, Usage):
+            finished[i] = now
+            if len(finished) == concurrency:
+                all_done.set()
 
-        engine.submit(EngineRequest(f"b{i}", prompts[i], max_tokens=gen_tokens, ignore_eos=True,
-                                    sampling=SamplingParams(temperature=0.0)), emit)
-
-    for i in range(concurrency):
-        submit(i)
+    scheduler.submit([EngineRequest(f"b{i}", prompts[i], max_tokens=gen_tokens, ignore_eos=True,
+                                    sampling=SamplingParams(temperature=0.0)) for i in range(concurrency)], emit)
     all_done.wait()
     wall = time.perf_counter() - t0
-    engine.shutdown()
-    del engine
+    scheduler.shutdown()
+    del scheduler
     gc.collect()  # free this run's KV cache before the next engine allocates its own
     # per request, decode time per token after its first: the step latency that request saw
     per_token = [(finished[i] - first_token[i]) / max(1, gen_tokens - 1) for i in range(concurrency)]

@@ -257,7 +257,7 @@ def test_busy_server_answers_429_with_retry_after(tiny_dir):
 
 def test_top_logprobs_keep_tokens_with_the_same_text():
     from jaxserve.api.serving import CompletionServing
-    from jaxserve.engine import TokenInfo
+    from jaxserve.engine.types import TokenInfo
 
     class Tok:
         def token_bytes(self, t):

@@ -173,15 +173,17 @@ def test_load_converts_dtype(tiny_dir):
     """--dtype bfloat16: weights convert as they load and the model still continues its corpus."""
     import jax.numpy as jnp
 
-    from jaxserve.engine import EngineRequest, SamplingParams, build_engine
+    from jaxserve.engine.bridge import complete
+    from jaxserve.engine.build import build_engine
+    from jaxserve.engine.types import EngineRequest, SamplingParams
 
     model = load_checkpoint(tiny_dir, make_mesh(1, 1), dtype="bfloat16")
     assert model.cfg.dtype == "bfloat16"
     assert model.params["params"]["layers"]["q"].dtype == jnp.bfloat16
     engine = build_engine(model, slots=1, max_context=128, warmup=False)
     try:
-        deltas, _ = engine.complete(EngineRequest("b", tuple(model.tokenizer.encode("The Lord is my shepherd")),
-                                                  max_tokens=6, sampling=SamplingParams(temperature=0.0)), 120)
+        deltas, _ = complete(engine, EngineRequest("b", tuple(model.tokenizer.encode("The Lord is my shepherd")),
+                                                   max_tokens=6, sampling=SamplingParams(temperature=0.0)), 120)
         assert "".join(d.text for d in deltas).startswith("; I shall")
     finally:
         engine.shutdown()

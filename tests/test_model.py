@@ -1,16 +1,17 @@
-"""The Flax transformer against the NumPy oracle, and cached prefill/decode against one full pass."""
+"""The Flax transformer against the NumPy oracle, and the served steps (chunked prefill, then decode one
+token a step for several slots at once) against one full forward pass."""
 
+import jax
 import numpy as np
-import pytest
 
-from jaxserve.engine.steps import Forward
+from jaxserve.engine import steps
+from jaxserve.engine.core import JaxCore
 from reference_model import forward as reference_forward
+from served import full_logits, greedy_decode, scored_prefill, targets
 
 
-def full_logits(model, tokens):
-    fw = Forward(model.cfg, model.mesh, model.param_shardings, slots=1, cache_len=len(tokens))
-    logits, _ = fw(model.params, np.array([tokens]), np.arange(len(tokens))[None], fw.new_cache(), len(tokens))
-    return np.asarray(logits[0])
+def log_softmax(x):
+    return np.asarray(jax.nn.log_softmax(np.asarray(x, np.float64), axis=-1))
 
 
 def test_matches_numpy_reference(tiny):
@@ -19,53 +20,55 @@ def test_matches_numpy_reference(tiny):
     np.testing.assert_allclose(full_logits(tiny, tokens), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_prefill_chunks_then_decode_equal_full_pass(tiny):
-    """Two sequences of different lengths in one batch: chunked prefill, then one token a step."""
-    seqs = [tiny.tokenizer.encode("It was the best of times, it was the worst of times, it was"),
-            tiny.tokenizer.encode("Call me Ishmael. Some years ago")]
-    expected = [full_logits(tiny, s) for s in seqs]
-    fw = Forward(tiny.cfg, tiny.mesh, tiny.param_shardings, slots=2, cache_len=64)
-    cache = fw.new_cache()
-    prefix = [8, 5]  # prefill these many tokens in two chunks of 4 (padded), decode the rest
-    for start in (0, 4):
-        tokens = np.zeros((2, 4), np.int32)
-        positions = np.zeros((2, 4), np.int32)
-        for b, s in enumerate(seqs):
-            n = max(0, min(4, prefix[b] - start))
-            tokens[b, :n] = s[start: start + n]
-            # padding continues the positions past the prefix; decode overwrites those entries later
-            positions[b] = np.arange(start, start + 4) if n else np.arange(prefix[b], prefix[b] + 4)
-        logits, cache = fw(tiny.params, tokens, positions, cache, 64)
-        for b in range(2):
-            n = max(0, min(4, prefix[b] - start))
-            if n:
-                np.testing.assert_allclose(logits[b, :n], expected[b][start: start + n], atol=1e-5, rtol=1e-5)
-    steps = max(len(s) for s in seqs) - min(prefix)
-    pos = list(prefix)
-    for _ in range(steps):
-        tokens = np.array([[s[min(p, len(s) - 1)]] for s, p in zip(seqs, pos)], np.int32)
-        logits, cache = fw(tiny.params, tokens, np.array([[p] for p in pos], np.int32), cache, 64)
-        for b, s in enumerate(seqs):
-            if pos[b] < len(s):
-                np.testing.assert_allclose(logits[b, 0], expected[b][pos[b]], atol=1e-5, rtol=1e-5)
-        pos = [p + 1 for p in pos]
+def test_served_prefill_scores_every_position_as_the_full_pass(tiny):
+    tokens = tiny.tokenizer.encode("It was the best of times, it was the worst of times, it was")
+    want = log_softmax(full_logits(tiny, tokens))
+    core = JaxCore(tiny, slots=2, cache_len=128, eos_id=None)
+    for chunk in (len(tokens), 5):  # one call, and chunks continuing each other in the cache
+        lp, top_ids, top_lp, last = scored_prefill(core, 1, tokens, chunk)
+        np.testing.assert_allclose(lp, want[np.arange(len(tokens) - 1), tokens[1:]], atol=1e-5)
+        assert (top_ids == np.argsort(-want, axis=-1)[:, :5]).all()
+        np.testing.assert_allclose(top_lp, np.sort(want, axis=-1)[:, ::-1][:, :5], atol=1e-5)
+        np.testing.assert_allclose(last, full_logits(tiny, tokens)[-1], atol=1e-5)
+
+
+def test_prefill_then_decode_equals_the_full_pass(tiny):
+    """Two prompts of different lengths prefilled in chunks, then 12 greedy steps decoding both slots
+    together: every generated token's logprob and top 5 equal one full pass over prompt + tokens."""
+    prompts = [tiny.tokenizer.encode("Call me Ishmael. Some years ago"),
+               tiny.tokenizer.encode("It was the best of times, it was the worst of times, it was")]
+    core = JaxCore(tiny, slots=2, cache_len=128, eos_id=None)
+    for prompt, (tokens, lps, top_ids, top_lp) in zip(prompts, greedy_decode(core, prompts, 12, chunk=4)):
+        want = log_softmax(full_logits(tiny, prompt + list(tokens)))[len(prompt) - 1:-1]
+        assert (tokens == want.argmax(-1)).all()
+        np.testing.assert_allclose(lps, want[np.arange(12), tokens], atol=1e-5)
+        assert (top_ids == np.argsort(-want, axis=-1)[:, :5]).all()
+        np.testing.assert_allclose(top_lp, np.sort(want, axis=-1)[:, ::-1][:, :5], atol=1e-5)
 
 
 def test_reused_slot_ignores_previous_occupant(tiny):
     """A slot that held a longer sequence gives the same logits to a new, shorter one (no reset needed)."""
     long = tiny.tokenizer.encode("We hold these truths to be self-evident, that all men are created equal")
     short = tiny.tokenizer.encode("Twinkle, twinkle, little star")
-    fw = Forward(tiny.cfg, tiny.mesh, tiny.param_shardings, slots=1, cache_len=64)
-    cache = fw.new_cache()
-    _, cache = fw(tiny.params, np.array([long]), np.arange(len(long))[None], cache, 64)
-    logits, _ = fw(tiny.params, np.array([short]), np.arange(len(short))[None], cache, 64)
-    np.testing.assert_allclose(logits[0], full_logits(tiny, short), atol=1e-5, rtol=1e-5)
+    core = JaxCore(tiny, slots=1, cache_len=128, eos_id=None)
+    scored_prefill(core, 0, long)
+    lp, *_, last = scored_prefill(core, 0, short)
+    want = log_softmax(full_logits(tiny, short))
+    np.testing.assert_allclose(lp, want[np.arange(len(short) - 1), short[1:]], atol=1e-5)
+    np.testing.assert_allclose(last, full_logits(tiny, short)[-1], atol=1e-5)
 
 
-@pytest.mark.parametrize("window", [16, 32])
-def test_window_reads_only_the_filled_part(tiny, window):
-    """Logits do not depend on the attention window once it covers every position."""
+def test_attention_window_reads_only_the_filled_part(tiny):
+    """The jitted prefill gives the same result whatever (static) window covers the positions."""
     tokens = tiny.tokenizer.encode("Shall I compare thee to a summer's day?")[:16]
-    fw = Forward(tiny.cfg, tiny.mesh, tiny.param_shardings, slots=1, cache_len=64)
-    logits, _ = fw(tiny.params, np.array([tokens]), np.arange(len(tokens))[None], fw.new_cache(), window)
-    np.testing.assert_allclose(logits[0], full_logits(tiny, tokens), atol=1e-5, rtol=1e-5)
+    core = JaxCore(tiny, slots=1, cache_len=256, eos_id=None)
+    outs = []
+    for window in (16, 128, 256):
+        core.state, out = steps.prefill(
+            core.spec, tiny.params, core.state, np.array([tokens], np.int32), np.zeros(1, np.int32),
+            np.array([len(tokens)], np.int32), np.zeros(1, np.int32), np.array([targets(tokens)], np.int32),
+            np.bool_(True), window)
+        outs.append(core.fetch(out))
+    for out in outs[1:]:
+        np.testing.assert_allclose(out.logprobs, outs[0].logprobs, atol=1e-5)
+        np.testing.assert_allclose(out.last_logits, outs[0].last_logits, atol=1e-5)

@@ -1,13 +1,16 @@
 """int8 weights: the quantizer's arithmetic, and the int8 model against float32 and the reference."""
 
-import jax
 import numpy as np
 import pytest
 
 from jaxserve.checkpoint import load_model
 from jaxserve.checkpoint.quantize import quantize_array
-from jaxserve.engine.steps import Forward
+from jaxserve.engine.bridge import complete
+from jaxserve.engine.build import build_engine
+from jaxserve.engine.core import JaxCore
+from jaxserve.engine.types import EngineRequest, SamplingParams
 from jaxserve.sharding import make_mesh
+from served import scored_prefill
 
 
 def test_quantize_array_per_group_and_output_channel():
@@ -28,15 +31,15 @@ def smollm2_int8(checkpoint_root):
 
 
 def teacher_forced(model, reference):
-    fw = Forward(model.cfg, model.mesh, model.param_shardings, 1, 64)
+    """Each reference prompt + its greedy tokens through the served (scored) prefill: how often the
+    model's top token is the reference's, and the mean |difference| of the reference tokens' logprobs."""
+    core = JaxCore(model, slots=1, cache_len=128, eos_id=None)
     agree, diffs = [], []
     for p in reference["prompts"]:
-        ids = p["prompt_ids"] + p["greedy_ids"]
         n = len(p["prompt_ids"])
-        logits, _ = fw(model.params, np.array([ids]), np.arange(len(ids))[None], fw.new_cache(), 64)
-        lp = np.asarray(jax.nn.log_softmax(logits[0]))[n - 1: len(ids) - 1]
-        agree += list(lp.argmax(-1) == np.array(p["greedy_ids"]))
-        diffs += list(np.abs(lp[np.arange(32), p["greedy_ids"]] - np.array(p["greedy_logprobs"])))
+        lp, top_ids, *_ = scored_prefill(core, 0, p["prompt_ids"] + p["greedy_ids"])
+        agree += list(top_ids[n - 1: -1, 0] == np.array(p["greedy_ids"]))
+        diffs += list(np.abs(lp[n - 1:] - np.array(p["greedy_logprobs"])))
     return float(np.mean(agree)), float(np.mean(diffs))
 
 
@@ -52,13 +55,11 @@ def test_int8_weights_are_int8_and_still_say_paris(smollm2_int8):
     layers = smollm2_int8.params["params"]["layers"]
     assert layers["q"].dtype == np.int8 and layers["q_scale"].dtype == np.float32
     assert smollm2_int8.params["params"]["embed"]["embedding"].dtype == np.int8
-    from jaxserve.engine import EngineRequest, SamplingParams, build_engine
-
     engine = build_engine(smollm2_int8, slots=1, max_context=128, warmup=False)
     try:
         prompt = tuple(smollm2_int8.tokenizer.encode("The capital of France is"))
-        deltas, _ = engine.complete(EngineRequest("p", prompt, max_tokens=3, sampling=SamplingParams(temperature=0.0)),
-                                    120)
+        deltas, _ = complete(engine, EngineRequest("p", prompt, max_tokens=3, sampling=SamplingParams(temperature=0.0)),
+                             120)
         assert "".join(d.text for d in deltas).startswith(" Paris")
     finally:
         engine.shutdown()
@@ -70,9 +71,6 @@ def test_int8_sharded_equals_single_device(smollm2_int8, checkpoint_root, refere
     assert sharded.params["params"]["layers"]["q_scale"].shape == (30, 576 // 64, 9, 64)
     assert sharded.params["params"]["layers"]["q_scale"].sharding.spec[2] == "model"
     ids = reference["prompts"][0]["prompt_ids"]
-    outs = []
-    for model in (smollm2_int8, sharded):
-        fw = Forward(model.cfg, model.mesh, model.param_shardings, 1, 64)
-        logits, _ = fw(model.params, np.array([ids]), np.arange(len(ids))[None], fw.new_cache(), 64)
-        outs.append(np.asarray(logits))
-    np.testing.assert_allclose(outs[1], outs[0], atol=1e-3 * np.abs(outs[0]).max(), rtol=0)
+    outs = [scored_prefill(JaxCore(model, slots=1, cache_len=64, eos_id=None), 0, ids) for model in (smollm2_int8, sharded)]
+    for got, want in zip(outs[1], outs[0]):
+        np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(outs[0][3]).max(), rtol=0)

@@ -1,27 +1,38 @@
-"""SmolLM2 against ../shared/reference: outputs of HF transformers (float32) on the same GGUF."""
+"""SmolLM2 against tests/reference: outputs of HF transformers (float32) on the same GGUF, compared with
+what the engine serves (scheduler, jitted prefill and decode steps), all six prompts batched together."""
 
-import jax
+import threading
+
 import numpy as np
+import pytest
 
-from jaxserve.engine.steps import Forward
+from jaxserve.engine.bridge import complete
+from jaxserve.engine.build import build_engine
+from jaxserve.engine.types import EngineRequest, SamplingParams
 
 
-def greedy_with_logprobs(model, prompt_ids, steps):
-    """Prefill the prompt, then decode greedily one token a step through the cache."""
-    fw = Forward(model.cfg, model.mesh, model.param_shardings, slots=1, cache_len=64)
-    n = len(prompt_ids)
-    logits, cache = fw(model.params, np.array([prompt_ids]), np.arange(n)[None], fw.new_cache(), 64)
-    logprobs = np.asarray(jax.nn.log_softmax(logits[0]))
-    echo = [float(logprobs[j - 1, prompt_ids[j]]) for j in range(1, n)]
-    last = logprobs[-1]
-    tokens, chosen = [], []
-    for i in range(steps):
-        token = int(np.argmax(last))
-        tokens.append(token)
-        chosen.append(float(last[token]))
-        logits, cache = fw(model.params, np.array([[token]]), np.array([[n + i]]), cache, 64)
-        last = np.asarray(jax.nn.log_softmax(logits[0, 0]))
-    return tokens, chosen, echo
+@pytest.fixture(scope="module")
+def served(smollm2, reference):
+    """Each reference prompt echoed and decoded greedily for 32 tokens, concurrently: {i: (deltas, usage)}."""
+    engine = build_engine(smollm2, slots=8, max_context=256, warmup=False)
+    results = {}
+
+    def run(i, p):
+        req = EngineRequest(f"p{i}", tuple(p["prompt_ids"]), max_tokens=32, sampling=SamplingParams(temperature=0.0),
+                            echo=True, ignore_eos=True)
+        results[i] = complete(engine, req, timeout=600)
+
+    try:
+        threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(reference["prompts"])]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        engine.shutdown()
+    return results
+
+
+def generated(deltas):
+    return [t for d in deltas if not d.echo for t in d.tokens]
 
 
 def test_tokenizer_matches_reference(smollm2, reference):
@@ -30,29 +41,33 @@ def test_tokenizer_matches_reference(smollm2, reference):
         assert smollm2.tokenizer.decode(p["greedy_ids"]) == p["greedy_text"]
 
 
-def test_greedy_tokens_and_logprobs_match_reference(smollm2, reference):
+def test_greedy_tokens_and_logprobs_match_reference(served, reference):
     exact = 0
-    for p in reference["prompts"]:
-        tokens, chosen, echo = greedy_with_logprobs(smollm2, p["prompt_ids"], 32)
+    for i, p in enumerate(reference["prompts"]):
+        deltas, usage = served[i]
+        tokens = generated(deltas)
+        assert usage.completion_tokens == 32 and len(tokens) == 32
         agree = 0
-        while agree < 32 and tokens[agree] == p["greedy_ids"][agree]:
+        while agree < 32 and tokens[agree].token_id == p["greedy_ids"][agree]:
             agree += 1
         exact += agree == 32
         # logprobs are comparable while both follow the same path
-        np.testing.assert_allclose(chosen[:agree], p["greedy_logprobs"][:agree], atol=2e-3)
-        np.testing.assert_allclose(echo, p["prompt_logprobs_echo"][1:], atol=2e-3)
-        assert p["prompt_logprobs_echo"][0] is None
+        np.testing.assert_allclose([t.logprob for t in tokens[:agree]], p["greedy_logprobs"][:agree], atol=2e-3)
     assert exact >= 5, f"only {exact} of 6 prompts matched all 32 greedy tokens"
 
 
-def test_top5_match_reference(smollm2, reference):
+def test_echo_logprobs_match_reference(served, reference):
+    for i, p in enumerate(reference["prompts"]):
+        echo = served[i][0][0]
+        assert echo.echo and echo.text == p["prompt"]
+        assert echo.tokens[0].logprob is None and p["prompt_logprobs_echo"][0] is None
+        np.testing.assert_allclose([t.logprob for t in echo.tokens[1:]], p["prompt_logprobs_echo"][1:], atol=2e-3)
+
+
+def test_top5_match_reference(served, reference):
     p = reference["prompts"][0]
-    fw = Forward(smollm2.cfg, smollm2.mesh, smollm2.param_shardings, slots=1, cache_len=64)
-    ids = p["prompt_ids"] + p["greedy_ids"][:7]
-    logits, _ = fw(smollm2.params, np.array([ids]), np.arange(len(ids))[None], fw.new_cache(), 64)
-    logprobs = np.asarray(jax.nn.log_softmax(logits[0]))
+    tokens = generated(served[0][0])
     for step, top5 in enumerate(p["top5_first8"]):
-        row = logprobs[len(p["prompt_ids"]) - 1 + step]
-        ref_ids = [int(i) for i, _ in top5]
-        assert list(np.argsort(-row)[:5]) == ref_ids
-        np.testing.assert_allclose(row[ref_ids], [lp for _, lp in top5], atol=2e-3)
+        got_ids, got_lps = zip(*tokens[step].top)
+        assert list(got_ids) == [int(i) for i, _ in top5]
+        np.testing.assert_allclose(got_lps, [lp for _, lp in top5], atol=2e-3)

@@ -4,15 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.engine.sampling import SamplingParams, SamplingRow, SamplingState, record, sample, write_row
+from jaxserve.engine.sampling import record, sample
+from jaxserve.engine.state import SamplingState
+from jaxserve.engine.types import SamplingParams
 
 V = 6
 
 
 def state_for(*params: SamplingParams) -> SamplingState:
-    state = SamplingState.zeros(len(params), V)
+    state = SamplingState.initial(len(params), V)
     for slot, p in enumerate(params):
-        state = write_row(state, slot, SamplingRow.from_params(p, V))
+        state = state.write(slot, SamplingState.host_row(p, V))
     return state
 
 

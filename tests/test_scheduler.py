@@ -1,81 +1,16 @@
-"""The scheduler against a fake core whose arithmetic is checkable by hand.
+"""The scheduler against a fake core whose arithmetic is checkable by hand (see fake_core.py)."""
 
-FakeCore: the first token after a prompt is (last prompt token + 1); every step adds 1 to each active
-slot's token; the logprob of token t is -t/100. EOS is token 50. It records every call, so admission,
-slot reuse, abort and one-step-late processing are visible.
-"""
+import queue
+import threading
 
-import time
-import types
-
-import numpy as np
 import pytest
 
-from jaxserve.engine.engine import _END, Engine, EngineRequest, QueueFull, Usage
-from jaxserve.engine.sampling import SamplingParams
-
-EOS = 50
-
-
-def out(tokens, done, valid):
-    tokens = np.asarray(tokens)
-    return types.SimpleNamespace(tokens=tokens, logprobs=-tokens / 100.0, top_ids=np.stack([tokens] * 5, -1),
-                                 top_logprobs=np.stack([-tokens / 100.0] * 5, -1), done=np.asarray(done),
-                                 valid=np.asarray(valid))
-
-
-class FakeCore:
-    def __init__(self, slots=4, cache_len=64, chunk=4):
-        self.slots, self.cache_len, self.chunk, self.eos_id = slots, cache_len, chunk, EOS
-        self.tokens = np.zeros(slots, int)
-        self.active = np.zeros(slots, bool)
-        self.remaining = np.zeros(slots, int)
-        self.stop_eos = np.zeros(slots, bool)
-        self.calls = []
-
-    @staticmethod
-    def packing(count, longest):
-        """Up to 4 whole prompts of at most 2 tokens go in one call."""
-        return (4, 2) if count <= 4 and longest <= 2 else None
-
-    def prefill(self, rows, score=False):
-        self.calls.append(("prefill", tuple((slot, start, len(chunk)) for slot, chunk, start, _ in rows)))
-        T = max(len(chunk) for _, chunk, _, _ in rows)
-        logprobs = np.zeros((len(rows), T))
-        for i, (_, _, _, targets) in enumerate(rows):
-            logprobs[i, : len(targets)] = -np.asarray(targets) / 100.0
-        return types.SimpleNamespace(logprobs=logprobs, top_ids=np.zeros((len(rows), T, 5), int),
-                                     top_logprobs=np.zeros((len(rows), T, 5)),
-                                     last_logits=[chunk[-1] for _, chunk, _, _ in rows])
-
-    def fork(self, src, dst, length):
-        self.calls.append(("fork", src, dst))
-
-    def insert(self, slot, last_token, params, position, max_tokens, stop_on_eos):
-        self.calls.append(("insert", slot))
-        token = last_token + 1
-        done = max_tokens <= 1 or (stop_on_eos and token == EOS)
-        self.tokens[slot], self.active[slot] = token, not done
-        self.remaining[slot], self.stop_eos[slot] = max_tokens - 1, stop_on_eos
-        return out([token], [done], [True])
-
-    def step(self, max_position, max_slot):
-        time.sleep(0.002)  # a device step takes time: lets an abort land mid-stream
-        self.calls.append(("step", tuple(np.flatnonzero(self.active))))
-        valid = self.active.copy()
-        self.tokens = np.where(valid, self.tokens + 1, self.tokens)
-        self.remaining -= valid
-        done = valid & ((self.remaining <= 0) | (self.stop_eos & (self.tokens == EOS)))
-        self.active &= ~done
-        return out(self.tokens.copy(), done, valid)
-
-    def release(self, slot):
-        self.calls.append(("release", slot))
-        self.active[slot] = False
-
-    @staticmethod
-    def fetch(tree):
-        return tree
+from fake_core import FakeCore
+from jaxserve.engine.bridge import complete
+from jaxserve.engine.contract import Core
+from jaxserve.engine.lifecycle import END
+from jaxserve.engine.scheduler import Scheduler
+from jaxserve.engine.types import EngineRequest, EngineStopped, QueueFull, RequestError, SamplingParams, Usage
 
 
 class ToyTokenizer:
@@ -90,7 +25,7 @@ class ToyTokenizer:
 
 @pytest.fixture
 def engine():
-    eng = Engine(FakeCore(), ToyTokenizer(), max_waiting=8).start()
+    eng = Scheduler(FakeCore(), ToyTokenizer(), max_waiting=8).start()
     yield eng
     eng.shutdown()
 
@@ -104,30 +39,30 @@ def text_of(deltas, index=0):
 
 
 def test_tokens_follow_the_arithmetic(engine):
-    deltas, usage = engine.complete(req("a", [3, 7], max_tokens=4), timeout=10)
+    deltas, usage = complete(engine, req("a", [3, 7], max_tokens=4), timeout=10)
     assert text_of(deltas) == "<8><9><10><11>"
     assert deltas[-1].finish_reason == "length"
     assert (usage.prompt_tokens, usage.completion_tokens) == (2, 4)
 
 
 def test_eos_finishes_with_stop_and_is_not_text(engine):
-    deltas, usage = engine.complete(req("a", [47], max_tokens=10), timeout=10)
+    deltas, usage = complete(engine, req("a", [47], max_tokens=10), timeout=10)
     assert text_of(deltas) == "<48><49>"
     assert deltas[-1].finish_reason == "stop"
     assert usage.completion_tokens == 3  # the EOS token counts as generated
-    deltas, _ = engine.complete(req("b", [47], max_tokens=4, ignore_eos=True), timeout=10)
+    deltas, _ = complete(engine, req("b", [47], max_tokens=4, ignore_eos=True), timeout=10)
     assert text_of(deltas) == "<48><49><50><51>"
 
 
 def test_stop_string_releases_the_slot(engine):
-    deltas, _ = engine.complete(req("a", [1], max_tokens=20, stop=("<5>",)), timeout=10)
+    deltas, _ = complete(engine, req("a", [1], max_tokens=20, stop=("<5>",)), timeout=10)
     assert text_of(deltas) == "<2><3><4>"
     assert deltas[-1].finish_reason == "stop"
     assert ("release", 0) in engine.core.calls
 
 
 def test_long_prompt_is_prefilled_in_chunks(engine):
-    deltas, _ = engine.complete(req("a", range(10), max_tokens=1, echo=True), timeout=10)
+    deltas, _ = complete(engine, req("a", range(10), max_tokens=1, echo=True), timeout=10)
     prefills = [c for c in engine.core.calls if c[0] == "prefill"]
     assert prefills == [("prefill", ((0, 0, 4),)), ("prefill", ((0, 4, 4),)), ("prefill", ((0, 8, 2),))]
     echo = deltas[0]
@@ -138,17 +73,16 @@ def test_long_prompt_is_prefilled_in_chunks(engine):
 
 
 def test_short_prompts_waiting_together_share_one_prefill():
-    import queue
-    eng = Engine(FakeCore(), ToyTokenizer())
+    eng = Scheduler(FakeCore(), ToyTokenizer())
     queues = [queue.Queue() for _ in range(4)]
     for i, q in enumerate(queues[:3]):
-        eng.submit(req(f"s{i}", [10 * i + 1, 10 * i + 2], max_tokens=2, echo=i == 1), q.put)
-    eng.submit(req("long", [7, 7, 7], max_tokens=1), queues[3].put)  # too long to pack: its own call
+        eng.submit([req(f"s{i}", [10 * i + 1, 10 * i + 2], max_tokens=2, echo=i == 1)], lambda _, item, q=q: q.put(item))
+    eng.submit([req("long", [7, 7, 7], max_tokens=1)], lambda _, item: queues[3].put(item))  # too long to pack: its own call
     eng.start()
     try:
         for i, q in enumerate(queues):
             items = []
-            while not items or items[-1] is not _END:
+            while not items or items[-1] is not END:
                 items.append(q.get(timeout=10))
             deltas = [d for d in items if hasattr(d, "echo")]
             want = "<8>" if i == 3 else f"<{10 * i + 3}><{10 * i + 4}>"
@@ -163,23 +97,22 @@ def test_short_prompts_waiting_together_share_one_prefill():
 
 
 def test_n_shares_one_prefill_and_slots_are_reused(engine):
-    deltas, usage = engine.complete(req("a", [20], max_tokens=3, n=3), timeout=10)
+    deltas, usage = complete(engine, req("a", [20], max_tokens=3, n=3), timeout=10)
     assert [c[0] for c in engine.core.calls].count("prefill") == 1
     assert sorted(c[2] for c in engine.core.calls if c[0] == "fork") == [1, 2]
     for i in range(3):
         assert text_of(deltas, i) == "<21><22><23>"
     assert usage.completion_tokens == 9
     engine.core.calls.clear()
-    engine.complete(req("b", [5], max_tokens=2), timeout=10)
+    complete(engine, req("b", [5], max_tokens=2), timeout=10)
     assert ("insert", 0) in engine.core.calls  # the freed slot 0 is taken again at once
 
 
 def test_more_requests_than_slots_all_complete(engine):
-    import threading
     results = {}
 
     def run(i):
-        results[i] = engine.complete(req(f"r{i}", [i], max_tokens=3), timeout=20)
+        results[i] = complete(engine, req(f"r{i}", [i], max_tokens=3), timeout=20)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     [t.start() for t in threads]
@@ -191,7 +124,7 @@ def test_more_requests_than_slots_all_complete(engine):
 
 
 def test_max_tokens_zero_scores_only(engine):
-    deltas, usage = engine.complete(req("a", [4, 5, 6], max_tokens=0, echo=True), timeout=10)
+    deltas, usage = complete(engine, req("a", [4, 5, 6], max_tokens=0, echo=True), timeout=10)
     assert deltas[0].echo and [t.token_id for t in deltas[0].tokens] == [4, 5, 6]
     assert deltas[-1].finish_reason == "length"
     assert usage.completion_tokens == 0
@@ -200,35 +133,84 @@ def test_max_tokens_zero_scores_only(engine):
 
 def test_best_of_returns_highest_mean_logprob(engine):
     # every candidate is the same arithmetic: ties keep candidate order; n=1 of best_of=2
-    deltas, usage = engine.complete(req("a", [10], max_tokens=2, n=1, best_of=2), timeout=10)
+    deltas, usage = complete(engine, req("a", [10], max_tokens=2, n=1, best_of=2), timeout=10)
     assert {d.index for d in deltas} == {0}
     assert text_of(deltas) == "<11><12>"
 
 
 def test_validation_and_bounded_queue():
-    eng = Engine(FakeCore(), ToyTokenizer(), max_waiting=2)  # not started: nothing drains
-    with pytest.raises(ValueError, match="maximum context length is 64"):
-        eng.submit(req("a", range(60), max_tokens=10), print)
-    with pytest.raises(ValueError, match="empty"):
-        eng.submit(req("a", [], max_tokens=1), print)
-    eng.submit(req("a", [1]), print)
-    eng.submit(req("b", [1]), print)
+    eng = Scheduler(FakeCore(), ToyTokenizer(), max_waiting=2)  # not started: nothing drains
+    with pytest.raises(RequestError, match="maximum context length is 64") as e:
+        eng.submit([req("a", range(60), max_tokens=10)], print)
+    assert (e.value.param, e.value.code) == ("prompt", "context_length_exceeded")
+    with pytest.raises(RequestError, match="empty"):
+        eng.submit([req("a", [], max_tokens=1)], print)
+    with pytest.raises(RequestError, match="at most 4") as e:
+        eng.submit([req("a", [1], n=2, best_of=5)], print)
+    assert e.value.param == "best_of"
+    eng.submit([req("a", [1])], print)
+    eng.submit([req("b", [1])], print)
     with pytest.raises(QueueFull):
-        eng.submit(req("c", [1]), print)
+        eng.submit([req("c", [1])], print)
 
 
 def test_abort_frees_the_slot(engine):
-    import queue
     q = queue.Queue()
-    engine.submit(req("long", [0], max_tokens=60, ignore_eos=True), q.put)
+    engine.submit([req("long", [0], max_tokens=60, ignore_eos=True)], lambda _, item: q.put(item))
     first = q.get(timeout=10)
     assert first.text == "<1>"
     engine.abort("long")
     items = []
-    while not (items and items[-1] is _END):
+    while not (items and items[-1] is END):
         items.append(q.get(timeout=10))
     assert len(items) < 60  # ended early, without a usage line
     assert not any(isinstance(i, Usage) for i in items)
-    deltas, _ = engine.complete(req("next", [30], max_tokens=2), timeout=10)
+    deltas, _ = complete(engine, req("next", [30], max_tokens=2), timeout=10)
     assert text_of(deltas) == "<31><32>"
     assert engine.active_slots == 0
+
+
+def test_the_fake_implements_the_device_contract():
+    assert isinstance(FakeCore(), Core)  # its signatures are checked against Core by mypy in CI
+
+
+def test_requests_submitted_together_are_queued_all_or_none():
+    eng = Scheduler(FakeCore(), ToyTokenizer(), max_waiting=3)  # not started: nothing drains
+    with pytest.raises(RequestError):
+        eng.submit([req("a", [1]), req("b", [])], print)
+    assert eng.queue_depth == 0
+    with pytest.raises(QueueFull):
+        eng.submit([req(f"r{i}", [1]) for i in range(4)], print)
+    assert eng.queue_depth == 0
+    eng.submit([req(f"r{i}", [1]) for i in range(3)], print)
+    assert eng.queue_depth == 3
+
+
+class BrokenCore(FakeCore):
+    def step(self, max_position, max_slot):
+        raise RuntimeError("device lost")
+
+
+def test_an_engine_failure_ends_open_requests_and_refuses_new_ones():
+    eng = Scheduler(BrokenCore(), ToyTokenizer()).start()
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            complete(eng, req("a", [1], max_tokens=5), timeout=10)
+        with pytest.raises(EngineStopped, match="device lost"):  # refused at once, never queued to hang
+            complete(eng, req("b", [1], max_tokens=5), timeout=10)
+        assert not eng.healthy
+    finally:
+        eng.shutdown()
+
+
+def test_items_of_requests_submitted_together_come_tagged_with_their_index(engine):
+    items = queue.Queue()
+    engine.submit([req("a", [1], max_tokens=2), req("b", [10], max_tokens=1)], lambda i, item: items.put((i, item)))
+    got, ended = {0: "", 1: ""}, 0
+    while ended < 2:
+        i, item = items.get(timeout=10)
+        if item is END:
+            ended += 1
+        elif hasattr(item, "text"):
+            got[i] += item.text
+    assert got == {0: "<2><3>", 1: "<11>"}

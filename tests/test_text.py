@@ -74,5 +74,6 @@ def test_suffix_on_a_model_without_fim_tokens_is_a_clear_error(smollm2_dir):
     from jaxserve.engine.text import fill_in_the_middle
     from jaxserve.tokenizer import load_tokenizer
 
-    with pytest.raises(ValueError, match="no fill-in-the-middle tokens"):
+    with pytest.raises(ValueError, match="no fill-in-the-middle tokens") as e:
         fill_in_the_middle(load_tokenizer(smollm2_dir), [1], [2])
+    assert e.value.param == "suffix"

@@ -95,11 +95,12 @@ def create_app(state: ServerState) -> Starlette:
         srv = serving()
         if not req.stream:
             task = asyncio.ensure_future(srv.complete(req))
-            while not task.done():  # a client that goes away aborts its requests in the engine
-                await asyncio.wait([task], timeout=0.5)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-                    return Response(status_code=499)
+            gone = asyncio.ensure_future(_disconnected(request))
+            await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not task.done():  # the client went away: cancelling aborts its requests in the engine
+                task.cancel()
+                return Response(status_code=499)
             return _json(task.result())
         chunks = srv.stream(req)
         try:  # errors found before the first chunk (busy, bad prompt) are plain HTTP errors
@@ -121,7 +122,7 @@ def create_app(state: ServerState) -> Starlette:
         return _json(_model_card(model_id, srv))
 
     async def health(request: Request) -> Response:
-        ok = state.serving is not None and state.serving.engine.healthy
+        ok = state.serving is not None and state.serving.scheduler.healthy
         return _json({"status": "ok" if ok else ("error" if state.load_error or state.serving else "loading")},
                      200 if ok else 503)
 
@@ -133,7 +134,7 @@ def create_app(state: ServerState) -> Starlette:
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             raise APIError(400, "'prompt' must be a string", param="prompt")
         tokens = tok.encode(body["prompt"])
-        return _json({"tokens": tokens, "count": len(tokens), "max_model_len": serving().engine.max_context})
+        return _json({"tokens": tokens, "count": len(tokens), "max_model_len": serving().scheduler.max_context})
 
     async def detokenize(request: Request) -> Response:
         body, tok = await body_json(request), serving().tokenizer
@@ -149,7 +150,7 @@ def create_app(state: ServerState) -> Starlette:
             return None if token_id is None else tok.decode([token_id])
         return _json({"eos_token": text(tok.eos_id), "bos_token": text(tok.bos_id), "pad_token": text(tok.eos_id),
                       "add_bos_token": tok.add_bos, "vocab_size": tok.vocab_size,
-                      "model_max_length": serving().engine.max_context})
+                      "model_max_length": serving().scheduler.max_context})
 
     async def openapi(request: Request) -> Response:
         return _json(openapi_spec())
@@ -167,6 +168,12 @@ def create_app(state: ServerState) -> Starlette:
         Route("/openapi.json", endpoint(openapi, auth=False), methods=["GET"]),
     ]
     return Starlette(routes=routes)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body has been read: the server's next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _sse(first, chunks):
@@ -188,7 +195,7 @@ async def _sse(first, chunks):
 
 def _model_card(model_id: str, srv: CompletionServing) -> dict:
     return {"id": model_id, "object": "model", "created": srv.created, "owned_by": "jaxserve",
-            "max_model_len": srv.engine.max_context}
+            "max_model_len": srv.scheduler.max_context}
 
 
 def openapi_spec() -> dict:

@@ -1,27 +1,36 @@
 """Serving: a validated CompletionRequest -> engine requests -> an OpenAI `text_completion` object or a
-stream of chunks. Knows the tokenizer (for prompts, token strings and offsets) and the engine's request
-API; knows nothing of HTTP.
+stream of chunks. Knows the tokenizer (for prompts, token strings and offsets) and the engine's host
+types and asyncio bridge; knows nothing of HTTP, and loads no jax.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
 import uuid
 from typing import AsyncIterator
 
 from jaxserve.api.metrics import Metrics
 from jaxserve.api.protocol import APIError, CompletionRequest
-from jaxserve.engine import ContextLengthError, Delta, Engine, EngineRequest, QueueFull, SamplingParams, Usage
+from jaxserve.engine import bridge
+from jaxserve.engine.scheduler import Scheduler
 from jaxserve.engine.text import fill_in_the_middle
+from jaxserve.engine.types import Delta, EngineRequest, EngineStopped, QueueFull, RequestError, SamplingParams, Usage
 from jaxserve.tokenizer import Tokenizer
 
 MIN_LOGPROB = -9999.0  # what -inf is sent as: JSON has no infinities
 
 
-def busy(message: str) -> APIError:
-    return APIError(429, f"The server is busy: {message}. Retry shortly.", type="server_busy_error",
-                    code="rate_limit_exceeded", headers={"Retry-After": "1"})
+def engine_error(e: Exception) -> APIError:
+    """The client's view of an error the engine raised for a request."""
+    if isinstance(e, RequestError):
+        return APIError(400, str(e), param=e.param, code=e.code)
+    if isinstance(e, QueueFull):
+        return APIError(429, f"The server is busy: {e}. Retry shortly.", type="server_busy_error",
+                        code="rate_limit_exceeded", headers={"Retry-After": "1"})
+    if isinstance(e, EngineStopped):
+        return APIError(503, f"The engine is not running: {e}", type="server_error", headers={"Retry-After": "5"})
+    raise TypeError(f"not an engine request error: {e!r}")
 
 
 class _Tally:
@@ -52,15 +61,17 @@ class _Tally:
 
 
 class CompletionServing:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_ids: list[str], metrics: Metrics,
+    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, model_ids: list[str], metrics: Metrics,
                  fingerprint: str, created: int | None = None):
-        self.engine, self.tokenizer, self.model_ids = engine, tokenizer, model_ids
+        self.scheduler, self.tokenizer, self.model_ids = scheduler, tokenizer, model_ids
         self.metrics, self.fingerprint = metrics, fingerprint
         self.created = created or int(time.time())
 
     # ---- request -> engine requests ----------------------------------------------------------------
 
     def engine_requests(self, req: CompletionRequest, request_id: str) -> list[EngineRequest]:
+        """One engine request per prompt. Checks what needs this model (its name, vocabulary, FIM
+        tokens); the engine checks the rest when they are submitted."""
         if req.model not in self.model_ids:
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
                                 f"{', '.join(self.model_ids)}", param="model", code="model_not_found")
@@ -71,70 +82,38 @@ class CompletionServing:
                 raise APIError(400, f"logit_bias key {key} is not a token id of this model (0..{vocab - 1})",
                                param="logit_bias")
             bias.append((int(key), float(value)))
-        sampling = SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
-                                  top_p=1.0 if req.top_p is None else req.top_p,
-                                  presence_penalty=req.presence_penalty or 0.0,
-                                  frequency_penalty=req.frequency_penalty or 0.0, logit_bias=tuple(bias))
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        given = dict(temperature=req.temperature, top_p=req.top_p, presence_penalty=req.presence_penalty,
+                     frequency_penalty=req.frequency_penalty)  # null means the default
+        sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None}, logit_bias=tuple(bias))
+        limits = {} if req.max_tokens is None else {"max_tokens": req.max_tokens}
         out = []
         for i, prompt in enumerate(req.prompts):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             if any(not 0 <= t < vocab for t in ids):
                 raise APIError(400, f"prompt {i} holds token ids outside this model's vocabulary (0..{vocab - 1})",
                                param="prompt")
-            if req.suffix is not None:
-                try:
-                    ids = fill_in_the_middle(self.tokenizer, ids, self.tokenizer.encode(req.suffix))
-                except ValueError as e:
-                    raise APIError(400, str(e), param="suffix") from None
-            engine_req = EngineRequest(f"{request_id}-{i}", tuple(ids), max_tokens=max_tokens, sampling=sampling,
-                                       seed=req.seed, n=req.n, best_of=req.best_of, echo=req.echo,
-                                       stop=req.stops, ignore_eos=req.ignore_eos)
             try:
-                self.engine.validate(engine_req)
-            except ContextLengthError as e:
-                raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
-            except ValueError as e:
-                raise APIError(400, str(e), param="n" if "n and best_of" in str(e) else "prompt") from None
-            out.append(engine_req)
-        if not self.engine.has_room(len(out)):
-            raise busy(f"{self.engine.max_waiting} requests are already waiting")
+                if req.suffix is not None:
+                    ids = fill_in_the_middle(self.tokenizer, ids, self.tokenizer.encode(req.suffix))
+            except RequestError as e:
+                raise engine_error(e) from None
+            out.append(EngineRequest(f"{request_id}-{i}", tuple(ids), sampling=sampling, seed=req.seed, n=req.n,
+                                     best_of=req.best_of, echo=req.echo, stop=req.stops, ignore_eos=req.ignore_eos,
+                                     **limits))
         return out
 
     # ---- running ------------------------------------------------------------------------------------
 
-    async def _merged(self, reqs: list[EngineRequest], n: int) -> AsyncIterator[tuple[int, Delta | Usage]]:
-        """Deltas of every prompt, as they come, with choice index = prompt index * n + j."""
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def pump(i: int, r: EngineRequest):
-            try:
-                async for item in self.engine.generate(r):
-                    await queue.put((i, item))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                await queue.put((i, e))
-            finally:
-                await queue.put((i, done))
-
-        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                i, item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, QueueFull):
-                    raise busy(str(item))
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
+    async def _results(self, reqs: list[EngineRequest], n: int) -> AsyncIterator[tuple[int, Delta | Usage]]:
+        """Every prompt's items as they come, a Delta's index made choice index = prompt index * n + j."""
+        try:  # closing this (the client gone, or an error) closes the bridge, which aborts every prompt's request
+            async with contextlib.aclosing(bridge.generate(self.scheduler, reqs)) as results:
+                async for i, item in results:
                     if isinstance(item, Delta):
                         item = Delta(i * n + item.index, item.text, item.tokens, item.finish_reason, item.echo)
                     yield i, item
-        finally:  # a client gone or an error: the other prompts' requests are aborted too
-            for t in tasks:
-                t.cancel()
+        except (RequestError, QueueFull, EngineStopped) as e:
+            raise engine_error(e) from None
 
     def _base(self, request_id: str, model: str) -> dict:
         return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
@@ -147,13 +126,14 @@ class CompletionServing:
         texts: dict[int, list[str]] = {}
         infos: dict[int, list] = {}
         reasons: dict[int, str | None] = {}
-        async for _, item in self._merged(reqs, req.n):
-            if (item := tally.delta(item)) is None:
-                continue
-            texts.setdefault(item.index, []).append(item.text)
-            infos.setdefault(item.index, []).extend(item.tokens)
-            if item.finish_reason:
-                reasons[item.index] = item.finish_reason
+        async with contextlib.aclosing(self._results(reqs, req.n)) as results:
+            async for _, item in results:
+                if (item := tally.delta(item)) is None:
+                    continue
+                texts.setdefault(item.index, []).append(item.text)
+                infos.setdefault(item.index, []).extend(item.tokens)
+                if item.finish_reason:
+                    reasons[item.index] = item.finish_reason
         tally.record(self.metrics)
         choices = []
         for index in sorted(texts):
@@ -174,17 +154,18 @@ class CompletionServing:
         base = self._base(request_id, req.model)
         offsets: dict[int, int] = {}
         tally = _Tally()
-        async for i, item in self._merged(reqs, req.n):
-            if (item := tally.delta(item)) is None:
-                continue
-            logprobs = None
-            if req.logprobs is not None:
-                if item.index not in offsets:
-                    offsets[item.index] = 0 if req.echo else len(self._prompt_text(reqs[i]))
-                logprobs = self._logprobs(item.tokens, req.logprobs, offsets[item.index])
-                offsets[item.index] += sum(len(s) for s in logprobs["tokens"])
-            yield {**base, "choices": [{"text": item.text, "index": item.index, "logprobs": logprobs,
-                                        "finish_reason": item.finish_reason}]}
+        async with contextlib.aclosing(self._results(reqs, req.n)) as results:
+            async for i, item in results:
+                if (item := tally.delta(item)) is None:
+                    continue
+                logprobs = None
+                if req.logprobs is not None:
+                    if item.index not in offsets:
+                        offsets[item.index] = 0 if req.echo else len(self._prompt_text(reqs[i]))
+                    logprobs = self._logprobs(item.tokens, req.logprobs, offsets[item.index])
+                    offsets[item.index] += sum(len(s) for s in logprobs["tokens"])
+                yield {**base, "choices": [{"text": item.text, "index": item.index, "logprobs": logprobs,
+                                            "finish_reason": item.finish_reason}]}
         tally.record(self.metrics)
         if req.stream_options and req.stream_options.include_usage:
             yield {**base, "choices": [], "usage": tally.usage()}

@@ -3,84 +3,19 @@ parameters ever change a compiled shape.
 
 Order of operations on a row's logits: + logit_bias, - frequency/presence penalties (OpenAI's definition
 over the tokens generated so far), then greedy (temperature 0) or temperature + top_p sampling.
+The knobs are declared in `state.SamplingState`.
 Logprobs (the chosen token's and the top 5) are the log-softmax of the model's raw logits, before bias,
 penalties and temperature: the model's own distribution, the same for prompt (echo) and generated tokens.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import struct
+
+from jaxserve.engine.state import SamplingState
 
 TOP_LOGPROBS = 5  # the most OpenAI's `logprobs` parameter allows
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """One sequence's sampling knobs, validated by the caller (host side)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    seed: int = 0
-
-
-@struct.dataclass
-class SamplingState:
-    """Per-slot sampling rows on device. Shapes: [B] unless noted."""
-
-    temperature: jax.Array
-    top_p: jax.Array
-    presence: jax.Array
-    frequency: jax.Array
-    bias: jax.Array  # [B, V] float32, dense logit_bias
-    counts: jax.Array  # [B, V] int32, how often each token was generated in this sequence
-    key: jax.Array  # [B, 2] uint32, the sequence's base key (raw PRNGKey data)
-    step: jax.Array  # [B] int32, tokens sampled so far: folded into the key, so draws depend on nothing else
-
-    @classmethod
-    def zeros(cls, slots: int, vocab: int) -> "SamplingState":
-        f = jnp.zeros((slots,), jnp.float32)
-        return cls(temperature=f, top_p=f + 1, presence=f, frequency=f,
-                   bias=jnp.zeros((slots, vocab), jnp.float32), counts=jnp.zeros((slots, vocab), jnp.int32),
-                   key=jnp.zeros((slots, 2), jnp.uint32), step=jnp.zeros((slots,), jnp.int32))
-
-
-@struct.dataclass
-class SamplingRow:
-    """One slot's row, built on the host and written into SamplingState at insertion."""
-
-    temperature: jax.Array
-    top_p: jax.Array
-    presence: jax.Array
-    frequency: jax.Array
-    bias: jax.Array  # [V]
-    key: jax.Array  # [2]
-
-    @classmethod
-    def from_params(cls, p: SamplingParams, vocab: int) -> "SamplingRow":
-        bias = np.zeros((vocab,), np.float32)
-        for token, value in p.logit_bias:
-            bias[token] = value
-        key = np.asarray(jax.random.key_data(jax.random.key(p.seed & 0xFFFFFFFF)), np.uint32)
-        return cls(temperature=np.float32(p.temperature), top_p=np.float32(p.top_p),
-                   presence=np.float32(p.presence_penalty), frequency=np.float32(p.frequency_penalty),
-                   bias=bias, key=key)
-
-
-def write_row(state: SamplingState, slot, row: SamplingRow) -> SamplingState:
-    """Give `slot` a new sequence's knobs, with no generated tokens yet."""
-    return state.replace(
-        temperature=state.temperature.at[slot].set(row.temperature), top_p=state.top_p.at[slot].set(row.top_p),
-        presence=state.presence.at[slot].set(row.presence), frequency=state.frequency.at[slot].set(row.frequency),
-        bias=state.bias.at[slot].set(row.bias), counts=state.counts.at[slot].set(0),
-        key=state.key.at[slot].set(row.key), step=state.step.at[slot].set(0))
 
 
 def top_logprobs(logits):

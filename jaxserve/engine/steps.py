@@ -1,50 +1,145 @@
-"""A plain jitted forward over the mesh, with explicit shardings: tokens/positions [B, T] and the cache in,
-logits and the updated cache out, the cache donated so XLA updates it in place; the attention window W is
-static. Tests and diagnostics use it directly; the engine's own steps (core.py) share `cache_shardings`.
+"""The jitted device steps of continuous batching, at module level: prefill, fork, insert, step, release.
+
+Each takes a `StepSpec` (static: the model config, EOS and where the state lives) and the `DecodeState`,
+which it donates so XLA updates it in place, and returns the new state (constrained to the same
+shardings, so the next call finds what it compiled for) with the step's outputs, replicated. Shapes
+that vary are static arguments bucketed by the caller (`core.JaxCore`): the attention window, the
+prefill chunk and the decode rows. Every trace is counted in `spec.compiles`, so a test can prove that
+no request compiles anything.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+from flax import struct
+from jax.sharding import NamedSharding
 
-from jaxserve.model import KVCache, ModelConfig, Transformer
-from jaxserve.sharding import named_sharding, tree_shardings
-
-
-def cache_shardings(cfg: ModelConfig, mesh, slots: int, length: int) -> KVCache:
-    shapes = KVCache.shape_dtype(cfg, slots, length)
-    return tree_shardings(KVCache.axes(), shapes, mesh)
+from jaxserve.engine.sampling import TOP_LOGPROBS, record, sample, top_logprobs
+from jaxserve.engine.state import DecodeState
+from jaxserve.model import ModelConfig, Transformer
 
 
-@dataclasses.dataclass
-class Forward:
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the steps are compiled for. Hashable: equal specs share compiled steps."""
+
     cfg: ModelConfig
-    mesh: jax.sharding.Mesh
-    param_shardings: object
-    slots: int  # B
-    cache_len: int  # S
+    eos_id: int  # -1: none
+    state_sharding: DecodeState  # a NamedSharding per array
+    replicated: NamedSharding
+    compiles: collections.Counter = dataclasses.field(default_factory=collections.Counter, compare=False,
+                                                      hash=False)
 
-    def __post_init__(self):
-        model = Transformer(self.cfg)
-        self.cache_sharding = cache_shardings(self.cfg, self.mesh, self.slots, self.cache_len)
-        batch = named_sharding(("batch", "seq"), (self.slots, 1), self.mesh)
-        logits = named_sharding(("batch", "seq", "vocab"), (self.slots, 1, self.cfg.vocab_size), self.mesh)
 
-        def step(params, tokens, positions, cache, window):
-            return model.apply(params, tokens, positions, cache, window)
+@struct.dataclass
+class StepOutput:
+    """What one step (or one insert) produced, per slot: arrays [B] (or [1]), top_* [B, 5]."""
 
-        self._step = jax.jit(step, static_argnums=(4,), donate_argnums=(3,),
-                             in_shardings=(self.param_shardings, batch, batch, self.cache_sharding),
-                             out_shardings=(logits, self.cache_sharding))
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+    done: jax.Array  # the slot finished with this token (EOS or max_tokens)
+    valid: jax.Array  # the slot was active: this row is a real token
 
-    def new_cache(self) -> KVCache:
-        make = jax.jit(lambda: KVCache.zeros(self.cfg, self.slots, self.cache_len), out_shardings=self.cache_sharding)
-        return make()
 
-    def __call__(self, params, tokens, positions, cache: KVCache, window: int):
-        """tokens, positions [B, T] -> (logits [B, T, V], cache). Every position must be < window <= S."""
-        assert window <= self.cache_len
-        return self._step(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), cache, window)
+@struct.dataclass
+class PrefillOutput:
+    logprobs: jax.Array  # [P, T] log p(targets[t] | prompt[:start+t+1]) for each row (zero unless scored)
+    top_ids: jax.Array  # [P, T, 5]
+    top_logprobs: jax.Array
+    last_logits: jax.Array  # [P, V] at each row's last real token
+
+
+def _settle(spec: StepSpec, state: DecodeState, out=None):
+    state = jax.lax.with_sharding_constraint(state, spec.state_sharding)
+    if out is None:
+        return state
+    return state, jax.lax.with_sharding_constraint(out, spec.replicated)
+
+
+_jit = functools.partial(jax.jit, donate_argnames=("state",))
+
+
+@functools.partial(_jit, static_argnames=("spec", "window"))
+def prefill(spec: StepSpec, params, state: DecodeState, tokens, starts, lengths, slots, targets, score,
+            window: int):
+    """Write rows of prompt tokens [P, T] (row p starting at position starts[p], `lengths[p]` real tokens)
+    into cache rows `slots` [P] (out of range: dropped), and return each row's last-position logits;
+    with `score` (a traced bool) also every position's logprob of `targets` and the top 5."""
+    spec.compiles["prefill"] += 1
+    model = Transformer(spec.cfg)
+    P, T = tokens.shape
+    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    x, cache = model.apply(params, tokens, positions, state.cache, window, slots=slots, method="hidden")
+    last = jnp.maximum(lengths - 1, 0)
+
+    def every_position(x):
+        logits = model.apply(params, x, method="logits")
+        logprobs, top_ids, top_lp = top_logprobs(logits)
+        chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+        return PrefillOutput(logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp,
+                             last_logits=logits[jnp.arange(P), last])
+
+    def last_position(x):  # the logits over [T, V] and their top 5 are much of a short prefill's work
+        logits = model.apply(params, x[jnp.arange(P), last][:, None], method="logits")[:, 0]
+        return PrefillOutput(logprobs=jnp.zeros((P, T)), top_ids=jnp.zeros((P, T, TOP_LOGPROBS), jnp.int32),
+                             top_logprobs=jnp.zeros((P, T, TOP_LOGPROBS)), last_logits=logits)
+
+    return _settle(spec, state.replace(cache=cache), jax.lax.cond(score, every_position, last_position, x))
+
+
+@functools.partial(_jit, static_argnames=("spec", "window"))
+def fork(spec: StepSpec, state: DecodeState, src, dst, window: int):
+    """Copy slot src's first `window` cache positions into slot dst (n / best_of share one prefill)."""
+    spec.compiles["fork"] += 1
+    return _settle(spec, state.replace(cache=state.cache.copy_slot(src, dst, window)))
+
+
+@functools.partial(_jit, static_argnames=("spec",))
+def insert(spec: StepSpec, state: DecodeState, slot, logits, row: dict, position, max_tokens, stop_on_eos):
+    """Start a sequence in `slot`: its sampling row (`SamplingState.host_row`), its first token sampled
+    from the prompt's last logits [V], its position and token budget."""
+    spec.compiles["insert"] += 1
+    sampling = state.sampling.write(slot, row)
+    one = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), sampling)
+    token, lp, top_ids, top_lp = sample(logits[None], one)
+    sampling = sampling.replace(counts=sampling.counts.at[slot, token[0]].add(1),
+                                step=sampling.step.at[slot].add(1))
+    done = (max_tokens <= 1) | (stop_on_eos & (token[0] == spec.eos_id))
+    slots = state.slots.write(slot, dict(tokens=token[0], positions=position, active=~done,
+                                         remaining=max_tokens - 1, stop_on_eos=stop_on_eos))
+    out = StepOutput(token, lp, top_ids, top_lp, done[None], jnp.ones((1,), bool))
+    return _settle(spec, state.replace(sampling=sampling, slots=slots), out)
+
+
+@functools.partial(_jit, static_argnames=("spec", "window", "rows"))
+def step(spec: StepSpec, params, state: DecodeState, window: int, rows: int):
+    """One decode step for the first `rows` slots (a bucket covering every occupied one): EOS and
+    max_tokens decided here, so a finished slot stops without the host."""
+    spec.compiles["step"] += 1
+    model = Transformer(spec.cfg)
+    s = jax.tree.map(lambda a: a[:rows], state.replace(cache=None))
+    seq = s.slots
+    logits, cache = model.apply(params, seq.tokens[:, None], seq.positions[:, None], state.cache, window)
+    tokens, lp, top_ids, top_lp = sample(logits[:, 0], s.sampling)
+    active = seq.active
+    remaining = seq.remaining - active
+    done = active & ((remaining <= 0) | (seq.stop_on_eos & (tokens == spec.eos_id)))
+    s = s.replace(sampling=record(s.sampling, tokens, active),  # inactive slots keep their counts and keys
+                  slots=seq.replace(remaining=remaining, active=active & ~done,
+                                    tokens=jnp.where(active, tokens, seq.tokens), positions=seq.positions + active))
+    state = jax.tree.map(lambda full, part: full.at[:rows].set(part), state.replace(cache=None), s)
+    return _settle(spec, state.replace(cache=cache), StepOutput(tokens, lp, top_ids, top_lp, done, active))
+
+
+@functools.partial(_jit, static_argnames=("spec",))
+def release(spec: StepSpec, state: DecodeState, slot):
+    """Stop decoding `slot` (a stop string matched on the host, or an abort)."""
+    spec.compiles["release"] += 1
+    return _settle(spec, state.replace(slots=state.slots.replace(active=state.slots.active.at[slot].set(False))))

@@ -6,6 +6,7 @@ ever contains part of a stop string that later completes.
 
 from __future__ import annotations
 
+from jaxserve.engine.types import RequestError
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -64,7 +65,7 @@ def fill_in_the_middle(tokenizer: Tokenizer, prefix_ids: list[int], suffix_ids: 
     <fim_prefix> prefix <fim_suffix> suffix <fim_middle>. A model without these tokens cannot do it."""
     ids = [tokenizer.token_id(name) for name in FIM_TOKENS]
     if None in ids:
-        raise ValueError("this model has no fill-in-the-middle tokens (" + ", ".join(FIM_TOKENS)
-                         + "), so `suffix` is not supported")
+        raise RequestError("this model has no fill-in-the-middle tokens (" + ", ".join(FIM_TOKENS)
+                           + "), so `suffix` is not supported", "suffix")
     fim_prefix, fim_suffix, fim_middle = ids
     return [fim_prefix, *prefix_ids, fim_suffix, *suffix_ids, fim_middle]

@@ -1,0 +1,33 @@
+"""`build_engine`: the one way to put a model, its device core and the scheduler together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+
+from jaxserve.checkpoint import LoadedModel
+from jaxserve.engine.core import JaxCore
+from jaxserve.engine.scheduler import Scheduler
+
+DEFAULT_SLOTS = 64  # sequences decoded at once
+DEFAULT_CONTEXT = 2048  # tokens per slot (prompt and completion)
+
+
+def enable_compilation_cache(directory: Path) -> None:
+    """Keep compiled steps in `directory` so a restart loads them instead of compiling again."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def build_engine(model: LoadedModel, slots: int = DEFAULT_SLOTS, max_context: int | None = DEFAULT_CONTEXT,
+                 warmup: bool = True, max_waiting: int = 256) -> Scheduler:
+    """A started scheduler over `slots` sequences of up to `max_context` tokens (capped by the model's).
+    With warmup, every shape is compiled before the first request."""
+    cache_len = min(model.cfg.max_context, max_context or model.cfg.max_context)
+    core = JaxCore(model, slots=slots, cache_len=cache_len, eos_id=model.tokenizer.eos_id)
+    if warmup:
+        core.warmup()
+    return Scheduler(core, model.tokenizer, max_waiting=max_waiting).start()

@@ -1,0 +1,71 @@
+"""The device contract of continuous batching (JetStream's prefill -> insert -> generate, with the prefill
+writing straight into its slot): everything the scheduler may ask of the device side, as a type.
+
+`core.JaxCore` implements it with the jitted steps; the scheduler tests' fake core implements it with
+arithmetic a reader can check by hand. Calls return at once (device arrays, no host sync); `fetch`
+turns an output into host arrays. No jax here: the contract is plain Python.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
+
+from jaxserve.engine.types import SamplingParams
+
+T = TypeVar("T")
+
+
+class PrefillRow(NamedTuple):
+    slot: int
+    tokens: list[int]  # a chunk of one prompt
+    start: int  # the position of its first token
+    targets: list[int]  # the token each position predicts (scored for echo), 0 past the prompt's end
+
+
+class PrefillResult(Protocol):
+    logprobs: Any  # [P, T] log p(targets) per position (zero unless scored)
+    top_ids: Any  # [P, T, 5]
+    top_logprobs: Any  # [P, T, 5]
+    last_logits: Any  # [P, V] at each row's last real token
+
+
+class StepResult(Protocol):
+    tokens: Any  # [B] (insert: [1])
+    logprobs: Any  # [B] the chosen token's logprob
+    top_ids: Any  # [B, 5]
+    top_logprobs: Any  # [B, 5]
+    done: Any  # [B] the sequence ended with this token (EOS or max_tokens): the slot stopped on device
+    valid: Any  # [B] the slot was decoding: the row is a real token
+
+
+@runtime_checkable
+class Core(Protocol):
+    slots: int  # B: sequences decoded at once
+    cache_len: int  # positions per sequence
+    chunk: int  # the most prompt tokens one prefill row takes
+    eos_id: int  # -1: none
+
+    def packing(self, count: int, longest: int) -> tuple[int, int] | None:
+        """The packed prefill shape (rows, tokens) for `count` whole prompts of at most `longest`
+        tokens, or None if they do not fit one call."""
+
+    def prefill(self, rows: list[PrefillRow], score: bool = False) -> PrefillResult:
+        """Prefill one chunk, or several whole prompts packed (start 0), into their slots. Output rows
+        follow `rows`."""
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        """Copy slot src's first `length` cache positions into slot dst (n / best_of)."""
+
+    def insert(self, slot: int, logits: Any, params: SamplingParams, position: int, max_tokens: int,
+               stop_on_eos: bool) -> StepResult:
+        """Start decoding in `slot`: sample the first token from the prompt's last logits."""
+
+    def step(self, max_position: int, max_slot: int) -> StepResult:
+        """One decode step of every active slot; `max_position` / `max_slot` bound the occupied ones.
+        Output rows cover at least the first max_slot + 1 slots."""
+
+    def release(self, slot: int) -> None:
+        """Stop decoding `slot` before the device would (stop string, abort)."""
+
+    def fetch(self, result: T) -> T:
+        """A step's or prefill's output as host arrays (waits for the device)."""

@@ -1,0 +1,131 @@
+"""A request's life on the host, as explicit states: what it has produced and what it still owes its
+caller. No device calls here: the scheduler moves requests between states and owns the slots.
+
+    Group (one EngineRequest)   WAITING -> PREFILLING -> DECODING -> FINISHED
+                                      \\________________\\__________-> ABORTED
+    Choice (one sequence of it) WAITING (until the prompt is in its slot) -> DECODING -> FINISHED
+
+Everything a group emits goes through `emit`: Delta ..., then Usage, then END (a finished group); or
+only END (aborted); or the exception, then END (the engine failed). best_of holds every candidate's
+deltas until all have finished, then emits the n best.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import random
+from typing import Callable
+
+from jaxserve.engine.text import ChoiceText
+from jaxserve.engine.types import Delta, EngineRequest, TokenInfo, Usage
+from jaxserve.tokenizer import Tokenizer
+
+END = object()  # the last item a request emits
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued (a group), or not yet inserted (a choice)
+    PREFILLING = "prefilling"  # slots reserved; the prompt is going into the cache chunk by chunk
+    DECODING = "decoding"  # inserted: its slot decodes on device
+    FINISHED = "finished"  # ended normally (stop, length); everything emitted
+    ABORTED = "aborted"  # cancelled by the caller, or the engine stopped
+
+
+class Choice:
+    """One generated sequence: choice `index` of its group, in `slot` while it holds one."""
+
+    def __init__(self, group: "Group", index: int, tokenizer: Tokenizer, seed: int):
+        self.group, self.index, self.seed = group, index, seed
+        self.status = Status.WAITING
+        self.text = ChoiceText(tokenizer, group.req.stop)
+        self.slot: int | None = None
+        self.position = 0  # an upper bound of the slot's position on device (for the attention window)
+        self.count = 0  # tokens generated, EOS included
+        self.logprob_sum = 0.0
+        self._held: list[Delta] = []  # best_of: every delta, until the best candidates are known
+
+    @property
+    def params(self):
+        return dataclasses.replace(self.group.req.sampling, seed=self.seed)
+
+    def deliver(self, delta: Delta) -> None:
+        if self.group.buffered:
+            self._held.append(delta)
+        else:
+            self.group.emit(delta)
+
+    def take_token(self, token: int, logprob: float, top: list[tuple[int, float]], eos_id: int) -> tuple[Delta, bool]:
+        """Account for a generated token -> (its delta, whether it was EOS). EOS adds no text."""
+        self.count += 1
+        self.logprob_sum += logprob
+        if token == eos_id and not self.group.req.ignore_eos:
+            return Delta(self.index, "", []), True
+        return Delta(self.index, self.text.add(token), [TokenInfo(token, logprob, top)]), False
+
+
+class Group:
+    """One request: its prompt's progress through prefill and its n (or best_of) choices."""
+
+    def __init__(self, req: EngineRequest, emit: Callable, tokenizer: Tokenizer):
+        self.req, self.emit, self.tokenizer = req, emit, tokenizer
+        self.status = Status.WAITING
+        seeds = [random.getrandbits(31) if req.seed is None else (req.seed + 1_000_003 * j) & 0xFFFFFFFF
+                 for j in range(req.candidates)]
+        self.choices = [Choice(self, j, tokenizer, seeds[j]) for j in range(req.candidates)]
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.scored: list = []  # echo: (prefill output, row, length) of each chunk, fetched when the prompt is in
+        # scoring only (max_tokens 0) needs the prompt's slot, not one per choice
+        self.slots_needed = req.candidates if req.max_tokens > 0 else 1
+
+    @property
+    def buffered(self) -> bool:
+        return len(self.choices) > self.req.n
+
+    @property
+    def ended(self) -> bool:
+        return self.status in (Status.FINISHED, Status.ABORTED)
+
+    def targets(self, start: int, length: int) -> list[int]:
+        """The tokens prompt positions start.. predict (0 past the end), for echo logprobs."""
+        prompt = self.req.prompt_ids
+        return list(prompt[start + 1: start + 1 + length]) + [0] * (start + length >= len(prompt))
+
+    def echo(self, rows: list[tuple[float, list[tuple[int, float]]]]) -> None:
+        """Send the prompt to every choice with its logprobs: rows[j] = (log p(prompt[j + 1]), the top
+        tokens there); the first token has none."""
+        prompt = self.req.prompt_ids
+        infos = [TokenInfo(prompt[0], None, [])] + [TokenInfo(prompt[j], *rows[j - 1]) for j in range(1, len(prompt))]
+        text = self.tokenizer.decode(prompt)
+        for choice in self.choices:
+            choice.deliver(Delta(choice.index, text, infos, None, echo=True))
+
+    def finish(self, choice: Choice, reason: str) -> None:
+        """`choice` ended with `reason`; the group finishes with its last choice."""
+        choice.status = Status.FINISHED
+        choice.deliver(Delta(choice.index, "", [], reason))
+        if all(c.status is Status.FINISHED for c in self.choices):
+            self._end()
+
+    def _end(self) -> None:
+        self.status = Status.FINISHED
+        chosen = self.choices
+        if self.buffered:  # best_of: the n candidates with the highest mean token logprob
+            chosen = sorted(chosen, key=lambda c: -c.logprob_sum / max(c.count, 1))[: self.req.n]
+            for new_index, choice in enumerate(chosen):
+                for delta in choice._held:
+                    self.emit(dataclasses.replace(delta, index=new_index))
+        self.emit(Usage(len(self.req.prompt_ids), sum(c.count for c in chosen)))
+        self.emit(END)
+
+    def abort(self, error: BaseException | None = None) -> None:
+        """End without a result: silently (the caller left), or with the error that stopped the engine."""
+        if self.ended:
+            return
+        self.status = Status.ABORTED
+        for choice in self.choices:
+            if choice.status is not Status.FINISHED:
+                choice.status = Status.ABORTED
+        if error is not None:
+            self.emit(error)
+        self.emit(END)

@@ -1,0 +1,289 @@
+"""The scheduler: continuous batching over the slots of a `Core`, from one thread, its only caller.
+
+(JetStream calls this the orchestrator, vLLM the engine core's scheduler; the device side is `core`.)
+Each loop: take new requests, run one prefill call (several short prompts packed, or the next chunk of
+one prompt), dispatch a decode step for every decoding slot, then process the *previous* step's output
+on the host (detokenize, stop strings, deltas) while the device runs the new one. The slot table
+`_owner` maps each slot to the choice holding it; a request's own state lives in `lifecycle`.
+Requests and aborts arrive through thread-safe queues; results leave through each request's `emit`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from typing import Callable, Sequence
+
+from jaxserve.engine.contract import Core, PrefillRow
+from jaxserve.engine.lifecycle import Choice, Group, Status
+from jaxserve.engine.types import ContextLengthError, EngineRequest, EngineStopped, QueueFull, RequestError
+from jaxserve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, core: Core, tokenizer: Tokenizer, max_waiting: int = 256):
+        self.core, self.tokenizer = core, tokenizer
+        self.max_waiting = max_waiting
+        self.max_context = core.cache_len
+        self._lock = threading.Lock()  # submit vs. closing: nothing is queued after the engine stops
+        self._closed = False
+        self._inbox: queue.Queue = queue.Queue()
+        self._aborts: queue.Queue = queue.Queue()
+        self._waiting: collections.deque[Group] = collections.deque()
+        self._prefilling: Group | None = None
+        self._groups: dict[str, Group] = {}  # admitted, not ended
+        self._owner: list[Choice | None] = [None] * core.slots
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.healthy = False
+        self.steps = 0
+        self.error: BaseException | None = None
+
+    # ---- any thread ---------------------------------------------------------------------------------
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._run, name="jaxserve-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread:
+            self._thread.join(timeout)
+
+    def validate(self, req: EngineRequest) -> None:
+        """Raise RequestError (naming the parameter) for a request this engine can never run."""
+        if not req.prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        total = len(req.prompt_ids) + req.max_tokens
+        if total > self.max_context:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                f"{total} tokens ({len(req.prompt_ids)} in the prompt, {req.max_tokens} for the completion).",
+                "prompt")
+        if req.candidates > self.core.slots:
+            raise RequestError(f"n and best_of can be at most {self.core.slots} (the engine's slots)",
+                               "best_of" if req.best_of and req.best_of > req.n else "n")
+
+    def submit(self, reqs: Sequence[EngineRequest], emit: Callable[[int, object], None]) -> None:
+        """Queue requests, all or none: each item of request i is passed to emit(i, item) (see
+        `lifecycle`). Raises RequestError, QueueFull or EngineStopped before queueing anything."""
+        for req in reqs:
+            self.validate(req)
+        groups = [Group(req, lambda item, i=i: emit(i, item), self.tokenizer) for i, req in enumerate(reqs)]
+        with self._lock:
+            if self._closed:
+                raise EngineStopped("the engine is not running" + (f": {self.error}" if self.error else ""))
+            if self.queue_depth + len(groups) > self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting")
+            for group in groups:
+                self._inbox.put(group)
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.put(request_id)
+
+    @property
+    def active_slots(self) -> int:
+        return sum(o is not None for o in self._owner)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._inbox.qsize() + len(self._waiting)
+
+    # ---- the scheduler thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        pending = None  # (output, owners at dispatch) of the step in flight
+        self.healthy = True
+        try:
+            while not self._stop.is_set():
+                idle = pending is None and self._prefilling is None and not self._waiting
+                self._intake(block=idle and self.active_slots == 0)
+                self._handle_aborts()
+                inserted = self._prefill()
+                dispatched = None
+                decoding = [c for c in self._owner if c is not None and c.status is Status.DECODING]
+                if decoding:
+                    out = self.core.step(max(c.position for c in decoding), max(c.slot for c in decoding))
+                    for c in decoding:
+                        c.position += 1
+                    dispatched = (out, list(self._owner))
+                if pending is not None:
+                    self._process_step(*pending)
+                for choice, out in inserted:
+                    self._process_token(choice, self.core.fetch(out), 0)
+                pending = dispatched
+                self.steps += 1
+            self._close(EngineStopped("the server is shutting down"))
+        except BaseException as e:  # an engine failure ends every open stream, never silently
+            log.exception("engine failure")
+            self.error = e
+            self._close(e)
+        finally:
+            self.healthy = False
+
+    def _close(self, error: BaseException) -> None:
+        with self._lock:
+            self._closed = True
+        self._intake(block=False)
+        for group in list(self._groups.values()) + list(self._waiting):
+            group.abort(error)
+        self._groups.clear()
+        self._waiting.clear()
+
+    def _intake(self, block: bool) -> None:
+        try:
+            item = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:  # None: a wake-up from shutdown
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _handle_aborts(self) -> None:
+        while True:
+            try:
+                request_id = self._aborts.get_nowait()
+            except queue.Empty:
+                return
+            for group in [g for g in self._waiting if g.req.request_id == request_id]:
+                self._waiting.remove(group)
+                group.abort()
+            group = self._groups.pop(request_id, None)
+            if group is not None:
+                if self._prefilling is group:
+                    self._prefilling = None
+                for choice in group.choices:
+                    if choice.status is Status.DECODING:
+                        self.core.release(choice.slot)
+                    self._free(choice)
+                group.abort()
+
+    # ---- admission and prefill ----------------------------------------------------------------------
+
+    def _free_slots(self) -> list[int]:
+        return [i for i, o in enumerate(self._owner) if o is None]
+
+    def _admit(self, group: Group) -> bool:
+        """Reserve the group's slots if enough are free."""
+        free = self._free_slots()
+        if len(free) < group.slots_needed:
+            return False
+        self._groups[group.req.request_id] = group
+        group.status = Status.PREFILLING
+        for choice, slot in zip(group.choices, free):
+            choice.slot = slot
+            self._owner[slot] = choice  # reserved; no step output reaches it before its insert
+        return True
+
+    def _admit_packed(self) -> list[Group]:
+        """Admit waiting short prompts from the front, as many as one packed prefill shape holds."""
+        admitted, longest = [], 0
+        free = len(self._free_slots())
+        for group in list(self._waiting):
+            n = len(group.req.prompt_ids)
+            if group.slots_needed > free or self.core.packing(len(admitted) + 1, max(longest, n)) is None:
+                break
+            self._admit(group)
+            self._waiting.popleft()
+            admitted.append(group)
+            longest, free = max(longest, n), free - group.slots_needed
+        return admitted
+
+    def _prefill(self) -> list:
+        """One prefill call per loop: several short prompts packed together, or the next chunk of one
+        prompt (so a long prompt delays running streams by at most one chunk per step). Returns the
+        (choice, first-token output) pairs inserted."""
+        if self._prefilling is None and self._waiting:
+            packed = self._admit_packed()
+            if len(packed) > 1:
+                rows = [PrefillRow(g.choices[0].slot, list(g.req.prompt_ids), 0, g.targets(0, len(g.req.prompt_ids)))
+                        for g in packed]
+                out = self.core.prefill(rows, score=any(g.req.echo for g in packed))
+                return [pair for i, g in enumerate(packed) for pair in self._prefilled(g, out, i)]
+            if packed or self._admit(self._waiting[0]):
+                self._prefilling = packed[0] if packed else self._waiting.popleft()
+        group = self._prefilling
+        if group is None:
+            return []
+        prompt, start = group.req.prompt_ids, group.prefilled
+        chunk = list(prompt[start: start + self.core.chunk])
+        out = self.core.prefill([PrefillRow(group.choices[0].slot, chunk, start, group.targets(start, len(chunk)))],
+                                score=group.req.echo)
+        group.prefilled += len(chunk)
+        if group.req.echo:
+            group.scored.append((out, 0, len(chunk)))
+        if group.prefilled < len(prompt):
+            return []
+        self._prefilling = None
+        return self._prefilled(group, out, 0)
+
+    def _prefilled(self, group: Group, out, row: int) -> list:
+        """The whole prompt is in the cache: echo it, then fork it to every choice's slot and insert."""
+        if group.req.echo:
+            self._echo(group, group.scored or [(out, row, len(group.req.prompt_ids))])
+        if group.req.max_tokens == 0:
+            for choice in group.choices:
+                self._finish(choice, "length")
+            return []
+        n_prompt = len(group.req.prompt_ids)
+        src = group.choices[0].slot
+        inserted = []
+        for choice in group.choices:
+            if choice.slot != src:
+                self.core.fork(src, choice.slot, n_prompt)
+            step_out = self.core.insert(choice.slot, out.last_logits[row], choice.params, n_prompt,
+                                        group.req.max_tokens, not group.req.ignore_eos)
+            choice.position, choice.status = n_prompt, Status.DECODING
+            inserted.append((choice, step_out))
+        group.status = Status.DECODING
+        return inserted
+
+    def _echo(self, group: Group, scored: list) -> None:
+        rows = []  # row j: log p(prompt[j + 1] | prompt[:j + 1]) and the top 5 there
+        for out, row, length in scored:
+            out = self.core.fetch(out)
+            rows += [(float(out.logprobs[row, t]),
+                      list(zip(out.top_ids[row, t].tolist(), out.top_logprobs[row, t].tolist())))
+                     for t in range(length)]
+        group.scored = []
+        group.echo(rows)
+
+    # ---- decode results -----------------------------------------------------------------------------
+
+    def _process_step(self, out, owners) -> None:
+        out = self.core.fetch(out)
+        for slot, choice in enumerate(owners[: len(out.tokens)]):
+            if (choice is not None and choice.status is Status.DECODING and out.valid[slot]
+                    and self._owner[slot] is choice):
+                self._process_token(choice, out, slot)
+
+    def _process_token(self, choice: Choice, out, row: int) -> None:
+        top = list(zip(out.top_ids[row].tolist(), out.top_logprobs[row].tolist()))
+        delta, eos = choice.take_token(int(out.tokens[row]), float(out.logprobs[row]), top, self.core.eos_id)
+        if choice.text.stopped:  # a stop string: the device would go on, so stop the slot there
+            choice.deliver(delta)
+            self.core.release(choice.slot)
+            self._finish(choice, "stop")
+        elif out.done[row]:  # EOS or max_tokens: the device has already stopped the slot
+            delta.text += choice.text.finish()
+            choice.deliver(delta)
+            self._finish(choice, "stop" if eos else "length")
+        elif delta.text or delta.tokens:
+            choice.deliver(delta)
+
+    def _free(self, choice: Choice) -> None:
+        if choice.slot is not None and self._owner[choice.slot] is choice:
+            self._owner[choice.slot] = None
+
+    def _finish(self, choice: Choice, reason: str) -> None:
+        self._free(choice)
+        choice.group.finish(choice, reason)
+        if choice.group.ended:
+            self._groups.pop(choice.group.req.request_id, None)

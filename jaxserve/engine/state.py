@@ -1,0 +1,142 @@
+"""The decode state on device, declared once.
+
+Every array that lives from one step to the next is declared here exactly once: the KV cache (its
+declaration is the model's, `KVCache`), then one row per slot [B, ...] for the sequence in each slot
+(`SlotState`) and for its sampling knobs (`SamplingState`). A row's declaration gives its dtype, the
+dims after B, its value in a free slot, and for a knob how a new sequence's value comes from its
+`SamplingParams`. Zeros, abstract shapes, logical axes (hence shardings) and the row written into a
+slot at insertion all follow from these declarations, so a new per-slot knob is one line here plus its
+use in `sampling.sample`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxserve.engine.types import SamplingParams
+from jaxserve.model import KVCache, ModelConfig
+from jaxserve.sharding import tree_shardings
+
+VOCAB = "vocab"  # a row dim of the model's vocabulary size
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One per-slot array [B, *tail]."""
+
+    dtype: Any
+    tail: tuple = ()  # dims after B: ints, or VOCAB
+    init: float | int = 0  # a free slot's value, and a new sequence's unless `of` gives one
+    of: Callable[[SamplingParams, int], Any] | None = None  # a new sequence's value from (params, vocab)
+
+
+def row(dtype, tail: tuple = (), init: float | int = 0, of: Callable | None = None):
+    """Declare a dataclass field as a per-slot row."""
+    return dataclasses.field(metadata={"row": Row(dtype, tail, init, of)})
+
+
+class Rows:
+    """Behaviour shared by dataclasses whose every field is a `row`: shapes, axes, zeros, slot writes."""
+
+    @classmethod
+    def rows(cls) -> dict[str, Row]:
+        return {f.name: f.metadata["row"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def abstract(cls, slots: int, vocab: int):
+        """jax.ShapeDtypeStruct per row."""
+        return cls(**{name: jax.ShapeDtypeStruct((slots, *(vocab if d == VOCAB else d for d in r.tail)),
+                                                 jnp.dtype(r.dtype)) for name, r in cls.rows().items()})
+
+    @classmethod
+    def axes(cls):
+        """Logical axes per row: slots on "batch", vocabulary dims on "vocab", others unsharded."""
+        return cls(**{name: ("batch", *(VOCAB if d == VOCAB else None for d in r.tail))
+                      for name, r in cls.rows().items()})
+
+    @classmethod
+    def initial(cls, slots: int, vocab: int):
+        """Every slot free."""
+        shapes = cls.abstract(slots, vocab)
+        return cls(**{name: jnp.full(getattr(shapes, name).shape, r.init, getattr(shapes, name).dtype)
+                      for name, r in cls.rows().items()})
+
+    @classmethod
+    def host_row(cls, params: SamplingParams, vocab: int) -> dict[str, np.ndarray]:
+        """A new sequence's values of the rows that come from its params (built on the host)."""
+        return {name: np.asarray(r.of(params, vocab), jnp.dtype(r.dtype))
+                for name, r in cls.rows().items() if r.of is not None}
+
+    def write(self, slot, values: dict):
+        """Slot `slot` takes `values` (traced, by row name); every other row goes back to its initial value."""
+        return self.replace(**{name: getattr(self, name).at[slot].set(values.get(name, r.init))
+                               for name, r in self.rows().items()})
+
+
+def _dense_bias(p: SamplingParams, vocab: int) -> np.ndarray:
+    bias = np.zeros((vocab,), np.float32)
+    for token, value in p.logit_bias:
+        bias[token] = value
+    return bias
+
+
+def _seed_key(p: SamplingParams, vocab: int) -> np.ndarray:
+    return np.asarray(jax.random.key_data(jax.random.key(p.seed & 0xFFFFFFFF)))
+
+
+@struct.dataclass
+class SamplingState(Rows):
+    """Each slot's sampling knobs, and what sampling keeps between steps."""
+
+    temperature: jax.Array = row(jnp.float32, of=lambda p, _: p.temperature)
+    top_p: jax.Array = row(jnp.float32, init=1.0, of=lambda p, _: p.top_p)
+    presence: jax.Array = row(jnp.float32, of=lambda p, _: p.presence_penalty)
+    frequency: jax.Array = row(jnp.float32, of=lambda p, _: p.frequency_penalty)
+    bias: jax.Array = row(jnp.float32, tail=(VOCAB,), of=_dense_bias)  # dense logit_bias
+    counts: jax.Array = row(jnp.int32, tail=(VOCAB,))  # how often each token was generated in this sequence
+    key: jax.Array = row(jnp.uint32, tail=(2,), of=_seed_key)  # the sequence's base key (raw key data)
+    step: jax.Array = row(jnp.int32)  # tokens sampled so far: folded into the key, so draws depend on nothing else
+
+
+@struct.dataclass
+class SlotState(Rows):
+    """The sequence in each slot; all written together when a sequence is inserted."""
+
+    tokens: jax.Array = row(jnp.int32)  # the last token: the next step's input
+    positions: jax.Array = row(jnp.int32)  # that token's position
+    active: jax.Array = row(jnp.bool_)  # decoding; a free or finished slot is not
+    remaining: jax.Array = row(jnp.int32)  # tokens still allowed (max_tokens)
+    stop_on_eos: jax.Array = row(jnp.bool_)
+
+
+@struct.dataclass
+class DecodeState:
+    cache: KVCache
+    slots: SlotState
+    sampling: SamplingState
+
+    @staticmethod
+    def abstract(cfg: ModelConfig, slots: int, cache_len: int) -> "DecodeState":
+        return DecodeState(cache=KVCache.shape_dtype(cfg, slots, cache_len),
+                           slots=SlotState.abstract(slots, cfg.vocab_size),
+                           sampling=SamplingState.abstract(slots, cfg.vocab_size))
+
+    @staticmethod
+    def axes() -> "DecodeState":
+        return DecodeState(cache=KVCache.axes(), slots=SlotState.axes(), sampling=SamplingState.axes())
+
+    @staticmethod
+    def initial(cfg: ModelConfig, slots: int, cache_len: int) -> "DecodeState":
+        return DecodeState(cache=KVCache.zeros(cfg, slots, cache_len),
+                           slots=SlotState.initial(slots, cfg.vocab_size),
+                           sampling=SamplingState.initial(slots, cfg.vocab_size))
+
+    @staticmethod
+    def shardings(cfg: ModelConfig, mesh, slots: int, cache_len: int) -> "DecodeState":
+        return tree_shardings(DecodeState.axes(), DecodeState.abstract(cfg, slots, cache_len), mesh)

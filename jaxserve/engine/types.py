@@ -1,0 +1,85 @@
+"""What the engine takes and gives, as plain host types: no jax here, so the HTTP layer can speak to the
+engine without loading it.
+
+A request's defaults are stated once, here (the API layer passes only what a client set); an error a
+request causes carries the parameter to blame, so nothing upstream has to guess it from the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One sequence's sampling knobs (validated at the boundary). Each becomes a per-slot row on device."""
+
+    temperature: float = 1.0  # 0: exact argmax
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    seed: int = 0  # the sequence's key stream; the engine sets it per choice from EngineRequest.seed
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int = 16
+    sampling: SamplingParams = SamplingParams()  # its seed is ignored: see `seed`
+    seed: int | None = None  # None: a fresh random stream per choice
+    n: int = 1
+    best_of: int | None = None  # candidates generated; the n with the highest mean token logprob are returned
+    echo: bool = False
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def candidates(self) -> int:
+        """Sequences generated: best_of if given, else n."""
+        return max(self.n, self.best_of or self.n)
+
+
+@dataclasses.dataclass
+class TokenInfo:
+    token_id: int
+    logprob: float | None  # None for the first prompt token
+    top: list[tuple[int, float]]  # the model's most likely tokens there, best first
+
+
+@dataclasses.dataclass
+class Delta:
+    index: int  # choice index, 0..n-1
+    text: str
+    tokens: list[TokenInfo]  # the tokens behind `text`, each with its logprob and the top 5
+    finish_reason: str | None = None  # "stop" | "length" on a choice's last delta
+    echo: bool = False  # the prompt itself (echo), sent before any generated text
+
+
+@dataclasses.dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run as asked; `param` names the request field to blame."""
+
+    code: str | None = None
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(RequestError):
+    code = "context_length_exceeded"
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is not running (shut down or failed): the request cannot finish."""

@@ -1,0 +1,94 @@
+"""A device core whose arithmetic is checkable by hand, implementing the same `Core` contract as JaxCore.
+
+The first token after a prompt is (last prompt token + 1); every step adds 1 to each active slot's token;
+the logprob of token t is -t/100, and so are its top 5. EOS is token 50. Every call is recorded, so
+admission, slot reuse, abort and one-step-late processing are visible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from jaxserve.engine.contract import Core, PrefillRow
+from jaxserve.engine.types import SamplingParams
+
+EOS = 50
+
+
+@dataclasses.dataclass
+class Prefilled:
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+    last_logits: list  # here: each row's last prompt token, which the insert continues from
+
+
+@dataclasses.dataclass
+class Stepped:
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+    done: np.ndarray
+    valid: np.ndarray
+
+    @classmethod
+    def of(cls, tokens, done, valid) -> "Stepped":
+        tokens = np.asarray(tokens)
+        return cls(tokens, -tokens / 100.0, np.stack([tokens] * 5, -1), np.stack([-tokens / 100.0] * 5, -1),
+                   np.asarray(done), np.asarray(valid))
+
+
+class FakeCore(Core):
+    def __init__(self, slots: int = 4, cache_len: int = 64, chunk: int = 4):
+        self.slots, self.cache_len, self.chunk, self.eos_id = slots, cache_len, chunk, EOS
+        self.tokens = np.zeros(slots, int)
+        self.active = np.zeros(slots, bool)
+        self.remaining = np.zeros(slots, int)
+        self.stop_eos = np.zeros(slots, bool)
+        self.calls: list[tuple] = []
+
+    def packing(self, count: int, longest: int) -> tuple[int, int] | None:
+        """Up to 4 whole prompts of at most 2 tokens go in one call."""
+        return (4, 2) if count <= 4 and longest <= 2 else None
+
+    def prefill(self, rows: list[PrefillRow], score: bool = False) -> Prefilled:
+        self.calls.append(("prefill", tuple((r.slot, r.start, len(r.tokens)) for r in rows)))
+        T = max(len(r.tokens) for r in rows)
+        logprobs = np.zeros((len(rows), T))
+        for i, r in enumerate(rows):
+            logprobs[i, : len(r.targets)] = -np.asarray(r.targets) / 100.0
+        return Prefilled(logprobs, np.zeros((len(rows), T, 5), int), np.zeros((len(rows), T, 5)),
+                         [r.tokens[-1] for r in rows])
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        self.calls.append(("fork", src, dst))
+
+    def insert(self, slot: int, logits, params: SamplingParams, position: int, max_tokens: int,
+               stop_on_eos: bool) -> Stepped:
+        self.calls.append(("insert", slot))
+        token = logits + 1
+        done = max_tokens <= 1 or (stop_on_eos and token == EOS)
+        self.tokens[slot], self.active[slot] = token, not done
+        self.remaining[slot], self.stop_eos[slot] = max_tokens - 1, stop_on_eos
+        return Stepped.of([token], [done], [True])
+
+    def step(self, max_position: int, max_slot: int) -> Stepped:
+        time.sleep(0.002)  # a device step takes time: lets an abort land mid-stream
+        self.calls.append(("step", tuple(np.flatnonzero(self.active))))
+        valid = self.active.copy()
+        self.tokens = np.where(valid, self.tokens + 1, self.tokens)
+        self.remaining -= valid
+        done = valid & ((self.remaining <= 0) | (self.stop_eos & (self.tokens == EOS)))
+        self.active &= ~done
+        return Stepped.of(self.tokens.copy(), done, valid)
+
+    def release(self, slot: int) -> None:
+        self.calls.append(("release", slot))
+        self.active[slot] = False
+
+    def fetch(self, result):
+        return result

@@ -1,0 +1,54 @@
+"""The model run the way requests run it: through JaxCore and the jitted steps of jaxserve.engine.steps.
+Also `full_logits`, one plain forward pass over a whole sequence, which those steps must agree with."""
+
+import jax
+import numpy as np
+
+from jaxserve.engine.contract import PrefillRow
+from jaxserve.engine.core import JaxCore
+from jaxserve.engine.types import SamplingParams
+from jaxserve.model import KVCache, Transformer
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def full_logits(model, tokens) -> np.ndarray:
+    """One forward pass over `tokens` from an empty cache: logits [T, V]."""
+    n = len(tokens)
+    forward = jax.jit(lambda params, t, pos, cache: Transformer(model.cfg).apply(params, t, pos, cache, n)[0])
+    return np.asarray(forward(model.params, np.array([tokens], np.int32), np.arange(n, dtype=np.int32)[None],
+                              KVCache.zeros(model.cfg, 1, n))[0])
+
+
+def targets(tokens) -> list[int]:
+    return list(tokens[1:]) + [0]
+
+
+def scored_prefill(core: JaxCore, slot: int, tokens, chunk: int | None = None):
+    """Prefill `tokens` into `slot` in chunks with scoring -> (logprob of each next token [T-1], top ids
+    [T, 5], top logprobs [T, 5], the last position's logits [V]), as host arrays."""
+    chunk = chunk or len(tokens)
+    lp, ids, top = [], [], []
+    for start in range(0, len(tokens), chunk):
+        piece = list(tokens[start: start + chunk])
+        out = core.fetch(core.prefill([PrefillRow(slot, piece, start, targets(tokens)[start: start + len(piece)])],
+                                      score=True))
+        lp.append(out.logprobs[0, : len(piece)])
+        ids.append(out.top_ids[0, : len(piece)])
+        top.append(out.top_logprobs[0, : len(piece)])
+    return np.concatenate(lp)[:-1], np.concatenate(ids), np.concatenate(top), out.last_logits[0]
+
+
+def greedy_decode(core: JaxCore, prompts, steps: int, chunk: int | None = None):
+    """Prefill each prompt into its own slot, then decode greedily one token a step for all of them at
+    once -> per prompt (tokens, logprobs, top ids, top logprobs), host arrays of `steps` rows."""
+    outs = []
+    for slot, prompt in enumerate(prompts):
+        *_, last = scored_prefill(core, slot, prompt, chunk)
+        outs.append([core.fetch(core.insert(slot, last, GREEDY, len(prompt), steps, False))])
+    for i in range(1, steps):
+        out = core.fetch(core.step(max(len(p) for p in prompts) + i - 1, len(prompts) - 1))
+        for slot in range(len(prompts)):
+            outs[slot].append(jax.tree.map(lambda a, slot=slot: a[slot: slot + 1], out))
+    return [tuple(np.concatenate([getattr(o, f) for o in seq]) for f in ("tokens", "logprobs", "top_ids", "top_logprobs"))
+            for seq in outs]

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxserve.model.config import ModelConfig
-from jaxserve.tokenizer import BPETokenizer
+from jaxserve.tokenizer import BPETokenizer, SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,23 @@ def read_params(reader: gguf.GGUFReader, cfg: ModelConfig, progress: bool = True
     return {"params": params}
 
 
-def read_tokenizer(reader: gguf.GGUFReader) -> BPETokenizer:
+def read_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     kind = _field(reader, "tokenizer.ggml.model")
+    if kind == "llama":  # SentencePiece: the model rebuilt from pieces, scores and piece types
+        return SentencePieceTokenizer.from_vocab(
+            tokens=list(_field(reader, "tokenizer.ggml.tokens")),
+            scores=[float(x) for x in _field(reader, "tokenizer.ggml.scores")],
+            token_types=[int(x) for x in _field(reader, "tokenizer.ggml.token_type")],
+            bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+            unk_id=_field(reader, "tokenizer.ggml.unknown_token_id"),
+            pad_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+            add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
+            add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)),
+        )
     if kind != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer {kind!r}: jaxserve builds byte-level BPE ('gpt2')")
+        raise ValueError(f"unsupported GGUF tokenizer {kind!r}: jaxserve builds byte-level BPE ('gpt2') "
+                         "and SentencePiece ('llama')")
     return BPETokenizer.from_vocab(
         tokens=list(_field(reader, "tokenizer.ggml.tokens")),
         token_types=[int(x) for x in _field(reader, "tokenizer.ggml.token_type")],

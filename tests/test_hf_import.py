@@ -206,3 +206,11 @@ def test_convert_command_then_model_dir(tmp_path):
     mtime = (root / "qwen3" / "config.json").stat().st_mtime
     model = load_model(str(TINY / "qwen3"), root, make_mesh(1, 1))
     assert model.name == "qwen3" and (root / "qwen3" / "config.json").stat().st_mtime == mtime
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_sharded_over_a_model_mesh(tmp_path, family):
+    """Biases, q/k norms and sandwich norms carry logical axes: on a 2-way model mesh the logits agree."""
+    model = load_checkpoint(convert_hf(TINY / family, tmp_path / family, progress=False), make_mesh(1, 2))
+    assert len(model.params["params"]["layers"]["q"].sharding.device_set) == 2
+    assert_logits_match(model.cfg, model.params, family)

@@ -178,7 +178,7 @@ def read_params(directory: Path, cfg: ModelConfig, progress: bool = True) -> dic
     """The parameter tree ({'params': ...}) in float32 NumPy, filled tensor by tensor."""
     shapes, _ = abstract_params(cfg)
     params = {"params": _empty(shapes["params"])}
-    filled: set[tuple] = set()
+    filled: set[tuple] = set()  # (path in the tree, layer index or None)
     gemma = cfg.embed_scale  # the Gemma family: (1 + w) norms
     files = _tensor_files(directory)
     by_file: dict[Path, list[str]] = {}
@@ -195,46 +195,36 @@ def read_params(directory: Path, cfg: ModelConfig, progress: bool = True) -> dic
                 if placed is None:
                     raise ValueError(f"unsupported tensor {name!r} in {path.name}")
                 key, layer, value = placed
-                target, leaf = _leaf(params["params"], key)
-                where = (*key, layer)
-                if isinstance(leaf, int):  # gate_up[..., 0 or 1, :]
-                    target[(layer, slice(None), leaf)] = value
-                elif layer is None:
-                    target[...] = value
+                node = params["params"]
+                for k in key[:-1]:
+                    node = node[k]
+                if key[-1] in (0, 1):  # gate_up[layer, :, 0 or 1]
+                    node[layer, :, key[-1]] = value
                 else:
-                    target[layer] = value
-                filled.add(where)
+                    node[key[-1]][... if layer is None else layer] = value
+                filled.add((key, layer))
     bar.close()
-    expected = {(*k, None) if k[0] != "layers" else (*k, i) for k in _leaf_keys(params["params"])
-                for i in (range(cfg.n_layers) if k[0] == "layers" else [None])}
-    expected = {e for e in expected if e[1] != "gate_up"} | {("layers", "gate_up", c, i) for c in (0, 1)
-                                                            for i in range(cfg.n_layers)}
-    missing = sorted(map(str, expected - filled))
+    missing = [f"{'.'.join(map(str, key))}[{layer}]" for key, layer in _expected(params["params"], cfg)
+               if (key, layer) not in filled]
     if missing:
         raise ValueError(f"{directory} lacks tensors for {', '.join(missing[:5])}")
     return params
 
 
+def _expected(tree: dict, cfg: ModelConfig, prefix=()):
+    """Every (path, layer) read_params must fill: each layer of a stacked leaf, each half of gate_up."""
+    for k, v in tree.items():
+        key = (*prefix, k)
+        if isinstance(v, dict):
+            yield from _expected(v, cfg, key)
+            continue
+        layers = range(cfg.n_layers) if key[0] == "layers" else [None]
+        parts = [(*key, 0), (*key, 1)] if k == "gate_up" else [key]
+        yield from ((part, i) for part in parts for i in layers)
+
+
 def _empty(tree):
     return {k: _empty(v) if isinstance(v, dict) else np.zeros(v.shape, np.float32) for k, v in tree.items()}
-
-
-def _leaf(tree: dict, key: tuple):
-    """(array to write into, its last index component when the key ends in one)."""
-    node = tree
-    for k in key[:-1]:
-        node = node[k]
-    if isinstance(key[-1], int):
-        return node, key[-1]
-    return node[key[-1]], None
-
-
-def _leaf_keys(tree: dict, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _leaf_keys(v, (*prefix, k))
-        else:
-            yield (*prefix, k)
 
 
 def _json(path: Path) -> dict:

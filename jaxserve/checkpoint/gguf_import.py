@@ -80,7 +80,10 @@ def read_config(reader: gguf.GGUFReader, max_context: int | None = None) -> Mode
             cfg, qk_norm=True, sandwich_norms=True, activation="gelu_tanh", embed_scale=True,
             sliding_window=int(p("attention.sliding_window")), rope_local_theta=GEMMA3_LOCAL_THETA,
             local_layers=tuple(i for i in range(cfg.n_layers) if (i + 1) % GEMMA3_GLOBAL_EVERY),
-            rope_scaling=scaling)  # query_pre_attn_scalar = head_dim, as llama.cpp assumes below 27B
+            rope_scaling=scaling,
+            # query_pre_attn_scalar is not in the file: llama.cpp takes head_dim, but dim / heads for the
+            # 27B model (which it recognises by its 62 layers)
+            query_scale=(dim / n_heads) ** -0.5 if cfg.n_layers == 62 else None)
     return cfg
 
 

@@ -67,3 +67,17 @@ def test_cached_decode_past_the_sliding_window(gemma, forward):
 def test_tokenizer_from_the_checkpoint(gemma):
     assert gemma.tokenizer.encode(REFERENCE["prompts"][0]["prompt"]) == REFERENCE["prompts"][0]["prompt_ids"]
     assert gemma.tokenizer.eos_id == 1
+
+
+def test_int8_keeps_the_greedy_tokens(checkpoint_root):
+    """--quantize int8 works for Gemma 3: teacher-forced, its argmax is the reference's token at >= 95% of
+    the 192 steps (measured 187)."""
+    model = load_checkpoint(ensure_checkpoint("gemma-3-270m", checkpoint_root, progress=False, quantize="int8"),
+                            make_mesh(1, 1))
+    fw = jax.jit(lambda p, t, pos, c: Transformer(model.cfg).apply(p, t, pos, c, W))
+    agree = 0
+    for p in REFERENCE["prompts"]:
+        n, ids = len(p["prompt_ids"]), p["prompt_ids"] + p["greedy_ids"][:-1]
+        logits, _ = fw(model.params, np.array([ids]), np.arange(len(ids))[None], KVCache.zeros(model.cfg, 1, W))
+        agree += int((np.asarray(logits[0, n - 1:]).argmax(-1) == p["greedy_ids"]).sum())
+    assert agree >= 0.95 * 32 * len(REFERENCE["prompts"])

@@ -1,4 +1,4 @@
-"""SentencePiece rebuilt from Gemma 3's GGUF vocabulary against HF's tokenizer (tests/reference/gemma3_reference.json)."""
+"""SentencePiece rebuilt from Gemma 3's GGUF vocabulary against HF's tokenizer (reference/gemma3_reference.json)."""
 
 import json
 from pathlib import Path
@@ -40,3 +40,17 @@ def test_specials_and_round_trip_through_a_saved_file(tok, tmp_path):
     detok = IncrementalDetokenizer(again)
     ids = again.encode(text)[1:]
     assert "".join(detok.add(i) for i in ids) + detok.flush() == text
+
+
+def test_a_vocabulary_with_a_space_prefix_round_trips():
+    """add_space_prefix (Llama 2 style): a '▁' goes before the text and decode drops it again."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto.FromString((Path(__file__).parent / "reference" / "hf-tiny" / "gemma3" / "tokenizer.model")
+                                     .read_bytes())
+    tok = SentencePieceTokenizer.from_vocab([p.piece for p in proto.pieces], [p.score for p in proto.pieces],
+                                            [p.type for p in proto.pieces], bos_id=2, eos_id=1, unk_id=3, pad_id=0,
+                                            add_bos=False, add_space_prefix=True)
+    ids = tok.encode("the quick fox")
+    assert tok.token_bytes(ids[0]).startswith(b" ")
+    assert tok.decode(ids) == "the quick fox"

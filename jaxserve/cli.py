@@ -48,13 +48,14 @@ def quantize_choice(args) -> str | None:
 
 
 def cmd_convert(args) -> int:
-    from jaxserve.checkpoint import checkpoint_name, convert_gguf
+    from jaxserve.checkpoint import checkpoint_name, convert
 
-    name = args.name or Path(args.path).stem.lower()
+    path = Path(args.path)
+    name = args.name or (path.name if path.is_dir() else path.stem).lower()
     quantize = None if args.quantize == "none" else args.quantize
     out = checkpoint_root(args.checkpoints) / checkpoint_name(name, quantize)
     t0 = time.perf_counter()
-    convert_gguf(Path(args.path), out, max_context=args.max_context, quantize=quantize)
+    convert(path, out, max_context=args.max_context, quantize=quantize)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
@@ -216,15 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints/NAME-int8, or none: the float weights, exact (default: the model card's "
                         "choice; int8 for smollm2-135m-instruct)")
 
-    p = sub.add_parser("convert", parents=[common], help="convert a GGUF file into an orbax checkpoint")
-    p.add_argument("path", help="the .gguf file")
-    p.add_argument("--name", help="checkpoint name (default: the file's stem)")
+    p = sub.add_parser("convert", parents=[common],
+                       help="convert a GGUF file or a Hugging Face checkpoint directory into an orbax checkpoint")
+    p.add_argument("path", help="the .gguf file, or a directory of config.json, *.safetensors and tokenizer files")
+    p.add_argument("--name", help="checkpoint name (default: the file's stem or the directory's name)")
     p.add_argument("--max-context", type=int, help="cap the context length (default: the file's)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", parents=[common], help="print a continuation of PROMPT as it is produced")
     p.add_argument("prompt")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint) or checkpoint folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint), checkpoint folder, "
+                   "or Hugging Face checkpoint directory")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -237,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxserve.engine.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
 
     p = sub.add_parser("serve", parents=[common], help="serve the OpenAI Completions API over HTTP")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint) or checkpoint folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint), checkpoint folder, "
+                   "or Hugging Face checkpoint directory")
     p.add_argument("--served-model-name", action="append", default=[],
                    help="another model id clients may use (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
@@ -258,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "format), appending results to OUTPUT; a rerun resumes")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint) or checkpoint folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint), checkpoint folder, "
+                   "or Hugging Face checkpoint directory")
     p.add_argument("--model-id", help="another model id the input's bodies may name")
     p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS)
     p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT)

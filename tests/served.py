@@ -12,12 +12,12 @@ from jaxserve.model import KVCache, Transformer
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def full_logits(model, tokens) -> np.ndarray:
-    """One forward pass over `tokens` from an empty cache: logits [T, V]."""
+def full_logits(cfg, params, tokens) -> np.ndarray:
+    """One forward pass of the model over `tokens` from an empty cache: logits [T, V]."""
     n = len(tokens)
-    forward = jax.jit(lambda params, t, pos, cache: Transformer(model.cfg).apply(params, t, pos, cache, n)[0])
-    return np.asarray(forward(model.params, np.array([tokens], np.int32), np.arange(n, dtype=np.int32)[None],
-                              KVCache.zeros(model.cfg, 1, n))[0])
+    forward = jax.jit(lambda params, t, pos, cache: Transformer(cfg).apply(params, t, pos, cache, n)[0])
+    return np.asarray(forward(params, np.array([tokens], np.int32), np.arange(n, dtype=np.int32)[None],
+                              KVCache.zeros(cfg, 1, n))[0])
 
 
 def targets(tokens) -> list[int]:

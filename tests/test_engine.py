@@ -138,3 +138,20 @@ def test_prefill_without_scoring_gives_the_same_next_token_logits(tiny):
     np.testing.assert_allclose(plain.last_logits[:3], scored.last_logits[:3], rtol=0, atol=1e-5)
     assert not np.allclose(scored.last_logits[0], scored.last_logits[1])  # rows really differ
     assert (plain.logprobs == 0).all() and (scored.logprobs[:, :2] < 0).all()  # scored: real prompt logprobs
+
+
+def test_a_prompt_whose_padded_last_chunk_passes_the_cache_end(tiny):
+    """300 positions: a 290-token prompt is prefilled as 256 + 34 tokens, the second padded to 64, so its
+    padding runs past the cache's end. It completes like the full pass, compiling nothing new."""
+    eng = make_engine(tiny, slots=2, cache_len=300)
+    try:
+        words = tiny.tokenizer.encode("It was the best of times, it was the worst of times, " * 40)
+        prompt = tuple(words[:290])
+        compiles = dict(eng.core.compiles)
+        deltas, usage = complete(eng, EngineRequest("long", prompt, max_tokens=5, sampling=GREEDY), timeout=120)
+        assert usage.completion_tokens == 5 and deltas[-1].finish_reason == "length"
+        assert dict(eng.core.compiles) == compiles
+        from served import full_logits
+        assert tokens_of(deltas)[0] == int(full_logits(tiny.cfg, tiny.params, list(prompt))[-1].argmax())
+    finally:
+        eng.shutdown()

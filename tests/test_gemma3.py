@@ -1,20 +1,20 @@
 """Gemma 3 270M (GGUF, float32 weights) against HF transformers' float32 outputs in
-tests/reference/gemma3_reference.json: greedy tokens, their logprobs, echo logprobs, and the cached decode
-path past the 512-token sliding window."""
+tests/reference/gemma3_reference.json, through the served steps (JaxCore): greedy tokens, their logprobs,
+echo logprobs, and the cached decode path past the 512-token sliding window."""
 
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from jaxserve.checkpoint import ensure_checkpoint, load_checkpoint
-from jaxserve.model import KVCache, Transformer
+from jaxserve.engine.core import JaxCore
 from jaxserve.sharding import make_mesh
+from served import greedy_decode, scored_prefill
 
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "gemma3_reference.json").read_text())
-W = 640  # cache window: the longest prompt (603) + 32 greedy tokens
+W = 640  # positions per slot: the longest prompt (603) + 32 greedy tokens
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,8 @@ def gemma(checkpoint_root):
 
 
 @pytest.fixture(scope="module")
-def forward(gemma):
-    return jax.jit(lambda p, t, pos, c: Transformer(gemma.cfg).apply(p, t, pos, c, W))
+def core(gemma):
+    return JaxCore(gemma, slots=1, cache_len=W, eos_id=None)
 
 
 def test_config(gemma):
@@ -35,33 +35,25 @@ def test_config(gemma):
 
 
 @pytest.mark.parametrize("p", REFERENCE["prompts"], ids=lambda p: f"{len(p['prompt_ids'])}-tokens")
-def test_teacher_forced_greedy_and_logprobs(gemma, forward, p):
-    """One forward over prompt + the reference's greedy tokens: at each step our argmax is the reference's
-    token (so free-running greedy agrees for all 32 steps), with its logprob; and the prompt's echo."""
+def test_teacher_forced_greedy_and_logprobs(core, p):
+    """The scored prefill of prompt + the reference's greedy tokens (in 256-token chunks): at each step our
+    top token is the reference's (so free-running greedy agrees for all 32 steps), with its logprob; and
+    the prompt's echo."""
     n = len(p["prompt_ids"])
-    ids = p["prompt_ids"] + p["greedy_ids"][:-1]
-    logits, _ = forward(gemma.params, np.array([ids]), np.arange(len(ids))[None], KVCache.zeros(gemma.cfg, 1, W))
-    logprobs = np.asarray(jax.nn.log_softmax(logits[0]))
-    assert logprobs[n - 1:].argmax(-1).tolist() == p["greedy_ids"]
-    chosen = logprobs[np.arange(n - 1, len(ids)), p["greedy_ids"]]
-    np.testing.assert_allclose(chosen, p["greedy_logprobs"], atol=1e-3)
-    echo = logprobs[np.arange(n - 1), p["prompt_ids"][1:]]
-    np.testing.assert_allclose(echo, p["prompt_logprobs_echo"][1:], atol=5e-3)
+    lp, top_ids, *_ = scored_prefill(core, 0, p["prompt_ids"] + p["greedy_ids"], chunk=256)
+    assert top_ids[n - 1: -1, 0].tolist() == p["greedy_ids"]
+    np.testing.assert_allclose(lp[n - 1:], p["greedy_logprobs"], atol=1e-3)
+    np.testing.assert_allclose(lp[: n - 1], p["prompt_logprobs_echo"][1:], atol=5e-3)
     assert p["prompt_logprobs_echo"][0] is None
 
 
-def test_cached_decode_past_the_sliding_window(gemma, forward):
-    """Prefill the 603-token prompt, then 32 greedy steps one token at a time through the cache."""
+def test_cached_decode_past_the_sliding_window(gemma, core):
+    """Prefill the 603-token prompt in chunks, then 32 greedy decode steps through the cache."""
     p = max(REFERENCE["prompts"], key=lambda p: len(p["prompt_ids"]))
-    n = len(p["prompt_ids"])
-    assert n > gemma.cfg.sliding_window
-    logits, cache = forward(gemma.params, np.array([p["prompt_ids"]]), np.arange(n)[None],
-                            KVCache.zeros(gemma.cfg, 1, W))
-    tokens = []
-    for i in range(32):
-        tokens.append(int(np.argmax(logits[0, -1])))
-        logits, cache = forward(gemma.params, np.array([[tokens[-1]]]), np.array([[n + i]]), cache)
-    assert tokens == p["greedy_ids"]
+    assert len(p["prompt_ids"]) > gemma.cfg.sliding_window
+    [(tokens, logprobs, *_)] = greedy_decode(core, [p["prompt_ids"]], 32, chunk=256)
+    assert tokens.tolist() == p["greedy_ids"]
+    np.testing.assert_allclose(logprobs, p["greedy_logprobs"], atol=1e-3)
 
 
 def test_tokenizer_from_the_checkpoint(gemma):
@@ -71,13 +63,13 @@ def test_tokenizer_from_the_checkpoint(gemma):
 
 def test_int8_keeps_the_greedy_tokens(checkpoint_root):
     """--quantize int8 works for Gemma 3: teacher-forced, its argmax is the reference's token at >= 95% of
-    the 192 steps (measured 187)."""
+    the 192 steps."""
     model = load_checkpoint(ensure_checkpoint("gemma-3-270m", checkpoint_root, progress=False, quantize="int8"),
                             make_mesh(1, 1))
-    fw = jax.jit(lambda p, t, pos, c: Transformer(model.cfg).apply(p, t, pos, c, W))
+    core = JaxCore(model, slots=1, cache_len=W, eos_id=None)
     agree = 0
     for p in REFERENCE["prompts"]:
-        n, ids = len(p["prompt_ids"]), p["prompt_ids"] + p["greedy_ids"][:-1]
-        logits, _ = fw(model.params, np.array([ids]), np.arange(len(ids))[None], KVCache.zeros(model.cfg, 1, W))
-        agree += int((np.asarray(logits[0, n - 1:]).argmax(-1) == p["greedy_ids"]).sum())
+        n = len(p["prompt_ids"])
+        _, top_ids, *_ = scored_prefill(core, 0, p["prompt_ids"] + p["greedy_ids"], chunk=256)
+        agree += int((top_ids[n - 1: -1, 0] == p["greedy_ids"]).sum())
     assert agree >= 0.95 * 32 * len(REFERENCE["prompts"])

@@ -18,27 +18,18 @@ from safetensors.numpy import save_file
 
 from jaxserve.checkpoint import convert_hf, ensure_checkpoint, load_checkpoint, load_model
 from jaxserve.checkpoint.hf_import import read_config, read_hf
-from jaxserve.model import KVCache, Transformer
+from jaxserve.engine.core import JaxCore
 from jaxserve.model.config import RopeScaling
 from jaxserve.sharding import make_mesh
 from jaxserve.tokenizer import SentencePieceTokenizer
+from served import full_logits, greedy_decode
 
 TINY = Path(__file__).parent / "reference" / "hf-tiny"
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
-W = 32  # cache window: longer than every reference prompt + 12 greedy tokens
 
 
 def reference(family: str) -> dict:
     return json.loads((TINY / family / "reference.json").read_text())
-
-
-def forward(cfg):
-    return jax.jit(lambda p, t, pos, c: Transformer(cfg).apply(p, t, pos, c, W))
-
-
-def full_logits(cfg, params, ids):
-    logits, _ = forward(cfg)(params, np.array([ids]), np.arange(len(ids))[None], KVCache.zeros(cfg, 1, W))
-    return np.asarray(logits[0])
 
 
 def assert_logits_match(cfg, params, family):
@@ -77,22 +68,19 @@ def variant(tmp_path, family, config=None, dtype=None, shards=1, extra=None, dro
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_greedy_and_tokenizer_match_hf(family):
-    cfg, params, tok = read_hf(TINY / family, progress=False)
+def test_logits_greedy_and_tokenizer_match_hf(family, tmp_path):
+    model = load_checkpoint(convert_hf(TINY / family, tmp_path / family, progress=False), make_mesh(1, 1))
     ref = reference(family)
-    assert_logits_match(cfg, params, family)
-    fw = forward(cfg)
+    assert_logits_match(model.cfg, model.params, family)
     for p in ref["prompts"]:
-        assert tok.encode(p["text"]) == p["ids"]
-        n = len(p["ids"])
-        logits, cache = fw(params, np.array([p["ids"]]), np.arange(n)[None], KVCache.zeros(cfg, 1, W))
-        tokens = []
-        for i in range(len(p["greedy_ids"])):  # greedy decode through the cache
-            tokens.append(int(np.argmax(logits[0, -1])))
-            logits, cache = fw(params, np.array([[tokens[-1]]]), np.array([[n + i]]), cache)
-        assert tokens == p["greedy_ids"]
+        assert model.tokenizer.encode(p["text"]) == p["ids"]
+    # greedy through the served steps: every prompt in its own slot, decoded together
+    prompts = [p["ids"] for p in ref["prompts"]]
+    steps = len(ref["prompts"][0]["greedy_ids"])
+    decoded = greedy_decode(JaxCore(model, slots=len(prompts), cache_len=128, eos_id=None), prompts, steps)
+    assert [tokens.tolist() for tokens, *_ in decoded] == [p["greedy_ids"] for p in ref["prompts"]]
     for case in ref["tokenize"]:
-        assert tok.encode(case["text"]) == case["ids"]
+        assert model.tokenizer.encode(case["text"]) == case["ids"]
 
 
 def test_gemma_tokenizer_model_matches_hf():

@@ -17,19 +17,19 @@ def log_softmax(x):
 def test_matches_numpy_reference(tiny):
     tokens = tiny.tokenizer.encode("The Lord is my shepherd; I shall not want.")
     expected = reference_forward(tiny.cfg, tiny.params, tokens)
-    np.testing.assert_allclose(full_logits(tiny, tokens), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(full_logits(tiny.cfg, tiny.params, tokens), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_served_prefill_scores_every_position_as_the_full_pass(tiny):
     tokens = tiny.tokenizer.encode("It was the best of times, it was the worst of times, it was")
-    want = log_softmax(full_logits(tiny, tokens))
+    want = log_softmax(full_logits(tiny.cfg, tiny.params, tokens))
     core = JaxCore(tiny, slots=2, cache_len=128, eos_id=None)
     for chunk in (len(tokens), 5):  # one call, and chunks continuing each other in the cache
         lp, top_ids, top_lp, last = scored_prefill(core, 1, tokens, chunk)
         np.testing.assert_allclose(lp, want[np.arange(len(tokens) - 1), tokens[1:]], atol=1e-5)
         assert (top_ids == np.argsort(-want, axis=-1)[:, :5]).all()
         np.testing.assert_allclose(top_lp, np.sort(want, axis=-1)[:, ::-1][:, :5], atol=1e-5)
-        np.testing.assert_allclose(last, full_logits(tiny, tokens)[-1], atol=1e-5)
+        np.testing.assert_allclose(last, full_logits(tiny.cfg, tiny.params, tokens)[-1], atol=1e-5)
 
 
 def test_prefill_then_decode_equals_the_full_pass(tiny):
@@ -39,7 +39,7 @@ def test_prefill_then_decode_equals_the_full_pass(tiny):
                tiny.tokenizer.encode("It was the best of times, it was the worst of times, it was")]
     core = JaxCore(tiny, slots=2, cache_len=128, eos_id=None)
     for prompt, (tokens, lps, top_ids, top_lp) in zip(prompts, greedy_decode(core, prompts, 12, chunk=4)):
-        want = log_softmax(full_logits(tiny, prompt + list(tokens)))[len(prompt) - 1:-1]
+        want = log_softmax(full_logits(tiny.cfg, tiny.params, prompt + list(tokens)))[len(prompt) - 1:-1]
         assert (tokens == want.argmax(-1)).all()
         np.testing.assert_allclose(lps, want[np.arange(12), tokens], atol=1e-5)
         assert (top_ids == np.argsort(-want, axis=-1)[:, :5]).all()
@@ -53,9 +53,9 @@ def test_reused_slot_ignores_previous_occupant(tiny):
     core = JaxCore(tiny, slots=1, cache_len=128, eos_id=None)
     scored_prefill(core, 0, long)
     lp, *_, last = scored_prefill(core, 0, short)
-    want = log_softmax(full_logits(tiny, short))
+    want = log_softmax(full_logits(tiny.cfg, tiny.params, short))
     np.testing.assert_allclose(lp, want[np.arange(len(short) - 1), short[1:]], atol=1e-5)
-    np.testing.assert_allclose(last, full_logits(tiny, short)[-1], atol=1e-5)
+    np.testing.assert_allclose(last, full_logits(tiny.cfg, tiny.params, short)[-1], atol=1e-5)
 
 
 def test_attention_window_reads_only_the_filled_part(tiny):

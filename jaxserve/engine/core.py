@@ -49,7 +49,7 @@ class JaxCore(Core):
         sharding = DecodeState.shardings(self.cfg, model.mesh, slots, cache_len)
         self.spec = StepSpec(self.cfg, self.eos_id, sharding, replicated(model.mesh))
         self._initial = jax.jit(lambda: DecodeState.initial(self.cfg, slots, cache_len), out_shardings=sharding)
-        self.state: DecodeState | None = self._initial()
+        self.state: DecodeState = self._initial()
 
     @property
     def compiles(self):
@@ -74,11 +74,10 @@ class JaxCore(Core):
     def prefill(self, rows: list[PrefillRow], score: bool = False) -> PrefillOutput:
         longest = max(len(r.tokens) for r in rows)
         if len(rows) == 1:
-            shape = 1, bucket_of(longest, self.prefill_buckets)
-        else:
-            assert all(r.start == 0 for r in rows), "only whole prompts are packed"
-            shape = self.packing(len(rows), longest)
-            assert shape is not None, "the scheduler packs only prompts that fit"
+            return self._prefill((1, bucket_of(longest, self.prefill_buckets)), rows, score)
+        assert all(r.start == 0 for r in rows), "only whole prompts are packed"
+        shape = self.packing(len(rows), longest)
+        assert shape is not None, "the scheduler packs only prompts that fit"
         return self._prefill(shape, rows, score)
 
     def _prefill(self, shape: tuple[int, int], rows: list[PrefillRow], score: bool) -> PrefillOutput:
@@ -92,7 +91,9 @@ class JaxCore(Core):
             tokens[i, : len(r.tokens)] = r.tokens
             targets[i, : len(r.targets)] = r.targets
             starts[i], lengths[i], slots[i] = r.start, len(r.tokens), r.slot
-        window = self.window_for(int(starts.max()) + T - 1)
+        # the window covers the padded chunk, or the whole cache where the padding runs past its end (the
+        # real tokens never do; padding there is dropped): a shape warmup() has compiled either way
+        window = self.window_for(min(int(starts.max()) + T, self.cache_len) - 1)
         self.state, out = steps.prefill(self.spec, self.model.params, self.state, tokens, starts, lengths, slots,
                                         targets, np.bool_(score), window)
         return out
@@ -136,7 +137,7 @@ class JaxCore(Core):
                 self.step(w - 1, rows - 1)
         self.release(0)
         self.fetch(self.state.slots.active)
-        self.state = None  # drop the used state before making a fresh one: never two caches at once
+        del self.state  # drop the used state before making a fresh one: never two caches at once
         self.state = self._initial()
         log.info("compiled %d variants in %.1f s (vocab %d, %d slots, windows %s, prefill buckets %s)",
                  sum(self.compiles.values()), time.perf_counter() - t0, self.cfg.vocab_size, self.slots,

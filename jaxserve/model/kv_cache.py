@@ -3,8 +3,7 @@ slots, KV heads, head dim / positions).
 
 Each layout is the one its attention matmul reads without repacking: scores = q [G, H] x k [H, W] and
 out = p [G, W] x v [W, H], both with the contracted dim leading on the cache side. (With k stored
-[S, H], XLA:CPU's q . k^T took 3x longer than the same FLOPs of p . v: measured 49 ms vs 17 ms per decode
-step at 32 slots, SmolLM2.)
+[S, H], XLA:CPU's q . k^T took several times longer than the same FLOPs of p . v.)
 
 Slot b's entry at position p belongs to whichever sequence last wrote it; attention masks by position
 (key position <= query position), so a reused slot needs no clearing.

@@ -50,8 +50,8 @@ def _weight(module: nn.Module, cfg: ModelConfig, name: str, shape, axes, a: int,
 def dequantize(kernel, scale):
     """int8 kernel * its group scales -> float32 weights. The grouped axis is the one where the scale is
     shorter. The weights stay int8 at rest; inside the jitted step XLA:CPU writes this float32 copy of each
-    matrix just before its matmul (measured: ~13 ms of a ~19 ms one-slot decode step for SmolLM2), and
-    per-group scales cost no more there than per-channel ones."""
+    matrix just before its matmul (most of a one-slot decode step's time: see the int8 commits'
+    measurements), and per-group scales cost no more there than per-channel ones."""
     a = next(i for i, (n, m) in enumerate(zip(kernel.shape, scale.shape)) if n != m)
     groups = scale.shape[a]
     split = (*kernel.shape[:a], groups, kernel.shape[a] // groups, *kernel.shape[a + 1:])
@@ -60,9 +60,9 @@ def dequantize(kernel, scale):
 
 
 def dot(spec: str, x, weight):
-    """einsum(spec, x, kernel), an int8 kernel dequantized to float32 within the jitted step. (bfloat16
-    products: one-slot steps 31 vs 20 ms on XLA:CPU, 32-slot steps only 6% faster, and under model sharding
-    they drifted from the unsharded result.)"""
+    """einsum(spec, x, kernel), an int8 kernel dequantized to float32 within the jitted step. (Not bfloat16
+    products: slower at one slot on some CPUs, and under model sharding they drifted from the unsharded
+    result.)"""
     kernel, scale = weight
     if scale is None:
         return jnp.einsum(spec, x, kernel)
@@ -160,7 +160,7 @@ class Block(nn.Module):
 
         h = RMSNorm(c.norm_eps, dt, name="mlp_norm")(x)
         # gate and up projections as one [D, 2, F] weight: one matmul (and one int8 dequantization) instead
-        # of two, 2.6 ms less per decode step at one slot here
+        # of two
         wgu = _weight(self, c, "gate_up", (c.dim, 2, c.mlp_dim), ("embed", None, "mlp"), 0)
         wd = _weight(self, c, "down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0)
         gate_up = dot("btd,dcf->btcf", h, wgu)
@@ -193,8 +193,8 @@ class Embedding(nn.Module):
     def attend(self, x):
         if self.scale is None:
             return dot("btd,vd->btv", x, (self.table, None))
-        # int8: one dot over the whole [V, D] table would widen all of it in memory first (~10x slower than
-        # float32 here); a scan over vocabulary blocks widens one cache-sized block at a time.
+        # int8: one dot over the whole [V, D] table would widen all of it in memory first (far slower than
+        # float32); a scan over vocabulary blocks widens one cache-sized block at a time.
         V, D = self.table.shape
         blocks = max(1, V // VOCAB_BLOCK)
         while V % blocks:

@@ -56,14 +56,23 @@ def parse_batch_lines(lines: list[str]) -> list[Item]:
             items.append(Item(n, f"line-{n}", error=APIError(400, f"line {n} is not valid JSON")))
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str) or not obj["custom_id"]:
-            items.append(Item(n, f"line-{n}", error=APIError(400, f"line {n} has no string 'custom_id'",
-                                                             param="custom_id")))
+            items.append(
+                Item(n, f"line-{n}", error=APIError(400, f"line {n} has no string 'custom_id'", param="custom_id"))
+            )
             continue
         cid = obj["custom_id"]
         if obj.get("url") != URL or obj.get("method", "POST") != "POST":
-            items.append(Item(n, cid, error=APIError(400, f"line {n}: only POST {URL} is supported, got "
-                                                          f"{obj.get('method', 'POST')} {obj.get('url')}",
-                                                     param="url")))
+            items.append(
+                Item(
+                    n,
+                    cid,
+                    error=APIError(
+                        400,
+                        f"line {n}: only POST {URL} is supported, got {obj.get('method', 'POST')} {obj.get('url')}",
+                        param="url",
+                    ),
+                )
+            )
         elif not isinstance(obj.get("body"), dict):
             items.append(Item(n, cid, error=APIError(400, f"line {n} has no JSON object 'body'", param="body")))
         else:
@@ -86,7 +95,9 @@ def parse_prompt_lines(lines: list[str], defaults: dict) -> list[Item]:
                     body = {**defaults, **obj}
             except ValueError:
                 pass
-        items.append(Item(n, str((body or {}).pop("custom_id", f"line-{n}")), body=body or {**defaults, "prompt": text}))
+        items.append(
+            Item(n, str((body or {}).pop("custom_id", f"line-{n}")), body=body or {**defaults, "prompt": text})
+        )
     return items
 
 
@@ -97,8 +108,10 @@ def check_duplicates(items: list[Item]) -> None:
             dups.append(item.custom_id)
         seen.add(item.custom_id)
     if dups:
-        raise DuplicateIds(f"duplicate custom_id in the input: {', '.join(sorted(set(dups))[:10])}"
-                           + (" ..." if len(set(dups)) > 10 else ""))
+        raise DuplicateIds(
+            f"duplicate custom_id in the input: {', '.join(sorted(set(dups))[:10])}"
+            + (" ..." if len(set(dups)) > 10 else "")
+        )
 
 
 def completed_ids(output: Path) -> set[str]:
@@ -120,9 +133,15 @@ def completed_ids(output: Path) -> set[str]:
 
 def result_line(custom_id: str, status: int, body: dict) -> str:
     request_id = body.get("id") if status == 200 else f"req_{uuid.uuid4().hex}"
-    return json.dumps({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
-                       "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None},
-                      allow_nan=False)
+    return json.dumps(
+        {
+            "id": f"batch_req_{uuid.uuid4().hex}",
+            "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body},
+            "error": None,
+        },
+        allow_nan=False,
+    )
 
 
 @dataclasses.dataclass
@@ -136,12 +155,15 @@ class Summary:
 
     def __str__(self) -> str:
         rate = self.completion_tokens / self.seconds if self.seconds else 0.0
-        return (f"{self.ok} ok, {self.failed} failed, {self.skipped} already done; {self.prompt_tokens} prompt + "
-                f"{self.completion_tokens} generated tokens in {self.seconds:.1f} s ({rate:.1f} generated tok/s)")
+        return (
+            f"{self.ok} ok, {self.failed} failed, {self.skipped} already done; {self.prompt_tokens} prompt + "
+            f"{self.completion_tokens} generated tokens in {self.seconds:.1f} s ({rate:.1f} generated tok/s)"
+        )
 
 
-async def run_batch(serving: CompletionServing, items: list[Item], output: Path, concurrency: int,
-                    progress: bool = True) -> Summary:
+async def run_batch(
+    serving: CompletionServing, items: list[Item], output: Path, concurrency: int, progress: bool = True
+) -> Summary:
     """Run every item not yet in `output`, appending one line per result as it completes."""
     check_duplicates(items)
     done = completed_ids(output)
@@ -156,6 +178,7 @@ async def run_batch(serving: CompletionServing, items: list[Item], output: Path,
     started = time.perf_counter()
 
     with open(output, "a", encoding="utf-8") as out:
+
         def write(line: str) -> None:
             out.write(line + "\n")
             out.flush()  # a killed process keeps every completed line

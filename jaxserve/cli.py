@@ -75,8 +75,14 @@ def cmd_generate(args) -> int:
     # one slot, and a cache just long enough: shapes compile as they are first reached
     needed = len(prompt_ids) + args.max_tokens
     scheduler = build_engine(model, slots=1, max_context=max(128, 1 << (needed - 1).bit_length()), warmup=False)
-    req = EngineRequest("generate", prompt_ids, max_tokens=args.max_tokens, seed=args.seed,
-                        sampling=SamplingParams(temperature=args.temperature), ignore_eos=args.ignore_eos)
+    req = EngineRequest(
+        "generate",
+        prompt_ids,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        sampling=SamplingParams(temperature=args.temperature),
+        ignore_eos=args.ignore_eos,
+    )
     t0 = time.perf_counter()
     first, n = None, 0
     try:
@@ -92,8 +98,11 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     end = time.perf_counter()
     if n > 1:
-        print(f"[{n} tokens; first after {first - t0:.2f} s (includes compiling); then "
-              f"{(n - 1) / (end - first):.1f} tok/s (includes compiling longer attention windows)]", file=sys.stderr)
+        print(
+            f"[{n} tokens; first after {first - t0:.2f} s (includes compiling); then "
+            f"{(n - 1) / (end - first):.1f} tok/s (includes compiling longer attention windows)]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -105,14 +114,22 @@ def cmd_serve(args) -> int:
     from jaxserve.api.app import ServerState, create_app
     from jaxserve.api.metrics import Metrics
 
-    state = ServerState(metrics=Metrics(), api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
-                        max_body_bytes=args.max_body_bytes)
+    state = ServerState(
+        metrics=Metrics(),
+        api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
+        max_body_bytes=args.max_body_bytes,
+    )
     holder = {}
-    loader = threading.Thread(target=_load_for_serving, args=(args, state, holder), name="jaxserve-loader",
-                              daemon=True)
+    loader = threading.Thread(target=_load_for_serving, args=(args, state, holder), name="jaxserve-loader", daemon=True)
     loader.start()  # the HTTP server answers (503 on /health) while the model loads and compiles
-    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level.lower(),
-                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
+    config = uvicorn.Config(
+        create_app(state),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        access_log=False,
+    )
     _graceful_server_class()(config).run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out
     loader.join(timeout=1)
     if "scheduler" in holder:
@@ -143,12 +160,18 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
 
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
-    model = load_model(args.model, checkpoint_root(args.checkpoints), _mesh(args.mesh), dtype=args.dtype,
-                       quantize=quantize_choice(args))
+    model = load_model(
+        args.model,
+        checkpoint_root(args.checkpoints),
+        _mesh(args.mesh),
+        dtype=args.dtype,
+        quantize=quantize_choice(args),
+    )
     scheduler = build_engine(model, slots=args.max_slots, max_context=args.max_context, max_waiting=max_waiting)
     weights = model.cfg.quant or model.cfg.dtype
-    serving = CompletionServing(scheduler, model.tokenizer, [model.name, *aliases], metrics,
-                                fingerprint=f"jaxserve-{model.name}-{weights}")
+    serving = CompletionServing(
+        scheduler, model.tokenizer, [model.name, *aliases], metrics, fingerprint=f"jaxserve-{model.name}-{weights}"
+    )
     return model, scheduler, serving
 
 
@@ -159,15 +182,30 @@ def _load_for_serving(args, state, holder) -> None:
         model, scheduler, serving = _build_serving(args, state.metrics, args.served_model_name, args.max_waiting)
         holder["scheduler"] = scheduler
         core = scheduler.core
-        state.metrics.gauges.update({
-            "queue_depth": lambda: scheduler.queue_depth, "active_slots": lambda: scheduler.active_slots,
-            "compiles_total": lambda: sum(core.compiles.values()), "engine_steps_total": lambda: scheduler.steps})
+        state.metrics.gauges.update(
+            {
+                "queue_depth": lambda: scheduler.queue_depth,
+                "active_slots": lambda: scheduler.active_slots,
+                "compiles_total": lambda: sum(core.compiles.values()),
+                "engine_steps_total": lambda: scheduler.steps,
+            }
+        )
         state.serving = serving
-        log.info("serving %s as %s on http://%s:%d | mesh %s | weights %s | %d slots x %d tokens | KV cache %.2f GB "
-                 "| ready in %.1f s", model.name, ", ".join(serving.model_ids), args.host, args.port,
-                 dict(model.mesh.shape), model.cfg.quant or model.cfg.dtype, core.slots, core.cache_len,
-                 core.kv_bytes / 1e9, time.perf_counter() - t0)
-    except Exception as e:  # noqa: BLE001 - reported on /health and in every response
+        log.info(
+            "serving %s as %s on http://%s:%d | mesh %s | weights %s | %d slots x %d tokens | KV cache %.2f GB "
+            "| ready in %.1f s",
+            model.name,
+            ", ".join(serving.model_ids),
+            args.host,
+            args.port,
+            dict(model.mesh.shape),
+            model.cfg.quant or model.cfg.dtype,
+            core.slots,
+            core.cache_len,
+            core.kv_bytes / 1e9,
+            time.perf_counter() - t0,
+        )
+    except Exception as e:
         log.exception("loading failed")
         state.load_error = f"the model failed to load: {e}"
 
@@ -180,8 +218,14 @@ def cmd_batch(args) -> int:
 
     lines = Path(args.input).read_text(encoding="utf-8").splitlines()
     if args.prompts:
-        defaults = {"model": args.model_id or Path(args.model).name, "max_tokens": args.max_tokens,
-                    "temperature": args.temperature, "top_p": args.top_p, "n": args.n, "echo": args.echo}
+        defaults = {
+            "model": args.model_id or Path(args.model).name,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "n": args.n,
+            "echo": args.echo,
+        }
         for key in ("stop", "seed", "logprobs"):
             if getattr(args, key) is not None:
                 defaults[key] = getattr(args, key)
@@ -210,15 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--checkpoints", help="folder of converted checkpoints "
-                        "(default: $JAXSERVE_CHECKPOINTS, ./checkpoints, or ~/.cache/jaxserve/checkpoints)")
-    common.add_argument("--quantize", choices=["int8", "none"],
-                        help="int8 weights (a scale per output channel and 64 inputs), converted once into "
-                        "checkpoints/NAME-int8, or none: the float weights, exact (default: the model card's "
-                        "choice; int8 for smollm2-135m-instruct)")
+    common.add_argument(
+        "--checkpoints",
+        help="folder of converted checkpoints "
+        "(default: $JAXSERVE_CHECKPOINTS, ./checkpoints, or ~/.cache/jaxserve/checkpoints)",
+    )
+    common.add_argument(
+        "--quantize",
+        choices=["int8", "none"],
+        help="int8 weights (a scale per output channel and 64 inputs), converted once into "
+        "checkpoints/NAME-int8, or none: the float weights, exact (default: the model card's "
+        "choice; int8 for smollm2-135m-instruct)",
+    )
 
-    p = sub.add_parser("convert", parents=[common],
-                       help="convert a GGUF file or a Hugging Face checkpoint directory into an orbax checkpoint")
+    p = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="convert a GGUF file or a Hugging Face checkpoint directory into an orbax checkpoint",
+    )
     p.add_argument("path", help="the .gguf file, or a directory of config.json, *.safetensors and tokenizer files")
     p.add_argument("--name", help="checkpoint name (default: the file's stem or the directory's name)")
     p.add_argument("--max-context", type=int, help="cap the context length (default: the file's)")
@@ -226,24 +279,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", parents=[common], help="print a continuation of PROMPT as it is produced")
     p.add_argument("prompt")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint), checkpoint folder, "
-                   "or Hugging Face checkpoint directory")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model name (card or checkpoint), checkpoint folder, or Hugging Face checkpoint directory",
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--mesh", help="e.g. data=1,model=2 (default: all devices on 'model')")
-    p.add_argument("--compile-cache", help="folder for compiled steps, reused across runs ('off' to disable; "
-                   "default $JAXSERVE_COMPILE_CACHE or ~/.cache/jaxserve/xla)")
+    p.add_argument(
+        "--compile-cache",
+        help="folder for compiled steps, reused across runs ('off' to disable; "
+        "default $JAXSERVE_COMPILE_CACHE or ~/.cache/jaxserve/xla)",
+    )
     p.set_defaults(func=cmd_generate)
 
     from jaxserve.engine.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
 
     p = sub.add_parser("serve", parents=[common], help="serve the OpenAI Completions API over HTTP")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint), checkpoint folder, "
-                   "or Hugging Face checkpoint directory")
-    p.add_argument("--served-model-name", action="append", default=[],
-                   help="another model id clients may use (repeatable)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model name (card or checkpoint), checkpoint folder, or Hugging Face checkpoint directory",
+    )
+    p.add_argument(
+        "--served-model-name", action="append", default=[], help="another model id clients may use (repeatable)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS, help="sequences decoded at once")
@@ -253,24 +316,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="e.g. data=1,model=2 (default: all devices on 'model')")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and activations (default: the model's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $JAXSERVE_API_KEY)")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on SIGINT/SIGTERM",
+    )
     p.add_argument("--compile-cache", help="as for generate")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("batch", parents=[common], help="run a JSONL file of completion requests (OpenAI Batch "
-                       "format), appending results to OUTPUT; a rerun resumes")
+    p = sub.add_parser(
+        "batch",
+        parents=[common],
+        help="run a JSONL file of completion requests (OpenAI Batch "
+        "format), appending results to OUTPUT; a rerun resumes",
+    )
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name (card or checkpoint), checkpoint folder, "
-                   "or Hugging Face checkpoint directory")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model name (card or checkpoint), checkpoint folder, or Hugging Face checkpoint directory",
+    )
     p.add_argument("--model-id", help="another model id the input's bodies may name")
     p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS)
     p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT)
     p.add_argument("--mesh")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--compile-cache", help="as for generate")
-    plain = p.add_argument_group("plain form: INPUT holds one prompt per line (text or {\"prompt\": ...})")
+    plain = p.add_argument_group('plain form: INPUT holds one prompt per line (text or {"prompt": ...})')
     plain.add_argument("--prompts", action="store_true", help="read INPUT in the plain form")
     plain.add_argument("--max-tokens", type=int, default=16)
     plain.add_argument("--temperature", type=float, default=1.0)
@@ -286,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)  # jax's absl import installs a root handler first
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )  # jax's absl import installs a root handler first
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

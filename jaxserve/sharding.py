@@ -34,8 +34,7 @@ def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
     if model is None:
         model = len(devices) // data
     if data * model > len(devices) or data < 1 or model < 1:
-        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, "
-                         f"{len(devices)} available")
+        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, {len(devices)} available")
     return Mesh(np.array(devices[: data * model]).reshape(data, model), MESH_AXES)
 
 
@@ -60,8 +59,13 @@ def logical_to_spec(axes, shape, mesh: Mesh) -> PartitionSpec:
                 key = (name, size, mesh_axis, mesh.shape[mesh_axis])
                 if key not in _noted:
                     _noted.add(key)
-                    log.info("replicating logical axis %r (size %d): mesh axis %r of size %d does not divide it",
-                             name, size, mesh_axis, mesh.shape[mesh_axis])
+                    log.info(
+                        "replicating logical axis %r (size %d): mesh axis %r of size %d does not divide it",
+                        name,
+                        size,
+                        mesh_axis,
+                        mesh.shape[mesh_axis],
+                    )
                 mesh_axis = None
         else:
             mesh_axis = None
@@ -79,5 +83,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def tree_shardings(axes_tree, shape_tree, mesh: Mesh):
     """NamedSharding for every leaf of `shape_tree`, from the matching logical-axes tuple."""
-    return jax.tree.map(lambda axes, s: named_sharding(axes, s.shape, mesh), axes_tree, shape_tree,
-                        is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda axes, s: named_sharding(axes, s.shape, mesh),
+        axes_tree,
+        shape_tree,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )

@@ -98,8 +98,14 @@ class BPETokenizer(Tokenizer):
 
     FILE = "tokenizer.json"
 
-    def __init__(self, hf: HFTokenizer, bos_id: int | None, eos_id: int | None, add_bos: bool,
-                 extra_eos_ids: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        hf: HFTokenizer,
+        bos_id: int | None,
+        eos_id: int | None,
+        add_bos: bool,
+        extra_eos_ids: tuple[int, ...] = (),
+    ):
         self._hf = hf
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
@@ -122,8 +128,16 @@ class BPETokenizer(Tokenizer):
                 self._bytes.append(bytes(byte_of[ch] for ch in piece))
 
     @classmethod
-    def from_vocab(cls, tokens: list[str], token_types: list[int], merges: list[str], pre: str,
-                   bos_id: int | None, eos_id: int | None, add_bos: bool) -> "BPETokenizer":
+    def from_vocab(
+        cls,
+        tokens: list[str],
+        token_types: list[int],
+        merges: list[str],
+        pre: str,
+        bos_id: int | None,
+        eos_id: int | None,
+        add_bos: bool,
+    ) -> BPETokenizer:
         vocab = {tok: i for i, tok in enumerate(tokens)}
         pairs = [tuple(m.split(" ", 1)) for m in merges]
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
@@ -133,19 +147,29 @@ class BPETokenizer(Tokenizer):
         else:
             hf.pre_tokenizer = byte_level
         hf.decoder = decoders.ByteLevel()
-        hf.add_special_tokens([AddedToken(tok, special=True, normalized=False)
-                               for tok, kind in zip(tokens, token_types) if kind in (_CONTROL, _USER_DEFINED)])
+        hf.add_special_tokens(
+            [
+                AddedToken(tok, special=True, normalized=False)
+                for tok, kind in zip(tokens, token_types)
+                if kind in (_CONTROL, _USER_DEFINED)
+            ]
+        )
         tok = cls(hf, bos_id, eos_id, add_bos)
         return tok
 
     @classmethod
-    def load(cls, directory: Path) -> "BPETokenizer":
+    def load(cls, directory: Path) -> BPETokenizer:
         meta = json.loads((directory / "tokenizer_meta.json").read_text())
-        return cls(HFTokenizer.from_file(str(directory / cls.FILE)), meta["bos_id"], meta["eos_id"], meta["add_bos"],
-                   tuple(meta.get("eos_ids", ())))
+        return cls(
+            HFTokenizer.from_file(str(directory / cls.FILE)),
+            meta["bos_id"],
+            meta["eos_id"],
+            meta["add_bos"],
+            tuple(meta.get("eos_ids", ())),
+        )
 
     @classmethod
-    def from_file(cls, path: Path, bos: str | None, eos: str | None, add_bos: bool | None) -> "BPETokenizer":
+    def from_file(cls, path: Path, bos: str | None, eos: str | None, add_bos: bool | None) -> BPETokenizer:
         """A Hugging Face `tokenizer.json`; BOS and EOS given by their token strings. `add_bos` None: add BOS
         exactly when the file's post-processor does."""
         hf = HFTokenizer.from_file(str(path))
@@ -216,13 +240,22 @@ class SentencePieceTokenizer(Tokenizer):
         self._control_starts = {p[0] for p in self._controls}
 
     @classmethod
-    def from_file(cls, path: Path, add_bos: bool = False) -> "SentencePieceTokenizer":
+    def from_file(cls, path: Path, add_bos: bool = False) -> SentencePieceTokenizer:
         return cls(Path(path).read_bytes(), add_bos=add_bos)
 
     @classmethod
-    def from_vocab(cls, tokens: list[str], scores: list[float], token_types: list[int], bos_id: int | None,
-                   eos_id: int | None, unk_id: int | None, pad_id: int | None, add_bos: bool,
-                   add_space_prefix: bool) -> "SentencePieceTokenizer":
+    def from_vocab(
+        cls,
+        tokens: list[str],
+        scores: list[float],
+        token_types: list[int],
+        bos_id: int | None,
+        eos_id: int | None,
+        unk_id: int | None,
+        pad_id: int | None,
+        add_bos: bool,
+        add_space_prefix: bool,
+    ) -> SentencePieceTokenizer:
         """Rebuild the SentencePiece BPE model a GGUF `llama` vocabulary came from (pieces, scores, piece
         types; GGUF's token types are SentencePiece's). Byte fallback when the vocabulary has byte pieces;
         whitespace is escaped to '▁' and, unless `add_space_prefix`, no '▁' is put before the text."""
@@ -247,10 +280,11 @@ class SentencePieceTokenizer(Tokenizer):
         return cls(proto.SerializeToString(), add_bos=add_bos)
 
     @classmethod
-    def load(cls, directory: Path) -> "SentencePieceTokenizer":
+    def load(cls, directory: Path) -> SentencePieceTokenizer:
         meta = json.loads((directory / "tokenizer_meta.json").read_text())
-        return cls((directory / cls.FILE).read_bytes(), add_bos=meta["add_bos"],
-                   extra_eos_ids=tuple(meta.get("eos_ids", ())))
+        return cls(
+            (directory / cls.FILE).read_bytes(), add_bos=meta["add_bos"], extra_eos_ids=tuple(meta.get("eos_ids", ()))
+        )
 
     def save(self, directory: Path) -> None:
         (directory / self.FILE).write_bytes(self._proto)
@@ -261,7 +295,9 @@ class SentencePieceTokenizer(Tokenizer):
         start = i = 0
         while i < len(text):
             if text[i] in self._control_starts:
-                found = next((text[i:i + n] for n in self._control_lengths if text[i:i + n] in self._controls), None)
+                found = next(
+                    (text[i : i + n] for n in self._control_lengths if text[i : i + n] in self._controls), None
+                )
                 if found:
                     if start < i:
                         yield text[start:i], None
@@ -291,8 +327,13 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def _save_meta(tok: Tokenizer, directory: Path, kind: str) -> None:
-    meta = {"kind": kind, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "eos_ids": list(tok.eos_ids),
-            "add_bos": tok.add_bos}
+    meta = {
+        "kind": kind,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "eos_ids": list(tok.eos_ids),
+        "add_bos": tok.add_bos,
+    }
     (directory / "tokenizer_meta.json").write_text(json.dumps(meta, indent=1))
 
 

@@ -26,8 +26,8 @@ import jax
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
 from jaxserve.cli import compile_cache_dir
 from jaxserve.engine.build import DEFAULT_CONTEXT, build_engine, enable_compilation_cache
-from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
 from jaxserve.engine.roofline import Machine, floors
+from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
 from jaxserve.sharding import make_mesh
 
 
@@ -52,8 +52,15 @@ def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_contex
             if len(finished) == concurrency:
                 all_done.set()
 
-    scheduler.submit([EngineRequest(f"b{i}", prompts[i], max_tokens=gen_tokens, ignore_eos=True,
-                                    sampling=SamplingParams(temperature=0.0)) for i in range(concurrency)], emit)
+    scheduler.submit(
+        [
+            EngineRequest(
+                f"b{i}", prompts[i], max_tokens=gen_tokens, ignore_eos=True, sampling=SamplingParams(temperature=0.0)
+            )
+            for i in range(concurrency)
+        ],
+        emit,
+    )
     all_done.wait()
     wall = time.perf_counter() - t0
     scheduler.shutdown()
@@ -61,9 +68,13 @@ def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_contex
     gc.collect()  # free this run's KV cache before the next engine allocates its own
     # per request, decode time per token after its first: the step latency that request saw
     per_token = [(finished[i] - first_token[i]) / max(1, gen_tokens - 1) for i in range(concurrency)]
-    return {"tok_s": concurrency * gen_tokens / wall, "ttft_med": statistics.median(first_token.values()),
-            "step_ms": 1000 * statistics.median(per_token), "wall": wall,
-            "prefill_tok_s": concurrency * prompt_tokens / max(first_token.values())}
+    return {
+        "tok_s": concurrency * gen_tokens / wall,
+        "ttft_med": statistics.median(first_token.values()),
+        "step_ms": 1000 * statistics.median(per_token),
+        "wall": wall,
+        "prefill_tok_s": concurrency * prompt_tokens / max(first_token.values()),
+    }
 
 
 def main() -> None:
@@ -86,35 +97,56 @@ def main() -> None:
     print(f"model {args.model}, devices {jax.devices()}, {machine}")
     rows, prefills = [], []
     for weights in args.weights:
-        model = load_model(args.model, args.checkpoints, make_mesh(1, None), progress=False,
-                           quantize="int8" if weights == "int8" else None)
+        model = load_model(
+            args.model,
+            args.checkpoints,
+            make_mesh(1, None),
+            progress=False,
+            quantize="int8" if weights == "int8" else None,
+        )
         for c in args.concurrency:
             runs = [run(model, c, args.prompt_tokens, args.gen_tokens, args.max_context) for _ in range(args.repeats)]
             r = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
             r["tok_s_all"] = " / ".join(f"{run['tok_s']:.0f}" for run in runs)
             mem_floor, flop_floor = floors(model.cfg, c, args.prompt_tokens + args.gen_tokens, machine)
-            r.update(weights=weights, conc=c, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                     mem_floor_ms=1000 * mem_floor, flop_floor_ms=1000 * flop_floor,
-                     floor_tok_s=c / max(mem_floor, flop_floor))
+            r.update(
+                weights=weights,
+                conc=c,
+                peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                mem_floor_ms=1000 * mem_floor,
+                flop_floor_ms=1000 * flop_floor,
+                floor_tok_s=c / max(mem_floor, flop_floor),
+            )
             rows.append(r)
-            print(f"{weights} C={c}: {r['tok_s']:.1f} tok/s (runs: {r['tok_s_all']}), TTFT median {r['ttft_med']:.3f} s, "
-                  f"step {r['step_ms']:.1f} ms", flush=True)
+            print(
+                f"{weights} C={c}: {r['tok_s']:.1f} tok/s (runs: {r['tok_s_all']}), TTFT median {r['ttft_med']:.3f} s, "
+                f"step {r['step_ms']:.1f} ms",
+                flush=True,
+            )
         if args.prefill_burst:
-            runs = [run(model, args.prefill_burst, args.prompt_tokens, 1, args.max_context) for _ in range(args.repeats)]
+            runs = [
+                run(model, args.prefill_burst, args.prompt_tokens, 1, args.max_context) for _ in range(args.repeats)
+            ]
             prefills.append((weights, statistics.median(run["prefill_tok_s"] for run in runs)))
             print(f"{weights} prefill: {prefills[-1][1]:.0f} prompt tok/s", flush=True)
         del model
         gc.collect()
-    print("\n| weights | concurrency | tok/s (median) | runs | TTFT median (s) | step (ms, median) | floor: bytes (ms) "
-          "| floor: FLOPs (ms) | floor tok/s | process peak RSS so far (GB) |")
+    print(
+        "\n| weights | concurrency | tok/s (median) | runs | TTFT median (s) | step (ms, median) | floor: bytes (ms) "
+        "| floor: FLOPs (ms) | floor tok/s | process peak RSS so far (GB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['weights']} | {r['conc']} | {r['tok_s']:.1f} | {r['tok_s_all']} | {r['ttft_med']:.3f} "
-              f"| {r['step_ms']:.1f} | {r['mem_floor_ms']:.1f} | {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} "
-              f"| {r['peak_gb']:.2f} |")
+        print(
+            f"| {r['weights']} | {r['conc']} | {r['tok_s']:.1f} | {r['tok_s_all']} | {r['ttft_med']:.3f} "
+            f"| {r['step_ms']:.1f} | {r['mem_floor_ms']:.1f} | {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} "
+            f"| {r['peak_gb']:.2f} |"
+        )
     for weights, tok_s in prefills:
-        print(f"\nprefill, {weights}: {args.prefill_burst} prompts x {args.prompt_tokens} tokens at once: "
-              f"{tok_s:.0f} prompt tok/s (median of {args.repeats})")
+        print(
+            f"\nprefill, {weights}: {args.prefill_burst} prompts x {args.prompt_tokens} tokens at once: "
+            f"{tok_s:.0f} prompt tok/s (median of {args.repeats})"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ from jaxserve.cli import checkpoint_root
 from jaxserve.engine.roofline import Machine, floors
 from jaxserve.model import ModelConfig
 
-PROMPT = ("The quick brown fox jumps over the lazy dog and runs far away into the woods, where the old "
-          "oak trees stand tall and the river")
+PROMPT = (
+    "The quick brown fox jumps over the lazy dog and runs far away into the woods, where the old "
+    "oak trees stand tall and the river"
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -45,8 +47,15 @@ def percentile(values: list[float], q: float) -> float:
 
 async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int) -> dict:
     # ignore_eos (jaxserve, vLLM and llama.cpp honour it) makes every request generate max_tokens
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     start = time.perf_counter()
     arrivals, tokens = [], 0
     async with http.stream("POST", "/v1/completions", json=body) as r:
@@ -59,12 +68,16 @@ async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int) -> d
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 arrivals.append(time.perf_counter())
-    return {"ttft": arrivals[0] - start if arrivals else float("nan"), "tokens": tokens or len(arrivals),
-            "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}
+    return {
+        "ttft": arrivals[0] - start if arrivals else float("nan"),
+        "tokens": tokens or len(arrivals),
+        "itl": [b - a for a, b in zip(arrivals, arrivals[1:])],
+    }
 
 
-async def run_level(base_url: str, model: str, concurrency: int, per_client: int, max_tokens: int,
-                    time_limit: float) -> dict:
+async def run_level(
+    base_url: str, model: str, concurrency: int, per_client: int, max_tokens: int, time_limit: float
+) -> dict:
     results = []
     deadline = time.perf_counter() + time_limit
 
@@ -82,9 +95,15 @@ async def run_level(base_url: str, model: str, concurrency: int, per_client: int
         wall = time.perf_counter() - start
     itl = [x for r in results for x in r["itl"]]
     ttft = [r["ttft"] for r in results]
-    return {"concurrency": concurrency, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / wall,
-            "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
-            "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "tok_s": sum(r["tokens"] for r in results) / wall,
+        "ttft_p50": percentile(ttft, 50),
+        "ttft_p99": percentile(ttft, 99),
+        "itl_p50": percentile(itl, 50),
+        "itl_p99": percentile(itl, 99),
+    }
 
 
 def check_loopback(url: str) -> None:
@@ -98,8 +117,22 @@ def start_server(args, slots: int, quantize: str) -> tuple[subprocess.Popen, str
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "jaxserve.cli", "--log-level", "WARNING", "serve", "--port", str(port),
-           "--max-slots", str(slots), "--model", args.model or DEFAULT_MODEL, "--quantize", quantize]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxserve.cli",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--port",
+        str(port),
+        "--max-slots",
+        str(slots),
+        "--model",
+        args.model or DEFAULT_MODEL,
+        "--quantize",
+        quantize,
+    ]
     if args.checkpoints:
         cmd += ["--checkpoints", args.checkpoints]
     proc = subprocess.Popen(cmd)
@@ -129,8 +162,13 @@ def main() -> None:
     parser.add_argument("--base-url", help="a running server (default: start jaxserve here)")
     parser.add_argument("--model", help="model id to request (default: the server's first)")
     parser.add_argument("--checkpoints", help="checkpoint folder for the server this script starts")
-    parser.add_argument("--quantize", nargs="+", choices=["none", "int8"], default=["none", "int8"],
-                        help="weights of the servers this script starts, one after the other")
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=["none", "int8"],
+        default=["none", "int8"],
+        help="weights of the servers this script starts, one after the other",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -144,7 +182,7 @@ def main() -> None:
     cfg, machine = model_config(args), Machine.measure()  # measured before any server loads this machine
     print(f"floors: {machine}")
     rows = []
-    for quantize in ([None] if args.base_url else args.quantize):
+    for quantize in [None] if args.base_url else args.quantize:
         proc = None
         if quantize is not None:
             proc, url = start_server(args, max(args.concurrency), quantize)
@@ -156,21 +194,26 @@ def main() -> None:
                 row = asyncio.run(run_level(url, model, c, args.requests_per_client, args.max_tokens, args.time_limit))
                 step_cfg = cfg if weights == "float32" else dataclasses.replace(cfg, quant="int8")
                 mem, flop = floors(step_cfg, c, args.max_tokens + 32, machine)
-                row.update(weights=weights, mem_floor_ms=1000 * mem, flop_floor_ms=1000 * flop,
-                           floor_tok_s=c / max(mem, flop))
+                row.update(
+                    weights=weights, mem_floor_ms=1000 * mem, flop_floor_ms=1000 * flop, floor_tok_s=c / max(mem, flop)
+                )
                 rows.append(row)
                 print(f"{weights} C={c}: {row['tok_s']:.1f} tok/s over {row['requests']} requests", flush=True)
         finally:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)
-    print("\n| weights | concurrency | requests | tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) "
-          "| floor: bytes (ms) | floor: FLOPs (ms) | floor tok/s |")
+    print(
+        "\n| weights | concurrency | requests | tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) "
+        "| floor: bytes (ms) | floor: FLOPs (ms) | floor tok/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['weights']} | {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} "
-              f"| {r['ttft_p99']:.3f} | {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} | {r['mem_floor_ms']:.1f} "
-              f"| {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} |")
+        print(
+            f"| {r['weights']} | {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} "
+            f"| {r['ttft_p99']:.3f} | {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} | {r['mem_floor_ms']:.1f} "
+            f"| {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

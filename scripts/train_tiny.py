@@ -26,18 +26,39 @@ from jaxserve.model import KVCache, ModelConfig, Transformer, init_params
 from jaxserve.tokenizer import SentencePieceTokenizer
 
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
-CONFIG = ModelConfig(vocab_size=1024, dim=128, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, mlp_dim=384,
-                     rope_theta=10000.0, max_context=512)
+CONFIG = ModelConfig(
+    vocab_size=1024,
+    dim=128,
+    n_layers=4,
+    n_heads=8,
+    n_kv_heads=2,
+    head_dim=16,
+    mlp_dim=384,
+    rope_theta=10000.0,
+    max_context=512,
+)
 
 
 def train_tokenizer(text: str, directory: Path, vocab_size: int) -> SentencePieceTokenizer:
     corpus = directory / "corpus.txt"
     corpus.write_text(text)
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        num_threads=2, minloglevel=2)
+        input=str(corpus),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        num_threads=2,
+        minloglevel=2,
+    )
     return SentencePieceTokenizer.from_file(directory / "tokenizer.model")
 
 
@@ -64,8 +85,8 @@ def train(cfg: ModelConfig, data: np.ndarray, steps: int, seq_len: int, batch: i
     bar = tqdm(range(steps), desc="training", unit="step")
     for _ in bar:
         starts = rng.integers(0, len(data) - seq_len - 1, batch)
-        x = np.stack([data[s: s + seq_len] for s in starts])
-        y = np.stack([data[s + 1: s + seq_len + 1] for s in starts])
+        x = np.stack([data[s : s + seq_len] for s in starts])
+        y = np.stack([data[s + 1 : s + seq_len + 1] for s in starts])
         params, opt_state, loss = step(params, opt_state, x, y)
         bar.set_postfix(loss=f"{float(loss):.3f}")
     return params, float(loss)
@@ -75,8 +96,9 @@ def sample(cfg: ModelConfig, params, tok: SentencePieceTokenizer, prompt: str, n
     """Greedy continuation by full forward passes over one fixed-size buffer (no engine needed)."""
     ids = tok.encode(prompt)
     size = len(ids) + n
-    forward = jax.jit(lambda p, x: Transformer(cfg).apply(p, x, jnp.arange(size)[None], KVCache.zeros(cfg, 1, size),
-                                                          size)[0])
+    forward = jax.jit(
+        lambda p, x: Transformer(cfg).apply(p, x, jnp.arange(size)[None], KVCache.zeros(cfg, 1, size), size)[0]
+    )
     for i in range(len(ids), size):
         logits = forward(params, jnp.array([ids + [0] * (size - len(ids))]))
         ids.append(int(jnp.argmax(logits[0, i - 1])))

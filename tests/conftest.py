@@ -8,12 +8,12 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import subprocess
+import sys
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "tests" / "reference" / "smollm2_reference.json"
@@ -32,8 +32,7 @@ def tiny_dir(checkpoint_root) -> Path:
 
     directory = checkpoint_root / "tiny-llama"
     if not is_checkpoint(directory):
-        subprocess.run([sys.executable, str(REPO / "scripts" / "train_tiny.py"), "--out", str(directory)],
-                       check=True)
+        subprocess.run([sys.executable, str(REPO / "scripts" / "train_tiny.py"), "--out", str(directory)], check=True)
     return directory
 
 

@@ -36,10 +36,16 @@ class Stepped:
     valid: np.ndarray
 
     @classmethod
-    def of(cls, tokens, done, valid) -> "Stepped":
+    def of(cls, tokens, done, valid) -> Stepped:
         tokens = np.asarray(tokens)
-        return cls(tokens, -tokens / 100.0, np.stack([tokens] * 5, -1), np.stack([-tokens / 100.0] * 5, -1),
-                   np.asarray(done), np.asarray(valid))
+        return cls(
+            tokens,
+            -tokens / 100.0,
+            np.stack([tokens] * 5, -1),
+            np.stack([-tokens / 100.0] * 5, -1),
+            np.asarray(done),
+            np.asarray(valid),
+        )
 
 
 class FakeCore(Core):
@@ -61,14 +67,16 @@ class FakeCore(Core):
         logprobs = np.zeros((len(rows), T))
         for i, r in enumerate(rows):
             logprobs[i, : len(r.targets)] = -np.asarray(r.targets) / 100.0
-        return Prefilled(logprobs, np.zeros((len(rows), T, 5), int), np.zeros((len(rows), T, 5)),
-                         [r.tokens[-1] for r in rows])
+        return Prefilled(
+            logprobs, np.zeros((len(rows), T, 5), int), np.zeros((len(rows), T, 5)), [r.tokens[-1] for r in rows]
+        )
 
     def fork(self, src: int, dst: int, length: int) -> None:
         self.calls.append(("fork", src, dst))
 
-    def insert(self, slot: int, logits, params: SamplingParams, position: int, max_tokens: int,
-               stop_on_eos: bool) -> Stepped:
+    def insert(
+        self, slot: int, logits, params: SamplingParams, position: int, max_tokens: int, stop_on_eos: bool
+    ) -> Stepped:
         self.calls.append(("insert", slot))
         token = logits + 1
         done = max_tokens <= 1 or (stop_on_eos and token == EOS)

@@ -18,7 +18,7 @@ def rope(x, positions, theta):
     inv_freq = theta ** (-np.arange(0, H, 2) / H)
     angles = positions[:, None] * inv_freq[None, :]  # [T, H/2]
     cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
-    x1, x2 = x[..., : H // 2], x[..., H // 2:]
+    x1, x2 = x[..., : H // 2], x[..., H // 2 :]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 

@@ -16,8 +16,9 @@ def full_logits(cfg, params, tokens) -> np.ndarray:
     """One forward pass of the model over `tokens` from an empty cache: logits [T, V]."""
     n = len(tokens)
     forward = jax.jit(lambda params, t, pos, cache: Transformer(cfg).apply(params, t, pos, cache, n)[0])
-    return np.asarray(forward(params, np.array([tokens], np.int32), np.arange(n, dtype=np.int32)[None],
-                              KVCache.zeros(cfg, 1, n))[0])
+    return np.asarray(
+        forward(params, np.array([tokens], np.int32), np.arange(n, dtype=np.int32)[None], KVCache.zeros(cfg, 1, n))[0]
+    )
 
 
 def targets(tokens) -> list[int]:
@@ -30,9 +31,10 @@ def scored_prefill(core: JaxCore, slot: int, tokens, chunk: int | None = None):
     chunk = chunk or len(tokens)
     lp, ids, top = [], [], []
     for start in range(0, len(tokens), chunk):
-        piece = list(tokens[start: start + chunk])
-        out = core.fetch(core.prefill([PrefillRow(slot, piece, start, targets(tokens)[start: start + len(piece)])],
-                                      score=True))
+        piece = list(tokens[start : start + chunk])
+        out = core.fetch(
+            core.prefill([PrefillRow(slot, piece, start, targets(tokens)[start : start + len(piece)])], score=True)
+        )
         lp.append(out.logprobs[0, : len(piece)])
         ids.append(out.top_ids[0, : len(piece)])
         top.append(out.top_logprobs[0, : len(piece)])
@@ -49,6 +51,8 @@ def greedy_decode(core: JaxCore, prompts, steps: int, chunk: int | None = None):
     for i in range(1, steps):
         out = core.fetch(core.step(max(len(p) for p in prompts) + i - 1, len(prompts) - 1))
         for slot in range(len(prompts)):
-            outs[slot].append(jax.tree.map(lambda a, slot=slot: a[slot: slot + 1], out))
-    return [tuple(np.concatenate([getattr(o, f) for o in seq]) for f in ("tokens", "logprobs", "top_ids", "top_logprobs"))
-            for seq in outs]
+            outs[slot].append(jax.tree.map(lambda a, slot=slot: a[slot : slot + 1], out))
+    return [
+        tuple(np.concatenate([getattr(o, f) for o in seq]) for f in ("tokens", "logprobs", "top_ids", "top_logprobs"))
+        for seq in outs
+    ]

@@ -22,8 +22,19 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        cmd = [sys.executable, "-m", "jaxserve.cli", "--log-level", "INFO", "serve", "--port", str(self.port),
-               "--checkpoints", str(checkpoints), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "jaxserve.cli",
+            "--log-level",
+            "INFO",
+            "serve",
+            "--port",
+            str(self.port),
+            "--checkpoints",
+            str(checkpoints),
+            *args,
+        ]
         if api_key:
             cmd += ["--api-key", api_key]
         self.log = open(os.devnull, "w") if os.environ.get("JAXSERVE_QUIET_SERVER") else None

@@ -7,7 +7,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from server import Server
 
 KEY = "test-key"
@@ -17,8 +16,18 @@ SHEPHERD = "; I shall not want."
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_dir):
-    server = Server("--model", TINY, "--max-slots", "64", "--max-context", "256", "--served-model-name", "tiny",
-                    checkpoints=tiny_dir.parent, api_key=KEY).wait_ready()
+    server = Server(
+        "--model",
+        TINY,
+        "--max-slots",
+        "64",
+        "--max-context",
+        "256",
+        "--served-model-name",
+        "tiny",
+        checkpoints=tiny_dir.parent,
+        api_key=KEY,
+    ).wait_ready()
     yield server
     assert server.stop() == 0  # Ctrl-C shuts down cleanly
 
@@ -36,10 +45,11 @@ def sse_events(text: str) -> list[str]:
     assert text.endswith("data: [DONE]\n\n")
     events = [e for e in text.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
-    return [e[len("data: "):] for e in events]
+    return [e[len("data: ") :] for e in events]
 
 
 # ---- the openai client -------------------------------------------------------------------------------
+
 
 def test_completion(client):
     r = client.completions.create(model=TINY, prompt="The Lord is my shepherd", max_tokens=8, temperature=0)
@@ -51,23 +61,31 @@ def test_completion(client):
 
 
 def test_alias_and_stream_equal_non_stream(client):
-    want = client.completions.create(model="tiny", prompt="It was the best of times", max_tokens=12,
-                                      temperature=0).choices[0].text
-    chunks = list(client.completions.create(model="tiny", prompt="It was the best of times", max_tokens=12,
-                                            temperature=0, stream=True))
+    want = (
+        client.completions.create(model="tiny", prompt="It was the best of times", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="It was the best of times", max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == want
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
 def test_n_and_several_prompts(client):
-    r = client.completions.create(model=TINY, prompt=["Call me Ishmael.", "Tyger Tyger"], n=2, max_tokens=4,
-                                  temperature=0.8, seed=3)
+    r = client.completions.create(
+        model=TINY, prompt=["Call me Ishmael.", "Tyger Tyger"], n=2, max_tokens=4, temperature=0.8, seed=3
+    )
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     assert r.usage.completion_tokens == 16
     by_index = {c.index: c.text for c in r.choices}
-    again = client.completions.create(model=TINY, prompt=["Call me Ishmael.", "Tyger Tyger"], n=2, max_tokens=4,
-                                      temperature=0.8, seed=3)
+    again = client.completions.create(
+        model=TINY, prompt=["Call me Ishmael.", "Tyger Tyger"], n=2, max_tokens=4, temperature=0.8, seed=3
+    )
     assert {c.index: c.text for c in again.choices} == by_index  # seeded: reproducible
 
 
@@ -86,20 +104,32 @@ def test_echo_logprobs_for_scoring(client, tiny):
 
 
 def test_stop_and_logit_bias(client, tiny):
-    r = client.completions.create(model=TINY, prompt="The Lord is my shepherd", max_tokens=12, temperature=0,
-                                  stop=[" want"])
+    r = client.completions.create(
+        model=TINY, prompt="The Lord is my shepherd", max_tokens=12, temperature=0, stop=[" want"]
+    )
     assert r.choices[0].text == "; I shall not" and r.choices[0].finish_reason == "stop"
     semicolon = tiny.tokenizer.encode(";")[0]
-    r = client.completions.create(model=TINY, prompt="The Lord is my shepherd", max_tokens=2, temperature=0,
-                                  logit_bias={str(semicolon): -100})
+    r = client.completions.create(
+        model=TINY, prompt="The Lord is my shepherd", max_tokens=2, temperature=0, logit_bias={str(semicolon): -100}
+    )
     assert not r.choices[0].text.startswith(";")
 
 
 # ---- wire details --------------------------------------------------------------------------------------
 
+
 def test_sse_framing_and_usage_chunk(tiny_server):
-    r = post(tiny_server, {"model": TINY, "prompt": "Alice was", "max_tokens": 5, "stream": True,
-                           "stream_options": {"include_usage": True}, "logprobs": 1})
+    r = post(
+        tiny_server,
+        {
+            "model": TINY,
+            "prompt": "Alice was",
+            "max_tokens": 5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "logprobs": 1,
+        },
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
@@ -107,32 +137,37 @@ def test_sse_framing_and_usage_chunk(tiny_server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert all(c["object"] == "text_completion" for c in chunks)
-    offsets = [o for c in chunks[:-1] if c["choices"][0]["logprobs"] for o in c["choices"][0]["logprobs"]["text_offset"]]
+    offsets = [
+        o for c in chunks[:-1] if c["choices"][0]["logprobs"] for o in c["choices"][0]["logprobs"]["text_offset"]
+    ]
     assert offsets == sorted(offsets) and offsets[0] == len("Alice was")
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"temperature": 2.5}, "temperature"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"n": 0}, "n"),
-    ({"n": 129}, "n"),
-    ({"logprobs": 6}, "logprobs"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"presence_penalty": -2.5}, "presence_penalty"),
-    ({"frequency_penalty": 3}, "frequency_penalty"),
-    ({"logit_bias": {"abc": 1}}, "logit_bias"),
-    ({"logit_bias": {"99999": 1}}, "logit_bias"),
-    ({"logit_bias": {"5": 101}}, "logit_bias"),
-    ({"best_of": 1, "n": 2}, "best_of"),
-    ({"best_of": 3, "stream": True}, "best_of"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": [[1, 2], []]}, "prompt"),
-    ({"prompt": [5, 99999]}, "prompt"),
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"suffix": "end"}, "suffix"),
-    ({"temperature": "hot"}, "temperature"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"best_of": 1, "n": 2}, "best_of"),
+        ({"best_of": 3, "stream": True}, "best_of"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": [5, 99999]}, "prompt"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"suffix": "end"}, "suffix"),
+        ({"temperature": "hot"}, "temperature"),
+    ],
+)
 def test_invalid_parameters_name_the_param(tiny_server, body, param):
     r = post(tiny_server, {"model": TINY, "prompt": "hi", **body})
     assert r.status_code == 400, r.text
@@ -170,7 +205,8 @@ def test_api_key(tiny_server):
     assert r.status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="wrong", max_retries=0).completions.create(
-            model=TINY, prompt="hi")
+            model=TINY, prompt="hi"
+        )
 
 
 def test_models_health_metrics_tokenizer_routes(tiny_server, client, tiny):
@@ -179,9 +215,15 @@ def test_models_health_metrics_tokenizer_routes(tiny_server, client, tiny):
     assert httpx.get(tiny_server.url + "/v1/models/nope", headers=tiny_server.headers).status_code == 404
     assert httpx.get(tiny_server.url + "/health").status_code == 200
     metrics = httpx.get(tiny_server.url + "/metrics").text
-    for name in ("jaxserve_requests_total", "jaxserve_generation_tokens_total", "jaxserve_queue_depth",
-                 "jaxserve_active_slots", "jaxserve_time_to_first_token_seconds_bucket", "jaxserve_compiles_total",
-                 "jaxserve_time_per_output_token_seconds_count"):
+    for name in (
+        "jaxserve_requests_total",
+        "jaxserve_generation_tokens_total",
+        "jaxserve_queue_depth",
+        "jaxserve_active_slots",
+        "jaxserve_time_to_first_token_seconds_bucket",
+        "jaxserve_compiles_total",
+        "jaxserve_time_per_output_token_seconds_count",
+    ):
         assert name in metrics
     r = post(tiny_server, {"prompt": "Call me Ishmael.", "add_special_tokens": False}, path="/tokenize")
     assert r.json()["tokens"] == tiny.tokenizer.encode("Call me Ishmael.")
@@ -197,9 +239,17 @@ def test_models_health_metrics_tokenizer_routes(tiny_server, client, tiny):
 def test_sixty_four_concurrent_streams(tiny_server):
     async def one(http, i):
         text, finish = "", None
-        async with http.stream("POST", "/v1/completions", json={
-                "model": TINY, "prompt": "The Lord is my shepherd", "max_tokens": 8, "temperature": 0,
-                "stream": True}) as r:
+        async with http.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": TINY,
+                "prompt": "The Lord is my shepherd",
+                "max_tokens": 8,
+                "temperature": 0,
+                "stream": True,
+            },
+        ) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
@@ -218,13 +268,20 @@ def test_sixty_four_concurrent_streams(tiny_server):
 
 def test_client_disconnect_frees_the_slot(tiny_server):
     def active():
-        line = [x for x in httpx.get(tiny_server.url + "/metrics").text.splitlines()
-                if x.startswith("jaxserve_active_slots ")][0]
+        line = [
+            x
+            for x in httpx.get(tiny_server.url + "/metrics").text.splitlines()
+            if x.startswith("jaxserve_active_slots ")
+        ][0]
         return float(line.split()[1])
 
-    with httpx.stream("POST", tiny_server.url + "/v1/completions", headers=tiny_server.headers, timeout=60,
-                      json={"model": TINY, "prompt": "It was", "max_tokens": 200, "stream": True,
-                            "temperature": 0}) as r:
+    with httpx.stream(
+        "POST",
+        tiny_server.url + "/v1/completions",
+        headers=tiny_server.headers,
+        timeout=60,
+        json={"model": TINY, "prompt": "It was", "max_tokens": 200, "stream": True, "temperature": 0},
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 break  # one chunk read, then the client goes away
@@ -238,13 +295,22 @@ def test_client_disconnect_frees_the_slot(tiny_server):
 
 
 def test_busy_server_answers_429_with_retry_after(tiny_dir):
-    server = Server("--model", TINY, "--max-slots", "1", "--max-context", "256", "--max-waiting", "1",
-                    checkpoints=tiny_dir.parent).wait_ready()
+    server = Server(
+        "--model", TINY, "--max-slots", "1", "--max-context", "256", "--max-waiting", "1", checkpoints=tiny_dir.parent
+    ).wait_ready()
     try:
+
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
-                return await asyncio.gather(*(http.post("/v1/completions", json={
-                    "model": TINY, "prompt": "It was", "max_tokens": 100, "temperature": 0}) for _ in range(8)))
+                return await asyncio.gather(
+                    *(
+                        http.post(
+                            "/v1/completions",
+                            json={"model": TINY, "prompt": "It was", "max_tokens": 100, "temperature": 0},
+                        )
+                        for _ in range(8)
+                    )
+                )
 
         responses = asyncio.run(main())
         busy = [r for r in responses if r.status_code == 429]
@@ -273,28 +339,44 @@ def test_top_logprobs_keep_tokens_with_the_same_text():
 @pytest.fixture(scope="module")
 def smol_server(smollm2_dir):
     # float32 weights: the reference comparisons below are exact to 2e-3 (the card's default is int8)
-    server = Server("--max-slots", "8", "--max-context", "512", "--quantize", "none",
-                    checkpoints=smollm2_dir.parent).wait_ready()
+    server = Server(
+        "--max-slots", "8", "--max-context", "512", "--quantize", "none", checkpoints=smollm2_dir.parent
+    ).wait_ready()
     yield server
     assert server.stop() == 0
 
 
 def test_readme_example_says_paris(smol_server):
     client = openai.OpenAI(base_url=smol_server.url + "/v1", api_key="x", max_retries=0)
-    r = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8,
-                                  temperature=0)
+    r = client.completions.create(
+        model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert r.choices[0].text.startswith(" Paris.")
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+        )
+    )
     assert streamed == r.choices[0].text
 
 
 def test_scoring_as_lm_eval_does_matches_reference(smol_server, reference):
     """lm-evaluation-harness's local-completions: token-id prompts, echo, max_tokens 0, logprobs 1."""
     prompts = [p["prompt_ids"] + p["greedy_ids"][:8] for p in reference["prompts"]]
-    r = httpx.post(smol_server.url + "/v1/completions", timeout=300, json={
-        "model": "smollm2-135m-instruct", "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1,
-        "temperature": 0, "seed": 1234})
+    r = httpx.post(
+        smol_server.url + "/v1/completions",
+        timeout=300,
+        json={
+            "model": "smollm2-135m-instruct",
+            "prompt": prompts,
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 1,
+            "temperature": 0,
+            "seed": 1234,
+        },
+    )
     assert r.status_code == 200
     for choice, p in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), reference["prompts"]):
         lp = choice["logprobs"]

@@ -7,23 +7,38 @@ import sys
 import time
 
 import httpx
-import pytest
-
 from server import Server
 
 TINY = "tiny-llama"
 
 
 def batch_line(cid, **body):
-    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
-                       "body": {"model": TINY, **body}})
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": {"model": TINY, **body}})
 
 
 def run_batch(tmp_path, checkpoints, *args, input_name="in.jsonl", output_name="out.jsonl"):
-    return subprocess.run([sys.executable, "-m", "jaxserve.cli", "batch", str(tmp_path / input_name),
-                           str(tmp_path / output_name), "--model", TINY, "--checkpoints", str(checkpoints),
-                           "--max-slots", "8", "--max-context", "256", *args],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxserve.cli",
+            "batch",
+            str(tmp_path / input_name),
+            str(tmp_path / output_name),
+            "--model",
+            TINY,
+            "--checkpoints",
+            str(checkpoints),
+            "--max-slots",
+            "8",
+            "--max-context",
+            "256",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def read_output(path):
@@ -41,10 +56,14 @@ REQUESTS = [
 
 def test_format_matches_the_server_and_bad_lines_become_error_lines(tmp_path, tiny_dir):
     lines = [batch_line(cid, **body) for cid, body in REQUESTS]
-    lines += ["{not json", json.dumps({"custom_id": "wrong-url", "method": "POST", "url": "/v1/chat/completions",
-                                       "body": {"model": TINY}}),
-              batch_line("bad-temperature", prompt="hi", temperature=9),
-              json.dumps({"method": "POST", "url": "/v1/completions", "body": {"model": TINY, "prompt": "x"}})]
+    lines += [
+        "{not json",
+        json.dumps(
+            {"custom_id": "wrong-url", "method": "POST", "url": "/v1/chat/completions", "body": {"model": TINY}}
+        ),
+        batch_line("bad-temperature", prompt="hi", temperature=9),
+        json.dumps({"method": "POST", "url": "/v1/completions", "body": {"model": TINY, "prompt": "x"}}),
+    ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     result = run_batch(tmp_path, tiny_dir.parent)
     assert result.returncode == 1, result.stderr  # some lines failed: not a clean exit
@@ -79,8 +98,9 @@ def test_format_matches_the_server_and_bad_lines_become_error_lines(tmp_path, ti
 
 def test_plain_form(tmp_path, tiny_dir):
     (tmp_path / "prompts.txt").write_text('The Lord is my shepherd\n{"prompt": "Call me", "max_tokens": 2}\n\n')
-    result = run_batch(tmp_path, tiny_dir.parent, "--prompts", "--max-tokens", "6", "--temperature", "0",
-                       input_name="prompts.txt")
+    result = run_batch(
+        tmp_path, tiny_dir.parent, "--prompts", "--max-tokens", "6", "--temperature", "0", input_name="prompts.txt"
+    )
     assert result.returncode == 0, result.stderr
     out = {r["custom_id"]: r["response"]["body"] for r in read_output(tmp_path / "out.jsonl")}
     assert out["line-1"]["choices"][0]["text"].startswith("; I shall")
@@ -96,14 +116,38 @@ def test_duplicate_custom_ids_are_reported_before_work(tmp_path, tiny_dir):
 
 def test_resume_after_kill_minus_nine(tmp_path, tiny_dir):
     n = 120
-    lines = [batch_line(f"r{i}", prompt=f"It was the {'best' if i % 2 else 'worst'} of times", max_tokens=60,
-                        temperature=0.5, seed=i) for i in range(n)]
+    lines = [
+        batch_line(
+            f"r{i}",
+            prompt=f"It was the {'best' if i % 2 else 'worst'} of times",
+            max_tokens=60,
+            temperature=0.5,
+            seed=i,
+        )
+        for i in range(n)
+    ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out_path = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.cli", "batch", str(tmp_path / "in.jsonl"),
-                             str(out_path), "--model", TINY, "--checkpoints", str(tiny_dir.parent),
-                             "--max-slots", "4", "--max-context", "256"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jaxserve.cli",
+            "batch",
+            str(tmp_path / "in.jsonl"),
+            str(out_path),
+            "--model",
+            TINY,
+            "--checkpoints",
+            str(tiny_dir.parent),
+            "--max-slots",
+            "4",
+            "--max-context",
+            "256",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and (not out_path.exists() or len(out_path.read_text().splitlines()) < 10):
         time.sleep(0.1)

@@ -7,8 +7,10 @@ import sys
 
 def loaded_jax(modules: str) -> list[str]:
     """Which of jax, flax and orbax a fresh interpreter has loaded after importing `modules`."""
-    code = (f"import json, sys, {modules}; "
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'orbax'})))")
+    code = (
+        f"import json, sys, {modules}; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'orbax'})))"
+    )
     return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 

@@ -8,16 +8,27 @@ import numpy as np
 import pytest
 
 from jaxserve.checkpoint import convert_gguf, load_checkpoint
-from jaxserve.checkpoint.store import is_checkpoint
 from jaxserve.checkpoint.gguf_import import dequantize, read_gguf
+from jaxserve.checkpoint.store import is_checkpoint
 from jaxserve.model import ModelConfig, init_params
 from jaxserve.sharding import make_mesh
 
 T = gguf.GGMLQuantizationType
 # Row length 256 so every K-quant block fits; 8 query heads and 2 KV heads of 32.
 # norm_eps is exact in float32, as GGUF stores it.
-CFG = ModelConfig(vocab_size=300, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, mlp_dim=512,
-                  rope_theta=50000.0, norm_eps=2.0**-20, tie_embeddings=False, max_context=128)
+CFG = ModelConfig(
+    vocab_size=300,
+    dim=256,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=2,
+    head_dim=32,
+    mlp_dim=512,
+    rope_theta=50000.0,
+    norm_eps=2.0**-20,
+    tie_embeddings=False,
+    max_context=128,
+)
 # K-quant formats the gguf package can read but not write: byte size of a 256-value block, offsets of f16 scales
 K_QUANTS = {T.Q4_K: (144, (0, 2)), T.Q5_K: (176, (0, 2)), T.Q6_K: (210, (208,))}
 
@@ -32,7 +43,7 @@ def random_k_quant(rows, cols, qtype, rng):
     block, scale_offsets = K_QUANTS[qtype]
     raw = rng.integers(0, 256, (rows, cols // 256, block), dtype=np.uint8)
     for off in scale_offsets:
-        raw[..., off: off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        raw[..., off : off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
     return raw.reshape(rows, -1)
 
 
@@ -105,9 +116,11 @@ def params():
     return init_params(CFG, seed=1)
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K,
-                                   T.Q6_K],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "qtype",
+    [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K],
+    ids=lambda t: t.name,
+)
 def test_import_each_type(tmp_path, params, qtype):
     path = tmp_path / f"model-{qtype.name}.gguf"
     held = write_gguf(path, params, qtype, np.random.default_rng(0))
@@ -150,8 +163,21 @@ def test_a_checkpoint_of_an_older_layout_is_refused_not_misread(tmp_path, params
 def test_convert_command(tmp_path, params):
     path = tmp_path / "My-Model.gguf"
     write_gguf(path, params, T.Q8_0, np.random.default_rng(0))
-    result = subprocess.run([sys.executable, "-m", "jaxserve.cli", "convert", str(path), "--name", "mine",
-                             "--checkpoints", str(tmp_path / "root")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxserve.cli",
+            "convert",
+            str(path),
+            "--name",
+            "mine",
+            "--checkpoints",
+            str(tmp_path / "root"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "root" / "mine" / "config.json").is_file()
     assert "dequantizing" in result.stderr  # the progress bar
@@ -191,8 +217,16 @@ def test_load_converts_dtype(tiny_dir):
     assert model.params["params"]["layers"]["q"].dtype == jnp.bfloat16
     engine = build_engine(model, slots=1, max_context=128, warmup=False)
     try:
-        deltas, _ = complete(engine, EngineRequest("b", tuple(model.tokenizer.encode("The Lord is my shepherd")),
-                                                   max_tokens=6, sampling=SamplingParams(temperature=0.0)), 120)
+        deltas, _ = complete(
+            engine,
+            EngineRequest(
+                "b",
+                tuple(model.tokenizer.encode("The Lord is my shepherd")),
+                max_tokens=6,
+                sampling=SamplingParams(temperature=0.0),
+            ),
+            120,
+        )
         assert "".join(d.text for d in deltas).startswith("; I shall")
     finally:
         engine.shutdown()

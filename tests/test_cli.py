@@ -5,13 +5,18 @@ import sys
 
 
 def run(*args, env_root):
-    return subprocess.run([sys.executable, "-m", "jaxserve.cli", *args, "--checkpoints", str(env_root)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxserve.cli", *args, "--checkpoints", str(env_root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_generate_continues_the_corpus(tiny_dir):
-    result = run("generate", "The Lord is my shepherd", "--model", "tiny-llama", "--max-tokens", "12",
-                 env_root=tiny_dir.parent)
+    result = run(
+        "generate", "The Lord is my shepherd", "--model", "tiny-llama", "--max-tokens", "12", env_root=tiny_dir.parent
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("; I shall not want.")
     assert "tok/s" in result.stderr

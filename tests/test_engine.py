@@ -46,25 +46,42 @@ def run_all(engine, requests):
 
 
 def random_params(rng, vocab):
-    return SamplingParams(temperature=rng.choice([0.0, 0.7, 1.0, 1.5]), top_p=rng.choice([1.0, 0.9, 0.5]),
-                          presence_penalty=rng.uniform(-1, 1), frequency_penalty=rng.uniform(-1, 1),
-                          logit_bias=((rng.randrange(vocab), rng.choice([-100.0, 5.0])),))
+    return SamplingParams(
+        temperature=rng.choice([0.0, 0.7, 1.0, 1.5]),
+        top_p=rng.choice([1.0, 0.9, 0.5]),
+        presence_penalty=rng.uniform(-1, 1),
+        frequency_penalty=rng.uniform(-1, 1),
+        logit_bias=((rng.randrange(vocab), rng.choice([-100.0, 5.0])),),
+    )
 
 
-@pytest.mark.parametrize("target", [
-    dict(sampling=GREEDY),
-    dict(sampling=SamplingParams(temperature=0.9, top_p=0.9, frequency_penalty=0.5), seed=1234),
-], ids=["greedy", "seeded"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        dict(sampling=GREEDY),
+        dict(sampling=SamplingParams(temperature=0.9, top_p=0.9, frequency_penalty=0.5), seed=1234),
+    ],
+    ids=["greedy", "seeded"],
+)
 def test_batch_invariance(smol_engine, smollm2, target):
     tok = smollm2.tokenizer
     prompt = tuple(tok.encode("Once upon a time, there was a little"))
     alone, _ = complete(smol_engine, EngineRequest("alone", prompt, max_tokens=24, **target), timeout=300)
     rng = random.Random(0)
-    others = [EngineRequest(f"o{i}", tuple(tok.encode(f"Story number {i}: the {rng.choice(['cat', 'sea', 'war'])}")),
-                            max_tokens=rng.randint(4, 30), sampling=random_params(rng, smollm2.cfg.vocab_size),
-                            seed=rng.randrange(1000)) for i in range(31)]
+    others = [
+        EngineRequest(
+            f"o{i}",
+            tuple(tok.encode(f"Story number {i}: the {rng.choice(['cat', 'sea', 'war'])}")),
+            max_tokens=rng.randint(4, 30),
+            sampling=random_params(rng, smollm2.cfg.vocab_size),
+            seed=rng.randrange(1000),
+        )
+        for i in range(31)
+    ]
     compiles = dict(smol_engine.core.compiles)
-    results = run_all(smol_engine, others[:15] + [EngineRequest("crowd", prompt, max_tokens=24, **target)] + others[15:])
+    results = run_all(
+        smol_engine, others[:15] + [EngineRequest("crowd", prompt, max_tokens=24, **target)] + others[15:]
+    )
     assert tokens_of(results["crowd"][0]) == tokens_of(alone) and len(tokens_of(alone)) > 0
     assert dict(smol_engine.core.compiles) == compiles  # nothing recompiled, whatever the parameters
     for r in others:
@@ -75,8 +92,9 @@ def test_batch_invariance(smol_engine, smollm2, target):
 
 def test_stop_string_split_across_tokens(smol_engine, smollm2):
     prompt = tuple(smollm2.tokenizer.encode("The capital of France is"))
-    deltas, usage = complete(smol_engine, EngineRequest("s", prompt, max_tokens=16, sampling=GREEDY,
-                                                       stop=("\n\nThe",)), timeout=120)
+    deltas, usage = complete(
+        smol_engine, EngineRequest("s", prompt, max_tokens=16, sampling=GREEDY, stop=("\n\nThe",)), timeout=120
+    )
     # greedy continues " Paris.\n\nThe answer": the stop spans the tokens "\n", "\n", "The"
     assert text_of(deltas) == " Paris."
     assert deltas[-1].finish_reason == "stop"
@@ -86,8 +104,9 @@ def test_stop_string_split_across_tokens(smol_engine, smollm2):
 def test_cjk_and_emoji_stream_whole(smol_engine, smollm2):
     tok = smollm2.tokenizer
     prompt = tuple(tok.encode("中文：你好，世界！我喜欢学习中文。🙂🙂🙂 日本語：こんにちは。"))
-    deltas, _ = complete(smol_engine, EngineRequest("u", prompt, max_tokens=40, sampling=GREEDY, ignore_eos=True),
-                                     timeout=120)
+    deltas, _ = complete(
+        smol_engine, EngineRequest("u", prompt, max_tokens=40, sampling=GREEDY, ignore_eos=True), timeout=120
+    )
     pieces = [d.text for d in deltas]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == tok.decode(tokens_of(deltas))
@@ -106,9 +125,16 @@ def test_sixty_four_concurrent_requests_on_the_tiny_model(tiny):
             if i % 2:
                 reqs.append(EngineRequest(f"g{i}", prompt, max_tokens=12, sampling=GREEDY))
             else:
-                reqs.append(EngineRequest(f"r{i}", tuple(tiny.tokenizer.encode("It was the")), n=rng.choice([1, 2]),
-                                          max_tokens=rng.randint(1, 20), seed=i,
-                                          sampling=random_params(rng, tiny.cfg.vocab_size)))
+                reqs.append(
+                    EngineRequest(
+                        f"r{i}",
+                        tuple(tiny.tokenizer.encode("It was the")),
+                        n=rng.choice([1, 2]),
+                        max_tokens=rng.randint(1, 20),
+                        seed=i,
+                        sampling=random_params(rng, tiny.cfg.vocab_size),
+                    )
+                )
         compiles = dict(eng.core.compiles)
         results = run_all(eng, reqs)
         for r in reqs:
@@ -131,8 +157,11 @@ def test_prefill_without_scoring_gives_the_same_next_token_logits(tiny):
 
     core = JaxCore(tiny, slots=4, cache_len=128, eos_id=None)
     ids = tiny.tokenizer.encode("It was the best of times, it was the worst of times")
-    rows = [PrefillRow(0, ids[:5], 0, ids[1:6]), PrefillRow(1, ids[:11], 0, ids[1:12]),
-            PrefillRow(2, ids[:2], 0, ids[1:3])]
+    rows = [
+        PrefillRow(0, ids[:5], 0, ids[1:6]),
+        PrefillRow(1, ids[:11], 0, ids[1:12]),
+        PrefillRow(2, ids[:2], 0, ids[1:3]),
+    ]
     plain = core.fetch(core.prefill(rows))
     scored = core.fetch(core.prefill(rows, score=True))
     np.testing.assert_allclose(plain.last_logits[:3], scored.last_logits[:3], rtol=0, atol=1e-5)
@@ -152,6 +181,7 @@ def test_a_prompt_whose_padded_last_chunk_passes_the_cache_end(tiny):
         assert usage.completion_tokens == 5 and deltas[-1].finish_reason == "length"
         assert dict(eng.core.compiles) == compiles
         from served import full_logits
+
         assert tokens_of(deltas)[0] == int(full_logits(tiny.cfg, tiny.params, list(prompt))[-1].argmax())
     finally:
         eng.shutdown()

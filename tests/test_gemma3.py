@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from served import greedy_decode, scored_prefill
 
 from jaxserve.checkpoint import ensure_checkpoint, load_checkpoint
 from jaxserve.engine.core import JaxCore
 from jaxserve.sharding import make_mesh
-from served import greedy_decode, scored_prefill
 
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "gemma3_reference.json").read_text())
 W = 640  # positions per slot: the longest prompt (603) + 32 greedy tokens
@@ -41,8 +41,8 @@ def test_teacher_forced_greedy_and_logprobs(core, p):
     the prompt's echo."""
     n = len(p["prompt_ids"])
     lp, top_ids, *_ = scored_prefill(core, 0, p["prompt_ids"] + p["greedy_ids"], chunk=256)
-    assert top_ids[n - 1: -1, 0].tolist() == p["greedy_ids"]
-    np.testing.assert_allclose(lp[n - 1:], p["greedy_logprobs"], atol=1e-3)
+    assert top_ids[n - 1 : -1, 0].tolist() == p["greedy_ids"]
+    np.testing.assert_allclose(lp[n - 1 :], p["greedy_logprobs"], atol=1e-3)
     np.testing.assert_allclose(lp[: n - 1], p["prompt_logprobs_echo"][1:], atol=5e-3)
     assert p["prompt_logprobs_echo"][0] is None
 
@@ -64,12 +64,13 @@ def test_tokenizer_from_the_checkpoint(gemma):
 def test_int8_keeps_the_greedy_tokens(checkpoint_root):
     """--quantize int8 works for Gemma 3: teacher-forced, its argmax is the reference's token at >= 95% of
     the 192 steps."""
-    model = load_checkpoint(ensure_checkpoint("gemma-3-270m", checkpoint_root, progress=False, quantize="int8"),
-                            make_mesh(1, 1))
+    model = load_checkpoint(
+        ensure_checkpoint("gemma-3-270m", checkpoint_root, progress=False, quantize="int8"), make_mesh(1, 1)
+    )
     core = JaxCore(model, slots=1, cache_len=W, eos_id=None)
     agree = 0
     for p in REFERENCE["prompts"]:
         n = len(p["prompt_ids"])
         _, top_ids, *_ = scored_prefill(core, 0, p["prompt_ids"] + p["greedy_ids"], chunk=256)
-        agree += int((top_ids[n - 1: -1, 0] == p["greedy_ids"]).sum())
+        agree += int((top_ids[n - 1 : -1, 0] == p["greedy_ids"]).sum())
     assert agree >= 0.95 * 32 * len(REFERENCE["prompts"])

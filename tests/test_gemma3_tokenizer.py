@@ -46,11 +46,20 @@ def test_a_vocabulary_with_a_space_prefix_round_trips():
     """add_space_prefix (Llama 2 style): a '▁' goes before the text and decode drops it again."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    proto = pb.ModelProto.FromString((Path(__file__).parent / "reference" / "hf-tiny" / "gemma3" / "tokenizer.model")
-                                     .read_bytes())
-    tok = SentencePieceTokenizer.from_vocab([p.piece for p in proto.pieces], [p.score for p in proto.pieces],
-                                            [p.type for p in proto.pieces], bos_id=2, eos_id=1, unk_id=3, pad_id=0,
-                                            add_bos=False, add_space_prefix=True)
+    proto = pb.ModelProto.FromString(
+        (Path(__file__).parent / "reference" / "hf-tiny" / "gemma3" / "tokenizer.model").read_bytes()
+    )
+    tok = SentencePieceTokenizer.from_vocab(
+        [p.piece for p in proto.pieces],
+        [p.score for p in proto.pieces],
+        [p.type for p in proto.pieces],
+        bos_id=2,
+        eos_id=1,
+        unk_id=3,
+        pad_id=0,
+        add_bos=False,
+        add_space_prefix=True,
+    )
     ids = tok.encode("the quick fox")
     assert tok.token_bytes(ids[0]).startswith(b" ")
     assert tok.decode(ids) == "the quick fox"

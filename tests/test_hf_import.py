@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from served import full_logits, greedy_decode
 
 from jaxserve.checkpoint import convert_hf, ensure_checkpoint, load_checkpoint, load_model
 from jaxserve.checkpoint.hf_import import read_config, read_hf
@@ -22,7 +23,6 @@ from jaxserve.engine.core import JaxCore
 from jaxserve.model.config import RopeScaling
 from jaxserve.sharding import make_mesh
 from jaxserve.tokenizer import SentencePieceTokenizer
-from served import full_logits, greedy_decode
 
 TINY = Path(__file__).parent / "reference" / "hf-tiny"
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
@@ -51,7 +51,7 @@ def variant(tmp_path, family, config=None, dtype=None, shards=1, extra=None, dro
             hf[k] = v
     (out / "config.json").write_text(json.dumps(hf))
     with safe_open(TINY / family / "model.safetensors", framework="numpy") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors = {k: (v.astype(dtype) if dtype else v) for k, v in {**tensors, **(extra or {})}.items() if k not in drop}
     names = sorted(tensors)
     if shards == 1:
@@ -119,8 +119,11 @@ def test_both_config_spellings():
 
 
 def test_mistral(tmp_path):
-    path = variant(tmp_path, "llama", config={"architectures": ["MistralForCausalLM"], "model_type": "mistral",
-                                              "sliding_window": None})
+    path = variant(
+        tmp_path,
+        "llama",
+        config={"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
+    )
     cfg, params, _ = read_hf(path, progress=False)
     assert_logits_match(cfg, params, "llama")
     hf = {**json.loads((path / "config.json").read_text()), "sliding_window": 4}
@@ -128,9 +131,18 @@ def test_mistral(tmp_path):
 
 
 def test_llama3_rope_scaling():
-    hf = {**json.loads((TINY / "llama" / "config.json").read_text()), "head_dim": 128, "rope_theta": 500000.0,
-          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                           "original_max_position_embeddings": 8192}}
+    hf = {
+        **json.loads((TINY / "llama" / "config.json").read_text()),
+        "head_dim": 128,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
     scaling = read_config(hf).rope_scaling
     assert scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
     freqs = 500000.0 ** (-np.arange(0, 128, 2) / 128)
@@ -173,8 +185,9 @@ def test_eos_list_from_generation_config(tmp_path):
 
 def test_int8_gemma(tmp_path):
     """int8 works for the new weights: the quantized tiny Gemma stays close to HF's float32 logits."""
-    model = load_checkpoint(convert_hf(TINY / "gemma3", tmp_path / "q", progress=False, quantize="int8"),
-                            make_mesh(1, 1))
+    model = load_checkpoint(
+        convert_hf(TINY / "gemma3", tmp_path / "q", progress=False, quantize="int8"), make_mesh(1, 1)
+    )
     assert model.params["params"]["layers"]["q"].dtype == np.int8
     for p in reference("gemma3")["prompts"]:
         ref = np.array(p["logits"])
@@ -184,8 +197,11 @@ def test_int8_gemma(tmp_path):
 
 def test_convert_command_then_model_dir(tmp_path):
     root = tmp_path / "root"
-    result = subprocess.run([sys.executable, "-m", "jaxserve.cli", "convert", str(TINY / "qwen3"),
-                             "--checkpoints", str(root)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxserve.cli", "convert", str(TINY / "qwen3"), "--checkpoints", str(root)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     model = load_checkpoint(root / "qwen3", make_mesh(1, 1))
     assert_logits_match(model.cfg, model.params, "qwen3")

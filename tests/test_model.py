@@ -3,11 +3,11 @@ token a step for several slots at once) against one full forward pass."""
 
 import jax
 import numpy as np
+from reference_model import forward as reference_forward
+from served import full_logits, greedy_decode, scored_prefill, targets
 
 from jaxserve.engine import steps
 from jaxserve.engine.core import JaxCore
-from reference_model import forward as reference_forward
-from served import full_logits, greedy_decode, scored_prefill, targets
 
 
 def log_softmax(x):
@@ -35,11 +35,13 @@ def test_served_prefill_scores_every_position_as_the_full_pass(tiny):
 def test_prefill_then_decode_equals_the_full_pass(tiny):
     """Two prompts of different lengths prefilled in chunks, then 12 greedy steps decoding both slots
     together: every generated token's logprob and top 5 equal one full pass over prompt + tokens."""
-    prompts = [tiny.tokenizer.encode("Call me Ishmael. Some years ago"),
-               tiny.tokenizer.encode("It was the best of times, it was the worst of times, it was")]
+    prompts = [
+        tiny.tokenizer.encode("Call me Ishmael. Some years ago"),
+        tiny.tokenizer.encode("It was the best of times, it was the worst of times, it was"),
+    ]
     core = JaxCore(tiny, slots=2, cache_len=128, eos_id=None)
     for prompt, (tokens, lps, top_ids, top_lp) in zip(prompts, greedy_decode(core, prompts, 12, chunk=4)):
-        want = log_softmax(full_logits(tiny.cfg, tiny.params, prompt + list(tokens)))[len(prompt) - 1:-1]
+        want = log_softmax(full_logits(tiny.cfg, tiny.params, prompt + list(tokens)))[len(prompt) - 1 : -1]
         assert (tokens == want.argmax(-1)).all()
         np.testing.assert_allclose(lps, want[np.arange(12), tokens], atol=1e-5)
         assert (top_ids == np.argsort(-want, axis=-1)[:, :5]).all()
@@ -65,9 +67,17 @@ def test_attention_window_reads_only_the_filled_part(tiny):
     outs = []
     for window in (16, 128, 256):
         core.state, out = steps.prefill(
-            core.spec, tiny.params, core.state, np.array([tokens], np.int32), np.zeros(1, np.int32),
-            np.array([len(tokens)], np.int32), np.zeros(1, np.int32), np.array([targets(tokens)], np.int32),
-            np.bool_(True), window)
+            core.spec,
+            tiny.params,
+            core.state,
+            np.array([tokens], np.int32),
+            np.zeros(1, np.int32),
+            np.array([len(tokens)], np.int32),
+            np.zeros(1, np.int32),
+            np.array([targets(tokens)], np.int32),
+            np.bool_(True),
+            window,
+        )
         outs.append(core.fetch(out))
     for out in outs[1:]:
         np.testing.assert_allclose(out.logprobs, outs[0].logprobs, atol=1e-5)

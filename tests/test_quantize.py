@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from served import scored_prefill
 
 from jaxserve.checkpoint import load_model
 from jaxserve.checkpoint.quantize import quantize_array
@@ -10,7 +11,6 @@ from jaxserve.engine.build import build_engine
 from jaxserve.engine.core import JaxCore
 from jaxserve.engine.types import EngineRequest, SamplingParams
 from jaxserve.sharding import make_mesh
-from served import scored_prefill
 
 
 def test_quantize_array_per_group_and_output_channel():
@@ -38,8 +38,8 @@ def teacher_forced(model, reference):
     for p in reference["prompts"]:
         n = len(p["prompt_ids"])
         lp, top_ids, *_ = scored_prefill(core, 0, p["prompt_ids"] + p["greedy_ids"])
-        agree += list(top_ids[n - 1: -1, 0] == np.array(p["greedy_ids"]))
-        diffs += list(np.abs(lp[n - 1:] - np.array(p["greedy_logprobs"])))
+        agree += list(top_ids[n - 1 : -1, 0] == np.array(p["greedy_ids"]))
+        diffs += list(np.abs(lp[n - 1 :] - np.array(p["greedy_logprobs"])))
     return float(np.mean(agree)), float(np.mean(diffs))
 
 
@@ -57,8 +57,9 @@ def test_int8_weights_are_int8_and_still_say_paris(smollm2_int8):
     engine = build_engine(smollm2_int8, slots=1, max_context=128, warmup=False)
     try:
         prompt = tuple(smollm2_int8.tokenizer.encode("The capital of France is"))
-        deltas, _ = complete(engine, EngineRequest("p", prompt, max_tokens=3, sampling=SamplingParams(temperature=0.0)),
-                             120)
+        deltas, _ = complete(
+            engine, EngineRequest("p", prompt, max_tokens=3, sampling=SamplingParams(temperature=0.0)), 120
+        )
         assert "".join(d.text for d in deltas).startswith(" Paris")
     finally:
         engine.shutdown()
@@ -70,6 +71,8 @@ def test_int8_sharded_equals_single_device(smollm2_int8, checkpoint_root, refere
     assert sharded.params["params"]["layers"]["q_scale"].shape == (30, 576 // 64, 9, 64)
     assert sharded.params["params"]["layers"]["q_scale"].sharding.spec[2] == "model"
     ids = reference["prompts"][0]["prompt_ids"]
-    outs = [scored_prefill(JaxCore(model, slots=1, cache_len=64, eos_id=None), 0, ids) for model in (smollm2_int8, sharded)]
+    outs = [
+        scored_prefill(JaxCore(model, slots=1, cache_len=64, eos_id=None), 0, ids) for model in (smollm2_int8, sharded)
+    ]
     for got, want in zip(outs[1], outs[0]):
         np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(outs[0][3]).max(), rtol=0)

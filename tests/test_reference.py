@@ -18,8 +18,14 @@ def served(smollm2, reference):
     results = {}
 
     def run(i, p):
-        req = EngineRequest(f"p{i}", tuple(p["prompt_ids"]), max_tokens=32, sampling=SamplingParams(temperature=0.0),
-                            echo=True, ignore_eos=True)
+        req = EngineRequest(
+            f"p{i}",
+            tuple(p["prompt_ids"]),
+            max_tokens=32,
+            sampling=SamplingParams(temperature=0.0),
+            echo=True,
+            ignore_eos=True,
+        )
         results[i] = complete(engine, req, timeout=600)
 
     try:

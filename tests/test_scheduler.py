@@ -4,8 +4,8 @@ import queue
 import threading
 
 import pytest
-
 from fake_core import FakeCore
+
 from jaxserve.engine.bridge import complete
 from jaxserve.engine.contract import Core
 from jaxserve.engine.lifecycle import END
@@ -76,8 +76,12 @@ def test_short_prompts_waiting_together_share_one_prefill():
     eng = Scheduler(FakeCore(), ToyTokenizer())
     queues = [queue.Queue() for _ in range(4)]
     for i, q in enumerate(queues[:3]):
-        eng.submit([req(f"s{i}", [10 * i + 1, 10 * i + 2], max_tokens=2, echo=i == 1)], lambda _, item, q=q: q.put(item))
-    eng.submit([req("long", [7, 7, 7], max_tokens=1)], lambda _, item: queues[3].put(item))  # too long to pack: its own call
+        eng.submit(
+            [req(f"s{i}", [10 * i + 1, 10 * i + 2], max_tokens=2, echo=i == 1)], lambda _, item, q=q: q.put(item)
+        )
+    eng.submit(
+        [req("long", [7, 7, 7], max_tokens=1)], lambda _, item: queues[3].put(item)
+    )  # too long to pack: its own call
     eng.start()
     try:
         for i, q in enumerate(queues):

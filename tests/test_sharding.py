@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
+from served import greedy_decode, scored_prefill
 
 from jaxserve.checkpoint import load_checkpoint
 from jaxserve.engine.core import JaxCore
 from jaxserve.engine.state import DecodeState
 from jaxserve.sharding import logical_to_spec, make_mesh, parse_mesh
-from served import greedy_decode, scored_prefill
 
 
 def batch_logits(model, prompts, slots):
@@ -32,8 +32,16 @@ def assert_close(got, want, atol):
                 np.testing.assert_allclose(g, w, atol=atol, rtol=0)
 
 
-TINY_PROMPTS = ["The Lord is my shepherd", "It was the best", "Call me Ishmael.", "Alice was beginning",
-                "Four score and", "To be, or not", "Happy families", "Tyger Tyger"]
+TINY_PROMPTS = [
+    "The Lord is my shepherd",
+    "It was the best",
+    "Call me Ishmael.",
+    "Alice was beginning",
+    "Four score and",
+    "To be, or not",
+    "Happy families",
+    "Tyger Tyger",
+]
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,12 @@ import pytest
 
 from jaxserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
-TEXTS = ["The capital of France is", "  two spaces, tabs\tand\nnewlines", "naïve café — 日本語のテキスト 🙂🚀",
-         "digits 1234567890 and symbols {}[]<>"]
+TEXTS = [
+    "The capital of France is",
+    "  two spaces, tabs\tand\nnewlines",
+    "naïve café — 日本語のテキスト 🙂🚀",
+    "digits 1234567890 and symbols {}[]<>",
+]
 
 
 @pytest.fixture(scope="module", params=["smollm2", "tiny"])

@@ -15,7 +15,7 @@ import logging
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jaxserve.api.metrics import Metrics
@@ -36,8 +36,9 @@ class ServerState:
 
 def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
     # allow_nan=False: a NaN or infinity reaching JSON is a bug to surface, never invalid JSON to send
-    return Response(json.dumps(obj, allow_nan=False), status_code=status, headers=headers,
-                    media_type="application/json")
+    return Response(
+        json.dumps(obj, allow_nan=False), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 def _error(e: APIError) -> Response:
@@ -47,8 +48,9 @@ def _error(e: APIError) -> Response:
 def create_app(state: ServerState) -> Starlette:
     def serving() -> CompletionServing:
         if state.serving is None:
-            raise APIError(503, state.load_error or "the model is still loading", type="server_error",
-                           headers={"Retry-After": "5"})
+            raise APIError(
+                503, state.load_error or "the model is still loading", type="server_error", headers={"Retry-After": "5"}
+            )
         return state.serving
 
     def check_key(request: Request) -> None:
@@ -57,8 +59,12 @@ def create_app(state: ServerState) -> Starlette:
         given = request.headers.get("authorization", "")
         token = given[7:] if given.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided" if token else "Missing API key: send "
-                           "'Authorization: Bearer KEY'", param=None, code="invalid_api_key")
+            raise APIError(
+                401,
+                "Incorrect API key provided" if token else "Missing API key: send 'Authorization: Bearer KEY'",
+                param=None,
+                code="invalid_api_key",
+            )
 
     async def body_json(request: Request):
         length = request.headers.get("content-length")
@@ -76,6 +82,7 @@ def create_app(state: ServerState) -> Starlette:
 
     def endpoint(handler, auth: bool = True):
         """Wrap a handler: API key, APIError -> envelope, anything else -> 500 without a stack trace."""
+
         async def wrapped(request: Request) -> Response:
             try:
                 if auth:
@@ -83,11 +90,12 @@ def create_app(state: ServerState) -> Starlette:
                 response = await handler(request)
             except APIError as e:
                 response = _error(e)
-            except Exception:  # noqa: BLE001 - the client gets a generic 500, the log gets the trace
+            except Exception:
                 log.exception("internal error on %s", request.url.path)
                 response = _error(APIError(500, "internal server error", type="server_error"))
             state.metrics.count_request(response.status_code)
             return response
+
         return wrapped
 
     async def completions(request: Request) -> Response:
@@ -107,8 +115,11 @@ def create_app(state: ServerState) -> Starlette:
             first = await chunks.__anext__()
         except StopAsyncIteration:
             first = None
-        return StreamingResponse(_sse(first, chunks), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _sse(first, chunks),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def models(request: Request) -> Response:
         srv = serving()
@@ -123,8 +134,10 @@ def create_app(state: ServerState) -> Starlette:
 
     async def health(request: Request) -> Response:
         ok = state.serving is not None and state.serving.scheduler.healthy
-        return _json({"status": "ok" if ok else ("error" if state.load_error or state.serving else "loading")},
-                     200 if ok else 503)
+        return _json(
+            {"status": "ok" if ok else ("error" if state.load_error or state.serving else "loading")},
+            200 if ok else 503,
+        )
 
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -148,9 +161,17 @@ def create_app(state: ServerState) -> Starlette:
 
         def text(token_id):
             return None if token_id is None else tok.decode([token_id])
-        return _json({"eos_token": text(tok.eos_id), "bos_token": text(tok.bos_id), "pad_token": text(tok.eos_id),
-                      "add_bos_token": tok.add_bos, "vocab_size": tok.vocab_size,
-                      "model_max_length": serving().scheduler.max_context})
+
+        return _json(
+            {
+                "eos_token": text(tok.eos_id),
+                "bos_token": text(tok.bos_id),
+                "pad_token": text(tok.eos_id),
+                "add_bos_token": tok.add_bos,
+                "vocab_size": tok.vocab_size,
+                "model_max_length": serving().scheduler.max_context,
+            }
+        )
 
     async def openapi(request: Request) -> Response:
         return _json(openapi_spec())
@@ -185,7 +206,7 @@ async def _sse(first, chunks):
             yield f"data: {json.dumps(chunk, allow_nan=False)}\n\n"
     except APIError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
-    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+    except Exception as e:
         log.exception("error while streaming")
         yield f"data: {json.dumps(APIError(500, str(e) or 'internal server error', type='server_error').body())}\n\n"
     finally:  # also when the client went away: closing the chunks aborts the request in the engine
@@ -194,41 +215,80 @@ async def _sse(first, chunks):
 
 
 def _model_card(model_id: str, srv: CompletionServing) -> dict:
-    return {"id": model_id, "object": "model", "created": srv.created, "owned_by": "jaxserve",
-            "max_model_len": srv.scheduler.max_context}
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": srv.created,
+        "owned_by": "jaxserve",
+        "max_model_len": srv.scheduler.max_context,
+    }
 
 
 def openapi_spec() -> dict:
     request_schema = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     defs = request_schema.pop("$defs", {})
-    error = {"description": "an error in OpenAI's envelope",
-             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    error = {
+        "description": "an error in OpenAI's envelope",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "jaxserve", "version": "0.1.0",
-                 "description": "OpenAI-compatible Completions API served by jaxserve"},
+        "info": {
+            "title": "jaxserve",
+            "version": "0.1.0",
+            "description": "OpenAI-compatible Completions API served by jaxserve",
+        },
         "paths": {
-            "/v1/completions": {"post": {
-                "summary": "Create a completion (stream: server-sent events ending with `data: [DONE]`)",
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}},
-                "responses": {"200": {"description": "a text_completion object, or an event stream"},
-                              **{code: error for code in ("400", "401", "404", "413", "429", "500", "503")}}}},
+            "/v1/completions": {
+                "post": {
+                    "summary": "Create a completion (stream: server-sent events ending with `data: [DONE]`)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CompletionRequest"}}},
+                    },
+                    "responses": {
+                        "200": {"description": "a text_completion object, or an event stream"},
+                        **{code: error for code in ("400", "401", "404", "413", "429", "500", "503")},
+                    },
+                }
+            },
             "/v1/models": {"get": {"summary": "List the served models", "responses": {"200": {"description": "ok"}}}},
-            "/v1/models/{model_id}": {"get": {"summary": "One served model",
-                                              "parameters": [{"name": "model_id", "in": "path", "required": True,
-                                                              "schema": {"type": "string"}}],
-                                              "responses": {"200": {"description": "ok"}, "404": error}}},
-            "/health": {"get": {"summary": "200 once the engine runs; 503 while loading or after a failure",
-                                "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}}}},
+            "/v1/models/{model_id}": {
+                "get": {
+                    "summary": "One served model",
+                    "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "ok"}, "404": error},
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "200 once the engine runs; 503 while loading or after a failure",
+                    "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}},
+                }
+            },
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "ok"}}}},
             "/tokenize": {"post": {"summary": "Token ids of a prompt", "responses": {"200": {"description": "ok"}}}},
             "/detokenize": {"post": {"summary": "Text of token ids", "responses": {"200": {"description": "ok"}}}},
             "/tokenizer_info": {"get": {"summary": "Special tokens", "responses": {"200": {"description": "ok"}}}},
         },
-        "components": {"schemas": {
-            "CompletionRequest": request_schema, **defs,
-            "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-                "message": {"type": "string"}, "type": {"type": "string"},
-                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}},
+        "components": {
+            "schemas": {
+                "CompletionRequest": request_schema,
+                **defs,
+                "Error": {
+                    "type": "object",
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "properties": {
+                                "message": {"type": "string"},
+                                "type": {"type": "string"},
+                                "param": {"type": ["string", "null"]},
+                                "code": {"type": ["string", "null"]},
+                            },
+                        }
+                    },
+                },
+            }
+        },
     }

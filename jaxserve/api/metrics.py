@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import collections
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -59,9 +59,12 @@ class Metrics:
         with self._lock:
             lines = ["# TYPE jaxserve_requests_total counter"]
             lines += [f'jaxserve_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-            lines += ["# TYPE jaxserve_prompt_tokens_total counter", f"jaxserve_prompt_tokens_total {self.prompt_tokens}",
-                      "# TYPE jaxserve_generation_tokens_total counter",
-                      f"jaxserve_generation_tokens_total {self.generation_tokens}"]
+            lines += [
+                "# TYPE jaxserve_prompt_tokens_total counter",
+                f"jaxserve_prompt_tokens_total {self.prompt_tokens}",
+                "# TYPE jaxserve_generation_tokens_total counter",
+                f"jaxserve_generation_tokens_total {self.generation_tokens}",
+            ]
             for name, read in self.gauges.items():
                 lines += [f"# TYPE jaxserve_{name} gauge", f"jaxserve_{name} {read()}"]
             lines += ["# TYPE jaxserve_time_to_first_token_seconds histogram"]

@@ -20,8 +20,15 @@ MAX_STOPS = 4
 class APIError(Exception):
     """An error for the client, in OpenAI's envelope."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -90,11 +97,15 @@ class CompletionRequest(BaseModel):
     @model_validator(mode="after")
     def _best_of(self):
         if self.best_of is not None and self.best_of < self.n:
-            raise APIError(400, f"best_of ({self.best_of}) must be greater than or equal to n ({self.n})",
-                           param="best_of")
+            raise APIError(
+                400, f"best_of ({self.best_of}) must be greater than or equal to n ({self.n})", param="best_of"
+            )
         if self.stream and self.best_of is not None and self.best_of > self.n:
-            raise APIError(400, "best_of cannot be used with stream: the best candidates are known only at the end",
-                           param="best_of")
+            raise APIError(
+                400,
+                "best_of cannot be used with stream: the best candidates are known only at the end",
+                param="best_of",
+            )
         return self
 
     @property
@@ -139,4 +150,3 @@ def _validation_error(e: ValidationError, body: dict) -> APIError:
     received = body.get(param) if param else None
     detail = str(ctx_error) if ctx_error else err["msg"]
     return APIError(400, f"invalid value for '{param}': {detail} (received {received!r})", param=param)
-

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from jaxserve.api.metrics import Metrics
 from jaxserve.api.protocol import APIError, CompletionRequest
@@ -26,8 +26,13 @@ def engine_error(e: Exception) -> APIError:
     if isinstance(e, RequestError):
         return APIError(400, str(e), param=e.param, code=e.code)
     if isinstance(e, QueueFull):
-        return APIError(429, f"The server is busy: {e}. Retry shortly.", type="server_busy_error",
-                        code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        return APIError(
+            429,
+            f"The server is busy: {e}. Retry shortly.",
+            type="server_busy_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(e, EngineStopped):
         return APIError(503, f"The engine is not running: {e}", type="server_error", headers={"Retry-After": "5"})
     raise TypeError(f"not an engine request error: {e!r}")
@@ -52,17 +57,28 @@ class _Tally:
         return item
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
     def record(self, metrics: Metrics) -> None:
-        metrics.observe_request(self.first, time.perf_counter() - self.started, self.prompt_tokens,
-                                self.completion_tokens)
+        metrics.observe_request(
+            self.first, time.perf_counter() - self.started, self.prompt_tokens, self.completion_tokens
+        )
 
 
 class CompletionServing:
-    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, model_ids: list[str], metrics: Metrics,
-                 fingerprint: str, created: int | None = None):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        tokenizer: Tokenizer,
+        model_ids: list[str],
+        metrics: Metrics,
+        fingerprint: str,
+        created: int | None = None,
+    ):
         self.scheduler, self.tokenizer, self.model_ids = scheduler, tokenizer, model_ids
         self.metrics, self.fingerprint = metrics, fingerprint
         self.created = created or int(time.time())
@@ -73,33 +89,54 @@ class CompletionServing:
         """One engine request per prompt. Checks what needs this model (its name, vocabulary, FIM
         tokens); the engine checks the rest when they are submitted."""
         if req.model not in self.model_ids:
-            raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
-                                f"{', '.join(self.model_ids)}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{req.model}' does not exist; this server serves {', '.join(self.model_ids)}",
+                param="model",
+                code="model_not_found",
+            )
         vocab = self.tokenizer.vocab_size
         bias = []
         for key, value in (req.logit_bias or {}).items():
             if not 0 <= int(key) < vocab:
-                raise APIError(400, f"logit_bias key {key} is not a token id of this model (0..{vocab - 1})",
-                               param="logit_bias")
+                raise APIError(
+                    400, f"logit_bias key {key} is not a token id of this model (0..{vocab - 1})", param="logit_bias"
+                )
             bias.append((int(key), float(value)))
-        given = dict(temperature=req.temperature, top_p=req.top_p, presence_penalty=req.presence_penalty,
-                     frequency_penalty=req.frequency_penalty)  # null means the default
+        given = dict(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+        )  # null means the default
         sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None}, logit_bias=tuple(bias))
         limits = {} if req.max_tokens is None else {"max_tokens": req.max_tokens}
         out = []
         for i, prompt in enumerate(req.prompts):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"prompt {i} holds token ids outside this model's vocabulary (0..{vocab - 1})",
-                               param="prompt")
+                raise APIError(
+                    400, f"prompt {i} holds token ids outside this model's vocabulary (0..{vocab - 1})", param="prompt"
+                )
             try:
                 if req.suffix is not None:
                     ids = fill_in_the_middle(self.tokenizer, ids, self.tokenizer.encode(req.suffix))
             except RequestError as e:
                 raise engine_error(e) from None
-            out.append(EngineRequest(f"{request_id}-{i}", tuple(ids), sampling=sampling, seed=req.seed, n=req.n,
-                                     best_of=req.best_of, echo=req.echo, stop=req.stops, ignore_eos=req.ignore_eos,
-                                     **limits))
+            out.append(
+                EngineRequest(
+                    f"{request_id}-{i}",
+                    tuple(ids),
+                    sampling=sampling,
+                    seed=req.seed,
+                    n=req.n,
+                    best_of=req.best_of,
+                    echo=req.echo,
+                    stop=req.stops,
+                    ignore_eos=req.ignore_eos,
+                    **limits,
+                )
+            )
         return out
 
     # ---- running ------------------------------------------------------------------------------------
@@ -116,8 +153,13 @@ class CompletionServing:
             raise engine_error(e) from None
 
     def _base(self, request_id: str, model: str) -> dict:
-        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-                "system_fingerprint": self.fingerprint}
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": self.fingerprint,
+        }
 
     async def complete(self, req: CompletionRequest) -> dict:
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -142,8 +184,7 @@ class CompletionServing:
             if req.logprobs is not None:
                 prompt_len = 0 if req.echo else len(self._prompt_text(reqs[index // req.n]))
                 logprobs = self._logprobs(infos[index], req.logprobs, prompt_len)
-            choices.append({"text": text, "index": index, "logprobs": logprobs,
-                            "finish_reason": reasons.get(index)})
+            choices.append({"text": text, "index": index, "logprobs": logprobs, "finish_reason": reasons.get(index)})
         return {**self._base(request_id, req.model), "choices": choices, "usage": tally.usage()}
 
     async def stream(self, req: CompletionRequest) -> AsyncIterator[dict]:
@@ -164,8 +205,17 @@ class CompletionServing:
                         offsets[item.index] = 0 if req.echo else len(self._prompt_text(reqs[i]))
                     logprobs = self._logprobs(item.tokens, req.logprobs, offsets[item.index])
                     offsets[item.index] += sum(len(s) for s in logprobs["tokens"])
-                yield {**base, "choices": [{"text": item.text, "index": item.index, "logprobs": logprobs,
-                                            "finish_reason": item.finish_reason}]}
+                yield {
+                    **base,
+                    "choices": [
+                        {
+                            "text": item.text,
+                            "index": item.index,
+                            "logprobs": logprobs,
+                            "finish_reason": item.finish_reason,
+                        }
+                    ],
+                }
         tally.record(self.metrics)
         if req.stream_options and req.stream_options.include_usage:
             yield {**base, "choices": [], "usage": tally.usage()}
@@ -202,5 +252,9 @@ class CompletionServing:
                     key = f"{key} [token {token_id}]"
                 top[key] = max(lp, MIN_LOGPROB)
             top_logprobs.append(top)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-                "text_offset": text_offset}
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": text_offset,
+        }

@@ -18,8 +18,21 @@ log = logging.getLogger(__name__)
 
 SOURCE = "source"  # in a checkpoint converted from a Hugging Face directory: that directory's path
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelCard", "checkpoint_name", "convert", "convert_gguf", "convert_hf",
-           "ensure_checkpoint", "find_card", "list_cards", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "ModelCard",
+    "checkpoint_name",
+    "convert",
+    "convert_gguf",
+    "convert_hf",
+    "ensure_checkpoint",
+    "find_card",
+    "list_cards",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
+]
 
 
 def _write(cfg, params, tokenizer, out_dir: Path, quantize: str | None) -> None:
@@ -31,8 +44,9 @@ def _write(cfg, params, tokenizer, out_dir: Path, quantize: str | None) -> None:
     save_checkpoint(out_dir, cfg, params, tokenizer)
 
 
-def convert_gguf(path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True,
-                 quantize: str | None = None) -> Path:
+def convert_gguf(
+    path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True, quantize: str | None = None
+) -> Path:
     """GGUF file -> checkpoint folder (config, tokenizer, orbax params), optionally int8. Returns the folder."""
     t0 = time.perf_counter()
     _write(*read_gguf(Path(path), max_context=max_context, progress=progress), out_dir, quantize)
@@ -40,8 +54,9 @@ def convert_gguf(path: Path, out_dir: Path, max_context: int | None = None, prog
     return Path(out_dir)
 
 
-def convert_hf(directory: Path, out_dir: Path, max_context: int | None = None, progress: bool = True,
-               quantize: str | None = None) -> Path:
+def convert_hf(
+    directory: Path, out_dir: Path, max_context: int | None = None, progress: bool = True, quantize: str | None = None
+) -> Path:
     """Hugging Face checkpoint directory -> checkpoint folder, optionally int8; the folder records its source
     (`source`), so another directory of the same name is converted anew. Returns the folder."""
     t0 = time.perf_counter()
@@ -51,8 +66,9 @@ def convert_hf(directory: Path, out_dir: Path, max_context: int | None = None, p
     return Path(out_dir)
 
 
-def convert(path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True,
-            quantize: str | None = None) -> Path:
+def convert(
+    path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True, quantize: str | None = None
+) -> Path:
     """A GGUF file or a Hugging Face checkpoint directory -> checkpoint folder."""
     read = convert_hf if is_hf_directory(Path(path)) else convert_gguf
     return read(path, out_dir, max_context=max_context, progress=progress, quantize=quantize)
@@ -88,17 +104,26 @@ def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True, q
             log.warning("%s was written by an older jaxserve: converting %s again", directory, name)
         else:
             log.info("first use of %s: converting its GGUF weights into %s", name, directory)
-        return convert_gguf(gguf_path(card), directory, max_context=card.context_length, progress=progress,
-                            quantize=quantize)
-    raise FileNotFoundError(f"model {name!r} has no checkpoint at {directory}; "
-                            f"build it with `python {card.weights['script']} --out {directory}`")
+        return convert_gguf(
+            gguf_path(card), directory, max_context=card.context_length, progress=progress, quantize=quantize
+        )
+    raise FileNotFoundError(
+        f"model {name!r} has no checkpoint at {directory}; "
+        f"build it with `python {card.weights['script']} --out {directory}`"
+    )
 
 
-def load_model(name: str, checkpoint_root: Path, mesh, progress: bool = True, dtype: str | None = None,
-               quantize: str | None = None) -> LoadedModel:
+def load_model(
+    name: str, checkpoint_root: Path, mesh, progress: bool = True, dtype: str | None = None, quantize: str | None = None
+) -> LoadedModel:
     t0 = time.perf_counter()
     directory = ensure_checkpoint(name, checkpoint_root, progress, quantize)
     model = load_checkpoint(directory, mesh, name=Path(name).name, dtype=dtype)
-    log.info("loaded %s (%.1fM params) onto mesh %s in %.1f s", model.name, model.cfg.num_params() / 1e6,
-             dict(model.mesh.shape), time.perf_counter() - t0)
+    log.info(
+        "loaded %s (%.1fM params) onto mesh %s in %.1f s",
+        model.name,
+        model.cfg.num_params() / 1e6,
+        dict(model.mesh.shape),
+        time.perf_counter() - t0,
+    )
     return model

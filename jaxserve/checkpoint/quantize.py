@@ -26,7 +26,7 @@ def quantize_array(w: np.ndarray, axis: int, group: int) -> tuple[np.ndarray, np
     w = np.asarray(w, np.float32)
     n = w.shape[axis]
     assert n % group == 0, (w.shape, axis, group)
-    g = w.reshape(*w.shape[:axis], n // group, group, *w.shape[axis + 1:])  # the group's members on axis+1
+    g = w.reshape(*w.shape[:axis], n // group, group, *w.shape[axis + 1 :])  # the group's members on axis+1
     peak = np.max(np.abs(g), axis=axis + 1, keepdims=True)
     peak = np.where(peak > 0, peak, 1.0)
     best_err, best_scale = None, None
@@ -44,6 +44,7 @@ def quantize_array(w: np.ndarray, axis: int, group: int) -> tuple[np.ndarray, np
 
 def quantize_params(params: dict, cfg) -> dict:
     """A float parameter tree ({'params': ...}) -> the int8 tree of the same model (cfg.quant_group)."""
+
     def walk(tree: dict) -> dict:
         out = {}
         for name, value in tree.items():
@@ -55,4 +56,5 @@ def quantize_params(params: dict, cfg) -> dict:
             else:
                 out[name] = value
         return out
+
     return walk(params)

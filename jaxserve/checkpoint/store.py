@@ -39,7 +39,11 @@ class LoadedModel:
 
 def is_checkpoint(directory: Path) -> bool:
     """A complete checkpoint folder in this version's format."""
-    return (Path(directory) / CONFIG).is_file() and (Path(directory) / PARAMS).is_dir() and _format(directory) == FORMAT_VERSION
+    return (
+        (Path(directory) / CONFIG).is_file()
+        and (Path(directory) / PARAMS).is_dir()
+        and _format(directory) == FORMAT_VERSION
+    )
 
 
 def is_stale_checkpoint(directory: Path) -> bool:
@@ -73,8 +77,10 @@ def load_checkpoint(directory: Path, mesh, name: str | None = None, dtype: str |
     """Restore a checkpoint onto `mesh`; `dtype` (e.g. "bfloat16") converts the weights as they load."""
     directory = Path(directory).absolute()
     if is_stale_checkpoint(directory):
-        raise ValueError(f"{directory} was written by an older jaxserve (checkpoint format {_format(directory)}, "
-                         f"this version reads {FORMAT_VERSION}); delete it and convert the model again")
+        raise ValueError(
+            f"{directory} was written by an older jaxserve (checkpoint format {_format(directory)}, "
+            f"this version reads {FORMAT_VERSION}); delete it and convert the model again"
+        )
     cfg = ModelConfig.load(directory / CONFIG)
     if dtype:
         cfg = dataclasses.replace(cfg, dtype=dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from typing import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 from jaxserve.engine.lifecycle import END
 from jaxserve.engine.scheduler import Scheduler

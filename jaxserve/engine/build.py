@@ -22,8 +22,13 @@ def enable_compilation_cache(directory: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def build_engine(model: LoadedModel, slots: int = DEFAULT_SLOTS, max_context: int | None = DEFAULT_CONTEXT,
-                 warmup: bool = True, max_waiting: int = 256) -> Scheduler:
+def build_engine(
+    model: LoadedModel,
+    slots: int = DEFAULT_SLOTS,
+    max_context: int | None = DEFAULT_CONTEXT,
+    warmup: bool = True,
+    max_waiting: int = 256,
+) -> Scheduler:
     """A started scheduler over `slots` sequences of up to `max_context` tokens (capped by the model's).
     With warmup, every shape is compiled before the first request."""
     cache_len = min(model.cfg.max_context, max_context or model.cfg.max_context)

@@ -56,8 +56,9 @@ class Core(Protocol):
     def fork(self, src: int, dst: int, length: int) -> None:
         """Copy slot src's first `length` cache positions into slot dst (n / best_of)."""
 
-    def insert(self, slot: int, logits: Any, params: SamplingParams, position: int, max_tokens: int,
-               stop_on_eos: bool) -> StepResult:
+    def insert(
+        self, slot: int, logits: Any, params: SamplingParams, position: int, max_tokens: int, stop_on_eos: bool
+    ) -> StepResult:
         """Start decoding in `slot`: sample the first token from the prompt's last logits."""
 
     def step(self, max_position: int, max_slot: int) -> StepResult:

@@ -94,23 +94,38 @@ class JaxCore(Core):
         # the window covers the padded chunk, or the whole cache where the padding runs past its end (the
         # real tokens never do; padding there is dropped): a shape warmup() has compiled either way
         window = self.window_for(min(int(starts.max()) + T, self.cache_len) - 1)
-        self.state, out = steps.prefill(self.spec, self.model.params, self.state, tokens, starts, lengths, slots,
-                                        targets, np.bool_(score), window)
+        self.state, out = steps.prefill(
+            self.spec, self.model.params, self.state, tokens, starts, lengths, slots, targets, np.bool_(score), window
+        )
         return out
 
     def fork(self, src: int, dst: int, length: int) -> None:
         self.state = steps.fork(self.spec, self.state, np.int32(src), np.int32(dst), self.window_for(length - 1))
 
-    def insert(self, slot: int, logits, params: SamplingParams, position: int, max_tokens: int,
-               stop_on_eos: bool) -> StepOutput:
+    def insert(
+        self, slot: int, logits, params: SamplingParams, position: int, max_tokens: int, stop_on_eos: bool
+    ) -> StepOutput:
         row = SamplingState.host_row(params, self.cfg.vocab_size)
-        self.state, out = steps.insert(self.spec, self.state, np.int32(slot), logits, row, np.int32(position),
-                                       np.int32(max_tokens), np.bool_(stop_on_eos))
+        self.state, out = steps.insert(
+            self.spec,
+            self.state,
+            np.int32(slot),
+            logits,
+            row,
+            np.int32(position),
+            np.int32(max_tokens),
+            np.bool_(stop_on_eos),
+        )
         return out
 
     def step(self, max_position: int, max_slot: int) -> StepOutput:
-        self.state, out = steps.step(self.spec, self.model.params, self.state, self.window_for(max_position),
-                                     bucket_of(max_slot + 1, self.row_buckets))
+        self.state, out = steps.step(
+            self.spec,
+            self.model.params,
+            self.state,
+            self.window_for(max_position),
+            bucket_of(max_slot + 1, self.row_buckets),
+        )
         return out
 
     def release(self, slot: int) -> None:
@@ -139,7 +154,13 @@ class JaxCore(Core):
         self.fetch(self.state.slots.active)
         del self.state  # drop the used state before making a fresh one: never two caches at once
         self.state = self._initial()
-        log.info("compiled %d variants in %.1f s (vocab %d, %d slots, windows %s, prefill buckets %s)",
-                 sum(self.compiles.values()), time.perf_counter() - t0, self.cfg.vocab_size, self.slots,
-                 self.windows, self.prefill_buckets)
+        log.info(
+            "compiled %d variants in %.1f s (vocab %d, %d slots, windows %s, prefill buckets %s)",
+            sum(self.compiles.values()),
+            time.perf_counter() - t0,
+            self.cfg.vocab_size,
+            self.slots,
+            self.windows,
+            self.prefill_buckets,
+        )
         return time.perf_counter() - t0

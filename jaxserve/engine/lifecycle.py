@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from jaxserve.engine.text import ChoiceText
 from jaxserve.engine.types import Delta, EngineRequest, TokenInfo, Usage
@@ -35,7 +35,7 @@ class Status(enum.Enum):
 class Choice:
     """One generated sequence: choice `index` of its group, in `slot` while it holds one."""
 
-    def __init__(self, group: "Group", index: int, tokenizer: Tokenizer, seed: int):
+    def __init__(self, group: Group, index: int, tokenizer: Tokenizer, seed: int):
         self.group, self.index, self.seed = group, index, seed
         self.status = Status.WAITING
         self.text = ChoiceText(tokenizer, group.req.stop)
@@ -70,8 +70,10 @@ class Group:
     def __init__(self, req: EngineRequest, emit: Callable, tokenizer: Tokenizer):
         self.req, self.emit, self.tokenizer = req, emit, tokenizer
         self.status = Status.WAITING
-        seeds = [random.getrandbits(31) if req.seed is None else (req.seed + 1_000_003 * j) & 0xFFFFFFFF
-                 for j in range(req.candidates)]
+        seeds = [
+            random.getrandbits(31) if req.seed is None else (req.seed + 1_000_003 * j) & 0xFFFFFFFF
+            for j in range(req.candidates)
+        ]
         self.choices = [Choice(self, j, tokenizer, seeds[j]) for j in range(req.candidates)]
         self.prefilled = 0  # prompt tokens already in the cache
         self.scored: list = []  # echo: (prefill output, row, length) of each chunk, fetched when the prompt is in
@@ -89,7 +91,7 @@ class Group:
     def targets(self, start: int, length: int) -> list[int]:
         """The tokens prompt positions start.. predict (0 past the end), for echo logprobs."""
         prompt = self.req.prompt_ids
-        return list(prompt[start + 1: start + 1 + length]) + [0] * (start + length >= len(prompt))
+        return list(prompt[start + 1 : start + 1 + length]) + [0] * (start + length >= len(prompt))
 
     def echo(self, rows: list[tuple[float, list[tuple[int, float]]]]) -> None:
         """Send the prompt to every choice with its logprobs: rows[j] = (log p(prompt[j + 1]), the top

@@ -29,7 +29,7 @@ class Machine:
     flops: float  # float32 matmul FLOP/s
 
     @classmethod
-    def measure(cls) -> "Machine":
+    def measure(cls) -> Machine:
         x = jnp.ones((128 * 1024 * 1024,), jnp.float32)  # 512 MiB
         bandwidth = x.nbytes / _best_time(jax.jit(jnp.sum), x)
         del x

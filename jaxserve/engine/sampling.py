@@ -30,6 +30,7 @@ def _top_p_mask(probs, top_p):
 
     Bisects for the largest threshold t with mass(p >= t) >= top_p instead of sorting the vocabulary:
     on CPU a [B, V] sort costs far more than 32 rounds of compare-and-sum."""
+
     def body(_, bounds):
         lo, hi = bounds
         mid = (lo + hi) / 2
@@ -45,8 +46,9 @@ def _draw(x, state: SamplingState):
     """One categorical draw per row by inverse CDF: a single uniform per row from the row's own key stream
     (the sequence's key folded with its step), instead of V Gumbel variates per row."""
     probs = jax.nn.softmax(x / jnp.maximum(state.temperature, 1e-6)[:, None], axis=-1)
-    probs = jax.lax.cond(jnp.any(state.top_p < 1.0),
-                         lambda p: jnp.where(_top_p_mask(p, state.top_p), p, 0.0), lambda p: p, probs)
+    probs = jax.lax.cond(
+        jnp.any(state.top_p < 1.0), lambda p: jnp.where(_top_p_mask(p, state.top_p), p, 0.0), lambda p: p, probs
+    )
     cdf = jnp.cumsum(probs, axis=-1)
     keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k), i))(state.key, state.step)
     u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
@@ -72,5 +74,4 @@ def sample(logits, state: SamplingState):
 def record(state: SamplingState, tokens, advanced) -> SamplingState:
     """Count `tokens` [B] for the penalties and move the key streams on, for rows where `advanced`."""
     step = advanced.astype(jnp.int32)
-    return state.replace(counts=state.counts.at[jnp.arange(tokens.shape[0]), tokens].add(step),
-                         step=state.step + step)
+    return state.replace(counts=state.counts.at[jnp.arange(tokens.shape[0]), tokens].add(step), step=state.step + step)

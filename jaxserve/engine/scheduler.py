@@ -14,7 +14,7 @@ import collections
 import logging
 import queue
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from jaxserve.engine.contract import Core, PrefillRow
 from jaxserve.engine.lifecycle import Choice, Group, Status
@@ -45,7 +45,7 @@ class Scheduler:
 
     # ---- any thread ---------------------------------------------------------------------------------
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self._thread = threading.Thread(target=self._run, name="jaxserve-scheduler", daemon=True)
         self._thread.start()
         return self
@@ -65,10 +65,13 @@ class Scheduler:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_context} tokens. However, you requested "
                 f"{total} tokens ({len(req.prompt_ids)} in the prompt, {req.max_tokens} for the completion).",
-                "prompt")
+                "prompt",
+            )
         if req.candidates > self.core.slots:
-            raise RequestError(f"n and best_of can be at most {self.core.slots} (the engine's slots)",
-                               "best_of" if req.best_of and req.best_of > req.n else "n")
+            raise RequestError(
+                f"n and best_of can be at most {self.core.slots} (the engine's slots)",
+                "best_of" if req.best_of and req.best_of > req.n else "n",
+            )
 
     def submit(self, reqs: Sequence[EngineRequest], emit: Callable[[int, object], None]) -> None:
         """Queue requests, all or none: each item of request i is passed to emit(i, item) (see
@@ -203,8 +206,10 @@ class Scheduler:
         if self._prefilling is None and self._waiting:
             packed = self._admit_packed()
             if len(packed) > 1:
-                rows = [PrefillRow(g.choices[0].slot, list(g.req.prompt_ids), 0, g.targets(0, len(g.req.prompt_ids)))
-                        for g in packed]
+                rows = [
+                    PrefillRow(g.choices[0].slot, list(g.req.prompt_ids), 0, g.targets(0, len(g.req.prompt_ids)))
+                    for g in packed
+                ]
                 out = self.core.prefill(rows, score=any(g.req.echo for g in packed))
                 return [pair for i, g in enumerate(packed) for pair in self._prefilled(g, out, i)]
             if packed or self._admit(self._waiting[0]):
@@ -213,9 +218,10 @@ class Scheduler:
         if group is None:
             return []
         prompt, start = group.req.prompt_ids, group.prefilled
-        chunk = list(prompt[start: start + self.core.chunk])
-        out = self.core.prefill([PrefillRow(group.choices[0].slot, chunk, start, group.targets(start, len(chunk)))],
-                                score=group.req.echo)
+        chunk = list(prompt[start : start + self.core.chunk])
+        out = self.core.prefill(
+            [PrefillRow(group.choices[0].slot, chunk, start, group.targets(start, len(chunk)))], score=group.req.echo
+        )
         group.prefilled += len(chunk)
         if group.req.echo:
             group.scored.append((out, 0, len(chunk)))
@@ -238,8 +244,14 @@ class Scheduler:
         for choice in group.choices:
             if choice.slot != src:
                 self.core.fork(src, choice.slot, n_prompt)
-            step_out = self.core.insert(choice.slot, out.last_logits[row], choice.params, n_prompt,
-                                        group.req.max_tokens, not group.req.ignore_eos)
+            step_out = self.core.insert(
+                choice.slot,
+                out.last_logits[row],
+                choice.params,
+                n_prompt,
+                group.req.max_tokens,
+                not group.req.ignore_eos,
+            )
             choice.position, choice.status = n_prompt, Status.DECODING
             inserted.append((choice, step_out))
         group.status = Status.DECODING
@@ -249,9 +261,13 @@ class Scheduler:
         rows = []  # row j: log p(prompt[j + 1] | prompt[:j + 1]) and the top 5 there
         for out, row, length in scored:
             out = self.core.fetch(out)
-            rows += [(float(out.logprobs[row, t]),
-                      list(zip(out.top_ids[row, t].tolist(), out.top_logprobs[row, t].tolist())))
-                     for t in range(length)]
+            rows += [
+                (
+                    float(out.logprobs[row, t]),
+                    list(zip(out.top_ids[row, t].tolist(), out.top_logprobs[row, t].tolist())),
+                )
+                for t in range(length)
+            ]
         group.scored = []
         group.echo(rows)
 
@@ -260,8 +276,12 @@ class Scheduler:
     def _process_step(self, out, owners) -> None:
         out = self.core.fetch(out)
         for slot, choice in enumerate(owners[: len(out.tokens)]):
-            if (choice is not None and choice.status is Status.DECODING and out.valid[slot]
-                    and self._owner[slot] is choice):
+            if (
+                choice is not None
+                and choice.status is Status.DECODING
+                and out.valid[slot]
+                and self._owner[slot] is choice
+            ):
                 self._process_token(choice, out, slot)
 
     def _process_token(self, choice: Choice, out, row: int) -> None:

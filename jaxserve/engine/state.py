@@ -12,7 +12,8 @@ use in `sampling.sample`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,32 +52,45 @@ class Rows:
     @classmethod
     def abstract(cls, slots: int, vocab: int):
         """jax.ShapeDtypeStruct per row."""
-        return cls(**{name: jax.ShapeDtypeStruct((slots, *(vocab if d == VOCAB else d for d in r.tail)),
-                                                 jnp.dtype(r.dtype)) for name, r in cls.rows().items()})
+        return cls(
+            **{
+                name: jax.ShapeDtypeStruct((slots, *(vocab if d == VOCAB else d for d in r.tail)), jnp.dtype(r.dtype))
+                for name, r in cls.rows().items()
+            }
+        )
 
     @classmethod
     def axes(cls):
         """Logical axes per row: slots on "batch", vocabulary dims on "vocab", others unsharded."""
-        return cls(**{name: ("batch", *(VOCAB if d == VOCAB else None for d in r.tail))
-                      for name, r in cls.rows().items()})
+        return cls(
+            **{name: ("batch", *(VOCAB if d == VOCAB else None for d in r.tail)) for name, r in cls.rows().items()}
+        )
 
     @classmethod
     def initial(cls, slots: int, vocab: int):
         """Every slot free."""
         shapes = cls.abstract(slots, vocab)
-        return cls(**{name: jnp.full(getattr(shapes, name).shape, r.init, getattr(shapes, name).dtype)
-                      for name, r in cls.rows().items()})
+        return cls(
+            **{
+                name: jnp.full(getattr(shapes, name).shape, r.init, getattr(shapes, name).dtype)
+                for name, r in cls.rows().items()
+            }
+        )
 
     @classmethod
     def host_row(cls, params: SamplingParams, vocab: int) -> dict[str, np.ndarray]:
         """A new sequence's values of the rows that come from its params (built on the host)."""
-        return {name: np.asarray(r.of(params, vocab), jnp.dtype(r.dtype))
-                for name, r in cls.rows().items() if r.of is not None}
+        return {
+            name: np.asarray(r.of(params, vocab), jnp.dtype(r.dtype))
+            for name, r in cls.rows().items()
+            if r.of is not None
+        }
 
     def write(self, slot, values: dict):
         """Slot `slot` takes `values` (traced, by row name); every other row goes back to its initial value."""
-        return self.replace(**{name: getattr(self, name).at[slot].set(values.get(name, r.init))
-                               for name, r in self.rows().items()})
+        return self.replace(
+            **{name: getattr(self, name).at[slot].set(values.get(name, r.init)) for name, r in self.rows().items()}
+        )
 
 
 def _dense_bias(p: SamplingParams, vocab: int) -> np.ndarray:
@@ -122,21 +136,25 @@ class DecodeState:
     sampling: SamplingState
 
     @staticmethod
-    def abstract(cfg: ModelConfig, slots: int, cache_len: int) -> "DecodeState":
-        return DecodeState(cache=KVCache.shape_dtype(cfg, slots, cache_len),
-                           slots=SlotState.abstract(slots, cfg.vocab_size),
-                           sampling=SamplingState.abstract(slots, cfg.vocab_size))
+    def abstract(cfg: ModelConfig, slots: int, cache_len: int) -> DecodeState:
+        return DecodeState(
+            cache=KVCache.shape_dtype(cfg, slots, cache_len),
+            slots=SlotState.abstract(slots, cfg.vocab_size),
+            sampling=SamplingState.abstract(slots, cfg.vocab_size),
+        )
 
     @staticmethod
-    def axes() -> "DecodeState":
+    def axes() -> DecodeState:
         return DecodeState(cache=KVCache.axes(), slots=SlotState.axes(), sampling=SamplingState.axes())
 
     @staticmethod
-    def initial(cfg: ModelConfig, slots: int, cache_len: int) -> "DecodeState":
-        return DecodeState(cache=KVCache.zeros(cfg, slots, cache_len),
-                           slots=SlotState.initial(slots, cfg.vocab_size),
-                           sampling=SamplingState.initial(slots, cfg.vocab_size))
+    def initial(cfg: ModelConfig, slots: int, cache_len: int) -> DecodeState:
+        return DecodeState(
+            cache=KVCache.zeros(cfg, slots, cache_len),
+            slots=SlotState.initial(slots, cfg.vocab_size),
+            sampling=SamplingState.initial(slots, cfg.vocab_size),
+        )
 
     @staticmethod
-    def shardings(cfg: ModelConfig, mesh, slots: int, cache_len: int) -> "DecodeState":
+    def shardings(cfg: ModelConfig, mesh, slots: int, cache_len: int) -> DecodeState:
         return tree_shardings(DecodeState.axes(), DecodeState.abstract(cfg, slots, cache_len), mesh)

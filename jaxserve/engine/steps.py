@@ -32,8 +32,7 @@ class StepSpec:
     eos_id: int  # -1: none
     state_sharding: DecodeState  # a NamedSharding per array
     replicated: NamedSharding
-    compiles: collections.Counter = dataclasses.field(default_factory=collections.Counter, compare=False,
-                                                      hash=False)
+    compiles: collections.Counter = dataclasses.field(default_factory=collections.Counter, compare=False, hash=False)
 
 
 @struct.dataclass
@@ -67,8 +66,7 @@ _jit = functools.partial(jax.jit, donate_argnames=("state",))
 
 
 @functools.partial(_jit, static_argnames=("spec", "window"))
-def prefill(spec: StepSpec, params, state: DecodeState, tokens, starts, lengths, slots, targets, score,
-            window: int):
+def prefill(spec: StepSpec, params, state: DecodeState, tokens, starts, lengths, slots, targets, score, window: int):
     """Write rows of prompt tokens [P, T] (row p starting at position starts[p], `lengths[p]` real tokens)
     into cache rows `slots` [P] (out of range: dropped), and return each row's last-position logits;
     with `score` (a traced bool) also every position's logprob of `targets` and the top 5."""
@@ -83,13 +81,18 @@ def prefill(spec: StepSpec, params, state: DecodeState, tokens, starts, lengths,
         logits = model.apply(params, x, method="logits")
         logprobs, top_ids, top_lp = top_logprobs(logits)
         chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-        return PrefillOutput(logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp,
-                             last_logits=logits[jnp.arange(P), last])
+        return PrefillOutput(
+            logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp, last_logits=logits[jnp.arange(P), last]
+        )
 
     def last_position(x):  # the logits over [T, V] and their top 5 are much of a short prefill's work
         logits = model.apply(params, x[jnp.arange(P), last][:, None], method="logits")[:, 0]
-        return PrefillOutput(logprobs=jnp.zeros((P, T)), top_ids=jnp.zeros((P, T, TOP_LOGPROBS), jnp.int32),
-                             top_logprobs=jnp.zeros((P, T, TOP_LOGPROBS)), last_logits=logits)
+        return PrefillOutput(
+            logprobs=jnp.zeros((P, T)),
+            top_ids=jnp.zeros((P, T, TOP_LOGPROBS), jnp.int32),
+            top_logprobs=jnp.zeros((P, T, TOP_LOGPROBS)),
+            last_logits=logits,
+        )
 
     return _settle(spec, state.replace(cache=cache), jax.lax.cond(score, every_position, last_position, x))
 
@@ -109,11 +112,11 @@ def insert(spec: StepSpec, state: DecodeState, slot, logits, row: dict, position
     sampling = state.sampling.write(slot, row)
     one = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), sampling)
     token, lp, top_ids, top_lp = sample(logits[None], one)
-    sampling = sampling.replace(counts=sampling.counts.at[slot, token[0]].add(1),
-                                step=sampling.step.at[slot].add(1))
+    sampling = sampling.replace(counts=sampling.counts.at[slot, token[0]].add(1), step=sampling.step.at[slot].add(1))
     done = (max_tokens <= 1) | (stop_on_eos & (token[0] == spec.eos_id))
-    slots = state.slots.write(slot, dict(tokens=token[0], positions=position, active=~done,
-                                         remaining=max_tokens - 1, stop_on_eos=stop_on_eos))
+    slots = state.slots.write(
+        slot, dict(tokens=token[0], positions=position, active=~done, remaining=max_tokens - 1, stop_on_eos=stop_on_eos)
+    )
     out = StepOutput(token, lp, top_ids, top_lp, done[None], jnp.ones((1,), bool))
     return _settle(spec, state.replace(sampling=sampling, slots=slots), out)
 
@@ -131,9 +134,15 @@ def step(spec: StepSpec, params, state: DecodeState, window: int, rows: int):
     active = seq.active
     remaining = seq.remaining - active
     done = active & ((remaining <= 0) | (seq.stop_on_eos & (tokens == spec.eos_id)))
-    s = s.replace(sampling=record(s.sampling, tokens, active),  # inactive slots keep their counts and keys
-                  slots=seq.replace(remaining=remaining, active=active & ~done,
-                                    tokens=jnp.where(active, tokens, seq.tokens), positions=seq.positions + active))
+    s = s.replace(
+        sampling=record(s.sampling, tokens, active),  # inactive slots keep their counts and keys
+        slots=seq.replace(
+            remaining=remaining,
+            active=active & ~done,
+            tokens=jnp.where(active, tokens, seq.tokens),
+            positions=seq.positions + active,
+        ),
+    )
     state = jax.tree.map(lambda full, part: full.at[:rows].set(part), state.replace(cache=None), s)
     return _settle(spec, state.replace(cache=cache), StepOutput(tokens, lp, top_ids, top_lp, done, active))
 

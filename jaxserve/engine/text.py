@@ -29,7 +29,7 @@ class StopMatcher:
                 if buf.endswith(s[:k]):
                     keep = k
                     break
-        self._held = buf[len(buf) - keep:] if keep else ""
+        self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
@@ -65,7 +65,9 @@ def fill_in_the_middle(tokenizer: Tokenizer, prefix_ids: list[int], suffix_ids: 
     <fim_prefix> prefix <fim_suffix> suffix <fim_middle>. A model without these tokens cannot do it."""
     ids = [tokenizer.token_id(name) for name in FIM_TOKENS]
     if None in ids:
-        raise RequestError("this model has no fill-in-the-middle tokens (" + ", ".join(FIM_TOKENS)
-                           + "), so `suffix` is not supported", "suffix")
+        raise RequestError(
+            "this model has no fill-in-the-middle tokens (" + ", ".join(FIM_TOKENS) + "), so `suffix` is not supported",
+            "suffix",
+        )
     fim_prefix, fim_suffix, fim_middle = ids
     return [fim_prefix, *prefix_ids, fim_suffix, *suffix_ids, fim_middle]

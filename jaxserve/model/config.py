@@ -38,11 +38,13 @@ class RopeScaling:
         low_wavelen = self.original_context / self.low_freq_factor
         high_wavelen = self.original_context / self.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
-        smooth = ((self.original_context / wavelen - self.low_freq_factor)
-                  / (self.high_freq_factor - self.low_freq_factor))
+        smooth = (self.original_context / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
         blended = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
-        return np.where(wavelen > low_wavelen, inv_freq / self.factor,
-                        np.where(wavelen < high_wavelen, inv_freq, blended))
+        return np.where(
+            wavelen > low_wavelen, inv_freq / self.factor, np.where(wavelen < high_wavelen, inv_freq, blended)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,7 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         data = json.loads(text)
         data["local_layers"] = tuple(data.get("local_layers", ()))
         if data.get("rope_scaling"):
@@ -94,7 +96,7 @@ class ModelConfig:
         return cls(**data)
 
     @classmethod
-    def load(cls, path: Path) -> "ModelConfig":
+    def load(cls, path: Path) -> ModelConfig:
         return cls.from_json(Path(path).read_text())
 
     @property
@@ -105,8 +107,15 @@ class ModelConfig:
         return tuple(i in self.local_layers for i in range(self.n_layers))
 
     def num_params(self) -> int:
-        L, D, N, K, H, F, V = (self.n_layers, self.dim, self.n_heads, self.n_kv_heads, self.head_dim,
-                               self.mlp_dim, self.vocab_size)
+        L, D, N, K, H, F, V = (
+            self.n_layers,
+            self.dim,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.mlp_dim,
+            self.vocab_size,
+        )
         norms = (4 if self.sandwich_norms else 2) * D + (2 * H if self.qk_norm else 0)
         bias = (N + 2 * K) * H if self.qkv_bias else 0
         per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + norms + bias

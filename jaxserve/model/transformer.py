@@ -41,7 +41,7 @@ def _weight(module: nn.Module, cfg: ModelConfig, name: str, shape, axes, a: int,
     kernel's rank and axes; axis `a` shrinks by the group)."""
     if cfg.quant == "int8":
         kernel = _param(module, name, shape, axes, nn.initializers.zeros, jnp.int8)
-        scale_shape = (*shape[:a], shape[a] // group_size(cfg, shape[a]), *shape[a + 1:])
+        scale_shape = (*shape[:a], shape[a] // group_size(cfg, shape[a]), *shape[a + 1 :])
         scale = _param(module, name + "_scale", scale_shape, axes, nn.initializers.ones, jnp.float32)
         return kernel, scale
     return _param(module, name, shape, axes, init or nn.initializers.normal(0.02), jnp.dtype(cfg.dtype)), None
@@ -54,7 +54,7 @@ def dequantize(kernel, scale):
     measurements), and per-group scales cost no more there than per-channel ones."""
     a = next(i for i, (n, m) in enumerate(zip(kernel.shape, scale.shape)) if n != m)
     groups = scale.shape[a]
-    split = (*kernel.shape[:a], groups, kernel.shape[a] // groups, *kernel.shape[a + 1:])
+    split = (*kernel.shape[:a], groups, kernel.shape[a] // groups, *kernel.shape[a + 1 :])
     w = kernel.astype(jnp.float32).reshape(split) * jnp.expand_dims(scale, a + 1)
     return w.reshape(kernel.shape)
 
@@ -214,9 +214,14 @@ class Transformer(nn.Module):
     def setup(self):
         c = self.cfg
         self.embed = Embedding(c)
-        self.layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast,) * 5, length=c.n_layers,
-                              metadata_params={nn.PARTITION_NAME: "layers"})(c)
+        self.layers = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 5,
+            length=c.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c)
         self.final_norm = RMSNorm(c.norm_eps, jnp.dtype(c.dtype))
         if not c.tie_embeddings:
             self.lm_head = _weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)

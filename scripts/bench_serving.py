@@ -1,11 +1,15 @@
 """HTTP load on an OpenAI-compatible Completions server: streaming requests at fixed concurrency.
 
     python scripts/bench_serving.py [--base-url http://127.0.0.1:8000] [--concurrency 1 8 32 64]
-                                    [--quantize none int8] [--requests-per-client 2] [--max-tokens 128]
+                                    [--quantize none int8] [--llama-server PATH] [--requests-per-client 2]
+                                    [--max-tokens 128]
 
 Without --base-url it starts `jaxserve serve` on a free loopback port (slots = the highest concurrency),
 once per --quantize choice (float32 and int8 weights side by side), and stops it afterwards. With
---base-url it loads any server (llama.cpp's llama-server, vLLM, ...), so the same numbers can be compared.
+--llama-server PATH it also starts llama.cpp's server (built by ../shared/tools/build-llama-server.sh) on
+the same GGUF file, with as many parallel sequences and all the cores, and prints jaxserve's tok/s as a
+ratio of llama-server's measured in the same run. With --base-url it loads any one running server (vLLM,
+...) instead.
 Loopback addresses only, unless --allow-remote. Every run is bounded in requests (concurrency x
 requests-per-client) and time (--time-limit). Reports aggregate generated tok/s, time to first token
 p50/p99 and inter-token latency p50/p99, beside the floors of a decode step of this model (bytes over
@@ -19,15 +23,17 @@ import asyncio
 import dataclasses
 import ipaddress
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 
-from jaxserve.checkpoint import DEFAULT_MODEL, ensure_checkpoint
+from jaxserve.checkpoint import DEFAULT_MODEL, ensure_checkpoint, find_card, gguf_path
 from jaxserve.cli import checkpoint_root
 from jaxserve.engine.roofline import Machine, floors
 from jaxserve.model import ModelConfig
@@ -113,10 +119,29 @@ def check_loopback(url: str) -> None:
         sys.exit(f"{url} is not a loopback address; pass --allow-remote to load another machine")
 
 
-def start_server(args, slots: int, quantize: str) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            sys.exit(f"the server for {url} failed to start")
+        time.sleep(1)
+    proc.kill()
+    sys.exit(f"the server for {url} did not become healthy in 15 minutes")
+
+
+def start_jaxserve(args, slots: int, quantize: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -137,18 +162,38 @@ def start_server(args, slots: int, quantize: str) -> tuple[subprocess.Popen, str
         cmd += ["--checkpoints", args.checkpoints]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            sys.exit("the server failed to start")
-        time.sleep(1)
-    proc.kill()
-    sys.exit("the server did not become healthy in 15 minutes")
+    wait_healthy(proc, url)
+    return proc, url
+
+
+def start_llama_server(args, slots: int) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's server on the model card's GGUF file: `slots` parallel sequences sharing a context with
+    room for each one's prompt and max_tokens, every core."""
+    binary = Path(args.llama_server).resolve()
+    card = find_card(args.model or DEFAULT_MODEL)
+    if card is None or card.weights.get("format") != "gguf":
+        sys.exit("--llama-server needs a model card with a GGUF file (e.g. smollm2-135m-instruct)")
+    port = free_port()
+    cmd = [
+        str(binary),
+        "-m",
+        str(gguf_path(card)),
+        "-t",
+        str(os.cpu_count()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parallel",
+        str(slots),
+        "-c",
+        str(slots * (args.max_tokens + 64)),
+    ]
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url)
+    return proc, url
 
 
 def model_config(args):
@@ -169,6 +214,7 @@ def main() -> None:
         default=["none", "int8"],
         help="weights of the servers this script starts, one after the other",
     )
+    parser.add_argument("--llama-server", help="llama.cpp's llama-server binary: also run it on the same GGUF")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -181,18 +227,24 @@ def main() -> None:
             check_loopback(url)
     cfg, machine = model_config(args), Machine.measure()  # measured before any server loads this machine
     print(f"floors: {machine}")
+    slots = max(args.concurrency)
+    servers = [("server", lambda: (None, url))] if args.base_url else []
+    servers += (
+        []
+        if args.base_url
+        else [(("float32" if q == "none" else q), lambda q=q: start_jaxserve(args, slots, q)) for q in args.quantize]
+    )
+    if args.llama_server:
+        servers.append(("llama-server", lambda: start_llama_server(args, slots)))
     rows = []
-    for quantize in [None] if args.base_url else args.quantize:
-        proc = None
-        if quantize is not None:
-            proc, url = start_server(args, max(args.concurrency), quantize)
-        weights = "float32" if quantize == "none" else "int8" if quantize else "server"
+    for weights, start in servers:
+        proc, url = start()
         try:
             model = args.model or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
             print(f"server {url} ({weights}), model {model}, {args.max_tokens} tokens per request, streaming")
             for c in args.concurrency:
                 row = asyncio.run(run_level(url, model, c, args.requests_per_client, args.max_tokens, args.time_limit))
-                step_cfg = cfg if weights == "float32" else dataclasses.replace(cfg, quant="int8")
+                step_cfg = cfg if weights == "float32" else dataclasses.replace(cfg, quant="int8")  # others: ~int8
                 mem, flop = floors(step_cfg, c, args.max_tokens + 32, machine)
                 row.update(
                     weights=weights, mem_floor_ms=1000 * mem, flop_floor_ms=1000 * flop, floor_tok_s=c / max(mem, flop)
@@ -214,6 +266,18 @@ def main() -> None:
             f"| {r['ttft_p99']:.3f} | {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} | {r['mem_floor_ms']:.1f} "
             f"| {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} |"
         )
+    peer = {r["concurrency"]: r["tok_s"] for r in rows if r["weights"] == "llama-server"}
+    if peer:
+        ours = [w for w, _ in servers if w != "llama-server"]
+        columns = " | ".join(f"jaxserve {w} tok/s | ratio" for w in ours)
+        print(f"\n| concurrency | llama-server tok/s | {columns} |")
+        print("|---" * (2 + 2 * len(ours)) + "|")
+        for c, theirs in peer.items():
+            cells = []
+            for w in ours:
+                tok_s = next(r["tok_s"] for r in rows if r["weights"] == w and r["concurrency"] == c)
+                cells += [f"{tok_s:.1f}", f"{tok_s / theirs:.2f}x"]
+            print(f"| {c} | {theirs:.1f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

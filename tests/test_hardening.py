@@ -192,12 +192,27 @@ def test_a_client_hanging_up_mid_upload_is_not_a_server_error(fake, caplog):
 
 
 def test_oversized_body_gets_a_413_the_client_can_read(fake):
-    _, port, _ = fake
+    _, port, _ = fake  # --max-body-bytes 100000
     body = b"x" * (4 * 1024 * 1024)
     head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
     answer = raw_request(port, head + body)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"].startswith("the request body exceeds")
+
+
+def test_an_oversized_body_sent_slowly_still_gets_its_413(fake):
+    # 60 chunks of 16 KiB, one every 0.1 s: the upload outlasts the keep-alive timeout (5 s); a server that
+    # answered at once and then closed the idle-looking connection reset this client before it could read
+    _, port, _ = fake
+    chunk, count = b"x" * 16384, 60
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(chunk) * count}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        for _ in range(count):
+            sock.sendall(chunk)
+            time.sleep(0.1)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
 
 
 # ---- slow clients ------------------------------------------------------------------------------------------

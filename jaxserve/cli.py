@@ -109,33 +109,52 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     import threading
 
-    import uvicorn
-
-    from jaxserve.api.app import ServerState, create_app
+    from jaxserve.api.app import create_app
     from jaxserve.api.metrics import Metrics
 
-    state = ServerState(
-        metrics=Metrics(),
-        api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
-        max_body_bytes=args.max_body_bytes,
-    )
+    state = server_state(args, Metrics())
     holder = {}
     loader = threading.Thread(target=_load_for_serving, args=(args, state, holder), name="jaxserve-loader", daemon=True)
     loader.start()  # the HTTP server answers (503 on /health) while the model loads and compiles
-    config = uvicorn.Config(
-        create_app(state),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=args.shutdown_timeout,
-        access_log=False,
-    )
+    config = uvicorn_config(create_app(state), args)
     _graceful_server_class()(config).run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out
     loader.join(timeout=1)
     if "scheduler" in holder:
         holder["scheduler"].shutdown()
     logging.getLogger("jaxserve").info("stopped")
     return 0
+
+
+def server_state(args, metrics):
+    """The app's settings from the serve flags."""
+    from jaxserve.api.app import ServerState
+
+    return ServerState(
+        metrics=metrics,
+        api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
+        max_body_bytes=args.max_body_bytes,
+        body_timeout=args.body_timeout,
+        request_timeout=args.request_timeout or None,
+    )
+
+
+def uvicorn_config(app, args):
+    """uvicorn's settings from the serve flags: connection limit, keep-alive and header deadlines."""
+    import uvicorn
+
+    from jaxserve.api.transport import protocol_with_header_timeout
+
+    return uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        access_log=False,
+        http=protocol_with_header_timeout(args.header_timeout),
+        timeout_keep_alive=args.keep_alive_timeout,
+        limit_concurrency=args.max_connections or None,
+    )
 
 
 def _graceful_server_class():
@@ -312,7 +331,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS, help="sequences decoded at once")
     p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="tokens per sequence (prompt + output)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get a 413")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=0,
+        help="seconds a completion may take, queued and running: past it a waiting request gets a 503 with "
+        "Retry-After and a running one a 504 (in a stream: an error event, then [DONE]) (default 0: no bound)",
+    )
+    p.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds a client has to send a request's headers"
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds a client has to send a request's body (then 408)"
+    )
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection is kept open")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="open connections (and requests in flight) beyond which new requests get a 503 (0: no limit)",
+    )
     p.add_argument("--mesh", help="e.g. data=1,model=2 (default: all devices on 'model')")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and activations (default: the model's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $JAXSERVE_API_KEY)")

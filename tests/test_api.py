@@ -38,7 +38,8 @@ def client(tiny_server):
 
 
 def post(server, body, path="/v1/completions", **kw):
-    return httpx.post(server.url + path, json=body, headers=server.headers, timeout=120, **kw)
+    headers = {**server.headers, "Content-Type": "application/json"}
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=120, **kw)
 
 
 def sse_events(text: str) -> list[str]:
@@ -98,7 +99,8 @@ def test_echo_logprobs_for_scoring(client, tiny):
     assert len(lp.tokens) == len(prompt) and "".join(lp.tokens) == choice.text
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(x <= 0 for x in lp.token_logprobs[1:])
-    assert all(len(t) == 3 for t in lp.top_logprobs[1:])
+    assert all(len(t) in (3, 4) for t in lp.top_logprobs[1:])  # the top 3, and the prompt's token if not among them
+    assert all(token in top for token, top in zip(lp.tokens[1:], lp.top_logprobs[1:]))
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     assert r.usage.completion_tokens == 0
 
@@ -166,10 +168,16 @@ def test_sse_framing_and_usage_chunk(tiny_server):
         ({"max_tokens": -1}, "max_tokens"),
         ({"suffix": "end"}, "suffix"),
         ({"temperature": "hot"}, "temperature"),
+        ({"prompt": "\ud800"}, "prompt"),
+        ({"prompt": ["ok", "\udc00"]}, "prompt"),
+        ({"logit_bias": {"²": 1}}, "logit_bias"),
+        ({"prompt": [1, "2"]}, "prompt"),
+        ({"echo": "yes"}, "echo"),
     ],
 )
 def test_invalid_parameters_name_the_param(tiny_server, body, param):
-    r = post(tiny_server, {"model": TINY, "prompt": "hi", **body})
+    # json.dumps escapes a lone surrogate as \\ud800, as a client's JSON would
+    r = post(tiny_server, None, content=json.dumps({"model": TINY, "prompt": "hi", **body}))
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param
@@ -319,6 +327,46 @@ def test_busy_server_answers_429_with_retry_after(tiny_dir):
         assert any(r.status_code == 200 for r in responses)
     finally:
         assert server.stop() == 0
+
+
+def test_the_sampled_token_is_always_in_top_logprobs(tiny_server, client):
+    """OpenAI: "always the logprob of the sampled token, so there may be up to logprobs+1 elements"; at
+    temperature 2 most sampled tokens are not the argmax."""
+
+    def check(lp, k):
+        for token, top in zip(lp.tokens, lp.top_logprobs):
+            if top is not None:
+                assert token in top and len(top) in (k, k + 1)
+
+    base = dict(model=TINY, prompt="It was the best of times", max_tokens=12, temperature=2.0, logprobs=1, seed=5)
+    for kw in ({}, {"echo": True}, {"n": 3}, {"n": 2, "best_of": 3}, {"logprobs": 0}):
+        r = client.completions.create(**{**base, **kw})
+        for choice in r.choices:
+            check(choice.logprobs, kw.get("logprobs", 1))
+    texts: dict[int, list] = {}
+    for chunk in client.completions.create(**base, stream=True, n=2):
+        for choice in chunk.choices:
+            if choice.logprobs:
+                check(choice.logprobs, 1)
+                texts.setdefault(choice.index, []).append(choice.text)
+    assert set(texts) == {0, 1}
+
+
+def test_top_logprobs_add_the_sampled_token():
+    from jaxserve.api.serving import CompletionServing
+    from jaxserve.engine.types import TokenInfo
+
+    class Tok:
+        def token_bytes(self, t):
+            return {1: b"a", 2: b"b", 3: b"a"}[t]
+
+    serving = CompletionServing.__new__(CompletionServing)
+    serving.tokenizer = Tok()
+    out = serving._logprobs([TokenInfo(3, -2.0, [(1, -0.5), (2, -1.0)])], 1, 0)
+    # token 3 was sampled: it is in, under its own text; token 1 has the same text, so it is told apart
+    assert out["tokens"] == ["a"] and out["top_logprobs"][0] == {"a [token 1]": -0.5, "a": -2.0}
+    out = serving._logprobs([TokenInfo(2, -1.0, [(1, -0.5), (2, -1.0)])], 0, 0)
+    assert out["top_logprobs"][0] == {"b": -1.0}  # logprobs 0: the sampled token alone
 
 
 def test_top_logprobs_keep_tokens_with_the_same_text():

@@ -2,6 +2,7 @@
 
 import queue
 import threading
+import time
 
 import pytest
 from fake_core import FakeCore
@@ -80,8 +81,8 @@ def test_short_prompts_waiting_together_share_one_prefill():
             [req(f"s{i}", [10 * i + 1, 10 * i + 2], max_tokens=2, echo=i == 1)], lambda _, item, q=q: q.put(item)
         )
     eng.submit(
-        [req("long", [7, 7, 7], max_tokens=1)], lambda _, item: queues[3].put(item)
-    )  # too long to pack: its own call
+        [req("long", [7, 7, 7], max_tokens=2)], lambda _, item: queues[3].put(item)
+    )  # too long to pack: its own call (as costly as the others, so admitted after them)
     eng.start()
     try:
         for i, q in enumerate(queues):
@@ -89,7 +90,7 @@ def test_short_prompts_waiting_together_share_one_prefill():
             while not items or items[-1] is not END:
                 items.append(q.get(timeout=10))
             deltas = [d for d in items if hasattr(d, "echo")]
-            want = "<8>" if i == 3 else f"<{10 * i + 3}><{10 * i + 4}>"
+            want = "<8><9>" if i == 3 else f"<{10 * i + 3}><{10 * i + 4}>"
             assert text_of(deltas) == want
             if i == 1:  # echo from a packed row: its own targets
                 assert deltas[0].echo and [t.logprob for t in deltas[0].tokens] == [None, -0.12]
@@ -183,10 +184,11 @@ def test_requests_submitted_together_are_queued_all_or_none():
     with pytest.raises(RequestError):
         eng.submit([req("a", [1]), req("b", [])], print)
     assert eng.queue_depth == 0
+    eng.submit([req("first", [1])], print)
     with pytest.raises(QueueFull):
-        eng.submit([req(f"r{i}", [1]) for i in range(4)], print)
-    assert eng.queue_depth == 0
-    eng.submit([req(f"r{i}", [1]) for i in range(3)], print)
+        eng.submit([req(f"r{i}", [1]) for i in range(3)], print)
+    assert eng.queue_depth == 1
+    eng.submit([req(f"r{i}", [1]) for i in range(2)], print)
     assert eng.queue_depth == 3
 
 
@@ -218,3 +220,98 @@ def test_items_of_requests_submitted_together_come_tagged_with_their_index(engin
         elif hasattr(item, "text"):
             got[i] += item.text
     assert got == {0: "<2><3>", 1: "<11>"}
+
+
+def test_more_prompts_than_the_waiting_bound_is_a_request_error():
+    eng = Scheduler(FakeCore(), ToyTokenizer(), max_waiting=2)  # idle, not started
+    with pytest.raises(RequestError, match="at most 2 prompts") as e:
+        eng.submit([req(f"r{i}", [1]) for i in range(3)], print)
+    assert e.value.param == "prompt" and eng.queue_depth == 0  # never retryable, so never QueueFull
+
+
+class Recorder:
+    """Every request's items in the order they came, across requests: (name, item)."""
+
+    def __init__(self):
+        self.items = queue.Queue()
+        self.log = []
+
+    def emit(self, name):
+        return lambda _, item: self.items.put((name, item))
+
+    def until_ended(self, names, timeout=10):
+        ended = set()
+        while not set(names) <= ended:
+            name, item = self.items.get(timeout=timeout)
+            self.log.append((name, item))
+            if item is END:
+                ended.add(name)
+
+    def first_token(self, name):
+        return next(i for i, (n, item) in enumerate(self.log) if n == name and getattr(item, "tokens", None))
+
+
+def test_a_one_token_request_overtakes_waiting_n4_requests():
+    # 4 slots. "big" (n=4, 20 tokens each) holds every slot; then "b2" (n=4, cost 4 x 20 = 80 slot-steps)
+    # and "small" (n=1, 1 token, cost 1) wait. When big's slots free, small goes first although it came last.
+    eng = Scheduler(FakeCore(), ToyTokenizer()).start()
+    rec = Recorder()
+    try:
+        eng.submit([req("big", [0], max_tokens=20, n=4, ignore_eos=True)], rec.emit("big"))
+        name, first = rec.items.get(timeout=10)
+        rec.log.append((name, first))
+        eng.submit([req("b2", [0], max_tokens=20, n=4, ignore_eos=True)], rec.emit("b2"))
+        eng.submit([req("small", [9], max_tokens=1)], rec.emit("small"))
+        rec.until_ended(["big", "b2", "small"])
+        small_end = rec.log.index(("small", END))
+        assert small_end < rec.first_token("b2")  # small was admitted, and done, before b2 started
+        assert text_of([item for n, item in rec.log if n == "small" and hasattr(item, "text")]) == "<10>"
+    finally:
+        eng.shutdown()
+
+
+def test_an_overtaken_request_becomes_a_barrier():
+    # max_overtakes 2: while "big" (all 4 slots) runs, "wide" (n=4) and then six 1-token requests wait.
+    # When big ends: s0 and s1 overtake wide (twice); wide is now a barrier: it needs 4 slots, 2 are free,
+    # so nothing else is admitted; s0 and s1 finish, wide gets all 4 slots, and s2..s5 run only after it.
+    eng = Scheduler(FakeCore(), ToyTokenizer(), max_overtakes=2).start()
+    rec = Recorder()
+    smalls = [f"s{i}" for i in range(6)]
+    try:
+        eng.submit([req("big", [0], max_tokens=10, n=4, ignore_eos=True)], rec.emit("big"))
+        name, first = rec.items.get(timeout=10)
+        rec.log.append((name, first))
+        eng.submit([req("wide", [20], max_tokens=3, n=4)], rec.emit("wide"))
+        for i, name in enumerate(smalls):
+            eng.submit([req(name, [30 + i], max_tokens=1)], rec.emit(name))
+        rec.until_ended(["big", "wide", *smalls])
+        wide_first, wide_end = rec.first_token("wide"), rec.log.index(("wide", END))
+        assert all(rec.log.index((s, END)) < wide_first for s in smalls[:2])
+        assert all(rec.first_token(s) > wide_end for s in smalls[2:])
+    finally:
+        eng.shutdown()
+
+
+def test_a_request_past_its_deadline_is_aborted_and_frees_its_slots():
+    from jaxserve.engine.types import DeadlineExceeded
+
+    eng = Scheduler(FakeCore(), ToyTokenizer()).start()
+    rec = Recorder()
+    try:
+        # running: 4 slots held, each step takes the fake's 2 ms, the deadline comes long before 60 tokens
+        eng.submit(
+            [req("run", [0], max_tokens=60, n=4, ignore_eos=True, deadline=time.monotonic() + 0.05)], rec.emit("run")
+        )
+        # waiting: needs a slot that "run" holds, and its deadline has already passed
+        eng.submit([req("wait", [0], max_tokens=1, deadline=time.monotonic() - 1)], rec.emit("wait"))
+        rec.until_ended(["run", "wait"])
+        errors = {n: item for n, item in rec.log if isinstance(item, BaseException)}
+        assert isinstance(errors["wait"], DeadlineExceeded) and errors["wait"].queued
+        assert isinstance(errors["run"], DeadlineExceeded) and not errors["run"].queued
+        assert not any(isinstance(item, Usage) for _, item in rec.log)
+        assert sum(1 for n, item in rec.log if n == "run" and getattr(item, "tokens", None)) < 4 * 60
+        assert eng.active_slots == 0
+        deltas, _ = complete(eng, req("next", [30], max_tokens=2), timeout=10)
+        assert text_of(deltas) == "<31><32>"
+    finally:
+        eng.shutdown()

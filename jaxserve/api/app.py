@@ -3,26 +3,36 @@ validated by `protocol`, and run by `serving`; every error leaves in OpenAI's en
 
 The app answers while the model loads: /health is 503 and completions say the server is loading until
 `ServerState.serving` is set.
+
+Bodies are read under a deadline (`body_timeout`, a 408 after it); a body over `max_body_bytes` is read and
+discarded (up to DRAIN_BYTES, within the same deadline) before the 413, so that a client still sending can
+read the answer, as nginx's lingering close does. A client that hangs up mid-upload is no server error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
 import logging
+import math
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jaxserve.api.metrics import Metrics
-from jaxserve.api.protocol import APIError, CompletionRequest, parse_completion_request
+from jaxserve.api.protocol import APIError, CompletionRequest, check_unicode, parse_completion_request
 from jaxserve.api.serving import CompletionServing
 
 log = logging.getLogger(__name__)
+
+DRAIN_BYTES = 64 * 1024 * 1024  # read and dropped at most, to answer an oversized body with a 413 the client reads
+CLIENT_TIMEOUT_HEADER = "x-stainless-read-timeout"  # the openai clients' read timeout, sent with each request
 
 
 @dataclasses.dataclass
@@ -32,6 +42,8 @@ class ServerState:
     max_body_bytes: int = 4 * 1024 * 1024
     serving: CompletionServing | None = None  # set once the model is loaded and compiled
     load_error: str | None = None
+    body_timeout: float = 30.0  # seconds to receive a whole request body
+    request_timeout: float | None = None  # seconds a completion may take, queued and running; None: no bound
 
 
 def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
@@ -67,18 +79,41 @@ def create_app(state: ServerState) -> Starlette:
             )
 
     async def body_json(request: Request):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > state.max_body_bytes:
-            raise APIError(413, f"the request body exceeds {state.max_body_bytes} bytes")
+        limit = state.max_body_bytes
+        too_large = APIError(413, f"the request body exceeds {limit} bytes", headers={"Connection": "close"})
+        length = request.headers.get("content-length", "")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > state.max_body_bytes:
-                raise APIError(413, f"the request body exceeds {state.max_body_bytes} bytes")
+        try:
+            async with asyncio.timeout(state.body_timeout):
+                if length.isdigit() and int(length) > limit:
+                    await _discard(request, DRAIN_BYTES)
+                    raise too_large
+                async for chunk in request.stream():
+                    raw += chunk
+                    if len(raw) > limit:
+                        await _discard(request, DRAIN_BYTES - len(raw))
+                        raise too_large
+        except TimeoutError:
+            if length.isdigit() and int(length) > limit or len(raw) > limit:
+                raise too_large from None
+            late = f"the request body was not received within {state.body_timeout:g} s"
+            raise APIError(408, late, headers={"Connection": "close"}) from None
         try:
             return json.loads(raw)
+        except RecursionError:
+            raise APIError(400, "the request body is JSON nested too deeply") from None
         except ValueError:
             raise APIError(400, "the request body is not valid JSON") from None
+
+    def deadline(request: Request, req: CompletionRequest) -> float | None:
+        """Seconds the completion may take: --request-timeout, or less if an openai client said it will stop
+        waiting sooner (its read timeout bounds a whole non-streamed answer; a stream reads as it goes)."""
+        bounds = [state.request_timeout] if state.request_timeout else []
+        given = request.headers.get(CLIENT_TIMEOUT_HEADER, "")
+        with contextlib.suppress(ValueError):
+            if not req.stream and math.isfinite(float(given)) and float(given) > 0:
+                bounds.append(float(given))
+        return min(bounds) if bounds else None
 
     def endpoint(handler, auth: bool = True):
         """Wrap a handler: API key, APIError -> envelope, anything else -> 500 without a stack trace."""
@@ -90,6 +125,9 @@ def create_app(state: ServerState) -> Starlette:
                 response = await handler(request)
             except APIError as e:
                 response = _error(e)
+            except ClientDisconnect:  # hung up before its body was in: nobody to answer, nothing went wrong
+                log.info("client went away during the upload on %s", request.url.path)
+                response = Response(status_code=499)
             except Exception:
                 log.exception("internal error on %s", request.url.path)
                 response = _error(APIError(500, "internal server error", type="server_error"))
@@ -101,8 +139,9 @@ def create_app(state: ServerState) -> Starlette:
     async def completions(request: Request) -> Response:
         req = parse_completion_request(await body_json(request))
         srv = serving()
+        timeout = deadline(request, req)
         if not req.stream:
-            task = asyncio.ensure_future(srv.complete(req))
+            task = asyncio.ensure_future(srv.complete(req, timeout))
             gone = asyncio.ensure_future(_disconnected(request))
             await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
             gone.cancel()
@@ -110,7 +149,7 @@ def create_app(state: ServerState) -> Starlette:
                 task.cancel()
                 return Response(status_code=499)
             return _json(task.result())
-        chunks = srv.stream(req)
+        chunks = srv.stream(req, timeout)
         try:  # errors found before the first chunk (busy, bad prompt) are plain HTTP errors
             first = await chunks.__anext__()
         except StopAsyncIteration:
@@ -146,6 +185,10 @@ def create_app(state: ServerState) -> Starlette:
         body, tok = await body_json(request), serving().tokenizer
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             raise APIError(400, "'prompt' must be a string", param="prompt")
+        try:
+            check_unicode(body["prompt"])
+        except ValueError as e:
+            raise APIError(400, f"invalid value for 'prompt': {e}", param="prompt") from None
         tokens = tok.encode(body["prompt"])
         return _json({"tokens": tokens, "count": len(tokens), "max_model_len": serving().scheduler.max_context})
 
@@ -188,7 +231,35 @@ def create_app(state: ServerState) -> Starlette:
         Route("/tokenizer_info", endpoint(tokenizer_info), methods=["GET"]),
         Route("/openapi.json", endpoint(openapi, auth=False), methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404 (no such route) and 405 (wrong method), in OpenAI's envelope."""
+        assert isinstance(exc, HTTPException)
+        message = {404: f"no route {request.url.path!r}", 405: f"{request.method} is not allowed on this route"}
+        response = _error(
+            APIError(
+                exc.status_code,
+                message.get(exc.status_code, exc.detail),
+                code="not_found" if exc.status_code == 404 else None,
+                headers=dict(exc.headers or {}),
+            )
+        )
+        state.metrics.count_request(response.status_code)
+        return response
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+async def _discard(request: Request, limit: int) -> None:
+    """Read and drop up to `limit` more bytes of the body (until it ends, or the client hangs up). Reads the
+    ASGI messages itself: it may be called while `request.stream()` is being iterated."""
+    while limit > 0:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            return
+        limit -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _disconnected(request: Request) -> None:

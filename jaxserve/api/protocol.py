@@ -8,6 +8,7 @@ define are ignored (with a log line), as OpenAI does.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 log = logging.getLogger(__name__)
 
 MAX_STOPS = 4
+TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,10}")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
 
 
 class APIError(Exception):
@@ -38,6 +40,8 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
@@ -45,7 +49,8 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict, as OpenAI validates: "yes" is not a bool, "2" is not a token id (an int is still a valid float)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     prompt: Prompt
@@ -73,21 +78,32 @@ class CompletionRequest(BaseModel):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed, got {len(stops)}")
+        for stop in stops:
+            check_unicode(stop)
         return v
 
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v):
         for key, value in (v or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not TOKEN_ID_KEY.fullmatch(key):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {value} for token {key}")
         return v
 
+    @field_validator("suffix", "user")
+    @classmethod
+    def _text(cls, v):
+        if v is not None:
+            check_unicode(v)
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
+        for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
+            check_unicode(text)
         if isinstance(v, list) and (not v or any(isinstance(p, (str, list)) and not p for p in v)):
             raise ValueError("the prompt must not be empty")
         if isinstance(v, str) and not v:
@@ -123,6 +139,16 @@ class CompletionRequest(BaseModel):
         return list(p)
 
 
+def check_unicode(text: str) -> None:
+    """Raise ValueError for text that is not valid Unicode (a lone surrogate such as "\\ud800", which JSON
+    escapes, and Python's JSON decoder, let through): no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        raise ValueError(f"the text holds a lone surrogate (U+{char:04X}) at position {e.start}") from None
+
+
 def parse_completion_request(body: Any) -> CompletionRequest:
     """JSON body -> CompletionRequest, or an APIError naming the first bad parameter."""
     if not isinstance(body, dict):
@@ -147,6 +173,15 @@ def _validation_error(e: ValidationError, body: dict) -> APIError:
         return ctx_error
     if err["type"] == "missing":
         return APIError(400, f"you must provide the '{param}' parameter", param=param)
-    received = body.get(param) if param else None
     detail = str(ctx_error) if ctx_error else err["msg"]
-    return APIError(400, f"invalid value for '{param}': {detail} (received {received!r})", param=param)
+    return APIError(400, f"invalid value for '{param}': {detail} (received {_shown(body.get(param))})", param=param)
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """The value received, for a message: cut to `limit` characters, and safe for any JSON value (a deeply
+    nested one makes repr() recurse too deep)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "a value nested too deeply"
+    return text if len(text) <= limit else text[:limit] + "..."

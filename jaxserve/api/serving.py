@@ -15,7 +15,16 @@ from jaxserve.api.protocol import APIError, CompletionRequest
 from jaxserve.engine import bridge
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.engine.text import fill_in_the_middle
-from jaxserve.engine.types import Delta, EngineRequest, EngineStopped, QueueFull, RequestError, SamplingParams, Usage
+from jaxserve.engine.types import (
+    DeadlineExceeded,
+    Delta,
+    EngineRequest,
+    EngineStopped,
+    QueueFull,
+    RequestError,
+    SamplingParams,
+    Usage,
+)
 from jaxserve.tokenizer import Tokenizer
 
 MIN_LOGPROB = -9999.0  # what -inf is sent as: JSON has no infinities
@@ -33,6 +42,12 @@ def engine_error(e: Exception) -> APIError:
             code="rate_limit_exceeded",
             headers={"Retry-After": "1"},
         )
+    if isinstance(e, DeadlineExceeded):
+        if e.queued:  # the server was too busy to start it in time: worth retrying later
+            return APIError(
+                503, f"{e}; retry later", type="server_error", code="request_timeout", headers={"Retry-After": "5"}
+            )
+        return APIError(504, f"{e}, so it was stopped", type="server_error", code="request_timeout")
     if isinstance(e, EngineStopped):
         return APIError(503, f"The engine is not running: {e}", type="server_error", headers={"Retry-After": "5"})
     raise TypeError(f"not an engine request error: {e!r}")
@@ -85,9 +100,12 @@ class CompletionServing:
 
     # ---- request -> engine requests ----------------------------------------------------------------
 
-    def engine_requests(self, req: CompletionRequest, request_id: str) -> list[EngineRequest]:
-        """One engine request per prompt. Checks what needs this model (its name, vocabulary, FIM
-        tokens); the engine checks the rest when they are submitted."""
+    def engine_requests(
+        self, req: CompletionRequest, request_id: str, timeout: float | None = None
+    ) -> list[EngineRequest]:
+        """One engine request per prompt, each aborted by the engine `timeout` seconds from now. Checks what
+        needs this model (its name, vocabulary, FIM tokens); the engine checks the rest when they are submitted."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         if req.model not in self.model_ids:
             raise APIError(
                 404,
@@ -134,6 +152,7 @@ class CompletionServing:
                     echo=req.echo,
                     stop=req.stops,
                     ignore_eos=req.ignore_eos,
+                    deadline=deadline,
                     **limits,
                 )
             )
@@ -149,7 +168,7 @@ class CompletionServing:
                     if isinstance(item, Delta):
                         item = Delta(i * n + item.index, item.text, item.tokens, item.finish_reason, item.echo)
                     yield i, item
-        except (RequestError, QueueFull, EngineStopped) as e:
+        except (RequestError, QueueFull, EngineStopped, DeadlineExceeded) as e:
             raise engine_error(e) from None
 
     def _base(self, request_id: str, model: str) -> dict:
@@ -161,9 +180,9 @@ class CompletionServing:
             "system_fingerprint": self.fingerprint,
         }
 
-    async def complete(self, req: CompletionRequest) -> dict:
+    async def complete(self, req: CompletionRequest, timeout: float | None = None) -> dict:
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        reqs = self.engine_requests(req, request_id)
+        reqs = self.engine_requests(req, request_id, timeout)
         tally = _Tally()
         texts: dict[int, list[str]] = {}
         infos: dict[int, list] = {}
@@ -187,11 +206,11 @@ class CompletionServing:
             choices.append({"text": text, "index": index, "logprobs": logprobs, "finish_reason": reasons.get(index)})
         return {**self._base(request_id, req.model), "choices": choices, "usage": tally.usage()}
 
-    async def stream(self, req: CompletionRequest) -> AsyncIterator[dict]:
+    async def stream(self, req: CompletionRequest, timeout: float | None = None) -> AsyncIterator[dict]:
         """Chunks in OpenAI's streaming shape; the last chunk of each choice carries its finish_reason, and
         with stream_options.include_usage a final chunk with `choices: []` carries the usage."""
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        reqs = self.engine_requests(req, request_id)
+        reqs = self.engine_requests(req, request_id, timeout)
         base = self._base(request_id, req.model)
         offsets: dict[int, int] = {}
         tally = _Tally()
@@ -245,10 +264,16 @@ class CompletionServing:
                 top_logprobs.append(None)
                 continue
             token_logprobs.append(max(info.logprob, MIN_LOGPROB))
+            # OpenAI: "always the logprob of the sampled token, so there may be up to logprobs+1 elements"
+            entries = list(info.top[:k])
+            if all(token_id != info.token_id for token_id, _ in entries):
+                entries.append((info.token_id, info.logprob))
             top: dict[str, float] = {}
-            for token_id, lp in info.top[:k]:
+            for token_id, lp in entries:
                 key = self.token_text(token_id)
-                if key in top:  # two tokens with the same text: keep both, the second told apart by its id
+                # two tokens with the same text: keep both, the one not sampled told apart by its id (the
+                # sampled token's key is always its text, as in `tokens`)
+                if token_id != info.token_id and (key in top or key == text):
                     key = f"{key} [token {token_id}]"
                 top[key] = max(lp, MIN_LOGPROB)
             top_logprobs.append(top)

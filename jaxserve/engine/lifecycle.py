@@ -79,6 +79,12 @@ class Group:
         self.scored: list = []  # echo: (prefill output, row, length) of each chunk, fetched when the prompt is in
         # scoring only (max_tokens 0) needs the prompt's slot, not one per choice
         self.slots_needed = req.candidates if req.max_tokens > 0 else 1
+        self.overtaken = 0  # admissions of later requests while this one waited (see Scheduler._pick)
+
+    @property
+    def cost(self) -> int:
+        """Slot-steps it will hold at most: what admission orders the waiting requests by."""
+        return self.slots_needed * max(self.req.max_tokens, 1)
 
     @property
     def buffered(self) -> bool:

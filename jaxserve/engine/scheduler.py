@@ -6,6 +6,12 @@ one prompt), dispatch a decode step for every decoding slot, then process the *p
 on the host (detokenize, stop strings, deltas) while the device runs the new one. The slot table
 `_owner` maps each slot to the choice holding it; a request's own state lives in `lifecycle`.
 Requests and aborts arrive through thread-safe queues; results leave through each request's `emit`.
+
+Admission (`_pick`): among the waiting requests that fit in the free slots, the one that will hold the
+fewest slot-steps (slots x max_tokens) goes first, ties in arrival order; so a short request is not kept
+waiting behind large n/best_of requests for whole slot-sets to drain. A request overtaken `max_overtakes`
+times becomes a barrier: nothing is admitted past it until it fits, so large requests are delayed by a
+bounded number of admissions, never starved. A request past its `deadline` is aborted, waiting or running.
 """
 
 from __future__ import annotations
@@ -14,20 +20,29 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from jaxserve.engine.contract import Core, PrefillRow
 from jaxserve.engine.lifecycle import Choice, Group, Status
-from jaxserve.engine.types import ContextLengthError, EngineRequest, EngineStopped, QueueFull, RequestError
+from jaxserve.engine.types import (
+    ContextLengthError,
+    DeadlineExceeded,
+    EngineRequest,
+    EngineStopped,
+    QueueFull,
+    RequestError,
+)
 from jaxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, core: Core, tokenizer: Tokenizer, max_waiting: int = 256):
+    def __init__(self, core: Core, tokenizer: Tokenizer, max_waiting: int = 256, max_overtakes: int = 8):
         self.core, self.tokenizer = core, tokenizer
         self.max_waiting = max_waiting
+        self.max_overtakes = max_overtakes
         self.max_context = core.cache_len
         self._lock = threading.Lock()  # submit vs. closing: nothing is queued after the engine stops
         self._closed = False
@@ -76,6 +91,11 @@ class Scheduler:
     def submit(self, reqs: Sequence[EngineRequest], emit: Callable[[int, object], None]) -> None:
         """Queue requests, all or none: each item of request i is passed to emit(i, item) (see
         `lifecycle`). Raises RequestError, QueueFull or EngineStopped before queueing anything."""
+        if len(reqs) > self.max_waiting:  # could never be queued: a client error, not a reason to retry
+            raise RequestError(
+                f"a request may hold at most {self.max_waiting} prompts (the server's waiting bound), got {len(reqs)}",
+                "prompt",
+            )
         for req in reqs:
             self.validate(req)
         groups = [Group(req, lambda item, i=i: emit(i, item), self.tokenizer) for i, req in enumerate(reqs)]
@@ -108,6 +128,7 @@ class Scheduler:
                 idle = pending is None and self._prefilling is None and not self._waiting
                 self._intake(block=idle and self.active_slots == 0)
                 self._handle_aborts()
+                self._expire(time.monotonic())
                 inserted = self._prefill()
                 dispatched = None
                 decoding = [c for c in self._owner if c is not None and c.status is Status.DECODING]
@@ -158,15 +179,31 @@ class Scheduler:
             for group in [g for g in self._waiting if g.req.request_id == request_id]:
                 self._waiting.remove(group)
                 group.abort()
-            group = self._groups.pop(request_id, None)
+            group = self._groups.get(request_id)
             if group is not None:
-                if self._prefilling is group:
-                    self._prefilling = None
-                for choice in group.choices:
-                    if choice.status is Status.DECODING:
-                        self.core.release(choice.slot)
-                    self._free(choice)
-                group.abort()
+                self._end_admitted(group)
+
+    def _expire(self, now: float) -> None:
+        """Abort every request past its deadline, telling its caller whether it was still waiting."""
+        for group in [g for g in self._waiting if g.req.deadline is not None and now > g.req.deadline]:
+            self._waiting.remove(group)
+            group.abort(DeadlineExceeded("the request's deadline passed while it waited for a slot", queued=True))
+        for group in [g for g in self._groups.values() if g.req.deadline is not None and now > g.req.deadline]:
+            made = sum(c.count for c in group.choices)
+            self._end_admitted(
+                group, DeadlineExceeded(f"the request's deadline passed after {made} generated tokens", queued=False)
+            )
+
+    def _end_admitted(self, group: Group, error: BaseException | None = None) -> None:
+        """Abort an admitted request: its slots are released and freed at once."""
+        del self._groups[group.req.request_id]
+        if self._prefilling is group:
+            self._prefilling = None
+        for choice in group.choices:
+            if choice.status is Status.DECODING:
+                self.core.release(choice.slot)
+            self._free(choice)
+        group.abort(error)
 
     # ---- admission and prefill ----------------------------------------------------------------------
 
@@ -185,16 +222,32 @@ class Scheduler:
             self._owner[slot] = choice  # reserved; no step output reaches it before its insert
         return True
 
+    def _pick(self, free: int) -> Group | None:
+        """The next waiting request to admit into `free` slots (see the module's docstring), or None."""
+        barrier = next((g for g in self._waiting if g.overtaken >= self.max_overtakes), None)
+        if barrier is not None:
+            return barrier if barrier.slots_needed <= free else None
+        fitting = [g for g in self._waiting if g.slots_needed <= free]
+        return min(fitting, key=lambda g: g.cost) if fitting else None  # min keeps the first of equal costs
+
+    def _take(self, group: Group) -> Group:
+        """Remove `group` from the waiting queue, counting an overtake for each request that came before it."""
+        for earlier in self._waiting:
+            if earlier is group:
+                break
+            earlier.overtaken += 1
+        self._waiting.remove(group)
+        return group
+
     def _admit_packed(self) -> list[Group]:
-        """Admit waiting short prompts from the front, as many as one packed prefill shape holds."""
+        """Admit waiting short prompts in `_pick` order, as many as one packed prefill shape holds."""
         admitted, longest = [], 0
         free = len(self._free_slots())
-        for group in list(self._waiting):
+        while (group := self._pick(free)) is not None:
             n = len(group.req.prompt_ids)
-            if group.slots_needed > free or self.core.packing(len(admitted) + 1, max(longest, n)) is None:
+            if self.core.packing(len(admitted) + 1, max(longest, n)) is None:
                 break
-            self._admit(group)
-            self._waiting.popleft()
+            self._admit(self._take(group))
             admitted.append(group)
             longest, free = max(longest, n), free - group.slots_needed
         return admitted
@@ -212,8 +265,11 @@ class Scheduler:
                 ]
                 out = self.core.prefill(rows, score=any(g.req.echo for g in packed))
                 return [pair for i, g in enumerate(packed) for pair in self._prefilled(g, out, i)]
-            if packed or self._admit(self._waiting[0]):
-                self._prefilling = packed[0] if packed else self._waiting.popleft()
+            if packed:
+                self._prefilling = packed[0]
+            elif (group := self._pick(len(self._free_slots()))) is not None:
+                self._admit(self._take(group))
+                self._prefilling = group
         group = self._prefilling
         if group is None:
             return []

@@ -34,6 +34,7 @@ class EngineRequest:
     echo: bool = False
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    deadline: float | None = None  # time.monotonic() after which the engine aborts it (DeadlineExceeded)
 
     @property
     def candidates(self) -> int:
@@ -79,6 +80,14 @@ class ContextLengthError(RequestError):
 
 class QueueFull(Exception):
     """The waiting queue is at its bound; the caller should retry later."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed: while it still waited (`queued`), or while it ran."""
+
+    def __init__(self, message: str, queued: bool):
+        super().__init__(message)
+        self.queued = queued
 
 
 class EngineStopped(RuntimeError):

@@ -1,0 +1,318 @@
+"""Hostile and unlucky clients over real HTTP, against the app served by uvicorn with `jaxserve serve`'s own
+settings (flags parsed by the CLI) over the scheduler and a fake core: no jax, so each server starts at once.
+
+Every loop here is bounded in count and time; sockets bind 127.0.0.1 only.
+"""
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fake_core import FakeCore
+from server import free_port
+
+from jaxserve.api.metrics import Metrics
+from jaxserve.api.serving import CompletionServing
+from jaxserve.cli import build_parser, server_state, uvicorn_config
+from jaxserve.engine.scheduler import Scheduler
+
+MODEL = "fake"
+
+
+class ByteTokenizer:
+    """Text is its UTF-8 bytes (token b); a generated token t reads '<t>'."""
+
+    vocab_size, eos_id, bos_id, add_bos = 1000, 50, None, False
+    fim_prefix_id = fim_suffix_id = fim_middle_id = None
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))  # a lone surrogate raises here, as in a real tokenizer
+
+    def decode(self, ids):
+        return "".join(f"<{t}>" for t in ids)
+
+    def token_bytes(self, t):
+        return f"<{t}>".encode()
+
+
+class SlowCore(FakeCore):
+    def step(self, max_position, max_slot):
+        time.sleep(0.02)
+        return super().step(max_position, max_slot)
+
+
+class BrokenCore(FakeCore):
+    def step(self, max_position, max_slot):
+        raise RuntimeError("device lost")
+
+
+@contextlib.contextmanager
+def serve(core, *flags):
+    args = build_parser().parse_args(["serve", "--port", str(free_port()), *flags])
+    from jaxserve.api.app import create_app
+
+    state = server_state(args, Metrics())
+    scheduler = Scheduler(core, ByteTokenizer(), max_waiting=args.max_waiting).start()
+    state.serving = CompletionServing(scheduler, ByteTokenizer(), [MODEL], state.metrics, "fp")
+    server = uvicorn.Server(uvicorn_config(create_app(state), args))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{args.port}"
+    deadline = time.time() + 10
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        yield url, args.port, scheduler
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        scheduler.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with serve(FakeCore(slots=4, cache_len=256), "--max-body-bytes", "100000", "--header-timeout", "1") as s:
+        yield s
+
+
+def post(url, body, path="/v1/completions", **kw):
+    """JSON with ASCII escapes (json.dumps' default), so a lone surrogate travels as the escape \\ud800."""
+    headers = {"Content-Type": "application/json"}
+    return httpx.post(url + path, content=json.dumps(body), headers=headers, **{"timeout": 30, **kw})
+
+
+def status_count(url, status: int) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(f'jaxserve_requests_total{{status="{status}"}}'):
+            return float(line.split()[1])
+    return 0
+
+
+def raw_request(port, data: bytes, timeout: float = 10) -> bytes:
+    """Send bytes on a fresh connection, then read until the server closes it (or `timeout`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        out = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                out += chunk
+        return out
+
+
+# ---- inputs that were 500s: now 400 naming the parameter -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "\ud800"}, "prompt"),
+        ({"prompt": ["ok", "a\udfffb"]}, "prompt"),
+        ({"suffix": "\ud800"}, "suffix"),
+        ({"stop": ["\ud800"]}, "stop"),
+        ({"logit_bias": {"²": 1}}, "logit_bias"),
+        ({"logit_bias": {"³³": 1}}, "logit_bias"),
+        ({"logit_bias": {"--5": 1}}, "logit_bias"),
+        ({"logit_bias": {"1" * 5000: 1}}, "logit_bias"),
+        ({"prompt": [1, "2"]}, "prompt"),
+        ({"prompt": [[1, 2], [3, "4"]]}, "prompt"),
+        ({"echo": "yes"}, "echo"),
+        ({"stream": 1}, "stream"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"n": 2.0}, "n"),
+        ({"stream_options": {"include_usage": "true"}, "stream": True}, "stream_options"),
+        ({"prompt": [[[[[1]]]]]}, "prompt"),
+    ],
+)
+def test_bad_values_are_400_naming_the_param(fake, body, param):
+    url, *_ = fake
+    r = post(url, {"model": MODEL, "prompt": "hi", "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_an_int_is_still_a_float():
+    from jaxserve.api.protocol import parse_completion_request
+
+    req = parse_completion_request({"model": MODEL, "prompt": [1, 2], "temperature": 1, "top_p": 1})
+    assert (req.temperature, req.prompt) == (1.0, [1, 2])
+
+
+def test_lone_surrogates_in_raw_bytes_and_tokenize(fake):
+    url, *_ = fake
+    raw = b'{"model": "fake", "prompt": "a\xed\xa0\x80b", "max_tokens": 2}'
+    r = httpx.post(url + "/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = post(url, {"prompt": "\ud800"}, path="/tokenize")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_deeply_nested_json_is_400(fake):
+    url, *_ = fake
+    for depth in (10_000, 900):  # past the JSON decoder's recursion limit; within it, but past repr's
+        body = b'{"model": "fake", "max_tokens": 1, "prompt": ' + b"[" * depth + b"]" * depth + b"}"
+        r = httpx.post(url + "/v1/completions", content=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] in (None, "prompt")
+
+
+def test_more_prompts_than_can_ever_wait_is_400_not_429(fake):
+    url, *_ = fake
+    r = post(url, {"model": MODEL, "prompt": ["Hi"] * 257, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_wrong_method_and_unknown_path_in_the_envelope(fake):
+    url, *_ = fake
+    r = httpx.get(url + "/v1/completions")
+    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert "POST" in r.headers["allow"]
+    for path in ("/v1/models/%0A", "/nope"):
+        r = httpx.get(url + path)
+        assert r.status_code == 404 and r.headers["content-type"] == "application/json", path
+        assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_client_hanging_up_mid_upload_is_not_a_server_error(fake, caplog):
+    url, port, _ = fake
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    with caplog.at_level(logging.INFO):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(head + b'{"model": "fake", "prompt": "' + b"x" * 30)
+        deadline = time.time() + 5
+        while status_count(url, 499) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+    assert status_count(url, 499) >= 1 and status_count(url, 500) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_oversized_body_gets_a_413_the_client_can_read(fake):
+    _, port, _ = fake  # --max-body-bytes 100000
+    body = b"x" * (4 * 1024 * 1024)
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    answer = raw_request(port, head + body)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"].startswith("the request body exceeds")
+
+
+def test_an_oversized_body_sent_slowly_still_gets_its_413(fake):
+    # 60 chunks of 16 KiB, one every 0.1 s: the upload outlasts the keep-alive timeout (5 s); a server that
+    # answered at once and then closed the idle-looking connection reset this client before it could read
+    _, port, _ = fake
+    chunk, count = b"x" * 16384, 60
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(chunk) * count}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        for _ in range(count):
+            sock.sendall(chunk)
+            time.sleep(0.1)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+
+
+# ---- slow clients ------------------------------------------------------------------------------------------
+
+
+def test_slow_headers_and_silent_sockets_are_closed(fake):
+    _, port, _ = fake  # --header-timeout 1
+    start = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        closed = False
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\n")
+        for i in range(20):  # a header line every 0.25 s: 5 s if never cut
+            try:
+                sock.sendall(f"X-Slow-{i}: 1\r\n".encode())
+                sock.settimeout(0.25)
+                if sock.recv(1024) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+                break
+    assert closed and time.time() - start < 4
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as silent:
+        assert silent.recv(1024) == b""  # closed after the header timeout, not after our 5 s
+
+
+def test_a_slow_body_gets_408():
+    with serve(FakeCore(), "--body-timeout", "0.5") as (_, port, _):
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        answer = raw_request(port, head + b'{"model":', timeout=5)
+        assert answer.startswith(b"HTTP/1.1 408")
+
+
+def test_connections_beyond_the_limit_get_503():
+    with serve(FakeCore(), "--max-connections", "3", "--header-timeout", "30") as (url, port, _):
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            assert httpx.get(url + "/health").status_code == 503
+        finally:
+            for sock in idle:
+                sock.close()
+        deadline = time.time() + 5
+        while httpx.get(url + "/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").status_code == 200
+
+
+# ---- engine failure and deadlines -------------------------------------------------------------------------
+
+
+def test_after_an_engine_failure_new_requests_get_503_at_once():
+    with serve(BrokenCore()) as (url, *_):
+        first = post(url, {"model": MODEL, "prompt": "hi", "max_tokens": 4})
+        assert first.status_code == 500
+        start = time.time()
+        r = post(url, {"model": MODEL, "prompt": "hi", "max_tokens": 4}, timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert "device lost" in r.json()["error"]["message"] and time.time() - start < 5
+        s = httpx.post(
+            url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "stream": True, "max_tokens": 4}, timeout=10
+        )
+        assert s.status_code == 503
+        assert httpx.get(url + "/health").status_code == 503
+
+
+def test_request_timeout_running_queued_and_streaming():
+    # slots 4, a step takes 20 ms: 200 tokens take 4 s, past the 0.5 s deadline
+    with serve(SlowCore(slots=4, cache_len=256), "--request-timeout", "0.5") as (url, _, scheduler):
+        long = {"model": MODEL, "prompt": [1], "max_tokens": 200, "ignore_eos": True}
+        with httpx.Client(base_url=url, timeout=30) as http:
+            hog = threading.Thread(target=http.post, args=("/v1/completions",), kwargs={"json": {**long, "n": 4}})
+            hog.start()
+            time.sleep(0.1)  # the hog holds every slot until its deadline; this one's own is sooner
+            queued = http.post(
+                "/v1/completions", json={**long, "max_tokens": 1}, headers={"X-Stainless-Read-Timeout": "0.2"}
+            )
+            hog.join(10)
+            assert queued.status_code == 503 and queued.headers["retry-after"]
+            assert queued.json()["error"]["code"] == "request_timeout"
+            running = http.post("/v1/completions", json=long)
+            assert running.status_code == 504 and "generated tokens" in running.json()["error"]["message"]
+            stream = http.post("/v1/completions", json={**long, "stream": True})
+            events = [e[6:] for e in stream.text.split("\n\n") if e]
+            assert stream.status_code == 200 and events[-1] == "[DONE]"
+            assert json.loads(events[0])["choices"] and json.loads(events[-2])["error"]["code"] == "request_timeout"
+            time.sleep(0.1)
+            assert scheduler.active_slots == 0
+            r = http.post("/v1/completions", json={**long, "max_tokens": 3})
+            assert r.status_code == 200  # the slots were freed
+
+
+def test_the_clients_own_timeout_bounds_a_request():
+    with serve(SlowCore(slots=4, cache_len=256)) as (url, *_):
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": MODEL, "prompt": [1], "max_tokens": 200, "ignore_eos": True},
+            headers={"X-Stainless-Read-Timeout": "0.3"},
+            timeout=30,
+        )
+        assert r.status_code == 504

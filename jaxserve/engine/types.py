@@ -34,6 +34,7 @@ class EngineRequest:
     echo: bool = False
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    grammar: str | None = None  # an llguidance grammar (`grammar.compile_response_format`) every choice follows
 
     @property
     def candidates(self) -> int:

@@ -280,3 +280,22 @@ def test_response_format_on_completions_and_a_refused_schema(client, smol_server
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages[0].content[0].type"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=SMOL, messages=[{"role": "tool", "content": "x"}])
+
+
+def test_templates_are_read_from_hf_directories_and_stored_with_the_tokenizer(tmp_path, smollm2):
+    from jaxserve.checkpoint.hf_import import read_chat_template
+    from jaxserve.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]})
+    )
+    assert read_chat_template(tmp_path) == "D"
+    (tmp_path / "chat_template.jinja").write_text("J")  # the file wins, as in transformers
+    assert read_chat_template(tmp_path) == "J"
+    assert read_chat_template(tmp_path / "missing") is None
+
+    tok = smollm2.tokenizer
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    tok.save(saved)
+    assert load_tokenizer(saved).chat_template == tok.chat_template

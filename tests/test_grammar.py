@@ -156,3 +156,31 @@ def test_any_id_of_the_eos_set_stops_in_the_jitted_steps(tiny):
         stopping.shutdown()
     assert [t.token_id for d in deltas for t in d.tokens] == tokens[:2]
     assert deltas[-1].finish_reason == "stop" and usage.completion_tokens == 3
+
+
+@pytest.mark.slow
+def test_a_constrained_choice_is_the_same_alone_and_in_a_crowd(engine, smollm2):
+    """Seeded draws depend only on the sequence's own key stream and mask: a constrained request gives the
+    same tokens alone and beside other constrained and unconstrained ones (the loop's syncing changes
+    when the host works, not what is sampled)."""
+    tok = smollm2.tokenizer
+    grammar = compile_response_format(
+        {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMAS["person"]}}, tok
+    )
+    prompt = chat_ids(tok, "A person as JSON.")
+
+    def target():
+        return EngineRequest(
+            "t", prompt, max_tokens=80, sampling=SamplingParams(temperature=1.0), seed=11, grammar=grammar
+        )
+
+    alone, _ = complete(engine, target(), timeout=600)
+    crowd = [target()] + [
+        EngineRequest(
+            f"o{i}", chat_ids(tok, f"Story {i}"), max_tokens=20 + 7 * i, seed=i, grammar=grammar if i % 2 else None
+        )
+        for i in range(6)
+    ]
+    together = run_all(engine, crowd)["t"][0]
+    ids = lambda deltas: [t.token_id for d in deltas for t in d.tokens]
+    assert ids(together) == ids(alone)

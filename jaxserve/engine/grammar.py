@@ -16,6 +16,7 @@ from typing import Any
 
 import llguidance
 import numpy as np
+from llguidance.numpy import fill_next_token_bitmask
 
 from jaxserve.engine.types import RequestError
 from jaxserve.tokenizer import Tokenizer
@@ -106,8 +107,6 @@ class Matcher:
 
     def mask(self) -> np.ndarray:
         """The next token's packed mask [ceil(V/32)] int32 (the model's V; ids past the tokenizer's are off)."""
-        from llguidance.numpy import fill_next_token_bitmask
-
         fill_next_token_bitmask(self._m, self._own, 0)
         out = np.zeros((self._words,), np.int32)
         n = min(self._words, self._own.shape[1])

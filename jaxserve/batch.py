@@ -1,6 +1,7 @@
 """Batch completions over JSONL files, in-process (no HTTP), in OpenAI's Batch API format.
 
-Input lines: {"custom_id", "method": "POST", "url": "/v1/completions", "body": {...}}; or, in the plain
+Input lines: {"custom_id", "method": "POST", "url": "/v1/completions" or "/v1/chat/completions", "body": {...}};
+or, in the plain
 form, one prompt per line (text, or JSON {"prompt": ...}) with the body's other fields given once.
 Output lines: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null} with
 the same body the server returns (or the 4xx error body).
@@ -23,12 +24,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from jaxserve.api.chat import ChatServing, parse_chat_request
 from jaxserve.api.protocol import APIError, parse_completion_request
 from jaxserve.api.serving import CompletionServing
 
 log = logging.getLogger(__name__)
 
 URL = "/v1/completions"
+CHAT_URL = "/v1/chat/completions"
 
 
 @dataclasses.dataclass
@@ -36,6 +39,7 @@ class Item:
     line: int
     custom_id: str
     body: dict | None = None
+    url: str = URL
     error: APIError | None = None  # the line is unusable: written as an error line without running
     cost: int = 0  # prompt tokens, to order the work
 
@@ -61,14 +65,15 @@ def parse_batch_lines(lines: list[str]) -> list[Item]:
             )
             continue
         cid = obj["custom_id"]
-        if obj.get("url") != URL or obj.get("method", "POST") != "POST":
+        if obj.get("url") not in (URL, CHAT_URL) or obj.get("method", "POST") != "POST":
             items.append(
                 Item(
                     n,
                     cid,
                     error=APIError(
                         400,
-                        f"line {n}: only POST {URL} is supported, got {obj.get('method', 'POST')} {obj.get('url')}",
+                        f"line {n}: only POST {URL} and {CHAT_URL} are supported, "
+                        f"got {obj.get('method', 'POST')} {obj.get('url')}",
                         param="url",
                     ),
                 )
@@ -76,7 +81,7 @@ def parse_batch_lines(lines: list[str]) -> list[Item]:
         elif not isinstance(obj.get("body"), dict):
             items.append(Item(n, cid, error=APIError(400, f"line {n} has no JSON object 'body'", param="body")))
         else:
-            items.append(Item(n, cid, body=obj["body"]))
+            items.append(Item(n, cid, body=obj["body"], url=obj["url"]))
     return items
 
 
@@ -170,7 +175,7 @@ async def run_batch(
     summary = Summary(skipped=sum(item.custom_id in done for item in items))
     todo = [item for item in items if item.custom_id not in done]
     for item in todo:  # shortest prompts first: similar lengths are prefilled together
-        prompt = (item.body or {}).get("prompt")
+        prompt = (item.body or {}).get("prompt", (item.body or {}).get("messages"))
         item.cost = len(serving.tokenizer.encode(prompt)) if isinstance(prompt, str) else len(str(prompt))
     todo.sort(key=lambda item: item.cost)
     bar = tqdm(total=len(todo), desc="batch", unit="req", disable=not progress)
@@ -188,10 +193,15 @@ async def run_batch(
                 try:
                     if item.error:
                         raise item.error
-                    req = parse_completion_request({**item.body, "stream": False})
+                    body_in = {**item.body, "stream": False}
+                    if item.url == CHAT_URL:
+                        run = ChatServing(serving).complete
+                        req = parse_chat_request(body_in)
+                    else:
+                        run, req = serving.complete, parse_completion_request(body_in)
                     while True:
                         try:
-                            body = await serving.complete(req)
+                            body = await run(req)
                             break
                         except APIError as e:
                             if e.status != 429:  # only "busy" is retried: the queue drains as we wait

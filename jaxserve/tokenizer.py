@@ -45,6 +45,8 @@ class Tokenizer:
     eos_id: int | None  # the primary end-of-text id
     add_bos: bool
     extra_eos_ids: tuple[int, ...] = ()  # further ids that end a generation (generation_config.json's list)
+    chat_template: str | None = None  # the model's Jinja chat template (GGUF metadata, HF tokenizer_config)
+    special_ids: frozenset[int] = frozenset()  # control tokens: never produced by encoding plain text bytes
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -112,7 +114,9 @@ class BPETokenizer(Tokenizer):
         self.extra_eos_ids = tuple(extra_eos_ids)
         byte_level = _is_byte_level(hf)
         byte_of = _byte_decoder()
-        specials = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+        added = hf.get_added_tokens_decoder()
+        specials = {t.content for t in added.values() if t.special}
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
         self._bytes = []
         for i in range(self.vocab_size):
             piece = hf.id_to_token(i)
@@ -222,6 +226,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.add_bos = add_bos
         self.extra_eos_ids = tuple(extra_eos_ids)
         self._bytes = []
+        self.special_ids = frozenset()
         self._controls: dict[str, int] = {}
         for i in range(self.vocab_size):
             piece = sp.id_to_piece(i)
@@ -230,6 +235,7 @@ class SentencePieceTokenizer(Tokenizer):
             elif sp.is_unknown(i) or not piece:
                 self._bytes.append(b"")
             elif sp.is_control(i):  # its own text, as HF's decode and BPETokenizer give special tokens
+                self.special_ids |= {i}
                 self._bytes.append(piece.encode("utf-8"))
                 self._controls[piece] = i
             else:
@@ -326,6 +332,9 @@ class SentencePieceTokenizer(Tokenizer):
         return None if self._sp.is_unknown(i) and name != self._sp.id_to_piece(i) else i
 
 
+CHAT_TEMPLATE = "chat_template.jinja"  # in a checkpoint folder: the model's chat template, when it has one
+
+
 def _save_meta(tok: Tokenizer, directory: Path, kind: str) -> None:
     meta = {
         "kind": kind,
@@ -335,9 +344,14 @@ def _save_meta(tok: Tokenizer, directory: Path, kind: str) -> None:
         "add_bos": tok.add_bos,
     }
     (directory / "tokenizer_meta.json").write_text(json.dumps(meta, indent=1))
+    if tok.chat_template:
+        (directory / CHAT_TEMPLATE).write_text(tok.chat_template)
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
     directory = Path(directory)
     kind = json.loads((directory / "tokenizer_meta.json").read_text())["kind"]
-    return {"bpe": BPETokenizer, "sentencepiece": SentencePieceTokenizer}[kind].load(directory)
+    tok = {"bpe": BPETokenizer, "sentencepiece": SentencePieceTokenizer}[kind].load(directory)
+    if (directory / CHAT_TEMPLATE).is_file():
+        tok.chat_template = (directory / CHAT_TEMPLATE).read_text()
+    return tok

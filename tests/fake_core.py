@@ -1,8 +1,9 @@
 """A device core whose arithmetic is checkable by hand, implementing the same `Core` contract as JaxCore.
 
 The first token after a prompt is (last prompt token + 1); every step adds 1 to each active slot's token;
-the logprob of token t is -t/100, and so are its top 5. EOS is token 50. Every call is recorded, so
-admission, slot reuse, abort and one-step-late processing are visible.
+the logprob of token t is -t/100, and so are its top 5. EOS is token 50. A slot with a grammar mask takes
+the lowest id the mask allows from that token up (vocabulary: 64 tokens, 2 words).
+Every call is recorded, so admission, slot reuse, abort and one-step-late processing are visible.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from jaxserve.engine.contract import Core, PrefillRow
 from jaxserve.engine.types import SamplingParams
 
 EOS = 50
+VOCAB = 64
+
+
+def allowed_ids(mask) -> list[int]:
+    """The ids a packed mask [ceil(V/32)] int32 allows."""
+    return [t for t in range(VOCAB) if (int(mask[t // 32]) >> (t % 32)) & 1]
 
 
 @dataclasses.dataclass
@@ -50,7 +57,9 @@ class Stepped:
 
 class FakeCore(Core):
     def __init__(self, slots: int = 4, cache_len: int = 64, chunk: int = 4):
-        self.slots, self.cache_len, self.chunk, self.eos_id = slots, cache_len, chunk, EOS
+        self.slots, self.cache_len, self.chunk = slots, cache_len, chunk
+        self.eos_ids, self.vocab_size = (EOS,), VOCAB
+        self.masks: list = [None] * slots  # each slot's allowed ids (None: all)
         self.tokens = np.zeros(slots, int)
         self.active = np.zeros(slots, bool)
         self.remaining = np.zeros(slots, int)
@@ -74,11 +83,25 @@ class FakeCore(Core):
     def fork(self, src: int, dst: int, length: int) -> None:
         self.calls.append(("fork", src, dst))
 
+    def _pick(self, slot: int, token: int) -> int:
+        allowed = self.masks[slot]
+        if allowed is None:
+            return token
+        return min([t for t in allowed if t >= token] or allowed)
+
     def insert(
-        self, slot: int, logits, params: SamplingParams, position: int, max_tokens: int, stop_on_eos: bool
+        self,
+        slot: int,
+        logits,
+        params: SamplingParams,
+        position: int,
+        max_tokens: int,
+        stop_on_eos: bool,
+        mask=None,
     ) -> Stepped:
         self.calls.append(("insert", slot))
-        token = logits + 1
+        self.masks[slot] = None if mask is None else allowed_ids(mask)
+        token = self._pick(slot, logits + 1)
         done = max_tokens <= 1 or (stop_on_eos and token == EOS)
         self.tokens[slot], self.active[slot] = token, not done
         self.remaining[slot], self.stop_eos[slot] = max_tokens - 1, stop_on_eos
@@ -88,11 +111,17 @@ class FakeCore(Core):
         time.sleep(0.002)  # a device step takes time: lets an abort land mid-stream
         self.calls.append(("step", tuple(np.flatnonzero(self.active))))
         valid = self.active.copy()
-        self.tokens = np.where(valid, self.tokens + 1, self.tokens)
+        nxt = [self._pick(s, int(t) + 1) for s, t in enumerate(self.tokens)]
+        self.tokens = np.where(valid, nxt, self.tokens)
         self.remaining -= valid
         done = valid & ((self.remaining <= 0) | (self.stop_eos & (self.tokens == EOS)))
         self.active &= ~done
         return Stepped.of(self.tokens.copy(), done, valid)
+
+    def set_masks(self, slots: list[int], masks: list) -> None:
+        self.calls.append(("set_masks", tuple(slots)))
+        for slot, mask in zip(slots, masks):
+            self.masks[slot] = allowed_ids(mask)
 
     def release(self, slot: int) -> None:
         self.calls.append(("release", slot))

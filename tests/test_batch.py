@@ -16,7 +16,7 @@ def batch_line(cid, **body):
     return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": {"model": TINY, **body}})
 
 
-def run_batch(tmp_path, checkpoints, *args, input_name="in.jsonl", output_name="out.jsonl"):
+def run_batch(tmp_path, checkpoints, *args, input_name="in.jsonl", output_name="out.jsonl", model=TINY):
     return subprocess.run(
         [
             sys.executable,
@@ -26,7 +26,7 @@ def run_batch(tmp_path, checkpoints, *args, input_name="in.jsonl", output_name="
             str(tmp_path / input_name),
             str(tmp_path / output_name),
             "--model",
-            TINY,
+            model,
             "--checkpoints",
             str(checkpoints),
             "--max-slots",
@@ -58,9 +58,7 @@ def test_format_matches_the_server_and_bad_lines_become_error_lines(tmp_path, ti
     lines = [batch_line(cid, **body) for cid, body in REQUESTS]
     lines += [
         "{not json",
-        json.dumps(
-            {"custom_id": "wrong-url", "method": "POST", "url": "/v1/chat/completions", "body": {"model": TINY}}
-        ),
+        json.dumps({"custom_id": "wrong-url", "method": "POST", "url": "/v1/embeddings", "body": {"model": TINY}}),
         batch_line("bad-temperature", prompt="hi", temperature=9),
         json.dumps({"method": "POST", "url": "/v1/completions", "body": {"model": TINY, "prompt": "x"}}),
     ]
@@ -164,3 +162,61 @@ def test_resume_after_kill_minus_nine(tmp_path, tiny_dir):
     assert sorted(ids) == sorted(f"r{i}" for i in range(n))  # each exactly once
     assert f"{len(before)} already done" in result.stderr or "already done" in result.stderr
     assert all(r["response"]["status_code"] == 200 for r in rows)
+
+
+def test_chat_lines_with_structured_outputs(tmp_path, smollm2_dir):
+    """/v1/chat/completions lines beside /v1/completions ones; a response_format line's every choice validates;
+    a chat line the tiny model could not serve (no template) is not needed here: SmolLM2 has one."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "legs": {"type": "integer", "minimum": 0}},
+        "required": ["name", "legs"],
+        "additionalProperties": False,
+    }
+    smol = "smollm2-135m-instruct"
+    messages = [{"role": "user", "content": "Describe a cat as JSON."}]
+    lines = [
+        json.dumps(
+            {
+                "custom_id": "chat",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": smol, "messages": messages, "max_tokens": 8, "temperature": 0},
+            }
+        ),
+        json.dumps(
+            {
+                "custom_id": "json",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": smol,
+                    "messages": messages,
+                    "max_tokens": 100,
+                    "n": 3,
+                    "temperature": 1.0,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "animal", "schema": schema}},
+                },
+            }
+        ),
+        json.dumps(
+            {
+                "custom_id": "plain",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": smol, "prompt": "Hi", "max_tokens": 2},
+            }
+        ),
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    result = run_batch(tmp_path, smollm2_dir.parent, model=smol)
+    assert result.returncode == 0, result.stderr
+    out = {r["custom_id"]: r["response"]["body"] for r in read_output(tmp_path / "out.jsonl")}
+    assert out["chat"]["object"] == "chat.completion" and out["chat"]["choices"][0]["message"]["content"]
+    assert out["plain"]["object"] == "text_completion"
+    assert len(out["json"]["choices"]) == 3
+    for choice in out["json"]["choices"]:
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)

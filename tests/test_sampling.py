@@ -98,3 +98,36 @@ def test_top_p_mask_equals_the_sorted_nucleus():
         want = np.zeros_like(mask)
         want[order[before < p]] = True
         assert (mask == want).all() or (p == 1.0 and mask.all())
+
+
+def packed(allowed_ids, vocab=V):
+    words = np.zeros(((vocab + 31) // 32,), np.uint32)
+    for t in allowed_ids:
+        words[t // 32] |= np.uint32(1) << np.uint32(t % 32)
+    return words.view(np.int32)
+
+
+def test_a_mask_row_limits_the_draw_and_leaves_other_rows_alone():
+    """Row 0 allows tokens 2 and 4 only: greedy picks 2 (logit 2.0 beats -1.0), sampling never leaves {2, 4};
+    row 1 is unconstrained (all ones): argmax 1. Logprobs stay the model's own (before the mask)."""
+    logits = [LOGITS[0], LOGITS[0]]
+    state = state_for(SamplingParams(temperature=0.0), SamplingParams(temperature=0.0))
+    state = state.replace(allowed=state.allowed.at[0].set(jnp.asarray(packed([2, 4]))))
+    tokens, chosen, _, _ = jax.jit(sample)(jnp.asarray(logits, jnp.float32), state)
+    assert tokens.tolist() == [2, 1]
+    np.testing.assert_allclose(chosen[0], jax.nn.log_softmax(jnp.asarray(LOGITS[0]))[2], rtol=1e-6)
+    hot = state_for(*[SamplingParams(temperature=2.0, seed=s) for s in range(2)])
+    hot = hot.replace(allowed=hot.allowed.at[0].set(jnp.asarray(packed([2, 4]))))
+    seen = set()
+    for step in range(40):
+        tokens, *_ = jax.jit(sample)(jnp.asarray(logits, jnp.float32), hot.replace(step=hot.step + step))
+        seen.add(int(tokens[0]))
+    assert seen == {2, 4}
+
+
+def test_mask_bits_past_the_first_word():
+    """A vocabulary of 70: token 69 is bit 5 of word 2; the top bit of word 0 (token 31) is the sign bit."""
+    from jaxserve.engine.sampling import unpack_mask
+
+    words = jnp.asarray(packed([0, 31, 32, 69], vocab=70))[None]
+    assert np.flatnonzero(np.asarray(unpack_mask(words, 70))[0]).tolist() == [0, 31, 32, 69]

@@ -315,3 +315,52 @@ def test_a_request_past_its_deadline_is_aborted_and_frees_its_slots():
         assert text_of(deltas) == "<31><32>"
     finally:
         eng.shutdown()
+
+
+class EvenMatcher:
+    """A grammar stand-in: allows even ids only; records every token it is given."""
+
+    seen: list = []
+
+    def __init__(self, tokenizer, grammar, vocab):
+        assert grammar == "even" and vocab == 64
+        self.tokens = []
+        EvenMatcher.seen.append(self.tokens)
+
+    def consume(self, token):
+        self.tokens.append(token)
+
+    def mask(self):
+        import numpy as np
+
+        word = np.int32(np.uint32(0x55555555).view(np.int32))  # bits 0, 2, 4, ...
+        return np.array([word, word], np.int32)
+
+
+def test_a_constrained_choice_follows_its_mask_and_syncs_the_loop(engine, monkeypatch):
+    """The mask keeps the fake's +1 arithmetic to even ids: 3 -> 4, 6, 8, 10. Each step of the constrained
+    slot is preceded by a mask written from every token so far, and its matcher saw every token; an
+    unconstrained request decoding beside it keeps the plain arithmetic."""
+    import jaxserve.engine.scheduler as scheduler_module
+
+    EvenMatcher.seen = []
+    monkeypatch.setattr(scheduler_module, "Matcher", EvenMatcher)
+    results = {}
+
+    def run(name, r):
+        results[name] = complete(engine, r, timeout=10)
+
+    threads = [
+        threading.Thread(target=run, args=("c", req("c", [3], max_tokens=4, grammar="even"))),
+        threading.Thread(target=run, args=("f", req("f", [20], max_tokens=4))),
+    ]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert text_of(results["c"][0]) == "<4><6><8><10>"
+    assert text_of(results["f"][0]) == "<21><22><23><24>"
+    assert EvenMatcher.seen == [[4, 6, 8, 10]]
+    calls = [c[0] for c in engine.core.calls]
+    first_mask = calls.index("set_masks")
+    steps_after = [i for i, c in enumerate(calls) if c == "step" and i > first_mask]
+    assert len([c for c in calls if c == "set_masks"]) == 3  # before each of the 3 steps after the insert
+    assert all(calls[i - 1] == "set_masks" for i in steps_after[:3])

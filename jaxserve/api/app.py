@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from jaxserve.api.chat import ChatServing, parse_chat_request
 from jaxserve.api.metrics import Metrics
 from jaxserve.api.protocol import APIError, CompletionRequest, check_unicode, parse_completion_request
 from jaxserve.api.serving import CompletionServing
@@ -160,6 +161,10 @@ def create_app(state: ServerState) -> Starlette:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    async def chat_completions(request: Request) -> Response:
+        req = parse_chat_request(await body_json(request))
+        return await _respond(request, ChatServing(serving()), req)
+
     async def models(request: Request) -> Response:
         srv = serving()
         return _json({"object": "list", "data": [_model_card(m, srv) for m in srv.model_ids]})
@@ -222,6 +227,8 @@ def create_app(state: ServerState) -> Starlette:
     routes = [
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/completions", endpoint(completions), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint(chat_completions), methods=["POST"]),
+        Route("/chat/completions", endpoint(chat_completions), methods=["POST"]),
         Route("/v1/models", endpoint(models), methods=["GET"]),
         Route("/v1/models/{model_id:path}", endpoint(model), methods=["GET"]),
         Route("/health", endpoint(health, auth=False), methods=["GET"]),
@@ -260,6 +267,29 @@ async def _discard(request: Request, limit: int) -> None:
         limit -= len(message.get("body", b""))
         if not message.get("more_body", False):
             return
+
+
+async def _respond(request: Request, srv: ChatServing, req) -> Response:
+    """A chat response: the whole object (abandoned if the client hangs up first) or an event stream."""
+    if not req.stream:
+        task = asyncio.ensure_future(srv.complete(req))
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not task.done():  # the client went away: cancelling aborts its requests in the engine
+            task.cancel()
+            return Response(status_code=499)
+        return _json(task.result())
+    chunks = srv.stream(req)
+    try:  # errors found before the first chunk (busy, bad prompt) are plain HTTP errors
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        first = None
+    return StreamingResponse(
+        _sse(first, chunks),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def _disconnected(request: Request) -> None:
@@ -319,6 +349,17 @@ def openapi_spec() -> dict:
                     },
                     "responses": {
                         "200": {"description": "a text_completion object, or an event stream"},
+                        **{code: error for code in ("400", "401", "404", "413", "429", "500", "503")},
+                    },
+                }
+            },
+            "/v1/chat/completions": {
+                "post": {
+                    "summary": "Create a chat completion from the model's own chat template (stream: server-sent "
+                    "`chat.completion.chunk` events ending with `data: [DONE]`)",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "responses": {
+                        "200": {"description": "a chat.completion object, or an event stream"},
                         **{code: error for code in ("400", "401", "404", "413", "429", "500", "503")},
                     },
                 }

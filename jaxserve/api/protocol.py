@@ -70,7 +70,8 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     seed: int | None = None
-    ignore_eos: bool = False  # the one extension (as in vLLM and llama.cpp): generate past EOS, for benchmarks
+    ignore_eos: bool = False  # an extension (as in vLLM and llama.cpp): generate past EOS, for benchmarks
+    response_format: dict[str, Any] | None = None  # an extension: Chat Completions' structured outputs
 
     @field_validator("stop")
     @classmethod

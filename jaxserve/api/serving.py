@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from jaxserve.api.metrics import Metrics
 from jaxserve.api.protocol import APIError, CompletionRequest
 from jaxserve.engine import bridge
+from jaxserve.engine.grammar import compile_response_format
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.engine.text import fill_in_the_middle
 from jaxserve.engine.types import (
@@ -129,6 +130,10 @@ class CompletionServing:
         )  # null means the default
         sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None}, logit_bias=tuple(bias))
         limits = {} if req.max_tokens is None else {"max_tokens": req.max_tokens}
+        try:
+            grammar = compile_response_format(req.response_format, self.tokenizer)
+        except RequestError as e:
+            raise engine_error(e) from None
         out = []
         for i, prompt in enumerate(req.prompts):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -153,6 +158,7 @@ class CompletionServing:
                     stop=req.stops,
                     ignore_eos=req.ignore_eos,
                     deadline=deadline,
+                    grammar=grammar,
                     **limits,
                 )
             )

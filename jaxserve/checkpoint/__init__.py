@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from jaxserve.checkpoint.cards import DEFAULT_MODEL, ModelCard, find_card, gguf_path, list_cards
-from jaxserve.checkpoint.gguf_import import read_gguf
+from jaxserve.checkpoint.gguf_import import read_chat_template, read_gguf
 from jaxserve.checkpoint.hf_import import is_hf_directory, read_hf
+from jaxserve.checkpoint.hf_import import read_chat_template as read_hf_chat_template
 from jaxserve.checkpoint.quantize import quantize_params
 from jaxserve.checkpoint.store import LoadedModel, is_checkpoint, is_stale_checkpoint, load_checkpoint, save_checkpoint
 
@@ -111,6 +112,26 @@ def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True, q
         f"model {name!r} has no checkpoint at {directory}; "
         f"build it with `python {card.weights['script']} --out {directory}`"
     )
+
+
+def source_chat_template(directory: Path) -> str | None:
+    """The chat template of a checkpoint converted before templates were stored, read from its source again
+    (the recorded Hugging Face directory, or the GGUF file of the card the folder is named after, its
+    quantized variant's suffix aside); None when there is none."""
+    directory = Path(directory)
+    name = directory.name.removesuffix("-int8")
+    try:
+        recorded = directory / SOURCE
+        if recorded.is_file():
+            return read_hf_chat_template(Path(recorded.read_text().strip()))
+        card = find_card(name)
+        if card is not None and card.weights.get("format") == "gguf":
+            import gguf
+
+            return read_chat_template(gguf.GGUFReader(str(gguf_path(card))))
+    except (OSError, ValueError) as e:
+        log.warning("could not read %s's chat template from its source: %s", name, e)
+    return None
 
 
 def load_model(

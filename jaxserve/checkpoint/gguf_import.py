@@ -159,6 +159,18 @@ def read_params(reader: gguf.GGUFReader, cfg: ModelConfig, progress: bool = True
 
 
 def read_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
+    tok = _read_vocabulary(reader)
+    tok.chat_template = read_chat_template(reader)
+    return tok
+
+
+def read_chat_template(reader: gguf.GGUFReader) -> str | None:
+    """The file's `tokenizer.chat_template`, if it has one."""
+    template = _field(reader, "tokenizer.chat_template")
+    return str(template) if template else None
+
+
+def _read_vocabulary(reader: gguf.GGUFReader) -> Tokenizer:
     kind = _field(reader, "tokenizer.ggml.model")
     if kind == "llama":  # SentencePiece: the model rebuilt from pieces, scores and piece types
         return SentencePieceTokenizer.from_vocab(

@@ -276,7 +276,21 @@ def read_tokenizer(directory: Path, hf: dict) -> Tokenizer:
     if tok.eos_id is None and gen_eos:
         tok.eos_id = gen_eos[0]
     tok.extra_eos_ids = tuple(gen_eos)
+    tok.chat_template = read_chat_template(directory)
     return tok
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """chat_template.jinja, else tokenizer_config.json's `chat_template` (a string, or a list of named
+    templates of which the one named "default" is the chat template)."""
+    directory = Path(directory)
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text()
+    template = _json(directory / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 def read_hf(directory: Path, max_context: int | None = None, progress: bool = True):

@@ -89,4 +89,9 @@ def load_checkpoint(directory: Path, mesh, name: str | None = None, dtype: str |
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(directory / PARAMS, target)
-    return LoadedModel(name or directory.name, cfg, params, shardings, load_tokenizer(directory), mesh)
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.chat_template is None:  # converted before chat templates were stored: read from the source
+        from jaxserve.checkpoint import source_chat_template
+
+        tokenizer.chat_template = source_chat_template(directory)
+    return LoadedModel(name or directory.name, cfg, params, shardings, tokenizer, mesh)

@@ -10,6 +10,7 @@
   scheduler   `Scheduler`: the loop on its own thread and the slot table
   bridge      waiting for results: `generate` (asyncio), `stream` / `complete` (blocking)
   text        incremental detokenizing and stop strings
+  grammar     structured outputs: response_format -> llguidance grammar, one matcher per choice, packed masks
   build       `build_engine`: model -> core -> started scheduler
   roofline    floors of a decode step, for the benchmarks
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 
+from jaxserve.chat_template import end_of_turn_ids
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine.core import JaxCore
 from jaxserve.engine.scheduler import Scheduler
@@ -32,7 +33,10 @@ def build_engine(
     """A started scheduler over `slots` sequences of up to `max_context` tokens (capped by the model's).
     With warmup, every shape is compiled before the first request."""
     cache_len = min(model.cfg.max_context, max_context or model.cfg.max_context)
-    core = JaxCore(model, slots=slots, cache_len=cache_len, eos_id=model.tokenizer.eos_id)
+    tok = model.tokenizer
+    # a generation ends at any EOS id and at the chat template's end of turn
+    eos_ids = tok.eos_ids + end_of_turn_ids(tok)
+    core = JaxCore(model, slots=slots, cache_len=cache_len, eos_id=tok.eos_id, eos_ids=eos_ids)
     if warmup:
         core.warmup()
     return Scheduler(core, model.tokenizer, max_waiting=max_waiting).start()

@@ -43,7 +43,8 @@ class Core(Protocol):
     slots: int  # B: sequences decoded at once
     cache_len: int  # positions per sequence
     chunk: int  # the most prompt tokens one prefill row takes
-    eos_id: int  # -1: none
+    eos_ids: tuple[int, ...]  # every id that ends a generation (empty: none)
+    vocab_size: int  # V: a grammar mask row is ceil(V/32) int32 words
 
     def packing(self, count: int, longest: int) -> tuple[int, int] | None:
         """The packed prefill shape (rows, tokens) for `count` whole prompts of at most `longest`
@@ -57,9 +58,20 @@ class Core(Protocol):
         """Copy slot src's first `length` cache positions into slot dst (n / best_of)."""
 
     def insert(
-        self, slot: int, logits: Any, params: SamplingParams, position: int, max_tokens: int, stop_on_eos: bool
+        self,
+        slot: int,
+        logits: Any,
+        params: SamplingParams,
+        position: int,
+        max_tokens: int,
+        stop_on_eos: bool,
+        mask: Any | None = None,
     ) -> StepResult:
-        """Start decoding in `slot`: sample the first token from the prompt's last logits."""
+        """Start decoding in `slot`: sample the first token from the prompt's last logits, among the tokens
+        `mask` allows (packed [ceil(V/32)] int32; None: all), which stays the slot's mask until replaced."""
+
+    def set_masks(self, slots: list[int], masks: list[Any]) -> None:
+        """The tokens each slot's next step may pick (packed masks, as for insert)."""
 
     def step(self, max_position: int, max_slot: int) -> StepResult:
         """One decode step of every active slot; `max_position` / `max_slot` bound the occupied ones.

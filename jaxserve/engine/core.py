@@ -38,16 +38,21 @@ def bucket_of(n: int, buckets) -> int:
 
 
 class JaxCore(Core):
-    def __init__(self, model: LoadedModel, slots: int, cache_len: int, eos_id: int | None):
+    def __init__(
+        self, model: LoadedModel, slots: int, cache_len: int, eos_id: int | None, eos_ids: tuple[int, ...] = ()
+    ):
+        """Generations end at `eos_id` (None: never) and at any of `eos_ids` (further end ids)."""
         self.model, self.cfg = model, model.cfg
         self.slots, self.cache_len = slots, cache_len
-        self.eos_id = -1 if eos_id is None else eos_id
+        self.vocab_size = self.cfg.vocab_size
+        primary = () if eos_id is None else (eos_id,)
+        self.eos_ids = primary + tuple(sorted(set(eos_ids) - set(primary)))
         self.windows = tuple(w for w in (MIN_WINDOW << i for i in range(20)) if w < cache_len) + (cache_len,)
         self.row_buckets = tuple(r for r in (1 << i for i in range(20)) if r < slots) + (slots,)
         self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < cache_len) or (cache_len,)
         self.chunk = self.prefill_buckets[-1]
         sharding = DecodeState.shardings(self.cfg, model.mesh, slots, cache_len)
-        self.spec = StepSpec(self.cfg, self.eos_id, sharding, replicated(model.mesh))
+        self.spec = StepSpec(self.cfg, self.eos_ids, sharding, replicated(model.mesh))
         self._initial = jax.jit(lambda: DecodeState.initial(self.cfg, slots, cache_len), out_shardings=sharding)
         self.state: DecodeState = self._initial()
 
@@ -103,9 +108,18 @@ class JaxCore(Core):
         self.state = steps.fork(self.spec, self.state, np.int32(src), np.int32(dst), self.window_for(length - 1))
 
     def insert(
-        self, slot: int, logits, params: SamplingParams, position: int, max_tokens: int, stop_on_eos: bool
+        self,
+        slot: int,
+        logits,
+        params: SamplingParams,
+        position: int,
+        max_tokens: int,
+        stop_on_eos: bool,
+        mask: np.ndarray | None = None,
     ) -> StepOutput:
         row = SamplingState.host_row(params, self.cfg.vocab_size)
+        if mask is not None:
+            row["allowed"] = np.asarray(mask, np.int32)
         self.state, out = steps.insert(
             self.spec,
             self.state,
@@ -128,6 +142,14 @@ class JaxCore(Core):
         )
         return out
 
+    def set_masks(self, slots: list[int], masks: list[np.ndarray]) -> None:
+        M = bucket_of(len(slots), self.row_buckets)
+        padded = np.full((M,), self.slots, np.int32)  # out of range: padding rows write nothing
+        padded[: len(slots)] = slots
+        words = np.full((M, (self.vocab_size + 31) // 32), -1, np.int32)
+        words[: len(masks)] = masks
+        self.state = steps.set_masks(self.spec, self.state, padded, words)
+
     def release(self, slot: int) -> None:
         self.state = steps.release(self.spec, self.state, np.int32(slot))
 
@@ -146,6 +168,8 @@ class JaxCore(Core):
             if T < self.cache_len:
                 self._prefill((P, T), [PrefillRow(0, [0] * T, 0, [0] * T)], False)
         self.insert(0, out.last_logits[0], SamplingParams(temperature=1.0, top_p=0.5), 0, 1, True)
+        for rows in self.row_buckets:
+            self.set_masks([self.slots] * rows, [np.full(((self.vocab_size + 31) // 32,), -1, np.int32)] * rows)
         for w in self.windows:
             self.fork(0, 0, w)
             for rows in self.row_buckets:

@@ -40,6 +40,7 @@ class Choice:
         self.status = Status.WAITING
         self.text = ChoiceText(tokenizer, group.req.stop)
         self.slot: int | None = None
+        self.matcher = None  # a grammar.Matcher while a constrained choice decodes (set at insert)
         self.position = 0  # an upper bound of the slot's position on device (for the attention window)
         self.count = 0  # tokens generated, EOS included
         self.logprob_sum = 0.0
@@ -55,11 +56,15 @@ class Choice:
         else:
             self.group.emit(delta)
 
-    def take_token(self, token: int, logprob: float, top: list[tuple[int, float]], eos_id: int) -> tuple[Delta, bool]:
+    def take_token(
+        self, token: int, logprob: float, top: list[tuple[int, float]], eos_ids: tuple[int, ...]
+    ) -> tuple[Delta, bool]:
         """Account for a generated token -> (its delta, whether it was EOS). EOS adds no text."""
         self.count += 1
         self.logprob_sum += logprob
-        if token == eos_id and not self.group.req.ignore_eos:
+        if self.matcher is not None:
+            self.matcher.consume(token)
+        if token in eos_ids and not self.group.req.ignore_eos:
             return Delta(self.index, "", []), True
         return Delta(self.index, self.text.add(token), [TokenInfo(token, logprob, top)]), False
 

@@ -2,7 +2,8 @@
 parameters ever change a compiled shape.
 
 Order of operations on a row's logits: + logit_bias, - frequency/presence penalties (OpenAI's definition
-over the tokens generated so far), then greedy (temperature 0) or temperature + top_p sampling.
+over the tokens generated so far), tokens outside the row's `allowed` bitmask (a grammar's) to -inf, then
+greedy (temperature 0) or temperature + top_p sampling.
 The knobs are declared in `state.SamplingState`.
 Logprobs (the chosen token's and the top 5) are the log-softmax of the model's raw logits, before bias,
 penalties and temperature: the model's own distribution, the same for prompt (echo) and generated tokens.
@@ -56,6 +57,16 @@ def _draw(x, state: SamplingState):
     return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), x.shape[-1] - 1)
 
 
+def unpack_mask(words, vocab: int):
+    """Packed masks [B, ceil(V/32)] int32 -> bool [B, V]: token t is bit t % 32 of word t // 32."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def _constrain(x, allowed):
+    return jnp.where(unpack_mask(allowed, x.shape[-1]), x, -jnp.inf)
+
+
 def sample(logits, state: SamplingState):
     """logits [B, V] -> (tokens [B], chosen logprob [B], top ids [B, 5], top logprobs [B, 5]).
 
@@ -64,6 +75,7 @@ def sample(logits, state: SamplingState):
     raw_logprobs, top_ids, top_lp = top_logprobs(logits)
     x = logits + state.bias
     x = x - state.frequency[:, None] * state.counts - state.presence[:, None] * (state.counts > 0)
+    x = jax.lax.cond(jnp.any(state.allowed != -1), _constrain, lambda x, _: x, x, state.allowed)
     greedy = jax.lax.top_k(x, 1)[1][:, 0]  # argmax, first index on ties; faster than argmax on XLA:CPU
     drawn = jax.lax.cond(jnp.any(state.temperature > 0), _draw, lambda x, s: greedy, x, state)
     tokens = jnp.where(state.temperature > 0, drawn, greedy).astype(jnp.int32)

@@ -3,8 +3,12 @@
 (JetStream calls this the orchestrator, vLLM the engine core's scheduler; the device side is `core`.)
 Each loop: take new requests, run one prefill call (several short prompts packed, or the next chunk of
 one prompt), dispatch a decode step for every decoding slot, then process the *previous* step's output
-on the host (detokenize, stop strings, deltas) while the device runs the new one. The slot table
-`_owner` maps each slot to the choice holding it; a request's own state lives in `lifecycle`.
+on the host (detokenize, stop strings, deltas) while the device runs the new one. While a grammar-
+constrained choice decodes, its next mask depends on the token the device has just produced, so the loop
+syncs: it processes the previous step's output and writes the constrained slots' masks before dispatching
+(every slot then waits for the host once per step; the overlap comes back when no constrained choice is
+left). The slot table `_owner` maps each slot to the choice holding it; a request's own state lives in
+`lifecycle`.
 Requests and aborts arrive through thread-safe queues; results leave through each request's `emit`.
 
 Admission (`_pick`): among the waiting requests that fit in the free slots, the one that will hold the
@@ -24,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from jaxserve.engine.contract import Core, PrefillRow
+from jaxserve.engine.grammar import Matcher
 from jaxserve.engine.lifecycle import Choice, Group, Status
 from jaxserve.engine.types import (
     ContextLengthError,
@@ -132,6 +137,14 @@ class Scheduler:
                 inserted = self._prefill()
                 dispatched = None
                 decoding = [c for c in self._owner if c is not None and c.status is Status.DECODING]
+                if any(c.matcher is not None for c in decoding):
+                    if pending is not None:
+                        self._process_step(*pending)
+                    for choice, out in inserted:
+                        self._process_token(choice, self.core.fetch(out), 0)
+                    pending, inserted = None, []
+                    decoding = [c for c in self._owner if c is not None and c.status is Status.DECODING]
+                    self._write_masks(decoding)
                 if decoding:
                     out = self.core.step(max(c.position for c in decoding), max(c.slot for c in decoding))
                     for c in decoding:
@@ -300,6 +313,10 @@ class Scheduler:
         for choice in group.choices:
             if choice.slot != src:
                 self.core.fork(src, choice.slot, n_prompt)
+            mask = None
+            if group.req.grammar is not None:
+                choice.matcher = Matcher(self.tokenizer, group.req.grammar, self.core.vocab_size)
+                mask = choice.matcher.mask()
             step_out = self.core.insert(
                 choice.slot,
                 out.last_logits[row],
@@ -307,6 +324,7 @@ class Scheduler:
                 n_prompt,
                 group.req.max_tokens,
                 not group.req.ignore_eos,
+                mask,
             )
             choice.position, choice.status = n_prompt, Status.DECODING
             inserted.append((choice, step_out))
@@ -327,6 +345,12 @@ class Scheduler:
         group.scored = []
         group.echo(rows)
 
+    def _write_masks(self, decoding: list[Choice]) -> None:
+        """Each constrained slot's mask for its next token (its matcher has seen every token so far)."""
+        constrained = [c for c in decoding if c.matcher is not None]
+        if constrained:
+            self.core.set_masks([c.slot for c in constrained], [c.matcher.mask() for c in constrained])
+
     # ---- decode results -----------------------------------------------------------------------------
 
     def _process_step(self, out, owners) -> None:
@@ -342,7 +366,7 @@ class Scheduler:
 
     def _process_token(self, choice: Choice, out, row: int) -> None:
         top = list(zip(out.top_ids[row].tolist(), out.top_logprobs[row].tolist()))
-        delta, eos = choice.take_token(int(out.tokens[row]), float(out.logprobs[row]), top, self.core.eos_id)
+        delta, eos = choice.take_token(int(out.tokens[row]), float(out.logprobs[row]), top, self.core.eos_ids)
         if choice.text.stopped:  # a stop string: the device would go on, so stop the slot there
             choice.deliver(delta)
             self.core.release(choice.slot)
@@ -355,6 +379,7 @@ class Scheduler:
             choice.deliver(delta)
 
     def _free(self, choice: Choice) -> None:
+        choice.matcher = None
         if choice.slot is not None and self._owner[choice.slot] is choice:
             self._owner[choice.slot] = None
 

@@ -25,6 +25,11 @@ from jaxserve.model import KVCache, ModelConfig
 from jaxserve.sharding import tree_shardings
 
 VOCAB = "vocab"  # a row dim of the model's vocabulary size
+VOCAB_WORDS = "vocab_words"  # a row dim of ceil(vocab / 32): one bit per token, packed in int32 words
+
+
+def _dim(d, vocab: int) -> int:
+    return vocab if d == VOCAB else (vocab + 31) // 32 if d == VOCAB_WORDS else d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +59,7 @@ class Rows:
         """jax.ShapeDtypeStruct per row."""
         return cls(
             **{
-                name: jax.ShapeDtypeStruct((slots, *(vocab if d == VOCAB else d for d in r.tail)), jnp.dtype(r.dtype))
+                name: jax.ShapeDtypeStruct((slots, *(_dim(d, vocab) for d in r.tail)), jnp.dtype(r.dtype))
                 for name, r in cls.rows().items()
             }
         )
@@ -100,6 +105,10 @@ def _dense_bias(p: SamplingParams, vocab: int) -> np.ndarray:
     return bias
 
 
+def _all_allowed(p: SamplingParams, vocab: int) -> np.ndarray:
+    return np.full(((vocab + 31) // 32,), -1, np.int32)
+
+
 def _seed_key(p: SamplingParams, vocab: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(p.seed & 0xFFFFFFFF)))
 
@@ -116,6 +125,9 @@ class SamplingState(Rows):
     counts: jax.Array = row(jnp.int32, tail=(VOCAB,))  # how often each token was generated in this sequence
     key: jax.Array = row(jnp.uint32, tail=(2,), of=_seed_key)  # the sequence's base key (raw key data)
     step: jax.Array = row(jnp.int32)  # tokens sampled so far: folded into the key, so draws depend on nothing else
+    # the tokens the next draw may pick, one bit each (a grammar's mask, written by the host before each step
+    # of a constrained slot); all ones for a free or unconstrained slot
+    allowed: jax.Array = row(jnp.int32, tail=(VOCAB_WORDS,), init=-1, of=_all_allowed)
 
 
 @struct.dataclass

@@ -29,7 +29,7 @@ class StepSpec:
     """What the steps are compiled for. Hashable: equal specs share compiled steps."""
 
     cfg: ModelConfig
-    eos_id: int  # -1: none
+    eos_ids: tuple[int, ...]  # every id that ends a generation (EOS, the chat template's end of turn)
     state_sharding: DecodeState  # a NamedSharding per array
     replicated: NamedSharding
     compiles: collections.Counter = dataclasses.field(default_factory=collections.Counter, compare=False, hash=False)
@@ -53,6 +53,14 @@ class PrefillOutput:
     top_ids: jax.Array  # [P, T, 5]
     top_logprobs: jax.Array
     last_logits: jax.Array  # [P, V] at each row's last real token
+
+
+def _is_eos(spec: StepSpec, tokens):
+    """tokens [B] -> bool [B]: one of spec.eos_ids (a small static set: one compare each)."""
+    hit = jnp.zeros(tokens.shape, bool)
+    for e in spec.eos_ids:
+        hit = hit | (tokens == e)
+    return hit
 
 
 def _settle(spec: StepSpec, state: DecodeState, out=None):
@@ -113,7 +121,7 @@ def insert(spec: StepSpec, state: DecodeState, slot, logits, row: dict, position
     one = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), sampling)
     token, lp, top_ids, top_lp = sample(logits[None], one)
     sampling = sampling.replace(counts=sampling.counts.at[slot, token[0]].add(1), step=sampling.step.at[slot].add(1))
-    done = (max_tokens <= 1) | (stop_on_eos & (token[0] == spec.eos_id))
+    done = (max_tokens <= 1) | (stop_on_eos & _is_eos(spec, token)[0])
     slots = state.slots.write(
         slot, dict(tokens=token[0], positions=position, active=~done, remaining=max_tokens - 1, stop_on_eos=stop_on_eos)
     )
@@ -133,7 +141,7 @@ def step(spec: StepSpec, params, state: DecodeState, window: int, rows: int):
     tokens, lp, top_ids, top_lp = sample(logits[:, 0], s.sampling)
     active = seq.active
     remaining = seq.remaining - active
-    done = active & ((remaining <= 0) | (seq.stop_on_eos & (tokens == spec.eos_id)))
+    done = active & ((remaining <= 0) | (seq.stop_on_eos & _is_eos(spec, tokens)))
     s = s.replace(
         sampling=record(s.sampling, tokens, active),  # inactive slots keep their counts and keys
         slots=seq.replace(
@@ -145,6 +153,15 @@ def step(spec: StepSpec, params, state: DecodeState, window: int, rows: int):
     )
     state = jax.tree.map(lambda full, part: full.at[:rows].set(part), state.replace(cache=None), s)
     return _settle(spec, state.replace(cache=cache), StepOutput(tokens, lp, top_ids, top_lp, done, active))
+
+
+@functools.partial(_jit, static_argnames=("spec",))
+def set_masks(spec: StepSpec, state: DecodeState, slots, masks):
+    """Write grammar masks [M, ceil(V/32)] into the `allowed` rows of `slots` [M] (out of range: dropped, so
+    the caller pads M to a bucket)."""
+    spec.compiles["set_masks"] += 1
+    allowed = state.sampling.allowed.at[slots].set(masks, mode="drop")
+    return _settle(spec, state.replace(sampling=state.sampling.replace(allowed=allowed)))
 
 
 @functools.partial(_jit, static_argnames=("spec",))

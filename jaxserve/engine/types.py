@@ -35,6 +35,7 @@ class EngineRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     deadline: float | None = None  # time.monotonic() after which the engine aborts it (DeadlineExceeded)
+    grammar: str | None = None  # an llguidance grammar (`grammar.compile_response_format`) every choice follows
 
     @property
     def candidates(self) -> int:

@@ -1,0 +1,249 @@
+"""The Chat Completions API: its request model and its serving, over the completions' serving.
+
+A chat request is validated here (every bad field named, down to `messages[i].content[j].type`), its
+messages rendered by the model's own chat template (`jaxserve.chat_template`), and the rendered prompt run
+as a completion on the same engine: so a chat at temperature 0 gives exactly the tokens of a completion of
+that rendered text. The answers leave as `chat.completion` objects or `chat.completion.chunk` streams
+(the role first, then content, a finish_reason per choice, the usage chunk if asked).
+
+`top_logprobs` takes OpenAI's 0–20; the engine keeps the 5 most likely tokens of each step, so at most 5
+are returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jaxserve.api.protocol import APIError, CompletionRequest, StreamOptions, _validation_error, log
+from jaxserve.api.serving import MIN_LOGPROB, CompletionServing, _Tally
+from jaxserve.chat_template import TemplateError, encode_prompt, render
+from jaxserve.engine.types import EngineRequest, TokenInfo
+
+ROLES = ("system", "developer", "user", "assistant")
+ENGINE_TOP_LOGPROBS = 5  # what the engine returns per token (`sampling.TOP_LOGPROBS`; this layer loads no jax)
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, ge=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    seed: int | None = None
+    user: str | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        return CompletionRequest._stops(v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        return CompletionRequest._bias(v)
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        self.messages = [_message(i, m) for i, m in enumerate(self.messages)]
+        return self
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _message(i: int, m: Any) -> dict[str, str]:
+    """One message -> {"role", "content"} for the template: text parts joined, `developer` as `system`."""
+    where = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise APIError(400, f"{where} must be an object with 'role' and 'content'", param=where)
+    role = m.get("role")
+    if role not in ROLES:
+        raise APIError(
+            400, f"{where}.role must be one of {', '.join(ROLES)} (received {role!r})", param=f"{where}.role"
+        )
+    content = m.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise APIError(
+                    400,
+                    f"{where}.content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) are supported "
+                    f"(received type {kind!r})",
+                    param=f"{where}.content[{j}].type",
+                )
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise APIError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    """JSON body -> ChatCompletionRequest, or an APIError naming the first bad parameter."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        req = ChatCompletionRequest.model_validate(body)
+    except APIError:
+        raise
+    except ValidationError as e:
+        raise _validation_error(e, body) from None
+    if req.model_extra:
+        log.info("ignoring unknown parameters: %s", ", ".join(sorted(req.model_extra)))
+    return req
+
+
+class ChatServing:
+    """Chat on top of a CompletionServing (its engine, tokenizer, metrics and model names)."""
+
+    def __init__(self, completions: CompletionServing):
+        self.completions = completions
+        self.tokenizer = completions.tokenizer
+
+    def prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
+        try:
+            text = render(self.tokenizer, req.messages, add_generation_prompt=True)
+        except TemplateError as e:
+            missing = not self.tokenizer.chat_template
+            message = (
+                "this model has no chat template, so it cannot serve chat completions; use /v1/completions"
+                if missing
+                else str(e)
+            )
+            raise APIError(400, message, param="messages", code="chat_template_missing" if missing else None) from None
+        return encode_prompt(self.tokenizer, text)
+
+    def completion_request(self, req: ChatCompletionRequest) -> CompletionRequest:
+        """The completion this chat is: the rendered prompt's ids and the same sampling."""
+        ids = self.prompt_ids(req)
+        limit = req.limit
+        if limit is None:  # OpenAI's default: as much as the context leaves
+            limit = max(1, self.completions.scheduler.max_context - len(ids))
+        return CompletionRequest(
+            model=req.model,
+            prompt=ids,
+            max_tokens=limit,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            n=req.n,
+            stop=req.stop,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=req.logit_bias,
+            seed=req.seed,
+            user=req.user,
+            response_format=req.response_format,
+        )
+
+    def engine_requests(self, req: ChatCompletionRequest, request_id: str) -> list[EngineRequest]:
+        return self.completions.engine_requests(self.completion_request(req), request_id)
+
+    def _base(self, request_id: str, model: str, kind: str) -> dict:
+        return {
+            "id": request_id,
+            "object": kind,
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": self.completions.fingerprint,
+        }
+
+    async def complete(self, req: ChatCompletionRequest) -> dict:
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        reqs = self.engine_requests(req, request_id)
+        tally = _Tally()
+        texts: dict[int, list[str]] = {i: [] for i in range(req.n)}
+        infos: dict[int, list[TokenInfo]] = {i: [] for i in range(req.n)}
+        reasons: dict[int, str | None] = {}
+        async with contextlib.aclosing(self.completions._results(reqs, req.n)) as results:
+            async for _, item in results:
+                if (item := tally.delta(item)) is None:
+                    continue
+                texts[item.index].append(item.text)
+                infos[item.index].extend(item.tokens)
+                if item.finish_reason:
+                    reasons[item.index] = item.finish_reason
+        tally.record(self.completions.metrics)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+                "logprobs": self._logprobs(infos[i], req) if req.logprobs else None,
+                "finish_reason": reasons.get(i),
+            }
+            for i in range(req.n)
+        ]
+        return {**self._base(request_id, req.model, "chat.completion"), "choices": choices, "usage": tally.usage()}
+
+    async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
+        """The first chunk of each choice carries the role; then its content; its last its finish_reason
+        (with an empty delta); with stream_options.include_usage a final chunk with `choices: []`."""
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        reqs = self.engine_requests(req, request_id)
+        base = self._base(request_id, req.model, "chat.completion.chunk")
+        usage_asked = bool(req.stream_options and req.stream_options.include_usage)
+        extra = {"usage": None} if usage_asked else {}
+        tally = _Tally()
+
+        def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            return {**base, "choices": [choice], **extra}
+
+        started: set[int] = set()
+        async with contextlib.aclosing(self.completions._results(reqs, req.n)) as results:
+            async for _, item in results:
+                if (item := tally.delta(item)) is None:
+                    continue
+                if item.index not in started:
+                    started.add(item.index)
+                    yield chunk(item.index, {"role": "assistant", "content": ""})
+                if item.text or item.tokens:
+                    logprobs = self._logprobs(item.tokens, req) if req.logprobs else None
+                    yield chunk(item.index, {"content": item.text}, logprobs)
+                if item.finish_reason:
+                    yield chunk(item.index, {}, finish_reason=item.finish_reason)
+        tally.record(self.completions.metrics)
+        if usage_asked:
+            yield {**base, "choices": [], "usage": tally.usage()}
+
+    def _logprobs(self, infos: list[TokenInfo], req: ChatCompletionRequest) -> dict:
+        k = min(req.top_logprobs or 0, ENGINE_TOP_LOGPROBS)
+
+        def entry(token_id: int, logprob: float) -> dict:
+            raw = self.tokenizer.token_bytes(token_id)
+            return {
+                "token": raw.decode("utf-8", errors="replace"),
+                "logprob": max(logprob, MIN_LOGPROB),
+                "bytes": list(raw),
+            }
+
+        content = [
+            {**entry(i.token_id, i.logprob or 0.0), "top_logprobs": [entry(t, lp) for t, lp in i.top[:k]]}
+            for i in infos
+        ]
+        return {"content": content, "refusal": None}

@@ -113,14 +113,22 @@ def cmd_serve(args) -> int:
     from jaxserve.api.metrics import Metrics
 
     state = server_state(args, Metrics())
-    holder = {}
-    loader = threading.Thread(target=_load_for_serving, args=(args, state, holder), name="jaxserve-loader", daemon=True)
+    holder: dict = {}
+    server = _graceful_server_class()(uvicorn_config(create_app(state), args))
+
+    def load() -> None:
+        if not _load_for_serving(args, state, holder):
+            server.should_exit = True  # a model that cannot load ends the process: nothing would ever be served
+
+    loader = threading.Thread(target=load, name="jaxserve-loader", daemon=True)
     loader.start()  # the HTTP server answers (503 on /health) while the model loads and compiles
-    config = uvicorn_config(create_app(state), args)
-    _graceful_server_class()(config).run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out
+    server.run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out, or after a failed load
     loader.join(timeout=1)
     if "scheduler" in holder:
         holder["scheduler"].shutdown()
+    if state.load_error:
+        print(f"jaxserve: error: {state.load_error}", file=sys.stderr)
+        return 1
     logging.getLogger("jaxserve").info("stopped")
     return 0
 
@@ -194,7 +202,8 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
     return model, scheduler, serving
 
 
-def _load_for_serving(args, state, holder) -> None:
+def _load_for_serving(args, state, holder) -> bool:
+    """Load, compile and start the engine into `state`; False (with `state.load_error` set) if that failed."""
     log = logging.getLogger("jaxserve.serve")
     try:
         t0 = time.perf_counter()
@@ -227,6 +236,8 @@ def _load_for_serving(args, state, holder) -> None:
     except Exception as e:
         log.exception("loading failed")
         state.load_error = f"the model failed to load: {e}"
+        return False
+    return True
 
 
 def cmd_batch(args) -> int:

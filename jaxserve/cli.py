@@ -114,7 +114,7 @@ def cmd_serve(args) -> int:
 
     state = server_state(args, Metrics())
     holder: dict = {}
-    server = _graceful_server_class()(uvicorn_config(create_app(state), args))
+    server = _graceful_server_class(state)(uvicorn_config(create_app(state), args))
 
     def load() -> None:
         if not _load_for_serving(args, state, holder):
@@ -165,14 +165,16 @@ def uvicorn_config(app, args):
     )
 
 
-def _graceful_server_class():
+def _graceful_server_class(state):
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
         """uvicorn re-raises a caught SIGINT/SIGTERM after its graceful shutdown, so the process dies by the
-        signal; for us the graceful shutdown is the whole answer, and the command exits 0."""
+        signal; for us the graceful shutdown is the whole answer, and the command exits 0. From the signal on,
+        the state is draining: /ready answers 503 on connections still open while in-flight requests end."""
 
         def handle_exit(self, sig, frame) -> None:
+            state.draining = True
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 

@@ -279,6 +279,46 @@ def test_after_an_engine_failure_new_requests_get_503_at_once():
         )
         assert s.status_code == 503
         assert httpx.get(url + "/health").status_code == 503
+        assert httpx.get(url + "/live").status_code == 503  # restarting the process would help
+        assert httpx.get(url + "/ready").json() == {"status": "error"}
+
+
+# ---- liveness and readiness --------------------------------------------------------------------------------
+
+
+def test_live_and_ready_while_serving(fake):
+    url, *_ = fake
+    assert httpx.get(url + "/live").json() == {"status": "ok"}
+    r = httpx.get(url + "/ready")
+    assert r.status_code == 200 and r.json() == {"status": "ready"}
+
+
+def test_loading_is_live_not_ready_and_draining_is_not_ready():
+    import signal
+
+    from starlette.testclient import TestClient
+
+    from jaxserve.api.app import ServerState, create_app
+    from jaxserve.cli import _graceful_server_class
+
+    state = ServerState(metrics=Metrics())
+    with TestClient(create_app(state)) as client:
+        assert client.get("/live").status_code == 200
+        assert [client.get(p).status_code for p in ("/ready", "/health")] == [503, 503]
+        assert client.get("/ready").json() == {"status": "loading"}
+        state.serving = CompletionServing(
+            Scheduler(FakeCore(), ByteTokenizer()).start(), ByteTokenizer(), [MODEL], state.metrics, "fp"
+        )
+        try:
+            assert client.get("/ready").status_code == 200
+            server = _graceful_server_class(state)(uvicorn.Config(create_app(state)))
+            server.handle_exit(signal.SIGTERM, None)  # what SIGTERM does: in-flight requests may still finish
+            assert server.should_exit and state.draining
+            r = client.get("/ready")
+            assert r.status_code == 503 and r.json() == {"status": "draining"}
+            assert client.get("/live").status_code == 200 and client.get("/health").status_code == 200
+        finally:
+            state.serving.scheduler.shutdown()
 
 
 def test_request_timeout_running_queued_and_streaming():

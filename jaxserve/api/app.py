@@ -2,7 +2,9 @@
 validated by `protocol`, and run by `serving`; every error leaves in OpenAI's envelope.
 
 The app answers while the model loads: /health is 503 and completions say the server is loading until
-`ServerState.serving` is set.
+`ServerState.serving` is set. Three probes: /live (the process answers and its engine has not failed: 200
+while loading), /ready (model loaded, engine running, not draining on shutdown), and /health, kept as it
+was (vLLM's: 200 once the engine runs, 503 while loading or after a failure; it stays 200 while draining).
 
 Bodies are read under a deadline (`body_timeout`, a 408 after it); a body over `max_body_bytes` is read and
 discarded (up to DRAIN_BYTES, within the same deadline) before the 413, so that a client still sending can
@@ -44,6 +46,7 @@ class ServerState:
     load_error: str | None = None
     body_timeout: float = 30.0  # seconds to receive a whole request body
     request_timeout: float | None = None  # seconds a completion may take, queued and running; None: no bound
+    draining: bool = False  # set on SIGINT/SIGTERM: in-flight requests finish, /ready turns 503
 
 
 def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
@@ -178,6 +181,19 @@ def create_app(state: ServerState) -> Starlette:
             200 if ok else 503,
         )
 
+    async def live(request: Request) -> Response:
+        failed = state.serving is not None and not state.serving.scheduler.healthy
+        return _json({"status": "error" if failed else "ok"}, 503 if failed else 200)
+
+    async def ready(request: Request) -> Response:
+        if state.draining:
+            status = "draining"
+        elif state.serving is None:
+            status = "error" if state.load_error else "loading"
+        else:
+            status = "ready" if state.serving.scheduler.healthy else "error"
+        return _json({"status": status}, 200 if status == "ready" else 503)
+
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -225,6 +241,8 @@ def create_app(state: ServerState) -> Starlette:
         Route("/v1/models", endpoint(models), methods=["GET"]),
         Route("/v1/models/{model_id:path}", endpoint(model), methods=["GET"]),
         Route("/health", endpoint(health, auth=False), methods=["GET"]),
+        Route("/live", endpoint(live, auth=False), methods=["GET"]),
+        Route("/ready", endpoint(ready, auth=False), methods=["GET"]),
         Route("/metrics", endpoint(metrics, auth=False), methods=["GET"]),
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),

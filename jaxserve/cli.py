@@ -212,14 +212,6 @@ def _load_for_serving(args, state, holder) -> bool:
         model, scheduler, serving = _build_serving(args, state.metrics, args.served_model_name, args.max_waiting)
         holder["scheduler"] = scheduler
         core = scheduler.core
-        state.metrics.gauges.update(
-            {
-                "queue_depth": lambda: scheduler.queue_depth,
-                "active_slots": lambda: scheduler.active_slots,
-                "compiles_total": lambda: sum(core.compiles.values()),
-                "engine_steps_total": lambda: scheduler.steps,
-            }
-        )
         state.serving = serving
         log.info(
             "serving %s as %s on http://%s:%d | mesh %s | weights %s | %d slots x %d tokens | KV cache %.2f GB "

@@ -24,9 +24,10 @@ import math
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from jaxserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jaxserve.api.metrics import Metrics
 from jaxserve.api.protocol import APIError, CompletionRequest, check_unicode, parse_completion_request
 from jaxserve.api.serving import CompletionServing
@@ -195,7 +196,7 @@ def create_app(state: ServerState) -> Starlette:
         return _json({"status": status}, 200 if status == "ready" else 503)
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def tokenize(request: Request) -> Response:
         body, tok = await body_json(request), serving().tokenizer

@@ -40,6 +40,9 @@ class ByteTokenizer:
     def token_bytes(self, t):
         return f"<{t}>".encode()
 
+    def token_id(self, name):
+        return None  # no special tokens by name: no fill-in-the-middle
+
 
 class SlowCore(FakeCore):
     def step(self, max_position, max_slot):

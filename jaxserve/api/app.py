@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from jaxserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jaxserve.api.metrics import Metrics
+from jaxserve.api.openapi import openapi_spec
 from jaxserve.api.protocol import APIError, CompletionRequest, check_unicode, parse_completion_request
 from jaxserve.api.serving import CompletionServing
 
@@ -198,8 +199,19 @@ def create_app(state: ServerState) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
+    def check_model(body) -> None:
+        """/tokenize and /detokenize: `model` is optional, but if given it must be a served id."""
+        if isinstance(body, dict) and "model" in body:
+            if not isinstance(body["model"], str):
+                raise APIError(400, "'model' must be a string", param="model")
+            if body["model"] not in serving().model_ids:
+                raise APIError(
+                    404, f"The model '{body['model']}' does not exist", param="model", code="model_not_found"
+                )
+
     async def tokenize(request: Request) -> Response:
         body, tok = await body_json(request), serving().tokenizer
+        check_model(body)
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             raise APIError(400, "'prompt' must be a string", param="prompt")
         try:
@@ -211,8 +223,9 @@ def create_app(state: ServerState) -> Starlette:
 
     async def detokenize(request: Request) -> Response:
         body, tok = await body_json(request), serving().tokenizer
+        check_model(body)
         tokens = body.get("tokens") if isinstance(body, dict) else None
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < tok.vocab_size for t in tokens):
+        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < tok.vocab_size for t in tokens):
             raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
         return _json({"prompt": tok.decode(tokens)})
 
@@ -234,7 +247,7 @@ def create_app(state: ServerState) -> Starlette:
         )
 
     async def openapi(request: Request) -> Response:
-        return _json(openapi_spec())
+        return _json(openapi_spec(state.serving.model_ids if state.serving else None, state.api_key is not None))
 
     routes = [
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
@@ -311,74 +324,4 @@ def _model_card(model_id: str, srv: CompletionServing) -> dict:
         "created": srv.created,
         "owned_by": "jaxserve",
         "max_model_len": srv.scheduler.max_context,
-    }
-
-
-def openapi_spec() -> dict:
-    request_schema = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = request_schema.pop("$defs", {})
-    error = {
-        "description": "an error in OpenAI's envelope",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "jaxserve",
-            "version": "0.1.0",
-            "description": "OpenAI-compatible Completions API served by jaxserve",
-        },
-        "paths": {
-            "/v1/completions": {
-                "post": {
-                    "summary": "Create a completion (stream: server-sent events ending with `data: [DONE]`)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CompletionRequest"}}},
-                    },
-                    "responses": {
-                        "200": {"description": "a text_completion object, or an event stream"},
-                        **{code: error for code in ("400", "401", "404", "413", "429", "500", "503")},
-                    },
-                }
-            },
-            "/v1/models": {"get": {"summary": "List the served models", "responses": {"200": {"description": "ok"}}}},
-            "/v1/models/{model_id}": {
-                "get": {
-                    "summary": "One served model",
-                    "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                    "responses": {"200": {"description": "ok"}, "404": error},
-                }
-            },
-            "/health": {
-                "get": {
-                    "summary": "200 once the engine runs; 503 while loading or after a failure",
-                    "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}},
-                }
-            },
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "ok"}}}},
-            "/tokenize": {"post": {"summary": "Token ids of a prompt", "responses": {"200": {"description": "ok"}}}},
-            "/detokenize": {"post": {"summary": "Text of token ids", "responses": {"200": {"description": "ok"}}}},
-            "/tokenizer_info": {"get": {"summary": "Special tokens", "responses": {"200": {"description": "ok"}}}},
-        },
-        "components": {
-            "schemas": {
-                "CompletionRequest": request_schema,
-                **defs,
-                "Error": {
-                    "type": "object",
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "properties": {
-                                "message": {"type": "string"},
-                                "type": {"type": "string"},
-                                "param": {"type": ["string", "null"]},
-                                "code": {"type": ["string", "null"]},
-                            },
-                        }
-                    },
-                },
-            }
-        },
     }

@@ -113,14 +113,22 @@ def cmd_serve(args) -> int:
     from jaxserve.api.metrics import Metrics
 
     state = server_state(args, Metrics())
-    holder = {}
-    loader = threading.Thread(target=_load_for_serving, args=(args, state, holder), name="jaxserve-loader", daemon=True)
+    holder: dict = {}
+    server = _graceful_server_class(state)(uvicorn_config(create_app(state), args))
+
+    def load() -> None:
+        if not _load_for_serving(args, state, holder):
+            server.should_exit = True  # a model that cannot load ends the process: nothing would ever be served
+
+    loader = threading.Thread(target=load, name="jaxserve-loader", daemon=True)
     loader.start()  # the HTTP server answers (503 on /health) while the model loads and compiles
-    config = uvicorn_config(create_app(state), args)
-    _graceful_server_class()(config).run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out
+    server.run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out, or after a failed load
     loader.join(timeout=1)
     if "scheduler" in holder:
         holder["scheduler"].shutdown()
+    if state.load_error:
+        print(f"jaxserve: error: {state.load_error}", file=sys.stderr)
+        return 1
     logging.getLogger("jaxserve").info("stopped")
     return 0
 
@@ -157,14 +165,16 @@ def uvicorn_config(app, args):
     )
 
 
-def _graceful_server_class():
+def _graceful_server_class(state):
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
         """uvicorn re-raises a caught SIGINT/SIGTERM after its graceful shutdown, so the process dies by the
-        signal; for us the graceful shutdown is the whole answer, and the command exits 0."""
+        signal; for us the graceful shutdown is the whole answer, and the command exits 0. From the signal on,
+        the state is draining: /ready answers 503 on connections still open while in-flight requests end."""
 
         def handle_exit(self, sig, frame) -> None:
+            state.draining = True
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
@@ -194,21 +204,14 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
     return model, scheduler, serving
 
 
-def _load_for_serving(args, state, holder) -> None:
+def _load_for_serving(args, state, holder) -> bool:
+    """Load, compile and start the engine into `state`; False (with `state.load_error` set) if that failed."""
     log = logging.getLogger("jaxserve.serve")
     try:
         t0 = time.perf_counter()
         model, scheduler, serving = _build_serving(args, state.metrics, args.served_model_name, args.max_waiting)
         holder["scheduler"] = scheduler
         core = scheduler.core
-        state.metrics.gauges.update(
-            {
-                "queue_depth": lambda: scheduler.queue_depth,
-                "active_slots": lambda: scheduler.active_slots,
-                "compiles_total": lambda: sum(core.compiles.values()),
-                "engine_steps_total": lambda: scheduler.steps,
-            }
-        )
         state.serving = serving
         log.info(
             "serving %s as %s on http://%s:%d | mesh %s | weights %s | %d slots x %d tokens | KV cache %.2f GB "
@@ -227,6 +230,8 @@ def _load_for_serving(args, state, holder) -> None:
     except Exception as e:
         log.exception("loading failed")
         state.load_error = f"the model failed to load: {e}"
+        return False
+    return True
 
 
 def cmd_batch(args) -> int:

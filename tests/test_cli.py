@@ -61,3 +61,13 @@ def test_weights_default_to_the_model_cards_choice():
     assert quantize_choice(parse(["serve"])) == "int8"  # smollm2-135m-instruct's card serves int8
     assert quantize_choice(parse(["serve", "--quantize", "none"])) is None  # float weights on request
     assert quantize_choice(parse(["batch", "in.jsonl", "out.jsonl", "--model", "tiny-llama"])) is None
+
+
+def test_serve_ends_with_an_error_when_the_model_cannot_load(tmp_path):
+    from server import free_port
+
+    cmd = [sys.executable, "-m", "jaxserve.cli", "serve", "--model", "no-such-model", "--port", str(free_port())]
+    result = subprocess.run([*cmd, "--checkpoints", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("jaxserve: error: the model failed to load:") and "no model card 'no-such-model'" in last

@@ -40,6 +40,9 @@ class ByteTokenizer:
     def token_bytes(self, t):
         return f"<{t}>".encode()
 
+    def token_id(self, name):
+        return None  # no special tokens by name: no fill-in-the-middle
+
 
 class SlowCore(FakeCore):
     def step(self, max_position, max_slot):
@@ -279,6 +282,46 @@ def test_after_an_engine_failure_new_requests_get_503_at_once():
         )
         assert s.status_code == 503
         assert httpx.get(url + "/health").status_code == 503
+        assert httpx.get(url + "/live").status_code == 503  # restarting the process would help
+        assert httpx.get(url + "/ready").json() == {"status": "error"}
+
+
+# ---- liveness and readiness --------------------------------------------------------------------------------
+
+
+def test_live_and_ready_while_serving(fake):
+    url, *_ = fake
+    assert httpx.get(url + "/live").json() == {"status": "ok"}
+    r = httpx.get(url + "/ready")
+    assert r.status_code == 200 and r.json() == {"status": "ready"}
+
+
+def test_loading_is_live_not_ready_and_draining_is_not_ready():
+    import signal
+
+    from starlette.testclient import TestClient
+
+    from jaxserve.api.app import ServerState, create_app
+    from jaxserve.cli import _graceful_server_class
+
+    state = ServerState(metrics=Metrics())
+    with TestClient(create_app(state)) as client:
+        assert client.get("/live").status_code == 200
+        assert [client.get(p).status_code for p in ("/ready", "/health")] == [503, 503]
+        assert client.get("/ready").json() == {"status": "loading"}
+        state.serving = CompletionServing(
+            Scheduler(FakeCore(), ByteTokenizer()).start(), ByteTokenizer(), [MODEL], state.metrics, "fp"
+        )
+        try:
+            assert client.get("/ready").status_code == 200
+            server = _graceful_server_class(state)(uvicorn.Config(create_app(state)))
+            server.handle_exit(signal.SIGTERM, None)  # what SIGTERM does: in-flight requests may still finish
+            assert server.should_exit and state.draining
+            r = client.get("/ready")
+            assert r.status_code == 503 and r.json() == {"status": "draining"}
+            assert client.get("/live").status_code == 200 and client.get("/health").status_code == 200
+        finally:
+            state.serving.scheduler.shutdown()
 
 
 def test_request_timeout_running_queued_and_streaming():
@@ -316,3 +359,65 @@ def test_the_clients_own_timeout_bounds_a_request():
             timeout=30,
         )
         assert r.status_code == 504
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------
+
+
+def scrape(url) -> dict:
+    """/metrics parsed by prometheus_client's own text parser -> {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_carry_vllm_names_after_real_requests():
+    with serve(SlowCore(slots=4, cache_len=256), "--request-timeout", "0.5") as (url, *_):
+        model = (("model_name", MODEL),)
+        idle = scrape(url)
+        assert idle[("vllm:num_requests_waiting", model)] == 0 and idle[("vllm:kv_cache_usage_perc", model)] == 0
+        assert idle[("vllm:num_preemptions_total", model)] == 0
+        body = {"model": MODEL, "prompt": [1, 2], "max_tokens": 5, "ignore_eos": True}
+        assert post(url, {**body, "n": 2}).status_code == 200  # 2 choices, 5 tokens each: "length"
+        eos = post(url, {**body, "prompt": [47], "max_tokens": 10, "ignore_eos": False})
+        assert eos.json()["choices"][0]["finish_reason"] == "stop"
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            assert r.read().endswith(b"data: [DONE]\n\n")
+        timed_out = post(url, {**body, "max_tokens": 200})  # 200 steps of 20 ms: past the 0.5 s deadline
+        assert timed_out.status_code == 504
+        m = scrape(url)
+        assert m[("vllm:request_success_total", (("finished_reason", "length"), *model))] == 3
+        assert m[("vllm:request_success_total", (("finished_reason", "stop"), *model))] == 1  # EOS after 47, 48, 49
+        assert m[("vllm:request_success_total", (("finished_reason", "abort"), *model))] == 1  # the deadline
+        assert m[("jaxserve_request_timeouts_total", ())] == 1
+        assert m[("vllm:prompt_tokens_total", model)] == 2 + 1 + 2  # the aborted request's usage never came
+        assert m[("vllm:generation_tokens_total", model)] == 2 * 5 + 3 + 5  # 48, 49 and EOS
+        assert m[("vllm:prompt_tokens_total", model)] == m[("jaxserve_prompt_tokens_total", ())]
+        for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):  # 4 requests, aborted included
+            assert m[(f"vllm:{name}_count", model)] == 4
+        assert m[("vllm:request_queue_time_seconds_count", model)] == 3  # one per prompt admitted and ended
+        # one interval per token after each choice's first: (5-1)*2 + (3-1) + (5-1), plus the aborted one's
+        assert m[("vllm:inter_token_latency_seconds_count", model)] >= 14
+        assert m[("jaxserve_requests_total", (("status", "504"),))] == 1
+        assert m[("vllm:num_requests_running", model)] == 0 and m[("vllm:num_requests_waiting", model)] == 0
+        assert m[("jaxserve_engine_steps_total", ())] > 0
+
+
+def test_kv_cache_usage_is_the_fraction_of_slots_held():
+    with serve(SlowCore(slots=4, cache_len=256)) as (url, *_):
+        body = {"model": MODEL, "prompt": [1], "max_tokens": 100, "ignore_eos": True, "n": 2}
+        hog = threading.Thread(target=post, args=(url, body))
+        hog.start()
+        deadline, usage = time.time() + 10, 0.0
+        while usage == 0 and time.time() < deadline:
+            usage = scrape(url)[("vllm:kv_cache_usage_perc", (("model_name", MODEL),))]
+            time.sleep(0.02)
+        assert usage == 0.5  # 2 of 4 slots, each reserving its whole context row
+        assert scrape(url)[("vllm:num_requests_running", (("model_name", MODEL),))] == 2
+        hog.join(20)

@@ -2,7 +2,9 @@
 validated by `protocol`, and run by `serving`; every error leaves in OpenAI's envelope.
 
 The app answers while the model loads: /health is 503 and completions say the server is loading until
-`ServerState.serving` is set.
+`ServerState.serving` is set. Three probes: /live (the process answers and its engine has not failed: 200
+while loading), /ready (model loaded, engine running, not draining on shutdown), and /health, kept as it
+was (vLLM's: 200 once the engine runs, 503 while loading or after a failure; it stays 200 while draining).
 
 Bodies are read under a deadline (`body_timeout`, a 408 after it); a body over `max_body_bytes` is read and
 discarded (up to DRAIN_BYTES, within the same deadline) before the 413, so that a client still sending can
@@ -22,11 +24,13 @@ import math
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from jaxserve.api.chat import ChatServing, parse_chat_request
+from jaxserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jaxserve.api.metrics import Metrics
+from jaxserve.api.openapi import openapi_spec
 from jaxserve.api.protocol import APIError, CompletionRequest, check_unicode, parse_completion_request
 from jaxserve.api.serving import CompletionServing
 
@@ -45,6 +49,7 @@ class ServerState:
     load_error: str | None = None
     body_timeout: float = 30.0  # seconds to receive a whole request body
     request_timeout: float | None = None  # seconds a completion may take, queued and running; None: no bound
+    draining: bool = False  # set on SIGINT/SIGTERM: in-flight requests finish, /ready turns 503
 
 
 def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
@@ -183,11 +188,35 @@ def create_app(state: ServerState) -> Starlette:
             200 if ok else 503,
         )
 
+    async def live(request: Request) -> Response:
+        failed = state.serving is not None and not state.serving.scheduler.healthy
+        return _json({"status": "error" if failed else "ok"}, 503 if failed else 200)
+
+    async def ready(request: Request) -> Response:
+        if state.draining:
+            status = "draining"
+        elif state.serving is None:
+            status = "error" if state.load_error else "loading"
+        else:
+            status = "ready" if state.serving.scheduler.healthy else "error"
+        return _json({"status": status}, 200 if status == "ready" else 503)
+
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    def check_model(body) -> None:
+        """/tokenize and /detokenize: `model` is optional, but if given it must be a served id."""
+        if isinstance(body, dict) and "model" in body:
+            if not isinstance(body["model"], str):
+                raise APIError(400, "'model' must be a string", param="model")
+            if body["model"] not in serving().model_ids:
+                raise APIError(
+                    404, f"The model '{body['model']}' does not exist", param="model", code="model_not_found"
+                )
 
     async def tokenize(request: Request) -> Response:
         body, tok = await body_json(request), serving().tokenizer
+        check_model(body)
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             raise APIError(400, "'prompt' must be a string", param="prompt")
         try:
@@ -199,8 +228,9 @@ def create_app(state: ServerState) -> Starlette:
 
     async def detokenize(request: Request) -> Response:
         body, tok = await body_json(request), serving().tokenizer
+        check_model(body)
         tokens = body.get("tokens") if isinstance(body, dict) else None
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < tok.vocab_size for t in tokens):
+        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < tok.vocab_size for t in tokens):
             raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
         return _json({"prompt": tok.decode(tokens)})
 
@@ -222,7 +252,7 @@ def create_app(state: ServerState) -> Starlette:
         )
 
     async def openapi(request: Request) -> Response:
-        return _json(openapi_spec())
+        return _json(openapi_spec(state.serving.model_ids if state.serving else None, state.api_key is not None))
 
     routes = [
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
@@ -232,6 +262,8 @@ def create_app(state: ServerState) -> Starlette:
         Route("/v1/models", endpoint(models), methods=["GET"]),
         Route("/v1/models/{model_id:path}", endpoint(model), methods=["GET"]),
         Route("/health", endpoint(health, auth=False), methods=["GET"]),
+        Route("/live", endpoint(live, auth=False), methods=["GET"]),
+        Route("/ready", endpoint(ready, auth=False), methods=["GET"]),
         Route("/metrics", endpoint(metrics, auth=False), methods=["GET"]),
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
@@ -322,85 +354,4 @@ def _model_card(model_id: str, srv: CompletionServing) -> dict:
         "created": srv.created,
         "owned_by": "jaxserve",
         "max_model_len": srv.scheduler.max_context,
-    }
-
-
-def openapi_spec() -> dict:
-    request_schema = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = request_schema.pop("$defs", {})
-    error = {
-        "description": "an error in OpenAI's envelope",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "jaxserve",
-            "version": "0.1.0",
-            "description": "OpenAI-compatible Completions API served by jaxserve",
-        },
-        "paths": {
-            "/v1/completions": {
-                "post": {
-                    "summary": "Create a completion (stream: server-sent events ending with `data: [DONE]`)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CompletionRequest"}}},
-                    },
-                    "responses": {
-                        "200": {"description": "a text_completion object, or an event stream"},
-                        **{code: error for code in ("400", "401", "404", "413", "429", "500", "503")},
-                    },
-                }
-            },
-            "/v1/chat/completions": {
-                "post": {
-                    "summary": "Create a chat completion from the model's own chat template (stream: server-sent "
-                    "`chat.completion.chunk` events ending with `data: [DONE]`)",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
-                    "responses": {
-                        "200": {"description": "a chat.completion object, or an event stream"},
-                        **{code: error for code in ("400", "401", "404", "413", "429", "500", "503")},
-                    },
-                }
-            },
-            "/v1/models": {"get": {"summary": "List the served models", "responses": {"200": {"description": "ok"}}}},
-            "/v1/models/{model_id}": {
-                "get": {
-                    "summary": "One served model",
-                    "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                    "responses": {"200": {"description": "ok"}, "404": error},
-                }
-            },
-            "/health": {
-                "get": {
-                    "summary": "200 once the engine runs; 503 while loading or after a failure",
-                    "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}},
-                }
-            },
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "ok"}}}},
-            "/tokenize": {"post": {"summary": "Token ids of a prompt", "responses": {"200": {"description": "ok"}}}},
-            "/detokenize": {"post": {"summary": "Text of token ids", "responses": {"200": {"description": "ok"}}}},
-            "/tokenizer_info": {"get": {"summary": "Special tokens", "responses": {"200": {"description": "ok"}}}},
-        },
-        "components": {
-            "schemas": {
-                "CompletionRequest": request_schema,
-                **defs,
-                "Error": {
-                    "type": "object",
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "properties": {
-                                "message": {"type": "string"},
-                                "type": {"type": "string"},
-                                "param": {"type": ["string", "null"]},
-                                "code": {"type": ["string", "null"]},
-                            },
-                        }
-                    },
-                },
-            }
-        },
     }

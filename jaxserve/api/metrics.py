@@ -1,74 +1,161 @@
-"""Prometheus text-format metrics: a few counters, gauges read at scrape time, and two histograms."""
+"""Prometheus metrics through prometheus_client, one CollectorRegistry per server (never the global one).
+
+Two families of series. jaxserve's own (unlabelled, as before): HTTP responses by status, tokens, the
+scheduler's queue and slots, compiles and steps, time to first token and mean time per output token. And
+vLLM's names, labelled `model_name` (the first served id), which the Kubernetes inference gateway and vLLM
+dashboards read: requests waiting and running, KV-cache usage, latency histograms, token counters, finished
+requests by reason, preemptions.
+
+Scrape-time values (queue, slots, KV usage) are read from the scheduler by a collector; per-request values
+are observed by `serving` when a request ends, finished or not (a request ended by its deadline or by the
+client going away counts as finished_reason="abort").
+"""
 
 from __future__ import annotations
 
-import bisect
-import collections
-import threading
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# vLLM's buckets, so that its dashboards' quantiles read the same
+VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+VLLM_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+FINISH_REASONS = ("stop", "length", "abort")
+MODEL = ["model_name"]
 
 
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
+@dataclasses.dataclass
+class RequestRecord:
+    """What one completion request did, observed when it ends."""
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
+    ttft: float | None  # seconds to its first generated token; None if none came
+    e2e: float  # seconds from arrival to its end
+    inter_token: list[float]  # one interval per generated token after each choice's first
+    queue: list[float]  # per prompt: seconds from submission to admission (prompts that were admitted)
+    prompt_tokens: int
+    generation_tokens: int
+    finish_reasons: list[str]  # one per choice: stop, length or abort
 
-    def lines(self, name: str) -> list[str]:
-        out, running = [], 0
-        for bound, n in zip(self.buckets, self.counts):
-            running += n
-            out.append(f'{name}_bucket{{le="{bound}"}} {running}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        return out + [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+
+class _EngineCollector(Collector):
+    """Values read from the scheduler at scrape time."""
+
+    def __init__(self, model_name: str, scheduler: Any):
+        self.model_name, self.scheduler = model_name, scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        s, core = self.scheduler, self.scheduler.core
+        yield GaugeMetricFamily("jaxserve_queue_depth", "prompts waiting for slots", value=s.queue_depth)
+        yield GaugeMetricFamily("jaxserve_active_slots", "slots holding a sequence", value=s.active_slots)
+        if hasattr(core, "compiles"):
+            yield CounterMetricFamily("jaxserve_compiles", "jitted steps compiled", value=sum(core.compiles.values()))
+        yield CounterMetricFamily("jaxserve_engine_steps", "decode steps run", value=s.steps)
+        for name, doc, value in (
+            ("vllm:num_requests_waiting", "requests waiting to be scheduled", s.queue_depth),
+            ("vllm:num_requests_running", "sequences in the running batch (one per slot)", s.active_slots),
+            (
+                "vllm:kv_cache_usage_perc",
+                "fraction of KV-cache positions in use, 0-1 (dense per-slot cache: each occupied slot reserves "
+                "its whole row, so occupied slots x context / (slots x context))",
+                s.active_slots / max(core.slots, 1),
+            ),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=MODEL)
+            gauge.add_metric([self.model_name], value)
+            yield gauge
 
 
 class Metrics:
-    def __init__(self, gauges: dict[str, Callable[[], float]] | None = None):
-        self._lock = threading.Lock()
-        self.requests: collections.Counter = collections.Counter()  # by HTTP status
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.per_token = Histogram(TOKEN_BUCKETS)
-        self.gauges = gauges or {}
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.model_name: str | None = None
+        self._engine: _EngineCollector | None = None
+        self.requests = Counter("jaxserve_requests", "HTTP responses by status", ["status"], registry=r)
+        self.prompt_tokens = Counter("jaxserve_prompt_tokens", "prompt tokens of requests", registry=r)
+        self.generation_tokens = Counter("jaxserve_generation_tokens", "tokens generated", registry=r)
+        self.timeouts = Counter("jaxserve_request_timeouts", "requests ended by their deadline", registry=r)
+        self.ttft = Histogram(
+            "jaxserve_time_to_first_token_seconds", "time to first token", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.per_token = Histogram(
+            "jaxserve_time_per_output_token_seconds",
+            "a request's mean time per output token after the first",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.v_prompt = Counter("vllm:prompt_tokens", "prefill tokens processed", MODEL, registry=r)
+        self.v_generation = Counter("vllm:generation_tokens", "generation tokens processed", MODEL, registry=r)
+        self.v_success = Counter(
+            "vllm:request_success", "finished requests by finish reason", [*MODEL, "finished_reason"], registry=r
+        )
+        self.v_preemptions = Counter(
+            "vllm:num_preemptions", "preemptions (always 0: the dense per-slot cache never preempts)", MODEL, registry=r
+        )
+        self.v_ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "time to first token", MODEL, buckets=VLLM_TTFT_BUCKETS, registry=r
+        )
+        self.v_itl = Histogram(
+            "vllm:inter_token_latency_seconds", "inter-token latency", MODEL, buckets=VLLM_ITL_BUCKETS, registry=r
+        )
+        self.v_e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "end-to-end request latency",
+            MODEL,
+            buckets=VLLM_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.v_queue = Histogram(
+            "vllm:request_queue_time_seconds", "time waiting for slots", MODEL, buckets=VLLM_LATENCY_BUCKETS, registry=r
+        )
+
+    def attach(self, model_name: str, scheduler: Any) -> None:
+        """Once the engine runs: read its queue and slots at scrape time, and label vLLM's series."""
+        if self._engine is not None:  # a new engine for the same server state replaces the old one
+            self.registry.unregister(self._engine)
+        self.model_name, self._engine = model_name, _EngineCollector(model_name, scheduler)
+        self.registry.register(self._engine)
+        self.v_prompt.labels(model_name)  # series at 0 from the start, as a scraper expects
+        self.v_generation.labels(model_name)
+        self.v_preemptions.labels(model_name)
+        for reason in FINISH_REASONS:
+            self.v_success.labels(model_name, reason)
 
     def count_request(self, status: int) -> None:
-        with self._lock:
-            self.requests[status] += 1
+        self.requests.labels(str(status)).inc()
 
-    def observe_request(self, ttft: float | None, total: float, prompt_tokens: int, generated: int) -> None:
-        with self._lock:
-            self.prompt_tokens += prompt_tokens
-            self.generation_tokens += generated
-            if ttft is not None:
-                self.ttft.observe(ttft)
-                if generated > 1:
-                    self.per_token.observe((total - ttft) / (generated - 1))
+    def count_timeout(self) -> None:
+        self.timeouts.inc()
 
-    def render(self) -> str:
-        with self._lock:
-            lines = ["# TYPE jaxserve_requests_total counter"]
-            lines += [f'jaxserve_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-            lines += [
-                "# TYPE jaxserve_prompt_tokens_total counter",
-                f"jaxserve_prompt_tokens_total {self.prompt_tokens}",
-                "# TYPE jaxserve_generation_tokens_total counter",
-                f"jaxserve_generation_tokens_total {self.generation_tokens}",
-            ]
-            for name, read in self.gauges.items():
-                lines += [f"# TYPE jaxserve_{name} gauge", f"jaxserve_{name} {read()}"]
-            lines += ["# TYPE jaxserve_time_to_first_token_seconds histogram"]
-            lines += self.ttft.lines("jaxserve_time_to_first_token_seconds")
-            lines += ["# TYPE jaxserve_time_per_output_token_seconds histogram"]
-            lines += self.per_token.lines("jaxserve_time_per_output_token_seconds")
-        return "\n".join(lines) + "\n"
+    def observe(self, rec: RequestRecord) -> None:
+        self.prompt_tokens.inc(rec.prompt_tokens)
+        self.generation_tokens.inc(rec.generation_tokens)
+        if rec.ttft is not None:
+            self.ttft.observe(rec.ttft)
+            if rec.generation_tokens > 1:
+                self.per_token.observe((rec.e2e - rec.ttft) / (rec.generation_tokens - 1))
+        if self.model_name is None:
+            return
+        m = self.model_name
+        self.v_prompt.labels(m).inc(rec.prompt_tokens)
+        self.v_generation.labels(m).inc(rec.generation_tokens)
+        if rec.ttft is not None:
+            self.v_ttft.labels(m).observe(rec.ttft)
+        for interval in rec.inter_token:
+            self.v_itl.labels(m).observe(interval)
+        self.v_e2e.labels(m).observe(rec.e2e)
+        for queued in rec.queue:
+            self.v_queue.labels(m).observe(queued)
+        for reason in rec.finish_reasons:
+            self.v_success.labels(m, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from jaxserve.api.metrics import Metrics
+from jaxserve.api.metrics import Metrics, RequestRecord
 from jaxserve.api.protocol import APIError, CompletionRequest
 from jaxserve.engine import bridge
 from jaxserve.engine.grammar import compile_response_format
@@ -55,21 +55,37 @@ def engine_error(e: Exception) -> APIError:
 
 
 class _Tally:
-    """Usage and time to first token over one request's merged engine items."""
+    """Usage, timings and finish reasons over one request's merged engine items, for the response and
+    the metrics."""
 
-    def __init__(self):
+    def __init__(self, choices: int):
         self.started = time.perf_counter()
+        self.choices = choices
         self.first: float | None = None
+        self.last: dict[int, float] = {}  # choice index -> when its latest generated token came
+        self.inter_token: list[float] = []
+        self.queue: list[float] = []
+        self.reasons: dict[int, str] = {}
         self.prompt_tokens = self.completion_tokens = 0
+        self.rejected = False  # refused before the engine took it (busy, stopped, invalid): not a request run
 
     def delta(self, item: Delta | Usage) -> Delta | None:
         """Count a Usage (returns None) or note a Delta's arrival (returns it)."""
         if isinstance(item, Usage):
             self.prompt_tokens += item.prompt_tokens
             self.completion_tokens += item.completion_tokens
+            if item.queue_seconds is not None:
+                self.queue.append(item.queue_seconds)
             return None
-        if self.first is None and item.tokens and not item.echo:
-            self.first = time.perf_counter() - self.started
+        now = time.perf_counter()
+        if item.tokens and not item.echo:
+            if self.first is None:
+                self.first = now - self.started
+            if (last := self.last.get(item.index)) is not None:  # the interval shared by the tokens it brought
+                self.inter_token += [(now - last) / len(item.tokens)] * len(item.tokens)
+            self.last[item.index] = now
+        if item.finish_reason:
+            self.reasons[item.index] = item.finish_reason
         return item
 
     def usage(self) -> dict:
@@ -80,8 +96,20 @@ class _Tally:
         }
 
     def record(self, metrics: Metrics) -> None:
-        metrics.observe_request(
-            self.first, time.perf_counter() - self.started, self.prompt_tokens, self.completion_tokens
+        """Observe the request, finished or not: a choice without a finish reason (deadline, client gone,
+        engine failure) counts as aborted."""
+        if self.rejected:
+            return
+        metrics.observe(
+            RequestRecord(
+                ttft=self.first,
+                e2e=time.perf_counter() - self.started,
+                inter_token=self.inter_token,
+                queue=self.queue,
+                prompt_tokens=self.prompt_tokens,
+                generation_tokens=self.completion_tokens,
+                finish_reasons=[self.reasons.get(i, "abort") for i in range(self.choices)],
+            )
         )
 
 
@@ -98,6 +126,7 @@ class CompletionServing:
         self.scheduler, self.tokenizer, self.model_ids = scheduler, tokenizer, model_ids
         self.metrics, self.fingerprint = metrics, fingerprint
         self.created = created or int(time.time())
+        metrics.attach(model_ids[0], scheduler)
 
     # ---- request -> engine requests ----------------------------------------------------------------
 
@@ -166,16 +195,24 @@ class CompletionServing:
 
     # ---- running ------------------------------------------------------------------------------------
 
-    async def _results(self, reqs: list[EngineRequest], n: int) -> AsyncIterator[tuple[int, Delta | Usage]]:
-        """Every prompt's items as they come, a Delta's index made choice index = prompt index * n + j."""
+    async def _results(self, reqs: list[EngineRequest], n: int, tally: _Tally) -> AsyncIterator[tuple[int, Delta]]:
+        """Every prompt's deltas as they come, each index made choice index = prompt index * n + j; usage,
+        timings and finish reasons go to `tally`, which observes the request in the metrics when it ends."""
         try:  # closing this (the client gone, or an error) closes the bridge, which aborts every prompt's request
             async with contextlib.aclosing(bridge.generate(self.scheduler, reqs)) as results:
                 async for i, item in results:
                     if isinstance(item, Delta):
                         item = Delta(i * n + item.index, item.text, item.tokens, item.finish_reason, item.echo)
-                    yield i, item
-        except (RequestError, QueueFull, EngineStopped, DeadlineExceeded) as e:
+                    if (delta := tally.delta(item)) is not None:
+                        yield i, delta
+        except (RequestError, QueueFull, EngineStopped) as e:
+            tally.rejected = True
             raise engine_error(e) from None
+        except DeadlineExceeded as e:
+            self.metrics.count_timeout()
+            raise engine_error(e) from None
+        finally:
+            tally.record(self.metrics)
 
     def _base(self, request_id: str, model: str) -> dict:
         return {
@@ -189,19 +226,14 @@ class CompletionServing:
     async def complete(self, req: CompletionRequest, timeout: float | None = None) -> dict:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         reqs = self.engine_requests(req, request_id, timeout)
-        tally = _Tally()
+        tally = _Tally(len(reqs) * req.n)
         texts: dict[int, list[str]] = {}
         infos: dict[int, list] = {}
-        reasons: dict[int, str | None] = {}
-        async with contextlib.aclosing(self._results(reqs, req.n)) as results:
+        async with contextlib.aclosing(self._results(reqs, req.n, tally)) as results:
             async for _, item in results:
-                if (item := tally.delta(item)) is None:
-                    continue
                 texts.setdefault(item.index, []).append(item.text)
                 infos.setdefault(item.index, []).extend(item.tokens)
-                if item.finish_reason:
-                    reasons[item.index] = item.finish_reason
-        tally.record(self.metrics)
+        reasons = tally.reasons
         choices = []
         for index in sorted(texts):
             text = "".join(texts[index])
@@ -219,11 +251,9 @@ class CompletionServing:
         reqs = self.engine_requests(req, request_id, timeout)
         base = self._base(request_id, req.model)
         offsets: dict[int, int] = {}
-        tally = _Tally()
-        async with contextlib.aclosing(self._results(reqs, req.n)) as results:
+        tally = _Tally(len(reqs) * req.n)
+        async with contextlib.aclosing(self._results(reqs, req.n, tally)) as results:
             async for i, item in results:
-                if (item := tally.delta(item)) is None:
-                    continue
                 logprobs = None
                 if req.logprobs is not None:
                     if item.index not in offsets:
@@ -241,7 +271,6 @@ class CompletionServing:
                         }
                     ],
                 }
-        tally.record(self.metrics)
         if req.stream_options and req.stream_options.include_usage:
             yield {**base, "choices": [], "usage": tally.usage()}
 

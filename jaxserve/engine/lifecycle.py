@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import random
+import time
 from collections.abc import Callable
 
 from jaxserve.engine.text import ChoiceText
@@ -75,6 +76,8 @@ class Group:
     def __init__(self, req: EngineRequest, emit: Callable, tokenizer: Tokenizer):
         self.req, self.emit, self.tokenizer = req, emit, tokenizer
         self.status = Status.WAITING
+        self.arrived = time.monotonic()
+        self.admitted: float | None = None  # set when the scheduler admits it into slots
         seeds = [
             random.getrandbits(31) if req.seed is None else (req.seed + 1_000_003 * j) & 0xFFFFFFFF
             for j in range(req.candidates)
@@ -128,7 +131,8 @@ class Group:
             for new_index, choice in enumerate(chosen):
                 for delta in choice._held:
                     self.emit(dataclasses.replace(delta, index=new_index))
-        self.emit(Usage(len(self.req.prompt_ids), sum(c.count for c in chosen)))
+        queued = None if self.admitted is None else self.admitted - self.arrived
+        self.emit(Usage(len(self.req.prompt_ids), sum(c.count for c in chosen), queued))
         self.emit(END)
 
     def abort(self, error: BaseException | None = None) -> None:

@@ -250,6 +250,7 @@ class Scheduler:
                 break
             earlier.overtaken += 1
         self._waiting.remove(group)
+        group.admitted = time.monotonic()
         return group
 
     def _admit_packed(self) -> list[Group]:

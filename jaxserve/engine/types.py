@@ -63,6 +63,7 @@ class Delta:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    queue_seconds: float | None = None  # from submission to admission into slots
 
 
 class RequestError(ValueError):

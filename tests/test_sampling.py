@@ -35,8 +35,8 @@ def test_greedy_is_argmax_and_logprobs_are_raw():
     assert tokens[0] == 1
     lse = np.log(np.exp(LOGITS[0]).sum())
     np.testing.assert_allclose(chosen[0], 3.0 - lse, rtol=1e-6)
-    assert list(top_ids[0]) == [1, 2, 0, 5, 3]
-    np.testing.assert_allclose(top_lp[0], np.array([3.0, 2.0, 1.0, 0.5, 0.0]) - lse, rtol=1e-6)
+    assert list(top_ids[0]) == [1, 2, 0, 5, 3, 4]  # the top 20, of a vocabulary of 6: all of it, best first
+    np.testing.assert_allclose(top_lp[0], np.array([3.0, 2.0, 1.0, 0.5, 0.0, -1.0]) - lse, rtol=1e-6)
     assert int(state.counts[0, 1]) == 1 and int(state.step[0]) == 1
 
 

@@ -5,9 +5,6 @@ messages rendered by the model's own chat template (`jaxserve.chat_template`), a
 as a completion on the same engine: so a chat at temperature 0 gives exactly the tokens of a completion of
 that rendered text. The answers leave as `chat.completion` objects or `chat.completion.chunk` streams
 (the role first, then content, a finish_reason per choice, the usage chunk if asked).
-
-`top_logprobs` takes OpenAI's 0–20; the engine keeps the 5 most likely tokens of each step, so at most 5
-are returned.
 """
 
 from __future__ import annotations
@@ -23,10 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jaxserve.api.protocol import APIError, CompletionRequest, StreamOptions, _validation_error, log
 from jaxserve.api.serving import MIN_LOGPROB, CompletionServing, _Tally
 from jaxserve.chat_template import TemplateError, encode_prompt, render
-from jaxserve.engine.types import EngineRequest, TokenInfo
+from jaxserve.engine.types import TOP_LOGPROBS, EngineRequest, TokenInfo
 
 ROLES = ("system", "developer", "user", "assistant")
-ENGINE_TOP_LOGPROBS = 5  # what the engine returns per token (`sampling.TOP_LOGPROBS`; this layer loads no jax)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -46,7 +42,7 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
     seed: int | None = None
     user: str | None = None
     response_format: dict[str, Any] | None = None
@@ -232,7 +228,7 @@ class ChatServing:
             yield {**base, "choices": [], "usage": tally.usage()}
 
     def _logprobs(self, infos: list[TokenInfo], req: ChatCompletionRequest) -> dict:
-        k = min(req.top_logprobs or 0, ENGINE_TOP_LOGPROBS)
+        k = req.top_logprobs or 0
 
         def entry(token_id: int, logprob: float) -> dict:
             raw = self.tokenizer.token_bytes(token_id)

@@ -24,16 +24,16 @@ class PrefillRow(NamedTuple):
 
 class PrefillResult(Protocol):
     logprobs: Any  # [P, T] log p(targets) per position (zero unless scored)
-    top_ids: Any  # [P, T, 5]
-    top_logprobs: Any  # [P, T, 5]
+    top_ids: Any  # [P, T, K] (K = types.TOP_LOGPROBS)
+    top_logprobs: Any  # [P, T, K] (K = types.TOP_LOGPROBS)
     last_logits: Any  # [P, V] at each row's last real token
 
 
 class StepResult(Protocol):
     tokens: Any  # [B] (insert: [1])
     logprobs: Any  # [B] the chosen token's logprob
-    top_ids: Any  # [B, 5]
-    top_logprobs: Any  # [B, 5]
+    top_ids: Any  # [B, K]
+    top_logprobs: Any  # [B, K]
     done: Any  # [B] the sequence ended with this token (EOS or max_tokens): the slot stopped on device
     valid: Any  # [B] the slot was decoding: the row is a real token
 

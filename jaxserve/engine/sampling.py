@@ -5,7 +5,7 @@ Order of operations on a row's logits: + logit_bias, - frequency/presence penalt
 over the tokens generated so far), tokens outside the row's `allowed` bitmask (a grammar's) to -inf, then
 greedy (temperature 0) or temperature + top_p sampling.
 The knobs are declared in `state.SamplingState`.
-Logprobs (the chosen token's and the top 5) are the log-softmax of the model's raw logits, before bias,
+Logprobs (the chosen token's and the top TOP_LOGPROBS) are the log-softmax of the model's raw logits, before bias,
 penalties and temperature: the model's own distribution, the same for prompt (echo) and generated tokens.
 """
 
@@ -15,14 +15,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.engine.state import SamplingState
+from jaxserve.engine.types import TOP_LOGPROBS
 
-TOP_LOGPROBS = 5  # the most OpenAI's `logprobs` parameter allows
+__all__ = ["TOP_LOGPROBS", "record", "sample", "top_logprobs", "unpack_mask"]
 
 
 def top_logprobs(logits):
-    """log-softmax of raw logits [..., V] -> (logprobs [..., V], top ids [..., 5], top logprobs [..., 5])."""
+    """log-softmax of raw logits [..., V] -> (logprobs [..., V], top ids [..., K], top logprobs [..., K]),
+    K = TOP_LOGPROBS (or V, for a vocabulary smaller than that)."""
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    top_lp, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
     return logprobs, top_ids.astype(jnp.int32), top_lp
 
 
@@ -68,7 +70,7 @@ def _constrain(x, allowed):
 
 
 def sample(logits, state: SamplingState):
-    """logits [B, V] -> (tokens [B], chosen logprob [B], top ids [B, 5], top logprobs [B, 5]).
+    """logits [B, V] -> (tokens [B], chosen logprob [B], top ids [B, K], top logprobs [B, K]).
 
     Pure: the caller records the tokens with `record` for the rows that really advanced."""
     logits = logits.astype(jnp.float32)

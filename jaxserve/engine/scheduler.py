@@ -333,7 +333,7 @@ class Scheduler:
         return inserted
 
     def _echo(self, group: Group, scored: list) -> None:
-        rows = []  # row j: log p(prompt[j + 1] | prompt[:j + 1]) and the top 5 there
+        rows = []  # row j: log p(prompt[j + 1] | prompt[:j + 1]) and the top tokens there
         for out, row, length in scored:
             out = self.core.fetch(out)
             rows += [

@@ -37,7 +37,7 @@ class StepSpec:
 
 @struct.dataclass
 class StepOutput:
-    """What one step (or one insert) produced, per slot: arrays [B] (or [1]), top_* [B, 5]."""
+    """What one step (or one insert) produced, per slot: arrays [B] (or [1]), top_* [B, K]."""
 
     tokens: jax.Array
     logprobs: jax.Array
@@ -50,7 +50,7 @@ class StepOutput:
 @struct.dataclass
 class PrefillOutput:
     logprobs: jax.Array  # [P, T] log p(targets[t] | prompt[:start+t+1]) for each row (zero unless scored)
-    top_ids: jax.Array  # [P, T, 5]
+    top_ids: jax.Array  # [P, T, K]
     top_logprobs: jax.Array
     last_logits: jax.Array  # [P, V] at each row's last real token
 
@@ -77,7 +77,7 @@ _jit = functools.partial(jax.jit, donate_argnames=("state",))
 def prefill(spec: StepSpec, params, state: DecodeState, tokens, starts, lengths, slots, targets, score, window: int):
     """Write rows of prompt tokens [P, T] (row p starting at position starts[p], `lengths[p]` real tokens)
     into cache rows `slots` [P] (out of range: dropped), and return each row's last-position logits;
-    with `score` (a traced bool) also every position's logprob of `targets` and the top 5."""
+    with `score` (a traced bool) also every position's logprob of `targets` and the top K."""
     spec.compiles["prefill"] += 1
     model = Transformer(spec.cfg)
     P, T = tokens.shape
@@ -93,7 +93,7 @@ def prefill(spec: StepSpec, params, state: DecodeState, tokens, starts, lengths,
             logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp, last_logits=logits[jnp.arange(P), last]
         )
 
-    def last_position(x):  # the logits over [T, V] and their top 5 are much of a short prefill's work
+    def last_position(x):  # the logits over [T, V] and their top K are much of a short prefill's work
         logits = model.apply(params, x[jnp.arange(P), last][:, None], method="logits")[:, 0]
         return PrefillOutput(
             logprobs=jnp.zeros((P, T)),

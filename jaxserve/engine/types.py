@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+TOP_LOGPROBS = 20  # the most likely tokens each step reports, with logprobs: what chat's top_logprobs allows
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -54,7 +56,7 @@ class TokenInfo:
 class Delta:
     index: int  # choice index, 0..n-1
     text: str
-    tokens: list[TokenInfo]  # the tokens behind `text`, each with its logprob and the top 5
+    tokens: list[TokenInfo]  # the tokens behind `text`, each with its logprob and the top TOP_LOGPROBS
     finish_reason: str | None = None  # "stop" | "length" on a choice's last delta
     echo: bool = False  # the prompt itself (echo), sent before any generated text
 

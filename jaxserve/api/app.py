@@ -144,31 +144,11 @@ def create_app(state: ServerState) -> Starlette:
 
     async def completions(request: Request) -> Response:
         req = parse_completion_request(await body_json(request))
-        srv = serving()
-        timeout = deadline(request, req)
-        if not req.stream:
-            task = asyncio.ensure_future(srv.complete(req, timeout))
-            gone = asyncio.ensure_future(_disconnected(request))
-            await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
-            gone.cancel()
-            if not task.done():  # the client went away: cancelling aborts its requests in the engine
-                task.cancel()
-                return Response(status_code=499)
-            return _json(task.result())
-        chunks = srv.stream(req, timeout)
-        try:  # errors found before the first chunk (busy, bad prompt) are plain HTTP errors
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
-        return StreamingResponse(
-            _sse(first, chunks),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return await _respond(request, serving(), req, deadline(request, req))
 
     async def chat_completions(request: Request) -> Response:
         req = parse_chat_request(await body_json(request))
-        return await _respond(request, ChatServing(serving()), req)
+        return await _respond(request, ChatServing(serving()), req, deadline(request, req))
 
     async def models(request: Request) -> Response:
         srv = serving()
@@ -301,10 +281,11 @@ async def _discard(request: Request, limit: int) -> None:
             return
 
 
-async def _respond(request: Request, srv: ChatServing, req) -> Response:
-    """A chat response: the whole object (abandoned if the client hangs up first) or an event stream."""
+async def _respond(request: Request, srv: CompletionServing | ChatServing, req, timeout: float | None) -> Response:
+    """A completion or chat response: the whole object (abandoned if the client hangs up first) or an event
+    stream; the engine aborts it `timeout` seconds from now."""
     if not req.stream:
-        task = asyncio.ensure_future(srv.complete(req))
+        task = asyncio.ensure_future(srv.complete(req, timeout))
         gone = asyncio.ensure_future(_disconnected(request))
         await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
@@ -312,7 +293,7 @@ async def _respond(request: Request, srv: ChatServing, req) -> Response:
             task.cancel()
             return Response(status_code=499)
         return _json(task.result())
-    chunks = srv.stream(req)
+    chunks = srv.stream(req, timeout)
     try:  # errors found before the first chunk (busy, bad prompt) are plain HTTP errors
         first = await chunks.__anext__()
     except StopAsyncIteration:

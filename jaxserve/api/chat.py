@@ -15,9 +15,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jaxserve.api.protocol import APIError, CompletionRequest, StreamOptions, _validation_error, log
+from jaxserve.api.protocol import APIError, CompletionRequest, StreamOptions, parse_request
 from jaxserve.api.serving import MIN_LOGPROB, CompletionServing, _Tally
 from jaxserve.chat_template import TemplateError, encode_prompt, render
 from jaxserve.engine.types import TOP_LOGPROBS, EngineRequest, TokenInfo
@@ -101,18 +101,7 @@ def _message(i: int, m: Any) -> dict[str, str]:
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
-    """JSON body -> ChatCompletionRequest, or an APIError naming the first bad parameter."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:
-        req = ChatCompletionRequest.model_validate(body)
-    except APIError:
-        raise
-    except ValidationError as e:
-        raise _validation_error(e, body) from None
-    if req.model_extra:
-        log.info("ignoring unknown parameters: %s", ", ".join(sorted(req.model_extra)))
-    return req
+    return parse_request(ChatCompletionRequest, body)
 
 
 class ChatServing:
@@ -157,8 +146,10 @@ class ChatServing:
             response_format=req.response_format,
         )
 
-    def engine_requests(self, req: ChatCompletionRequest, request_id: str) -> list[EngineRequest]:
-        return self.completions.engine_requests(self.completion_request(req), request_id)
+    def engine_requests(
+        self, req: ChatCompletionRequest, request_id: str, timeout: float | None = None
+    ) -> list[EngineRequest]:
+        return self.completions.engine_requests(self.completion_request(req), request_id, timeout)
 
     def _base(self, request_id: str, model: str, kind: str) -> dict:
         return {
@@ -169,52 +160,44 @@ class ChatServing:
             "system_fingerprint": self.completions.fingerprint,
         }
 
-    async def complete(self, req: ChatCompletionRequest) -> dict:
+    async def complete(self, req: ChatCompletionRequest, timeout: float | None = None) -> dict:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        reqs = self.engine_requests(req, request_id)
-        tally = _Tally()
+        reqs = self.engine_requests(req, request_id, timeout)
+        tally = _Tally(req.n)
         texts: dict[int, list[str]] = {i: [] for i in range(req.n)}
         infos: dict[int, list[TokenInfo]] = {i: [] for i in range(req.n)}
-        reasons: dict[int, str | None] = {}
-        async with contextlib.aclosing(self.completions._results(reqs, req.n)) as results:
+        async with contextlib.aclosing(self.completions._results(reqs, req.n, tally)) as results:
             async for _, item in results:
-                if (item := tally.delta(item)) is None:
-                    continue
                 texts[item.index].append(item.text)
                 infos[item.index].extend(item.tokens)
-                if item.finish_reason:
-                    reasons[item.index] = item.finish_reason
-        tally.record(self.completions.metrics)
         choices = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
                 "logprobs": self._logprobs(infos[i], req) if req.logprobs else None,
-                "finish_reason": reasons.get(i),
+                "finish_reason": tally.reasons.get(i),
             }
             for i in range(req.n)
         ]
         return {**self._base(request_id, req.model, "chat.completion"), "choices": choices, "usage": tally.usage()}
 
-    async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
+    async def stream(self, req: ChatCompletionRequest, timeout: float | None = None) -> AsyncIterator[dict]:
         """The first chunk of each choice carries the role; then its content; its last its finish_reason
         (with an empty delta); with stream_options.include_usage a final chunk with `choices: []`."""
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        reqs = self.engine_requests(req, request_id)
+        reqs = self.engine_requests(req, request_id, timeout)
         base = self._base(request_id, req.model, "chat.completion.chunk")
         usage_asked = bool(req.stream_options and req.stream_options.include_usage)
         extra = {"usage": None} if usage_asked else {}
-        tally = _Tally()
+        tally = _Tally(req.n)
 
         def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return {**base, "choices": [choice], **extra}
 
         started: set[int] = set()
-        async with contextlib.aclosing(self.completions._results(reqs, req.n)) as results:
+        async with contextlib.aclosing(self.completions._results(reqs, req.n, tally)) as results:
             async for _, item in results:
-                if (item := tally.delta(item)) is None:
-                    continue
                 if item.index not in started:
                     started.add(item.index)
                     yield chunk(item.index, {"role": "assistant", "content": ""})
@@ -223,7 +206,6 @@ class ChatServing:
                     yield chunk(item.index, {"content": item.text}, logprobs)
                 if item.finish_reason:
                     yield chunk(item.index, {}, finish_reason=item.finish_reason)
-        tally.record(self.completions.metrics)
         if usage_asked:
             yield {**base, "choices": [], "usage": tally.usage()}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -150,12 +150,15 @@ def check_unicode(text: str) -> None:
         raise ValueError(f"the text holds a lone surrogate (U+{char:04X}) at position {e.start}") from None
 
 
-def parse_completion_request(body: Any) -> CompletionRequest:
-    """JSON body -> CompletionRequest, or an APIError naming the first bad parameter."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_request(model: type[M], body: Any) -> M:
+    """JSON body -> a request model (completion or chat), or an APIError naming the first bad parameter."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        req = CompletionRequest.model_validate(body)
+        req = model.model_validate(body)
     except APIError:
         raise
     except ValidationError as e:
@@ -163,6 +166,10 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     if req.model_extra:
         log.info("ignoring unknown parameters: %s", ", ".join(sorted(req.model_extra)))
     return req
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    return parse_request(CompletionRequest, body)
 
 
 def _validation_error(e: ValidationError, body: dict) -> APIError:

@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from jaxserve.api.chat import ChatServing, parse_chat_request
+from jaxserve.api.chat import ChatCompletionRequest, ChatServing, parse_chat_request
 from jaxserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jaxserve.api.metrics import Metrics
 from jaxserve.api.openapi import openapi_spec
@@ -111,7 +111,7 @@ def create_app(state: ServerState) -> Starlette:
         except ValueError:
             raise APIError(400, "the request body is not valid JSON") from None
 
-    def deadline(request: Request, req: CompletionRequest) -> float | None:
+    def deadline(request: Request, req: CompletionRequest | ChatCompletionRequest) -> float | None:
         """Seconds the completion may take: --request-timeout, or less if an openai client said it will stop
         waiting sooner (its read timeout bounds a whole non-streamed answer; a stream reads as it goes)."""
         bounds = [state.request_timeout] if state.request_timeout else []

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jaxserve.api.protocol import APIError, CompletionRequest, StreamOptions, parse_request
-from jaxserve.api.serving import MIN_LOGPROB, CompletionServing, _Tally
+from jaxserve.api.serving import MIN_LOGPROB, CompletionServing, Tally
 from jaxserve.chat_template import TemplateError, encode_prompt, render
 from jaxserve.engine.types import TOP_LOGPROBS, EngineRequest, TokenInfo
 
@@ -163,10 +163,10 @@ class ChatServing:
     async def complete(self, req: ChatCompletionRequest, timeout: float | None = None) -> dict:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         reqs = self.engine_requests(req, request_id, timeout)
-        tally = _Tally(req.n)
+        tally = Tally(req.n)
         texts: dict[int, list[str]] = {i: [] for i in range(req.n)}
         infos: dict[int, list[TokenInfo]] = {i: [] for i in range(req.n)}
-        async with contextlib.aclosing(self.completions._results(reqs, req.n, tally)) as results:
+        async with contextlib.aclosing(self.completions.results(reqs, req.n, tally)) as results:
             async for _, item in results:
                 texts[item.index].append(item.text)
                 infos[item.index].extend(item.tokens)
@@ -189,14 +189,14 @@ class ChatServing:
         base = self._base(request_id, req.model, "chat.completion.chunk")
         usage_asked = bool(req.stream_options and req.stream_options.include_usage)
         extra = {"usage": None} if usage_asked else {}
-        tally = _Tally(req.n)
+        tally = Tally(req.n)
 
         def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return {**base, "choices": [choice], **extra}
 
         started: set[int] = set()
-        async with contextlib.aclosing(self.completions._results(reqs, req.n, tally)) as results:
+        async with contextlib.aclosing(self.completions.results(reqs, req.n, tally)) as results:
             async for _, item in results:
                 if item.index not in started:
                     started.add(item.index)

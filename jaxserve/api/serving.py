@@ -54,7 +54,7 @@ def engine_error(e: Exception) -> APIError:
     raise TypeError(f"not an engine request error: {e!r}")
 
 
-class _Tally:
+class Tally:
     """Usage, timings and finish reasons over one request's merged engine items, for the response and
     the metrics."""
 
@@ -195,7 +195,7 @@ class CompletionServing:
 
     # ---- running ------------------------------------------------------------------------------------
 
-    async def _results(self, reqs: list[EngineRequest], n: int, tally: _Tally) -> AsyncIterator[tuple[int, Delta]]:
+    async def results(self, reqs: list[EngineRequest], n: int, tally: Tally) -> AsyncIterator[tuple[int, Delta]]:
         """Every prompt's deltas as they come, each index made choice index = prompt index * n + j; usage,
         timings and finish reasons go to `tally`, which observes the request in the metrics when it ends."""
         try:  # closing this (the client gone, or an error) closes the bridge, which aborts every prompt's request
@@ -226,10 +226,10 @@ class CompletionServing:
     async def complete(self, req: CompletionRequest, timeout: float | None = None) -> dict:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         reqs = self.engine_requests(req, request_id, timeout)
-        tally = _Tally(len(reqs) * req.n)
+        tally = Tally(len(reqs) * req.n)
         texts: dict[int, list[str]] = {}
         infos: dict[int, list] = {}
-        async with contextlib.aclosing(self._results(reqs, req.n, tally)) as results:
+        async with contextlib.aclosing(self.results(reqs, req.n, tally)) as results:
             async for _, item in results:
                 texts.setdefault(item.index, []).append(item.text)
                 infos.setdefault(item.index, []).extend(item.tokens)
@@ -251,8 +251,8 @@ class CompletionServing:
         reqs = self.engine_requests(req, request_id, timeout)
         base = self._base(request_id, req.model)
         offsets: dict[int, int] = {}
-        tally = _Tally(len(reqs) * req.n)
-        async with contextlib.aclosing(self._results(reqs, req.n, tally)) as results:
+        tally = Tally(len(reqs) * req.n)
+        async with contextlib.aclosing(self.results(reqs, req.n, tally)) as results:
             async for i, item in results:
                 logprobs = None
                 if req.logprobs is not None:

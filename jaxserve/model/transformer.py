@@ -1,9 +1,10 @@
 """Flax (linen) decoder of the Llama, Mistral, Qwen 2/3 and Gemma 3 families that reads and writes a KV cache.
 
 One forward serves every use: a prefill of T tokens per sequence or a decode of one token per sequence.
-Each token carries its absolute position; its K/V are written into the cache at that position first, then
-every query attends over the cache window [0, W) with keys at positions <= its own. Stale entries from a
-slot's previous occupant always sit at later positions, so the causal mask hides them without a reset.
+Each token carries its absolute position; its K/V are written into its sequence's pages (the page table)
+at that position first, then every query attends over the window [0, W) of its pages with keys at
+positions <= its own. Stale entries from a page's previous owner always sit at later positions, so the
+causal mask hides them without a reset.
 Layers run under `nn.scan` (compile time does not grow with depth) with the whole cache in the carry so
 the step updates it in place. Every parameter carries logical axis names (see jaxserve.sharding).
 
@@ -108,7 +109,7 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, positions, cos, sin, slots, window: int):
+    def __call__(self, carry, positions, cos, sin, table, write_from, window: int):
         x, cache, layer = carry
         c = self.cfg
         dt = jnp.dtype(c.dtype)
@@ -135,8 +136,8 @@ class Block(nn.Module):
             k = RMSNorm(c.norm_eps, dt, "head_dim", name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        cache = cache.write(layer, positions, k, v, slots)
-        keys, values = cache.read(layer, window, slots, rows=B)  # [B, K, H, W], [B, K, W, H]
+        cache = cache.write(layer, table, positions, k, v, write_from)
+        keys, values = cache.read(layer, table, window)  # [B, K, H, W], [B, K, W, H]
 
         # GQA without repeating K/V: the G query heads of each KV head and the T tokens form the rows of
         # one [G*T, H] x [H, W] matmul per (slot, KV head). Query head n = k * G + g, as in HF's repeat_kv.
@@ -218,7 +219,7 @@ class Transformer(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 5,
+            in_axes=(nn.broadcast,) * 6,
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c)
@@ -226,17 +227,17 @@ class Transformer(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = _weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)
 
-    def __call__(self, tokens, positions, cache: KVCache, window: int, slots=None):
+    def __call__(self, tokens, positions, cache: KVCache, table, window: int, write_from=None):
         """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, updated cache). See `hidden`."""
-        x, cache = self.hidden(tokens, positions, cache, window, slots)
+        x, cache = self.hidden(tokens, positions, cache, table, window, write_from)
         return self.logits(x), cache
 
-    def hidden(self, tokens, positions, cache: KVCache, window: int, slots=None):
+    def hidden(self, tokens, positions, cache: KVCache, table, window: int, write_from=None):
         """tokens, positions [B, T] int32 -> (final-normed hidden states [B, T, D], updated cache).
 
-        `window` (static) must exceed every position in `positions`; attention reads only cache[:, :window].
-        `slots` [B] maps each row to a cache row (a prefill into one slot); None: row b is cache row b (the
-        first B rows of a cache that may hold more).
+        `table` [B, pages per sequence] names each row's pages (see KVCache). `window` (static, a whole
+        number of pages) must exceed every position in `positions`; attention reads only positions
+        [0, window). Positions before `write_from` [B] (None: all written) are already in shared pages.
         """
         c = self.cfg
         x = self.embed(tokens)
@@ -246,7 +247,7 @@ class Transformer(nn.Module):
         if c.rope_local_theta is not None:
             tables.append(rope_tables(positions, c.head_dim, c.rope_local_theta))
         cos, sin = (jnp.stack(t) for t in zip(*tables))  # [R, B, T, H]
-        (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), positions, cos, sin, slots, window)
+        (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), positions, cos, sin, table, write_from, window)
         return self.final_norm(x), cache
 
     def logits(self, x):

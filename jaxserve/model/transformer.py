@@ -102,6 +102,31 @@ def apply_rope(x, cos, sin):
     return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
+def paged_attention(c: ModelConfig, q, cache: KVCache, layer, table, positions, window: int, local):
+    """q [B, T, N, H] of tokens at `positions` [B, T] attending over positions [0, window) of each row's
+    pages (`table` [B, ...]) in `layer` of the pool, keys at positions <= their own (and within the sliding
+    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel reading the pages in place
+    (a ragged paged attention kernel on TPU, say); this one gathers them (`KVCache.read`)."""
+    B, T = positions.shape
+    dt = jnp.dtype(c.dtype)
+    keys, values = cache.read(layer, table, window)  # [B, K, H, W], [B, K, W, H]
+    # GQA without repeating K/V: the G query heads of each KV head and the T tokens form the rows of one
+    # [G*T, H] x [H, W] matmul per (row, KV head). Query head n = k * G + g, as in HF's repeat_kv.
+    G = c.n_heads // c.n_kv_heads
+    q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)
+    scores = jnp.einsum("bkrh,bkhs->bkrs", q, keys).astype(jnp.float32) * c.attention_scale
+    scores = scores.reshape(B, c.n_kv_heads, G, T, window)
+    key_pos, pos = jnp.arange(window)[None, None, :], positions[:, :, None]
+    mask = key_pos <= pos  # [B, T, W]
+    if c.local_layers:  # a local layer sees only the last sliding_window positions, its own included
+        mask &= ~local | (key_pos > pos - c.sliding_window)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, c.n_kv_heads, G * T, window)
+    attn = jnp.einsum("bkrs,bksh->bkrh", probs, values).reshape(B, c.n_kv_heads, G, T, c.head_dim)
+    return attn.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, c.head_dim)
+
+
 class Block(nn.Module):
     """One decoder layer; scanned over layers with carry (x, cache, layer index). cos/sin [R, B, T, H] hold
     R = 1 RoPE table, or 2 when local layers have their own base (global first)."""
@@ -113,7 +138,6 @@ class Block(nn.Module):
         x, cache, layer = carry
         c = self.cfg
         dt = jnp.dtype(c.dtype)
-        B, T, _ = x.shape
         local = jnp.asarray(c.layer_is_local())[layer]
         rope = local.astype(jnp.int32) if cos.shape[0] == 2 else 0
         cos, sin = cos[rope], sin[rope]
@@ -137,23 +161,7 @@ class Block(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         cache = cache.write(layer, table, positions, k, v, write_from)
-        keys, values = cache.read(layer, table, window)  # [B, K, H, W], [B, K, W, H]
-
-        # GQA without repeating K/V: the G query heads of each KV head and the T tokens form the rows of
-        # one [G*T, H] x [H, W] matmul per (slot, KV head). Query head n = k * G + g, as in HF's repeat_kv.
-        G = c.n_heads // c.n_kv_heads
-        q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-        q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)
-        scores = jnp.einsum("bkrh,bkhs->bkrs", q, keys).astype(jnp.float32) * c.attention_scale
-        scores = scores.reshape(B, c.n_kv_heads, G, T, window)
-        key_pos, pos = jnp.arange(window)[None, None, :], positions[:, :, None]
-        mask = key_pos <= pos  # [B, T, W]
-        if c.local_layers:  # a local layer sees only the last sliding_window positions, its own included
-            mask &= ~local | (key_pos > pos - c.sliding_window)
-        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, c.n_kv_heads, G * T, window)
-        attn = jnp.einsum("bkrs,bksh->bkrh", probs, values).reshape(B, c.n_kv_heads, G, T, c.head_dim)
-        attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, c.head_dim)
+        attn = paged_attention(c, q, cache, layer, table, positions, window, local)
         attn = dot("btnh,nhd->btd", attn, wo)
         if c.sandwich_norms:
             attn = RMSNorm(c.norm_eps, dt, name="post_attn_norm")(attn)

@@ -4,8 +4,10 @@ import dataclasses
 import math
 import subprocess
 import sys
+import tracemalloc
 
 import gguf
+import jax
 import numpy as np
 import pytest
 from served import full_logits
@@ -51,30 +53,30 @@ def random_k_quant(rows, cols, qtype, rng):
     return raw.reshape(rows, -1)
 
 
-def write_gguf(path, params, qtype, rng, extra=None, rope_scaling=None):
+def write_gguf(path, params, qtype, rng, extra=None, rope_scaling=None, cfg=CFG):
     """Write `params` (jaxserve layout) as llama.cpp would: [out, in] matrices, Q/K permuted; `extra`
-    tensors added as they are, `rope_scaling` (type, factor) in the metadata.
+    tensors added as they are, `rope_scaling` (type, factor) in the metadata; `cfg` the model's shape.
 
     Matrices are stored as `qtype`. Returns the float values the file really holds in jaxserve layout
     (after quantization), which import must reproduce."""
     p = {k: np.asarray(v) for k, v in params["params"]["layers"].items() if not isinstance(v, dict)}
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(CFG.n_layers)
-    w.add_context_length(CFG.max_context)
-    w.add_embedding_length(CFG.dim)
-    w.add_feed_forward_length(CFG.mlp_dim)
-    w.add_head_count(CFG.n_heads)
-    w.add_head_count_kv(CFG.n_kv_heads)
-    w.add_rope_freq_base(CFG.rope_theta)
-    w.add_layer_norm_rms_eps(CFG.norm_eps)
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_context)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.mlp_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
     tokens = [bytes([b]).decode("latin-1") for b in range(256)]
     tokens = [chr(0x100 + i) if not (t.isprintable() and t != " ") else t for i, t in enumerate(tokens)]
-    tokens += [f"<extra_{i}>" for i in range(CFG.vocab_size - 257)] + ["<|end|>"]
+    tokens += [f"<extra_{i}>" for i in range(cfg.vocab_size - 257)] + ["<|end|>"]
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
-    w.add_token_types([1] * (CFG.vocab_size - 1) + [3])
+    w.add_token_types([1] * (cfg.vocab_size - 1) + [3])
     w.add_token_merges([])
-    w.add_eos_token_id(CFG.vocab_size - 1)
+    w.add_eos_token_id(cfg.vocab_size - 1)
     if rope_scaling:
         w.add_rope_scaling_type(rope_scaling[0])
         w.add_rope_scaling_factor(rope_scaling[1])
@@ -96,11 +98,11 @@ def write_gguf(path, params, qtype, rng, extra=None, rope_scaling=None):
         if key:
             held.setdefault(key, []).append(stored)
 
-    D, N, K, H = CFG.dim, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
+    D, N, K, H = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     w.add_tensor("token_embd.weight", np.asarray(params["params"]["embed"]["embedding"], np.float32))
     w.add_tensor("output_norm.weight", np.asarray(params["params"]["final_norm"]["scale"], np.float32))
     put("output.weight", np.asarray(params["params"]["lm_head"]).T, "lm_head")
-    for i in range(CFG.n_layers):
+    for i in range(cfg.n_layers):
         lp = params["params"]["layers"]
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.asarray(lp["attn_norm"]["scale"][i], np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.asarray(lp["mlp_norm"]["scale"][i], np.float32))
@@ -258,6 +260,29 @@ def test_unknown_gguf_tensors_and_rope_scalings_are_refused_by_name(tmp_path, pa
             read_gguf(tmp_path / f"{i}.gguf", progress=False)
     write_gguf(tmp_path / "linear.gguf", params, T.F32, rng, rope_scaling=(gguf.RopeScalingType.LINEAR, 2.0))
     assert read_gguf(tmp_path / "linear.gguf", progress=False)[0].rope_scaling == RopeScaling("linear", 2.0)
+
+
+def test_gguf_conversion_streams_tensor_by_tensor(tmp_path):
+    """As for Hugging Face directories (test_hf_import): converting a GGUF holds a few dequantized tensors
+    on the host at a time, never the parameter tree nor one stacked parameter (tracemalloc's peak of
+    Python's and NumPy's allocations), and float32 weights come through exactly."""
+    deep = dataclasses.replace(CFG, n_layers=24)
+    params = init_params(deep, seed=2)
+    path = tmp_path / "deep.gguf"
+    write_gguf(path, params, T.F32, np.random.default_rng(0), cfg=deep)
+    mesh = make_mesh(1, 1)
+    convert_gguf(path, tmp_path / "warm", progress=False, mesh=mesh)  # imports and compilations, unmeasured
+    tracemalloc.start()
+    try:
+        out = convert_gguf(path, tmp_path / "ckpt", progress=False, mesh=mesh)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    model = load_checkpoint(out, mesh)
+    leaves = jax.tree.leaves(model.params)
+    total, stacked = sum(x.nbytes for x in leaves), max(x.nbytes for x in leaves)  # float32 bytes
+    assert peak < stacked / 2 and peak < total / 8, (peak, stacked, total)
+    jax.tree.map(np.testing.assert_array_equal, model.params, params)
 
 
 def test_a_tensor_type_outside_the_tested_list_is_refused_by_name():

@@ -4,12 +4,12 @@ import dataclasses
 import math
 import subprocess
 import sys
-import tracemalloc
 
 import gguf
 import jax
 import numpy as np
 import pytest
+from converted import assert_streamed, streamed_conversion
 from served import full_logits
 
 from jaxserve.checkpoint import convert_gguf, load_checkpoint
@@ -271,17 +271,9 @@ def test_gguf_conversion_streams_tensor_by_tensor(tmp_path):
     path = tmp_path / "deep.gguf"
     write_gguf(path, params, T.F32, np.random.default_rng(0), cfg=deep)
     mesh = make_mesh(1, 1)
-    convert_gguf(path, tmp_path / "warm", progress=False, mesh=mesh)  # imports and compilations, unmeasured
-    tracemalloc.start()
-    try:
-        out = convert_gguf(path, tmp_path / "ckpt", progress=False, mesh=mesh)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    out, peak = streamed_conversion(convert_gguf, path, tmp_path, mesh)
     model = load_checkpoint(out, mesh)
-    leaves = jax.tree.leaves(model.params)
-    total, stacked = sum(x.nbytes for x in leaves), max(x.nbytes for x in leaves)  # float32 bytes
-    assert peak < stacked / 2 and peak < total / 8, (peak, stacked, total)
+    assert_streamed(peak, model.params)
     jax.tree.map(np.testing.assert_array_equal, model.params, params)
 
 

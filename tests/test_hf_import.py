@@ -8,13 +8,13 @@ import math
 import shutil
 import subprocess
 import sys
-import tracemalloc
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from converted import assert_streamed, streamed_conversion
 from flax.traverse_util import flatten_dict
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -247,17 +247,9 @@ def test_conversion_streams_tensor_by_tensor(tmp_path):
     }
     path = variant(tmp_path, "llama", config={"num_hidden_layers": 128}, extra=extra)
     mesh = make_mesh(1, 1)
-    convert_hf(path, tmp_path / "warm", progress=False, mesh=mesh)  # imports and compilations, unmeasured
-    tracemalloc.start()
-    try:
-        out = convert_hf(path, tmp_path / "ckpt", progress=False, mesh=mesh)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    out, peak = streamed_conversion(convert_hf, path, tmp_path, mesh)
     model = load_checkpoint(out, mesh)
-    leaves = jax.tree.leaves(model.params)
-    total, stacked = sum(x.nbytes for x in leaves), max(x.nbytes for x in leaves)  # float32 bytes
-    assert peak < stacked / 2 and peak < total / 8, (peak, stacked, total)
+    assert_streamed(peak, model.params)
     assert_logits_match(model.cfg, model.params, "llama")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax import lax
@@ -23,18 +24,18 @@ from jaxserve.model.params import abstract_params
 from jaxserve.model.transformer import group_size
 from jaxserve.sharding import tree_shardings
 
-Path_ = tuple[str, ...]
+LeafPath = tuple[str, ...]
 Index = tuple[int | None, ...]
-Piece = tuple[Path_, Index, np.ndarray]
+Piece = tuple[LeafPath, Index, np.ndarray]
 
 
-def leaf_shapes(cfg: ModelConfig) -> dict[Path_, jax.ShapeDtypeStruct]:
+def leaf_shapes(cfg: ModelConfig) -> dict[LeafPath, jax.ShapeDtypeStruct]:
     """Every parameter leaf of the model, by path under {'params': ...}."""
     shapes, _ = abstract_params(cfg)
     return flatten_dict(shapes["params"])
 
 
-def expected(cfg: ModelConfig) -> set[tuple[Path_, Index]]:
+def expected(cfg: ModelConfig) -> set[tuple[LeafPath, Index]]:
     """The (path, index) pieces a float model needs: each layer of a stacked leaf, each half of gate_up."""
     want = set()
     for path in leaf_shapes(cfg):
@@ -47,7 +48,7 @@ def expected(cfg: ModelConfig) -> set[tuple[Path_, Index]]:
     return want
 
 
-def check_complete(pieces: Iterable[tuple[Path_, Index]], cfg: ModelConfig, source) -> None:
+def check_complete(pieces: Iterable[tuple[LeafPath, Index]], cfg: ModelConfig, source) -> None:
     """Refuse a source that lacks a piece of the model, naming the first few missing."""
     missing = sorted(expected(cfg) - set(pieces), key=str)
     if missing:
@@ -97,7 +98,7 @@ def place(pieces: Iterable[Piece], cfg: ModelConfig, mesh) -> dict:
     shapes, axes = abstract_params(cfg)
     leaf_shape = flatten_dict(shapes["params"])
     sharding = flatten_dict(tree_shardings(axes, shapes, mesh)["params"])
-    bufs: dict[Path_, jax.Array] = {}
+    bufs: dict[LeafPath, jax.Array] = {}
     for path, index, value in pieces:
         s = leaf_shape[path]
         value = np.asarray(value, s.dtype)
@@ -106,7 +107,7 @@ def place(pieces: Iterable[Piece], cfg: ModelConfig, mesh) -> dict:
             del value
             continue
         if path not in bufs:
-            bufs[path] = jax.jit(lambda s=s: jax.numpy.zeros(s.shape, s.dtype), out_shardings=sharding[path])()
+            bufs[path] = jnp.zeros(s.shape, s.dtype, device=sharding[path])
         # the value at full rank: a 1 for each picked axis, which starts at the picked position
         full = [1 if i is not None else None for i in index] + [None] * (len(s.shape) - len(index))
         dims = iter(value.shape)

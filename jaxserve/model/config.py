@@ -19,22 +19,28 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """A rescaling of the RoPE frequencies: "linear" (all divided by `factor`) or "llama3" (Llama 3.1+:
-    long wavelengths divided by `factor`, short ones kept, a smooth blend between)."""
+    """A rescaling of the RoPE frequencies: "linear" (all divided by `factor`), "llama3" (Llama 3.1+:
+    long wavelengths divided by `factor`, short ones kept, a smooth blend between) or "divisors" (each
+    frequency divided by its own entry of `divisors`, as llama.cpp applies a GGUF's `rope_freqs.weight`)."""
 
     kind: str
-    factor: float
+    factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context: int = 8192
+    divisors: tuple[float, ...] = ()  # [H/2], for "divisors"
 
     def __post_init__(self):
-        assert self.kind in ("linear", "llama3"), self.kind
+        assert self.kind in ("linear", "llama3", "divisors"), self.kind
+        object.__setattr__(self, "divisors", tuple(float(x) for x in self.divisors))  # a list from JSON
 
     def apply(self, inv_freq: np.ndarray) -> np.ndarray:
         """Rescaled inverse frequencies [H/2] (constants, computed once in NumPy)."""
         if self.kind == "linear":
             return inv_freq / self.factor
+        if self.kind == "divisors":
+            assert len(self.divisors) == len(inv_freq), (len(self.divisors), len(inv_freq))
+            return inv_freq / np.asarray(self.divisors, np.float64)
         low_wavelen = self.original_context / self.low_freq_factor
         high_wavelen = self.original_context / self.high_freq_factor
         wavelen = 2 * math.pi / inv_freq

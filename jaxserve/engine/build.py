@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
@@ -9,7 +10,10 @@ import jax
 from jaxserve.chat_template import end_of_turn_ids
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine.core import JaxCore
+from jaxserve.engine.formulation import choose
 from jaxserve.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SLOTS = 64  # sequences decoded at once
 DEFAULT_CONTEXT = 2048  # tokens per slot (prompt and completion)
@@ -29,9 +33,16 @@ def build_engine(
     max_context: int | None = DEFAULT_CONTEXT,
     warmup: bool = True,
     max_waiting: int = 256,
+    formulation: str = "auto",
+    formulation_cache: Path | None = None,
 ) -> Scheduler:
     """A started scheduler over `slots` sequences of up to `max_context` tokens (capped by the model's).
-    With warmup, every shape is compiled before the first request."""
+    The int8 matmuls' `formulation` ("auto", "f32", "bf16") is settled first (see engine.formulation; an
+    automatic choice is cached in the folder `formulation_cache`, None: measured each time). With warmup,
+    every shape is then compiled before the first request."""
+    choice = choose(model, slots, formulation, formulation_cache)
+    log.info("%s", choice.describe(model.cfg))
+    model = choice.apply(model)
     cache_len = min(model.cfg.max_context, max_context or model.cfg.max_context)
     tok = model.tokenizer
     # a generation ends at any EOS id and at the chat template's end of turn

@@ -99,7 +99,7 @@ def test_the_choice_is_cached_under_its_key(tiny_int8, tmp_path):
     entries = json.loads((tmp_path / CACHE_FILE).read_text())
     assert len(entries) == 3 and cache_key(tiny_int8, 4) in entries
     key = cache_key(tiny_int8, 4)
-    for part in (formulation.machine(), f"jax {jax.__version__} cpu", tiny_int8.name, "int8", "4 slots"):
+    for part in (formulation.machine(), f"jax {jax.__version__} cpu", tiny_int8.name, "weights int8", "4 slots"):
         assert part in key
     (tmp_path / CACHE_FILE).write_text("{not json")
     assert choose(tiny_int8, 4, "auto", tmp_path, fake).source.startswith("measured")  # a broken file: measure

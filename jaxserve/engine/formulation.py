@@ -150,8 +150,8 @@ def cache_key(model: LoadedModel, slots: int) -> str:
     mesh = ",".join(f"{k}={v}" for k, v in model.mesh.shape.items())
     weights = model.cfg.quant or model.cfg.dtype
     return (
-        f"{machine()} | jax {jax.__version__} {jax.default_backend()} | {model.name} {cfg} | {weights} "
-        f"{model.cfg.dtype} | mesh {mesh} | {slots} slots"
+        f"{machine()} | jax {jax.__version__} {jax.default_backend()} | {model.name} {cfg} | weights {weights}, "
+        f"activations {model.cfg.dtype} | mesh {mesh} | {slots} slots"
     )
 
 

@@ -88,19 +88,23 @@ def test_the_choice_is_cached_under_its_key(tiny_int8, tmp_path):
     calls: list = []
     fake = timer(calls, {1: ms(10, 12), 2: ms(10, 8), 4: ms(10, 6), 8: ms(10, 5)})
     first = choose(tiny_int8, 4, "auto", tmp_path, fake)
-    assert calls == [(1, 2, 4)] and first.bf16_from_rows == 2 and first.source.startswith("measured")
+    assert calls == [(4,), (2,), (1,)] and first.bf16_from_rows == 2 and first.source.startswith("measured")
     again = choose(tiny_int8, 4, "auto", tmp_path, fake)
-    assert len(calls) == 1  # a restart reads the file
+    assert len(calls) == 3  # a restart reads the file
     assert again.source.startswith("cached") and (again.bf16_from_rows, again.timings) == (2, first.timings)
     choose(tiny_int8, 8, "auto", tmp_path, fake)  # other slots: other row buckets, measured
     bf16_weights = dataclasses.replace(tiny_int8, cfg=dataclasses.replace(tiny_int8.cfg, dtype="bfloat16"))
     choose(bf16_weights, 4, "auto", tmp_path, fake)  # another config of the model: measured
-    assert calls[1:] == [(1, 2, 4, 8), (1, 2, 4)]
+    assert calls[3:] == [(8,), (4,), (2,), (1,), (4,), (2,), (1,)]
     entries = json.loads((tmp_path / CACHE_FILE).read_text())
     assert len(entries) == 3 and cache_key(tiny_int8, 4) in entries
     key = cache_key(tiny_int8, 4)
     for part in (formulation.machine(), f"jax {jax.__version__} cpu", tiny_int8.name, "weights int8", "4 slots"):
         assert part in key
+    calls.clear()
+    slow = timer(calls, {1: ms(10, 5), 2: ms(10, 20), 4: ms(10, 8)})
+    assert choose(tiny_int8, 4, "auto", None, slow).bf16_from_rows == 4
+    assert calls == [(4,), (2,)]  # below a loss nothing is measured: it could not lower the threshold
     (tmp_path / CACHE_FILE).write_text("{not json")
     assert choose(tiny_int8, 4, "auto", tmp_path, fake).source.startswith("measured")  # a broken file: measure
     assert choose(tiny_int8, 4, "auto", None, fake).source.startswith("measured")  # no cache folder: measure

@@ -3,8 +3,9 @@
 Two formulations pass the int8 fidelity bounds (tests/test_quantize.py checks both): "f32", the int8 kernel
 widened to float32 inside the step, and "bf16", the dequantized kernel and the activations rounded to
 bfloat16 with float32 accumulation. Which is faster depends on the CPU (bfloat16 units or none) and on
-the rows a matmul carries, so on CPU `choose` times both on the model's own weight matmuls at every
-decode row bucket and serves bfloat16 from the smallest row count at and above which it wins everywhere
+the rows a matmul carries, so on CPU `choose` times both on the model's own weight matmuls at the decode row
+buckets, from the most rows down until bfloat16 loses, and serves bfloat16 from the smallest row count at
+and above which it wins everywhere
 (`ModelConfig.bf16_from_rows`, static in the jitted steps: the choice costs no recompilation after
 warm-up). On GPU and TPU bfloat16 is the native choice and stands without measuring. Float weights are
 never rounded: float32 asked for stays exact.
@@ -203,7 +204,11 @@ def choose(
         timings = {int(r): t for r, t in entry["timings_ms"].items()}
         return Choice(entry["bf16_from_rows"], f"cached in {path}", timings)
     t0 = time.perf_counter()
-    timings = timer(model, row_buckets(slots))
+    timings: Timings = {}
+    for rows in reversed(row_buckets(slots)):  # from the most rows down: below a loss nothing counts
+        timings.update(timer(model, (rows,)))
+        if bf16_threshold({rows: timings[rows]}) is None:
+            break
     choice = Choice(bf16_threshold(timings), f"measured in {time.perf_counter() - t0:.1f} s", timings)
     if path is not None:
         _write(path, key, choice)

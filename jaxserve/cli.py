@@ -105,7 +105,14 @@ def cmd_generate(args) -> int:
     prompt_ids = tuple(tok.encode(args.prompt))
     # one slot, and a cache just long enough: shapes compile as they are first reached
     needed = len(prompt_ids) + args.max_tokens
-    scheduler = build_engine(model, slots=1, max_context=max(128, 1 << (needed - 1).bit_length()), warmup=False)
+    scheduler = build_engine(
+        model,
+        slots=1,
+        max_context=max(128, 1 << (needed - 1).bit_length()),
+        warmup=False,
+        formulation=args.formulation,
+        formulation_cache=cache,
+    )
     req = EngineRequest(
         "generate",
         prompt_ids,
@@ -235,6 +242,8 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
         kv_cache_memory=args.kv_cache_memory,
         num_pages=args.num_pages,
         prefix_caching=args.prefix_caching,
+        formulation=args.formulation,
+        formulation_cache=cache,
     )
     weights = model.cfg.quant or model.cfg.dtype
     serving = CompletionServing(
@@ -253,14 +262,15 @@ def _load_for_serving(args, state, holder) -> bool:
         core = scheduler.core
         state.serving = serving
         log.info(
-            "serving %s as %s on http://%s:%d | mesh %s | weights %s | %d slots of up to %d tokens | KV pool %d "
-            "tokens (%.2f GB) | ready in %.1f s",
+            "serving %s as %s on http://%s:%d | mesh %s | weights %s, matmuls %s | %d slots of up to %d tokens "
+            "| KV pool %d tokens (%.2f GB) | ready in %.1f s",
             model.name,
             ", ".join(serving.model_ids),
             args.host,
             args.port,
             dict(model.mesh.shape),
             model.cfg.quant or model.cfg.dtype,
+            core.cfg.formulation,
             core.slots,
             core.cache_len,
             core.pages * core.page_size,
@@ -323,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of converted checkpoints "
         "(default: $JAXSERVE_CHECKPOINTS, ./checkpoints, or ~/.cache/jaxserve/checkpoints)",
     )
+    formulation = argparse.ArgumentParser(add_help=False)
+    formulation.add_argument(
+        "--formulation",
+        choices=["auto", "f32", "bf16"],
+        default="auto",
+        help="how int8 matmuls compute: f32 (int8 widened to float32), bf16 (bfloat16 products, float32 "
+        "sums), or auto: on CPU the faster of the two at each decode batch size, measured once per machine "
+        "and model and cached beside the compiled steps; bf16 on GPU/TPU (default: auto)",
+    )
     common.add_argument(
         "--quantize",
         choices=["int8", "none"],
@@ -341,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, help="cap the context length (default: the file's)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", parents=[common], help="print a continuation of PROMPT as it is produced")
+    p = sub.add_parser(
+        "generate", parents=[common, formulation], help="print a continuation of PROMPT as it is produced"
+    )
     p.add_argument("prompt")
     p.add_argument(
         "--model",
@@ -362,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jaxserve.engine.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
 
-    p = sub.add_parser("serve", parents=[common], help="serve the OpenAI Completions API over HTTP")
+    p = sub.add_parser("serve", parents=[common, formulation], help="serve the OpenAI Completions API over HTTP")
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -418,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "batch",
-        parents=[common],
+        parents=[common, formulation],
         help="run a JSONL file of completion requests (OpenAI Batch "
         "format), appending results to OUTPUT; a rerun resumes",
     )

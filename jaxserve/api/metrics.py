@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -60,6 +60,13 @@ class _EngineCollector(Collector):
         if hasattr(core, "compiles"):
             yield CounterMetricFamily("jaxserve_compiles", "jitted steps compiled", value=sum(core.compiles.values()))
         yield CounterMetricFamily("jaxserve_engine_steps", "decode steps run", value=s.steps)
+        if (cfg := getattr(core, "cfg", None)) is not None:  # a model config (the fake core has none)
+            yield InfoMetricFamily(
+                "jaxserve_matmul_formulation",
+                "how the weight matmuls compute: float weights in their dtype; int8 in f32, bf16, or "
+                "f32<N<=bf16 (bfloat16 products from N rows on)",
+                value={"formulation": cfg.formulation, "bf16_from_rows": str(cfg.bf16_from_rows or "")},
+            )
         pool = s.pool
         yield GaugeMetricFamily("jaxserve_kv_pages", "pages in the KV pool", value=pool.pages)
         yield GaugeMetricFamily("jaxserve_kv_pages_held", "KV pages held by sequences", value=pool.held)

@@ -10,6 +10,7 @@ import jax
 from jaxserve.chat_template import end_of_turn_ids
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine.core import PAGE_SIZE, JaxCore
+from jaxserve.engine.formulation import choose
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.model import KVCache, ModelConfig
 
@@ -58,10 +59,17 @@ def build_engine(
     num_pages: int | None = None,
     page_size: int = PAGE_SIZE,
     prefix_caching: bool = True,
+    formulation: str = "auto",
+    formulation_cache: Path | None = None,
 ) -> Scheduler:
     """A started scheduler over `slots` sequences of up to `max_context` tokens (capped by the model's),
-    their KV in a pool of `num_pages` pages or of `kv_cache_memory` bytes (see `pool_pages`). With warmup,
-    every shape is compiled before the first request."""
+    their KV in a pool of `num_pages` pages or of `kv_cache_memory` bytes (see `pool_pages`). The int8
+    matmuls' `formulation` ("auto", "f32", "bf16") is settled first (see engine.formulation; an automatic
+    choice is cached in the folder `formulation_cache`, None: measured each time). With warmup, every shape
+    is then compiled before the first request."""
+    choice = choose(model, slots, formulation, formulation_cache)
+    log.info("%s", choice.describe(model.cfg))
+    model = choice.apply(model)
     cache_len = min(model.cfg.max_context, max_context or model.cfg.max_context)
     page_size = min(page_size, cache_len)
     pages = pool_pages(model.cfg, page_size, slots, cache_len, kv_cache_memory, num_pages)

@@ -60,13 +60,18 @@ def dequantize(kernel, scale):
     return w.reshape(kernel.shape)
 
 
-def dot(spec: str, x, weight):
-    """einsum(spec, x, kernel), an int8 kernel dequantized to float32 within the jitted step. (Not bfloat16
-    products: slower at one slot on some CPUs, and under model sharding they drifted from the unsharded
-    result.)"""
+def dot(spec: str, x, weight, bf16_from_rows: int | None = None):
+    """einsum(spec, x [B, T, ...], kernel), an int8 kernel dequantized within the jitted step: to float32, or,
+    where x has at least `bf16_from_rows` rows (B * T, known when tracing), rounded to bfloat16 once after
+    the float32 dequantization (one rounding of each weight, not two) and multiplied with bfloat16
+    activations, accumulating in float32. Which is faster depends on the CPU and the rows
+    (jaxserve.engine.formulation measures it); float weights always compute in their own dtype."""
     kernel, scale = weight
     if scale is None:
         return jnp.einsum(spec, x, kernel)
+    if bf16_from_rows is not None and x.shape[0] * x.shape[1] >= bf16_from_rows:
+        w = dequantize(kernel, scale).astype(jnp.bfloat16)
+        return jnp.einsum(spec, x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32).astype(x.dtype)
     return jnp.einsum(spec, x.astype(jnp.float32), dequantize(kernel, scale)).astype(x.dtype)
 
 
@@ -147,9 +152,9 @@ class Block(nn.Module):
         wk = _weight(self, c, "k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wv = _weight(self, c, "v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wo = _weight(self, c, "o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), 1)
-        q = dot("btd,dnh->btnh", h, wq)
-        k = dot("btd,dkh->btkh", h, wk)
-        v = dot("btd,dkh->btkh", h, wv)
+        q = dot("btd,dnh->btnh", h, wq, c.bf16_from_rows)
+        k = dot("btd,dkh->btkh", h, wk, c.bf16_from_rows)
+        v = dot("btd,dkh->btkh", h, wv, c.bf16_from_rows)
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (c.n_heads, c.head_dim), ("q_heads", "head_dim"), zeros, dt)
@@ -162,7 +167,7 @@ class Block(nn.Module):
 
         cache = cache.write(layer, table, positions, k, v, write_from)
         attn = paged_attention(c, q, cache, layer, table, positions, window, local)
-        attn = dot("btnh,nhd->btd", attn, wo)
+        attn = dot("btnh,nhd->btd", attn, wo, c.bf16_from_rows)
         if c.sandwich_norms:
             attn = RMSNorm(c.norm_eps, dt, name="post_attn_norm")(attn)
         x = x + attn
@@ -172,9 +177,9 @@ class Block(nn.Module):
         # of two
         wgu = _weight(self, c, "gate_up", (c.dim, 2, c.mlp_dim), ("embed", None, "mlp"), 0)
         wd = _weight(self, c, "down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0)
-        gate_up = dot("btd,dcf->btcf", h, wgu)
+        gate_up = dot("btd,dcf->btcf", h, wgu, c.bf16_from_rows)
         act = nn.silu if c.activation == "silu" else partial(jax.nn.gelu, approximate=True)
-        out = dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd)
+        out = dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd, c.bf16_from_rows)
         if c.sandwich_norms:
             out = RMSNorm(c.norm_eps, dt, name="post_mlp_norm")(out)
         return (x + out, cache, layer + 1), None
@@ -210,7 +215,8 @@ class Embedding(nn.Module):
             blocks -= 1
         table = self.table.reshape(blocks, V // blocks, D)
         scale = self.scale.reshape(blocks, V // blocks, -1)
-        _, logits = jax.lax.scan(lambda _, w: (None, dot("btd,vd->btv", x, w)), None, (table, scale))
+        block = lambda _, w: (None, dot("btd,vd->btv", x, w, self.cfg.bf16_from_rows))
+        _, logits = jax.lax.scan(block, None, (table, scale))
         return jnp.moveaxis(logits, 0, 2).reshape(*x.shape[:2], V)  # [blocks, B, T, V/blocks] -> [B, T, V]
 
 
@@ -262,4 +268,4 @@ class Transformer(nn.Module):
         """Hidden states [B, T, D] -> logits [B, T, V] float32."""
         if self.cfg.tie_embeddings:
             return self.embed.attend(x).astype(jnp.float32)
-        return dot("btd,dv->btv", x, self.lm_head).astype(jnp.float32)
+        return dot("btd,dv->btv", x, self.lm_head, self.cfg.bf16_from_rows).astype(jnp.float32)

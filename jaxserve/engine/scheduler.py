@@ -238,7 +238,12 @@ class Scheduler:
             )
 
     def _end_admitted(self, group: Group, error: BaseException | None = None) -> None:
-        """Abort an admitted request: its slots are released and freed at once."""
+        """Abort an admitted request: its slots and pages are released and freed at once."""
+        self._unadmit(group)
+        group.abort(error)
+
+    def _unadmit(self, group: Group) -> None:
+        """Take an admitted group off the device: its fills dropped, its slots stopped, slots and pages freed."""
         del self._groups[group.req.request_id]
         for fill in [f for f in self._fills if f.group is group]:
             self._fills.remove(fill)
@@ -246,7 +251,6 @@ class Scheduler:
             if choice.status is Status.DECODING:
                 self.core.release(choice.slot)
             self._free(choice)
-        group.abort(error)
 
     # ---- admission and prefill ----------------------------------------------------------------------
 
@@ -484,15 +488,9 @@ class Scheduler:
         log.info("preempting %s (%d pages in use)", group.req.request_id, self.pool.held)
         self.preemptions += 1
         group.preemptions += 1
-        del self._groups[group.req.request_id]
-        for fill in [f for f in self._fills if f.group is group]:
-            self._fills.remove(fill)
-        for choice in group.choices:
-            if choice.status is Status.DECODING:
-                self.core.release(choice.slot)
-            self._free(choice)
-            if choice.status is not Status.FINISHED:
-                choice.status = Status.WAITING
+        self._unadmit(group)
+        for choice in group.unfinished:
+            choice.status = Status.WAITING
         group.status = Status.WAITING
         group.overtaken = self.max_overtakes  # nothing is admitted past it
         self._waiting.appendleft(group)

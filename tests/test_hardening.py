@@ -45,13 +45,13 @@ class ByteTokenizer:
 
 
 class SlowCore(FakeCore):
-    def step(self, max_position, max_slot):
+    def forward(self, max_position, max_slot):
         time.sleep(0.02)
-        return super().step(max_position, max_slot)
+        return super().forward(max_position, max_slot)
 
 
 class BrokenCore(FakeCore):
-    def step(self, max_position, max_slot):
+    def forward(self, max_position, max_slot):
         raise RuntimeError("device lost")
 
 

@@ -41,7 +41,9 @@ class Choice:
         self.status = Status.WAITING
         self.text = ChoiceText(tokenizer, group.req.stop)
         self.slot: int | None = None
-        self.matcher = None  # a grammar.Matcher while a constrained choice decodes (set at insert)
+        # a grammar.Matcher while a constrained choice decodes (set at insert; the scheduler feeds it each
+        # token as soon as it is fetched, ahead of take_token)
+        self.matcher = None
         self.position = 0  # an upper bound of the slot's position on device (for the attention window)
         self.count = 0  # tokens generated, EOS included
         self.logprob_sum = 0.0
@@ -63,8 +65,6 @@ class Choice:
         """Account for a generated token -> (its delta, whether it was EOS). EOS adds no text."""
         self.count += 1
         self.logprob_sum += logprob
-        if self.matcher is not None:
-            self.matcher.consume(token)
         if token in eos_ids and not self.group.req.ignore_eos:
             return Delta(self.index, "", []), True
         return Delta(self.index, self.text.add(token), [TokenInfo(token, logprob, top)]), False

@@ -37,6 +37,37 @@ def _mesh(spec: str | None):
     return make_mesh(*parse_mesh(spec))
 
 
+def parse_bytes(text: str) -> int:
+    """'2GB' / '512MiB' / '1e9' -> bytes (decimal units, and binary ones with an i)."""
+    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    units |= {f"{u}I": 1 << (10 * i) for i, u in enumerate("KMGT", 1)}
+    number = text.strip().upper().removesuffix("B")
+    unit = next((u for u in sorted(units, key=len, reverse=True) if u and number.endswith(u)), "")
+    try:
+        value = float(number[: len(number) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return int(value)
+
+
+def add_kv_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        help="memory for the KV page pool, e.g. 2GB (default: 1 GiB on a CPU host, half the free memory of an "
+        "accelerator; never more than every slot at full context needs)",
+    )
+    p.add_argument("--num-pages", type=int, help="pages in the KV pool (instead of --kv-cache-memory)")
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt whole instead of reusing cached pages of earlier ones",
+    )
+
+
 def quantize_choice(args) -> str | None:
     """--quantize, else the model card's default; "none" asks for float weights."""
     if args.quantize is None:
@@ -74,7 +105,14 @@ def cmd_generate(args) -> int:
     prompt_ids = tuple(tok.encode(args.prompt))
     # one slot, and a cache just long enough: shapes compile as they are first reached
     needed = len(prompt_ids) + args.max_tokens
-    scheduler = build_engine(model, slots=1, max_context=max(128, 1 << (needed - 1).bit_length()), warmup=False)
+    scheduler = build_engine(
+        model,
+        slots=1,
+        max_context=max(128, 1 << (needed - 1).bit_length()),
+        warmup=False,
+        formulation=args.formulation,
+        formulation_cache=cache,
+    )
     req = EngineRequest(
         "generate",
         prompt_ids,
@@ -196,7 +234,17 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
         dtype=args.dtype,
         quantize=quantize_choice(args),
     )
-    scheduler = build_engine(model, slots=args.max_slots, max_context=args.max_context, max_waiting=max_waiting)
+    scheduler = build_engine(
+        model,
+        slots=args.max_slots,
+        max_context=args.max_context,
+        max_waiting=max_waiting,
+        kv_cache_memory=args.kv_cache_memory,
+        num_pages=args.num_pages,
+        prefix_caching=args.prefix_caching,
+        formulation=args.formulation,
+        formulation_cache=cache,
+    )
     weights = model.cfg.quant or model.cfg.dtype
     serving = CompletionServing(
         scheduler, model.tokenizer, [model.name, *aliases], metrics, fingerprint=f"jaxserve-{model.name}-{weights}"
@@ -214,16 +262,18 @@ def _load_for_serving(args, state, holder) -> bool:
         core = scheduler.core
         state.serving = serving
         log.info(
-            "serving %s as %s on http://%s:%d | mesh %s | weights %s | %d slots x %d tokens | KV cache %.2f GB "
-            "| ready in %.1f s",
+            "serving %s as %s on http://%s:%d | mesh %s | weights %s, matmuls %s | %d slots of up to %d tokens "
+            "| KV pool %d tokens (%.2f GB) | ready in %.1f s",
             model.name,
             ", ".join(serving.model_ids),
             args.host,
             args.port,
             dict(model.mesh.shape),
             model.cfg.quant or model.cfg.dtype,
+            core.cfg.formulation,
             core.slots,
             core.cache_len,
+            core.pages * core.page_size,
             core.kv_bytes / 1e9,
             time.perf_counter() - t0,
         )
@@ -283,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of converted checkpoints "
         "(default: $JAXSERVE_CHECKPOINTS, ./checkpoints, or ~/.cache/jaxserve/checkpoints)",
     )
+    formulation = argparse.ArgumentParser(add_help=False)
+    formulation.add_argument(
+        "--formulation",
+        choices=["auto", "f32", "bf16"],
+        default="auto",
+        help="how int8 matmuls compute: f32 (int8 widened to float32), bf16 (bfloat16 products, float32 "
+        "sums), or auto: on CPU the faster of the two at each decode batch size, measured once per machine "
+        "and model and cached beside the compiled steps; bf16 on GPU/TPU (default: auto)",
+    )
     common.add_argument(
         "--quantize",
         choices=["int8", "none"],
@@ -301,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, help="cap the context length (default: the file's)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", parents=[common], help="print a continuation of PROMPT as it is produced")
+    p = sub.add_parser(
+        "generate", parents=[common, formulation], help="print a continuation of PROMPT as it is produced"
+    )
     p.add_argument("prompt")
     p.add_argument(
         "--model",
@@ -322,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jaxserve.engine.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
 
-    p = sub.add_parser("serve", parents=[common], help="serve the OpenAI Completions API over HTTP")
+    p = sub.add_parser("serve", parents=[common, formulation], help="serve the OpenAI Completions API over HTTP")
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -334,7 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS, help="sequences decoded at once")
-    p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="tokens per sequence (prompt + output)")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=DEFAULT_CONTEXT,
+        help="tokens per sequence (prompt + output), up to the model's own context; KV memory is "
+        "--kv-cache-memory, shared by all sequences",
+    )
+    add_kv_flags(p)
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get a 413")
     p.add_argument(
@@ -371,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "batch",
-        parents=[common],
+        parents=[common, formulation],
         help="run a JSONL file of completion requests (OpenAI Batch "
         "format), appending results to OUTPUT; a rerun resumes",
     )
@@ -385,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="another model id the input's bodies may name")
     p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS)
     p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT)
+    add_kv_flags(p)
     p.add_argument("--mesh")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--compile-cache", help="as for generate")

@@ -3,8 +3,12 @@ floors beside each figure.
 
     python scripts/bench_engine.py [--model NAME] [--weights float32 int8] [--concurrency 1 8 32 64]
                                    [--prompt-tokens 32] [--gen-tokens 128] [--repeats 3]
+                                   [--formulation auto f32 bf16]
 
-For each weights and concurrency C (each run --repeats times; medians reported): C requests of 32 prompt
+int8 runs once per --formulation (the int8 matmuls' arithmetic, see jaxserve.engine.formulation; "auto" is
+what `jaxserve serve` would choose here), the formulations' runs interleaved so that a shared machine's
+noise falls on each alike. For each weights and concurrency C (each run --repeats times; medians reported):
+C requests of 32 prompt
 tokens and 128 generated tokens (EOS ignored) submitted at once to an engine with C slots. Prints generated
 tok/s, time to first token, median step latency and peak RSS, then the floors per step: (weight + KV bytes
 read) / measured memory bandwidth, and FLOPs / measured matmul throughput. Then prefill: a burst of
@@ -31,9 +35,12 @@ from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
 from jaxserve.sharding import make_mesh
 
 
-def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_context: int):
+def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_context: int, formulation, cache):
     tok = model.tokenizer
-    scheduler = build_engine(model, slots=concurrency, max_context=max_context)
+    scheduler = build_engine(
+        model, slots=concurrency, max_context=max_context, formulation=formulation, formulation_cache=cache
+    )
+    chosen = scheduler.core.cfg.formulation
     words = "the quick brown fox jumps over the lazy dog and runs far away into the woods".split()
     prompts = []
     for i in range(concurrency):
@@ -74,6 +81,7 @@ def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_contex
         "step_ms": 1000 * statistics.median(per_token),
         "wall": wall,
         "prefill_tok_s": concurrency * prompt_tokens / max(first_token.values()),
+        "formulation": chosen,
     }
 
 
@@ -89,6 +97,9 @@ def main() -> None:
     parser.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="tokens per slot")
     parser.add_argument("--repeats", type=int, default=3, help="runs per concurrency; medians are reported")
     parser.add_argument("--compile-cache", help="as for `jaxserve generate`")
+    parser.add_argument(
+        "--formulation", nargs="+", choices=["auto", "f32", "bf16"], default=["auto"], help="of the int8 matmuls"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
@@ -104,30 +115,37 @@ def main() -> None:
             progress=False,
             quantize="int8" if weights == "int8" else None,
         )
+        variants = args.formulation if weights == "int8" else ["auto"]
         for c in args.concurrency:
-            runs = [run(model, c, args.prompt_tokens, args.gen_tokens, args.max_context) for _ in range(args.repeats)]
-            r = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-            r["tok_s_all"] = " / ".join(f"{run['tok_s']:.0f}" for run in runs)
-            mem_floor, flop_floor = floors(model.cfg, c, args.prompt_tokens + args.gen_tokens, machine)
-            r.update(
-                weights=weights,
-                conc=c,
-                peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                mem_floor_ms=1000 * mem_floor,
-                flop_floor_ms=1000 * flop_floor,
-                floor_tok_s=c / max(mem_floor, flop_floor),
-            )
-            rows.append(r)
-            print(
-                f"{weights} C={c}: {r['tok_s']:.1f} tok/s (runs: {r['tok_s_all']}), TTFT median {r['ttft_med']:.3f} s, "
-                f"step {r['step_ms']:.1f} ms",
-                flush=True,
-            )
+            runs: dict[str, list[dict]] = {v: [] for v in variants}
+            for _ in range(args.repeats):
+                for v in variants:
+                    runs[v].append(run(model, c, args.prompt_tokens, args.gen_tokens, args.max_context, v, cache))
+            for v in variants:
+                r = {key: statistics.median(run[key] for run in runs[v]) for key in runs[v][0] if key != "formulation"}
+                r["tok_s_all"] = " / ".join(f"{run['tok_s']:.0f}" for run in runs[v])
+                mem_floor, flop_floor = floors(model.cfg, c, args.prompt_tokens + args.gen_tokens, machine)
+                label = weights if weights != "int8" else f"int8 {v}: {runs[v][0]['formulation']}"
+                r.update(
+                    weights=label,
+                    conc=c,
+                    peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                    mem_floor_ms=1000 * mem_floor,
+                    flop_floor_ms=1000 * flop_floor,
+                    floor_tok_s=c / max(mem_floor, flop_floor),
+                )
+                rows.append(r)
+                print(
+                    f"{label} C={c}: {r['tok_s']:.1f} tok/s (runs: {r['tok_s_all']}), "
+                    f"TTFT median {r['ttft_med']:.3f} s, step {r['step_ms']:.1f} ms",
+                    flush=True,
+                )
         if args.prefill_burst:
-            runs = [
-                run(model, args.prefill_burst, args.prompt_tokens, 1, args.max_context) for _ in range(args.repeats)
+            burst = [
+                run(model, args.prefill_burst, args.prompt_tokens, 1, args.max_context, variants[0], cache)
+                for _ in range(args.repeats)
             ]
-            prefills.append((weights, statistics.median(run["prefill_tok_s"] for run in runs)))
+            prefills.append((weights, statistics.median(run["prefill_tok_s"] for run in burst)))
             print(f"{weights} prefill: {prefills[-1][1]:.0f} prompt tok/s", flush=True)
         del model
         gc.collect()

@@ -140,7 +140,7 @@ def wait_healthy(proc: subprocess.Popen, url: str) -> None:
     sys.exit(f"the server for {url} did not become healthy in 15 minutes")
 
 
-def start_jaxserve(args, slots: int, quantize: str) -> tuple[subprocess.Popen, str]:
+def start_jaxserve(args, slots: int, quantize: str, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -157,6 +157,7 @@ def start_jaxserve(args, slots: int, quantize: str) -> tuple[subprocess.Popen, s
         args.model or DEFAULT_MODEL,
         "--quantize",
         quantize,
+        *flags,
     ]
     if args.checkpoints:
         cmd += ["--checkpoints", args.checkpoints]

@@ -71,8 +71,8 @@ def train(cfg: ModelConfig, data: np.ndarray, steps: int, seq_len: int, batch: i
     positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
 
     def loss_fn(params, x, y):
-        cache = KVCache.zeros(cfg, batch, seq_len)
-        logits, _ = model.apply(params, x, positions, cache, seq_len)
+        cache, table = KVCache.per_row(cfg, batch, seq_len)
+        logits, _ = model.apply(params, x, positions, cache, table, seq_len)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     @jax.jit
@@ -96,9 +96,8 @@ def sample(cfg: ModelConfig, params, tok: SentencePieceTokenizer, prompt: str, n
     """Greedy continuation by full forward passes over one fixed-size buffer (no engine needed)."""
     ids = tok.encode(prompt)
     size = len(ids) + n
-    forward = jax.jit(
-        lambda p, x: Transformer(cfg).apply(p, x, jnp.arange(size)[None], KVCache.zeros(cfg, 1, size), size)[0]
-    )
+    cache, table = KVCache.per_row(cfg, 1, size)
+    forward = jax.jit(lambda p, x: Transformer(cfg).apply(p, x, jnp.arange(size)[None], cache, table, size)[0])
     for i in range(len(ids), size):
         logits = forward(params, jnp.array([ids + [0] * (size - len(ids))]))
         ids.append(int(jnp.argmax(logits[0, i - 1])))

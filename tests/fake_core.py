@@ -5,6 +5,12 @@ the logprob of token t is -t/100, and so are its top 5. EOS is token 50. A slot 
 the lowest id the mask allows from that token up (vocabulary: 64 tokens, 2 words), under the mask it has
 when `sample` (a step's second half) runs.
 Every call is recorded, so admission, slot reuse, abort and one-step-late processing are visible.
+
+Its KV cache holds the tokens themselves: `kv[page][offset]`, written through the page table by prefill
+and step, copied by copy_page. A prefill continues from what its slot's pages hold: the first token after
+it is the token read back at the last position + 1, so a wrong page in the table gives a wrong token. It
+asserts what the scheduler owes it: a page for every position written, and cached positions a prefill
+skips holding exactly the tokens it was given.
 """
 
 from __future__ import annotations
@@ -58,11 +64,15 @@ class Stepped:
 
 
 class FakeCore(Core):
-    def __init__(self, slots: int = 4, cache_len: int = 64, chunk: int = 4):
+    def __init__(self, slots: int = 4, cache_len: int = 64, chunk: int = 4, pages: int | None = None, page_size=4):
         self.slots, self.cache_len, self.chunk = slots, cache_len, chunk
+        self.page_size, self.pages_per_seq = page_size, -(-cache_len // page_size)
+        self.pages = slots * self.pages_per_seq if pages is None else pages
+        self.kv: list[list[int | None]] = [[None] * page_size for _ in range(self.pages)]
         self.eos_ids, self.vocab_size = (EOS,), VOCAB
         self.masks: list = [None] * slots  # each slot's allowed ids (None: all)
         self.tokens = np.zeros(slots, int)
+        self.positions = np.zeros(slots, int)
         self.active = np.zeros(slots, bool)
         self.remaining = np.zeros(slots, int)
         self.stop_eos = np.zeros(slots, bool)
@@ -72,18 +82,31 @@ class FakeCore(Core):
         """Up to 4 whole prompts of at most 2 tokens go in one call."""
         return (4, 2) if count <= 4 and longest <= 2 else None
 
-    def prefill(self, rows: list[PrefillRow], score: bool = False) -> Prefilled:
+    def _where(self, table, slot: int, position: int) -> tuple[int, int]:
+        page = int(table[slot, position // self.page_size])
+        assert page < self.pages, f"slot {slot} has no page for position {position}"
+        return page, position % self.page_size
+
+    def prefill(self, rows: list[PrefillRow], table, score: bool = False) -> Prefilled:
         self.calls.append(("prefill", tuple((r.slot, r.start, len(r.tokens)) for r in rows)))
         T = max(len(r.tokens) for r in rows)
         logprobs = np.zeros((len(rows), T))
+        last: list = []
         for i, r in enumerate(rows):
             logprobs[i, : len(r.targets)] = -np.asarray(r.targets) / 100.0
-        return Prefilled(
-            logprobs, np.zeros((len(rows), T, 5), int), np.zeros((len(rows), T, 5)), [r.tokens[-1] for r in rows]
-        )
+            for t, token in enumerate(r.tokens):
+                page, offset = self._where(table, r.slot, r.start + t)
+                if r.start + t < r.write_from:
+                    assert self.kv[page][offset] == token, "a cached page holds other tokens"
+                else:
+                    self.kv[page][offset] = token
+            page, offset = self._where(table, r.slot, r.start + len(r.tokens) - 1)
+            last.append(self.kv[page][offset])
+        return Prefilled(logprobs, np.zeros((len(rows), T, 5), int), np.zeros((len(rows), T, 5)), last)
 
-    def fork(self, src: int, dst: int, length: int) -> None:
-        self.calls.append(("fork", src, dst))
+    def copy_page(self, src: int, dst: int) -> None:
+        self.calls.append(("copy_page", src, dst))
+        self.kv[dst] = list(self.kv[src])
 
     def _pick(self, slot: int, token: int) -> int:
         allowed = self.masks[slot]
@@ -107,16 +130,27 @@ class FakeCore(Core):
         done = max_tokens <= 1 or (stop_on_eos and token == EOS)
         self.tokens[slot], self.active[slot] = token, not done
         self.remaining[slot], self.stop_eos[slot] = max_tokens - 1, stop_on_eos
+        self.positions[slot] = position
         return Stepped.of([token], [done], [True])
 
-    def forward(self, max_position: int, max_slot: int) -> np.ndarray:
+    def resume(self, slot, token, params, position, generated, max_tokens, stop_on_eos, mask=None) -> None:
+        self.calls.append(("resume", slot))
+        self.masks[slot] = None if mask is None else allowed_ids(mask)
+        self.tokens[slot], self.positions[slot], self.active[slot] = token, position, max_tokens > 0
+        self.remaining[slot], self.stop_eos[slot] = max_tokens, stop_on_eos
+
+    def forward(self, table, max_position: int, max_slot: int) -> np.ndarray:
         time.sleep(0.002)  # a device step takes time: lets an abort land mid-stream
         self.calls.append(("forward", tuple(np.flatnonzero(self.active))))
+        for slot in np.flatnonzero(self.active):
+            page, offset = self._where(table, int(slot), int(self.positions[slot]))
+            self.kv[page][offset] = int(self.tokens[slot])
         return self.tokens + 1  # the "logits": each slot's next token before its mask
 
     def sample(self, logits) -> Stepped:
         self.calls.append(("sample", tuple(np.flatnonzero(self.active))))
         valid = self.active.copy()
+        self.positions += valid
         nxt = [self._pick(s, int(t)) for s, t in enumerate(logits)]
         self.tokens = np.where(valid, nxt, self.tokens)
         self.remaining -= valid

@@ -15,10 +15,16 @@ GREEDY = SamplingParams(temperature=0.0)
 def full_logits(cfg, params, tokens) -> np.ndarray:
     """One forward pass of the model over `tokens` from an empty cache: logits [T, V]."""
     n = len(tokens)
-    forward = jax.jit(lambda params, t, pos, cache: Transformer(cfg).apply(params, t, pos, cache, n)[0])
+    forward = jax.jit(lambda params, t, pos, cache, table: Transformer(cfg).apply(params, t, pos, cache, table, n)[0])
+    cache, table = KVCache.per_row(cfg, 1, n)
     return np.asarray(
-        forward(params, np.array([tokens], np.int32), np.arange(n, dtype=np.int32)[None], KVCache.zeros(cfg, 1, n))[0]
+        forward(params, np.array([tokens], np.int32), np.arange(n, dtype=np.int32)[None], cache, table)[0]
     )
+
+
+def own_pages(core: JaxCore) -> np.ndarray:
+    """A page table giving each slot its own run of pages (a core whose pool holds every slot's context)."""
+    return np.arange(core.slots * core.pages_per_seq, dtype=np.int32).reshape(core.slots, core.pages_per_seq)
 
 
 def targets(tokens) -> list[int]:
@@ -33,7 +39,11 @@ def scored_prefill(core: JaxCore, slot: int, tokens, chunk: int | None = None):
     for start in range(0, len(tokens), chunk):
         piece = list(tokens[start : start + chunk])
         out = core.fetch(
-            core.prefill([PrefillRow(slot, piece, start, targets(tokens)[start : start + len(piece)])], score=True)
+            core.prefill(
+                [PrefillRow(slot, piece, start, targets(tokens)[start : start + len(piece)])],
+                own_pages(core),
+                score=True,
+            )
         )
         lp.append(out.logprobs[0, : len(piece)])
         ids.append(out.top_ids[0, : len(piece)])
@@ -49,7 +59,7 @@ def greedy_decode(core: JaxCore, prompts, steps: int, chunk: int | None = None):
         *_, last = scored_prefill(core, slot, prompt, chunk)
         outs.append([core.fetch(core.insert(slot, last, GREEDY, len(prompt), steps, False))])
     for i in range(1, steps):
-        out = core.fetch(core.step(max(len(p) for p in prompts) + i - 1, len(prompts) - 1))
+        out = core.fetch(core.step(own_pages(core), max(len(p) for p in prompts) + i - 1, len(prompts) - 1))
         for slot in range(len(prompts)):
             outs[slot].append(jax.tree.map(lambda a, slot=slot: a[slot : slot + 1], out))
     return [

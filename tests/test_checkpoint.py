@@ -1,16 +1,22 @@
 """GGUF import on synthetic files written by the `gguf` package's own writer, and orbax round-trips."""
 
+import dataclasses
+import math
 import subprocess
 import sys
 
 import gguf
+import jax
 import numpy as np
 import pytest
+from converted import assert_streamed, streamed_conversion
+from served import full_logits
 
 from jaxserve.checkpoint import convert_gguf, load_checkpoint
 from jaxserve.checkpoint.gguf_import import dequantize, read_gguf
 from jaxserve.checkpoint.store import is_checkpoint
 from jaxserve.model import ModelConfig, init_params
+from jaxserve.model.config import RopeScaling
 from jaxserve.sharding import make_mesh
 
 T = gguf.GGMLQuantizationType
@@ -47,29 +53,35 @@ def random_k_quant(rows, cols, qtype, rng):
     return raw.reshape(rows, -1)
 
 
-def write_gguf(path, params, qtype, rng):
-    """Write `params` (jaxserve layout) as llama.cpp would: [out, in] matrices, Q/K permuted.
+def write_gguf(path, params, qtype, rng, extra=None, rope_scaling=None, cfg=CFG):
+    """Write `params` (jaxserve layout) as llama.cpp would: [out, in] matrices, Q/K permuted; `extra`
+    tensors added as they are, `rope_scaling` (type, factor) in the metadata; `cfg` the model's shape.
 
     Matrices are stored as `qtype`. Returns the float values the file really holds in jaxserve layout
     (after quantization), which import must reproduce."""
     p = {k: np.asarray(v) for k, v in params["params"]["layers"].items() if not isinstance(v, dict)}
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(CFG.n_layers)
-    w.add_context_length(CFG.max_context)
-    w.add_embedding_length(CFG.dim)
-    w.add_feed_forward_length(CFG.mlp_dim)
-    w.add_head_count(CFG.n_heads)
-    w.add_head_count_kv(CFG.n_kv_heads)
-    w.add_rope_freq_base(CFG.rope_theta)
-    w.add_layer_norm_rms_eps(CFG.norm_eps)
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_context)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.mlp_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
     tokens = [bytes([b]).decode("latin-1") for b in range(256)]
     tokens = [chr(0x100 + i) if not (t.isprintable() and t != " ") else t for i, t in enumerate(tokens)]
-    tokens += [f"<extra_{i}>" for i in range(CFG.vocab_size - 257)] + ["<|end|>"]
+    tokens += [f"<extra_{i}>" for i in range(cfg.vocab_size - 257)] + ["<|end|>"]
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
-    w.add_token_types([1] * (CFG.vocab_size - 1) + [3])
+    w.add_token_types([1] * (cfg.vocab_size - 1) + [3])
     w.add_token_merges([])
-    w.add_eos_token_id(CFG.vocab_size - 1)
+    w.add_eos_token_id(cfg.vocab_size - 1)
+    if rope_scaling:
+        w.add_rope_scaling_type(rope_scaling[0])
+        w.add_rope_scaling_factor(rope_scaling[1])
+    for name, value in (extra or {}).items():
+        w.add_tensor(name, value)
 
     held = {}
 
@@ -86,11 +98,11 @@ def write_gguf(path, params, qtype, rng):
         if key:
             held.setdefault(key, []).append(stored)
 
-    D, N, K, H = CFG.dim, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
+    D, N, K, H = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     w.add_tensor("token_embd.weight", np.asarray(params["params"]["embed"]["embedding"], np.float32))
     w.add_tensor("output_norm.weight", np.asarray(params["params"]["final_norm"]["scale"], np.float32))
     put("output.weight", np.asarray(params["params"]["lm_head"]).T, "lm_head")
-    for i in range(CFG.n_layers):
+    for i in range(cfg.n_layers):
         lp = params["params"]["layers"]
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.asarray(lp["attn_norm"]["scale"][i], np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.asarray(lp["mlp_norm"]["scale"][i], np.float32))
@@ -194,6 +206,75 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'mamba'"):
         read_gguf(path, progress=False)
+
+
+def llama_cpp_rope_freqs(theta, head_dim, factor, low, high, original):
+    """What llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel) writes as `rope_freqs.weight` for HF's
+    llama3 rope_scaling: per frequency, the divisor llama.cpp applies, in float32."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            out.append(1)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def test_llama3_rope_freqs_give_hf_llama3_scaling(tmp_path, params):
+    """A Llama 3.1+ GGUF carries its llama3 RoPE scaling only as `rope_freqs.weight`: dividing by it is
+    HF's llama3 scaling (all three regimes occur at theta 50000, head_dim 32), up to float32 storage."""
+    path = tmp_path / "llama3.gguf"
+    freqs = llama_cpp_rope_freqs(CFG.rope_theta, CFG.head_dim, 8.0, 1.0, 4.0, 8192)
+    assert {1.0, 8.0} < set(freqs.tolist())  # kept, divided by the factor, and blended frequencies
+    write_gguf(path, params, T.F32, np.random.default_rng(0), extra={"rope_freqs.weight": freqs})
+    cfg, got, _ = read_gguf(path, progress=False)
+    llama3 = dataclasses.replace(CFG, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+    inv_freq = CFG.rope_theta ** (-np.arange(0, CFG.head_dim, 2) / CFG.head_dim)
+    np.testing.assert_allclose(cfg.rope_scaling.apply(inv_freq), llama3.rope_scaling.apply(inv_freq), rtol=1e-6)
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    ids = [7 * i % CFG.vocab_size for i in range(CFG.max_context)]  # unscaled, these logits differ by 1e-3
+    np.testing.assert_allclose(full_logits(cfg, got, ids), full_logits(llama3, got, ids), rtol=0, atol=1e-4)
+
+
+def test_unknown_gguf_tensors_and_rope_scalings_are_refused_by_name(tmp_path, params):
+    rng = np.random.default_rng(0)
+    cases = [
+        ({"extra": {"blk.0.attn_sinks.weight": np.zeros(8, np.float32)}}, "unexpected GGUF tensor 'blk.0.attn_sinks"),
+        ({"rope_scaling": (gguf.RopeScalingType.YARN, 4.0)}, "unsupported GGUF RoPE scaling 'yarn'"),
+        (
+            {
+                "rope_scaling": (gguf.RopeScalingType.LINEAR, 2.0),
+                "extra": {"rope_freqs.weight": np.ones(16, np.float32)},
+            },
+            "both linear RoPE scaling and rope_freqs",
+        ),
+    ]
+    for i, (kwargs, message) in enumerate(cases):
+        write_gguf(tmp_path / f"{i}.gguf", params, T.F32, rng, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            read_gguf(tmp_path / f"{i}.gguf", progress=False)
+    write_gguf(tmp_path / "linear.gguf", params, T.F32, rng, rope_scaling=(gguf.RopeScalingType.LINEAR, 2.0))
+    assert read_gguf(tmp_path / "linear.gguf", progress=False)[0].rope_scaling == RopeScaling("linear", 2.0)
+
+
+def test_gguf_conversion_streams_tensor_by_tensor(tmp_path):
+    """As for Hugging Face directories (test_hf_import): converting a GGUF holds a few dequantized tensors
+    on the host at a time, never the parameter tree nor one stacked parameter (tracemalloc's peak of
+    Python's and NumPy's allocations), and float32 weights come through exactly."""
+    deep = dataclasses.replace(CFG, n_layers=24)
+    params = init_params(deep, seed=2)
+    path = tmp_path / "deep.gguf"
+    write_gguf(path, params, T.F32, np.random.default_rng(0), cfg=deep)
+    mesh = make_mesh(1, 1)
+    out, peak = streamed_conversion(convert_gguf, path, tmp_path, mesh)
+    model = load_checkpoint(out, mesh)
+    assert_streamed(peak, model.params)
+    jax.tree.map(np.testing.assert_array_equal, model.params, params)
 
 
 def test_a_tensor_type_outside_the_tested_list_is_refused_by_name():

@@ -63,6 +63,15 @@ def test_weights_default_to_the_model_cards_choice():
     assert quantize_choice(parse(["batch", "in.jsonl", "out.jsonl", "--model", "tiny-llama"])) is None
 
 
+def test_the_formulation_is_measured_unless_forced():
+    from jaxserve.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["serve"]).formulation == "auto"
+    assert parse(["generate", "hi", "--formulation", "bf16"]).formulation == "bf16"
+    assert parse(["batch", "in.jsonl", "out.jsonl", "--formulation", "f32"]).formulation == "f32"
+
+
 def test_serve_ends_with_an_error_when_the_model_cannot_load(tmp_path):
     from server import free_port
 

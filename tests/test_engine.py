@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 import pytest
+from served import own_pages
 
 from jaxserve.engine.bridge import complete
 from jaxserve.engine.build import build_engine
@@ -162,8 +163,8 @@ def test_prefill_without_scoring_gives_the_same_next_token_logits(tiny):
         PrefillRow(1, ids[:11], 0, ids[1:12]),
         PrefillRow(2, ids[:2], 0, ids[1:3]),
     ]
-    plain = core.fetch(core.prefill(rows))
-    scored = core.fetch(core.prefill(rows, score=True))
+    plain = core.fetch(core.prefill(rows, own_pages(core)))
+    scored = core.fetch(core.prefill(rows, own_pages(core), score=True))
     np.testing.assert_allclose(plain.last_logits[:3], scored.last_logits[:3], rtol=0, atol=1e-5)
     assert not np.allclose(scored.last_logits[0], scored.last_logits[1])  # rows really differ
     assert (plain.logprobs == 0).all() and (scored.logprobs[:, :2] < 0).all()  # scored: real prompt logprobs

@@ -2,6 +2,7 @@
 every position and 12 greedy tokens (llama, qwen2, qwen3, gemma3), tokenizer ids, and variants written here
 (stored dtypes, shards, untied head, config spellings, Mistral, llama3 RoPE scaling, refusals)."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -13,14 +14,19 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from converted import assert_streamed, streamed_conversion
+from flax.traverse_util import flatten_dict
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from served import full_logits, greedy_decode
 
 from jaxserve.checkpoint import convert_hf, ensure_checkpoint, load_checkpoint, load_model
-from jaxserve.checkpoint.hf_import import read_config, read_hf
+from jaxserve.checkpoint.hf_import import open_hf, read_config, read_hf
+from jaxserve.checkpoint.quantize import GROUPED_AXIS, quantize_array
+from jaxserve.checkpoint.stream import collect, quantize_pieces
 from jaxserve.engine.core import JaxCore
 from jaxserve.model.config import RopeScaling
+from jaxserve.model.transformer import group_size
 from jaxserve.sharding import make_mesh
 from jaxserve.tokenizer import SentencePieceTokenizer
 
@@ -195,6 +201,21 @@ def test_int8_gemma(tmp_path):
         assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_int8_piece_by_piece_is_int8_of_the_whole_leaves():
+    """Quantizing each tensor as it streams gives what quantizing the stacked leaves would: groups never
+    span layers, nor gate and up."""
+    cfg, pieces, _ = open_hf(TINY / "gemma3", progress=False)
+    q8 = dataclasses.replace(cfg, quant="int8")
+    got = flatten_dict(collect(quantize_pieces(pieces, q8), q8)["params"])
+    whole = flatten_dict(read_hf(TINY / "gemma3", progress=False)[1]["params"])
+    for path, w in whole.items():
+        if path[-1] in GROUPED_AXIS:
+            a = GROUPED_AXIS[path[-1]]
+            q, scale = quantize_array(w, a, group_size(q8, w.shape[a]))
+            np.testing.assert_array_equal(got[path], q)
+            np.testing.assert_array_equal(got[(*path[:-1], path[-1] + "_scale")], scale)
+
+
 def test_convert_command_then_model_dir(tmp_path):
     root = tmp_path / "root"
     result = subprocess.run(
@@ -210,6 +231,26 @@ def test_convert_command_then_model_dir(tmp_path):
     mtime = (root / "qwen3" / "config.json").stat().st_mtime
     model = load_model(str(TINY / "qwen3"), root, make_mesh(1, 1))
     assert model.name == "qwen3" and (root / "qwen3" / "config.json").stat().st_mtime == mtime
+
+
+def test_conversion_streams_tensor_by_tensor(tmp_path):
+    """Converting holds a few source tensors on the host at a time, never the parameter tree, nor even one
+    stacked parameter: the peak of Python's allocations (NumPy's included, tracemalloc) during a conversion
+    stays far under both. The model: hf-tiny/llama with 125 layers appended whose o_proj and down_proj are
+    zero (each adds nothing to the residual), so the converted model must still give HF's logits."""
+    with safe_open(TINY / "llama" / "model.safetensors", framework="numpy") as f:
+        layer0 = {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.layers.0.")}
+    extra = {
+        k.replace(".0.", f".{i}.", 1): np.zeros_like(v) if "o_proj" in k or "down_proj" in k else v
+        for i in range(3, 128)
+        for k, v in layer0.items()
+    }
+    path = variant(tmp_path, "llama", config={"num_hidden_layers": 128}, extra=extra)
+    mesh = make_mesh(1, 1)
+    out, peak = streamed_conversion(convert_hf, path, tmp_path, mesh)
+    model = load_checkpoint(out, mesh)
+    assert_streamed(peak, model.params)
+    assert_logits_match(model.cfg, model.params, "llama")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])

@@ -4,7 +4,7 @@ token a step for several slots at once) against one full forward pass."""
 import jax
 import numpy as np
 from reference_model import forward as reference_forward
-from served import full_logits, greedy_decode, scored_prefill, targets
+from served import full_logits, greedy_decode, own_pages, scored_prefill, targets
 
 from jaxserve.engine import steps
 from jaxserve.engine.core import JaxCore
@@ -63,7 +63,7 @@ def test_reused_slot_ignores_previous_occupant(tiny):
 def test_attention_window_reads_only_the_filled_part(tiny):
     """The jitted prefill gives the same result whatever (static) window covers the positions."""
     tokens = tiny.tokenizer.encode("Shall I compare thee to a summer's day?")[:16]
-    core = JaxCore(tiny, slots=1, cache_len=256, eos_id=None)
+    core = JaxCore(tiny, slots=1, cache_len=256, eos_id=None, page_size=16)
     outs = []
     for window in (16, 128, 256):
         core.state, out = steps.prefill(
@@ -73,6 +73,7 @@ def test_attention_window_reads_only_the_filled_part(tiny):
             np.array([tokens], np.int32),
             np.zeros(1, np.int32),
             np.array([len(tokens)], np.int32),
+            own_pages(core),
             np.zeros(1, np.int32),
             np.array([targets(tokens)], np.int32),
             np.bool_(True),

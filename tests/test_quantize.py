@@ -1,5 +1,7 @@
 """int8 weights: the quantizer's arithmetic, and the int8 model against float32 and the reference."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from served import scored_prefill
@@ -43,9 +45,14 @@ def teacher_forced(model, reference):
     return float(np.mean(agree)), float(np.mean(diffs))
 
 
-def test_int8_fidelity_against_the_reference(smollm2_int8, reference):
-    """Teacher-forced on the reference's greedy tokens: the bounds of the int8 performance issue (#6)."""
-    agreement, mean_diff = teacher_forced(smollm2_int8, reference)
+@pytest.mark.parametrize("bf16_from_rows", [None, 1], ids=["f32", "bf16"])
+def test_int8_fidelity_against_the_reference(smollm2_int8, reference, bf16_from_rows):
+    """Teacher-forced on the reference's greedy tokens: the bounds of the int8 performance issue (#6), for
+    each formulation the engine may choose (engine.formulation): float32 products, and bfloat16 products
+    with float32 sums at every size."""
+    cfg = dataclasses.replace(smollm2_int8.cfg, bf16_from_rows=bf16_from_rows)
+    agreement, mean_diff = teacher_forced(dataclasses.replace(smollm2_int8, cfg=cfg), reference)
+    print(f"{cfg.formulation}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.4f}")
     assert agreement >= 0.97
     assert mean_diff <= 0.05
 

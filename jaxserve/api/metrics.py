@@ -3,10 +3,11 @@
 Two families of series. jaxserve's own (unlabelled, as before): HTTP responses by status, tokens, the
 scheduler's queue and slots, compiles and steps, time to first token and mean time per output token. And
 vLLM's names, labelled `model_name` (the first served id), which the Kubernetes inference gateway and vLLM
-dashboards read: requests waiting and running, KV-cache usage, latency histograms, token counters, finished
-requests by reason, preemptions.
+dashboards read: requests waiting and running, KV-cache usage, prefix-cache queries and hits, latency
+histograms, token counters, finished requests by reason, preemptions.
 
-Scrape-time values (queue, slots, KV usage) are read from the scheduler by a collector; per-request values
+Scrape-time values (queue, slots, KV pages, prefix cache, preemptions) are read from the scheduler by a
+collector; per-request values
 are observed by `serving` when a request ends, finished or not (a request ended by its deadline or by the
 client going away counts as finished_reason="abort").
 """
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -59,19 +60,39 @@ class _EngineCollector(Collector):
         if hasattr(core, "compiles"):
             yield CounterMetricFamily("jaxserve_compiles", "jitted steps compiled", value=sum(core.compiles.values()))
         yield CounterMetricFamily("jaxserve_engine_steps", "decode steps run", value=s.steps)
-        for name, doc, value in (
-            ("vllm:num_requests_waiting", "requests waiting to be scheduled", s.queue_depth),
-            ("vllm:num_requests_running", "sequences in the running batch (one per slot)", s.active_slots),
+        if (cfg := getattr(core, "cfg", None)) is not None:  # a model config (the fake core has none)
+            yield InfoMetricFamily(
+                "jaxserve_matmul_formulation",
+                "how the weight matmuls compute: float weights in their dtype; int8 in f32, bf16, or "
+                "f32<N<=bf16 (bfloat16 products from N rows on)",
+                value={"formulation": cfg.formulation, "bf16_from_rows": str(cfg.bf16_from_rows or "")},
+            )
+        pool = s.pool
+        yield GaugeMetricFamily("jaxserve_kv_pages", "pages in the KV pool", value=pool.pages)
+        yield GaugeMetricFamily("jaxserve_kv_pages_held", "KV pages held by sequences", value=pool.held)
+        yield GaugeMetricFamily("jaxserve_kv_pages_cached", "KV pages holding a cached prefix", value=pool.cached)
+        yield CounterMetricFamily("jaxserve_kv_evictions", "cached pages evicted", value=pool.evictions)
+        for family, name, doc, value in (
+            (GaugeMetricFamily, "vllm:num_requests_waiting", "requests waiting to be scheduled", s.queue_depth),
             (
-                "vllm:kv_cache_usage_perc",
-                "fraction of KV-cache positions in use, 0-1 (dense per-slot cache: each occupied slot reserves "
-                "its whole row, so occupied slots x context / (slots x context))",
-                s.active_slots / max(core.slots, 1),
+                GaugeMetricFamily,
+                "vllm:num_requests_running",
+                "sequences in the running batch (one per slot)",
+                s.active_slots,
             ),
+            (
+                GaugeMetricFamily,
+                "vllm:kv_cache_usage_perc",
+                "fraction of KV-cache pages held by sequences, 0-1",
+                pool.held / max(pool.pages, 1),
+            ),
+            (CounterMetricFamily, "vllm:prefix_cache_queries", "prompt tokens looked up", pool.queried_tokens),
+            (CounterMetricFamily, "vllm:prefix_cache_hits", "prompt tokens found cached", pool.hit_tokens),
+            (CounterMetricFamily, "vllm:num_preemptions", "sequences preempted for KV pages", s.preemptions),
         ):
-            gauge = GaugeMetricFamily(name, doc, labels=MODEL)
-            gauge.add_metric([self.model_name], value)
-            yield gauge
+            metric = family(name, doc, labels=MODEL)
+            metric.add_metric([self.model_name], value)
+            yield metric
 
 
 class Metrics:
@@ -96,9 +117,6 @@ class Metrics:
         self.v_generation = Counter("vllm:generation_tokens", "generation tokens processed", MODEL, registry=r)
         self.v_success = Counter(
             "vllm:request_success", "finished requests by finish reason", [*MODEL, "finished_reason"], registry=r
-        )
-        self.v_preemptions = Counter(
-            "vllm:num_preemptions", "preemptions (always 0: the dense per-slot cache never preempts)", MODEL, registry=r
         )
         self.v_ttft = Histogram(
             "vllm:time_to_first_token_seconds", "time to first token", MODEL, buckets=VLLM_TTFT_BUCKETS, registry=r
@@ -125,7 +143,6 @@ class Metrics:
         self.registry.register(self._engine)
         self.v_prompt.labels(model_name)  # series at 0 from the start, as a scraper expects
         self.v_generation.labels(model_name)
-        self.v_preemptions.labels(model_name)
         for reason in FINISH_REASONS:
             self.v_success.labels(model_name, reason)
 

@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 from jaxserve.checkpoint.cards import DEFAULT_MODEL, ModelCard, find_card, gguf_path, list_cards
-from jaxserve.checkpoint.gguf_import import read_chat_template, read_gguf
-from jaxserve.checkpoint.hf_import import is_hf_directory, read_hf
+from jaxserve.checkpoint.gguf_import import open_gguf, read_chat_template
+from jaxserve.checkpoint.hf_import import is_hf_directory, open_hf
 from jaxserve.checkpoint.hf_import import read_chat_template as read_hf_chat_template
-from jaxserve.checkpoint.quantize import quantize_params
 from jaxserve.checkpoint.store import LoadedModel, is_checkpoint, is_stale_checkpoint, load_checkpoint, save_checkpoint
+from jaxserve.checkpoint.stream import place, quantize_pieces
+from jaxserve.sharding import make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -36,53 +37,51 @@ __all__ = [
 ]
 
 
-def _write(cfg, params, tokenizer, out_dir: Path, quantize: str | None) -> None:
+def _write(cfg, pieces, tokenizer, out_dir: Path, quantize: str | None, mesh) -> None:
+    """Stream the pieces (int8 when asked) onto the mesh, then write the checkpoint from there."""
     if quantize == "int8":
         cfg = dataclasses.replace(cfg, quant="int8")
-        params = quantize_params(params, cfg)
+        pieces = quantize_pieces(pieces, cfg)
     elif quantize:
         raise ValueError(f"unknown quantization {quantize!r} (supported: int8)")
+    params = place(pieces, cfg, mesh if mesh is not None else make_mesh(1, None))
     save_checkpoint(out_dir, cfg, params, tokenizer)
 
 
-def convert_gguf(
-    path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True, quantize: str | None = None
+def convert(
+    path: Path,
+    out_dir: Path,
+    max_context: int | None = None,
+    progress: bool = True,
+    quantize: str | None = None,
+    mesh=None,
 ) -> Path:
-    """GGUF file -> checkpoint folder (config, tokenizer, orbax params), optionally int8. Returns the folder."""
+    """A GGUF file or a Hugging Face checkpoint directory -> checkpoint folder (config, tokenizer, orbax
+    params), int8 when `quantize` says so, the weights streamed through `mesh` (default: every device). A
+    folder converted from a directory records its source (`source`), so another directory of the same name
+    is converted anew. Returns the folder."""
     t0 = time.perf_counter()
-    _write(*read_gguf(Path(path), max_context=max_context, progress=progress), out_dir, quantize)
+    hf = is_hf_directory(Path(path))
+    _write(*(open_hf if hf else open_gguf)(Path(path), max_context, progress), out_dir, quantize, mesh)
+    if hf:
+        (Path(out_dir) / SOURCE).write_text(str(Path(path).resolve()) + "\n")
     log.info("converted %s -> %s in %.1f s", path, out_dir, time.perf_counter() - t0)
     return Path(out_dir)
 
 
-def convert_hf(
-    directory: Path, out_dir: Path, max_context: int | None = None, progress: bool = True, quantize: str | None = None
-) -> Path:
-    """Hugging Face checkpoint directory -> checkpoint folder, optionally int8; the folder records its source
-    (`source`), so another directory of the same name is converted anew. Returns the folder."""
-    t0 = time.perf_counter()
-    _write(*read_hf(Path(directory), max_context=max_context, progress=progress), out_dir, quantize)
-    (Path(out_dir) / SOURCE).write_text(str(Path(directory).resolve()) + "\n")
-    log.info("converted %s -> %s in %.1f s", directory, out_dir, time.perf_counter() - t0)
-    return Path(out_dir)
-
-
-def convert(
-    path: Path, out_dir: Path, max_context: int | None = None, progress: bool = True, quantize: str | None = None
-) -> Path:
-    """A GGUF file or a Hugging Face checkpoint directory -> checkpoint folder."""
-    read = convert_hf if is_hf_directory(Path(path)) else convert_gguf
-    return read(path, out_dir, max_context=max_context, progress=progress, quantize=quantize)
+convert_gguf = convert_hf = convert  # the source itself says which it is
 
 
 def checkpoint_name(name: str, quantize: str | None) -> str:
     return f"{name}-{quantize}" if quantize else name
 
 
-def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True, quantize: str | None = None) -> Path:
+def ensure_checkpoint(
+    name: str, checkpoint_root: Path, progress: bool = True, quantize: str | None = None, mesh=None
+) -> Path:
     """The checkpoint folder for `name` (a folder path, or a model name under checkpoint_root; `quantize`
     picks its int8 variant), converting a card's GGUF weights or a Hugging Face checkpoint directory
-    (into checkpoint_root/DIRNAME) on first use."""
+    (into checkpoint_root/DIRNAME, streamed through `mesh`) on first use."""
     if is_hf_directory(Path(name)) and not is_checkpoint(Path(name)):
         source = Path(name).resolve()
         directory = Path(checkpoint_root) / checkpoint_name(source.name, quantize)
@@ -90,7 +89,7 @@ def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True, q
         if is_checkpoint(directory) and recorded.is_file() and recorded.read_text().strip() == str(source):
             return directory
         log.info("first use of %s: converting it into %s", source, directory)
-        return convert_hf(source, directory, progress=progress, quantize=quantize)
+        return convert_hf(source, directory, progress=progress, quantize=quantize, mesh=mesh)
     if is_checkpoint(Path(name)) or is_stale_checkpoint(Path(name)):
         return Path(name)  # a folder named directly (a stale one fails to load with a clear message)
     directory = Path(checkpoint_root) / checkpoint_name(name, quantize)
@@ -106,7 +105,12 @@ def ensure_checkpoint(name: str, checkpoint_root: Path, progress: bool = True, q
         else:
             log.info("first use of %s: converting its GGUF weights into %s", name, directory)
         return convert_gguf(
-            gguf_path(card), directory, max_context=card.context_length, progress=progress, quantize=quantize
+            gguf_path(card),
+            directory,
+            max_context=card.context_length,
+            progress=progress,
+            quantize=quantize,
+            mesh=mesh,
         )
     raise FileNotFoundError(
         f"model {name!r} has no checkpoint at {directory}; "
@@ -138,7 +142,7 @@ def load_model(
     name: str, checkpoint_root: Path, mesh, progress: bool = True, dtype: str | None = None, quantize: str | None = None
 ) -> LoadedModel:
     t0 = time.perf_counter()
-    directory = ensure_checkpoint(name, checkpoint_root, progress, quantize)
+    directory = ensure_checkpoint(name, checkpoint_root, progress, quantize, mesh)
     model = load_checkpoint(directory, mesh, name=Path(name).name, dtype=dtype)
     log.info(
         "loaded %s (%.1fM params) onto mesh %s in %.1f s",

@@ -7,22 +7,24 @@ spellings (transformers 4.x `rope_theta` / `rope_scaling` / `sliding_window_patt
 `rope_parameters` / `layer_types`). Anything else — another architecture, an unknown tensor, a RoPE type, an
 activation, a bias or soft-capping the model lacks — is refused naming it, never read into a wrong model.
 
-Tensors are read one at a time (safetensors `safe_open`, memory-mapped) into the preallocated stacked
-float32 arrays of jaxserve's layout, so the host holds the model once plus one tensor.
+Tensors are read one at a time (safetensors `safe_open`, memory-mapped) and handed on as pieces of
+jaxserve's stacked parameters (stream.py), so converting holds one tensor on the host, not the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 from tqdm import tqdm
 
+from jaxserve.checkpoint.stream import Piece, check_complete, collect, leaf_shapes
 from jaxserve.model.config import ModelConfig, RopeScaling
-from jaxserve.model.params import abstract_params
 from jaxserve.tokenizer import BPETokenizer, SentencePieceTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -155,96 +157,73 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
         return {name: path for name in f.keys()}
 
 
-def _place(name: str, w: np.ndarray, cfg: ModelConfig, gemma: bool):
-    """HF tensor name and value -> (path in jaxserve's tree, layer index or None, value in jaxserve layout)."""
+def _target(name: str, cfg: ModelConfig):
+    """HF tensor name -> (leaf path, index, HF value -> value in jaxserve's layout), or None if unknown."""
     D, N, K, H = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    norm = (lambda w: w + 1) if cfg.embed_scale else (lambda w: w)  # the Gemma family: (1 + w) norms
+    transposed = lambda w: w.T
     parts = name.split(".")
     if name == "model.embed_tokens.weight":
-        return ("embed", "embedding"), None, w
+        return ("embed", "embedding"), (), lambda w: w
     if name == "model.norm.weight":
-        return ("final_norm", "scale"), None, w + 1 if gemma else w
+        return ("final_norm", "scale"), (), norm
     if name == "lm_head.weight":
-        return ("lm_head",), None, w.T
-    if parts[:2] != ["model", "layers"] or len(parts) < 5:
+        return ("lm_head",), (), transposed
+    if parts[:2] != ["model", "layers"] or len(parts) < 5 or not parts[2].isdigit():
         return None
     i, key = int(parts[2]), ".".join(parts[3:])
-    norms = GEMMA_NORMS if gemma else LLAMA_NORMS
+    if i >= cfg.n_layers:
+        return None
+    norms = GEMMA_NORMS if cfg.embed_scale else LLAMA_NORMS
     if key.endswith("layernorm.weight") and parts[3] in norms:
-        return ("layers", norms[parts[3]], "scale"), i, w + 1 if gemma else w
+        return ("layers", norms[parts[3]], "scale"), (i,), norm
     table = {
-        "self_attn.q_proj.weight": (("layers", "q"), lambda: w.T.reshape(D, N, H)),
-        "self_attn.k_proj.weight": (("layers", "k"), lambda: w.T.reshape(D, K, H)),
-        "self_attn.v_proj.weight": (("layers", "v"), lambda: w.T.reshape(D, K, H)),
-        "self_attn.o_proj.weight": (("layers", "o"), lambda: w.T.reshape(N, H, D)),
-        "self_attn.q_proj.bias": (("layers", "q_bias"), lambda: w.reshape(N, H)),
-        "self_attn.k_proj.bias": (("layers", "k_bias"), lambda: w.reshape(K, H)),
-        "self_attn.v_proj.bias": (("layers", "v_bias"), lambda: w.reshape(K, H)),
-        "self_attn.q_norm.weight": (("layers", "q_norm", "scale"), lambda: w + 1 if gemma else w),
-        "self_attn.k_norm.weight": (("layers", "k_norm", "scale"), lambda: w + 1 if gemma else w),
-        "mlp.gate_proj.weight": (("layers", "gate_up", 0), lambda: w.T),
-        "mlp.up_proj.weight": (("layers", "gate_up", 1), lambda: w.T),
-        "mlp.down_proj.weight": (("layers", "down"), lambda: w.T),
+        "self_attn.q_proj.weight": (("layers", "q"), lambda w: w.T.reshape(D, N, H)),
+        "self_attn.k_proj.weight": (("layers", "k"), lambda w: w.T.reshape(D, K, H)),
+        "self_attn.v_proj.weight": (("layers", "v"), lambda w: w.T.reshape(D, K, H)),
+        "self_attn.o_proj.weight": (("layers", "o"), lambda w: w.T.reshape(N, H, D)),
+        "self_attn.q_proj.bias": (("layers", "q_bias"), lambda w: w.reshape(N, H)),
+        "self_attn.k_proj.bias": (("layers", "k_bias"), lambda w: w.reshape(K, H)),
+        "self_attn.v_proj.bias": (("layers", "v_bias"), lambda w: w.reshape(K, H)),
+        "self_attn.q_norm.weight": (("layers", "q_norm", "scale"), norm),
+        "self_attn.k_norm.weight": (("layers", "k_norm", "scale"), norm),
+        "mlp.down_proj.weight": (("layers", "down"), transposed),
     }
+    if key in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):  # gate_up[layer, :, 0 or 1]
+        return ("layers", "gate_up"), (i, None, 0 if key.startswith("mlp.gate") else 1), transposed
     if key not in table:
         return None
-    path, value = table[key]
-    return path, i, value()
+    path, transform = table[key]
+    return path, (i,), transform
+
+
+def open_params(directory: Path, cfg: ModelConfig, progress: bool = True) -> Iterator[Piece]:
+    """The model's parameters as pieces (see stream.py), one safetensors tensor at a time in float32.
+    Every tensor name is checked before any is read: an unknown one or a missing piece is refused here."""
+    files = _tensor_files(directory)
+    leaves = leaf_shapes(cfg)
+    plan = {}
+    for name, path in sorted(files.items(), key=lambda item: (str(item[1]), item[0])):
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
+            continue  # recomputed / the tied embedding (some checkpoints store both)
+        target = _target(name, cfg)
+        if target is None or target[0] not in leaves:
+            raise ValueError(f"unsupported tensor {name!r} in {path.name}")
+        plan[name] = target
+    check_complete([(leaf, index) for leaf, index, _ in plan.values()], cfg, directory)
+    return _read(files, plan, progress)
+
+
+def _read(files: dict[str, Path], plan: dict, progress: bool) -> Iterator[Piece]:
+    with contextlib.ExitStack() as stack:
+        handles = {path: stack.enter_context(safe_open(path, framework="numpy")) for path in set(files.values())}
+        for name, (leaf, index, transform) in tqdm(plan.items(), desc="reading", unit="tensor", disable=not progress):
+            yield leaf, index, transform(np.asarray(handles[files[name]].get_tensor(name), np.float32))
 
 
 def read_params(directory: Path, cfg: ModelConfig, progress: bool = True) -> dict:
-    """The parameter tree ({'params': ...}) in float32 NumPy, filled tensor by tensor."""
-    shapes, _ = abstract_params(cfg)
-    params = {"params": _empty(shapes["params"])}
-    filled: set[tuple] = set()  # (path in the tree, layer index or None)
-    gemma = cfg.embed_scale  # the Gemma family: (1 + w) norms
-    files = _tensor_files(directory)
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
-    bar = tqdm(total=len(files), desc="reading", unit="tensor", disable=not progress)
-    for path, names in by_file.items():
-        with safe_open(path, framework="numpy") as f:
-            for name in names:
-                bar.update()
-                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
-                    continue  # recomputed / the tied embedding (some checkpoints store both)
-                placed = _place(name, np.asarray(f.get_tensor(name), np.float32), cfg, gemma)
-                if placed is None:
-                    raise ValueError(f"unsupported tensor {name!r} in {path.name}")
-                key, layer, value = placed
-                node = params["params"]
-                for k in key[:-1]:
-                    node = node[k]
-                if key[-1] in (0, 1):  # gate_up[layer, :, 0 or 1]
-                    node[layer, :, key[-1]] = value
-                else:
-                    node[key[-1]][... if layer is None else layer] = value
-                filled.add((key, layer))
-    bar.close()
-    missing = [
-        f"{'.'.join(map(str, key))}[{layer}]"
-        for key, layer in _expected(params["params"], cfg)
-        if (key, layer) not in filled
-    ]
-    if missing:
-        raise ValueError(f"{directory} lacks tensors for {', '.join(missing[:5])}")
-    return params
-
-
-def _expected(tree: dict, cfg: ModelConfig, prefix=()):
-    """Every (path, layer) read_params must fill: each layer of a stacked leaf, each half of gate_up."""
-    for k, v in tree.items():
-        key = (*prefix, k)
-        if isinstance(v, dict):
-            yield from _expected(v, cfg, key)
-            continue
-        layers = range(cfg.n_layers) if key[0] == "layers" else [None]
-        parts = [(*key, 0), (*key, 1)] if k == "gate_up" else [key]
-        yield from ((part, i) for part in parts for i in layers)
-
-
-def _empty(tree):
-    return {k: _empty(v) if isinstance(v, dict) else np.zeros(v.shape, np.float32) for k, v in tree.items()}
+    """The parameter tree ({'params': ...}) in float32 NumPy (whole: for tests and small models)."""
+    return collect(open_params(directory, cfg, progress), cfg)
 
 
 def _json(path: Path) -> dict:
@@ -293,9 +272,15 @@ def read_chat_template(directory: Path) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
-def read_hf(directory: Path, max_context: int | None = None, progress: bool = True):
-    """(config, float32 NumPy params, tokenizer) from a Hugging Face checkpoint directory."""
+def open_hf(directory: Path, max_context: int | None = None, progress: bool = True):
+    """(config, float32 parameter pieces, tokenizer) from a Hugging Face checkpoint directory."""
     directory = Path(directory)
     hf = _json(directory / "config.json")
     cfg = read_config(hf, max_context)
-    return cfg, read_params(directory, cfg, progress), read_tokenizer(directory, hf)
+    return cfg, open_params(directory, cfg, progress), read_tokenizer(directory, hf)
+
+
+def read_hf(directory: Path, max_context: int | None = None, progress: bool = True):
+    """(config, float32 NumPy params, tokenizer) from a Hugging Face checkpoint directory."""
+    cfg, pieces, tok = open_hf(directory, max_context, progress)
+    return cfg, collect(pieces, cfg), tok

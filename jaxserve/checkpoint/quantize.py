@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxserve.model.transformer import group_size
-
 # parameter -> its grouped input axis in the stored array (layers stacked first): the last input axis
 GROUPED_AXIS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate_up": 1, "down": 1, "embedding": 1, "lm_head": 0}
 
@@ -40,21 +38,3 @@ def quantize_array(w: np.ndarray, axis: int, group: int) -> tuple[np.ndarray, np
             best_err, best_scale = np.where(better, err, best_err), np.where(better, scale, best_scale)
     q = np.clip(np.rint(g / best_scale), -127, 127).astype(np.int8).reshape(w.shape)
     return q, np.squeeze(best_scale, axis=axis + 1)
-
-
-def quantize_params(params: dict, cfg) -> dict:
-    """A float parameter tree ({'params': ...}) -> the int8 tree of the same model (cfg.quant_group)."""
-
-    def walk(tree: dict) -> dict:
-        out = {}
-        for name, value in tree.items():
-            if isinstance(value, dict):
-                out[name] = walk(value)
-            elif name in GROUPED_AXIS:
-                a = GROUPED_AXIS[name]
-                out[name], out[name + "_scale"] = quantize_array(value, a, group_size(cfg, value.shape[a]))
-            else:
-                out[name] = value
-        return out
-
-    return walk(params)

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxserve.model import ModelConfig, abstract_params
@@ -57,7 +56,9 @@ def _format(directory: Path) -> str | None:
 
 
 def save_checkpoint(directory: Path, cfg: ModelConfig, params, tokenizer: Tokenizer) -> None:
-    """Write a checkpoint folder, replacing any previous one; the folder appears only when complete."""
+    """Write a checkpoint folder, replacing any previous one; the folder appears only when complete.
+    `params` may be NumPy or already on a mesh (as conversion leaves them): each leaf is cast to the dtype
+    the model declares where it is, and orbax moves at most about two leaves at a time to the host."""
     directory = Path(directory).absolute()
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -66,9 +67,11 @@ def save_checkpoint(directory: Path, cfg: ModelConfig, params, tokenizer: Tokeni
     (tmp / FORMAT).write_text(FORMAT_VERSION + "\n")
     tokenizer.save(tmp)
     shapes, _ = abstract_params(cfg)  # each leaf in the dtype the model declares (int8 kernels stay int8)
-    params = jax.tree.map(lambda x, s: np.asarray(x, dtype=s.dtype), params, shapes)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / PARAMS, params)
+    params = jax.tree.map(lambda x, s: x if x.dtype == s.dtype else x.astype(s.dtype), params, shapes)
+    largest = max(x.nbytes for x in jax.tree.leaves(params))
+    handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=(2 * largest + 1) / 1e9)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(tmp / PARAMS, args=ocp.args.PyTreeSave(params))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
 

@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
 
 from jaxserve.chat_template import end_of_turn_ids
 from jaxserve.checkpoint import LoadedModel
-from jaxserve.engine.core import JaxCore
+from jaxserve.engine.core import PAGE_SIZE, JaxCore
+from jaxserve.engine.formulation import choose
 from jaxserve.engine.scheduler import Scheduler
+from jaxserve.model import KVCache, ModelConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SLOTS = 64  # sequences decoded at once
-DEFAULT_CONTEXT = 2048  # tokens per slot (prompt and completion)
+DEFAULT_CONTEXT = 2048  # tokens per sequence (prompt and completion)
+CPU_KV_MEMORY = 1 << 30  # the default pool on a CPU host: the whole process stays within a few GB
+DEVICE_KV_FRACTION = 0.5  # the default pool on an accelerator: this share of its memory still free
+
+
+def pool_pages(
+    cfg: ModelConfig, page_size: int, slots: int, cache_len: int, memory: int | None = None, pages: int | None = None
+) -> int:
+    """Pages in the KV pool: `pages` if given, else as many as `memory` bytes hold (default: CPU_KV_MEMORY
+    on a CPU, DEVICE_KV_FRACTION of the accelerator's free memory), never more than every slot at full
+    context needs, nor fewer than one full-context sequence needs."""
+    per_page = KVCache.bytes_per_token(cfg) * page_size
+    if pages is None:
+        if memory is None:
+            memory = CPU_KV_MEMORY
+            if jax.default_backend() != "cpu":
+                stats = jax.devices()[0].memory_stats() or {}
+                if "bytes_limit" in stats:
+                    memory = int(DEVICE_KV_FRACTION * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+        pages = memory // per_page
+    per_seq = -(-cache_len // page_size)
+    return max(per_seq, min(pages, slots * per_seq))
 
 
 def enable_compilation_cache(directory: Path) -> None:
@@ -29,14 +55,40 @@ def build_engine(
     max_context: int | None = DEFAULT_CONTEXT,
     warmup: bool = True,
     max_waiting: int = 256,
+    kv_cache_memory: int | None = None,
+    num_pages: int | None = None,
+    page_size: int = PAGE_SIZE,
+    prefix_caching: bool = True,
+    formulation: str = "auto",
+    formulation_cache: Path | None = None,
 ) -> Scheduler:
-    """A started scheduler over `slots` sequences of up to `max_context` tokens (capped by the model's).
-    With warmup, every shape is compiled before the first request."""
+    """A started scheduler over `slots` sequences of up to `max_context` tokens (capped by the model's),
+    their KV in a pool of `num_pages` pages or of `kv_cache_memory` bytes (see `pool_pages`). The int8
+    matmuls' `formulation` ("auto", "f32", "bf16") is settled first (see engine.formulation; an automatic
+    choice is cached in the folder `formulation_cache`, None: measured each time). With warmup, every shape
+    is then compiled before the first request."""
+    choice = choose(model, slots, formulation, formulation_cache)
+    log.info("%s", choice.describe(model.cfg))
+    model = choice.apply(model)
     cache_len = min(model.cfg.max_context, max_context or model.cfg.max_context)
+    page_size = min(page_size, cache_len)
+    pages = pool_pages(model.cfg, page_size, slots, cache_len, kv_cache_memory, num_pages)
     tok = model.tokenizer
     # a generation ends at any EOS id and at the chat template's end of turn
     eos_ids = tok.eos_ids + end_of_turn_ids(tok)
-    core = JaxCore(model, slots=slots, cache_len=cache_len, eos_id=tok.eos_id, eos_ids=eos_ids)
+    core = JaxCore(
+        model, slots=slots, cache_len=cache_len, eos_id=tok.eos_id, eos_ids=eos_ids, pages=pages, page_size=page_size
+    )
+    log.info(
+        "KV cache: %d pages of %d tokens = %d tokens (%.2f GB); %d sequences of up to %d tokens; prefix caching %s",
+        core.pages,
+        core.page_size,
+        core.pages * core.page_size,
+        core.kv_bytes / 1e9,
+        slots,
+        cache_len,
+        "on" if prefix_caching else "off",
+    )
     if warmup:
         core.warmup()
-    return Scheduler(core, model.tokenizer, max_waiting=max_waiting).start()
+    return Scheduler(core, model.tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching).start()

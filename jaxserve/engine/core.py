@@ -3,8 +3,12 @@ its mesh. It owns the decode state, turns host arguments into bucketed shapes, a
 bucket in `warmup()`.
 
 Buckets: prefill chunks of PREFILL_BUCKETS tokens (or PACKED rows x tokens for several short prompts),
-attention windows of powers of two from MIN_WINDOW up to the cache length, decode rows of powers of two
-up to the slots (a lightly loaded server computes few rows).
+attention windows of powers of two from MIN_WINDOW up to the context (whole pages), decode rows of powers
+of two up to the slots (a lightly loaded server computes few rows).
+
+The KV cache is a pool of `pages` pages of `page_size` positions; which page holds which positions of
+the sequence in a slot is the caller's page table (host [slots, pages per sequence], NO_PAGE where none),
+sent with every prefill and step.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 PREFILL_BUCKETS = (16, 32, 64, 256)  # one row: a prompt's chunk
 PACKED = ((2, 128), (4, 64), (8, 32), (16, 16))  # (rows, tokens): short whole prompts prefilled together
 MIN_WINDOW = 128
+PAGE_SIZE = 128  # positions per page: gathering pages of 64 or fewer cost decode steps more than 128
 
 
 def bucket_of(n: int, buckets) -> int:
@@ -39,22 +44,41 @@ def bucket_of(n: int, buckets) -> int:
 
 class JaxCore(Core):
     def __init__(
-        self, model: LoadedModel, slots: int, cache_len: int, eos_id: int | None, eos_ids: tuple[int, ...] = ()
+        self,
+        model: LoadedModel,
+        slots: int,
+        cache_len: int,
+        eos_id: int | None,
+        eos_ids: tuple[int, ...] = (),
+        pages: int | None = None,
+        page_size: int = PAGE_SIZE,
     ):
-        """Generations end at `eos_id` (None: never) and at any of `eos_ids` (further end ids)."""
+        """Generations end at `eos_id` (None: never) and at any of `eos_ids` (further end ids). The pool
+        holds `pages` pages (None: every slot's whole context)."""
         self.model, self.cfg = model, model.cfg
         self.slots, self.cache_len = slots, cache_len
         self.vocab_size = self.cfg.vocab_size
         primary = () if eos_id is None else (eos_id,)
         self.eos_ids = primary + tuple(sorted(set(eos_ids) - set(primary)))
-        self.windows = tuple(w for w in (MIN_WINDOW << i for i in range(20)) if w < cache_len) + (cache_len,)
+        self.page_size = min(page_size, cache_len)
+        self.pages_per_seq = -(-cache_len // self.page_size)
+        self.pages = slots * self.pages_per_seq if pages is None else pages
+        span = self.pages_per_seq * self.page_size  # the widest window: whole pages covering the context
+        windows = (max(MIN_WINDOW, self.page_size) << i for i in range(20))
+        self.windows = tuple(w for w in windows if w < span and w % self.page_size == 0) + (span,)
         self.row_buckets = tuple(r for r in (1 << i for i in range(20)) if r < slots) + (slots,)
         self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < cache_len) or (cache_len,)
         self.chunk = self.prefill_buckets[-1]
-        sharding = DecodeState.shardings(self.cfg, model.mesh, slots, cache_len)
+        sharding = DecodeState.shardings(self.cfg, model.mesh, slots, self.pages, self.page_size)
         self.spec = StepSpec(self.cfg, self.eos_ids, sharding, replicated(model.mesh))
-        self._initial = jax.jit(lambda: DecodeState.initial(self.cfg, slots, cache_len), out_shardings=sharding)
+        self._initial = jax.jit(
+            lambda: DecodeState.initial(self.cfg, slots, self.pages, self.page_size), out_shardings=sharding
+        )
         self.state: DecodeState = self._initial()
+
+    def empty_table(self) -> np.ndarray:
+        """A page table [slots, pages per sequence] with no pages (every entry the pool's size)."""
+        return np.full((self.slots, self.pages_per_seq), self.pages, np.int32)
 
     @property
     def compiles(self):
@@ -76,36 +100,48 @@ class JaxCore(Core):
                 return P, T
         return None
 
-    def prefill(self, rows: list[PrefillRow], score: bool = False) -> PrefillOutput:
+    def prefill(self, rows: list[PrefillRow], table: np.ndarray, score: bool = False) -> PrefillOutput:
         longest = max(len(r.tokens) for r in rows)
         if len(rows) == 1:
-            return self._prefill((1, bucket_of(longest, self.prefill_buckets)), rows, score)
+            return self._prefill((1, bucket_of(longest, self.prefill_buckets)), rows, table, score)
         assert all(r.start == 0 for r in rows), "only whole prompts are packed"
         shape = self.packing(len(rows), longest)
         assert shape is not None, "the scheduler packs only prompts that fit"
-        return self._prefill(shape, rows, score)
+        return self._prefill(shape, rows, table, score)
 
-    def _prefill(self, shape: tuple[int, int], rows: list[PrefillRow], score: bool) -> PrefillOutput:
+    def _prefill(self, shape: tuple[int, int], rows: list[PrefillRow], table, score: bool) -> PrefillOutput:
         P, T = shape
         tokens = np.zeros((P, T), np.int32)
         targets = np.zeros((P, T), np.int32)
         starts = np.zeros((P,), np.int32)
         lengths = np.ones((P,), np.int32)
-        slots = np.full((P,), self.slots, np.int32)  # out of range: padding rows write nothing
+        write_from = np.zeros((P,), np.int32)
+        pages = np.full((P, self.pages_per_seq), self.pages, np.int32)  # padding rows have no pages
         for i, r in enumerate(rows):
             tokens[i, : len(r.tokens)] = r.tokens
             targets[i, : len(r.targets)] = r.targets
-            starts[i], lengths[i], slots[i] = r.start, len(r.tokens), r.slot
-        # the window covers the padded chunk, or the whole cache where the padding runs past its end (the
-        # real tokens never do; padding there is dropped): a shape warmup() has compiled either way
-        window = self.window_for(min(int(starts.max()) + T, self.cache_len) - 1)
+            starts[i], lengths[i], write_from[i] = r.start, len(r.tokens), r.write_from
+            pages[i] = table[r.slot]
+        # the window covers the padded chunk, or every page where the padding runs past the last one (the
+        # real tokens never do; padding there has no page): a shape warmup() has compiled either way
+        window = self.window_for(min(int(starts.max()) + T, self.windows[-1]) - 1)
         self.state, out = steps.prefill(
-            self.spec, self.model.params, self.state, tokens, starts, lengths, slots, targets, np.bool_(score), window
+            self.spec,
+            self.model.params,
+            self.state,
+            tokens,
+            starts,
+            lengths,
+            pages,
+            write_from,
+            targets,
+            np.bool_(score),
+            window,
         )
         return out
 
-    def fork(self, src: int, dst: int, length: int) -> None:
-        self.state = steps.fork(self.spec, self.state, np.int32(src), np.int32(dst), self.window_for(length - 1))
+    def copy_page(self, src: int, dst: int) -> None:
+        self.state = steps.copy_page(self.spec, self.state, np.int32(src), np.int32(dst))
 
     def insert(
         self,
@@ -132,11 +168,39 @@ class JaxCore(Core):
         )
         return out
 
-    def forward(self, max_position: int, max_slot: int) -> jax.Array:
+    def resume(
+        self,
+        slot: int,
+        token: int,
+        params: SamplingParams,
+        position: int,
+        generated: list[int],
+        max_tokens: int,
+        stop_on_eos: bool,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        row = SamplingState.host_row(params, self.cfg.vocab_size)
+        row["counts"] = np.bincount(generated, minlength=self.cfg.vocab_size).astype(np.int32)
+        row["step"] = np.asarray(len(generated), np.int32)
+        if mask is not None:
+            row["allowed"] = np.asarray(mask, np.int32)
+        self.state = steps.resume(
+            self.spec,
+            self.state,
+            np.int32(slot),
+            row,
+            np.int32(token),
+            np.int32(position),
+            np.int32(max_tokens),
+            np.bool_(stop_on_eos),
+        )
+
+    def forward(self, table: np.ndarray, max_position: int, max_slot: int) -> jax.Array:
         self.state, logits = steps.forward(
             self.spec,
             self.model.params,
             self.state,
+            np.array(table, np.int32),  # a copy: the caller edits its table while this step runs
             self.window_for(max_position),
             bucket_of(max_slot + 1, self.row_buckets),
         )
@@ -163,21 +227,25 @@ class JaxCore(Core):
     # ---- compiling ---------------------------------------------------------------------------------
 
     def warmup(self) -> float:
-        """Compile every shape a request can reach; returns seconds spent."""
+        """Compile every shape a request can reach; returns seconds spent. (No pages in the tables:
+        nothing is written.)"""
         t0 = time.perf_counter()
+        table = self.empty_table()
         for T in self.prefill_buckets:
             for start in sorted({w - T for w in self.windows if w >= T}):
-                out = self.prefill([PrefillRow(0, [0] * T, start, [0] * T)])
+                out = self.prefill([PrefillRow(0, [0] * T, start, [0] * T)], table)
         for P, T in PACKED:
             if T < self.cache_len:
-                self._prefill((P, T), [PrefillRow(0, [0] * T, 0, [0] * T)], False)
-        self.insert(0, out.last_logits[0], SamplingParams(temperature=1.0, top_p=0.5), 0, 1, True)
+                self._prefill((P, T), [PrefillRow(0, [0] * T, 0, [0] * T)], table, False)
+        greedy = SamplingParams(temperature=1.0, top_p=0.5)
+        self.insert(0, out.last_logits[0], greedy, 0, 1, True)
+        self.resume(0, 0, greedy, 0, [0], 1, True)
+        self.copy_page(0, 0)
         for rows in self.row_buckets:
             self.set_masks([self.slots] * rows, [np.full(((self.vocab_size + 31) // 32,), -1, np.int32)] * rows)
         for w in self.windows:
-            self.fork(0, 0, w)
             for rows in self.row_buckets:
-                self.step(w - 1, rows - 1)
+                self.step(table, w - 1, rows - 1)
         self.release(0)
         self.fetch(self.state.slots.active)
         del self.state  # drop the used state before making a fresh one: never two caches at once

@@ -2,8 +2,13 @@
 caller. No device calls here: the scheduler moves requests between states and owns the slots.
 
     Group (one EngineRequest)   WAITING -> PREFILLING -> DECODING -> FINISHED
-                                      \\________________\\__________-> ABORTED
-    Choice (one sequence of it) WAITING (until the prompt is in its slot) -> DECODING -> FINISHED
+                                   ^  \\________________\\__________-> ABORTED
+                                   |______(preempted)_____/
+    Choice (one sequence of it) WAITING (until its tokens are in its pages) -> DECODING -> FINISHED
+                                   ^_____(preempted)_____/
+
+A preempted group goes back to the queue keeping what it has produced; its unfinished choices are
+recomputed (prompt and generated tokens) when it is admitted again, and go on as if never interrupted.
 
 Everything a group emits goes through `emit`: Delta ..., then Usage, then END (a finished group); or
 only END (aborted); or the exception, then END (the engine failed). best_of holds every candidate's
@@ -18,6 +23,7 @@ import random
 import time
 from collections.abc import Callable
 
+from jaxserve.engine.pages import CachedPage, PagePool
 from jaxserve.engine.text import ChoiceText
 from jaxserve.engine.types import Delta, EngineRequest, TokenInfo, Usage
 from jaxserve.tokenizer import Tokenizer
@@ -41,8 +47,11 @@ class Choice:
         self.status = Status.WAITING
         self.text = ChoiceText(tokenizer, group.req.stop)
         self.slot: int | None = None
+        self.pages: list[int] = []  # held while it has a slot: its row of the page table
+        self.lease = 0  # counts the slots it has given back (a preempted choice may get the same slot again)
+        self.generated: list[int] = []  # every token taken, EOS included
         # a grammar.Matcher while a constrained choice decodes (set at insert; the scheduler feeds it each
-        # token as soon as it is fetched, ahead of take_token)
+        # token as soon as it is fetched, ahead of take_token; kept through a preemption)
         self.matcher = None
         self.position = 0  # an upper bound of the slot's position on device (for the attention window)
         self.count = 0  # tokens generated, EOS included
@@ -64,6 +73,7 @@ class Choice:
     ) -> tuple[Delta, bool]:
         """Account for a generated token -> (its delta, whether it was EOS). EOS adds no text."""
         self.count += 1
+        self.generated.append(token)
         self.logprob_sum += logprob
         if token in eos_ids and not self.group.req.ignore_eos:
             return Delta(self.index, "", []), True
@@ -83,11 +93,19 @@ class Group:
             for j in range(req.candidates)
         ]
         self.choices = [Choice(self, j, tokenizer, seeds[j]) for j in range(req.candidates)]
-        self.prefilled = 0  # prompt tokens already in the cache
-        self.scored: list = []  # echo: (prefill output, row, length) of each chunk, fetched when the prompt is in
-        # scoring only (max_tokens 0) needs the prompt's slot, not one per choice
-        self.slots_needed = req.candidates if req.max_tokens > 0 else 1
+        self.echoed = False  # the prompt has gone out with its logprobs (not again after a preemption)
+        self.preemptions = 0
+        self.admission = 0  # the scheduler's count of admissions when it was last admitted
         self.overtaken = 0  # admissions of later requests while this one waited (see Scheduler._pick)
+
+    @property
+    def unfinished(self) -> list[Choice]:
+        return [c for c in self.choices if c.status is not Status.FINISHED]
+
+    @property
+    def slots_needed(self) -> int:
+        """Scoring only (max_tokens 0) needs the prompt's slot; otherwise one per unfinished choice."""
+        return len(self.unfinished) if self.req.max_tokens > 0 else 1
 
     @property
     def cost(self) -> int:
@@ -102,17 +120,13 @@ class Group:
     def ended(self) -> bool:
         return self.status in (Status.FINISHED, Status.ABORTED)
 
-    def targets(self, start: int, length: int) -> list[int]:
-        """The tokens prompt positions start.. predict (0 past the end), for echo logprobs."""
-        prompt = self.req.prompt_ids
-        return list(prompt[start + 1 : start + 1 + length]) + [0] * (start + length >= len(prompt))
-
     def echo(self, rows: list[tuple[float, list[tuple[int, float]]]]) -> None:
         """Send the prompt to every choice with its logprobs: rows[j] = (log p(prompt[j + 1]), the top
         tokens there); the first token has none."""
         prompt = self.req.prompt_ids
         infos = [TokenInfo(prompt[0], None, [])] + [TokenInfo(prompt[j], *rows[j - 1]) for j in range(1, len(prompt))]
         text = self.tokenizer.decode(prompt)
+        self.echoed = True
         for choice in self.choices:
             choice.deliver(Delta(choice.index, text, infos, None, echo=True))
 
@@ -146,3 +160,38 @@ class Group:
         if error is not None:
             self.emit(error)
         self.emit(END)
+
+
+@dataclasses.dataclass(eq=False)
+class Fill:
+    """A sequence's tokens going into its pages, chunk by chunk: a group's prompt (then shared by its
+    choices), or a preempted choice's prompt and generated tokens but the last."""
+
+    group: Group
+    choice: Choice  # whose slot and pages
+    tokens: list[int]
+    start: int  # the next position to compute
+    cached: int  # positions before this are in shared cached pages: computed again at most, never written
+    chain: list[CachedPage]  # the cache entries of its first full pages, in order
+    rows: list  # echo: the rows its cached pages kept (positions 0 .. cached - 2)
+    score: bool  # echo: every position's logprob is wanted
+    scored: list = dataclasses.field(default_factory=list)  # (prefill output, row, length) of each chunk
+
+    def targets(self, start: int, length: int) -> list[int]:
+        """The tokens positions start.. predict (0 past the end), for echo logprobs."""
+        return list(self.tokens[start + 1 : start + 1 + length]) + [0] * (start + length >= len(self.tokens))
+
+    def filled(self, out, row: int, length: int, pool: PagePool) -> None:
+        """The next `length` positions went in (row `row` of prefill output `out`); full pages are cached."""
+        if self.score:
+            self.scored.append((out, row, length))
+        self.start += length
+        S = pool.page_size
+        while len(self.chain) < self.start // S:
+            i = len(self.chain)
+            entry = pool.publish(
+                self.chain[-1] if self.chain else None, self.tokens[i * S : (i + 1) * S], self.choice.pages[i]
+            )
+            if entry is None:
+                break
+            self.chain.append(entry)

@@ -1,12 +1,12 @@
 """The decode state on device, declared once.
 
-Every array that lives from one step to the next is declared here exactly once: the KV cache (its
-declaration is the model's, `KVCache`), then one row per slot [B, ...] for the sequence in each slot
-(`SlotState`) and for its sampling knobs (`SamplingState`). A row's declaration gives its dtype, the
-dims after B, its value in a free slot, and for a knob how a new sequence's value comes from its
-`SamplingParams`. Zeros, abstract shapes, logical axes (hence shardings) and the row written into a
-slot at insertion all follow from these declarations, so a new per-slot knob is one line here plus its
-use in `sampling.sample`.
+Every array that lives from one step to the next is declared here exactly once: the KV page pool (its
+declaration is the model's, `KVCache`; the page tables live on the host and come with each call), then
+one row per slot [B, ...] for the sequence in each slot (`SlotState`) and for its sampling knobs
+(`SamplingState`). A row's declaration gives its dtype, the dims after B, its value in a free slot, and
+for a knob how a new sequence's value comes from its `SamplingParams`. Zeros, abstract shapes, logical
+axes (hence shardings) and the row written into a slot at insertion all follow from these declarations,
+so a new per-slot knob is one line here plus its use in `sampling.sample`.
 """
 
 from __future__ import annotations
@@ -143,14 +143,14 @@ class SlotState(Rows):
 
 @struct.dataclass
 class DecodeState:
-    cache: KVCache
+    cache: KVCache  # the page pool
     slots: SlotState
     sampling: SamplingState
 
     @staticmethod
-    def abstract(cfg: ModelConfig, slots: int, cache_len: int) -> DecodeState:
+    def abstract(cfg: ModelConfig, slots: int, pages: int, page_size: int) -> DecodeState:
         return DecodeState(
-            cache=KVCache.shape_dtype(cfg, slots, cache_len),
+            cache=KVCache.shape_dtype(cfg, pages, page_size),
             slots=SlotState.abstract(slots, cfg.vocab_size),
             sampling=SamplingState.abstract(slots, cfg.vocab_size),
         )
@@ -160,13 +160,13 @@ class DecodeState:
         return DecodeState(cache=KVCache.axes(), slots=SlotState.axes(), sampling=SamplingState.axes())
 
     @staticmethod
-    def initial(cfg: ModelConfig, slots: int, cache_len: int) -> DecodeState:
+    def initial(cfg: ModelConfig, slots: int, pages: int, page_size: int) -> DecodeState:
         return DecodeState(
-            cache=KVCache.zeros(cfg, slots, cache_len),
+            cache=KVCache.zeros(cfg, pages, page_size),
             slots=SlotState.initial(slots, cfg.vocab_size),
             sampling=SamplingState.initial(slots, cfg.vocab_size),
         )
 
     @staticmethod
-    def shardings(cfg: ModelConfig, mesh, slots: int, cache_len: int) -> DecodeState:
-        return tree_shardings(DecodeState.axes(), DecodeState.abstract(cfg, slots, cache_len), mesh)
+    def shardings(cfg: ModelConfig, mesh, slots: int, pages: int, page_size: int) -> DecodeState:
+        return tree_shardings(DecodeState.axes(), DecodeState.abstract(cfg, slots, pages, page_size), mesh)

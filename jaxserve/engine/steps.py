@@ -1,12 +1,12 @@
-"""The jitted device steps of continuous batching, at module level: prefill, fork, insert, a decode step in
-two halves (forward, then sample_step), set_masks, release.
+"""The jitted device steps of continuous batching, at module level: prefill, copy_page, insert, resume,
+a decode step in two halves (forward, then sample_step), set_masks, release.
 
 Each takes a `StepSpec` (static: the model config, EOS and where the state lives) and the `DecodeState`,
 which it donates so XLA updates it in place, and returns the new state (constrained to the same
 shardings, so the next call finds what it compiled for) with the step's outputs, replicated. Shapes
 that vary are static arguments bucketed by the caller (`core.JaxCore`): the attention window, the
-prefill chunk and the decode rows. Every trace is counted in `spec.compiles`, so a test can prove that
-no request compiles anything.
+prefill chunk and the decode rows. Page tables are host arrays passed with each call, of one fixed
+shape. Every trace is counted in `spec.compiles`, so a test can prove that no request compiles anything.
 """
 
 from __future__ import annotations
@@ -75,15 +75,18 @@ _jit = functools.partial(jax.jit, donate_argnames=("state",))
 
 
 @functools.partial(_jit, static_argnames=("spec", "window"))
-def prefill(spec: StepSpec, params, state: DecodeState, tokens, starts, lengths, slots, targets, score, window: int):
+def prefill(
+    spec: StepSpec, params, state: DecodeState, tokens, starts, lengths, table, write_from, targets, score, window: int
+):
     """Write rows of prompt tokens [P, T] (row p starting at position starts[p], `lengths[p]` real tokens)
-    into cache rows `slots` [P] (out of range: dropped), and return each row's last-position logits;
-    with `score` (a traced bool) also every position's logprob of `targets` and the top K."""
+    into the pages of `table` [P, pages per sequence] from position write_from[p] on (earlier ones are in
+    shared pages already), and return each row's last-position logits; with `score` (a traced bool) also
+    every position's logprob of `targets` and the top K."""
     spec.compiles["prefill"] += 1
     model = Transformer(spec.cfg)
     P, T = tokens.shape
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-    x, cache = model.apply(params, tokens, positions, state.cache, window, slots=slots, method="hidden")
+    x, cache = model.apply(params, tokens, positions, state.cache, table, window, write_from, method="hidden")
     last = jnp.maximum(lengths - 1, 0)
 
     def every_position(x):
@@ -106,11 +109,11 @@ def prefill(spec: StepSpec, params, state: DecodeState, tokens, starts, lengths,
     return _settle(spec, state.replace(cache=cache), jax.lax.cond(score, every_position, last_position, x))
 
 
-@functools.partial(_jit, static_argnames=("spec", "window"))
-def fork(spec: StepSpec, state: DecodeState, src, dst, window: int):
-    """Copy slot src's first `window` cache positions into slot dst (n / best_of share one prefill)."""
-    spec.compiles["fork"] += 1
-    return _settle(spec, state.replace(cache=state.cache.copy_slot(src, dst, window)))
+@functools.partial(_jit, static_argnames=("spec",))
+def copy_page(spec: StepSpec, state: DecodeState, src, dst):
+    """Page dst takes page src's contents: a choice's own copy of its prompt's partial last page."""
+    spec.compiles["copy_page"] += 1
+    return _settle(spec, state.replace(cache=state.cache.copy_page(src, dst)))
 
 
 @functools.partial(_jit, static_argnames=("spec",))
@@ -130,16 +133,29 @@ def insert(spec: StepSpec, state: DecodeState, slot, logits, row: dict, position
     return _settle(spec, state.replace(sampling=sampling, slots=slots), out)
 
 
+@functools.partial(_jit, static_argnames=("spec",))
+def resume(spec: StepSpec, state: DecodeState, slot, row: dict, token, position, max_tokens, stop_on_eos):
+    """Continue a preempted sequence in `slot` from its last generated `token` at `position` (the cache
+    holds everything before it): its sampling row with the counts and step it had, nothing sampled."""
+    spec.compiles["resume"] += 1
+    sampling = state.sampling.write(slot, row)
+    slots = state.slots.write(
+        slot,
+        dict(tokens=token, positions=position, active=max_tokens > 0, remaining=max_tokens, stop_on_eos=stop_on_eos),
+    )
+    return _settle(spec, state.replace(sampling=sampling, slots=slots))
+
+
 @functools.partial(_jit, static_argnames=("spec", "window", "rows"))
-def forward(spec: StepSpec, params, state: DecodeState, window: int, rows: int):
+def forward(spec: StepSpec, params, state: DecodeState, table, window: int, rows: int):
     """The model's half of a decode step for the first `rows` slots (a bucket covering every occupied one):
-    each slot's last token goes into the cache, and its next-token logits [rows, V] come back for
-    `sample`. Between the two halves the host may write grammar masks (`set_masks`), so a constrained
-    slot's mask is computed while the device runs this."""
+    each slot's last token goes into the pages of its row of `table` [slots, pages per sequence], and its
+    next-token logits [rows, V] come back for `sample_step`. Between the two halves the host may write
+    grammar masks (`set_masks`), so a constrained slot's mask is computed while the device runs this."""
     spec.compiles["forward"] += 1
     model = Transformer(spec.cfg)
     seq = jax.tree.map(lambda a: a[:rows], state.slots)
-    logits, cache = model.apply(params, seq.tokens[:, None], seq.positions[:, None], state.cache, window)
+    logits, cache = model.apply(params, seq.tokens[:, None], seq.positions[:, None], state.cache, table[:rows], window)
     return _settle(spec, state.replace(cache=cache)), logits[:, 0]
 
 

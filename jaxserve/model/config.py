@@ -19,22 +19,28 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """A rescaling of the RoPE frequencies: "linear" (all divided by `factor`) or "llama3" (Llama 3.1+:
-    long wavelengths divided by `factor`, short ones kept, a smooth blend between)."""
+    """A rescaling of the RoPE frequencies: "linear" (all divided by `factor`), "llama3" (Llama 3.1+:
+    long wavelengths divided by `factor`, short ones kept, a smooth blend between) or "divisors" (each
+    frequency divided by its own entry of `divisors`, as llama.cpp applies a GGUF's `rope_freqs.weight`)."""
 
     kind: str
-    factor: float
+    factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context: int = 8192
+    divisors: tuple[float, ...] = ()  # [H/2], for "divisors"
 
     def __post_init__(self):
-        assert self.kind in ("linear", "llama3"), self.kind
+        assert self.kind in ("linear", "llama3", "divisors"), self.kind
+        object.__setattr__(self, "divisors", tuple(float(x) for x in self.divisors))  # a list from JSON
 
     def apply(self, inv_freq: np.ndarray) -> np.ndarray:
         """Rescaled inverse frequencies [H/2] (constants, computed once in NumPy)."""
         if self.kind == "linear":
             return inv_freq / self.factor
+        if self.kind == "divisors":
+            assert len(self.divisors) == len(inv_freq), (len(self.divisors), len(inv_freq))
+            return inv_freq / np.asarray(self.divisors, np.float64)
         low_wavelen = self.original_context / self.low_freq_factor
         high_wavelen = self.original_context / self.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
@@ -66,6 +72,11 @@ class ModelConfig:
     dtype: str = "float32"  # weights and activations
     quant: str | None = None  # "int8": matmul weights int8, one float32 scale per group of input weights
     quant_group: int = 64  # input weights sharing one int8 scale (per output channel)
+    # How int8 matmuls compute (a serving choice, never saved with the checkpoint; see
+    # jaxserve.engine.formulation): a matmul over fewer rows (B * T) than this widens the kernel to float32,
+    # one over at least this many rounds the dequantized kernel and the activations to bfloat16 and
+    # accumulates in float32. None: float32 at every size; 1: bfloat16 at every size.
+    bf16_from_rows: int | None = None
     # family switches (defaults: Llama)
     qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
@@ -85,7 +96,9 @@ class ModelConfig:
         assert all(0 <= i < self.n_layers for i in self.local_layers), self.local_layers
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        data = dataclasses.asdict(self)
+        del data["bf16_from_rows"]  # chosen where the model is served, not where it is converted
+        return json.dumps(data, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
@@ -98,6 +111,16 @@ class ModelConfig:
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
         return cls.from_json(Path(path).read_text())
+
+    @property
+    def formulation(self) -> str:
+        """The weight matmuls' arithmetic in a word, as the startup log and /metrics name it: float weights
+        compute in their own dtype; int8 in "f32", "bf16", or "f32<N<=bf16" (bfloat16 from N rows on)."""
+        if self.quant != "int8":
+            return self.dtype
+        if self.bf16_from_rows is None:
+            return "f32"
+        return "bf16" if self.bf16_from_rows <= 1 else f"f32<{self.bf16_from_rows}<=bf16"
 
     @property
     def attention_scale(self) -> float:

@@ -1,85 +1,105 @@
-"""The KV cache: a pytree of two arrays per layer stack, k [L, B, K, H, S] and v [L, B, K, S, H] (layers,
-slots, KV heads, head dim / positions).
+"""The KV cache as a pool of fixed-size pages shared by every sequence: k [L, P, K, H, S] and
+v [L, P, K, S, H] (layers, pages, KV heads, head dim / positions within a page).
 
-Each layout is the one its attention matmul reads without repacking: scores = q [G, H] x k [H, W] and
-out = p [G, W] x v [W, H], both with the contracted dim leading on the cache side. (With k stored
-[S, H], XLA:CPU's q . k^T took several times longer than the same FLOPs of p . v.)
+A sequence owns a page table: row b of `table` [B, pages per sequence] names the page holding its positions
+[i * S, (i + 1) * S) in column i; an entry past the pool (P) is no page: writes there are dropped and reads
+return some page's data, which the causal mask hides. Attention gathers a window of a sequence's pages
+into one contiguous [K, H, W] / [K, W, H] block, the layouts its two matmuls read without repacking
+(scores = q [G, H] x k [H, W], out = p [G, W] x v [W, H]).
 
-Slot b's entry at position p belongs to whichever sequence last wrote it; attention masks by position
-(key position <= query position), so a reused slot needs no clearing.
+A page's entries past the positions its sequence has written belong to an earlier owner; attention masks
+by position (key position <= query position), so a reused page needs no clearing.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxserve.model.config import ModelConfig
 
-SEQ_AXIS = {"k": 4, "v": 3}  # where the positions sit in each array
-
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, K, H, S]
-    v: jax.Array  # [L, B, K, S, H]
+    k: jax.Array  # [L, P, K, H, S]
+    v: jax.Array  # [L, P, K, S, H]
 
     @classmethod
-    def shape_dtype(cls, cfg: ModelConfig, slots: int, length: int) -> KVCache:
+    def shape_dtype(cls, cfg: ModelConfig, pages: int, page_size: int) -> KVCache:
         L, K, H, dt = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
         return cls(
-            k=jax.ShapeDtypeStruct((L, slots, K, H, length), dt), v=jax.ShapeDtypeStruct((L, slots, K, length, H), dt)
+            k=jax.ShapeDtypeStruct((L, pages, K, H, page_size), dt),
+            v=jax.ShapeDtypeStruct((L, pages, K, page_size, H), dt),
         )
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, slots: int, length: int) -> KVCache:
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cls.shape_dtype(cfg, slots, length))
+    def zeros(cls, cfg: ModelConfig, pages: int, page_size: int) -> KVCache:
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cls.shape_dtype(cfg, pages, page_size))
+
+    @classmethod
+    def per_row(cls, cfg: ModelConfig, rows: int, length: int) -> tuple[KVCache, np.ndarray]:
+        """An empty cache of one `length`-position page per row, and its table [rows, 1] (a whole forward
+        pass outside the engine: training, tests)."""
+        return cls.zeros(cfg, rows, length), np.arange(rows, dtype=np.int32)[:, None]
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig) -> int:
+        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
     @staticmethod
     def axes() -> KVCache:
-        """Logical axis names of each array, for jaxserve.sharding."""
+        """Logical axis names of each array, for jaxserve.sharding. Pages are not split: any sequence, on
+        any data shard, may hold any page."""
         return KVCache(
-            k=("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
-            v=("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+            k=("layers", None, "kv_heads", "head_dim", None),
+            v=("layers", None, "kv_heads", None, "head_dim"),
         )
 
     @property
-    def length(self) -> int:
-        return self.v.shape[SEQ_AXIS["v"]]
+    def pages(self) -> int:
+        return self.k.shape[1]
 
-    def write(self, layer, positions, k, v, slots=None) -> KVCache:
-        """Write k, v [b, T, K, H] at (layer, slots[i], positions[i, t]); positions past the end are dropped.
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[-1]
 
-        `slots` [b] names the cache rows of the b sequences; None means all B rows in order."""
-        rows = (jnp.arange(k.shape[0]) if slots is None else slots)[:, None]
+    def _pages_of(self, table, positions):
+        """The page of each position [b, T] in its row's table [b, pages per sequence] (P: none)."""
+        column = positions // self.page_size
+        page = jnp.take_along_axis(table, jnp.minimum(column, table.shape[1] - 1), axis=1)
+        return jnp.where(column < table.shape[1], page, self.pages)
+
+    def write(self, layer, table, positions, k, v, write_from=None) -> KVCache:
+        """Write k, v [b, T, K, H] of row b's tokens at `positions` [b, T] into its pages (`table` [b, ...]).
+        Positions before `write_from` [b] are not written (pages shared with other sequences); nor are
+        those without a page."""
+        page = self._pages_of(table, positions)
+        if write_from is not None:
+            page = jnp.where(positions < write_from[:, None], self.pages, page)
+        offset = positions % self.page_size
         # advanced indices around slices: the indexed dims [b, T] come first, then K, H — k's own layout
         return KVCache(
-            k=self.k.at[layer, rows, :, :, positions].set(k.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[layer, rows, :, positions].set(v.astype(self.v.dtype), mode="drop"),
+            k=self.k.at[layer, page, :, :, offset].set(k.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[layer, page, :, offset].set(v.astype(self.v.dtype), mode="drop"),
         )
 
-    def read(self, layer, window: int, slots=None, rows: int | None = None):
-        """The first `window` positions of one layer for `slots`, or (slots None) for the first `rows`
-        cache rows (None: all): k [b, K, H, W], v [b, K, W, H]."""
-        if slots is not None:  # out-of-range slots (padding rows) read a clipped row, never used
-            return (
-                self.k.at[layer, slots, :, :, :window].get(mode="clip"),
-                self.v.at[layer, slots, :, :window].get(mode="clip"),
-            )
-        _, B, K, _, H = self.v.shape
-        B = B if rows is None else rows
-        start = (layer, 0, 0, 0, 0)
-        k = jax.lax.dynamic_slice(self.k, start, (1, B, K, H, window))[0]
-        v = jax.lax.dynamic_slice(self.v, start, (1, B, K, window, H))[0]
-        return k, v
+    def read(self, layer, table, window: int):
+        """Positions [0, window) of one layer for the rows of `table` [b, >= window / S]:
+        k [b, K, H, W], v [b, K, W, H]."""
+        S = self.page_size
+        assert window % S == 0, f"the window {window} is not a whole number of {S}-position pages"
+        pages = table[:, : window // S]
+        b, n = pages.shape
+        _, _, K, H, _ = self.k.shape
+        k = self.k.at[layer, pages].get(mode="clip")  # [b, n, K, H, S]
+        v = self.v.at[layer, pages].get(mode="clip")  # [b, n, K, S, H]
+        return (
+            k.transpose(0, 2, 3, 1, 4).reshape(b, K, H, window),
+            v.transpose(0, 2, 1, 3, 4).reshape(b, K, window, H),
+        )
 
-    def copy_slot(self, src, dst, window: int) -> KVCache:
-        """Copy slot src's first `window` positions (every layer) into slot dst."""
-
-        def copy(a, seq_axis):
-            rows = jax.lax.dynamic_slice_in_dim(a, src, 1, axis=1)
-            rows = jax.lax.slice_in_dim(rows, 0, window, axis=seq_axis)
-            return jax.lax.dynamic_update_slice_in_dim(a, rows, dst, axis=1)
-
-        return KVCache(k=copy(self.k, SEQ_AXIS["k"]), v=copy(self.v, SEQ_AXIS["v"]))
+    def copy_page(self, src, dst) -> KVCache:
+        """Page dst takes page src's contents (every layer): copy-on-write of a shared partial page."""
+        return KVCache(k=self.k.at[:, dst].set(self.k[:, src]), v=self.v.at[:, dst].set(self.v[:, src]))

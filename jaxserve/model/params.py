@@ -12,9 +12,9 @@ from jaxserve.model.transformer import Transformer
 
 
 def _init(cfg: ModelConfig, rng):
-    cache = KVCache.zeros(cfg, 1, 1)
+    cache, table = KVCache.per_row(cfg, 1, 1)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return Transformer(cfg).init(rng, tokens, tokens, cache, 1)
+    return Transformer(cfg).init(rng, tokens, tokens, cache, table, 1)
 
 
 def abstract_params(cfg: ModelConfig):

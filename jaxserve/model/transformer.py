@@ -1,9 +1,10 @@
 """Flax (linen) decoder of the Llama, Mistral, Qwen 2/3 and Gemma 3 families that reads and writes a KV cache.
 
 One forward serves every use: a prefill of T tokens per sequence or a decode of one token per sequence.
-Each token carries its absolute position; its K/V are written into the cache at that position first, then
-every query attends over the cache window [0, W) with keys at positions <= its own. Stale entries from a
-slot's previous occupant always sit at later positions, so the causal mask hides them without a reset.
+Each token carries its absolute position; its K/V are written into its sequence's pages (the page table)
+at that position first, then every query attends over the window [0, W) of its pages with keys at
+positions <= its own. Stale entries from a page's previous owner always sit at later positions, so the
+causal mask hides them without a reset.
 Layers run under `nn.scan` (compile time does not grow with depth) with the whole cache in the carry so
 the step updates it in place. Every parameter carries logical axis names (see jaxserve.sharding).
 
@@ -59,13 +60,18 @@ def dequantize(kernel, scale):
     return w.reshape(kernel.shape)
 
 
-def dot(spec: str, x, weight):
-    """einsum(spec, x, kernel), an int8 kernel dequantized to float32 within the jitted step. (Not bfloat16
-    products: slower at one slot on some CPUs, and under model sharding they drifted from the unsharded
-    result.)"""
+def dot(spec: str, x, weight, bf16_from_rows: int | None = None):
+    """einsum(spec, x [B, T, ...], kernel), an int8 kernel dequantized within the jitted step: to float32, or,
+    where x has at least `bf16_from_rows` rows (B * T, known when tracing), rounded to bfloat16 once after
+    the float32 dequantization (one rounding of each weight, not two) and multiplied with bfloat16
+    activations, accumulating in float32. Which is faster depends on the CPU and the rows
+    (jaxserve.engine.formulation measures it); float weights always compute in their own dtype."""
     kernel, scale = weight
     if scale is None:
         return jnp.einsum(spec, x, kernel)
+    if bf16_from_rows is not None and x.shape[0] * x.shape[1] >= bf16_from_rows:
+        w = dequantize(kernel, scale).astype(jnp.bfloat16)
+        return jnp.einsum(spec, x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32).astype(x.dtype)
     return jnp.einsum(spec, x.astype(jnp.float32), dequantize(kernel, scale)).astype(x.dtype)
 
 
@@ -101,6 +107,31 @@ def apply_rope(x, cos, sin):
     return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
+def paged_attention(c: ModelConfig, q, cache: KVCache, layer, table, positions, window: int, local):
+    """q [B, T, N, H] of tokens at `positions` [B, T] attending over positions [0, window) of each row's
+    pages (`table` [B, ...]) in `layer` of the pool, keys at positions <= their own (and within the sliding
+    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel reading the pages in place
+    (a ragged paged attention kernel on TPU, say); this one gathers them (`KVCache.read`)."""
+    B, T = positions.shape
+    dt = jnp.dtype(c.dtype)
+    keys, values = cache.read(layer, table, window)  # [B, K, H, W], [B, K, W, H]
+    # GQA without repeating K/V: the G query heads of each KV head and the T tokens form the rows of one
+    # [G*T, H] x [H, W] matmul per (row, KV head). Query head n = k * G + g, as in HF's repeat_kv.
+    G = c.n_heads // c.n_kv_heads
+    q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)
+    scores = jnp.einsum("bkrh,bkhs->bkrs", q, keys).astype(jnp.float32) * c.attention_scale
+    scores = scores.reshape(B, c.n_kv_heads, G, T, window)
+    key_pos, pos = jnp.arange(window)[None, None, :], positions[:, :, None]
+    mask = key_pos <= pos  # [B, T, W]
+    if c.local_layers:  # a local layer sees only the last sliding_window positions, its own included
+        mask &= ~local | (key_pos > pos - c.sliding_window)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, c.n_kv_heads, G * T, window)
+    attn = jnp.einsum("bkrs,bksh->bkrh", probs, values).reshape(B, c.n_kv_heads, G, T, c.head_dim)
+    return attn.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, c.head_dim)
+
+
 class Block(nn.Module):
     """One decoder layer; scanned over layers with carry (x, cache, layer index). cos/sin [R, B, T, H] hold
     R = 1 RoPE table, or 2 when local layers have their own base (global first)."""
@@ -108,11 +139,10 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, positions, cos, sin, slots, window: int):
+    def __call__(self, carry, positions, cos, sin, table, write_from, window: int):
         x, cache, layer = carry
         c = self.cfg
         dt = jnp.dtype(c.dtype)
-        B, T, _ = x.shape
         local = jnp.asarray(c.layer_is_local())[layer]
         rope = local.astype(jnp.int32) if cos.shape[0] == 2 else 0
         cos, sin = cos[rope], sin[rope]
@@ -122,9 +152,9 @@ class Block(nn.Module):
         wk = _weight(self, c, "k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wv = _weight(self, c, "v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wo = _weight(self, c, "o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), 1)
-        q = dot("btd,dnh->btnh", h, wq)
-        k = dot("btd,dkh->btkh", h, wk)
-        v = dot("btd,dkh->btkh", h, wv)
+        q = dot("btd,dnh->btnh", h, wq, c.bf16_from_rows)
+        k = dot("btd,dkh->btkh", h, wk, c.bf16_from_rows)
+        v = dot("btd,dkh->btkh", h, wv, c.bf16_from_rows)
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (c.n_heads, c.head_dim), ("q_heads", "head_dim"), zeros, dt)
@@ -135,25 +165,9 @@ class Block(nn.Module):
             k = RMSNorm(c.norm_eps, dt, "head_dim", name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        cache = cache.write(layer, positions, k, v, slots)
-        keys, values = cache.read(layer, window, slots, rows=B)  # [B, K, H, W], [B, K, W, H]
-
-        # GQA without repeating K/V: the G query heads of each KV head and the T tokens form the rows of
-        # one [G*T, H] x [H, W] matmul per (slot, KV head). Query head n = k * G + g, as in HF's repeat_kv.
-        G = c.n_heads // c.n_kv_heads
-        q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-        q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)
-        scores = jnp.einsum("bkrh,bkhs->bkrs", q, keys).astype(jnp.float32) * c.attention_scale
-        scores = scores.reshape(B, c.n_kv_heads, G, T, window)
-        key_pos, pos = jnp.arange(window)[None, None, :], positions[:, :, None]
-        mask = key_pos <= pos  # [B, T, W]
-        if c.local_layers:  # a local layer sees only the last sliding_window positions, its own included
-            mask &= ~local | (key_pos > pos - c.sliding_window)
-        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, c.n_kv_heads, G * T, window)
-        attn = jnp.einsum("bkrs,bksh->bkrh", probs, values).reshape(B, c.n_kv_heads, G, T, c.head_dim)
-        attn = attn.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, c.head_dim)
-        attn = dot("btnh,nhd->btd", attn, wo)
+        cache = cache.write(layer, table, positions, k, v, write_from)
+        attn = paged_attention(c, q, cache, layer, table, positions, window, local)
+        attn = dot("btnh,nhd->btd", attn, wo, c.bf16_from_rows)
         if c.sandwich_norms:
             attn = RMSNorm(c.norm_eps, dt, name="post_attn_norm")(attn)
         x = x + attn
@@ -163,9 +177,9 @@ class Block(nn.Module):
         # of two
         wgu = _weight(self, c, "gate_up", (c.dim, 2, c.mlp_dim), ("embed", None, "mlp"), 0)
         wd = _weight(self, c, "down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0)
-        gate_up = dot("btd,dcf->btcf", h, wgu)
+        gate_up = dot("btd,dcf->btcf", h, wgu, c.bf16_from_rows)
         act = nn.silu if c.activation == "silu" else partial(jax.nn.gelu, approximate=True)
-        out = dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd)
+        out = dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd, c.bf16_from_rows)
         if c.sandwich_norms:
             out = RMSNorm(c.norm_eps, dt, name="post_mlp_norm")(out)
         return (x + out, cache, layer + 1), None
@@ -201,7 +215,8 @@ class Embedding(nn.Module):
             blocks -= 1
         table = self.table.reshape(blocks, V // blocks, D)
         scale = self.scale.reshape(blocks, V // blocks, -1)
-        _, logits = jax.lax.scan(lambda _, w: (None, dot("btd,vd->btv", x, w)), None, (table, scale))
+        block = lambda _, w: (None, dot("btd,vd->btv", x, w, self.cfg.bf16_from_rows))
+        _, logits = jax.lax.scan(block, None, (table, scale))
         return jnp.moveaxis(logits, 0, 2).reshape(*x.shape[:2], V)  # [blocks, B, T, V/blocks] -> [B, T, V]
 
 
@@ -218,7 +233,7 @@ class Transformer(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 5,
+            in_axes=(nn.broadcast,) * 6,
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c)
@@ -226,17 +241,17 @@ class Transformer(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = _weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)
 
-    def __call__(self, tokens, positions, cache: KVCache, window: int, slots=None):
+    def __call__(self, tokens, positions, cache: KVCache, table, window: int, write_from=None):
         """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, updated cache). See `hidden`."""
-        x, cache = self.hidden(tokens, positions, cache, window, slots)
+        x, cache = self.hidden(tokens, positions, cache, table, window, write_from)
         return self.logits(x), cache
 
-    def hidden(self, tokens, positions, cache: KVCache, window: int, slots=None):
+    def hidden(self, tokens, positions, cache: KVCache, table, window: int, write_from=None):
         """tokens, positions [B, T] int32 -> (final-normed hidden states [B, T, D], updated cache).
 
-        `window` (static) must exceed every position in `positions`; attention reads only cache[:, :window].
-        `slots` [B] maps each row to a cache row (a prefill into one slot); None: row b is cache row b (the
-        first B rows of a cache that may hold more).
+        `table` [B, pages per sequence] names each row's pages (see KVCache). `window` (static, a whole
+        number of pages) must exceed every position in `positions`; attention reads only positions
+        [0, window). Positions before `write_from` [B] (None: all written) are already in shared pages.
         """
         c = self.cfg
         x = self.embed(tokens)
@@ -246,11 +261,11 @@ class Transformer(nn.Module):
         if c.rope_local_theta is not None:
             tables.append(rope_tables(positions, c.head_dim, c.rope_local_theta))
         cos, sin = (jnp.stack(t) for t in zip(*tables))  # [R, B, T, H]
-        (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), positions, cos, sin, slots, window)
+        (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), positions, cos, sin, table, write_from, window)
         return self.final_norm(x), cache
 
     def logits(self, x):
         """Hidden states [B, T, D] -> logits [B, T, V] float32."""
         if self.cfg.tie_embeddings:
             return self.embed.attend(x).astype(jnp.float32)
-        return dot("btd,dv->btv", x, self.lm_head).astype(jnp.float32)
+        return dot("btd,dv->btv", x, self.lm_head, self.cfg.bf16_from_rows).astype(jnp.float32)

@@ -1,0 +1,215 @@
+"""Which arithmetic the int8 weight matmuls use on this machine: chosen once, before warm-up, and cached.
+
+Two formulations pass the int8 fidelity bounds (tests/test_quantize.py checks both): "f32", the int8 kernel
+widened to float32 inside the step, and "bf16", the dequantized kernel and the activations rounded to
+bfloat16 with float32 accumulation. Which is faster depends on the CPU (bfloat16 units or none) and on
+the rows a matmul carries, so on CPU `choose` times both on the model's own weight matmuls at the decode row
+buckets, from the most rows down until bfloat16 loses, and serves bfloat16 from the smallest row count at
+and above which it wins everywhere
+(`ModelConfig.bf16_from_rows`, static in the jitted steps: the choice costs no recompilation after
+warm-up). On GPU and TPU bfloat16 is the native choice and stands without measuring. Float weights are
+never rounded: float32 asked for stays exact.
+
+A choice is cached in a small JSON file in the compilation cache's folder, keyed by what decides it (CPU
+model and cores or device kind, jax version, backend, model and its config, weights, mesh, slots), so a
+restart does not measure again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.checkpoint import LoadedModel
+from jaxserve.model import Transformer
+from jaxserve.model.transformer import dot
+
+log = logging.getLogger(__name__)
+
+FORMULATIONS = ("auto", "f32", "bf16")
+CACHE_FILE = "jaxserve-formulations.json"
+MARGIN = 0.97  # bfloat16 must beat float32 by 3% at a row count to be worth its rounding there
+REPEATS = 5  # timed runs of each candidate at each row count, interleaved; medians compared
+
+Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms}, medians
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What the int8 matmuls use (`bf16_from_rows`, as in ModelConfig), how that was decided ("measured",
+    "cached", "forced", "platform" or "float weights") and the timings it rests on."""
+
+    bf16_from_rows: int | None
+    source: str
+    timings: Timings = dataclasses.field(default_factory=dict)
+
+    def apply(self, model: LoadedModel) -> LoadedModel:
+        return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, bf16_from_rows=self.bf16_from_rows))
+
+    def describe(self, cfg) -> str:
+        text = f"matmul formulation {dataclasses.replace(cfg, bf16_from_rows=self.bf16_from_rows).formulation} "
+        text += f"({self.source}"
+        if self.timings:
+            per_rows = ", ".join(f"{r}: {t['f32']:.1f}/{t['bf16']:.1f}" for r, t in sorted(self.timings.items()))
+            text += f"; int8 weight matmuls of one decode step, ms f32/bf16 by rows: {per_rows}"
+        return text + ")"
+
+
+def row_buckets(slots: int) -> tuple[int, ...]:
+    """The decode steps' row counts: powers of two below the slots, and the slots."""
+    return tuple(r for r in (1 << i for i in range(20)) if r < slots) + (slots,)
+
+
+def bf16_threshold(timings: Timings) -> int | None:
+    """The smallest measured row count from which bfloat16 wins (by MARGIN) at every measured count, or None."""
+    threshold = None
+    for rows in sorted(timings, reverse=True):
+        if timings[rows]["bf16"] >= MARGIN * timings[rows]["f32"]:
+            break
+        threshold = rows
+    return threshold
+
+
+def matmul_step(model: LoadedModel, bf16_from_rows: int | None) -> Callable:
+    """A jitted function of (params, x [rows, 1, D]) running what the formulation changes in one decode
+    step: every layer's int8 weight matmuls (each weight grouped as stored, through the model's `dot`) and
+    the logits over the vocabulary (through the model's own `logits`)."""
+    cfg = dataclasses.replace(model.cfg, bf16_from_rows=bf16_from_rows)
+    letters = "cdefghijklmnopqrsuvwxyz"
+
+    def run(params, x):
+        layers = params["params"]["layers"]
+        weights = {n: (layers[n], layers[n + "_scale"]) for n in sorted(layers) if n + "_scale" in layers}
+
+        def layer(acc, ws):
+            rows_in = x + acc
+            for kernel, scale in ws.values():
+                # the contracted axes are those up to the grouped one (where the scale is shorter)
+                a = next(i for i, (n, m) in enumerate(zip(kernel.shape, scale.shape)) if n != m)
+                ins, outs = letters[: a + 1], letters[a + 1 : kernel.ndim]
+                inputs = jnp.resize(rows_in, (x.shape[0], 1, *kernel.shape[: a + 1]))
+                y = dot(f"bt{ins},{ins}{outs}->bt{outs}", inputs, (kernel, scale), bf16_from_rows)
+                acc = acc + 1e-6 * jnp.mean(y)
+            return acc, None
+
+        acc, _ = jax.lax.scan(layer, jnp.float32(0), weights)
+        return Transformer(cfg).apply(params, x + acc, method="logits")
+
+    return jax.jit(run)
+
+
+def measure(model: LoadedModel, rows: tuple[int, ...], repeats: int = REPEATS) -> Timings:
+    """Median ms of each formulation's matmul step at each row count, runs interleaved (a shared machine's
+    noise falls on both alike)."""
+    fns = {"f32": matmul_step(model, None), "bf16": matmul_step(model, 1)}
+    timings: Timings = {}
+    for r in rows:
+        x = jnp.linspace(-1, 1, r * model.cfg.dim, dtype=jnp.float32).reshape(r, 1, model.cfg.dim)
+        for fn in fns.values():
+            jax.block_until_ready(fn(model.params, x))  # compile, and one untimed run
+        runs: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(model.params, x))
+                runs[name].append(1000 * (time.perf_counter() - t0))
+        timings[r] = {name: statistics.median(ms) for name, ms in runs.items()}
+    return timings
+
+
+def machine() -> str:
+    """The CPU model and cores on CPU, the device kind otherwise."""
+    if jax.default_backend() != "cpu":
+        return f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def cache_key(model: LoadedModel, slots: int) -> str:
+    """What decides the choice: machine, jax version and backend, model (name and config), weights, mesh,
+    slots."""
+    cfg = hashlib.sha256(model.cfg.to_json().encode()).hexdigest()[:12]
+    mesh = ",".join(f"{k}={v}" for k, v in model.mesh.shape.items())
+    weights = model.cfg.quant or model.cfg.dtype
+    return (
+        f"{machine()} | jax {jax.__version__} {jax.default_backend()} | {model.name} {cfg} | weights {weights}, "
+        f"activations {model.cfg.dtype} | mesh {mesh} | {slots} slots"
+    )
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path: Path, key: str, choice: Choice) -> None:
+    entries = _read(path)
+    entries[key] = {
+        "bf16_from_rows": choice.bf16_from_rows,
+        "timings_ms": {str(r): t for r, t in sorted(choice.timings.items())},
+        "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    os.replace(tmp, path)  # a concurrent reader sees the old file or the new one, never half of one
+
+
+def choose(
+    model: LoadedModel,
+    slots: int,
+    formulation: str = "auto",
+    cache_dir: Path | None = None,
+    timer: Callable[[LoadedModel, tuple[int, ...]], Timings] = measure,
+) -> Choice:
+    """The formulation to serve `model` with over `slots` slots: `formulation` "f32" or "bf16" forces one;
+    "auto" measures on CPU (or reads the cache in `cache_dir`, None: no cache) and takes bfloat16 elsewhere."""
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {formulation!r} (choose from {', '.join(FORMULATIONS)})")
+    if model.cfg.quant != "int8":
+        if formulation == "bf16":
+            raise ValueError(
+                "--formulation bf16 applies to int8 weights; float weights compute in their own dtype "
+                "(--dtype bfloat16 for bfloat16 ones)"
+            )
+        return Choice(None, "float weights")
+    if formulation != "auto":
+        return Choice(None if formulation == "f32" else 1, "forced")
+    if jax.default_backend() != "cpu":
+        return Choice(1, f"platform: {jax.default_backend()}")
+    key = cache_key(model, slots)
+    path = None if cache_dir is None else Path(cache_dir) / CACHE_FILE
+    if path is not None and (entry := _read(path).get(key)) is not None:
+        timings = {int(r): t for r, t in entry["timings_ms"].items()}
+        return Choice(entry["bf16_from_rows"], f"cached in {path}", timings)
+    t0 = time.perf_counter()
+    timings: Timings = {}
+    for rows in reversed(row_buckets(slots)):  # from the most rows down: below a loss nothing counts
+        timings.update(timer(model, (rows,)))
+        if bf16_threshold({rows: timings[rows]}) is None:
+            break
+    choice = Choice(bf16_threshold(timings), f"measured in {time.perf_counter() - t0:.1f} s", timings)
+    if path is not None:
+        _write(path, key, choice)
+    return choice

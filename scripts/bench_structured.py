@@ -6,8 +6,9 @@ against C unconstrained ones, on one engine, offline.
 Each round submits C chat requests at once (temperature 1, different seeds) and measures generated tokens /
 wall time until the last finishes: first C unconstrained (EOS ignored, so each makes --gen-tokens), then C
 constrained by a JSON schema long enough to keep them decoding (an array of 24 short strings), then a mixed
-round (half constrained). Medians of --repeats rounds. Constrained outputs that end by themselves (not cut
-by --gen-tokens) must all parse: the count is printed.
+round (half constrained). Medians of --repeats rounds, and the median of each repeat's own ratio to its
+unconstrained round. Constrained outputs that end by themselves (not cut by --gen-tokens) must all parse:
+the count is printed.
 """
 
 from __future__ import annotations
@@ -115,8 +116,12 @@ def main() -> None:
         print(f"{args.model} ({args.quantize}), {C} concurrent requests, up to {N} tokens each, {args.repeats} rounds")
         for name, values in rates.items():
             med = statistics.median(values)
+            # each repeat runs the three kinds back to back: a ratio within one repeat shrugs off slow drifts
+            # in the machine's load that the medians of separate rounds do not
+            paired = statistics.median(v / f for v, f in zip(values, rates["unconstrained"]))
             print(
-                f"  {name:14s} {med:7.1f} generated tok/s  ({med / base:.2f}x)  rounds: {[round(v, 1) for v in values]}"
+                f"  {name:14s} {med:7.1f} generated tok/s  ({med / base:.2f}x, within repeats {paired:.2f}x)  "
+                f"rounds: {[round(v, 1) for v in values]}"
             )
         print(f"  constrained outputs: {ended}/{total} ended by themselves, {valid}/{ended} of those parse as JSON")
     finally:

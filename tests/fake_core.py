@@ -2,7 +2,8 @@
 
 The first token after a prompt is (last prompt token + 1); every step adds 1 to each active slot's token;
 the logprob of token t is -t/100, and so are its top 5. EOS is token 50. A slot with a grammar mask takes
-the lowest id the mask allows from that token up (vocabulary: 64 tokens, 2 words).
+the lowest id the mask allows from that token up (vocabulary: 64 tokens, 2 words), under the mask it has
+when `sample` (a step's second half) runs.
 Every call is recorded, so admission, slot reuse, abort and one-step-late processing are visible.
 
 Its KV cache holds the tokens themselves: `kv[page][offset]`, written through the page table by prefill
@@ -47,6 +48,7 @@ class Stepped:
     top_logprobs: np.ndarray
     done: np.ndarray
     valid: np.ndarray
+    call: int | None = None  # a step's: where its `sample` is in FakeCore.calls
 
     @classmethod
     def of(cls, tokens, done, valid) -> Stepped:
@@ -137,20 +139,24 @@ class FakeCore(Core):
         self.tokens[slot], self.positions[slot], self.active[slot] = token, position, max_tokens > 0
         self.remaining[slot], self.stop_eos[slot] = max_tokens, stop_on_eos
 
-    def step(self, table, max_position: int, max_slot: int) -> Stepped:
+    def forward(self, table, max_position: int, max_slot: int) -> np.ndarray:
         time.sleep(0.002)  # a device step takes time: lets an abort land mid-stream
-        self.calls.append(("step", tuple(np.flatnonzero(self.active))))
+        self.calls.append(("forward", tuple(np.flatnonzero(self.active))))
         for slot in np.flatnonzero(self.active):
             page, offset = self._where(table, int(slot), int(self.positions[slot]))
             self.kv[page][offset] = int(self.tokens[slot])
+        return self.tokens + 1  # the "logits": each slot's next token before its mask
+
+    def sample(self, logits) -> Stepped:
+        self.calls.append(("sample", tuple(np.flatnonzero(self.active))))
         valid = self.active.copy()
         self.positions += valid
-        nxt = [self._pick(s, int(t) + 1) for s, t in enumerate(self.tokens)]
+        nxt = [self._pick(s, int(t)) for s, t in enumerate(logits)]
         self.tokens = np.where(valid, nxt, self.tokens)
         self.remaining -= valid
         done = valid & ((self.remaining <= 0) | (self.stop_eos & (self.tokens == EOS)))
         self.active &= ~done
-        return Stepped.of(self.tokens.copy(), done, valid)
+        return dataclasses.replace(Stepped.of(self.tokens.copy(), done, valid), call=len(self.calls) - 1)
 
     def set_masks(self, slots: list[int], masks: list) -> None:
         self.calls.append(("set_masks", tuple(slots)))
@@ -162,4 +168,6 @@ class FakeCore(Core):
         self.active[slot] = False
 
     def fetch(self, result):
+        if isinstance(result, Stepped) and result.call is not None:
+            self.calls.append(("fetch", result.call))  # when the host waited for that step
         return result

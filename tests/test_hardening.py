@@ -45,13 +45,13 @@ class ByteTokenizer:
 
 
 class SlowCore(FakeCore):
-    def step(self, table, max_position, max_slot):
+    def forward(self, table, max_position, max_slot):
         time.sleep(0.02)
-        return super().step(table, max_position, max_slot)
+        return super().forward(table, max_position, max_slot)
 
 
 class BrokenCore(FakeCore):
-    def step(self, table, max_position, max_slot):
+    def forward(self, table, max_position, max_slot):
         raise RuntimeError("device lost")
 
 

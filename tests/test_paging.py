@@ -5,7 +5,7 @@ import threading
 
 import pytest
 from fake_core import FakeCore
-from test_scheduler import ToyTokenizer, req, text_of
+from test_scheduler import StrideMatcher, ToyTokenizer, req, text_of
 
 from jaxserve.engine.bridge import complete
 from jaxserve.engine.scheduler import Scheduler
@@ -101,6 +101,34 @@ def test_a_sequence_that_needs_a_page_when_none_is_free_preempts_the_youngest():
             assert usage.completion_tokens == 14
         assert eng.preemptions >= 1 and any(c[0] == "resume" for c in eng.core.calls)
         assert eng.pool.held == 0
+    finally:
+        eng.shutdown()
+
+
+def test_a_preempted_constrained_choice_resumes_with_its_matcher_in_step(monkeypatch):
+    """As above, every request constrained (stride masks: each token 2 more than the last, so a mask out of
+    step with the tokens shows): each matcher takes every token exactly once across preemption, and the
+    resumed sequence goes on under the mask of its last token."""
+    import jaxserve.engine.scheduler as scheduler_module
+
+    StrideMatcher.seen = []
+    monkeypatch.setattr(scheduler_module, "Matcher", StrideMatcher)
+    eng = make(pages=6)
+    results = {}
+
+    def run(i):
+        r = req(f"r{i}", [10 * i, 10 * i + 1], max_tokens=14, grammar="stride")
+        results[i] = complete(eng, r, timeout=30)
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        expected = [[10 * i + 2 + 2 * k for k in range(14)] for i in range(3)]
+        for i in range(3):
+            assert text_of(results[i][0]) == "".join(f"<{t}>" for t in expected[i])
+        assert sorted(StrideMatcher.seen) == expected
+        assert eng.preemptions >= 1 and any(c[0] == "resume" for c in eng.core.calls)
     finally:
         eng.shutdown()
 

@@ -125,7 +125,7 @@ def test_more_requests_than_slots_all_complete(engine):
     [t.join() for t in threads]
     for i in range(8):
         assert text_of(results[i][0]) == f"<{i + 1}><{i + 2}><{i + 3}>"
-    steps = [c[1] for c in engine.core.calls if c[0] == "step"]
+    steps = [c[1] for c in engine.core.calls if c[0] == "forward"]
     assert max(len(s) for s in steps) <= 4
 
 
@@ -134,7 +134,7 @@ def test_max_tokens_zero_scores_only(engine):
     assert deltas[0].echo and [t.token_id for t in deltas[0].tokens] == [4, 5, 6]
     assert deltas[-1].finish_reason == "length"
     assert usage.completion_tokens == 0
-    assert not any(c[0] in ("insert", "step") for c in engine.core.calls)
+    assert not any(c[0] in ("insert", "forward", "sample") for c in engine.core.calls)
 
 
 def test_best_of_returns_highest_mean_logprob(engine):
@@ -194,7 +194,7 @@ def test_requests_submitted_together_are_queued_all_or_none():
 
 
 class BrokenCore(FakeCore):
-    def step(self, table, max_position, max_slot):
+    def forward(self, table, max_position, max_slot):
         raise RuntimeError("device lost")
 
 
@@ -318,15 +318,16 @@ def test_a_request_past_its_deadline_is_aborted_and_frees_its_slots():
         eng.shutdown()
 
 
-class EvenMatcher:
-    """A grammar stand-in: allows even ids only; records every token it is given."""
+class StrideMatcher:
+    """A grammar stand-in: the first token even, then each token 2 more than the last. Its mask depends on
+    the token just taken, so a mask written a step late shows in the output. Records every token."""
 
     seen: list = []
 
     def __init__(self, tokenizer, grammar, vocab):
-        assert grammar == "even" and vocab == 64
+        assert grammar == "stride" and vocab == 64
         self.tokens = []
-        EvenMatcher.seen.append(self.tokens)
+        StrideMatcher.seen.append(self.tokens)
 
     def consume(self, token):
         self.tokens.append(token)
@@ -334,34 +335,68 @@ class EvenMatcher:
     def mask(self):
         import numpy as np
 
-        word = np.int32(np.uint32(0x55555555).view(np.int32))  # bits 0, 2, 4, ...
-        return np.array([word, word], np.int32)
+        allowed = range(0, 64, 2) if not self.tokens else [self.tokens[-1] + 2]
+        bits = np.zeros(64, np.uint64)
+        bits[list(allowed)] = 1
+        words = [int(sum(int(b) << i for i, b in enumerate(bits[w * 32 : w * 32 + 32]))) for w in range(2)]
+        return np.array(words, np.uint32).view(np.int32)
 
 
-def test_a_constrained_choice_follows_its_mask_and_syncs_the_loop(engine, monkeypatch):
-    """The mask keeps the fake's +1 arithmetic to even ids: 3 -> 4, 6, 8, 10. Each step of the constrained
-    slot is preceded by a mask written from every token so far, and its matcher saw every token; an
-    unconstrained request decoding beside it keeps the plain arithmetic."""
+def run_beside(engine, monkeypatch, reqs):
+    """Submit `reqs` together (a StrideMatcher for grammar "stride"); every item they emit is also logged
+    into the fake's calls as ("emit", index, item), so it shows where the host's text work happened."""
     import jaxserve.engine.scheduler as scheduler_module
 
-    EvenMatcher.seen = []
-    monkeypatch.setattr(scheduler_module, "Matcher", EvenMatcher)
-    results = {}
+    StrideMatcher.seen = []
+    monkeypatch.setattr(scheduler_module, "Matcher", StrideMatcher)
+    calls, items = engine.core.calls, queue.Queue()
 
-    def run(name, r):
-        results[name] = complete(engine, r, timeout=10)
+    def emit(i, item):
+        calls.append(("emit", i, item))
+        items.put((i, item))
 
-    threads = [
-        threading.Thread(target=run, args=("c", req("c", [3], max_tokens=4, grammar="even"))),
-        threading.Thread(target=run, args=("f", req("f", [20], max_tokens=4))),
-    ]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert text_of(results["c"][0]) == "<4><6><8><10>"
-    assert text_of(results["f"][0]) == "<21><22><23><24>"
-    assert EvenMatcher.seen == [[4, 6, 8, 10]]
-    calls = [c[0] for c in engine.core.calls]
-    first_mask = calls.index("set_masks")
-    steps_after = [i for i, c in enumerate(calls) if c == "step" and i > first_mask]
-    assert len([c for c in calls if c == "set_masks"]) == 3  # before each of the 3 steps after the insert
-    assert all(calls[i - 1] == "set_masks" for i in steps_after[:3])
+    engine.submit(reqs, emit)
+    ended, deltas = set(), {i: [] for i in range(len(reqs))}
+    while len(ended) < len(reqs):
+        i, item = items.get(timeout=10)
+        if item is END:
+            ended.add(i)
+        elif hasattr(item, "text"):
+            deltas[i].append(item)
+    return [deltas[i] for i in range(len(reqs))]
+
+
+def test_a_constrained_choice_follows_masks_written_between_the_step_halves(engine, monkeypatch):
+    """Stride masks keep the fake's +1 arithmetic to 3 -> 4, 6, 8, 10: each step samples under the mask of
+    the token fetched just before (a stale mask would repeat a token). The mask is written after the
+    step's forward half and before its sampling half; the unconstrained request beside it keeps the plain
+    arithmetic."""
+    constrained, free = run_beside(
+        engine, monkeypatch, [req("c", [3], max_tokens=4, grammar="stride"), req("f", [20], max_tokens=4)]
+    )
+    assert text_of(constrained) == "<4><6><8><10>"
+    assert text_of(free) == "<21><22><23><24>"
+    assert StrideMatcher.seen == [[4, 6, 8, 10]]
+    calls = engine.core.calls
+    masked = [i for i, c in enumerate(calls) if c[0] == "set_masks"]
+    assert len(masked) == 3  # after the insert and after each step but the last (its token ended the choice)
+    for i in masked:
+        assert calls[i + 1][0] == "sample"
+        assert [c[0] for c in calls[:i] if c[0] in ("forward", "sample")][-1] == "forward"
+
+
+def test_the_host_waits_for_a_step_only_once_the_next_is_dispatched(engine, monkeypatch):
+    """With a constrained choice decoding (a mask to write every step) as without: the host fetches step
+    k-1 only after dispatching step k's forward half, and does its text work (deltas) only after step k's
+    sampling half is dispatched, so the device always has the next step while the host works."""
+    for grammar in ("stride", None):
+        engine.core.calls.clear()
+        run_beside(engine, monkeypatch, [req("c", [3], max_tokens=6, grammar=grammar), req("f", [20], max_tokens=6)])
+        calls = engine.core.calls
+        fetches = [i for i, c in enumerate(calls) if c[0] == "fetch"]
+        assert len(fetches) == 6  # the 5 steps after the inserts, and the last fetched after
+        for i in fetches[:-1]:
+            sampled = calls[i][1]
+            assert "forward" in [c[0] for c in calls[sampled + 1 : i]]
+            after = [c[0] for c in calls[i + 1 :] if c[0] != "set_masks"]
+            assert after[0] == "sample"  # no delta in between

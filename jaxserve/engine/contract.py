@@ -1,5 +1,6 @@
 """The device contract of continuous batching (JetStream's prefill -> insert -> generate, with the prefill
-writing straight into its sequence's pages): everything the scheduler may ask of the device side, as a type.
+writing straight into its sequence's pages, and generate in two halves, forward -> sample, so the host can
+write a grammar's mask between them): everything the scheduler may ask of the device side, as a type.
 
 The KV cache is a pool of `pages` pages of `page_size` positions. The caller decides which pages hold
 which sequence: its page table, a host array [slots, pages_per_seq] of page ids (`pages` where none),
@@ -96,9 +97,19 @@ class Core(Protocol):
     def set_masks(self, slots: list[int], masks: list[Any]) -> None:
         """The tokens each slot's next step may pick (packed masks, as for insert)."""
 
+    def forward(self, table: Any, max_position: int, max_slot: int) -> Any:
+        """The first half of one decode step of every active slot (the model: each slot's next-token logits,
+        left on the device), writing into the pages `table` gives it; `max_position` / `max_slot` bound the
+        occupied ones."""
+
+    def sample(self, logits: Any) -> StepResult:
+        """The second half: each active slot's next token from `forward`'s logits, under the mask the slot
+        has now (`set_masks` may come between the halves). Output rows cover at least the first max_slot + 1
+        slots."""
+
     def step(self, table: Any, max_position: int, max_slot: int) -> StepResult:
-        """One decode step of every active slot, writing into the pages `table` gives it; `max_position` /
-        `max_slot` bound the occupied ones. Output rows cover at least the first max_slot + 1 slots."""
+        """One whole decode step, nothing in between."""
+        return self.sample(self.forward(table, max_position, max_slot))
 
     def release(self, slot: int) -> None:
         """Stop decoding `slot` before the device would (stop string, abort)."""

@@ -195,8 +195,8 @@ class JaxCore(Core):
             np.bool_(stop_on_eos),
         )
 
-    def step(self, table: np.ndarray, max_position: int, max_slot: int) -> StepOutput:
-        self.state, out = steps.step(
+    def forward(self, table: np.ndarray, max_position: int, max_slot: int) -> jax.Array:
+        self.state, logits = steps.forward(
             self.spec,
             self.model.params,
             self.state,
@@ -204,6 +204,10 @@ class JaxCore(Core):
             self.window_for(max_position),
             bucket_of(max_slot + 1, self.row_buckets),
         )
+        return logits
+
+    def sample(self, logits: jax.Array) -> StepOutput:
+        self.state, out = steps.sample_step(self.spec, self.state, logits)
         return out
 
     def set_masks(self, slots: list[int], masks: list[np.ndarray]) -> None:

@@ -50,7 +50,9 @@ class Choice:
         self.pages: list[int] = []  # held while it has a slot: its row of the page table
         self.lease = 0  # counts the slots it has given back (a preempted choice may get the same slot again)
         self.generated: list[int] = []  # every token taken, EOS included
-        self.matcher = None  # a grammar.Matcher while a constrained choice decodes (set at insert)
+        # a grammar.Matcher while a constrained choice decodes (set at insert; the scheduler feeds it each
+        # token as soon as it is fetched, ahead of take_token; kept through a preemption)
+        self.matcher = None
         self.position = 0  # an upper bound of the slot's position on device (for the attention window)
         self.count = 0  # tokens generated, EOS included
         self.logprob_sum = 0.0
@@ -73,8 +75,6 @@ class Choice:
         self.count += 1
         self.generated.append(token)
         self.logprob_sum += logprob
-        if self.matcher is not None:
-            self.matcher.consume(token)
         if token in eos_ids and not self.group.req.ignore_eos:
             return Delta(self.index, "", []), True
         return Delta(self.index, self.text.add(token), [TokenInfo(token, logprob, top)]), False

@@ -3,13 +3,17 @@ caller.
 
 (JetStream calls this the orchestrator, vLLM the engine core's scheduler; the device side is `core`.)
 Each loop: take new requests, run one prefill call (several short prompts packed, or the next chunk of
-one prompt), dispatch a decode step for every decoding slot, then process the *previous* step's output
-on the host (detokenize, stop strings, deltas) while the device runs the new one. While a grammar-
-constrained choice decodes, its next mask depends on the token the device has just produced, so the loop
-syncs: it processes the previous step's output and writes the constrained slots' masks before dispatching
-(every slot then waits for the host once per step; the overlap comes back when no constrained choice is
-left). The slot table `_owner` maps each slot to the choice holding it; a request's own state lives in
-`lifecycle`.
+one prompt), then a decode step of every decoding slot in its two halves around the host's work:
+
+    dispatch forward(k)   the model, from the tokens of step k-1 already on the device
+    fetch step k-1        wait for its tokens; each constrained choice's matcher takes its token
+    set_masks, sample(k)  the constrained slots' next masks, then step k's tokens under them
+    host work on k-1      detokenize, stop strings, deltas, while the device runs step k
+
+So the device never waits for the host's text work, and a grammar-constrained slot still advances every
+step: its next mask (which depends on the token just fetched) is computed while the device runs the
+model's forward pass, and only has to be ready before the sampling half. The slot table `_owner` maps each
+slot to the choice holding it; a request's own state lives in `lifecycle`.
 Requests and aborts arrive through thread-safe queues; results leave through each request's `emit`.
 
 Pages (`pages.PagePool`): a request is admitted when its prompt's pages are available; its prefill
@@ -156,7 +160,7 @@ class Scheduler:
     # ---- the scheduler thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        pending = None  # (output, owners at dispatch) of the step in flight
+        pending = None  # (output, owners at dispatch) of the last step, its tokens not yet seen by the host
         self.healthy = True
         try:
             while not self._stop.is_set():
@@ -165,26 +169,24 @@ class Scheduler:
                 self._handle_aborts()
                 self._expire(time.monotonic())
                 inserted = self._prefill()
-                dispatched = None
                 decoding = [c for c in self._owner if c is not None and c.status is Status.DECODING]
-                if any(c.matcher is not None for c in decoding):
-                    if pending is not None:
-                        self._process_step(*pending)
-                    self._process_inserted(inserted)
-                    pending, inserted = None, []
-                    decoding = [c for c in self._owner if c is not None and c.status is Status.DECODING]
-                    self._write_masks(decoding)
                 self._grow(decoding)
                 decoding = [c for c in decoding if c.status is Status.DECODING]  # some may have been preempted
+                logits = None  # the device starts the step from tokens it has, before the host has seen them
                 if decoding:
-                    out = self.core.step(self._table, max(c.position for c in decoding), max(c.slot for c in decoding))
+                    logits = self.core.forward(
+                        self._table, max(c.position for c in decoding), max(c.slot for c in decoding)
+                    )
+                rows = self._fetch(pending, inserted)
+                pending = None
+                if logits is not None:
+                    self._write_masks(rows)
+                    out = self.core.sample(logits)
                     for c in decoding:
                         c.position += 1
-                    dispatched = (out, [None if c is None else (c, c.lease) for c in self._owner])
-                if pending is not None:
-                    self._process_step(*pending)
-                self._process_inserted(inserted)
-                pending = dispatched
+                    pending = (out, [None if c is None else (c, c.lease) for c in self._owner])
+                for choice, out, row in rows:  # while the device runs the step
+                    self._process_token(choice, out, row)
                 self.steps += 1
             self._close(EngineStopped("the server is shutting down"))
         except BaseException as e:  # an engine failure ends every open stream, never silently
@@ -462,9 +464,30 @@ class Scheduler:
                 entry.rows = rows[max(i * S - 1, 0) : (i + 1) * S - 1]
         fill.group.echo(rows)
 
-    def _write_masks(self, decoding: list[Choice]) -> None:
-        """Each constrained slot's mask for its next token (its matcher has seen every token so far)."""
-        constrained = [c for c in decoding if c.matcher is not None]
+    def _fetch(self, pending, inserted: list) -> list[tuple[Choice, object, int]]:
+        """The real tokens of the last step and of this loop's inserts, as (choice, host output, row), for the
+        choices that still hold their slot (owners at dispatch are (choice, lease)) and were not preempted;
+        each constrained choice's matcher takes its token at once, so its next mask can be written."""
+        rows = []
+        if pending is not None:
+            out, owners = pending
+            out = self.core.fetch(out)
+            for slot, owner in enumerate(owners[: len(out.tokens)]):
+                if owner is None:
+                    continue
+                choice, lease = owner
+                if choice.status is Status.DECODING and out.valid[slot] and (self._owner[slot], choice.lease) == owner:
+                    rows.append((choice, out, slot))
+        rows += [(choice, self.core.fetch(out), 0) for choice, out in inserted if choice.status is Status.DECODING]
+        for choice, out, row in rows:
+            if choice.matcher is not None:
+                choice.matcher.consume(int(out.tokens[row]))
+        return rows
+
+    def _write_masks(self, rows: list) -> None:
+        """The next token's mask of each constrained choice that has just taken a token and goes on (a slot's
+        mask stays until replaced)."""
+        constrained = [c for c, out, row in rows if c.matcher is not None and not out.done[row]]
         if constrained:
             self.core.set_masks([c.slot for c in constrained], [c.matcher.mask() for c in constrained])
 
@@ -497,22 +520,8 @@ class Scheduler:
 
     # ---- decode results -----------------------------------------------------------------------------
 
-    def _process_step(self, out, owners) -> None:
-        """A step's output, for the slots whose owners (choice, lease) at dispatch still hold them."""
-        out = self.core.fetch(out)
-        for slot, owner in enumerate(owners[: len(out.tokens)]):
-            if owner is None:
-                continue
-            choice, lease = owner
-            if choice.status is Status.DECODING and out.valid[slot] and (self._owner[slot], choice.lease) == owner:
-                self._process_token(choice, out, slot)
-
-    def _process_inserted(self, inserted: list) -> None:
-        for choice, out in inserted:
-            if choice.status is Status.DECODING:  # not preempted since
-                self._process_token(choice, self.core.fetch(out), 0)
-
     def _process_token(self, choice: Choice, out, row: int) -> None:
+        """Detokenize, match stop strings, deliver; finish the choice if its sequence ended."""
         top = list(zip(out.top_ids[row].tolist(), out.top_logprobs[row].tolist()))
         delta, eos = choice.take_token(int(out.tokens[row]), float(out.logprobs[row]), top, self.core.eos_ids)
         if choice.text.stopped:  # a stop string: the device would go on, so stop the slot there

@@ -1,5 +1,5 @@
 """The jitted device steps of continuous batching, at module level: prefill, copy_page, insert, resume,
-step, set_masks, release.
+a decode step in two halves (forward, then sample_step), set_masks, release.
 
 Each takes a `StepSpec` (static: the model config, EOS and where the state lives) and the `DecodeState`,
 which it donates so XLA updates it in place, and returns the new state (constrained to the same
@@ -147,16 +147,28 @@ def resume(spec: StepSpec, state: DecodeState, slot, row: dict, token, position,
 
 
 @functools.partial(_jit, static_argnames=("spec", "window", "rows"))
-def step(spec: StepSpec, params, state: DecodeState, table, window: int, rows: int):
-    """One decode step for the first `rows` slots (a bucket covering every occupied one), each writing
-    into the pages of its row of `table` [slots, pages per sequence]: EOS and max_tokens decided here, so
-    a finished slot stops without the host."""
-    spec.compiles["step"] += 1
+def forward(spec: StepSpec, params, state: DecodeState, table, window: int, rows: int):
+    """The model's half of a decode step for the first `rows` slots (a bucket covering every occupied one):
+    each slot's last token goes into the pages of its row of `table` [slots, pages per sequence], and its
+    next-token logits [rows, V] come back for `sample_step`. Between the two halves the host may write
+    grammar masks (`set_masks`), so a constrained slot's mask is computed while the device runs this."""
+    spec.compiles["forward"] += 1
     model = Transformer(spec.cfg)
+    seq = jax.tree.map(lambda a: a[:rows], state.slots)
+    logits, cache = model.apply(params, seq.tokens[:, None], seq.positions[:, None], state.cache, table[:rows], window)
+    return _settle(spec, state.replace(cache=cache)), logits[:, 0]
+
+
+@functools.partial(_jit, static_argnames=("spec",))
+def sample_step(spec: StepSpec, state: DecodeState, logits):
+    """The sampling half of a decode step: a token for each of the first `rows` slots from `forward`'s
+    logits [rows, V], under each slot's current mask; EOS and max_tokens decided here, so a finished slot
+    stops without the host."""
+    spec.compiles["sample"] += 1
+    rows, cache = logits.shape[0], state.cache
     s = jax.tree.map(lambda a: a[:rows], state.replace(cache=None))
     seq = s.slots
-    logits, cache = model.apply(params, seq.tokens[:, None], seq.positions[:, None], state.cache, table[:rows], window)
-    tokens, lp, top_ids, top_lp = sample(logits[:, 0], s.sampling)
+    tokens, lp, top_ids, top_lp = sample(logits, s.sampling)
     active = seq.active
     remaining = seq.remaining - active
     done = active & ((remaining <= 0) | (seq.stop_on_eos & _is_eos(spec, tokens)))

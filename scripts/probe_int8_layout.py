@@ -7,6 +7,11 @@ float32 as the f32 formulation does, in two layouts: as stored (input axis first
 matrix-vector product accumulates rows of the widened copy) and output-major (a transposed copy made
 once, [..., D]: each output is a dot product along a contiguous row). Runs interleaved, medians, per row
 count; the layout is a property of the weights, so the transposed copy is not timed.
+
+Read the one-row figures only: here each weight's input is the previous one's output resized, a chain
+the real step does not have, and several rows through it cost far more than they do in the step (where
+2 slots cost about 1.25x one slot, and running 2-4 rows as separate matrix-vector products did not pay:
+measured with whole steps interleaved, 2 slots 44.3 -> 44.5 ms, 4 slots 64.4 -> 78.5 ms).
 """
 
 from __future__ import annotations

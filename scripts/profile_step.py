@@ -204,7 +204,7 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
         if name not in labels:
             unlabeled[name] += per_step(us)
     total = sum(by_comp.values())
-    by_comp["host: wall (traced) - device busy"] = statistics.median(traced) - per_step(busy)
+    by_comp["host: wall (traced) - device busy"] = statistics.mean(traced) - per_step(busy)  # both means
     print(
         f"\n{m.name} {m.cfg.quant or m.cfg.dtype} {m.cfg.formulation}, {slots} slots at position {args.position} "
         f"(window {window}), temperature {args.temperature}, top_p {args.top_p}: step {statistics.median(wall):.2f} ms "

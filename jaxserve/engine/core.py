@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 PREFILL_BUCKETS = (16, 32, 64, 256)  # one row: a prompt's chunk
 PACKED = ((2, 128), (4, 64), (8, 32), (16, 16))  # (rows, tokens): short whole prompts prefilled together
 MIN_WINDOW = 128
-PAGE_SIZE = 128  # positions per page: gathering pages of 64 or fewer cost decode steps more than 128
+PAGE_SIZE = 128  # positions per page: attention takes a window a page at a time, and smaller steps cost more
 
 
 def bucket_of(n: int, buckets) -> int:

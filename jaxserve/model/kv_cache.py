@@ -3,9 +3,9 @@ v [L, P, K, S, H] (layers, pages, KV heads, head dim / positions within a page).
 
 A sequence owns a page table: row b of `table` [B, pages per sequence] names the page holding its positions
 [i * S, (i + 1) * S) in column i; an entry past the pool (P) is no page: writes there are dropped and reads
-return some page's data, which the causal mask hides. Attention gathers a window of a sequence's pages
-into one contiguous [K, H, W] / [K, W, H] block, the layouts its two matmuls read without repacking
-(scores = q [G, H] x k [H, W], out = p [G, W] x v [W, H]).
+return some page's data, which the causal mask hides. Attention reads a sequence's window page by page,
+each page in the layout its two matmuls read without repacking (scores = q [G, H] x k [H, S],
+out = p [G, S] x v [S, H]).
 
 A page's entries past the positions its sequence has written belong to an earlier owner; attention masks
 by position (key position <= query position), so a reused page needs no clearing.
@@ -85,20 +85,9 @@ class KVCache:
             v=self.v.at[layer, page, :, offset].set(v.astype(self.v.dtype), mode="drop"),
         )
 
-    def read(self, layer, table, window: int):
-        """Positions [0, window) of one layer for the rows of `table` [b, >= window / S]:
-        k [b, K, H, W], v [b, K, W, H]."""
-        S = self.page_size
-        assert window % S == 0, f"the window {window} is not a whole number of {S}-position pages"
-        pages = table[:, : window // S]
-        b, n = pages.shape
-        _, _, K, H, _ = self.k.shape
-        k = self.k.at[layer, pages].get(mode="clip")  # [b, n, K, H, S]
-        v = self.v.at[layer, pages].get(mode="clip")  # [b, n, K, S, H]
-        return (
-            k.transpose(0, 2, 3, 1, 4).reshape(b, K, H, window),
-            v.transpose(0, 2, 1, 3, 4).reshape(b, K, window, H),
-        )
+    def read(self, layer, pages):
+        """One page per row from one layer, `pages` [b]: k [b, K, H, S], v [b, K, S, H]."""
+        return self.k.at[layer, pages].get(mode="clip"), self.v.at[layer, pages].get(mode="clip")
 
     def copy_page(self, src, dst) -> KVCache:
         """Page dst takes page src's contents (every layer): copy-on-write of a shared partial page."""

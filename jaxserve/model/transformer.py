@@ -110,26 +110,44 @@ def apply_rope(x, cos, sin):
 def paged_attention(c: ModelConfig, q, cache: KVCache, layer, table, positions, window: int, local):
     """q [B, T, N, H] of tokens at `positions` [B, T] attending over positions [0, window) of each row's
     pages (`table` [B, ...]) in `layer` of the pool, keys at positions <= their own (and within the sliding
-    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel reading the pages in place
-    (a ragged paged attention kernel on TPU, say); this one gathers them (`KVCache.read`)."""
+    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel (a ragged paged attention
+    kernel on TPU, say).
+
+    Here a scan over the window's pages with a running softmax (flash-decoding's): each step reads one
+    page per row, which stays in cache between its two matmuls, instead of gathering the whole window into
+    one copy first."""
     B, T = positions.shape
-    dt = jnp.dtype(c.dtype)
-    keys, values = cache.read(layer, table, window)  # [B, K, H, W], [B, K, W, H]
+    K, H, S = c.n_kv_heads, c.head_dim, cache.page_size
+    assert window % S == 0, f"the window {window} is not a whole number of {S}-position pages"
     # GQA without repeating K/V: the G query heads of each KV head and the T tokens form the rows of one
-    # [G*T, H] x [H, W] matmul per (row, KV head). Query head n = k * G + g, as in HF's repeat_kv.
-    G = c.n_heads // c.n_kv_heads
-    q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    q = q.reshape(B, c.n_kv_heads, G * T, c.head_dim)
-    scores = jnp.einsum("bkrh,bkhs->bkrs", q, keys).astype(jnp.float32) * c.attention_scale
-    scores = scores.reshape(B, c.n_kv_heads, G, T, window)
-    key_pos, pos = jnp.arange(window)[None, None, :], positions[:, :, None]
-    mask = key_pos <= pos  # [B, T, W]
-    if c.local_layers:  # a local layer sees only the last sliding_window positions, its own included
-        mask &= ~local | (key_pos > pos - c.sliding_window)
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(B, c.n_kv_heads, G * T, window)
-    attn = jnp.einsum("bkrs,bksh->bkrh", probs, values).reshape(B, c.n_kv_heads, G, T, c.head_dim)
-    return attn.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, c.head_dim)
+    # [G*T, H] x [H, S] matmul per (row, KV head). Query head n = k * G + g, as in HF's repeat_kv.
+    G = c.n_heads // K
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    pos = positions[:, None, :, None]  # [B, 1, T, 1] against key positions [S]
+
+    def page(carry, xs):
+        top, total, acc = carry  # running max and sum of exp(score - max) [B, K, G*T], weighted values [.., H]
+        column, pages = xs  # the column of the page tables, and its page for each row [B]
+        keys, values = cache.read(layer, pages)  # [B, K, H, S], [B, K, S, H]
+        scores = jnp.einsum("bkrh,bkhs->bkrs", q, keys).astype(jnp.float32) * c.attention_scale
+        key_pos = column * S + jnp.arange(S)
+        mask = key_pos <= pos  # [B, 1, T, S]
+        if c.local_layers:  # a local layer sees only the last sliding_window positions, its own included
+            mask &= ~local | (key_pos > pos - c.sliding_window)
+        scores = jnp.where(mask[:, :, None], scores.reshape(B, K, G, T, S), -jnp.inf).reshape(B, K, G * T, S)
+        new_top = jnp.maximum(top, scores.max(-1))
+        shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # a row with nothing visible yet stays at 0
+        probs = jnp.exp(scores - shift[..., None])
+        scale = jnp.exp(top - shift)
+        acc = acc * scale[..., None] + jnp.einsum("bkrs,bksh->bkrh", probs.astype(values.dtype), values)
+        return (new_top, total * scale + probs.sum(-1), acc), None
+
+    rows = (B, K, G * T)
+    init = (jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros((*rows, H)))
+    n = window // S
+    (_, total, acc), _ = jax.lax.scan(page, init, (jnp.arange(n), jnp.asarray(table)[:, :n].T))
+    attn = (acc / total[..., None]).astype(jnp.dtype(c.dtype)).reshape(B, K, G, T, H)
+    return attn.transpose(0, 3, 1, 2, 4).reshape(B, T, c.n_heads, H)
 
 
 class Block(nn.Module):

@@ -224,6 +224,7 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
     from jaxserve.api.serving import CompletionServing
     from jaxserve.checkpoint import load_model
     from jaxserve.engine.build import build_engine, enable_compilation_cache
+    from jaxserve.engine.executables import FOLDER
 
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
@@ -244,6 +245,7 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
         prefix_caching=args.prefix_caching,
         formulation=args.formulation,
         formulation_cache=cache,
+        executable_cache=None if cache is None else cache / FOLDER,
     )
     weights = model.cfg.quant or model.cfg.dtype
     serving = CompletionServing(

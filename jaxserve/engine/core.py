@@ -1,6 +1,8 @@
 """JaxCore: the device contract (`contract.Core`) over the jitted steps of `steps.py`, for one model on
-its mesh. It owns the decode state, turns host arguments into bucketed shapes, and compiles every
-bucket in `warmup()`.
+its mesh. It owns the decode state, turns host arguments into bucketed shapes, and makes every bucket
+ready in `warmup()`: each step variant's executable, compiled in parallel or loaded from an
+`ExecutableStore` (see executables.py). Calls then run those executables; a shape warm-up missed falls
+back to the jitted function, which traces and compiles (counted in `compiles`).
 
 Buckets: prefill chunks of PREFILL_BUCKETS tokens (or PACKED rows x tokens for several short prompts),
 attention windows of powers of two from MIN_WINDOW up to the context (whole pages), decode rows of powers
@@ -17,11 +19,13 @@ import logging
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine import steps
 from jaxserve.engine.contract import Core, PrefillRow
+from jaxserve.engine.executables import ExecutableStore, Report, Variant, abstract, compile_all
 from jaxserve.engine.state import DecodeState, SamplingState
 from jaxserve.engine.steps import PrefillOutput, StepOutput, StepSpec
 from jaxserve.engine.types import SamplingParams
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 
 PREFILL_BUCKETS = (16, 32, 64, 256)  # one row: a prompt's chunk
 PACKED = ((2, 128), (4, 64), (8, 32), (16, 16))  # (rows, tokens): short whole prompts prefilled together
+STATE_ONLY = ("copy_page", "resume", "set_masks", "release")  # steps returning only the state
+STEPS = {name: getattr(steps, name) for name in ("prefill", "insert", "step", *STATE_ONLY)}
 MIN_WINDOW = 128
 PAGE_SIZE = 128  # positions per page: gathering pages of 64 or fewer cost decode steps more than 128
 
@@ -75,6 +81,8 @@ class JaxCore(Core):
             lambda: DecodeState.initial(self.cfg, slots, self.pages, self.page_size), out_shardings=sharding
         )
         self.state: DecodeState = self._initial()
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (step, statics, host shapes) -> executable
+        self._recording: dict[tuple, Variant] | None = None  # while warm-up lists the variants
 
     def empty_table(self) -> np.ndarray:
         """A page table [slots, pages per sequence] with no pages (every entry the pool's size)."""
@@ -125,8 +133,9 @@ class JaxCore(Core):
         # the window covers the padded chunk, or every page where the padding runs past the last one (the
         # real tokens never do; padding there has no page): a shape warmup() has compiled either way
         window = self.window_for(min(int(starts.max()) + T, self.windows[-1]) - 1)
-        self.state, out = steps.prefill(
-            self.spec,
+        self.state, out = self._run(
+            "prefill",
+            dict(window=window),
             self.model.params,
             self.state,
             tokens,
@@ -136,12 +145,11 @@ class JaxCore(Core):
             write_from,
             targets,
             np.bool_(score),
-            window,
         )
         return out
 
     def copy_page(self, src: int, dst: int) -> None:
-        self.state = steps.copy_page(self.spec, self.state, np.int32(src), np.int32(dst))
+        self.state = self._run("copy_page", {}, self.state, np.int32(src), np.int32(dst))
 
     def insert(
         self,
@@ -156,8 +164,9 @@ class JaxCore(Core):
         row = SamplingState.host_row(params, self.cfg.vocab_size)
         if mask is not None:
             row["allowed"] = np.asarray(mask, np.int32)
-        self.state, out = steps.insert(
-            self.spec,
+        self.state, out = self._run(
+            "insert",
+            {},
             self.state,
             np.int32(slot),
             logits,
@@ -184,8 +193,9 @@ class JaxCore(Core):
         row["step"] = np.asarray(len(generated), np.int32)
         if mask is not None:
             row["allowed"] = np.asarray(mask, np.int32)
-        self.state = steps.resume(
-            self.spec,
+        self.state = self._run(
+            "resume",
+            {},
             self.state,
             np.int32(slot),
             row,
@@ -196,13 +206,12 @@ class JaxCore(Core):
         )
 
     def step(self, table: np.ndarray, max_position: int, max_slot: int) -> StepOutput:
-        self.state, out = steps.step(
-            self.spec,
+        self.state, out = self._run(
+            "step",
+            dict(window=self.window_for(max_position), rows=bucket_of(max_slot + 1, self.row_buckets)),
             self.model.params,
             self.state,
             np.array(table, np.int32),  # a copy: the caller edits its table while this step runs
-            self.window_for(max_position),
-            bucket_of(max_slot + 1, self.row_buckets),
         )
         return out
 
@@ -212,47 +221,78 @@ class JaxCore(Core):
         padded[: len(slots)] = slots
         words = np.full((M, (self.vocab_size + 31) // 32), -1, np.int32)
         words[: len(masks)] = masks
-        self.state = steps.set_masks(self.spec, self.state, padded, words)
+        self.state = self._run("set_masks", {}, self.state, padded, words)
 
     def release(self, slot: int) -> None:
-        self.state = steps.release(self.spec, self.state, np.int32(slot))
+        self.state = self._run("release", {}, self.state, np.int32(slot))
 
     def fetch(self, result):
         return jax.device_get(result)
 
     # ---- compiling ---------------------------------------------------------------------------------
 
-    def warmup(self) -> float:
-        """Compile every shape a request can reach; returns seconds spent. (No pages in the tables:
-        nothing is written.)"""
-        t0 = time.perf_counter()
-        table = self.empty_table()
-        for T in self.prefill_buckets:
-            for start in sorted({w - T for w in self.windows if w >= T}):
-                out = self.prefill([PrefillRow(0, [0] * T, start, [0] * T)], table)
-        for P, T in PACKED:
-            if T < self.cache_len:
-                self._prefill((P, T), [PrefillRow(0, [0] * T, 0, [0] * T)], table, False)
-        greedy = SamplingParams(temperature=1.0, top_p=0.5)
-        self.insert(0, out.last_logits[0], greedy, 0, 1, True)
-        self.resume(0, 0, greedy, 0, [0], 1, True)
-        self.copy_page(0, 0)
-        for rows in self.row_buckets:
-            self.set_masks([self.slots] * rows, [np.full(((self.vocab_size + 31) // 32,), -1, np.int32)] * rows)
-        for w in self.windows:
+    def _run(self, name: str, statics: dict, *args):
+        """Step `name` of steps.py on `args`: its executable from warm-up, or (a shape warm-up did not reach)
+        the jitted function, which traces and compiles it (counted in `compiles`). While warm-up records,
+        nothing runs: the variant is noted and the state comes back unchanged."""
+        key = (name, tuple(statics.items()), tuple(a.shape for a in args if isinstance(a, np.ndarray)))
+        if self._recording is not None:
+            if key not in self._recording:
+                self._recording[key] = Variant(name, key[1], jax.tree.map(abstract, args))
+            return self.state if name in STATE_ONLY else (self.state, None)
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            return compiled(*args)
+        return getattr(steps, name)(self.spec, *args, **statics)
+
+    def variants(self) -> dict[tuple, Variant]:
+        """Every step variant a request can reach, by its key in the table of executables: found by making
+        each call with nothing run."""
+        self._recording = {}
+        try:
+            table = self.empty_table()
+            for T in self.prefill_buckets:
+                for start in sorted({w - T for w in self.windows if w >= T}):
+                    self.prefill([PrefillRow(0, [0] * T, start, [0] * T)], table)
+            for P, T in PACKED:
+                if T < self.cache_len:
+                    self._prefill((P, T), [PrefillRow(0, [0] * T, 0, [0] * T)], table, False)
+            greedy = SamplingParams(temperature=1.0, top_p=0.5)
+            logits = jax.ShapeDtypeStruct((self.vocab_size,), jnp.float32, sharding=self.spec.replicated)
+            self.insert(0, logits, greedy, 0, 1, True)
+            self.resume(0, 0, greedy, 0, [0], 1, True)
+            self.copy_page(0, 0)
             for rows in self.row_buckets:
-                self.step(table, w - 1, rows - 1)
-        self.release(0)
-        self.fetch(self.state.slots.active)
-        del self.state  # drop the used state before making a fresh one: never two caches at once
-        self.state = self._initial()
+                words = np.full(((self.vocab_size + 31) // 32,), -1, np.int32)
+                self.set_masks([self.slots] * rows, [words] * rows)
+            for w in self.windows:
+                for rows in self.row_buckets:
+                    self.step(table, w - 1, rows - 1)
+            self.release(0)
+            recorded = self._recording
+        finally:
+            self._recording = None
+        return recorded
+
+    def warmup(self, store: ExecutableStore | None = None, threads: int | None = None) -> Report:
+        """Make every shape a request can reach ready: loaded from `store` where it holds a valid executable,
+        else compiled in `threads` threads (and saved there). Returns how many of each, and the seconds."""
+        t0 = time.perf_counter()
+        variants = self.variants()
+        compiled, report = compile_all(self.spec, STEPS, list(variants.values()), store, threads)
+        self._compiled.update({key: compiled[v] for key, v in variants.items()})
+        report.seconds = time.perf_counter() - t0
         log.info(
-            "compiled %d variants in %.1f s (vocab %d, %d slots, windows %s, prefill buckets %s)",
-            sum(self.compiles.values()),
-            time.perf_counter() - t0,
+            "%d step variants ready in %.1f s: %d loaded from %s, %d compiled (vocab %d, %d slots, windows %s, "
+            "prefill buckets %s)",
+            len(variants),
+            report.seconds,
+            report.loaded,
+            store.folder if store is not None else "no store",
+            report.compiled,
             self.cfg.vocab_size,
             self.slots,
             self.windows,
             self.prefill_buckets,
         )
-        return time.perf_counter() - t0
+        return report

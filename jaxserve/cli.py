@@ -219,8 +219,9 @@ def _graceful_server_class(state):
     return GracefulServer
 
 
-def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
-    """Model + started scheduler + CompletionServing from the shared flags (serve and batch)."""
+def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256, background: bool = False):
+    """Model + started scheduler + CompletionServing from the shared flags (serve and batch); `background`:
+    serve once the shapes every request can fall back to are ready, compiling the others meanwhile."""
     from jaxserve.api.serving import CompletionServing
     from jaxserve.checkpoint import load_model
     from jaxserve.engine.build import build_engine, enable_compilation_cache
@@ -246,6 +247,7 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
         formulation=args.formulation,
         formulation_cache=cache,
         executable_cache=None if cache is None else cache / FOLDER,
+        background=background,
     )
     weights = model.cfg.quant or model.cfg.dtype
     serving = CompletionServing(
@@ -259,7 +261,9 @@ def _load_for_serving(args, state, holder) -> bool:
     log = logging.getLogger("jaxserve.serve")
     try:
         t0 = time.perf_counter()
-        model, scheduler, serving = _build_serving(args, state.metrics, args.served_model_name, args.max_waiting)
+        model, scheduler, serving = _build_serving(
+            args, state.metrics, args.served_model_name, args.max_waiting, background=True
+        )
         holder["scheduler"] = scheduler
         core = scheduler.core
         state.serving = serving

@@ -1,6 +1,6 @@
 """The warm path: step executables saved by one start are loaded by the next instead of compiled, give
 the same outputs as compiled (and as the plain jitted steps), and a changed key or a damaged entry
-compiles afresh."""
+compiles afresh. A background warm-up serves at once through the shapes every call can fall back to."""
 
 import logging
 
@@ -28,9 +28,9 @@ def generate(engine, n=2):
     return out
 
 
-def engine(tiny, store, **kw):
-    e = build_engine(tiny, slots=SLOTS, max_context=CONTEXT, warmup=False, **kw)
-    e.core.report = e.core.warmup(store) if store is not None else None
+def engine(tiny, store, background=False):
+    e = build_engine(tiny, slots=SLOTS, max_context=CONTEXT, warmup=False)
+    e.core.report = e.core.warmup(store, background=background)
     return e
 
 
@@ -90,5 +90,21 @@ def test_a_damaged_or_mismatched_entry_is_compiled_not_used(tiny, stored, caplog
         assert (e.core.report.loaded, e.core.report.compiled) == (count - 2, 2)
         assert "failed to load" in caplog.text and "stored for another key" in caplog.text
         assert generate(e) == outputs
+    finally:
+        e.shutdown()
+
+
+def test_a_background_warmup_serves_through_the_widest_shapes_then_every_one(tiny, stored):
+    _, count, outputs = stored
+    e = engine(tiny, None, background=True)  # no store: everything compiles
+    try:
+        assert e.core.report.compiled < count and e.core.background is not None
+        early = generate(e)  # while (or after) the rest compile: wider shapes, the same tokens
+        assert {k: [t for t, _ in v] for k, v in early.items()} == {k: [t for t, _ in v] for k, v in outputs.items()}
+        e.core.background.join(timeout=600)
+        assert not e.core.background.is_alive() and not e.core._pending
+        compiles = dict(e.core.compiles)
+        assert generate(e) == outputs
+        assert dict(e.core.compiles) == compiles
     finally:
         e.shutdown()

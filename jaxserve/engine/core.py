@@ -16,6 +16,7 @@ sent with every prefill and step.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import jax
@@ -83,6 +84,8 @@ class JaxCore(Core):
         self.state: DecodeState = self._initial()
         self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (step, statics, host shapes) -> executable
         self._recording: dict[tuple, Variant] | None = None  # while warm-up lists the variants
+        self._pending: set[tuple] = set()  # keys still compiling after warm-up returned
+        self.background: threading.Thread | None = None  # compiling them
 
     def empty_table(self) -> np.ndarray:
         """A page table [slots, pages per sequence] with no pages (every entry the pool's size)."""
@@ -104,20 +107,40 @@ class JaxCore(Core):
 
     def packing(self, count: int, longest: int) -> tuple[int, int] | None:
         for P, T in PACKED:
-            if P >= count and T >= longest and T < self.cache_len:
+            if P >= count and T >= longest and T < self.cache_len and self._prefill_window((P, T), 0) is not None:
                 return P, T
         return None
 
     def prefill(self, rows: list[PrefillRow], table: np.ndarray, score: bool = False) -> PrefillOutput:
         longest = max(len(r.tokens) for r in rows)
         if len(rows) == 1:
-            return self._prefill((1, bucket_of(longest, self.prefill_buckets)), rows, table, score)
+            # the chunk's bucket, or (while warm-up is still compiling) a longer one that is ready: the last
+            # bucket at the widest window always is
+            start = rows[0].start
+            for T in self.prefill_buckets[self.prefill_buckets.index(bucket_of(longest, self.prefill_buckets)) :]:
+                if (window := self._prefill_window((1, T), start)) is not None:
+                    return self._prefill((1, T), window, rows, table, score)
+            raise AssertionError("the widest prefill is always ready")
         assert all(r.start == 0 for r in rows), "only whole prompts are packed"
         shape = self.packing(len(rows), longest)
         assert shape is not None, "the scheduler packs only prompts that fit"
-        return self._prefill(shape, rows, table, score)
+        window = self._prefill_window(shape, 0)
+        assert window is not None
+        return self._prefill(shape, window, rows, table, score)
 
-    def _prefill(self, shape: tuple[int, int], rows: list[PrefillRow], table, score: bool) -> PrefillOutput:
+    def _prefill_window(self, shape: tuple[int, int], start: int) -> int | None:
+        """The window a prefill of `shape` (P, T) from `start` runs at: the one covering the padded chunk, or
+        every page where the padding runs past the last one (the real tokens never do; padding there has no
+        page); while warm-up is still compiling, the narrowest ready one from there, None if none is."""
+        need = self.window_for(min(start + shape[1], self.windows[-1]) - 1)
+        return next((w for w in self.windows if w >= need and self._ready("prefill", (("window", w),), shape)), None)
+
+    def _ready(self, name: str, statics: tuple, shape: tuple = ()) -> bool:
+        return (name, statics, shape) not in self._pending
+
+    def _prefill(
+        self, shape: tuple[int, int], window: int, rows: list[PrefillRow], table, score: bool
+    ) -> PrefillOutput:
         P, T = shape
         tokens = np.zeros((P, T), np.int32)
         targets = np.zeros((P, T), np.int32)
@@ -130,9 +153,6 @@ class JaxCore(Core):
             targets[i, : len(r.targets)] = r.targets
             starts[i], lengths[i], write_from[i] = r.start, len(r.tokens), r.write_from
             pages[i] = table[r.slot]
-        # the window covers the padded chunk, or every page where the padding runs past the last one (the
-        # real tokens never do; padding there has no page): a shape warmup() has compiled either way
-        window = self.window_for(min(int(starts.max()) + T, self.windows[-1]) - 1)
         self.state, out = self._run(
             "prefill",
             dict(window=window),
@@ -206,9 +226,18 @@ class JaxCore(Core):
         )
 
     def step(self, table: np.ndarray, max_position: int, max_slot: int) -> StepOutput:
+        window, rows = self.window_for(max_position), bucket_of(max_slot + 1, self.row_buckets)
+        if self._pending:  # warm-up is still compiling: the narrowest ready step covering both (the widest is)
+            window, rows = next(
+                (w, r)
+                for w in self.windows
+                if w >= window
+                for r in self.row_buckets
+                if r >= rows and self._ready("step", (("window", w), ("rows", r)), table.shape)
+            )
         self.state, out = self._run(
             "step",
-            dict(window=self.window_for(max_position), rows=bucket_of(max_slot + 1, self.row_buckets)),
+            dict(window=window, rows=rows),
             self.model.params,
             self.state,
             np.array(table, np.int32),  # a copy: the caller edits its table while this step runs
@@ -216,7 +245,7 @@ class JaxCore(Core):
         return out
 
     def set_masks(self, slots: list[int], masks: list[np.ndarray]) -> None:
-        M = bucket_of(len(slots), self.row_buckets)
+        M = next(m for m in self.row_buckets if m >= len(slots) and self._ready("set_masks", (), (m,)))
         padded = np.full((M,), self.slots, np.int32)  # out of range: padding rows write nothing
         padded[: len(slots)] = slots
         words = np.full((M, (self.vocab_size + 31) // 32), -1, np.int32)
@@ -235,7 +264,7 @@ class JaxCore(Core):
         """Step `name` of steps.py on `args`: its executable from warm-up, or (a shape warm-up did not reach)
         the jitted function, which traces and compiles it (counted in `compiles`). While warm-up records,
         nothing runs: the variant is noted and the state comes back unchanged."""
-        key = (name, tuple(statics.items()), tuple(a.shape for a in args if isinstance(a, np.ndarray)))
+        key = (name, tuple(statics.items()), next((a.shape for a in args if isinstance(a, np.ndarray)), ()))
         if self._recording is not None:
             if key not in self._recording:
                 self._recording[key] = Variant(name, key[1], jax.tree.map(abstract, args))
@@ -256,7 +285,7 @@ class JaxCore(Core):
                     self.prefill([PrefillRow(0, [0] * T, start, [0] * T)], table)
             for P, T in PACKED:
                 if T < self.cache_len:
-                    self._prefill((P, T), [PrefillRow(0, [0] * T, 0, [0] * T)], table, False)
+                    self._prefill((P, T), self.window_for(T - 1), [PrefillRow(0, [0] * T, 0, [0] * T)], table, False)
             greedy = SamplingParams(temperature=1.0, top_p=0.5)
             logits = jax.ShapeDtypeStruct((self.vocab_size,), jnp.float32, sharding=self.spec.replicated)
             self.insert(0, logits, greedy, 0, 1, True)
@@ -274,25 +303,62 @@ class JaxCore(Core):
             self._recording = None
         return recorded
 
-    def warmup(self, store: ExecutableStore | None = None, threads: int | None = None) -> Report:
+    def _essential(self, key: tuple) -> bool:
+        """A variant every call can fall back to: the widest prefill chunk and step, the most mask rows, and
+        the steps of one shape."""
+        name, statics, shape = key
+        widest = ("window", self.windows[-1])
+        if name == "prefill":
+            return shape == (1, self.chunk) and statics == (widest,)
+        if name == "step":
+            return statics == (widest, ("rows", self.slots))
+        return name != "set_masks" or shape == (self.slots,)
+
+    def warmup(self, store: ExecutableStore | None = None, threads: int | None = None, background=False) -> Report:
         """Make every shape a request can reach ready: loaded from `store` where it holds a valid executable,
-        else compiled in `threads` threads (and saved there). Returns how many of each, and the seconds."""
+        else compiled in `threads` threads (and saved there). With `background`, only the variants every
+        call can fall back to are compiled before this returns; the rest compile in a thread
+        (`self.background`) while requests are served by the narrowest ready shape that covers them.
+        Returns how many were loaded and compiled here, and the seconds."""
         t0 = time.perf_counter()
         variants = self.variants()
-        compiled, report = compile_all(self.spec, STEPS, list(variants.values()), store, threads)
-        self._compiled.update({key: compiled[v] for key, v in variants.items()})
+        keys = {v: key for key, v in variants.items()}
+
+        def ready(v: Variant, compiled: jax.stages.Compiled) -> None:
+            self._compiled[keys[v]] = compiled
+            self._pending.discard(keys[v])  # after the executable is in: a caller seeing it ready finds it
+
+        now = [v for key, v in variants.items() if not background or self._essential(key)]
+        later = [v for key, v in variants.items() if background and not self._essential(key)]
+        self._pending = {keys[v] for v in later}
+        report = compile_all(self.spec, STEPS, now, store, ready, threads)
+        report.loaded += compile_all(self.spec, STEPS, later, store, ready, threads, compile=False).loaded
+        missing = [v for v in later if keys[v] in self._pending]
         report.seconds = time.perf_counter() - t0
         log.info(
-            "%d step variants ready in %.1f s: %d loaded from %s, %d compiled (vocab %d, %d slots, windows %s, "
+            "%d step variants: %d loaded from %s, %d compiled in %.1f s%s (vocab %d, %d slots, windows %s, "
             "prefill buckets %s)",
             len(variants),
-            report.seconds,
             report.loaded,
             store.folder if store is not None else "no store",
             report.compiled,
+            report.seconds,
+            f"; {len(missing)} more compiling while serving" if missing else "",
             self.cfg.vocab_size,
             self.slots,
             self.windows,
             self.prefill_buckets,
         )
+        if missing:
+            self.background = threading.Thread(
+                target=self._compile_later, args=(missing, store, ready, threads), name="jaxserve-compile", daemon=True
+            )
+            self.background.start()
         return report
+
+    def _compile_later(self, variants: list[Variant], store, ready, threads) -> None:
+        try:
+            report = compile_all(self.spec, STEPS, variants, store, ready, threads)
+            log.info("the other %d step variants compiled while serving, in %.1f s", report.compiled, report.seconds)
+        except Exception:
+            log.exception("compiling the other step variants failed; the ready ones serve every request")

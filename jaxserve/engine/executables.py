@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
+@functools.cache
 def environment() -> str:
     """What decides every executable beyond its program: versions, backend, devices, flags, options, code."""
     backend = jax.devices()[0].client
@@ -139,6 +141,7 @@ class ExecutableStore:
 class Report:
     loaded: int = 0
     compiled: int = 0
+    missing: list[Variant] = dataclasses.field(default_factory=list)  # neither loaded nor (compile=False) compiled
     seconds: float = 0.0
 
 
@@ -146,32 +149,44 @@ def compile_all(
     spec,
     fns: dict[str, Any],  # jitted functions by name
     variants: list[Variant],
-    store: ExecutableStore | None = None,
+    store: ExecutableStore | None,
+    ready: Callable[[Variant, jax.stages.Compiled], None],
     threads: int | None = None,
-) -> tuple[dict[Variant, jax.stages.Compiled], Report]:
-    """Each variant's executable: loaded from `store` where a valid entry is (loads run
-    in threads too), else lowered here and compiled in `threads` threads (default: one per CPU), then
-    saved to `store`."""
+    compile: bool = True,
+) -> Report:
+    """Hand each variant's executable to `ready` as soon as it is there: loaded from `store` where a valid
+    entry is (loads run in threads), else (with `compile`) lowered here and compiled in `threads` threads
+    (default: one per CPU; no more compiles in flight than threads), then saved to `store`."""
     t0 = time.perf_counter()
     report = Report()
+    threads = threads or os.cpu_count() or 1
     keys = {v: key_text(spec, v) for v in variants} if store is not None else {}
-    out: dict[Variant, jax.stages.Compiled] = {}
-    with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        devices = list(spec.replicated.mesh.devices.flat)
+    devices = list(spec.replicated.mesh.devices.flat)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         loads = {v: pool.submit(store.load, keys[v], devices) for v in variants} if store is not None else {}
-        compiling = {}
+        compiling: dict[concurrent.futures.Future, Variant] = {}
+
+        def finish(done) -> None:
+            for future in done:
+                v, compiled = compiling.pop(future), future.result()
+                ready(v, compiled)
+                report.compiled += 1
+                if store is not None:
+                    pool.submit(store.save, keys[v], compiled)
+
         for v in variants:
             compiled = loads[v].result() if v in loads else None
             if compiled is not None:
-                out[v] = compiled
+                ready(v, compiled)
                 report.loaded += 1
                 continue
+            if not compile:
+                report.missing.append(v)
+                continue
+            if len(compiling) >= threads:
+                finish(concurrent.futures.wait(compiling, return_when=concurrent.futures.FIRST_COMPLETED).done)
             lowered = fns[v.name].lower(spec, *v.args, **dict(v.statics))  # traces: holds the GIL
-            compiling[v] = pool.submit(lowered.compile)
-        for v, future in compiling.items():
-            out[v] = future.result()
-            report.compiled += 1
-            if store is not None:
-                pool.submit(store.save, keys[v], out[v])
+            compiling[pool.submit(lowered.compile)] = v
+        finish(concurrent.futures.wait(compiling).done)
     report.seconds = time.perf_counter() - t0
-    return out, report
+    return report

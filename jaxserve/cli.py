@@ -163,6 +163,7 @@ def cmd_serve(args) -> int:
     server.run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out, or after a failed load
     loader.join(timeout=1)
     if "scheduler" in holder:
+        holder["core"].stop_compiling()  # a background warm-up still compiling: nothing more is started
         holder["scheduler"].shutdown()
     if state.load_error:
         print(f"jaxserve: error: {state.load_error}", file=sys.stderr)
@@ -265,7 +266,7 @@ def _load_for_serving(args, state, holder) -> bool:
             args, state.metrics, args.served_model_name, args.max_waiting, background=True
         )
         holder["scheduler"] = scheduler
-        core = scheduler.core
+        core = holder["core"] = scheduler.core
         state.serving = serving
         log.info(
             "serving %s as %s on http://%s:%d | mesh %s | weights %s, matmuls %s | %d slots of up to %d tokens "

@@ -86,6 +86,7 @@ class JaxCore(Core):
         self._recording: dict[tuple, Variant] | None = None  # while warm-up lists the variants
         self._pending: set[tuple] = set()  # keys still compiling after warm-up returned
         self.background: threading.Thread | None = None  # compiling them
+        self._stop = threading.Event()
 
     def empty_table(self) -> np.ndarray:
         """A page table [slots, pages per sequence] with no pages (every entry the pool's size)."""
@@ -358,7 +359,18 @@ class JaxCore(Core):
 
     def _compile_later(self, variants: list[Variant], store, ready, threads) -> None:
         try:
-            report = compile_all(self.spec, STEPS, variants, store, ready, threads)
-            log.info("the other %d step variants compiled while serving, in %.1f s", report.compiled, report.seconds)
+            report = compile_all(self.spec, STEPS, variants, store, ready, threads, stop=self._stop)
+            log.info(
+                "%d other step variants compiled while serving, in %.1f s%s",
+                report.compiled,
+                report.seconds,
+                f" ({len(report.missing)} left: stopped)" if report.missing else "",
+            )
         except Exception:
             log.exception("compiling the other step variants failed; the ready ones serve every request")
+
+    def stop_compiling(self, timeout: float = 60) -> None:
+        """Lower no more variants in the background; wait for the compiles in flight (at most one a thread)."""
+        self._stop.set()
+        if self.background is not None:
+            self.background.join(timeout)

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import pickle
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -153,10 +154,12 @@ def compile_all(
     ready: Callable[[Variant, jax.stages.Compiled], None],
     threads: int | None = None,
     compile: bool = True,
+    stop: threading.Event | None = None,
 ) -> Report:
     """Hand each variant's executable to `ready` as soon as it is there: loaded from `store` where a valid
     entry is (loads run in threads), else (with `compile`) lowered here and compiled in `threads` threads
-    (default: one per CPU; no more compiles in flight than threads), then saved to `store`."""
+    (default: one per CPU; no more compiles in flight than threads), then saved to `store`. Once `stop` is
+    set, nothing more is lowered."""
     t0 = time.perf_counter()
     report = Report()
     threads = threads or os.cpu_count() or 1
@@ -180,7 +183,7 @@ def compile_all(
                 ready(v, compiled)
                 report.loaded += 1
                 continue
-            if not compile:
+            if not compile or (stop is not None and stop.is_set()):
                 report.missing.append(v)
                 continue
             if len(compiling) >= threads:

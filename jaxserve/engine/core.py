@@ -305,15 +305,23 @@ class JaxCore(Core):
         return recorded
 
     def _essential(self, key: tuple) -> bool:
-        """A variant every call can fall back to: the widest prefill chunk and step, the most mask rows, and
-        the steps of one shape."""
+        """A variant every call can fall back to (the widest prefill chunk and step, the most mask rows, the
+        steps of one shape), or the one-row decode step at the narrowest window (a lone short request
+        decodes at full speed from the start: the widest step costs it tens of times more)."""
         name, statics, shape = key
         widest = ("window", self.windows[-1])
         if name == "prefill":
             return shape == (1, self.chunk) and statics == (widest,)
         if name == "step":
-            return statics == (widest, ("rows", self.slots))
+            return statics in ((widest, ("rows", self.slots)), (("window", self.windows[0]), ("rows", 1)))
         return name != "set_masks" or shape == (self.slots,)
+
+    @staticmethod
+    def _urgency(key: tuple) -> tuple:
+        """Background compile order: narrow windows first, then fewer rows or tokens (the shapes of short,
+        lightly loaded requests, the first a fresh server sees)."""
+        name, statics, shape = key
+        return dict(statics).get("window", 1 << 30), dict(statics).get("rows", int(np.prod(shape)))
 
     def warmup(self, store: ExecutableStore | None = None, threads: int | None = None, background=False) -> Report:
         """Make every shape a request can reach ready: loaded from `store` where it holds a valid executable,
@@ -330,7 +338,7 @@ class JaxCore(Core):
             self._pending.discard(keys[v])  # after the executable is in: a caller seeing it ready finds it
 
         now = [v for key, v in variants.items() if not background or self._essential(key)]
-        later = [v for key, v in variants.items() if background and not self._essential(key)]
+        later = [variants[k] for k in sorted(variants, key=self._urgency) if background and not self._essential(k)]
         self._pending = {keys[v] for v in later}
         report = compile_all(self.spec, STEPS, now, store, ready, threads)
         report.loaded += compile_all(self.spec, STEPS, later, store, ready, threads, compile=False).loaded

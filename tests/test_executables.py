@@ -2,10 +2,12 @@
 the same outputs as compiled (and as the plain jitted steps), and a changed key or a damaged entry
 compiles afresh. A background warm-up serves at once through the shapes every call can fall back to."""
 
+import dataclasses
 import logging
 
 import pytest
 
+from jaxserve.chat_template import end_of_turn_ids
 from jaxserve.engine import bridge
 from jaxserve.engine.build import build_engine
 from jaxserve.engine.core import JaxCore
@@ -69,11 +71,19 @@ def test_outputs_equal_the_plain_jitted_steps(tiny, stored):
 
 
 def test_a_changed_key_compiles_afresh(tiny, stored):
-    """Another end id changes the StepSpec: every variant's key differs, nothing stale is loaded."""
-    store, _, _ = stored
-    core = JaxCore(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=tiny.tokenizer.eos_id, eos_ids=(3,))
-    keys = {key_text(core.spec, v) for v in core.variants().values()}
-    assert not any(store.path(k).exists() for k in keys)
+    """Another end id or another matmul formulation changes the StepSpec: every variant's key differs,
+    nothing stale is loaded."""
+    store, count, _ = stored
+    tok = tiny.tokenizer
+    ends = tok.eos_ids + end_of_turn_ids(tok)  # as build_engine has them
+    same = JaxCore(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=ends)
+    assert sum(store.path(key_text(same.spec, v)).exists() for v in same.variants().values()) == count
+    formulated = dataclasses.replace(tiny, cfg=dataclasses.replace(tiny.cfg, bf16_from_rows=1))
+    for core in (
+        JaxCore(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=(*ends, 3)),
+        JaxCore(formulated, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=ends),
+    ):
+        assert not any(store.path(key_text(core.spec, v)).exists() for v in core.variants().values())
 
 
 def test_a_damaged_or_mismatched_entry_is_compiled_not_used(tiny, stored, caplog, tmp_path):

@@ -61,6 +61,18 @@ def test_a_warm_start_loads_every_variant_and_traces_nothing(tiny, stored):
         warm.shutdown()
 
 
+def test_a_warm_background_start_loads_the_fallbacks_first_then_the_rest(tiny, stored):
+    store, count, outputs = stored
+    warm = engine(tiny, store, background=True)
+    try:
+        assert 0 < warm.core.report.loaded < count and warm.core.report.compiled == 0
+        warm.core.background.join(timeout=120)
+        assert not warm.core._pending and dict(warm.core.compiles) == {}  # the rest loaded too, nothing traced
+        assert generate(warm) == outputs
+    finally:
+        warm.shutdown()
+
+
 def test_outputs_equal_the_plain_jitted_steps(tiny, stored):
     _, _, outputs = stored
     plain = build_engine(tiny, slots=SLOTS, max_context=CONTEXT, warmup=False)  # jit dispatch as shapes come

@@ -326,7 +326,7 @@ class JaxCore(Core):
     def warmup(self, store: ExecutableStore | None = None, threads: int | None = None, background=False) -> Report:
         """Make every shape a request can reach ready: loaded from `store` where it holds a valid executable,
         else compiled in `threads` threads (and saved there). With `background`, only the variants every
-        call can fall back to are compiled before this returns; the rest compile in a thread
+        call can fall back to are loaded or compiled before this returns; the rest are in a thread
         (`self.background`) while requests are served by the narrowest ready shape that covers them.
         Returns how many were loaded and compiled here, and the seconds."""
         t0 = time.perf_counter()
@@ -341,8 +341,6 @@ class JaxCore(Core):
         later = [variants[k] for k in sorted(variants, key=self._urgency) if background and not self._essential(k)]
         self._pending = {keys[v] for v in later}
         report = compile_all(self.spec, STEPS, now, store, ready, threads)
-        report.loaded += compile_all(self.spec, STEPS, later, store, ready, threads, compile=False).loaded
-        missing = [v for v in later if keys[v] in self._pending]
         report.seconds = time.perf_counter() - t0
         log.info(
             "%d step variants: %d loaded from %s, %d compiled in %.1f s%s (vocab %d, %d slots, windows %s, "
@@ -352,15 +350,15 @@ class JaxCore(Core):
             store.folder if store is not None else "no store",
             report.compiled,
             report.seconds,
-            f"; {len(missing)} more compiling while serving" if missing else "",
+            f"; {len(later)} more loading or compiling while serving" if later else "",
             self.cfg.vocab_size,
             self.slots,
             self.windows,
             self.prefill_buckets,
         )
-        if missing:
+        if later:
             self.background = threading.Thread(
-                target=self._compile_later, args=(missing, store, ready, threads), name="jaxserve-compile", daemon=True
+                target=self._compile_later, args=(later, store, ready, threads), name="jaxserve-compile", daemon=True
             )
             self.background.start()
         return report
@@ -369,7 +367,8 @@ class JaxCore(Core):
         try:
             report = compile_all(self.spec, STEPS, variants, store, ready, threads, stop=self._stop)
             log.info(
-                "%d other step variants compiled while serving, in %.1f s%s",
+                "other step variants ready while serving: %d loaded, %d compiled, in %.1f s%s",
+                report.loaded,
                 report.compiled,
                 report.seconds,
                 f" ({len(report.missing)} left: stopped)" if report.missing else "",

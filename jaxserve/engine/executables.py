@@ -142,7 +142,7 @@ class ExecutableStore:
 class Report:
     loaded: int = 0
     compiled: int = 0
-    missing: list[Variant] = dataclasses.field(default_factory=list)  # neither loaded nor (compile=False) compiled
+    missing: list[Variant] = dataclasses.field(default_factory=list)  # neither loaded nor compiled: stopped
     seconds: float = 0.0
 
 
@@ -153,11 +153,10 @@ def compile_all(
     store: ExecutableStore | None,
     ready: Callable[[Variant, jax.stages.Compiled], None],
     threads: int | None = None,
-    compile: bool = True,
     stop: threading.Event | None = None,
 ) -> Report:
     """Hand each variant's executable to `ready` as soon as it is there: loaded from `store` where a valid
-    entry is (loads run in threads), else (with `compile`) lowered here and compiled in `threads` threads
+    entry is (loads run in threads), else lowered here and compiled in `threads` threads
     (default: one per CPU; no more compiles in flight than threads), then saved to `store`. Once `stop` is
     set, nothing more is lowered."""
     t0 = time.perf_counter()
@@ -183,7 +182,7 @@ def compile_all(
                 ready(v, compiled)
                 report.loaded += 1
                 continue
-            if not compile or (stop is not None and stop.is_set()):
+            if stop is not None and stop.is_set():
                 report.missing.append(v)
                 continue
             if len(compiling) >= threads:

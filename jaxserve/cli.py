@@ -163,6 +163,7 @@ def cmd_serve(args) -> int:
     server.run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out, or after a failed load
     loader.join(timeout=1)
     if "scheduler" in holder:
+        holder["core"].stop_compiling()  # a background warm-up still compiling: nothing more is started
         holder["scheduler"].shutdown()
     if state.load_error:
         print(f"jaxserve: error: {state.load_error}", file=sys.stderr)
@@ -219,11 +220,13 @@ def _graceful_server_class(state):
     return GracefulServer
 
 
-def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
-    """Model + started scheduler + CompletionServing from the shared flags (serve and batch)."""
+def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256, background: bool = False):
+    """Model + started scheduler + CompletionServing from the shared flags (serve and batch); `background`:
+    serve once the shapes every request can fall back to are ready, compiling the others meanwhile."""
     from jaxserve.api.serving import CompletionServing
     from jaxserve.checkpoint import load_model
     from jaxserve.engine.build import build_engine, enable_compilation_cache
+    from jaxserve.engine.executables import FOLDER
 
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
@@ -244,6 +247,8 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256):
         prefix_caching=args.prefix_caching,
         formulation=args.formulation,
         formulation_cache=cache,
+        executable_cache=None if cache is None else cache / FOLDER,
+        background=background,
     )
     weights = model.cfg.quant or model.cfg.dtype
     serving = CompletionServing(
@@ -257,9 +262,11 @@ def _load_for_serving(args, state, holder) -> bool:
     log = logging.getLogger("jaxserve.serve")
     try:
         t0 = time.perf_counter()
-        model, scheduler, serving = _build_serving(args, state.metrics, args.served_model_name, args.max_waiting)
+        model, scheduler, serving = _build_serving(
+            args, state.metrics, args.served_model_name, args.max_waiting, background=True
+        )
         holder["scheduler"] = scheduler
-        core = scheduler.core
+        core = holder["core"] = scheduler.core
         state.serving = serving
         log.info(
             "serving %s as %s on http://%s:%d | mesh %s | weights %s, matmuls %s | %d slots of up to %d tokens "

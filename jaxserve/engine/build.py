@@ -10,6 +10,7 @@ import jax
 from jaxserve.chat_template import end_of_turn_ids
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine.core import PAGE_SIZE, JaxCore
+from jaxserve.engine.executables import ExecutableStore
 from jaxserve.engine.formulation import choose
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.model import KVCache, ModelConfig
@@ -61,12 +62,17 @@ def build_engine(
     prefix_caching: bool = True,
     formulation: str = "auto",
     formulation_cache: Path | None = None,
+    executable_cache: Path | None = None,
+    background: bool = False,
 ) -> Scheduler:
     """A started scheduler over `slots` sequences of up to `max_context` tokens (capped by the model's),
     their KV in a pool of `num_pages` pages or of `kv_cache_memory` bytes (see `pool_pages`). The int8
     matmuls' `formulation` ("auto", "f32", "bf16") is settled first (see engine.formulation; an automatic
     choice is cached in the folder `formulation_cache`, None: measured each time). With warmup, every shape
-    is then compiled before the first request."""
+    is then compiled before the first request, or loaded from the folder `executable_cache` where an
+    earlier start saved it (None: compiled each time, through jax's compilation cache if one is set); with
+    `background`, only the shapes every request can fall back to before this returns, the rest while
+    requests are served (see JaxCore.warmup)."""
     choice = choose(model, slots, formulation, formulation_cache)
     log.info("%s", choice.describe(model.cfg))
     model = choice.apply(model)
@@ -90,5 +96,5 @@ def build_engine(
         "on" if prefix_caching else "off",
     )
     if warmup:
-        core.warmup()
+        core.warmup(None if executable_cache is None else ExecutableStore(executable_cache), background=background)
     return Scheduler(core, model.tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching).start()

@@ -1,6 +1,8 @@
 """JaxCore: the device contract (`contract.Core`) over the jitted steps of `steps.py`, for one model on
-its mesh. It owns the decode state, turns host arguments into bucketed shapes, and compiles every
-bucket in `warmup()`.
+its mesh. It owns the decode state, turns host arguments into bucketed shapes, and makes every bucket
+ready in `warmup()`: each step variant's executable, compiled in parallel or loaded from an
+`ExecutableStore` (see executables.py). Calls then run those executables; a shape warm-up missed falls
+back to the jitted function, which traces and compiles (counted in `compiles`).
 
 Buckets: prefill chunks of PREFILL_BUCKETS tokens (or PACKED rows x tokens for several short prompts),
 attention windows of powers of two from MIN_WINDOW up to the context (whole pages), decode rows of powers
@@ -14,14 +16,17 @@ sent with every prefill and step.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine import steps
 from jaxserve.engine.contract import Core, PrefillRow
+from jaxserve.engine.executables import ExecutableStore, Report, Variant, abstract, compile_all
 from jaxserve.engine.state import DecodeState, SamplingState
 from jaxserve.engine.steps import PrefillOutput, StepOutput, StepSpec
 from jaxserve.engine.types import SamplingParams
@@ -31,6 +36,8 @@ log = logging.getLogger(__name__)
 
 PREFILL_BUCKETS = (16, 32, 64, 256)  # one row: a prompt's chunk
 PACKED = ((2, 128), (4, 64), (8, 32), (16, 16))  # (rows, tokens): short whole prompts prefilled together
+STATE_ONLY = ("copy_page", "resume", "set_masks", "release")  # steps returning only the state
+STEPS = {name: getattr(steps, name) for name in ("prefill", "insert", "forward", "sample_step", *STATE_ONLY)}
 MIN_WINDOW = 128
 PAGE_SIZE = 128  # positions per page: attention takes a window a page at a time, and smaller steps cost more
 
@@ -75,6 +82,11 @@ class JaxCore(Core):
             lambda: DecodeState.initial(self.cfg, slots, self.pages, self.page_size), out_shardings=sharding
         )
         self.state: DecodeState = self._initial()
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (step, statics, host shapes) -> executable
+        self._recording: dict[tuple, Variant] | None = None  # while warm-up lists the variants
+        self._pending: set[tuple] = set()  # keys still compiling after warm-up returned
+        self.background: threading.Thread | None = None  # compiling them
+        self._stop = threading.Event()
 
     def empty_table(self) -> np.ndarray:
         """A page table [slots, pages per sequence] with no pages (every entry the pool's size)."""
@@ -96,20 +108,40 @@ class JaxCore(Core):
 
     def packing(self, count: int, longest: int) -> tuple[int, int] | None:
         for P, T in PACKED:
-            if P >= count and T >= longest and T < self.cache_len:
+            if P >= count and T >= longest and T < self.cache_len and self._prefill_window((P, T), 0) is not None:
                 return P, T
         return None
 
     def prefill(self, rows: list[PrefillRow], table: np.ndarray, score: bool = False) -> PrefillOutput:
         longest = max(len(r.tokens) for r in rows)
         if len(rows) == 1:
-            return self._prefill((1, bucket_of(longest, self.prefill_buckets)), rows, table, score)
+            # the chunk's bucket, or (while warm-up is still compiling) a longer one that is ready: the last
+            # bucket at the widest window always is
+            start = rows[0].start
+            for T in self.prefill_buckets[self.prefill_buckets.index(bucket_of(longest, self.prefill_buckets)) :]:
+                if (window := self._prefill_window((1, T), start)) is not None:
+                    return self._prefill((1, T), window, rows, table, score)
+            raise AssertionError("the widest prefill is always ready")
         assert all(r.start == 0 for r in rows), "only whole prompts are packed"
         shape = self.packing(len(rows), longest)
         assert shape is not None, "the scheduler packs only prompts that fit"
-        return self._prefill(shape, rows, table, score)
+        window = self._prefill_window(shape, 0)
+        assert window is not None
+        return self._prefill(shape, window, rows, table, score)
 
-    def _prefill(self, shape: tuple[int, int], rows: list[PrefillRow], table, score: bool) -> PrefillOutput:
+    def _prefill_window(self, shape: tuple[int, int], start: int) -> int | None:
+        """The window a prefill of `shape` (P, T) from `start` runs at: the one covering the padded chunk, or
+        every page where the padding runs past the last one (the real tokens never do; padding there has no
+        page); while warm-up is still compiling, the narrowest ready one from there, None if none is."""
+        need = self.window_for(min(start + shape[1], self.windows[-1]) - 1)
+        return next((w for w in self.windows if w >= need and self._ready("prefill", (("window", w),), shape)), None)
+
+    def _ready(self, name: str, statics: tuple, shape: tuple = ()) -> bool:
+        return (name, statics, shape) not in self._pending
+
+    def _prefill(
+        self, shape: tuple[int, int], window: int, rows: list[PrefillRow], table, score: bool
+    ) -> PrefillOutput:
         P, T = shape
         tokens = np.zeros((P, T), np.int32)
         targets = np.zeros((P, T), np.int32)
@@ -122,11 +154,9 @@ class JaxCore(Core):
             targets[i, : len(r.targets)] = r.targets
             starts[i], lengths[i], write_from[i] = r.start, len(r.tokens), r.write_from
             pages[i] = table[r.slot]
-        # the window covers the padded chunk, or every page where the padding runs past the last one (the
-        # real tokens never do; padding there has no page): a shape warmup() has compiled either way
-        window = self.window_for(min(int(starts.max()) + T, self.windows[-1]) - 1)
-        self.state, out = steps.prefill(
-            self.spec,
+        self.state, out = self._run(
+            "prefill",
+            dict(window=window),
             self.model.params,
             self.state,
             tokens,
@@ -136,12 +166,11 @@ class JaxCore(Core):
             write_from,
             targets,
             np.bool_(score),
-            window,
         )
         return out
 
     def copy_page(self, src: int, dst: int) -> None:
-        self.state = steps.copy_page(self.spec, self.state, np.int32(src), np.int32(dst))
+        self.state = self._run("copy_page", {}, self.state, np.int32(src), np.int32(dst))
 
     def insert(
         self,
@@ -156,8 +185,9 @@ class JaxCore(Core):
         row = SamplingState.host_row(params, self.cfg.vocab_size)
         if mask is not None:
             row["allowed"] = np.asarray(mask, np.int32)
-        self.state, out = steps.insert(
-            self.spec,
+        self.state, out = self._run(
+            "insert",
+            {},
             self.state,
             np.int32(slot),
             logits,
@@ -184,8 +214,9 @@ class JaxCore(Core):
         row["step"] = np.asarray(len(generated), np.int32)
         if mask is not None:
             row["allowed"] = np.asarray(mask, np.int32)
-        self.state = steps.resume(
-            self.spec,
+        self.state = self._run(
+            "resume",
+            {},
             self.state,
             np.int32(slot),
             row,
@@ -196,67 +227,164 @@ class JaxCore(Core):
         )
 
     def forward(self, table: np.ndarray, max_position: int, max_slot: int) -> jax.Array:
-        self.state, logits = steps.forward(
-            self.spec,
+        window, rows = self.window_for(max_position), bucket_of(max_slot + 1, self.row_buckets)
+        if self._pending:  # warm-up is still compiling: the narrowest ready step covering both (the widest is)
+            window, rows = next(
+                (w, r)
+                for w in self.windows
+                if w >= window
+                for r in self.row_buckets
+                if r >= rows and self._ready("forward", (("window", w), ("rows", r)), table.shape)
+            )
+        self.state, logits = self._run(
+            "forward",
+            dict(window=window, rows=rows),
             self.model.params,
             self.state,
             np.array(table, np.int32),  # a copy: the caller edits its table while this step runs
-            self.window_for(max_position),
-            bucket_of(max_slot + 1, self.row_buckets),
         )
         return logits
 
     def sample(self, logits: jax.Array) -> StepOutput:
-        self.state, out = steps.sample_step(self.spec, self.state, logits)
+        self.state, out = self._run("sample_step", {}, self.state, logits)
         return out
 
     def set_masks(self, slots: list[int], masks: list[np.ndarray]) -> None:
-        M = bucket_of(len(slots), self.row_buckets)
+        M = next(m for m in self.row_buckets if m >= len(slots) and self._ready("set_masks", (), (m,)))
         padded = np.full((M,), self.slots, np.int32)  # out of range: padding rows write nothing
         padded[: len(slots)] = slots
         words = np.full((M, (self.vocab_size + 31) // 32), -1, np.int32)
         words[: len(masks)] = masks
-        self.state = steps.set_masks(self.spec, self.state, padded, words)
+        self.state = self._run("set_masks", {}, self.state, padded, words)
 
     def release(self, slot: int) -> None:
-        self.state = steps.release(self.spec, self.state, np.int32(slot))
+        self.state = self._run("release", {}, self.state, np.int32(slot))
 
     def fetch(self, result):
         return jax.device_get(result)
 
     # ---- compiling ---------------------------------------------------------------------------------
 
-    def warmup(self) -> float:
-        """Compile every shape a request can reach; returns seconds spent. (No pages in the tables:
-        nothing is written.)"""
-        t0 = time.perf_counter()
-        table = self.empty_table()
-        for T in self.prefill_buckets:
-            for start in sorted({w - T for w in self.windows if w >= T}):
-                out = self.prefill([PrefillRow(0, [0] * T, start, [0] * T)], table)
-        for P, T in PACKED:
-            if T < self.cache_len:
-                self._prefill((P, T), [PrefillRow(0, [0] * T, 0, [0] * T)], table, False)
-        greedy = SamplingParams(temperature=1.0, top_p=0.5)
-        self.insert(0, out.last_logits[0], greedy, 0, 1, True)
-        self.resume(0, 0, greedy, 0, [0], 1, True)
-        self.copy_page(0, 0)
-        for rows in self.row_buckets:
-            self.set_masks([self.slots] * rows, [np.full(((self.vocab_size + 31) // 32,), -1, np.int32)] * rows)
-        for w in self.windows:
+    def _run(self, name: str, statics: dict, *args):
+        """Step `name` of steps.py on `args`: its executable from warm-up, or (a shape warm-up did not reach)
+        the jitted function, which traces and compiles it (counted in `compiles`). While warm-up records,
+        nothing runs: the variant is noted and the state comes back unchanged."""
+        arrays = (np.ndarray, jax.Array, jax.ShapeDtypeStruct)  # the first one's shape tells variants apart
+        key = (name, tuple(statics.items()), next((a.shape for a in args if isinstance(a, arrays)), ()))
+        if self._recording is not None:
+            if key not in self._recording:
+                self._recording[key] = Variant(name, key[1], jax.tree.map(abstract, args))
+            return self.state if name in STATE_ONLY else (self.state, None)
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            return compiled(*args)
+        return getattr(steps, name)(self.spec, *args, **statics)
+
+    def variants(self) -> dict[tuple, Variant]:
+        """Every step variant a request can reach, by its key in the table of executables: found by making
+        each call with nothing run."""
+        self._recording = {}
+        try:
+            table = self.empty_table()
+            for T in self.prefill_buckets:
+                for start in sorted({w - T for w in self.windows if w >= T}):
+                    self.prefill([PrefillRow(0, [0] * T, start, [0] * T)], table)
+            for P, T in PACKED:
+                if T < self.cache_len:
+                    self._prefill((P, T), self.window_for(T - 1), [PrefillRow(0, [0] * T, 0, [0] * T)], table, False)
+            greedy = SamplingParams(temperature=1.0, top_p=0.5)
+            logits = jax.ShapeDtypeStruct((self.vocab_size,), jnp.float32, sharding=self.spec.replicated)
+            self.insert(0, logits, greedy, 0, 1, True)
+            self.resume(0, 0, greedy, 0, [0], 1, True)
+            self.copy_page(0, 0)
             for rows in self.row_buckets:
-                self.step(table, w - 1, rows - 1)
-        self.release(0)
-        self.fetch(self.state.slots.active)
-        del self.state  # drop the used state before making a fresh one: never two caches at once
-        self.state = self._initial()
+                words = np.full(((self.vocab_size + 31) // 32,), -1, np.int32)
+                self.set_masks([self.slots] * rows, [words] * rows)
+            for w in self.windows:
+                for rows in self.row_buckets:
+                    self.forward(table, w - 1, rows - 1)
+            for rows in self.row_buckets:
+                self.sample(jax.ShapeDtypeStruct((rows, self.vocab_size), jnp.float32, sharding=self.spec.replicated))
+            self.release(0)
+            recorded = self._recording
+        finally:
+            self._recording = None
+        return recorded
+
+    def _essential(self, key: tuple) -> bool:
+        """A variant every call can fall back to (the widest prefill chunk and step, the most mask rows, the
+        steps of one shape), or the one-row decode step at the narrowest window (a lone short request
+        decodes at full speed from the start: the widest step costs it tens of times more)."""
+        name, statics, shape = key
+        widest = ("window", self.windows[-1])
+        if name == "prefill":
+            return shape == (1, self.chunk) and statics == (widest,)
+        if name == "forward":
+            return statics in ((widest, ("rows", self.slots)), (("window", self.windows[0]), ("rows", 1)))
+        return name != "set_masks" or shape == (self.slots,)  # every sample_step: forward's rows pick it
+
+    @staticmethod
+    def _urgency(key: tuple) -> tuple:
+        """Background compile order: narrow windows first, then fewer rows or tokens (the shapes of short,
+        lightly loaded requests, the first a fresh server sees)."""
+        name, statics, shape = key
+        return dict(statics).get("window", 1 << 30), dict(statics).get("rows", int(np.prod(shape)))
+
+    def warmup(self, store: ExecutableStore | None = None, threads: int | None = None, background=False) -> Report:
+        """Make every shape a request can reach ready: loaded from `store` where it holds a valid executable,
+        else compiled in `threads` threads (and saved there). With `background`, only the variants every
+        call can fall back to are loaded or compiled before this returns; the rest are in a thread
+        (`self.background`) while requests are served by the narrowest ready shape that covers them.
+        Returns how many were loaded and compiled here, and the seconds."""
+        t0 = time.perf_counter()
+        variants = self.variants()
+        keys = {v: key for key, v in variants.items()}
+
+        def ready(v: Variant, compiled: jax.stages.Compiled) -> None:
+            self._compiled[keys[v]] = compiled
+            self._pending.discard(keys[v])  # after the executable is in: a caller seeing it ready finds it
+
+        now = [v for key, v in variants.items() if not background or self._essential(key)]
+        later = [variants[k] for k in sorted(variants, key=self._urgency) if background and not self._essential(k)]
+        self._pending = {keys[v] for v in later}
+        report = compile_all(self.spec, STEPS, now, store, ready, threads)
+        report.seconds = time.perf_counter() - t0
         log.info(
-            "compiled %d variants in %.1f s (vocab %d, %d slots, windows %s, prefill buckets %s)",
-            sum(self.compiles.values()),
-            time.perf_counter() - t0,
+            "%d step variants: %d loaded from %s, %d compiled in %.1f s%s (vocab %d, %d slots, windows %s, "
+            "prefill buckets %s)",
+            len(variants),
+            report.loaded,
+            store.folder if store is not None else "no store",
+            report.compiled,
+            report.seconds,
+            f"; {len(later)} more loading or compiling while serving" if later else "",
             self.cfg.vocab_size,
             self.slots,
             self.windows,
             self.prefill_buckets,
         )
-        return time.perf_counter() - t0
+        if later:
+            self.background = threading.Thread(
+                target=self._compile_later, args=(later, store, ready, threads), name="jaxserve-compile", daemon=True
+            )
+            self.background.start()
+        return report
+
+    def _compile_later(self, variants: list[Variant], store, ready, threads) -> None:
+        try:
+            report = compile_all(self.spec, STEPS, variants, store, ready, threads, stop=self._stop)
+            log.info(
+                "other step variants ready while serving: %d loaded, %d compiled, in %.1f s%s",
+                report.loaded,
+                report.compiled,
+                report.seconds,
+                f" ({len(report.missing)} left: stopped)" if report.missing else "",
+            )
+        except Exception:
+            log.exception("compiling the other step variants failed; the ready ones serve every request")
+
+    def stop_compiling(self, timeout: float = 60) -> None:
+        """Lower no more variants in the background; wait for the compiles in flight (at most one a thread)."""
+        self._stop.set()
+        if self.background is not None:
+            self.background.join(timeout)

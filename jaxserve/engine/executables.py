@@ -1,0 +1,194 @@
+"""Compiled steps: lowered and compiled in parallel, kept on disk, and loaded on a restart without tracing.
+
+A `Variant` is one jitted step of `steps.py` at one set of static arguments and one signature of abstract
+arguments (shapes, dtypes, shardings). `compile_all` turns variants into `jax.stages.Compiled` executables
+of those very jitted functions: each one is loaded from the `ExecutableStore` if a valid entry is there,
+else lowered (tracing: Python, holding the GIL, one at a time) and compiled in a pool of threads (XLA
+releases the GIL while it compiles, and consults jax's persistent compilation cache first), then saved.
+
+An entry's key is a hash of everything that decides the executable: jax and jaxlib versions, backend,
+platform version and the devices (kind, id), the XLA flags and the jax options that change programs, the
+source of the jaxserve package (any edit invalidates every entry), the step's name, its `StepSpec` (model
+config with the matmul formulation, end ids, state shardings) and static arguments, and the tree, shapes,
+dtypes and shardings of its arguments. The entry holds that key's text too; a load whose text differs,
+whose file is unreadable or whose executable does not deserialize is logged and compiled afresh, so a
+stale or damaged entry is never used.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jaxlib
+import numpy as np
+from jax.experimental import serialize_executable
+
+log = logging.getLogger(__name__)
+
+FOLDER = "jaxserve-executables"  # inside the compilation cache's folder
+# jax options that change the programs a trace produces
+OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable", "jax_default_prng_impl")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Variant:
+    """`fn(spec, *args, **statics)` for jitted step `fn`, `args` abstract (jax.ShapeDtypeStruct leaves)."""
+
+    name: str
+    statics: tuple[tuple[str, Any], ...]
+    args: tuple
+
+
+def abstract(x) -> jax.ShapeDtypeStruct:
+    """The abstract value of an argument leaf: a device array keeps its sharding; a host value has none (jit
+    places it as it would at a call)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    x = np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+@functools.cache
+def _source_hash() -> str:
+    """sha256 of every Python file of the jaxserve package."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@functools.cache
+def environment() -> str:
+    """What decides every executable beyond its program: versions, backend, devices, flags, options, code."""
+    backend = jax.devices()[0].client
+    devices = ", ".join(f"{d.id}:{d.device_kind}" for d in jax.devices())
+    options = ", ".join(f"{name}={getattr(jax.config, name)}" for name in OPTIONS)
+    return (
+        f"jax {jax.__version__} jaxlib {jaxlib.__version__} | {backend.platform} {backend.platform_version} | "
+        f"devices {devices} | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')} | {options} | "
+        f"jaxserve source {_source_hash()}"
+    )
+
+
+def key_text(spec, variant: Variant) -> str:
+    """Everything that decides one variant's executable, as text."""
+    leaves, tree = jax.tree.flatten(variant.args)
+    shapes = "; ".join(f"{x.dtype}{list(x.shape)} {x.sharding}" for x in leaves)
+    sharding = jax.tree.map(str, spec.state_sharding)
+    mesh = spec.replicated.mesh
+    # repr, not to_json: the config's repr holds the matmul formulation (bf16_from_rows) too
+    return (
+        f"{environment()}\n{variant.name} {variant.statics}\nconfig {spec.cfg!r}\neos {spec.eos_ids}\n"
+        f"mesh {dict(mesh.shape)} devices {mesh.device_ids.tolist()}\nstate {sharding} replicated {spec.replicated}\n"
+        f"args {tree}\n{shapes}"
+    )
+
+
+class ExecutableStore:
+    """Serialized executables in `folder`, one file per key."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.exe"
+
+    def load(self, key: str, devices: list) -> jax.stages.Compiled | None:
+        """The executable stored under `key`, on `devices` (the mesh's, in its order), or None."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            stored_key, blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+            if stored_key != key:
+                log.warning("executable %s was stored for another key: compiling afresh", path.name)
+                return None
+            return serialize_executable.deserialize_and_load(blob, in_tree, out_tree, execution_devices=devices)
+        except Exception as e:  # an unreadable or stale entry is compiled again, never used
+            log.warning("executable %s failed to load (%s: %s): compiling afresh", path.name, type(e).__name__, e)
+            return None
+
+    def save(self, key: str, compiled: jax.stages.Compiled) -> None:
+        try:
+            blob, in_tree, out_tree = serialize_executable.serialize(compiled)
+            data = pickle.dumps((key, blob, in_tree, out_tree))
+        except Exception as e:
+            log.warning("executable not saved (%s: %s)", type(e).__name__, e)
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # a concurrent reader sees a whole entry or none
+
+
+@dataclasses.dataclass
+class Report:
+    loaded: int = 0
+    compiled: int = 0
+    missing: list[Variant] = dataclasses.field(default_factory=list)  # neither loaded nor compiled: stopped
+    seconds: float = 0.0
+
+
+def compile_all(
+    spec,
+    fns: dict[str, Any],  # jitted functions by name
+    variants: list[Variant],
+    store: ExecutableStore | None,
+    ready: Callable[[Variant, jax.stages.Compiled], None],
+    threads: int | None = None,
+    stop: threading.Event | None = None,
+) -> Report:
+    """Hand each variant's executable to `ready` as soon as it is there: loaded from `store` where a valid
+    entry is (loads run in threads), else lowered here and compiled in `threads` threads
+    (default: one per CPU; no more compiles in flight than threads), then saved to `store`. Once `stop` is
+    set, nothing more is lowered."""
+    t0 = time.perf_counter()
+    report = Report()
+    threads = threads or os.cpu_count() or 1
+    keys = {v: key_text(spec, v) for v in variants} if store is not None else {}
+    devices = list(spec.replicated.mesh.devices.flat)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        loads = {v: pool.submit(store.load, keys[v], devices) for v in variants} if store is not None else {}
+        compiling: dict[concurrent.futures.Future, Variant] = {}
+
+        def finish(done) -> None:
+            for future in done:
+                v, compiled = compiling.pop(future), future.result()
+                ready(v, compiled)
+                report.compiled += 1
+                if store is not None:
+                    pool.submit(store.save, keys[v], compiled)
+
+        for v in variants:
+            compiled = loads[v].result() if v in loads else None
+            if compiled is not None:
+                ready(v, compiled)
+                report.loaded += 1
+                continue
+            if stop is not None and stop.is_set():
+                report.missing.append(v)
+                continue
+            if len(compiling) >= threads:
+                finish(concurrent.futures.wait(compiling, return_when=concurrent.futures.FIRST_COMPLETED).done)
+            lowered = fns[v.name].lower(spec, *v.args, **dict(v.statics))  # traces: holds the GIL
+            compiling[pool.submit(lowered.compile)] = v
+        finish(concurrent.futures.wait(compiling).done)
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -245,7 +245,7 @@ class JaxCore(Core):
         )
         return logits
 
-    def sample(self, logits: jax.Array) -> StepOutput:
+    def sample(self, logits) -> StepOutput:
         self.state, out = self._run("sample_step", {}, self.state, logits)
         return out
 

@@ -156,7 +156,7 @@ def forward(spec: StepSpec, params, state: DecodeState, table, window: int, rows
     model = Transformer(spec.cfg)
     seq = jax.tree.map(lambda a: a[:rows], state.slots)
     logits, cache = model.apply(params, seq.tokens[:, None], seq.positions[:, None], state.cache, table[:rows], window)
-    return _settle(spec, state.replace(cache=cache)), logits[:, 0]
+    return _settle(spec, state.replace(cache=cache), logits[:, 0])  # replicated, as sample_step was compiled for
 
 
 @functools.partial(_jit, static_argnames=("spec",))

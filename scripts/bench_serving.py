@@ -93,7 +93,8 @@ async def run_level(
                 return
             results.append(await one_request(http, model, max_tokens))
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # a fresh connection per request: llama-server closes kept-alive ones between streams
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base_url, timeout=time_limit, limits=limits) as http:
         await one_request(http, model, 4)  # warm the connection path
         start = time.perf_counter()

@@ -353,16 +353,23 @@ def test_the_sampled_token_is_always_in_top_logprobs(tiny_server, client):
     assert set(texts) == {0, 1}
 
 
-def test_top_logprobs_add_the_sampled_token():
+def serving_over(texts: dict[int, bytes]):
+    """A CompletionServing (nothing else set up) whose tokenizer maps token ids to `texts`."""
     from jaxserve.api.serving import CompletionServing
-    from jaxserve.engine.types import TokenInfo
 
     class Tok:
         def token_bytes(self, t):
-            return {1: b"a", 2: b"b", 3: b"a"}[t]
+            return texts[t]
 
     serving = CompletionServing.__new__(CompletionServing)
     serving.tokenizer = Tok()
+    return serving
+
+
+def test_top_logprobs_add_the_sampled_token():
+    from jaxserve.engine.types import TokenInfo
+
+    serving = serving_over({1: b"a", 2: b"b", 3: b"a"})
     out = serving._logprobs([TokenInfo(3, -2.0, [(1, -0.5), (2, -1.0)])], 1, 0)
     # token 3 was sampled: it is in, under its own text; token 1 has the same text, so it is told apart
     assert out["tokens"] == ["a"] and out["top_logprobs"][0] == {"a [token 1]": -0.5, "a": -2.0}
@@ -371,15 +378,9 @@ def test_top_logprobs_add_the_sampled_token():
 
 
 def test_top_logprobs_keep_tokens_with_the_same_text():
-    from jaxserve.api.serving import CompletionServing
     from jaxserve.engine.types import TokenInfo
 
-    class Tok:
-        def token_bytes(self, t):
-            return {1: b"a", 2: b"a", 3: b"\xe2"}[t]
-
-    serving = CompletionServing.__new__(CompletionServing)
-    serving.tokenizer = Tok()
+    serving = serving_over({1: b"a", 2: b"a", 3: b"\xe2"})
     out = serving._logprobs([TokenInfo(1, -0.5, [(1, -0.5), (2, -1.0), (3, float("-inf"))])], 3, 0)
     assert len(out["top_logprobs"][0]) == 3
     assert out["top_logprobs"][0]["bytes:\\xe2"] == -9999.0  # -inf never reaches JSON

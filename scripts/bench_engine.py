@@ -3,7 +3,7 @@ floors beside each figure.
 
     python scripts/bench_engine.py [--model NAME] [--weights float32 int8] [--concurrency 1 8 32 64]
                                    [--prompt-tokens 32] [--gen-tokens 128] [--repeats 3]
-                                   [--formulation auto f32 bf16]
+                                   [--formulation auto f32 bf16 kernel]
 
 int8 runs once per --formulation (the int8 matmuls' arithmetic, see jaxserve.engine.formulation; "auto" is
 what `jaxserve serve` would choose here), the formulations' runs interleaved so that a shared machine's
@@ -30,6 +30,7 @@ import jax
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
 from jaxserve.cli import compile_cache_dir
 from jaxserve.engine.build import DEFAULT_CONTEXT, build_engine, enable_compilation_cache
+from jaxserve.engine.formulation import FORMULATIONS
 from jaxserve.engine.roofline import Machine, floors
 from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
 from jaxserve.sharding import make_mesh
@@ -97,9 +98,7 @@ def main() -> None:
     parser.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT, help="tokens per slot")
     parser.add_argument("--repeats", type=int, default=3, help="runs per concurrency; medians are reported")
     parser.add_argument("--compile-cache", help="as for `jaxserve generate`")
-    parser.add_argument(
-        "--formulation", nargs="+", choices=["auto", "f32", "bf16"], default=["auto"], help="of the int8 matmuls"
-    )
+    parser.add_argument("--formulation", nargs="+", choices=FORMULATIONS, default=["auto"], help="of the int8 matmuls")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if (cache := compile_cache_dir(args.compile_cache)) is not None:

@@ -231,7 +231,7 @@ def test_models_health_metrics_tokenizer_routes(tiny_server, client, tiny):
         "jaxserve_time_to_first_token_seconds_bucket",
         "jaxserve_compiles_total",
         "jaxserve_time_per_output_token_seconds_count",
-        'jaxserve_matmul_formulation_info{bf16_from_rows="",formulation="float32"} 1.0',  # float weights
+        'jaxserve_matmul_formulation_info{bf16_from_rows="",formulation="float32",kernel_below_rows=""} 1.0',
     ):
         assert name in metrics
     r = post(tiny_server, {"prompt": "Call me Ishmael.", "add_special_tokens": False}, path="/tokenize")

@@ -70,6 +70,13 @@ def test_the_formulation_is_measured_unless_forced():
     assert parse(["serve"]).formulation == "auto"
     assert parse(["generate", "hi", "--formulation", "bf16"]).formulation == "bf16"
     assert parse(["batch", "in.jsonl", "out.jsonl", "--formulation", "f32"]).formulation == "f32"
+    assert parse(["serve", "--formulation", "kernel"]).formulation == "kernel"
+    from jaxserve.engine.formulation import FORMULATIONS
+
+    flag = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions if a.dest == "formulation"
+    )
+    assert tuple(flag.choices) == FORMULATIONS  # the CLI offers every formulation the engine has
 
 
 def test_serve_ends_with_an_error_when_the_model_cannot_load(tmp_path):

@@ -18,8 +18,20 @@ from jaxserve.checkpoint import convert_hf, load_checkpoint
 from jaxserve.engine import formulation
 from jaxserve.engine.bridge import complete
 from jaxserve.engine.build import build_engine
-from jaxserve.engine.formulation import CACHE_FILE, Choice, bf16_threshold, cache_key, choose, matmul_step, measure
+from jaxserve.engine.formulation import (
+    CACHE_FILE,
+    CANDIDATES,
+    Choice,
+    bf16_threshold,
+    cache_key,
+    choose,
+    kernel_threshold,
+    matmul_step,
+    measure,
+)
 from jaxserve.engine.types import EngineRequest, SamplingParams
+from jaxserve.model import ModelConfig
+from jaxserve.model.config import EVERY_ROW
 from jaxserve.model.transformer import dot
 from jaxserve.sharding import make_mesh
 
@@ -35,15 +47,15 @@ def tiny_int8(tmp_path_factory):
 def timer(calls: list, timings: dict):
     """A stand-in for `measure`: records the row counts asked for and answers `timings`."""
 
-    def fake(model, rows):
+    def fake(model, rows, names):
         calls.append(rows)
-        return {r: timings[r] for r in rows}
+        return {r: {n: timings[r][n] for n in names} for r in rows}
 
     return fake
 
 
-def ms(f32, bf16):
-    return {"f32": f32, "bf16": bf16}
+def ms(f32, bf16, kernel=None):
+    return {"f32": f32, "bf16": bf16} | ({} if kernel is None else {"kernel": kernel})
 
 
 def test_bfloat16_from_the_smallest_row_count_it_wins_at_and_above():
@@ -60,12 +72,14 @@ def test_dot_switches_by_rows():
     x = rng.standard_normal((2, 1, 64)).astype(np.float32)
     w = kernel.astype(np.float32) * scale
     exact = np.einsum("btd,dv->btv", x, w)
-    one, two = (np.asarray(dot("btd,dv->btv", jnp.asarray(x[:r]), (kernel, scale), 2)) for r in (1, 2))
+    cfg = ModelConfig(vocab_size=8, dim=64, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=64, mlp_dim=8)
+    cfg = dataclasses.replace(cfg, quant="int8", bf16_from_rows=2)
+    one, two = (np.asarray(dot("btd,dv->btv", jnp.asarray(x[:r]), (kernel, scale), cfg)) for r in (1, 2))
     np.testing.assert_allclose(one, exact[:1], rtol=1e-6)  # below the threshold: float32
     bf16 = lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_allclose(two, np.einsum("btd,dv->btv", bf16(x), bf16(w)), rtol=1e-5)  # at it: bfloat16
     assert not np.allclose(two, exact, rtol=1e-6, atol=0)
-    floats = np.asarray(dot("btd,dv->btv", jnp.asarray(x), (w, None), 1))
+    floats = np.asarray(dot("btd,dv->btv", jnp.asarray(x), (w, None), dataclasses.replace(cfg, bf16_from_rows=1)))
     np.testing.assert_allclose(floats, exact, rtol=1e-6)  # float weights stay float32, whatever the rule
 
 
@@ -75,8 +89,14 @@ def test_forced_float_weights_and_off_cpu(tiny_int8, tiny, monkeypatch):
     assert choose(tiny_int8, 4, "f32", timer=fake) == Choice(None, "forced")
     assert choose(tiny_int8, 4, "bf16", timer=fake) == Choice(1, "forced")
     assert choose(tiny, 4, "auto", timer=fake) == Choice(None, "float weights")  # float32 stays exact
-    with pytest.raises(ValueError, match="int8 weights"):
-        choose(tiny, 4, "bf16")
+    for name in ("bf16", "kernel"):
+        with pytest.raises(ValueError, match="int8 weights"):
+            choose(tiny, 4, name)
+    monkeypatch.setattr(formulation, "kernel_possible", lambda model: True)
+    assert choose(tiny_int8, 4, "kernel", timer=fake).kernel_below_rows == EVERY_ROW
+    monkeypatch.setattr(formulation, "kernel_possible", lambda model: False)
+    with pytest.raises(ValueError, match="needs a CPU backend, one device"):
+        choose(tiny_int8, 4, "kernel")
     with pytest.raises(ValueError, match="unknown formulation"):
         choose(tiny_int8, 4, "fast")
     monkeypatch.setattr(formulation.jax, "default_backend", lambda: "tpu")
@@ -84,11 +104,21 @@ def test_forced_float_weights_and_off_cpu(tiny_int8, tiny, monkeypatch):
     assert calls == []  # nothing was measured
 
 
-def test_the_choice_is_cached_under_its_key(tiny_int8, tmp_path):
+def test_the_kernel_below_the_first_row_count_it_loses_at():
+    assert kernel_threshold({1: ms(10, 20, 5), 2: ms(10, 20, 9), 4: ms(10, 20, 11)}, None) == 4
+    assert kernel_threshold({1: ms(10, 20, 5), 2: ms(10, 8, 9)}, 2) == 2  # at 2 rows bfloat16 would serve
+    assert kernel_threshold({1: ms(10, 20, 9.8)}, None) is None  # inside the margin: never the kernel
+    assert kernel_threshold({1: ms(10, 20, 5), 2: ms(10, 20, 5)}, None) == 3  # never lost: past the most rows
+    assert kernel_threshold({4: ms(10, 20)}, None) is None  # not measured
+
+
+def test_the_choice_is_cached_under_its_key(tiny_int8, tmp_path, monkeypatch):
+    monkeypatch.setattr(formulation, "kernel_possible", lambda model: False)
     calls: list = []
     fake = timer(calls, {1: ms(10, 12), 2: ms(10, 8), 4: ms(10, 6), 8: ms(10, 5)})
     first = choose(tiny_int8, 4, "auto", tmp_path, fake)
     assert calls == [(4,), (2,), (1,)] and first.bf16_from_rows == 2 and first.source.startswith("measured")
+    assert first.kernel_below_rows is None
     again = choose(tiny_int8, 4, "auto", tmp_path, fake)
     assert len(calls) == 3  # a restart reads the file
     assert again.source.startswith("cached") and (again.bf16_from_rows, again.timings) == (2, first.timings)
@@ -99,7 +129,7 @@ def test_the_choice_is_cached_under_its_key(tiny_int8, tmp_path):
     entries = json.loads((tmp_path / CACHE_FILE).read_text())
     assert len(entries) == 3 and cache_key(tiny_int8, 4) in entries
     key = cache_key(tiny_int8, 4)
-    for part in (formulation.machine(), f"jax {jax.__version__} cpu", tiny_int8.name, "weights int8", "4 slots"):
+    for part in (formulation.machine(), f"jax {jax.__version__} cpu", "no kernel", tiny_int8.name, "4 slots"):
         assert part in key
     calls.clear()
     slow = timer(calls, {1: ms(10, 5), 2: ms(10, 20), 4: ms(10, 8)})
@@ -110,25 +140,58 @@ def test_the_choice_is_cached_under_its_key(tiny_int8, tmp_path):
     assert choose(tiny_int8, 4, "auto", None, fake).source.startswith("measured")  # no cache folder: measure
 
 
+def test_the_kernel_is_measured_from_one_row_up(tiny_int8, tmp_path, monkeypatch):
+    """bfloat16 from the most rows down first, then the kernel from one row up against what would serve
+    each row count, until it loses; the kernel's presence is part of the cache key."""
+    monkeypatch.setattr(formulation, "kernel_possible", lambda model: True)
+    monkeypatch.setattr(formulation.kernels, "version", lambda: "abc123")
+    calls: list = []
+    fake = timer(calls, {1: ms(10, 12, 5), 2: ms(10, 8, 9), 4: ms(10, 6, 8), 8: ms(10, 5, 7)})
+    choice = choose(tiny_int8, 4, "auto", tmp_path, fake)
+    # bf16: 4 and 2 win, 1 loses; the kernel: wins at 1 against float32, loses at 2 against bfloat16
+    assert calls == [(4,), (2,), (1,), (1,), (2,)]
+    assert (choice.kernel_below_rows, choice.bf16_from_rows) == (2, 2)
+    assert choice.describe(tiny_int8.cfg).startswith("matmul formulation kernel<2<=bf16 (measured")
+    assert "kernel abc123" in cache_key(tiny_int8, 4)
+    again = choose(tiny_int8, 4, "auto", tmp_path, fake)
+    assert len(calls) == 5 and (again.kernel_below_rows, again.bf16_from_rows) == (2, 2)
+
+
 def test_measure_times_the_models_own_matmuls(tiny_int8):
-    timings = measure(tiny_int8, (1, 2), repeats=1)
-    assert set(timings) == {1, 2} and all(t["f32"] > 0 and t["bf16"] > 0 for t in timings.values())
+    names = ("f32", "bf16", "kernel") if formulation.kernel_possible(tiny_int8) else ("f32", "bf16")
+    timings = measure(tiny_int8, (1, 2), names, repeats=1)
+    assert set(timings) == {1, 2} and all(set(t) == set(names) and min(t.values()) > 0 for t in timings.values())
     x = jnp.linspace(-1, 1, 2 * tiny_int8.cfg.dim, dtype=jnp.float32).reshape(2, 1, -1)
-    f32, bf16 = (np.asarray(matmul_step(tiny_int8, rule)(tiny_int8.params, x)) for rule in (None, 1))
-    assert f32.shape == (2, 1, tiny_int8.cfg.vocab_size)
-    np.testing.assert_allclose(bf16, f32, atol=0.02 * np.abs(f32).max())
+    out = {}
+    for name in names:
+        served = CANDIDATES[name].apply(tiny_int8)
+        out[name] = np.asarray(matmul_step(served)(served.params, x))
+    assert out["f32"].shape == (2, 1, tiny_int8.cfg.vocab_size)
+    np.testing.assert_allclose(out["bf16"], out["f32"], atol=0.02 * np.abs(out["f32"]).max())
+    if "kernel" in out:
+        np.testing.assert_allclose(out["kernel"], out["f32"], rtol=1e-5, atol=1e-5 * np.abs(out["f32"]).max())
 
 
-def test_no_recompiles_after_warmup_with_a_mixed_rule(tiny_int8, tmp_path):
-    """float32 at one row, bfloat16 from two (as a cached choice): every shape compiles in warm-up, and
-    /metrics names the rule."""
-    formulation._write(tmp_path / CACHE_FILE, cache_key(tiny_int8, 4), Choice(2, "measured", {1: ms(1, 2)}))
+@pytest.mark.parametrize(
+    "kernel, label",
+    [
+        (None, 'formulation="f32<2<=bf16",kernel_below_rows=""'),
+        (2, 'formulation="kernel<2<=bf16",kernel_below_rows="2"'),
+    ],
+)
+def test_no_recompiles_after_warmup_with_a_mixed_rule(tiny_int8, tmp_path, kernel, label):
+    """float32 (or the kernel) at one row, bfloat16 from two (as a cached choice): every shape compiles in
+    warm-up, and /metrics names the rule."""
+    if kernel is not None and not formulation.kernel_possible(tiny_int8):
+        pytest.skip("no C++ compiler or no CPU backend here: the kernel is never chosen")
+    choice = Choice(2, "measured", {1: ms(1, 2)}, kernel)
+    formulation._write(tmp_path / CACHE_FILE, cache_key(tiny_int8, 4), choice)
     engine = build_engine(tiny_int8, slots=4, max_context=128, formulation_cache=tmp_path)
     try:
-        assert engine.core.cfg.bf16_from_rows == 2
+        assert (engine.core.cfg.bf16_from_rows, engine.core.cfg.kernel_below_rows) == (2, kernel)
         compiles = dict(engine.core.compiles)
         greedy = SamplingParams(temperature=0.0)
-        for n in (1, 3):  # one row in f32, then 2 and 4 rows in bf16
+        for n in (1, 3):  # one row in f32 (or the kernel), then 2 and 4 rows in bf16
             requests = [EngineRequest(f"r{n}{i}", (1, 5, 9 + i), max_tokens=6, sampling=greedy) for i in range(n)]
             threads = [threading.Thread(target=complete, args=(engine, r, 120)) for r in requests]
             [t.start() for t in threads]
@@ -137,6 +200,6 @@ def test_no_recompiles_after_warmup_with_a_mixed_rule(tiny_int8, tmp_path):
         metrics = Metrics()
         metrics.attach("tiny", engine)
         text = metrics.render().decode()
-        assert 'jaxserve_matmul_formulation_info{bf16_from_rows="2",formulation="f32<2<=bf16"} 1.0' in text
+        assert f'jaxserve_matmul_formulation_info{{bf16_from_rows="2",{label}}} 1.0' in text
     finally:
         engine.shutdown()

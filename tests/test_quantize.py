@@ -1,7 +1,5 @@
 """int8 weights: the quantizer's arithmetic, and the int8 model against float32 and the reference."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 from served import scored_prefill
@@ -11,6 +9,7 @@ from jaxserve.checkpoint.quantize import quantize_array
 from jaxserve.engine.bridge import complete
 from jaxserve.engine.build import build_engine
 from jaxserve.engine.core import JaxCore
+from jaxserve.engine.formulation import CANDIDATES, kernel_possible
 from jaxserve.engine.types import EngineRequest, SamplingParams
 from jaxserve.sharding import make_mesh
 
@@ -45,14 +44,16 @@ def teacher_forced(model, reference):
     return float(np.mean(agree)), float(np.mean(diffs))
 
 
-@pytest.mark.parametrize("bf16_from_rows", [None, 1], ids=["f32", "bf16"])
-def test_int8_fidelity_against_the_reference(smollm2_int8, reference, bf16_from_rows):
+@pytest.mark.parametrize("name", ["f32", "bf16", "kernel"])
+def test_int8_fidelity_against_the_reference(smollm2_int8, reference, name):
     """Teacher-forced on the reference's greedy tokens: the bounds of the int8 performance issue (#6), for
-    each formulation the engine may choose (engine.formulation): float32 products, and bfloat16 products
-    with float32 sums at every size."""
-    cfg = dataclasses.replace(smollm2_int8.cfg, bf16_from_rows=bf16_from_rows)
-    agreement, mean_diff = teacher_forced(dataclasses.replace(smollm2_int8, cfg=cfg), reference)
-    print(f"{cfg.formulation}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.4f}")
+    each formulation the engine may choose (engine.formulation), each at every row count: float32
+    products, bfloat16 products with float32 sums, and jaxserve's int8 kernel."""
+    if name == "kernel" and not kernel_possible(smollm2_int8):
+        pytest.skip("no C++ compiler or no CPU backend here: the kernel is never chosen")
+    model = CANDIDATES[name].apply(smollm2_int8)
+    agreement, mean_diff = teacher_forced(model, reference)
+    print(f"{model.cfg.formulation}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.4f}")
     assert agreement >= 0.97
     assert mean_diff <= 0.05
 

@@ -63,9 +63,13 @@ class _EngineCollector(Collector):
         if (cfg := getattr(core, "cfg", None)) is not None:  # a model config (the fake core has none)
             yield InfoMetricFamily(
                 "jaxserve_matmul_formulation",
-                "how the weight matmuls compute: float weights in their dtype; int8 in f32, bf16, or "
-                "f32<N<=bf16 (bfloat16 products from N rows on)",
-                value={"formulation": cfg.formulation, "bf16_from_rows": str(cfg.bf16_from_rows or "")},
+                "how the weight matmuls compute: float weights in their dtype; int8 by rows in jaxserve's kernel, "
+                "f32 or bf16, e.g. kernel<8<=f32<32<=bf16 (the kernel below 8 rows, bfloat16 products from 32 on)",
+                value={
+                    "formulation": cfg.formulation,
+                    "kernel_below_rows": str(cfg.kernel_below_rows or ""),
+                    "bf16_from_rows": str(cfg.bf16_from_rows or ""),
+                },
             )
         pool = s.pool
         yield GaugeMetricFamily("jaxserve_kv_pages", "pages in the KV pool", value=pool.pages)

@@ -1,18 +1,20 @@
 """Which arithmetic the int8 weight matmuls use on this machine: chosen once, before warm-up, and cached.
 
-Two formulations pass the int8 fidelity bounds (tests/test_quantize.py checks both): "f32", the int8 kernel
-widened to float32 inside the step, and "bf16", the dequantized kernel and the activations rounded to
-bfloat16 with float32 accumulation. Which is faster depends on the CPU (bfloat16 units or none) and on
-the rows a matmul carries, so on CPU `choose` times both on the model's own weight matmuls at the decode row
-buckets, from the most rows down until bfloat16 loses, and serves bfloat16 from the smallest row count at
-and above which it wins everywhere
-(`ModelConfig.bf16_from_rows`, static in the jitted steps: the choice costs no recompilation after
-warm-up). On GPU and TPU bfloat16 is the native choice and stands without measuring. Float weights are
-never rounded: float32 asked for stays exact.
+Three formulations pass the int8 fidelity bounds (tests/test_quantize.py checks them): "kernel", jaxserve's
+own int8 matmul (jaxserve.kernels: each weight read once, widened in registers; CPU only, one device),
+"f32", the int8 weights widened to float32 inside the step, and "bf16", the dequantized weights and the
+activations rounded to bfloat16 with float32 accumulation. Which is fastest depends on the CPU (bfloat16
+units or none) and on the rows a matmul carries, so on CPU `choose` times them on the model's own weight
+matmuls at the decode row buckets: bfloat16 against float32 from the most rows down until bfloat16 loses,
+then the kernel against what would serve otherwise from one row up until the kernel loses. It serves the
+kernel below the first row count where it lost and bfloat16 from the smallest row count at and above which
+it won everywhere (`ModelConfig.kernel_below_rows` and `bf16_from_rows`, static in the jitted steps: the
+choice costs no recompilation after warm-up). On GPU and TPU bfloat16 is the native choice and stands
+without measuring. Float weights are never rounded: float32 asked for stays exact.
 
 A choice is cached in a small JSON file in the compilation cache's folder, keyed by what decides it (CPU
-model and cores or device kind, jax version, backend, model and its config, weights, mesh, slots), so a
-restart does not measure again.
+model and cores or device kind, jax version, backend, the kernel's source, model and its config, weights,
+mesh, slots), so a restart does not measure again.
 """
 
 from __future__ import annotations
@@ -32,38 +34,50 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxserve import kernels
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.model import Transformer
-from jaxserve.model.transformer import dot
+from jaxserve.model.config import EVERY_ROW
+from jaxserve.model.transformer import dot, packed
 
 log = logging.getLogger(__name__)
 
-FORMULATIONS = ("auto", "f32", "bf16")
+FORMULATIONS = ("auto", "f32", "bf16", "kernel")
 CACHE_FILE = "jaxserve-formulations.json"
-MARGIN = 0.97  # bfloat16 must beat float32 by 3% at a row count to be worth its rounding there
+MARGIN = 0.97  # a candidate must win by 3% at a row count to be taken there
 REPEATS = 5  # timed runs of each candidate at each row count, interleaved; medians compared
 
-Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms}, medians
+Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms, "kernel": ms}, medians, those measured
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """What the int8 matmuls use (`bf16_from_rows`, as in ModelConfig), how that was decided ("measured",
-    "cached", "forced", "platform" or "float weights") and the timings it rests on."""
+    """What the int8 matmuls use (`bf16_from_rows` and `kernel_below_rows`, as in ModelConfig), how that
+    was decided ("measured", "cached", "forced", "platform" or "float weights") and the timings it rests
+    on."""
 
     bf16_from_rows: int | None
     source: str
     timings: Timings = dataclasses.field(default_factory=dict)
+    kernel_below_rows: int | None = None
 
     def apply(self, model: LoadedModel) -> LoadedModel:
-        return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, bf16_from_rows=self.bf16_from_rows))
+        """`model` to serve with this choice: its config says it, and with the kernel its weights are packed."""
+        rule = dict(bf16_from_rows=self.bf16_from_rows, kernel_below_rows=self.kernel_below_rows)
+        cfg = dataclasses.replace(model.cfg, **rule)
+        params = model.params if self.kernel_below_rows is None else packed(model.params, cfg)
+        return dataclasses.replace(model, cfg=cfg, params=params)
 
     def describe(self, cfg) -> str:
-        text = f"matmul formulation {dataclasses.replace(cfg, bf16_from_rows=self.bf16_from_rows).formulation} "
-        text += f"({self.source}"
+        rule = dict(bf16_from_rows=self.bf16_from_rows, kernel_below_rows=self.kernel_below_rows)
+        text = f"matmul formulation {dataclasses.replace(cfg, **rule).formulation} ({self.source}"
         if self.timings:
-            per_rows = ", ".join(f"{r}: {t['f32']:.1f}/{t['bf16']:.1f}" for r, t in sorted(self.timings.items()))
-            text += f"; int8 weight matmuls of one decode step, ms f32/bf16 by rows: {per_rows}"
+            names = [n for n in ("kernel", "f32", "bf16") if any(n in t for t in self.timings.values())]
+            per_rows = ", ".join(
+                f"{r}: " + "/".join(f"{t[n]:.1f}" if n in t else "-" for n in names)
+                for r, t in sorted(self.timings.items())
+            )
+            text += f"; int8 weight matmuls of one decode step, ms {'/'.join(names)} by rows: {per_rows}"
         return text + ")"
 
 
@@ -82,11 +96,27 @@ def bf16_threshold(timings: Timings) -> int | None:
     return threshold
 
 
-def matmul_step(model: LoadedModel, bf16_from_rows: int | None) -> Callable:
-    """A jitted function of (params, x [rows, 1, D]) running what the formulation changes in one decode
-    step: every layer's int8 weight matmuls (each weight grouped as stored, through the model's `dot`) and
-    the logits over the vocabulary (through the model's own `logits`)."""
-    cfg = dataclasses.replace(model.cfg, bf16_from_rows=bf16_from_rows)
+def kernel_possible(model: LoadedModel) -> bool:
+    """Whether jaxserve's int8 kernel can serve `model`: int8 weights of shapes it takes, on one CPU device,
+    with the kernel compiled here."""
+    if model.cfg.quant != "int8" or jax.default_backend() != "cpu" or model.mesh.size != 1:
+        return False
+    layers = model.params["params"]["layers"]
+    for scope, lead in ((layers, 1), (model.params["params"], 0)):
+        for name in [n for n in scope if n + "_scale" in scope]:
+            kernel, scale = scope[name].shape[lead:], scope[name + "_scale"].shape[lead:]
+            contracted = next(i for i, (n, m) in enumerate(zip(kernel, scale)) if n != m) + 1
+            if not kernels.fits(kernel, scale, contracted):
+                return False
+    return kernels.available()
+
+
+def matmul_step(model: LoadedModel) -> Callable:
+    """A jitted function of (params, x [rows, 1, D]) running what the formulation (`model.cfg`'s, its
+    weights as `Choice.apply` left them) changes in one decode step: every layer's int8 weight matmuls
+    (each weight grouped as stored, through the model's `dot`) and the logits over the vocabulary (through
+    the model's own `logits`)."""
+    cfg = model.cfg
     letters = "cdefghijklmnopqrsuvwxyz"
 
     def run(params, x):
@@ -100,7 +130,7 @@ def matmul_step(model: LoadedModel, bf16_from_rows: int | None) -> Callable:
                 a = next(i for i, (n, m) in enumerate(zip(kernel.shape, scale.shape)) if n != m)
                 ins, outs = letters[: a + 1], letters[a + 1 : kernel.ndim]
                 inputs = jnp.resize(rows_in, (x.shape[0], 1, *kernel.shape[: a + 1]))
-                y = dot(f"bt{ins},{ins}{outs}->bt{outs}", inputs, (kernel, scale), bf16_from_rows)
+                y = dot(f"bt{ins},{ins}{outs}->bt{outs}", inputs, (kernel, scale), cfg)
                 acc = acc + 1e-6 * jnp.mean(y)
             return acc, None
 
@@ -110,20 +140,28 @@ def matmul_step(model: LoadedModel, bf16_from_rows: int | None) -> Callable:
     return jax.jit(run)
 
 
-def measure(model: LoadedModel, rows: tuple[int, ...], repeats: int = REPEATS) -> Timings:
-    """Median ms of each formulation's matmul step at each row count, runs interleaved (a shared machine's
-    noise falls on both alike)."""
-    fns = {"f32": matmul_step(model, None), "bf16": matmul_step(model, 1)}
+CANDIDATES = {  # each formulation alone, at every row count
+    "f32": Choice(None, "forced"),
+    "bf16": Choice(1, "forced"),
+    "kernel": Choice(None, "forced", kernel_below_rows=EVERY_ROW),
+}
+
+
+def measure(model: LoadedModel, rows: tuple[int, ...], names=("f32", "bf16"), repeats: int = REPEATS) -> Timings:
+    """Median ms of the formulations `names` (of CANDIDATES) at each row count, runs interleaved (a shared
+    machine's noise falls on all alike)."""
+    served = {name: CANDIDATES[name].apply(model) for name in names}
+    fns = {name: (matmul_step(m), m.params) for name, m in served.items()}
     timings: Timings = {}
     for r in rows:
         x = jnp.linspace(-1, 1, r * model.cfg.dim, dtype=jnp.float32).reshape(r, 1, model.cfg.dim)
-        for fn in fns.values():
-            jax.block_until_ready(fn(model.params, x))  # compile, and one untimed run
+        for fn, params in fns.values():
+            jax.block_until_ready(fn(params, x))  # compile, and one untimed run
         runs: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(repeats):
-            for name, fn in fns.items():
+            for name, (fn, params) in fns.items():
                 t0 = time.perf_counter()
-                jax.block_until_ready(fn(model.params, x))
+                jax.block_until_ready(fn(params, x))
                 runs[name].append(1000 * (time.perf_counter() - t0))
         timings[r] = {name: statistics.median(ms) for name, ms in runs.items()}
     return timings
@@ -145,14 +183,15 @@ def machine() -> str:
 
 
 def cache_key(model: LoadedModel, slots: int) -> str:
-    """What decides the choice: machine, jax version and backend, model (name and config), weights, mesh,
-    slots."""
+    """What decides the choice: machine, jax version and backend, the kernel (its source, or none), model
+    (name and config), weights, mesh, slots."""
     cfg = hashlib.sha256(model.cfg.to_json().encode()).hexdigest()[:12]
     mesh = ",".join(f"{k}={v}" for k, v in model.mesh.shape.items())
     weights = model.cfg.quant or model.cfg.dtype
+    kernel = f"kernel {kernels.version()}" if kernel_possible(model) else "no kernel"
     return (
-        f"{machine()} | jax {jax.__version__} {jax.default_backend()} | {model.name} {cfg} | weights {weights}, "
-        f"activations {model.cfg.dtype} | mesh {mesh} | {slots} slots"
+        f"{machine()} | jax {jax.__version__} {jax.default_backend()} | {kernel} | {model.name} {cfg} | "
+        f"weights {weights}, activations {model.cfg.dtype} | mesh {mesh} | {slots} slots"
     )
 
 
@@ -167,6 +206,7 @@ def _write(path: Path, key: str, choice: Choice) -> None:
     entries = _read(path)
     entries[key] = {
         "bf16_from_rows": choice.bf16_from_rows,
+        "kernel_below_rows": choice.kernel_below_rows,
         "timings_ms": {str(r): t for r, t in sorted(choice.timings.items())},
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -176,24 +216,44 @@ def _write(path: Path, key: str, choice: Choice) -> None:
     os.replace(tmp, path)  # a concurrent reader sees the old file or the new one, never half of one
 
 
+def kernel_threshold(timings: Timings, bf16_from_rows: int | None) -> int | None:
+    """The smallest measured row count, from one up, at which the kernel does not beat (by MARGIN) what
+    would serve those rows without it (bfloat16 from `bf16_from_rows`, float32 below): the kernel serves
+    fewer rows than that. None where it loses at the fewest; past the most where it never loses."""
+    measured = sorted(r for r in timings if "kernel" in timings[r])
+    for rows in measured:
+        other = "bf16" if bf16_from_rows is not None and rows >= bf16_from_rows else "f32"
+        if timings[rows]["kernel"] >= MARGIN * timings[rows][other]:
+            return rows if rows > measured[0] else None
+    return measured[-1] + 1 if measured else None
+
+
 def choose(
     model: LoadedModel,
     slots: int,
     formulation: str = "auto",
     cache_dir: Path | None = None,
-    timer: Callable[[LoadedModel, tuple[int, ...]], Timings] = measure,
+    timer: Callable[..., Timings] = measure,
 ) -> Choice:
-    """The formulation to serve `model` with over `slots` slots: `formulation` "f32" or "bf16" forces one;
-    "auto" measures on CPU (or reads the cache in `cache_dir`, None: no cache) and takes bfloat16 elsewhere."""
+    """The formulation to serve `model` with over `slots` slots: `formulation` "f32", "bf16" or "kernel"
+    forces one; "auto" measures on CPU (or reads the cache in `cache_dir`, None: no cache) and takes
+    bfloat16 elsewhere. `timer(model, rows, names)` answers Timings as `measure` does."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r} (choose from {', '.join(FORMULATIONS)})")
     if model.cfg.quant != "int8":
-        if formulation == "bf16":
+        if formulation in ("bf16", "kernel"):
             raise ValueError(
-                "--formulation bf16 applies to int8 weights; float weights compute in their own dtype "
+                f"--formulation {formulation} applies to int8 weights; float weights compute in their own dtype "
                 "(--dtype bfloat16 for bfloat16 ones)"
             )
         return Choice(None, "float weights")
+    if formulation == "kernel":
+        if not kernel_possible(model):
+            raise ValueError(
+                "--formulation kernel needs a CPU backend, one device, a C++ compiler and weights of the shapes the "
+                "kernel takes (output channels a multiple of 64)"
+            )
+        return CANDIDATES["kernel"]
     if formulation != "auto":
         return Choice(None if formulation == "f32" else 1, "forced")
     if jax.default_backend() != "cpu":
@@ -202,14 +262,24 @@ def choose(
     path = None if cache_dir is None else Path(cache_dir) / CACHE_FILE
     if path is not None and (entry := _read(path).get(key)) is not None:
         timings = {int(r): t for r, t in entry["timings_ms"].items()}
-        return Choice(entry["bf16_from_rows"], f"cached in {path}", timings)
+        return Choice(entry["bf16_from_rows"], f"cached in {path}", timings, entry.get("kernel_below_rows"))
     t0 = time.perf_counter()
     timings: Timings = {}
     for rows in reversed(row_buckets(slots)):  # from the most rows down: below a loss nothing counts
-        timings.update(timer(model, (rows,)))
+        timings.update(timer(model, (rows,), ("f32", "bf16")))
         if bf16_threshold({rows: timings[rows]}) is None:
             break
-    choice = Choice(bf16_threshold(timings), f"measured in {time.perf_counter() - t0:.1f} s", timings)
+    bf16 = bf16_threshold(timings)
+    kernel = None
+    if kernel_possible(model):
+        for rows in row_buckets(slots):  # from one row up: above a loss nothing counts
+            other = "bf16" if bf16 is not None and rows >= bf16 else "f32"
+            names = ("kernel",) if other in timings.get(rows, {}) else ("kernel", other)
+            timings.setdefault(rows, {}).update(timer(model, (rows,), names)[rows])
+            if timings[rows]["kernel"] >= MARGIN * timings[rows][other]:
+                break
+        kernel = kernel_threshold(timings, bf16)
+    choice = Choice(bf16, f"measured in {time.perf_counter() - t0:.1f} s", timings, kernel)
     if path is not None:
         _write(path, key, choice)
     return choice

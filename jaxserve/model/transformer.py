@@ -15,6 +15,7 @@ stays one scan with one set of stacked weights.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxserve import kernels
 from jaxserve.model.config import ModelConfig, RopeScaling
 from jaxserve.model.kv_cache import KVCache
 
@@ -60,19 +62,46 @@ def dequantize(kernel, scale):
     return w.reshape(kernel.shape)
 
 
-def dot(spec: str, x, weight, bf16_from_rows: int | None = None):
-    """einsum(spec, x [B, T, ...], kernel), an int8 kernel dequantized within the jitted step: to float32, or,
-    where x has at least `bf16_from_rows` rows (B * T, known when tracing), rounded to bfloat16 once after
-    the float32 dequantization (one rounding of each weight, not two) and multiplied with bfloat16
-    activations, accumulating in float32. Which is faster depends on the CPU and the rows
-    (jaxserve.engine.formulation measures it); float weights always compute in their own dtype."""
+def dot(spec: str, x, weight, c: ModelConfig | None = None):
+    """einsum(spec, x [B, T, inputs...], kernel [inputs..., outputs...]), an int8 kernel computed as
+    `c` says for the rows it carries (B * T, known when tracing; see ModelConfig.kernel_below_rows and
+    bf16_from_rows): by jaxserve's own kernel from its packed layout (jaxserve.kernels), or dequantized
+    within the jitted step to float32, or rounded to bfloat16 once after the float32 dequantization (one
+    rounding of each weight, not two) and multiplied with bfloat16 activations, accumulating in float32.
+    Which is fastest depends on the CPU and the rows (jaxserve.engine.formulation measures it); float
+    weights always compute in their own dtype."""
     kernel, scale = weight
     if scale is None:
         return jnp.einsum(spec, x, kernel)
-    if bf16_from_rows is not None and x.shape[0] * x.shape[1] >= bf16_from_rows:
+    rows, contracted = x.shape[0] * x.shape[1], x.ndim - 2
+    if c is not None and c.kernel_below_rows is not None:  # the weights are held packed
+        if rows < c.kernel_below_rows:
+            y = kernels.int8_matmul(x.reshape(rows, -1), kernel, scale, contracted)
+            return y.reshape(*x.shape[:2], *kernel.shape[contracted:]).astype(x.dtype)
+        kernel, scale = kernels.unpack(kernel, contracted), kernels.unpack(scale, contracted)
+    if c is not None and c.bf16_from_rows is not None and rows >= c.bf16_from_rows:
         w = dequantize(kernel, scale).astype(jnp.bfloat16)
         return jnp.einsum(spec, x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32).astype(x.dtype)
     return jnp.einsum(spec, x.astype(jnp.float32), dequantize(kernel, scale)).astype(x.dtype)
+
+
+def packed(params, cfg: ModelConfig):
+    """The int8 weights that `dot` takes, in the layout jaxserve's kernel reads (jaxserve.kernels.pack):
+    the layers' (stacked over the layers' axis) and an untied output projection's. The tied embedding is
+    not among them: its kernel reads it as it is."""
+    assert cfg.quant == "int8", cfg.quant
+
+    def pack(kernel, scale, lead: int):
+        contracted = next(i for i, (n, m) in enumerate(zip(kernel.shape, scale.shape)) if n != m) + 1 - lead
+        one = lambda a: kernels.pack(a, contracted)
+        fn = jax.vmap(one) if lead else one
+        return fn(kernel), fn(scale)
+
+    tree = jax.tree_util.tree_map(lambda a: a, params)  # a copy of the containers; arrays are replaced below
+    for scope, lead in ((tree["params"]["layers"], 1), (tree["params"], 0)):
+        for name in [n for n in scope if n + "_scale" in scope]:
+            scope[name], scope[name + "_scale"] = pack(scope[name], scope[name + "_scale"], lead)
+    return tree
 
 
 class RMSNorm(nn.Module):
@@ -170,9 +199,9 @@ class Block(nn.Module):
         wk = _weight(self, c, "k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wv = _weight(self, c, "v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wo = _weight(self, c, "o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), 1)
-        q = dot("btd,dnh->btnh", h, wq, c.bf16_from_rows)
-        k = dot("btd,dkh->btkh", h, wk, c.bf16_from_rows)
-        v = dot("btd,dkh->btkh", h, wv, c.bf16_from_rows)
+        q = dot("btd,dnh->btnh", h, wq, c)
+        k = dot("btd,dkh->btkh", h, wk, c)
+        v = dot("btd,dkh->btkh", h, wv, c)
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (c.n_heads, c.head_dim), ("q_heads", "head_dim"), zeros, dt)
@@ -185,7 +214,7 @@ class Block(nn.Module):
 
         cache = cache.write(layer, table, positions, k, v, write_from)
         attn = paged_attention(c, q, cache, layer, table, positions, window, local)
-        attn = dot("btnh,nhd->btd", attn, wo, c.bf16_from_rows)
+        attn = dot("btnh,nhd->btd", attn, wo, c)
         if c.sandwich_norms:
             attn = RMSNorm(c.norm_eps, dt, name="post_attn_norm")(attn)
         x = x + attn
@@ -195,9 +224,9 @@ class Block(nn.Module):
         # of two
         wgu = _weight(self, c, "gate_up", (c.dim, 2, c.mlp_dim), ("embed", None, "mlp"), 0)
         wd = _weight(self, c, "down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0)
-        gate_up = dot("btd,dcf->btcf", h, wgu, c.bf16_from_rows)
+        gate_up = dot("btd,dcf->btcf", h, wgu, c)
         act = nn.silu if c.activation == "silu" else partial(jax.nn.gelu, approximate=True)
-        out = dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd, c.bf16_from_rows)
+        out = dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd, c)
         if c.sandwich_norms:
             out = RMSNorm(c.norm_eps, dt, name="post_mlp_norm")(out)
         return (x + out, cache, layer + 1), None
@@ -225,7 +254,12 @@ class Embedding(nn.Module):
     def attend(self, x):
         if self.scale is None:
             return dot("btd,vd->btv", x, (self.table, None))
-        # int8: one dot over the whole [V, D] table would widen all of it in memory first (far slower than
+        c = self.cfg
+        rows = x.shape[0] * x.shape[1]
+        if c.kernel_below_rows is not None and rows < c.kernel_below_rows:
+            y = kernels.int8_matmul(x.reshape(rows, -1), self.table, self.scale, layout="nk")
+            return y.reshape(*x.shape[:2], -1)
+        # XLA: one dot over the whole [V, D] table would widen all of it in memory first (far slower than
         # float32); a scan over vocabulary blocks widens one cache-sized block at a time.
         V, D = self.table.shape
         blocks = max(1, V // VOCAB_BLOCK)
@@ -233,7 +267,8 @@ class Embedding(nn.Module):
             blocks -= 1
         table = self.table.reshape(blocks, V // blocks, D)
         scale = self.scale.reshape(blocks, V // blocks, -1)
-        block = lambda _, w: (None, dot("btd,vd->btv", x, w, self.cfg.bf16_from_rows))
+        plain = dataclasses.replace(c, kernel_below_rows=None)  # the table is never packed
+        block = lambda _, w: (None, dot("btd,vd->btv", x, w, plain))
         _, logits = jax.lax.scan(block, None, (table, scale))
         return jnp.moveaxis(logits, 0, 2).reshape(*x.shape[:2], V)  # [blocks, B, T, V/blocks] -> [B, T, V]
 
@@ -286,4 +321,4 @@ class Transformer(nn.Module):
         """Hidden states [B, T, D] -> logits [B, T, V] float32."""
         if self.cfg.tie_embeddings:
             return self.embed.attend(x).astype(jnp.float32)
-        return dot("btd,dv->btv", x, self.lm_head, self.cfg.bf16_from_rows).astype(jnp.float32)
+        return dot("btd,dv->btv", x, self.lm_head, self.cfg).astype(jnp.float32)

@@ -1,0 +1,119 @@
+"""CPU kernels of our own, called from jitted code through the XLA FFI: the int8 weight matmul
+(int8_matmul.cc, which says why XLA:CPU needs it).
+
+The C++ source ships with the package and is compiled on first use on the machine that runs it (g++ -O3
+-march=native, a few seconds), into a folder keyed by everything the binary depends on (source, compiler,
+jax version, CPU flags), so a restart loads it and a machine of another kind never does. Where no compiler
+or no CPU backend is at hand, `available()` says so and the model computes with XLA alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int8_matmul.cc")
+TARGETS = {"kn": "jaxserve_int8_matmul", "nk": "jaxserve_int8_matmul_nk"}
+LANES = 16  # the kernel's vector width in floats: output columns and groups are multiples of it
+COMPILER = os.environ.get("CXX", "g++")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXSERVE_KERNEL_CACHE", Path.home() / ".cache" / "jaxserve" / "kernels"))
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def version() -> str:
+    """A short hash of the kernel's source: what it computes and how fast (keys the formulation's cache)."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
+def _build() -> Path:
+    """The compiled library for this machine, built once into the cache."""
+    compiler = subprocess.run([COMPILER, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\n".join([version(), compiler, jax.__version__, _cpu_flags()]).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"int8_matmul-{key}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [COMPILER, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+        cmd += ["-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        os.replace(tmp, lib)  # concurrent builders: each writes its own file, the last rename wins whole
+        log.info("compiled %s into %s", SOURCE.name, lib)
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the int8 matmul kernel is compiled and registered with XLA:CPU (once per process)."""
+    if jax.default_backend() != "cpu" or shutil.which(COMPILER) is None:
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        log.warning("int8 matmul kernel unavailable (%s); int8 matmuls use XLA's formulations", e)
+        return False
+    for target in TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
+    return True
+
+
+def fits(kernel_shape, scale_shape, contracted: int) -> bool:
+    """Whether the kernel takes an int8 weight whose first `contracted` axes are its inputs."""
+    k, n = math.prod(kernel_shape[:contracted]), math.prod(kernel_shape[contracted:])
+    groups = math.prod(scale_shape[:contracted])
+    return n % LANES == 0 and k % groups == 0 and (k // groups) % LANES == 0
+
+
+def tile(n: int) -> int:
+    """Output columns in a tile of a packed weight with `n` of them (as the kernel's tile_width)."""
+    return 64 if n % 64 == 0 else LANES
+
+
+def pack(a, contracted: int):
+    """A weight (or its scales) whose first `contracted` axes are inputs, in the layout the [K, N] kernel
+    reads: tiles of `tile(N)` output columns one after another, each [inputs, tile] row-major. Same shape
+    and elements, other order."""
+    k, n = math.prod(a.shape[:contracted]), math.prod(a.shape[contracted:])
+    return a.reshape(k, n // tile(n), tile(n)).transpose(1, 0, 2).reshape(a.shape)
+
+
+def unpack(a, contracted: int):
+    """The inverse of `pack` (traced inside a step, XLA fuses it into the dequantization that reads it)."""
+    k, n = math.prod(a.shape[:contracted]), math.prod(a.shape[contracted:])
+    return a.reshape(n // tile(n), k, tile(n)).transpose(1, 0, 2).reshape(a.shape)
+
+
+def int8_matmul(x, kernel, scale, contracted: int = 1, layout: str = "kn"):
+    """x [M, K] . int8 kernel with group scales -> [M, N] float32. layout "kn": kernel [K..., N...] and
+    scale [K/G..., N...] packed (see `pack`), the first `contracted` axes the inputs; "nk": kernel [N, K],
+    scale [N, K/G], plain. Call `available()` first."""
+    if layout == "kn":
+        k, n = math.prod(kernel.shape[:contracted]), math.prod(kernel.shape[contracted:])
+        kernel, scale = kernel.reshape(k, n), scale.reshape(-1, n)
+    else:
+        n = kernel.shape[0]
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(TARGETS[layout], out)(x.astype(jnp.float32), kernel, scale)

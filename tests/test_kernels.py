@@ -1,0 +1,96 @@
+"""jaxserve's int8 matmul kernel (jaxserve.kernels) against NumPy, its packed layout, and the served steps
+computing with it against the float32 formulation's full pass."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from served import full_logits, greedy_decode
+
+from jaxserve import kernels
+from jaxserve.checkpoint import convert_hf, load_checkpoint
+from jaxserve.engine.core import JaxCore
+from jaxserve.engine.formulation import CANDIDATES, Choice, kernel_possible
+from jaxserve.sharding import make_mesh
+
+TINY_LLAMA = Path(__file__).parent / "reference" / "hf-tiny" / "llama"
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler or no CPU backend here")
+
+
+def weights(rng, kernel_shape, contracted, group):
+    """An int8 kernel and its float32 scales (one per output channel and `group` inputs along the last
+    input axis), and the float32 weights [K, N] they stand for."""
+    kernel = rng.integers(-127, 128, kernel_shape, dtype=np.int8)
+    scale_shape = list(kernel_shape)
+    scale_shape[contracted - 1] //= group
+    scale = rng.uniform(0.001, 0.02, scale_shape).astype(np.float32)
+    w = kernel.astype(np.float32) * np.repeat(scale, group, axis=contracted - 1)
+    k = int(np.prod(kernel_shape[:contracted]))
+    return kernel, scale, w.reshape(k, -1)
+
+
+@pytest.mark.parametrize(
+    "kernel_shape, contracted, group",
+    [
+        ((576, 9, 64), 1, 64),  # SmolLM2's q: 64-column tiles
+        ((9, 64, 576), 2, 64),  # its o: two input axes
+        ((64, 2, 16), 1, 64),  # 32 outputs: 16-column tiles
+        ((4, 16, 64), 2, 16),  # groups of 16
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_packed_kernel_equals_the_dequantized_product(kernel_shape, contracted, group, rows):
+    rng = np.random.default_rng(rows)
+    kernel, scale, w = weights(rng, kernel_shape, contracted, group)
+    x = rng.standard_normal((rows, w.shape[0])).astype(np.float32)
+    packed = (kernels.pack(jnp.asarray(a), contracted) for a in (kernel, scale))
+    y = jax.jit(kernels.int8_matmul, static_argnums=3)(x, *packed, contracted)
+    np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5 * np.abs(x @ w).max())
+
+
+@pytest.mark.parametrize("group", [16, 32, 64])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_nk_kernel_equals_the_dequantized_product(group, rows):
+    """The tied embedding as the output projection: weights [N, K], a dot product along each row."""
+    rng = np.random.default_rng(group + rows)
+    kernel, scale, w = weights(rng, (192, 448), 2, group)  # [N, K]: every axis but the first is an input
+    x = rng.standard_normal((rows, 448)).astype(np.float32)
+    y = jax.jit(kernels.int8_matmul, static_argnums=(3, 4))(x, kernel, scale.reshape(192, -1), 1, "nk")
+    want = x.astype(np.float64) @ w.reshape(192, 448).T
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_pack_puts_each_tile_of_columns_in_one_run():
+    a = np.arange(3 * 128).reshape(3, 128)  # [K, N]: two tiles of 64 columns
+    p = np.asarray(kernels.pack(jnp.asarray(a), 1)).reshape(-1)
+    np.testing.assert_array_equal(p[: 3 * 64], a[:, :64].reshape(-1))  # tile 0, row by row
+    np.testing.assert_array_equal(p[3 * 64 :], a[:, 64:].reshape(-1))
+    b = np.arange(2 * 4 * 32).reshape(2, 4, 32)  # 32 outputs: tiles of 16
+    np.testing.assert_array_equal(np.asarray(kernels.unpack(kernels.pack(jnp.asarray(b), 2), 2)), b)
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tmp_path_factory):
+    out = convert_hf(TINY_LLAMA, tmp_path_factory.mktemp("int8") / "ckpt", progress=False, quantize="int8")
+    return load_checkpoint(out, make_mesh(1, 1))
+
+
+@pytest.mark.parametrize("kernel_below_rows", [None, 3], ids=["every row", "decode only"])
+def test_served_steps_with_the_kernel_equal_the_float32_full_pass(tiny_int8, kernel_below_rows):
+    """Prefill in chunks of 3 and 8 greedy steps of two slots, with the kernel at every row count, or with
+    the kernel below 3 rows (the decode steps) and XLA over the packed weights above (the prefills unpack
+    them): the tokens and their logprobs are the float32 formulation's full pass."""
+    assert kernel_possible(tiny_int8)
+    rule = CANDIDATES["kernel"] if kernel_below_rows is None else Choice(None, "forced", {}, kernel_below_rows)
+    served = rule.apply(tiny_int8)
+    assert served.params["params"]["layers"]["q"].shape == tiny_int8.params["params"]["layers"]["q"].shape
+    prompts = [tiny_int8.tokenizer.encode("Call me Ishmael."), tiny_int8.tokenizer.encode("It was the best of")]
+    core = JaxCore(served, slots=2, cache_len=128, eos_id=None)
+    for prompt, (tokens, lps, *_) in zip(prompts, greedy_decode(core, prompts, 8, chunk=3)):
+        full = full_logits(tiny_int8.cfg, tiny_int8.params, prompt + list(tokens))[len(prompt) - 1 : -1]
+        want = np.asarray(jax.nn.log_softmax(full.astype(np.float64), axis=-1))
+        assert (tokens == want.argmax(-1)).all()
+        np.testing.assert_allclose(lps, want[np.arange(8), tokens], atol=1e-4)

@@ -1,8 +1,8 @@
-"""Where one decode step's time goes: the engine's `steps.step`, traced with `jax.profiler`, its XLA:CPU
-thunks summed by the part of the step they come from.
+"""Where one decode step's time goes: the engine's `steps.forward` and `steps.sample_step`, traced with
+`jax.profiler`, their XLA:CPU thunks summed by the part of the step they come from.
 
     python scripts/profile_step.py [--model NAME] [--slots 1 32] [--position 160] [--steps 20]
-                                   [--formulation auto f32 bf16] [--temperature 0] [--top-p 1]
+                                   [--formulation auto f32 bf16 kernel] [--temperature 0] [--top-p 1]
                                    [--trace-dir DIR]
 
 For each slot count S: an engine core of S slots (bench_engine's 2048-token context and page pool), every
@@ -37,13 +37,14 @@ from jaxserve.checkpoint import DEFAULT_MODEL, load_model
 from jaxserve.engine import steps
 from jaxserve.engine.build import DEFAULT_CONTEXT, pool_pages
 from jaxserve.engine.core import PAGE_SIZE, JaxCore
-from jaxserve.engine.formulation import choose
+from jaxserve.engine.formulation import FORMULATIONS, choose
 from jaxserve.sharding import make_mesh
 
 # the innermost function of an instruction's Python stack that is named here gives its component
 COMPONENTS = {
     "dequantize": "int8 widening",
     "dot": "weight matmuls",
+    "int8_matmul": "weight matmuls",
     "KVCache.read": "KV page gather",
     "KVCache.write": "KV write",
     "KVCache._pages_of": "KV write",
@@ -175,7 +176,7 @@ def run_steps(core: JaxCore, table, position: int, n: int) -> list[float]:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        jax.device_get(core.step(table, position, core.slots - 1).tokens)
+        jax.device_get(core.sample(core.forward(table, position, core.slots - 1)).tokens)
         times.append(1000 * (time.perf_counter() - t0))
     return times
 
@@ -186,8 +187,11 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
     core = JaxCore(m, slots=slots, cache_len=DEFAULT_CONTEXT, eos_id=None, pages=pages)
     table = prepare(core, args.position, args.temperature, args.top_p)
     window = core.window_for(args.position)
-    hlo = steps.step.lower(core.spec, m.params, core.state, table, window, slots).compile().as_text()
-    labels = classify(hlo)
+    forward = steps.forward.lower(core.spec, m.params, core.state, table, window, slots).compile().as_text()
+    logits = jax.ShapeDtypeStruct((slots, m.cfg.vocab_size), jnp.float32)
+    sample = steps.sample_step.lower(core.spec, core.state, logits).compile().as_text()
+    hlo = forward + "\n" + sample  # the step's two halves (an instruction name in both: the last one's label)
+    labels = classify(forward) | classify(sample)
     instructions = set(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = ", hlo, re.M))
     run_steps(core, table, args.position, 3)  # compile and warm
     wall = run_steps(core, table, args.position, args.steps)
@@ -226,7 +230,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--position", type=int, default=160)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--formulation", choices=["auto", "f32", "bf16"], default="auto")
+    parser.add_argument("--formulation", choices=FORMULATIONS, default="auto")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--trace-dir", help="keep the traces here (default: a temporary folder)")

@@ -43,12 +43,14 @@ def weights(rng, kernel_shape, contracted, group):
 )
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
 def test_packed_kernel_equals_the_dequantized_product(kernel_shape, contracted, group, rows):
+    """Layer 1 of a stack of three, read in place."""
     rng = np.random.default_rng(rows)
-    kernel, scale, w = weights(rng, kernel_shape, contracted, group)
-    x = rng.standard_normal((rows, w.shape[0])).astype(np.float32)
-    packed = (kernels.pack(jnp.asarray(a), contracted) for a in (kernel, scale))
-    y = jax.jit(kernels.int8_matmul, static_argnums=3)(x, *packed, contracted)
-    np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-5 * np.abs(x @ w).max())
+    layers = [weights(rng, kernel_shape, contracted, group) for _ in range(3)]
+    stack = [jnp.stack([kernels.pack(jnp.asarray(w[i]), contracted) for w in layers]) for i in (0, 1)]
+    x = rng.standard_normal((rows, layers[1][2].shape[0])).astype(np.float32)
+    y = jax.jit(kernels.int8_matmul, static_argnums=3)(x, *stack, contracted, jnp.int32(1))
+    want = x.astype(np.float64) @ layers[1][2]
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("group", [16, 32, 64])
@@ -58,9 +60,16 @@ def test_nk_kernel_equals_the_dequantized_product(group, rows):
     rng = np.random.default_rng(group + rows)
     kernel, scale, w = weights(rng, (192, 448), 2, group)  # [N, K]: every axis but the first is an input
     x = rng.standard_normal((rows, 448)).astype(np.float32)
-    y = jax.jit(kernels.int8_matmul, static_argnums=(3, 4))(x, kernel, scale.reshape(192, -1), 1, "nk")
+    nk = jax.jit(kernels.int8_matmul, static_argnames="layout")
+    y = nk(x, kernel[None], scale.reshape(1, 192, -1), layout="nk")
     want = x.astype(np.float64) @ w.reshape(192, 448).T
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_layer_out_of_the_stack_is_an_error():
+    kernel, scale, _ = weights(np.random.default_rng(0), (64, 64), 1, 64)
+    with pytest.raises(Exception, match="layer out of range"):
+        jax.block_until_ready(kernels.int8_matmul(np.ones((1, 64), np.float32), kernel[None], scale[None], 1, 1))
 
 
 def test_pack_puts_each_tile_of_columns_in_one_run():

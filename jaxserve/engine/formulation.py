@@ -123,18 +123,18 @@ def matmul_step(model: LoadedModel) -> Callable:
         layers = params["params"]["layers"]
         weights = {n: (layers[n], layers[n + "_scale"]) for n in sorted(layers) if n + "_scale" in layers}
 
-        def layer(acc, ws):
+        def layer(acc, index):
             rows_in = x + acc
-            for kernel, scale in ws.values():
+            for kernel, scale in weights.values():  # each layer read from the stack, as the model reads it
                 # the contracted axes are those up to the grouped one (where the scale is shorter)
-                a = next(i for i, (n, m) in enumerate(zip(kernel.shape, scale.shape)) if n != m)
-                ins, outs = letters[: a + 1], letters[a + 1 : kernel.ndim]
-                inputs = jnp.resize(rows_in, (x.shape[0], 1, *kernel.shape[: a + 1]))
-                y = dot(f"bt{ins},{ins}{outs}->bt{outs}", inputs, (kernel, scale), cfg)
+                a = next(i for i, (n, m) in enumerate(zip(kernel.shape[1:], scale.shape[1:])) if n != m)
+                ins, outs = letters[: a + 1], letters[a + 1 : kernel.ndim - 1]
+                inputs = jnp.resize(rows_in, (x.shape[0], 1, *kernel.shape[1 : a + 2]))
+                y = dot(f"bt{ins},{ins}{outs}->bt{outs}", inputs, (kernel, scale, index), cfg)
                 acc = acc + 1e-6 * jnp.mean(y)
             return acc, None
 
-        acc, _ = jax.lax.scan(layer, jnp.float32(0), weights)
+        acc, _ = jax.lax.scan(layer, jnp.float32(0), jnp.arange(cfg.n_layers))
         return Transformer(cfg).apply(params, x + acc, method="logits")
 
     return jax.jit(run)

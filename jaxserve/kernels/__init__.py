@@ -106,14 +106,16 @@ def unpack(a, contracted: int):
     return a.reshape(n // tile(n), k, tile(n)).transpose(1, 0, 2).reshape(a.shape)
 
 
-def int8_matmul(x, kernel, scale, contracted: int = 1, layout: str = "kn"):
-    """x [M, K] . int8 kernel with group scales -> [M, N] float32. layout "kn": kernel [K..., N...] and
-    scale [K/G..., N...] packed (see `pack`), the first `contracted` axes the inputs; "nk": kernel [N, K],
-    scale [N, K/G], plain. Call `available()` first."""
+def int8_matmul(x, kernel, scale, contracted: int = 1, layer=0, layout: str = "kn"):
+    """x [M, K] . layer `layer` (an int32 scalar, traced or not) of int8 kernels with group scales stacked
+    over the layers -> [M, N] float32. layout "kn": kernel [L, K..., N...] and scale [L, K/G..., N...]
+    packed (see `pack`), the first `contracted` axes after the layers' the inputs; "nk": kernel [L, N, K],
+    scale [L, N, K/G], plain. The layer is read in place. Call `available()` first."""
+    L = kernel.shape[0]
     if layout == "kn":
-        k, n = math.prod(kernel.shape[:contracted]), math.prod(kernel.shape[contracted:])
-        kernel, scale = kernel.reshape(k, n), scale.reshape(-1, n)
+        k, n = math.prod(kernel.shape[1 : 1 + contracted]), math.prod(kernel.shape[1 + contracted :])
+        kernel, scale = kernel.reshape(L, k, n), scale.reshape(L, -1, n)
     else:
-        n = kernel.shape[0]
+        n = kernel.shape[1]
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(TARGETS[layout], out)(x.astype(jnp.float32), kernel, scale)
+    return jax.ffi.ffi_call(TARGETS[layout], out)(x.astype(jnp.float32), kernel, scale, jnp.int32(layer))

@@ -8,6 +8,7 @@
 // Two layouts, both with one float32 scale per output channel and group of G consecutive inputs:
 //   jaxserve_int8_matmul     w [K, N] packed, scale [K/G, N] packed  (every projection: inputs first)
 //   jaxserve_int8_matmul_nk  w [N, K], scale [N, K/G]               (the tied embedding as the output projection)
+// each one layer of a stack [L, ...] named by an int32 operand.
 // "Packed" (jaxserve.kernels.pack): tiles of T = 64 output columns (16 where 64 does not divide N) one
 // after another, each [K, T] (and [K/G, T]) row-major, so a tile is one contiguous read. In the plain [K, N] layout a tile's rows lie N
 // bytes apart, every one on another page, and the hardware prefetchers give up: a third of the speed.
@@ -192,19 +193,23 @@ void parallel(ffi::ThreadPool& pool, int64_t tiles, F chunk) {
   }
 }
 
-// y = x . w for w [K, N] packed (nk false) or [N, K] (nk true), with its scales laid out alike.
+// y = x . w[layer] for w [L, K, N] packed (nk false) or [L, N, K] (nk true), with its scales laid out
+// alike: the layer is read in place (an operand sliced out of the stack would be a copy of it each call).
 template <bool nk>
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> y) {
+                      ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
-  const int in = nk ? 1 : 0, out = 1 - in;  // the axes of w (and scale) along inputs and outputs
-  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[in] || sd[out] != wd[out])
-    return ffi::Error::InvalidArgument("int8 matmul: x [M, K], w [K, N] or [N, K], scale as w with K / G");
+  const int in = nk ? 2 : 1, out = 3 - in;  // the axes of w (and scale) along inputs and outputs
+  if (xd.size() != 2 || wd.size() != 3 || sd.size() != 3 || layer.element_count() != 1 || xd[1] != wd[in] ||
+      sd[out] != wd[out] || sd[0] != wd[0])
+    return ffi::Error::InvalidArgument("int8 matmul: x [M, K], w [L, K, N] or [L, N, K], scale as w with K / G");
   const Shape d{xd[0], wd[in], wd[out], wd[in] / sd[in]};
   if (d.N % L || d.G % L || d.K % d.G || sd[in] != d.K / d.G)
     return ffi::Error::InvalidArgument("int8 matmul: N and the group must be multiples of 16, K of the group");
-  const float *xp = x.typed_data(), *sp = s.typed_data();
-  const int8_t* wp = w.typed_data();
+  const int64_t l = *layer.typed_data();
+  if (l < 0 || l >= wd[0]) return ffi::Error::InvalidArgument("int8 matmul: layer out of range");
+  const float *xp = x.typed_data(), *sp = s.typed_data() + l * sd[1] * sd[2];
+  const int8_t* wp = w.typed_data() + l * wd[1] * wd[2];
   float* yp = y->typed_data();
   if constexpr (nk)
     parallel(pool, (d.N + NK_ROWS - 1) / NK_ROWS, [=](int64_t t) { nk_chunk(xp, wp, sp, yp, d, t); });
@@ -219,6 +224,7 @@ auto binding() {
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::S8>>()
       .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
       .Ret<ffi::Buffer<ffi::F32>>();
 }
 

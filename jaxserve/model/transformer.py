@@ -63,20 +63,29 @@ def dequantize(kernel, scale):
 
 
 def dot(spec: str, x, weight, c: ModelConfig | None = None):
-    """einsum(spec, x [B, T, inputs...], kernel [inputs..., outputs...]), an int8 kernel computed as
+    """einsum(spec, x [B, T, inputs...], kernel [inputs..., outputs...]) for `weight` (kernel, scale), or
+    (kernels, scales, layer) for one layer of weights stacked over the layers (for jaxserve's kernel,
+    which reads the layer in place: a custom call's operand sliced out of the stack would be a copy of
+    it every step, as costly as the matmul). An int8 kernel is computed as
     `c` says for the rows it carries (B * T, known when tracing; see ModelConfig.kernel_below_rows and
     bf16_from_rows): by jaxserve's own kernel from its packed layout (jaxserve.kernels), or dequantized
     within the jitted step to float32, or rounded to bfloat16 once after the float32 dequantization (one
     rounding of each weight, not two) and multiplied with bfloat16 activations, accumulating in float32.
     Which is fastest depends on the CPU and the rows (jaxserve.engine.formulation measures it); float
     weights always compute in their own dtype."""
-    kernel, scale = weight
+    kernel, scale, *layer = weight
     if scale is None:
         return jnp.einsum(spec, x, kernel)
     rows, contracted = x.shape[0] * x.shape[1], x.ndim - 2
+    kernel_rows = c is not None and c.kernel_below_rows is not None and rows < c.kernel_below_rows
+    if layer:  # the whole stack over the layers, and this layer's index
+        if kernel_rows:
+            y = kernels.int8_matmul(x.reshape(rows, -1), kernel, scale, contracted, layer[0])
+            return y.reshape(*x.shape[:2], *kernel.shape[1 + contracted :]).astype(x.dtype)
+        kernel, scale = kernel[layer[0]], scale[layer[0]]  # a slice XLA fuses into the dequantization
     if c is not None and c.kernel_below_rows is not None:  # the weights are held packed
-        if rows < c.kernel_below_rows:
-            y = kernels.int8_matmul(x.reshape(rows, -1), kernel, scale, contracted)
+        if kernel_rows:
+            y = kernels.int8_matmul(x.reshape(rows, -1), kernel[None], scale[None], contracted)
             return y.reshape(*x.shape[:2], *kernel.shape[contracted:]).astype(x.dtype)
         kernel, scale = kernels.unpack(kernel, contracted), kernels.unpack(scale, contracted)
     if c is not None and c.bf16_from_rows is not None and rows >= c.bf16_from_rows:
@@ -186,19 +195,26 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, positions, cos, sin, table, write_from, window: int):
+    def __call__(self, carry, positions, cos, sin, table, write_from, window: int, stacked=None):
+        """`stacked`: None, or with packed int8 weights the layers' whole stacks {name: (kernel, scale)},
+        which the matmuls then read in place (see `dot`)."""
         x, cache, layer = carry
         c = self.cfg
+
+        def weight(name, shape, axes, a):
+            w = _weight(self, c, name, shape, axes, a)
+            return w if stacked is None else (*stacked[name], layer)
+
         dt = jnp.dtype(c.dtype)
         local = jnp.asarray(c.layer_is_local())[layer]
         rope = local.astype(jnp.int32) if cos.shape[0] == 2 else 0
         cos, sin = cos[rope], sin[rope]
 
         h = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
-        wq = _weight(self, c, "q", (c.dim, c.n_heads, c.head_dim), ("embed", "q_heads", "head_dim"), 0)
-        wk = _weight(self, c, "k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
-        wv = _weight(self, c, "v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
-        wo = _weight(self, c, "o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), 1)
+        wq = weight("q", (c.dim, c.n_heads, c.head_dim), ("embed", "q_heads", "head_dim"), 0)
+        wk = weight("k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
+        wv = weight("v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
+        wo = weight("o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), 1)
         q = dot("btd,dnh->btnh", h, wq, c)
         k = dot("btd,dkh->btkh", h, wk, c)
         v = dot("btd,dkh->btkh", h, wv, c)
@@ -222,8 +238,8 @@ class Block(nn.Module):
         h = RMSNorm(c.norm_eps, dt, name="mlp_norm")(x)
         # gate and up projections as one [D, 2, F] weight: one matmul (and one int8 dequantization) instead
         # of two
-        wgu = _weight(self, c, "gate_up", (c.dim, 2, c.mlp_dim), ("embed", None, "mlp"), 0)
-        wd = _weight(self, c, "down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0)
+        wgu = weight("gate_up", (c.dim, 2, c.mlp_dim), ("embed", None, "mlp"), 0)
+        wd = weight("down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0)
         gate_up = dot("btd,dcf->btcf", h, wgu, c)
         act = nn.silu if c.activation == "silu" else partial(jax.nn.gelu, approximate=True)
         out = dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd, c)
@@ -257,7 +273,7 @@ class Embedding(nn.Module):
         c = self.cfg
         rows = x.shape[0] * x.shape[1]
         if c.kernel_below_rows is not None and rows < c.kernel_below_rows:
-            y = kernels.int8_matmul(x.reshape(rows, -1), self.table, self.scale, layout="nk")
+            y = kernels.int8_matmul(x.reshape(rows, -1), self.table[None], self.scale[None], layout="nk")
             return y.reshape(*x.shape[:2], -1)
         # XLA: one dot over the whole [V, D] table would widen all of it in memory first (far slower than
         # float32); a scan over vocabulary blocks widens one cache-sized block at a time.
@@ -286,7 +302,7 @@ class Transformer(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 6,
+            in_axes=(nn.broadcast,) * 7,
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c)
@@ -314,7 +330,12 @@ class Transformer(nn.Module):
         if c.rope_local_theta is not None:
             tables.append(rope_tables(positions, c.head_dim, c.rope_local_theta))
         cos, sin = (jnp.stack(t) for t in zip(*tables))  # [R, B, T, H]
-        (x, cache, _), _ = self.layers((x, cache, jnp.int32(0)), positions, cos, sin, table, write_from, window)
+        stacked = None
+        if c.kernel_below_rows is not None and not self.is_initializing():  # packed int8: read in place
+            layers = self.variables["params"]["layers"]
+            stacked = {n: (layers[n], layers[n + "_scale"]) for n in layers if n + "_scale" in layers}
+        carry = (x, cache, jnp.int32(0))
+        (x, cache, _), _ = self.layers(carry, positions, cos, sin, table, write_from, window, stacked)
         return self.final_norm(x), cache
 
     def logits(self, x):

@@ -141,20 +141,28 @@ def test_the_choice_is_cached_under_its_key(tiny_int8, tmp_path, monkeypatch):
 
 
 def test_the_kernel_is_measured_from_one_row_up(tiny_int8, tmp_path, monkeypatch):
-    """bfloat16 from the most rows down first, then the kernel from one row up against what would serve
-    each row count, until it loses; the kernel's presence is part of the cache key."""
+    """The kernel against float32 from one row up until it loses, then bfloat16 from the most rows down
+    over what the kernel left (the most rows in any case); the kernel loses where bfloat16 serves faster.
+    The kernel's presence is part of the cache key."""
     monkeypatch.setattr(formulation, "kernel_possible", lambda model: True)
     monkeypatch.setattr(formulation.kernels, "version", lambda: "abc123")
     calls: list = []
     fake = timer(calls, {1: ms(10, 12, 5), 2: ms(10, 8, 9), 4: ms(10, 6, 8), 8: ms(10, 5, 7)})
     choice = choose(tiny_int8, 4, "auto", tmp_path, fake)
-    # bf16: 4 and 2 win, 1 loses; the kernel: wins at 1 against float32, loses at 2 against bfloat16
-    assert calls == [(4,), (2,), (1,), (1,), (2,)]
-    assert (choice.kernel_below_rows, choice.bf16_from_rows) == (2, 2)
-    assert choice.describe(tiny_int8.cfg).startswith("matmul formulation kernel<2<=bf16 (measured")
+    # the kernel beats float32 at 1, 2 and 4 rows; bfloat16 is measured at 4 rows only, and wins there,
+    # over the kernel too
+    assert calls == [(1,), (2,), (4,), (4,)]
+    assert (choice.kernel_below_rows, choice.bf16_from_rows) == (4, 4)
+    assert choice.describe(tiny_int8.cfg).startswith("matmul formulation kernel<4<=bf16 (measured")
     assert "kernel abc123" in cache_key(tiny_int8, 4)
     again = choose(tiny_int8, 4, "auto", tmp_path, fake)
-    assert len(calls) == 5 and (again.kernel_below_rows, again.bf16_from_rows) == (2, 2)
+    assert len(calls) == 4 and (again.kernel_below_rows, again.bf16_from_rows) == (4, 4)
+    calls.clear()
+    loses = timer(calls, {1: ms(10, 12, 5), 2: ms(10, 20, 11), 4: ms(10, 6, 8), 8: ms(10, 5, 7)})
+    choice = choose(tiny_int8, 8, "auto", None, loses)
+    # the kernel loses at 2 rows; bfloat16 wins at 8 and 4, loses at 2
+    assert calls == [(1,), (2,), (8,), (4,), (2,)]
+    assert (choice.kernel_below_rows, choice.bf16_from_rows) == (2, 4)
 
 
 def test_measure_times_the_models_own_matmuls(tiny_int8):

@@ -5,10 +5,11 @@ own int8 matmul (jaxserve.kernels: each weight read once, widened in registers; 
 "f32", the int8 weights widened to float32 inside the step, and "bf16", the dequantized weights and the
 activations rounded to bfloat16 with float32 accumulation. Which is fastest depends on the CPU (bfloat16
 units or none) and on the rows a matmul carries, so on CPU `choose` times them on the model's own weight
-matmuls at the decode row buckets: bfloat16 against float32 from the most rows down until bfloat16 loses,
-then the kernel against what would serve otherwise from one row up until the kernel loses. It serves the
-kernel below the first row count where it lost and bfloat16 from the smallest row count at and above which
-it won everywhere (`ModelConfig.kernel_below_rows` and `bf16_from_rows`, static in the jitted steps: the
+matmuls at the decode row buckets: the kernel against float32 from one row up until the kernel loses, then
+bfloat16 against float32 from the most rows down (over the row counts the kernel left, and the most rows
+in any case) until bfloat16 loses. It serves the kernel below the first row count where it lost (to
+whichever of the others would serve there) and bfloat16 from the smallest row count at and above which it
+won everywhere (`ModelConfig.kernel_below_rows` and `bf16_from_rows`, static in the jitted steps: the
 choice costs no recompilation after warm-up). On GPU and TPU bfloat16 is the native choice and stands
 without measuring. Float weights are never rounded: float32 asked for stays exact.
 
@@ -265,20 +266,23 @@ def choose(
         return Choice(entry["bf16_from_rows"], f"cached in {path}", timings, entry.get("kernel_below_rows"))
     t0 = time.perf_counter()
     timings: Timings = {}
-    for rows in reversed(row_buckets(slots)):  # from the most rows down: below a loss nothing counts
-        timings.update(timer(model, (rows,), ("f32", "bf16")))
+    buckets = row_buckets(slots)
+    below = 0  # the kernel serves fewer rows than this
+    if kernel_possible(model):
+        for rows in buckets:  # from one row up, against float32: above a loss nothing counts
+            timings[rows] = timer(model, (rows,), ("kernel", "f32"))[rows]
+            if timings[rows]["kernel"] >= MARGIN * timings[rows]["f32"]:
+                break
+            below = rows + 1
+    for rows in reversed(buckets):  # bfloat16 from the most rows down, over what the kernel leaves (and the
+        if rows < below and rows != buckets[-1]:  # most rows: prefills of more rows take bfloat16 from there)
+            break
+        names = ("bf16",) if "f32" in timings.get(rows, {}) else ("f32", "bf16")
+        timings.setdefault(rows, {}).update(timer(model, (rows,), names)[rows])
         if bf16_threshold({rows: timings[rows]}) is None:
             break
-    bf16 = bf16_threshold(timings)
-    kernel = None
-    if kernel_possible(model):
-        for rows in row_buckets(slots):  # from one row up: above a loss nothing counts
-            other = "bf16" if bf16 is not None and rows >= bf16 else "f32"
-            names = ("kernel",) if other in timings.get(rows, {}) else ("kernel", other)
-            timings.setdefault(rows, {}).update(timer(model, (rows,), names)[rows])
-            if timings[rows]["kernel"] >= MARGIN * timings[rows][other]:
-                break
-        kernel = kernel_threshold(timings, bf16)
+    bf16 = bf16_threshold({r: t for r, t in timings.items() if "bf16" in t})
+    kernel = kernel_threshold(timings, bf16) if below else None
     choice = Choice(bf16, f"measured in {time.perf_counter() - t0:.1f} s", timings, kernel)
     if path is not None:
         _write(path, key, choice)

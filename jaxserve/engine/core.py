@@ -350,12 +350,13 @@ class JaxCore(Core):
         report = compile_all(self.spec, STEPS, now, store, ready, threads)
         report.seconds = time.perf_counter() - t0
         log.info(
-            "%d step variants: %d loaded from %s, %d compiled in %.1f s%s (vocab %d, %d slots, windows %s, "
+            "%d step variants: %d loaded from %s, %d compiled%s in %.1f s%s (vocab %d, %d slots, windows %s, "
             "prefill buckets %s)",
             len(variants),
             report.loaded,
             store.folder if store is not None else "no store",
             report.compiled,
+            f" ({report.cache_hits} from jax's cache, not stored)" if report.cache_hits else "",
             report.seconds,
             f"; {len(later)} more loading or compiling while serving" if later else "",
             self.cfg.vocab_size,
@@ -374,9 +375,10 @@ class JaxCore(Core):
         try:
             report = compile_all(self.spec, STEPS, variants, store, ready, threads, stop=self._stop)
             log.info(
-                "other step variants ready while serving: %d loaded, %d compiled, in %.1f s%s",
+                "other step variants ready while serving: %d loaded, %d compiled%s, in %.1f s%s",
                 report.loaded,
                 report.compiled,
+                f" ({report.cache_hits} from jax's cache, not stored)" if report.cache_hits else "",
                 report.seconds,
                 f" ({len(report.missing)} left: stopped)" if report.missing else "",
             )

@@ -213,3 +213,18 @@ def test_an_executable_without_object_code_is_neither_saved_nor_loaded(tiny, sto
     with caplog.at_level(logging.WARNING, logger="jaxserve.engine.executables"):
         copy.save("another key", loaded, "cpu")
     assert not copy.path("another key").exists() and "lacks the object code" in caplog.text
+
+
+def test_while_warming_a_decode_step_runs_at_rows_whose_sampling_half_is_ready(tiny):
+    """Only the sampling halves of the essential decode steps (1 row, every slot) are compiled before a
+    background warm-up returns; until the others are, forward takes rows whose sampling half is ready."""
+    core = JaxCore(tiny, slots=4, cache_len=CONTEXT, eos_id=None)
+    V = core.vocab_size
+    assert [r for r in core.row_buckets if core._essential(("sample_step", (), (r, V)))] == [1, 4]
+    core._pending = {("sample_step", (), (2, V))}
+    ran = []
+    core._run = lambda name, statics, *args: ran.append((name, statics)) or (core.state, None)
+    core.forward(core.empty_table(), max_position=0, max_slot=1)  # 2 rows, whose sampling half is pending
+    core._pending = set()
+    core.forward(core.empty_table(), max_position=0, max_slot=1)
+    assert ran == [("forward", {"window": CONTEXT, "rows": 4}), ("forward", {"window": CONTEXT, "rows": 2})]

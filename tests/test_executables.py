@@ -15,7 +15,7 @@ import pytest
 from jax.experimental import serialize_executable
 
 from jaxserve.chat_template import end_of_turn_ids
-from jaxserve.engine import bridge
+from jaxserve.engine import bridge, executables
 from jaxserve.engine.build import build_engine
 from jaxserve.engine.core import JaxCore
 from jaxserve.engine.executables import ExecutableStore, complete, key_text
@@ -103,6 +103,19 @@ def test_a_changed_key_compiles_afresh(tiny, stored):
         JaxCore(formulated, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=ends),
     ):
         assert not any(store.path(key_text(core.spec, v)).exists() for v in core.variants().values())
+
+
+def test_another_host_cpu_keys_every_entry_afresh(tiny, monkeypatch):
+    """XLA:CPU compiles for the host's features: a cache folder shared with another kind of CPU misses."""
+    core = JaxCore(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=None)
+    variant = next(iter(core.variants().values()))
+    here = key_text(core.spec, variant)
+    monkeypatch.setattr(executables, "host_cpu", lambda: "another CPU features 0123456789abcdef")
+    executables.environment.cache_clear()
+    try:
+        assert key_text(core.spec, variant) != here
+    finally:
+        executables.environment.cache_clear()  # recomputed with this host's CPU once the patch is undone
 
 
 def test_a_damaged_or_mismatched_entry_is_compiled_not_used(tiny, stored, caplog, tmp_path):

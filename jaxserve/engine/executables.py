@@ -12,12 +12,13 @@ runs ("NOT_FOUND: Function add_select_fusion not found"). Such a copy is also re
 CPU an entry must carry object code, checked before saving and again before loading.
 
 An entry's key is a hash of everything that decides the executable: jax and jaxlib versions, backend,
-platform version and the devices (kind, id), the XLA flags and the jax options that change programs, the
-source of the jaxserve modules that can change a program (all but the host-side ones in HOST_ONLY), the
-step's name, its `StepSpec` (model config with the matmul formulation, end ids, state shardings) and
-static arguments, and the tree, shapes, dtypes and shardings of its arguments. The entry holds that key's
-text too; a load whose text differs, whose file is unreadable or incomplete, or whose executable does not
-deserialize is logged, its file removed, and compiled afresh, so a stale or damaged entry is never used.
+platform version and the devices (kind, id; on CPU the host CPU's model and features), the XLA flags and
+the jax options that change programs, the source of the jaxserve modules that can change a program (all
+but the host-side ones in HOST_ONLY), the step's name, its `StepSpec` (model config with the matmul
+formulation, end ids, state shardings) and static arguments, and the tree, shapes, dtypes and shardings
+of its arguments. The entry holds that key's text too; a load whose text differs, whose file is
+unreadable or incomplete, or whose executable does not deserialize is logged, its file removed, and
+compiled afresh, so a stale or damaged entry is never used.
 Custom call targets (XLA FFI) are looked up by name when an executable loads and runs, so a target
 registered before warm-up serves a loaded executable as it serves a compiled one.
 """
@@ -31,6 +32,7 @@ import hashlib
 import logging
 import os
 import pickle
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -128,11 +130,29 @@ def complete(blob: bytes, platform: str) -> bool:
     return platform != "cpu" or any(magic in blob for magic in OBJECT_CODE)
 
 
+def host_cpu() -> str:
+    """The host CPU's model and a hash of its feature flags: XLA:CPU compiles for the features it finds, so a
+    cache folder shared with another kind of machine must not hand over code that machine cannot run."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    features = fields.get("flags") or fields.get("Features") or ""
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{model} features {hashlib.sha256(features.encode()).hexdigest()[:16]}"
+
+
 @functools.cache
 def environment() -> str:
-    """What decides every executable beyond its program: versions, backend, devices, flags, options, code."""
+    """What decides every executable beyond its program: versions, backend, devices (on CPU, the host CPU's
+    model and features), flags, options, code."""
     backend = jax.devices()[0].client
     devices = ", ".join(f"{d.id}:{d.device_kind}" for d in jax.devices())
+    if backend.platform == "cpu":
+        devices += f" on {host_cpu()}"
     options = ", ".join(f"{name}={getattr(jax.config, name)}" for name in OPTIONS)
     return (
         f"jax {jax.__version__} jaxlib {jaxlib.__version__} | {backend.platform} {backend.platform_version} | "

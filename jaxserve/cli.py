@@ -225,11 +225,12 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256, ba
     serve once the shapes every request can fall back to are ready, compiling the others meanwhile."""
     from jaxserve.api.serving import CompletionServing
     from jaxserve.checkpoint import load_model
-    from jaxserve.engine.build import build_engine, enable_compilation_cache
+    from jaxserve.engine.build import build_engine
     from jaxserve.engine.executables import FOLDER
 
-    if (cache := compile_cache_dir(args.compile_cache)) is not None:
-        enable_compilation_cache(cache)
+    # The steps' executables are kept in the store in `cache`, and jax's persistent cache is left off: one
+    # cache for each thing (an executable jax's cache hands over cannot be stored, see executables.py).
+    cache = compile_cache_dir(args.compile_cache)
     model = load_model(
         args.model,
         checkpoint_root(args.checkpoints),

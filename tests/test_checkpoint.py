@@ -311,3 +311,25 @@ def test_load_converts_dtype(tiny_dir):
         assert "".join(d.text for d in deltas).startswith("; I shall")
     finally:
         engine.shutdown()
+
+
+def test_a_chat_template_read_from_the_source_is_kept_in_the_checkpoint(tmp_path, tiny_dir, mesh1):
+    """A checkpoint converted before templates were stored reads its source (for a GGUF file, seconds)
+    once: the template is written beside the tokenizer, and later loads read that."""
+    import json
+    import shutil
+
+    from jaxserve.checkpoint import SOURCE
+    from jaxserve.tokenizer import CHAT_TEMPLATE
+
+    source = tmp_path / "hf"
+    source.mkdir()
+    (source / "tokenizer_config.json").write_text(json.dumps({"chat_template": "first"}))
+    old = tmp_path / "old-checkpoint"
+    shutil.copytree(tiny_dir, old)
+    (old / CHAT_TEMPLATE).unlink(missing_ok=True)
+    (old / SOURCE).write_text(str(source))
+    assert load_checkpoint(old, mesh1).tokenizer.chat_template == "first"
+    assert (old / CHAT_TEMPLATE).read_text() == "first"
+    (source / "tokenizer_config.json").write_text(json.dumps({"chat_template": "changed"}))
+    assert load_checkpoint(old, mesh1).tokenizer.chat_template == "first"  # the source is not read again

@@ -1,17 +1,24 @@
 """The warm path: step executables saved by one start are loaded by the next instead of compiled, give
 the same outputs as compiled (and as the plain jitted steps), and a changed key or a damaged entry
-compiles afresh. A background warm-up serves at once through the shapes every call can fall back to."""
+compiles afresh. An executable jax's persistent cache handed over is never stored (XLA:CPU serializes it
+again without its object code: loaded, it failed to run). A background warm-up serves at once through
+the shapes every call can fall back to."""
 
 import dataclasses
+import json
 import logging
+import pickle
+import subprocess
+import sys
 
 import pytest
+from jax.experimental import serialize_executable
 
 from jaxserve.chat_template import end_of_turn_ids
-from jaxserve.engine import bridge
+from jaxserve.engine import bridge, executables
 from jaxserve.engine.build import build_engine
 from jaxserve.engine.core import JaxCore
-from jaxserve.engine.executables import ExecutableStore, key_text
+from jaxserve.engine.executables import ExecutableStore, complete, key_text
 from jaxserve.engine.types import Delta, EngineRequest, SamplingParams
 
 SLOTS, CONTEXT = 2, 128  # few variants: one window, two row buckets
@@ -98,6 +105,19 @@ def test_a_changed_key_compiles_afresh(tiny, stored):
         assert not any(store.path(key_text(core.spec, v)).exists() for v in core.variants().values())
 
 
+def test_another_host_cpu_keys_every_entry_afresh(tiny, monkeypatch):
+    """XLA:CPU compiles for the host's features: a cache folder shared with another kind of CPU misses."""
+    core = JaxCore(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=None)
+    variant = next(iter(core.variants().values()))
+    here = key_text(core.spec, variant)
+    monkeypatch.setattr(executables, "host_cpu", lambda: "another CPU features 0123456789abcdef")
+    executables.environment.cache_clear()
+    try:
+        assert key_text(core.spec, variant) != here
+    finally:
+        executables.environment.cache_clear()  # recomputed with this host's CPU once the patch is undone
+
+
 def test_a_damaged_or_mismatched_entry_is_compiled_not_used(tiny, stored, caplog, tmp_path):
     store, count, outputs = stored
     copy = ExecutableStore(tmp_path)
@@ -130,3 +150,94 @@ def test_a_background_warmup_serves_through_the_widest_shapes_then_every_one(tin
         assert dict(e.core.compiles) == compiles
     finally:
         e.shutdown()
+
+
+# one start of the engine in its own process, jax's persistent cache in argv[1], the store in argv[2] ('-':
+# none), the model in argv[3]: prints how many variants it compiled and how many came from jax's cache
+START = f"""
+import json, sys
+from pathlib import Path
+from jaxserve.checkpoint import load_checkpoint
+from jaxserve.engine.build import build_engine, enable_compilation_cache
+from jaxserve.engine.executables import ExecutableStore
+from jaxserve.sharding import make_mesh
+enable_compilation_cache(Path(sys.argv[1]))
+model = load_checkpoint(Path(sys.argv[3]), make_mesh(1, 1))
+e = build_engine(model, slots={SLOTS}, max_context={CONTEXT}, warmup=False)
+report = e.core.warmup(None if sys.argv[2] == "-" else ExecutableStore(Path(sys.argv[2])))
+e.shutdown()
+print(json.dumps([report.compiled, report.cache_hits]))
+"""
+
+
+def start(xla, store, tiny_dir) -> list[int]:
+    argv = [sys.executable, "-c", START, str(xla), str(store or "-"), str(tiny_dir)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_executables_from_jax_persistent_cache_are_not_stored(tiny, tiny_dir, stored, tmp_path):
+    """What CI hit: a start whose compiles jax's persistent cache answered stored them, and the next start
+    loaded them and failed to run them (NOT_FOUND: Function add_select_fusion not found)."""
+    _, count, outputs = stored
+    xla, folder = tmp_path / "xla", tmp_path / "executables"
+    first = start(xla, None, tiny_dir)  # fills jax's cache
+    second = start(xla, folder, tiny_dir)  # with the store: every compile a cache hit
+    e = engine(tiny, ExecutableStore(folder))  # a later start serves what the store holds
+    try:
+        assert generate(e) == outputs
+        assert (first, second) == ([count, 0], [count, count])
+        assert (e.core.report.loaded, e.core.report.compiled, e.core.report.cache_hits) == (0, count, 0)
+    finally:
+        e.shutdown()
+    assert len(list(folder.glob("*.exe"))) == count  # this start's own compiles are stored
+
+
+def reserialized(entry: bytes) -> bytes:
+    """An entry as a persistent-cache hit left it: the executable loaded, then serialized again."""
+    key, blob, in_tree, out_tree = pickle.loads(entry)
+    loaded = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+    return pickle.dumps((key, serialize_executable.serialize(loaded)[0], in_tree, out_tree))
+
+
+def test_an_executable_without_object_code_is_neither_saved_nor_loaded(tiny, stored, caplog, tmp_path):
+    store, count, outputs = stored
+    files = sorted(store.folder.glob("*.exe"))
+    copy = ExecutableStore(tmp_path)
+    for f in files:
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    broken = [tmp_path / f.name for f in files[:3]]
+    for f in broken:
+        f.write_bytes(reserialized(f.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="jaxserve.engine.executables"):
+        e = engine(tiny, copy)
+    try:
+        assert generate(e) == outputs
+        assert (e.core.report.loaded, e.core.report.compiled) == (count - 3, 3)
+        assert caplog.text.count("lacks its object code") == 3
+    finally:
+        e.shutdown()
+    for f in broken:  # replaced by the fresh compiles' complete entries
+        assert complete(pickle.loads(f.read_bytes())[1], "cpu")
+
+    key, blob, in_tree, out_tree = pickle.loads(files[0].read_bytes())
+    loaded = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+    with caplog.at_level(logging.WARNING, logger="jaxserve.engine.executables"):
+        copy.save("another key", loaded, "cpu")
+    assert not copy.path("another key").exists() and "lacks the object code" in caplog.text
+
+
+def test_while_warming_a_decode_step_runs_at_rows_whose_sampling_half_is_ready(tiny):
+    """Only the sampling halves of the essential decode steps (1 row, every slot) are compiled before a
+    background warm-up returns; until the others are, forward takes rows whose sampling half is ready."""
+    core = JaxCore(tiny, slots=4, cache_len=CONTEXT, eos_id=None)
+    V = core.vocab_size
+    assert [r for r in core.row_buckets if core._essential(("sample_step", (), (r, V)))] == [1, 4]
+    core._pending = {("sample_step", (), (2, V))}
+    ran = []
+    core._run = lambda name, statics, *args: ran.append((name, statics)) or (core.state, None)
+    core.forward(core.empty_table(), max_position=0, max_slot=1)  # 2 rows, whose sampling half is pending
+    core._pending = set()
+    core.forward(core.empty_table(), max_position=0, max_slot=1)
+    assert ran == [("forward", {"window": CONTEXT, "rows": 4}), ("forward", {"window": CONTEXT, "rows": 2})]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from jaxserve.model import ModelConfig, abstract_params
 from jaxserve.sharding import tree_shardings
-from jaxserve.tokenizer import Tokenizer, load_tokenizer
+from jaxserve.tokenizer import CHAT_TEMPLATE, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -97,4 +98,18 @@ def load_checkpoint(directory: Path, mesh, name: str | None = None, dtype: str |
         from jaxserve.checkpoint import source_chat_template
 
         tokenizer.chat_template = source_chat_template(directory)
+        if tokenizer.chat_template is not None:  # and kept beside the tokenizer, as a conversion now does
+            _keep_chat_template(directory, tokenizer.chat_template)
     return LoadedModel(name or directory.name, cfg, params, shardings, tokenizer, mesh)
+
+
+def _keep_chat_template(directory: Path, template: str) -> None:
+    """Write the template into the checkpoint folder, so the next load does not read the source (a GGUF
+    file's whole header: seconds); a folder that cannot be written reads the source each time."""
+    tmp = directory / f"{CHAT_TEMPLATE}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(template)
+        os.replace(tmp, directory / CHAT_TEMPLATE)  # a concurrent load reads a whole file or none
+    except OSError as e:
+        log.info("chat template not kept in %s (%s): read from the source at each load", directory, e)
+        tmp.unlink(missing_ok=True)

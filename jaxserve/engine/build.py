@@ -96,9 +96,5 @@ def build_engine(
         "on" if prefix_caching else "off",
     )
     if warmup:
-        # Off on CPU: an XLA:CPU executable serialized after jax's persistent cache handed it over failed to
-        # run when loaded ("NOT_FOUND: Function add_select_fusion not found"), so CPU compiles (in parallel,
-        # from jax's cache on a restart) until the store checks an executable before trusting it.
-        store = None if executable_cache is None or jax.default_backend() == "cpu" else executable_cache
-        core.warmup(None if store is None else ExecutableStore(store), background=background)
+        core.warmup(None if executable_cache is None else ExecutableStore(executable_cache), background=background)
     return Scheduler(core, model.tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching).start()

@@ -228,13 +228,16 @@ class JaxCore(Core):
 
     def forward(self, table: np.ndarray, max_position: int, max_slot: int) -> jax.Array:
         window, rows = self.window_for(max_position), bucket_of(max_slot + 1, self.row_buckets)
-        if self._pending:  # warm-up is still compiling: the narrowest ready step covering both (the widest is)
+        if self._pending:  # warm-up is still compiling: the narrowest ready step covering both whose sampling
+            # half is ready too (the widest is)
             window, rows = next(
                 (w, r)
                 for w in self.windows
                 if w >= window
                 for r in self.row_buckets
-                if r >= rows and self._ready("forward", (("window", w), ("rows", r)), table.shape)
+                if r >= rows
+                and self._ready("forward", (("window", w), ("rows", r)), table.shape)
+                and self._ready("sample_step", (), (r, self.vocab_size))
             )
         self.state, logits = self._run(
             "forward",
@@ -312,23 +315,28 @@ class JaxCore(Core):
         return recorded
 
     def _essential(self, key: tuple) -> bool:
-        """A variant every call can fall back to (the widest prefill chunk and step, the most mask rows, the
-        steps of one shape), or the one-row decode step at the narrowest window (a lone short request
-        decodes at full speed from the start: the widest step costs it tens of times more)."""
+        """A variant every call can fall back to (the widest prefill chunk and step with its sampling half, the
+        most mask rows, the steps of one shape), or the one-row decode step at the narrowest window and its
+        sampling half (a lone short request decodes at full speed from the start: the widest step costs it
+        tens of times more)."""
         name, statics, shape = key
         widest = ("window", self.windows[-1])
         if name == "prefill":
             return shape == (1, self.chunk) and statics == (widest,)
         if name == "forward":
             return statics in ((widest, ("rows", self.slots)), (("window", self.windows[0]), ("rows", 1)))
-        return name != "set_masks" or shape == (self.slots,)  # every sample_step: forward's rows pick it
+        if name == "sample_step":  # forward's rows pick it: only the rows of the two decode steps above
+            return shape[0] in (1, self.slots)
+        return name != "set_masks" or shape == (self.slots,)
 
     @staticmethod
     def _urgency(key: tuple) -> tuple:
-        """Background compile order: narrow windows first, then fewer rows or tokens (the shapes of short,
-        lightly loaded requests, the first a fresh server sees)."""
+        """Background compile order: the sampling halves first (a decode step waits for its rows' one), then
+        narrow windows first, then fewer rows or tokens (the shapes of short, lightly loaded requests, the
+        first a fresh server sees)."""
         name, statics, shape = key
-        return dict(statics).get("window", 1 << 30), dict(statics).get("rows", int(np.prod(shape)))
+        window = 0 if name == "sample_step" else dict(statics).get("window", 1 << 30)
+        return window, dict(statics).get("rows", int(np.prod(shape)))
 
     def warmup(self, store: ExecutableStore | None = None, threads: int | None = None, background=False) -> Report:
         """Make every shape a request can reach ready: loaded from `store` where it holds a valid executable,
@@ -350,12 +358,13 @@ class JaxCore(Core):
         report = compile_all(self.spec, STEPS, now, store, ready, threads)
         report.seconds = time.perf_counter() - t0
         log.info(
-            "%d step variants: %d loaded from %s, %d compiled in %.1f s%s (vocab %d, %d slots, windows %s, "
+            "%d step variants: %d loaded from %s, %d compiled%s in %.1f s%s (vocab %d, %d slots, windows %s, "
             "prefill buckets %s)",
             len(variants),
             report.loaded,
             store.folder if store is not None else "no store",
             report.compiled,
+            f" ({report.cache_hits} from jax's cache, not stored)" if report.cache_hits else "",
             report.seconds,
             f"; {len(later)} more loading or compiling while serving" if later else "",
             self.cfg.vocab_size,
@@ -374,9 +383,10 @@ class JaxCore(Core):
         try:
             report = compile_all(self.spec, STEPS, variants, store, ready, threads, stop=self._stop)
             log.info(
-                "other step variants ready while serving: %d loaded, %d compiled, in %.1f s%s",
+                "other step variants ready while serving: %d loaded, %d compiled%s, in %.1f s%s",
                 report.loaded,
                 report.compiled,
+                f" ({report.cache_hits} from jax's cache, not stored)" if report.cache_hits else "",
                 report.seconds,
                 f" ({len(report.missing)} left: stopped)" if report.missing else "",
             )

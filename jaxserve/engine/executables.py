@@ -6,13 +6,21 @@ of those very jitted functions: each one is loaded from the `ExecutableStore` if
 else lowered (tracing: Python, holding the GIL, one at a time) and compiled in a pool of threads (XLA
 releases the GIL while it compiles, and consults jax's persistent compilation cache first), then saved.
 
+Only an executable XLA compiled in this process is saved, never one jax's persistent cache handed over:
+XLA:CPU serializes a deserialized executable without its kernels' object code, and the copy fails when it
+runs ("NOT_FOUND: Function add_select_fusion not found"). Such a copy is also refused by its content: on
+CPU an entry must carry object code, checked before saving and again before loading.
+
 An entry's key is a hash of everything that decides the executable: jax and jaxlib versions, backend,
-platform version and the devices (kind, id), the XLA flags and the jax options that change programs, the
-source of the jaxserve package (any edit invalidates every entry), the step's name, its `StepSpec` (model
-config with the matmul formulation, end ids, state shardings) and static arguments, and the tree, shapes,
-dtypes and shardings of its arguments. The entry holds that key's text too; a load whose text differs,
-whose file is unreadable or whose executable does not deserialize is logged and compiled afresh, so a
-stale or damaged entry is never used.
+platform version and the devices (kind, id; on CPU the host CPU's model and features), the XLA flags and
+the jax options that change programs, the source of the jaxserve modules that can change a program (all
+but the host-side ones in HOST_ONLY), the step's name, its `StepSpec` (model config with the matmul
+formulation, end ids, state shardings) and static arguments, and the tree, shapes, dtypes and shardings
+of its arguments. The entry holds that key's text too; a load whose text differs, whose file is
+unreadable or incomplete, or whose executable does not deserialize is logged, its file removed, and
+compiled afresh, so a stale or damaged entry is never used.
+Custom call targets (XLA FFI) are looked up by name when an executable loads and runs, so a target
+registered before warm-up serves a loaded executable as it serves a compiled one.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import hashlib
 import logging
 import os
 import pickle
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +47,25 @@ from jax.experimental import serialize_executable
 log = logging.getLogger(__name__)
 
 FOLDER = "jaxserve-executables"  # inside the compilation cache's folder
+# package files that never reach a traced program: editing them keeps the stored executables
+HOST_ONLY = (
+    "api/",
+    "checkpoint/",
+    "batch.py",
+    "chat_template.py",
+    "cli.py",
+    "tokenizer.py",
+    "engine/bridge.py",
+    "engine/build.py",
+    "engine/grammar.py",
+    "engine/lifecycle.py",
+    "engine/pages.py",
+    "engine/roofline.py",
+    "engine/scheduler.py",
+    "engine/text.py",
+)
+CACHE_HIT = "/jax/compilation_cache/cache_hits"  # the jax.monitoring event of a persistent-cache hit
+OBJECT_CODE = (b"\x7fELF", b"\xcf\xfa\xed\xfe")  # ELF and Mach-O magic: what an XLA:CPU kernel is stored as
 # jax options that change the programs a trace produces
 OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable", "jax_default_prng_impl")
 
@@ -64,20 +92,67 @@ def abstract(x) -> jax.ShapeDtypeStruct:
 
 @functools.cache
 def _source_hash() -> str:
-    """sha256 of every Python file of the jaxserve package."""
+    """sha256 of the jaxserve package's Python files, but for the HOST_ONLY ones (a new file counts)."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
+        name = path.relative_to(root).as_posix()
+        if not name.startswith(HOST_ONLY):
+            h.update(name.encode())
+            h.update(path.read_bytes())
     return h.hexdigest()
+
+
+_compiling = threading.local()  # .hit: jax's persistent cache answered this thread's compile
+
+
+def _note_cache_hit(event: str, **_) -> None:
+    if event == CACHE_HIT:
+        _compiling.hit = True
+
+
+@functools.cache
+def _listen_for_cache_hits() -> None:
+    jax.monitoring.register_event_listener(_note_cache_hit)
+
+
+def compile_fresh(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
+    """`lowered` compiled, and whether XLA compiled it here (False: jax's persistent cache handed it over,
+    and on CPU it would not survive another serialization). jax records the event in the compiling thread."""
+    _listen_for_cache_hits()
+    _compiling.hit = False
+    compiled = lowered.compile()
+    return compiled, not _compiling.hit
+
+
+def complete(blob: bytes, platform: str) -> bool:
+    """Whether a serialized executable holds what it needs to run: on CPU, its kernels' object code."""
+    return platform != "cpu" or any(magic in blob for magic in OBJECT_CODE)
+
+
+def host_cpu() -> str:
+    """The host CPU's model and a hash of its feature flags: XLA:CPU compiles for the features it finds, so a
+    cache folder shared with another kind of machine must not hand over code that machine cannot run."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    features = fields.get("flags") or fields.get("Features") or ""
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{model} features {hashlib.sha256(features.encode()).hexdigest()[:16]}"
 
 
 @functools.cache
 def environment() -> str:
-    """What decides every executable beyond its program: versions, backend, devices, flags, options, code."""
+    """What decides every executable beyond its program: versions, backend, devices (on CPU, the host CPU's
+    model and features), flags, options, code."""
     backend = jax.devices()[0].client
     devices = ", ".join(f"{d.id}:{d.device_kind}" for d in jax.devices())
+    if backend.platform == "cpu":
+        devices += f" on {host_cpu()}"
     options = ", ".join(f"{name}={getattr(jax.config, name)}" for name in OPTIONS)
     return (
         f"jax {jax.__version__} jaxlib {jaxlib.__version__} | {backend.platform} {backend.platform_version} | "
@@ -110,7 +185,8 @@ class ExecutableStore:
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.exe"
 
     def load(self, key: str, devices: list) -> jax.stages.Compiled | None:
-        """The executable stored under `key`, on `devices` (the mesh's, in its order), or None."""
+        """The executable stored under `key`, on `devices` (the mesh's, in its order), or None (an entry
+        that is there but cannot be used is removed: the compile that follows saves a good one)."""
         path = self.path(key)
         if not path.exists():
             return None
@@ -118,15 +194,22 @@ class ExecutableStore:
             stored_key, blob, in_tree, out_tree = pickle.loads(path.read_bytes())
             if stored_key != key:
                 log.warning("executable %s was stored for another key: compiling afresh", path.name)
-                return None
-            return serialize_executable.deserialize_and_load(blob, in_tree, out_tree, execution_devices=devices)
+            elif not complete(blob, devices[0].platform):
+                log.warning("executable %s lacks its object code: compiling afresh", path.name)
+            else:
+                return serialize_executable.deserialize_and_load(blob, in_tree, out_tree, execution_devices=devices)
         except Exception as e:  # an unreadable or stale entry is compiled again, never used
             log.warning("executable %s failed to load (%s: %s): compiling afresh", path.name, type(e).__name__, e)
-            return None
+        path.unlink(missing_ok=True)
+        return None
 
-    def save(self, key: str, compiled: jax.stages.Compiled) -> None:
+    def save(self, key: str, compiled: jax.stages.Compiled, platform: str) -> None:
+        """Keep `compiled`, which XLA compiled in this process (see `compile_fresh`) for `platform`."""
         try:
             blob, in_tree, out_tree = serialize_executable.serialize(compiled)
+            if not complete(blob, platform):
+                log.warning("executable not saved: its serialization lacks the object code")
+                return
             data = pickle.dumps((key, blob, in_tree, out_tree))
         except Exception as e:
             log.warning("executable not saved (%s: %s)", type(e).__name__, e)
@@ -142,6 +225,7 @@ class ExecutableStore:
 class Report:
     loaded: int = 0
     compiled: int = 0
+    cache_hits: int = 0  # of the compiled, those jax's persistent cache handed over: not stored
     missing: list[Variant] = dataclasses.field(default_factory=list)  # neither loaded nor compiled: stopped
     seconds: float = 0.0
 
@@ -157,8 +241,8 @@ def compile_all(
 ) -> Report:
     """Hand each variant's executable to `ready` as soon as it is there: loaded from `store` where a valid
     entry is (loads run in threads), else lowered here and compiled in `threads` threads
-    (default: one per CPU; no more compiles in flight than threads), then saved to `store`. Once `stop` is
-    set, nothing more is lowered."""
+    (default: one per CPU; no more compiles in flight than threads), then saved to `store` if XLA compiled
+    it here. Once `stop` is set, nothing more is lowered."""
     t0 = time.perf_counter()
     report = Report()
     threads = threads or os.cpu_count() or 1
@@ -170,11 +254,12 @@ def compile_all(
 
         def finish(done) -> None:
             for future in done:
-                v, compiled = compiling.pop(future), future.result()
+                v, (compiled, fresh) = compiling.pop(future), future.result()
                 ready(v, compiled)
                 report.compiled += 1
-                if store is not None:
-                    pool.submit(store.save, keys[v], compiled)
+                report.cache_hits += not fresh
+                if store is not None and fresh:
+                    pool.submit(store.save, keys[v], compiled, devices[0].platform)
 
         for v in variants:
             compiled = loads[v].result() if v in loads else None
@@ -188,7 +273,7 @@ def compile_all(
             if len(compiling) >= threads:
                 finish(concurrent.futures.wait(compiling, return_when=concurrent.futures.FIRST_COMPLETED).done)
             lowered = fns[v.name].lower(spec, *v.args, **dict(v.statics))  # traces: holds the GIL
-            compiling[pool.submit(lowered.compile)] = v
+            compiling[pool.submit(compile_fresh, lowered)] = v
         finish(concurrent.futures.wait(compiling).done)
     report.seconds = time.perf_counter() - t0
     return report

@@ -268,18 +268,19 @@ def main() -> None:
             f"| {r['ttft_p99']:.3f} | {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} | {r['mem_floor_ms']:.1f} "
             f"| {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} |"
         )
-    peer = {r["concurrency"]: r["tok_s"] for r in rows if r["weights"] == "llama-server"}
-    if peer:
+    peer = {r["concurrency"]: r for r in rows if r["weights"] == "llama-server"}
+    if peer:  # tok/s as a ratio of llama-server's (above 1: faster); TTFT as a ratio (below 1: sooner)
         ours = [w for w, _ in servers if w != "llama-server"]
-        columns = " | ".join(f"jaxserve {w} tok/s | ratio" for w in ours)
-        print(f"\n| concurrency | llama-server tok/s | {columns} |")
-        print("|---" * (2 + 2 * len(ours)) + "|")
+        columns = " | ".join(f"jaxserve {w} tok/s | ratio | TTFT p50 (s) | ratio" for w in ours)
+        print(f"\n| concurrency | llama-server tok/s | llama-server TTFT p50 (s) | {columns} |")
+        print("|---" * (3 + 4 * len(ours)) + "|")
         for c, theirs in peer.items():
             cells = []
             for w in ours:
-                tok_s = next(r["tok_s"] for r in rows if r["weights"] == w and r["concurrency"] == c)
-                cells += [f"{tok_s:.1f}", f"{tok_s / theirs:.2f}x"]
-            print(f"| {c} | {theirs:.1f} | " + " | ".join(cells) + " |")
+                r = next(r for r in rows if r["weights"] == w and r["concurrency"] == c)
+                cells += [f"{r['tok_s']:.1f}", f"{r['tok_s'] / theirs['tok_s']:.2f}x"]
+                cells += [f"{r['ttft_p50']:.3f}", f"{r['ttft_p50'] / theirs['ttft_p50']:.2f}x"]
+            print(f"| {c} | {theirs['tok_s']:.1f} | {theirs['ttft_p50']:.3f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

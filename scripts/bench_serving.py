@@ -2,7 +2,7 @@
 
     python scripts/bench_serving.py [--base-url http://127.0.0.1:8000] [--concurrency 1 8 32 64]
                                     [--quantize none int8] [--llama-server PATH] [--requests-per-client 2]
-                                    [--max-tokens 128]
+                                    [--max-tokens 128] [--distinct-prompts]
 
 Without --base-url it starts `jaxserve serve` on a free loopback port (slots = the highest concurrency),
 once per --quantize choice (float32 and int8 weights side by side), and stops it afterwards. With
@@ -14,6 +14,9 @@ Loopback addresses only, unless --allow-remote. Every run is bounded in requests
 requests-per-client) and time (--time-limit). Reports aggregate generated tok/s, time to first token
 p50/p99 and inter-token latency p50/p99, beside the floors of a decode step of this model (bytes over
 measured bandwidth, FLOPs over measured matmul throughput; int8 weights for another server).
+Every request sends the same prompt unless --distinct-prompts: llama-server then answers from its prompt
+cache after computing one token (jaxserve caches only whole 128-token pages), so its TTFT is a decode step,
+not a prefill.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import dataclasses
 import ipaddress
+import itertools
 import json
 import os
 import socket
@@ -51,11 +55,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int) -> dict:
+def prompt_of(i: int | None) -> str:
+    """The prompt of request i: PROMPT's words rotated by i (the same words, so about the same tokens), or
+    PROMPT itself for None. Rotated, consecutive prompts differ from their first word: a server's prompt
+    cache (llama-server keeps each slot's last prompt and computes only what follows the common prefix; on
+    the same prompt, only its last token) cannot skip the prefill, so TTFT measures it."""
+    if i is None:
+        return PROMPT
+    words = PROMPT.split()
+    k = i % len(words)
+    return " ".join(words[k:] + words[:k])
+
+
+async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int, prompt: str = PROMPT) -> dict:
     # ignore_eos (jaxserve, vLLM and llama.cpp honour it) makes every request generate max_tokens
     body = {
         "model": model,
-        "prompt": PROMPT,
+        "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -82,16 +98,24 @@ async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int) -> d
 
 
 async def run_level(
-    base_url: str, model: str, concurrency: int, per_client: int, max_tokens: int, time_limit: float
+    base_url: str,
+    model: str,
+    concurrency: int,
+    per_client: int,
+    max_tokens: int,
+    time_limit: float,
+    distinct: bool = False,
 ) -> dict:
     results = []
     deadline = time.perf_counter() + time_limit
+    counter = itertools.count(1)
 
     async def client(http):
         for _ in range(per_client):
             if time.perf_counter() > deadline:
                 return
-            results.append(await one_request(http, model, max_tokens))
+            prompt = prompt_of(next(counter) if distinct else None)
+            results.append(await one_request(http, model, max_tokens, prompt))
 
     # a fresh connection per request: llama-server closes kept-alive ones between streams
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
@@ -222,6 +246,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--time-limit", type=float, default=600, help="seconds per concurrency level at most")
     parser.add_argument("--allow-remote", action="store_true")
+    parser.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="each request's prompt differs from the last one's (PROMPT's words rotated), so no server's prompt "
+        "cache skips the prefill (default: the same prompt every time)",
+    )
     args = parser.parse_args()
     if args.base_url:
         url = args.base_url.rstrip("/").removesuffix("/v1")
@@ -243,9 +273,22 @@ def main() -> None:
         proc, url = start()
         try:
             model = args.model or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-            print(f"server {url} ({weights}), model {model}, {args.max_tokens} tokens per request, streaming")
+            print(
+                f"server {url} ({weights}), model {model}, {args.max_tokens} tokens per request, streaming, "
+                f"{'distinct prompts' if args.distinct_prompts else 'the same prompt each time'}"
+            )
             for c in args.concurrency:
-                row = asyncio.run(run_level(url, model, c, args.requests_per_client, args.max_tokens, args.time_limit))
+                row = asyncio.run(
+                    run_level(
+                        url,
+                        model,
+                        c,
+                        args.requests_per_client,
+                        args.max_tokens,
+                        args.time_limit,
+                        args.distinct_prompts,
+                    )
+                )
                 step_cfg = cfg if weights == "float32" else dataclasses.replace(cfg, quant="int8")  # others: ~int8
                 mem, flop = floors(step_cfg, c, args.max_tokens + 32, machine)
                 row.update(
@@ -268,18 +311,19 @@ def main() -> None:
             f"| {r['ttft_p99']:.3f} | {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} | {r['mem_floor_ms']:.1f} "
             f"| {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} |"
         )
-    peer = {r["concurrency"]: r["tok_s"] for r in rows if r["weights"] == "llama-server"}
-    if peer:
+    peer = {r["concurrency"]: r for r in rows if r["weights"] == "llama-server"}
+    if peer:  # tok/s as a ratio of llama-server's (above 1: faster); TTFT as a ratio (below 1: sooner)
         ours = [w for w, _ in servers if w != "llama-server"]
-        columns = " | ".join(f"jaxserve {w} tok/s | ratio" for w in ours)
-        print(f"\n| concurrency | llama-server tok/s | {columns} |")
-        print("|---" * (2 + 2 * len(ours)) + "|")
+        columns = " | ".join(f"jaxserve {w} tok/s | ratio | TTFT p50 (s) | ratio" for w in ours)
+        print(f"\n| concurrency | llama-server tok/s | llama-server TTFT p50 (s) | {columns} |")
+        print("|---" * (3 + 4 * len(ours)) + "|")
         for c, theirs in peer.items():
             cells = []
             for w in ours:
-                tok_s = next(r["tok_s"] for r in rows if r["weights"] == w and r["concurrency"] == c)
-                cells += [f"{tok_s:.1f}", f"{tok_s / theirs:.2f}x"]
-            print(f"| {c} | {theirs:.1f} | " + " | ".join(cells) + " |")
+                r = next(r for r in rows if r["weights"] == w and r["concurrency"] == c)
+                cells += [f"{r['tok_s']:.1f}", f"{r['tok_s'] / theirs['tok_s']:.2f}x"]
+                cells += [f"{r['ttft_p50']:.3f}", f"{r['ttft_p50'] / theirs['ttft_p50']:.2f}x"]
+            print(f"| {c} | {theirs['tok_s']:.1f} | {theirs['ttft_p50']:.3f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

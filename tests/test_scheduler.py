@@ -394,9 +394,34 @@ def test_the_host_waits_for_a_step_only_once_the_next_is_dispatched(engine, monk
         run_beside(engine, monkeypatch, [req("c", [3], max_tokens=6, grammar=grammar), req("f", [20], max_tokens=6)])
         calls = engine.core.calls
         fetches = [i for i, c in enumerate(calls) if c[0] == "fetch"]
-        assert len(fetches) == 6  # the 5 steps after the inserts, and the last fetched after
+        assert len(fetches) == 5  # the 5 steps after the inserts: none past the last token (see below)
         for i in fetches[:-1]:
             sampled = calls[i][1]
             assert "forward" in [c[0] for c in calls[sampled + 1 : i]]
             after = [c[0] for c in calls[i + 1 :] if c[0] != "set_masks"]
             assert after[0] == "sample"  # no delta in between
+
+
+def test_no_step_is_dispatched_past_the_token_budget(engine, monkeypatch):
+    """A request of max_tokens=k runs its insert and k - 1 steps: the step that would follow its last token
+    (dispatched before the host has seen that token) is never dispatched, so the next request starts at
+    once. Two requests of different budgets side by side: steps stop with the longer one."""
+    for budgets in ([4], [3, 6]):
+        engine.core.calls.clear()
+        run_beside(engine, monkeypatch, [req(f"r{k}", [10 * i], max_tokens=k) for i, k in enumerate(budgets)])
+        samples = [c[1] for c in engine.core.calls if c[0] == "sample"]
+        assert len(samples) == max(budgets) - 1
+        assert all(samples)  # every step dispatched had an active slot
+
+
+def test_the_first_token_is_delivered_before_the_next_step_is_dispatched(engine, monkeypatch):
+    """The first token comes from the insert; it is emitted before the step that computes the second one
+    is dispatched, so its delivery does not share the device with that step. Later tokens stay one step
+    late (the host's text work overlaps the next step)."""
+    engine.core.calls.clear()
+    run_beside(engine, monkeypatch, [req("a", [3], max_tokens=3)])
+    kinds = [c[0] if c[0] != "emit" else ("emit", getattr(c[2], "text", None)) for c in engine.core.calls]
+    first = kinds.index(("emit", "<4>"))
+    assert kinds.index("insert") < first < kinds.index("forward")
+    second = kinds.index(("emit", "<5>"))
+    assert [k for k in kinds[:second] if k in ("forward", "sample")] == ["forward", "sample"] * 2

@@ -12,7 +12,10 @@ one prompt), then a decode step of every decoding slot in its two halves around 
 
 So the device never waits for the host's text work, and a grammar-constrained slot still advances every
 step: its next mask (which depends on the token just fetched) is computed while the device runs the
-model's forward pass, and only has to be ready before the sampling half. The slot table `_owner` maps each
+model's forward pass, and only has to be ready before the sampling half. Two exceptions to the overlap,
+both for latency: a prefill's first tokens are fetched and delivered before the step is dispatched (the
+device waits that long once per admission), and no step is dispatched for a slot whose last token (by
+max_tokens) is already in flight, so an idle engine takes the next request at once. The slot table `_owner` maps each
 slot to the choice holding it; a request's own state lives in `lifecycle`.
 Requests and aborts arrive through thread-safe queues; results leave through each request's `emit`.
 
@@ -168,8 +171,13 @@ class Scheduler:
                 self._intake(block=idle and self.active_slots == 0)
                 self._handle_aborts()
                 self._expire(time.monotonic())
-                inserted = self._prefill()
-                decoding = [c for c in self._owner if c is not None and c.status is Status.DECODING]
+                # a new sequence's first token goes out before the next step is dispatched: the host's text
+                # work and the HTTP write would otherwise share the cores with that step (time to first token)
+                first = self._fetch(None, self._prefill())
+                for choice, out, row in first:
+                    self._process_token(choice, out, row)
+                first = [r for r in first if r[0].status is Status.DECODING]
+                decoding = [c for c in self._owner if c is not None and self._owes_step(c)]
                 self._grow(decoding)
                 decoding = [c for c in decoding if c.status is Status.DECODING]  # some may have been preempted
                 logits = None  # the device starts the step from tokens it has, before the host has seen them
@@ -177,10 +185,10 @@ class Scheduler:
                     logits = self.core.forward(
                         self._table, max(c.position for c in decoding), max(c.slot for c in decoding)
                     )
-                rows = self._fetch(pending, inserted)
+                rows = self._fetch(pending, [])
                 pending = None
                 if logits is not None:
-                    self._write_masks(rows)
+                    self._write_masks(rows + first)
                     out = self.core.sample(logits)
                     for c in decoding:
                         c.position += 1
@@ -195,6 +203,15 @@ class Scheduler:
             self._close(e)
         finally:
             self.healthy = False
+
+    @staticmethod
+    def _owes_step(choice: Choice) -> bool:
+        """The choice decodes and its slot's token budget on the device is not spent: the device has sampled
+        one token at the insert (or had them all before a resume) and one per step since, so a step
+        dispatched for a choice whose last token is still in flight would compute nothing but delay the next
+        request. (A slot that ended with EOS is only known once its token is fetched.)"""
+        req = choice.group.req
+        return choice.status is Status.DECODING and choice.position < len(req.prompt_ids) + req.max_tokens - 1
 
     def _close(self, error: BaseException) -> None:
         with self._lock:

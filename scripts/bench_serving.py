@@ -150,11 +150,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def warmed_up(url: str) -> bool:
+    """/health answers 200, and a jaxserve has no step shapes left compiling in the background (measuring
+    while it compiles would measure the compiler)."""
+    if httpx.get(url + "/health", timeout=2).status_code != 200:
+        return False
+    metrics = httpx.get(url + "/metrics", timeout=5)
+    pending = [line for line in metrics.text.splitlines() if line.startswith("jaxserve_step_variants_pending")]
+    return metrics.status_code != 200 or not pending or float(pending[0].split()[-1]) == 0
+
+
 def wait_healthy(proc: subprocess.Popen, url: str) -> None:
     deadline = time.time() + 900
     while time.time() < deadline:
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if warmed_up(url):
                 return
         except httpx.HTTPError:
             pass

@@ -14,6 +14,7 @@ import sys
 import pytest
 from jax.experimental import serialize_executable
 
+from jaxserve.api.metrics import Metrics
 from jaxserve.chat_template import end_of_turn_ids
 from jaxserve.engine import bridge, executables
 from jaxserve.engine.build import build_engine
@@ -141,10 +142,14 @@ def test_a_background_warmup_serves_through_the_widest_shapes_then_every_one(tin
     e = engine(tiny, None, background=True)  # no store: everything compiles
     try:
         assert e.core.report.compiled < count and e.core.background is not None
+        assert e.core.pending_variants <= count - e.core.report.compiled  # what is left (or less by now)
         early = generate(e)  # while (or after) the rest compile: wider shapes, the same tokens
         assert {k: [t for t, _ in v] for k, v in early.items()} == {k: [t for t, _ in v] for k, v in outputs.items()}
         e.core.background.join(timeout=600)
-        assert not e.core.background.is_alive() and not e.core._pending
+        assert not e.core.background.is_alive() and e.core.pending_variants == 0
+        metrics = Metrics()
+        metrics.attach("tiny", e)
+        assert "jaxserve_step_variants_pending 0.0" in metrics.render().decode()  # what bench_serving waits for
         compiles = dict(e.core.compiles)
         assert generate(e) == outputs
         assert dict(e.core.compiles) == compiles

@@ -60,6 +60,12 @@ class _EngineCollector(Collector):
         if hasattr(core, "compiles"):
             yield CounterMetricFamily("jaxserve_compiles", "jitted steps compiled", value=sum(core.compiles.values()))
         yield CounterMetricFamily("jaxserve_engine_steps", "decode steps run", value=s.steps)
+        if hasattr(core, "pending_variants"):
+            yield GaugeMetricFamily(
+                "jaxserve_step_variants_pending",
+                "step shapes the background warm-up is still compiling (requests meanwhile use wider ones)",
+                value=core.pending_variants,
+            )
         if (cfg := getattr(core, "cfg", None)) is not None:  # a model config (the fake core has none)
             yield InfoMetricFamily(
                 "jaxserve_matmul_formulation",

@@ -226,6 +226,11 @@ class JaxCore(Core):
             np.bool_(stop_on_eos),
         )
 
+    @property
+    def pending_variants(self) -> int:
+        """Step variants a background warm-up is still compiling (0: every shape is ready)."""
+        return len(self._pending)
+
     def forward(self, table: np.ndarray, max_position: int, max_slot: int) -> jax.Array:
         window, rows = self.window_for(max_position), bucket_of(max_slot + 1, self.row_buckets)
         if self._pending:  # warm-up is still compiling: the narrowest ready step covering both whose sampling

@@ -63,6 +63,7 @@ def test_bfloat16_from_the_smallest_row_count_it_wins_at_and_above():
     assert bf16_threshold({1: ms(10, 5), 2: ms(10, 11), 4: ms(10, 5)}) == 4  # a loss at 2 rows keeps 1 and 2 f32
     assert bf16_threshold({1: ms(10, 5), 2: ms(10, 5)}) == 1
     assert bf16_threshold({1: ms(10, 5), 2: ms(10, 9.8)}) is None  # a win inside the 3% margin is no win
+    assert bf16_threshold({1: ms(10, 8, 5), 2: ms(10, 8, 9)}) == 2  # the kernel counts where measured
 
 
 def test_dot_switches_by_rows():
@@ -142,21 +143,19 @@ def test_the_choice_is_cached_under_its_key(tiny_int8, tmp_path, monkeypatch):
 
 def test_the_kernel_is_measured_from_one_row_up(tiny_int8, tmp_path, monkeypatch):
     """The kernel against float32 from one row up until it loses, then bfloat16 from the most rows down
-    over what the kernel left (the most rows in any case); the kernel loses where bfloat16 serves faster.
-    The kernel's presence is part of the cache key."""
+    until the faster of the others wins. The kernel's presence is part of the cache key."""
     monkeypatch.setattr(formulation, "kernel_possible", lambda model: True)
     monkeypatch.setattr(formulation.kernels, "version", lambda: "abc123")
     calls: list = []
     fake = timer(calls, {1: ms(10, 12, 5), 2: ms(10, 8, 9), 4: ms(10, 6, 8), 8: ms(10, 5, 7)})
     choice = choose(tiny_int8, 4, "auto", tmp_path, fake)
-    # the kernel beats float32 at 1, 2 and 4 rows; bfloat16 is measured at 4 rows only, and wins there,
-    # over the kernel too
-    assert calls == [(1,), (2,), (4,), (4,)]
-    assert (choice.kernel_below_rows, choice.bf16_from_rows) == (4, 4)
-    assert choice.describe(tiny_int8.cfg).startswith("matmul formulation kernel<4<=bf16 (measured")
+    # the kernel beats float32 at 1, 2 and 4 rows; bfloat16 beats both at 4 and 2 rows, not at 1
+    assert calls == [(1,), (2,), (4,), (4,), (2,), (1,)]
+    assert (choice.kernel_below_rows, choice.bf16_from_rows) == (2, 2)
+    assert choice.describe(tiny_int8.cfg).startswith("matmul formulation kernel<2<=bf16 (measured")
     assert "kernel abc123" in cache_key(tiny_int8, 4)
     again = choose(tiny_int8, 4, "auto", tmp_path, fake)
-    assert len(calls) == 4 and (again.kernel_below_rows, again.bf16_from_rows) == (4, 4)
+    assert len(calls) == 6 and (again.kernel_below_rows, again.bf16_from_rows) == (2, 2)
     calls.clear()
     loses = timer(calls, {1: ms(10, 12, 5), 2: ms(10, 20, 11), 4: ms(10, 6, 8), 8: ms(10, 5, 7)})
     choice = choose(tiny_int8, 8, "auto", None, loses)

@@ -6,12 +6,12 @@ own int8 matmul (jaxserve.kernels: each weight read once, widened in registers; 
 activations rounded to bfloat16 with float32 accumulation. Which is fastest depends on the CPU (bfloat16
 units or none) and on the rows a matmul carries, so on CPU `choose` times them on the model's own weight
 matmuls at the decode row buckets: the kernel against float32 from one row up until the kernel loses, then
-bfloat16 against float32 from the most rows down (over the row counts the kernel left, and the most rows
-in any case) until bfloat16 loses. It serves the kernel below the first row count where it lost (to
-whichever of the others would serve there) and bfloat16 from the smallest row count at and above which it
-won everywhere (`ModelConfig.kernel_below_rows` and `bf16_from_rows`, static in the jitted steps: the
-choice costs no recompilation after warm-up). On GPU and TPU bfloat16 is the native choice and stands
-without measuring. Float weights are never rounded: float32 asked for stays exact.
+bfloat16 against the faster of the others from the most rows down until bfloat16 loses. It serves
+bfloat16 from the smallest row count at and above which it won everywhere, and the kernel below that and
+below the first row count where it lost to float32 (`ModelConfig.kernel_below_rows` and `bf16_from_rows`,
+static in the jitted steps: the choice costs no recompilation after warm-up). On GPU and TPU bfloat16 is
+the native choice and stands without measuring. Float weights are never rounded: float32 asked for stays
+exact.
 
 A choice is cached in a small JSON file in the compilation cache's folder, keyed by what decides it (CPU
 model and cores or device kind, jax version, backend, the kernel's source, model and its config, weights,
@@ -88,10 +88,12 @@ def row_buckets(slots: int) -> tuple[int, ...]:
 
 
 def bf16_threshold(timings: Timings) -> int | None:
-    """The smallest measured row count from which bfloat16 wins (by MARGIN) at every measured count, or None."""
+    """The smallest measured row count from which bfloat16 wins (by MARGIN) at every measured count, against
+    float32 and the kernel where it was measured, or None."""
     threshold = None
     for rows in sorted(timings, reverse=True):
-        if timings[rows]["bf16"] >= MARGIN * timings[rows]["f32"]:
+        t = timings[rows]
+        if t["bf16"] >= MARGIN * min(t["f32"], t.get("kernel", float("inf"))):
             break
         threshold = rows
     return threshold
@@ -274,9 +276,7 @@ def choose(
             if timings[rows]["kernel"] >= MARGIN * timings[rows]["f32"]:
                 break
             below = rows + 1
-    for rows in reversed(buckets):  # bfloat16 from the most rows down, over what the kernel leaves (and the
-        if rows < below and rows != buckets[-1]:  # most rows: prefills of more rows take bfloat16 from there)
-            break
+    for rows in reversed(buckets):  # bfloat16 from the most rows down, until the kernel or float32 wins
         names = ("bf16",) if "f32" in timings.get(rows, {}) else ("f32", "bf16")
         timings.setdefault(rows, {}).update(timer(model, (rows,), names)[rows])
         if bf16_threshold({rows: timings[rows]}) is None:

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 FORMULATIONS = ("auto", "f32", "bf16", "kernel")
 CACHE_FILE = "jaxserve-formulations.json"
 MARGIN = 0.97  # a candidate must win by 3% at a row count to be taken there
+PROCEDURE = 2  # how `choose` decides: a cached choice made another way is made again
 REPEATS = 5  # timed runs of each candidate at each row count, interleaved; medians compared
 
 Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms, "kernel": ms}, medians, those measured
@@ -193,8 +194,8 @@ def cache_key(model: LoadedModel, slots: int) -> str:
     weights = model.cfg.quant or model.cfg.dtype
     kernel = f"kernel {kernels.version()}" if kernel_possible(model) else "no kernel"
     return (
-        f"{machine()} | jax {jax.__version__} {jax.default_backend()} | {kernel} | {model.name} {cfg} | "
-        f"weights {weights}, activations {model.cfg.dtype} | mesh {mesh} | {slots} slots"
+        f"choice {PROCEDURE} | {machine()} | jax {jax.__version__} {jax.default_backend()} | {kernel} | "
+        f"{model.name} {cfg} | weights {weights}, activations {model.cfg.dtype} | mesh {mesh} | {slots} slots"
     )
 
 

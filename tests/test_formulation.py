@@ -116,26 +116,28 @@ def test_the_kernel_below_the_first_row_count_it_loses_at():
 def test_the_choice_is_cached_under_its_key(tiny_int8, tmp_path, monkeypatch):
     monkeypatch.setattr(formulation, "kernel_possible", lambda model: False)
     calls: list = []
-    fake = timer(calls, {1: ms(10, 12), 2: ms(10, 8), 4: ms(10, 6), 8: ms(10, 5)})
+    prefills = {16: ms(10, 5), 32: ms(10, 5), 64: ms(10, 5)}  # the short prompts' chunks are measured too
+    fake = timer(calls, {1: ms(10, 12), 2: ms(10, 8), 4: ms(10, 6), 8: ms(10, 5)} | prefills)
     first = choose(tiny_int8, 4, "auto", tmp_path, fake)
-    assert calls == [(4,), (2,), (1,)] and first.bf16_from_rows == 2 and first.source.startswith("measured")
+    assert calls == [(64,), (32,), (16,), (4,), (2,), (1,)]
+    assert first.bf16_from_rows == 2 and first.source.startswith("measured")
     assert first.kernel_below_rows is None
     again = choose(tiny_int8, 4, "auto", tmp_path, fake)
-    assert len(calls) == 3  # a restart reads the file
+    assert len(calls) == 6  # a restart reads the file
     assert again.source.startswith("cached") and (again.bf16_from_rows, again.timings) == (2, first.timings)
     choose(tiny_int8, 8, "auto", tmp_path, fake)  # other slots: other row buckets, measured
     bf16_weights = dataclasses.replace(tiny_int8, cfg=dataclasses.replace(tiny_int8.cfg, dtype="bfloat16"))
     choose(bf16_weights, 4, "auto", tmp_path, fake)  # another config of the model: measured
-    assert calls[3:] == [(8,), (4,), (2,), (1,), (4,), (2,), (1,)]
+    assert calls[6:] == [(64,), (32,), (16,), (8,), (4,), (2,), (1,), (64,), (32,), (16,), (4,), (2,), (1,)]
     entries = json.loads((tmp_path / CACHE_FILE).read_text())
     assert len(entries) == 3 and cache_key(tiny_int8, 4) in entries
     key = cache_key(tiny_int8, 4)
     for part in (formulation.machine(), f"jax {jax.__version__} cpu", "no kernel", tiny_int8.name, "4 slots"):
         assert part in key
     calls.clear()
-    slow = timer(calls, {1: ms(10, 5), 2: ms(10, 20), 4: ms(10, 8)})
+    slow = timer(calls, {1: ms(10, 5), 2: ms(10, 20), 4: ms(10, 8)} | prefills)
     assert choose(tiny_int8, 4, "auto", None, slow).bf16_from_rows == 4
-    assert calls == [(4,), (2,)]  # below a loss nothing is measured: it could not lower the threshold
+    assert calls == [(64,), (32,), (16,), (4,), (2,)]  # below a loss nothing is measured
     (tmp_path / CACHE_FILE).write_text("{not json")
     assert choose(tiny_int8, 4, "auto", tmp_path, fake).source.startswith("measured")  # a broken file: measure
     assert choose(tiny_int8, 4, "auto", None, fake).source.startswith("measured")  # no cache folder: measure
@@ -147,20 +149,21 @@ def test_the_kernel_is_measured_from_one_row_up(tiny_int8, tmp_path, monkeypatch
     monkeypatch.setattr(formulation, "kernel_possible", lambda model: True)
     monkeypatch.setattr(formulation.kernels, "version", lambda: "abc123")
     calls: list = []
-    fake = timer(calls, {1: ms(10, 12, 5), 2: ms(10, 8, 9), 4: ms(10, 6, 8), 8: ms(10, 5, 7)})
+    prefills = {16: ms(10, 5, 7), 32: ms(10, 5, 7), 64: ms(10, 5, 7)}
+    fake = timer(calls, {1: ms(10, 12, 5), 2: ms(10, 8, 9), 4: ms(10, 6, 8), 8: ms(10, 5, 7)} | prefills)
     choice = choose(tiny_int8, 4, "auto", tmp_path, fake)
-    # the kernel beats float32 at 1, 2 and 4 rows; bfloat16 beats both at 4 and 2 rows, not at 1
-    assert calls == [(1,), (2,), (4,), (4,), (2,), (1,)]
+    # the kernel beats float32 at every row count; bfloat16 beats both down to 2 rows, not at 1
+    assert calls == [(1,), (2,), (4,), (16,), (32,), (64,), (64,), (32,), (16,), (4,), (2,), (1,)]
     assert (choice.kernel_below_rows, choice.bf16_from_rows) == (2, 2)
     assert choice.describe(tiny_int8.cfg).startswith("matmul formulation kernel<2<=bf16 (measured")
     assert "kernel abc123" in cache_key(tiny_int8, 4)
     again = choose(tiny_int8, 4, "auto", tmp_path, fake)
-    assert len(calls) == 6 and (again.kernel_below_rows, again.bf16_from_rows) == (2, 2)
+    assert len(calls) == 12 and (again.kernel_below_rows, again.bf16_from_rows) == (2, 2)
     calls.clear()
-    loses = timer(calls, {1: ms(10, 12, 5), 2: ms(10, 20, 11), 4: ms(10, 6, 8), 8: ms(10, 5, 7)})
+    loses = timer(calls, {1: ms(10, 12, 5), 2: ms(10, 20, 11), 4: ms(10, 6, 8), 8: ms(10, 5, 7)} | prefills)
     choice = choose(tiny_int8, 8, "auto", None, loses)
-    # the kernel loses at 2 rows; bfloat16 wins at 8 and 4, loses at 2
-    assert calls == [(1,), (2,), (8,), (4,), (2,)]
+    # the kernel loses at 2 rows; bfloat16 wins from 64 down to 4, loses at 2
+    assert calls == [(1,), (2,), (64,), (32,), (16,), (8,), (4,), (2,)]
     assert (choice.kernel_below_rows, choice.bf16_from_rows) == (2, 4)
 
 

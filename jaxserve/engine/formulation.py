@@ -5,8 +5,9 @@ own int8 matmul (jaxserve.kernels: each weight read once, widened in registers; 
 "f32", the int8 weights widened to float32 inside the step, and "bf16", the dequantized weights and the
 activations rounded to bfloat16 with float32 accumulation. Which is fastest depends on the CPU (bfloat16
 units or none) and on the rows a matmul carries, so on CPU `choose` times them on the model's own weight
-matmuls at the decode row buckets: the kernel against float32 from one row up until the kernel loses, then
-bfloat16 against the faster of the others from the most rows down until bfloat16 loses. It serves
+matmuls at the decode row buckets and the short prefill chunks: the kernel against float32 from one row up
+until the kernel loses, then bfloat16 against the faster of the others from the most rows down until
+bfloat16 loses. It serves
 bfloat16 from the smallest row count at and above which it won everywhere, and the kernel below that and
 below the first row count where it lost to float32 (`ModelConfig.kernel_below_rows` and `bf16_from_rows`,
 static in the jitted steps: the choice costs no recompilation after warm-up). On GPU and TPU bfloat16 is
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 
 from jaxserve import kernels
 from jaxserve.checkpoint import LoadedModel
+from jaxserve.engine.core import PREFILL_BUCKETS
 from jaxserve.model import Transformer
 from jaxserve.model.config import EVERY_ROW
 from jaxserve.model.transformer import dot, packed
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 FORMULATIONS = ("auto", "f32", "bf16", "kernel")
 CACHE_FILE = "jaxserve-formulations.json"
 MARGIN = 0.97  # a candidate must win by 3% at a row count to be taken there
-PROCEDURE = 2  # how `choose` decides: a cached choice made another way is made again
+SHORT_PREFILL = 64  # tokens: the prefill chunks up to this many are measured too
+PROCEDURE = 3  # how `choose` decides: a cached choice made another way is made again
 REPEATS = 5  # timed runs of each candidate at each row count, interleaved; medians compared
 
 Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms, "kernel": ms}, medians, those measured
@@ -67,7 +70,10 @@ class Choice:
         """`model` to serve with this choice: its config says it, and with the kernel its weights are packed."""
         rule = dict(bf16_from_rows=self.bf16_from_rows, kernel_below_rows=self.kernel_below_rows)
         cfg = dataclasses.replace(model.cfg, **rule)
-        params = model.params if self.kernel_below_rows is None else packed(model.params, cfg)
+        if self.kernel_below_rows is None:
+            return dataclasses.replace(model, cfg=cfg)
+        assert kernels.available(), "the int8 kernel is not available here"  # compiled and registered
+        params = packed(model.params, cfg)
         return dataclasses.replace(model, cfg=cfg, params=params)
 
     def describe(self, cfg) -> str:
@@ -84,8 +90,10 @@ class Choice:
 
 
 def row_buckets(slots: int) -> tuple[int, ...]:
-    """The decode steps' row counts: powers of two below the slots, and the slots."""
-    return tuple(r for r in (1 << i for i in range(20)) if r < slots) + (slots,)
+    """The row counts measured, ascending: the decode steps' (powers of two below the slots, and the slots)
+    and a short prompt's prefill chunks (up to SHORT_PREFILL tokens), which decide its first token's time."""
+    decode = {r for r in (1 << i for i in range(20)) if r < slots} | {slots}
+    return tuple(sorted(decode | {b for b in PREFILL_BUCKETS if b <= SHORT_PREFILL}))
 
 
 def bf16_threshold(timings: Timings) -> int | None:

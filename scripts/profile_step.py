@@ -117,7 +117,7 @@ def classify(hlo_text: str) -> dict[str, str]:
     return labels
 
 
-def self_times(trace_dir: Path, instructions: set[str]) -> tuple[dict[str, float], float]:
+def self_times(trace_dir: Path, instructions: set[tuple[str, str]]) -> tuple[dict[tuple, float], float]:
     """Self µs of each traced thunk of the step (its time less the thunks nested in it, on its thread),
     and the µs during which at least one thread ran one."""
     path = next(trace_dir.rglob("*.trace.json.gz"))
@@ -125,9 +125,10 @@ def self_times(trace_dir: Path, instructions: set[str]) -> tuple[dict[str, float
     events = events["traceEvents"] if isinstance(events, dict) else events
     threads: dict[tuple, list] = collections.defaultdict(list)
     for e in events:
-        if e.get("ph") == "X" and e["name"] in instructions:
-            threads[e["pid"], e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
-    totals: dict[str, float] = collections.defaultdict(float)
+        key = ((e.get("args") or {}).get("hlo_module"), e.get("name"))  # one module's instruction
+        if e.get("ph") == "X" and key in instructions:
+            threads[e["pid"], e["tid"]].append((e["ts"], e["ts"] + e["dur"], key))
+    totals: dict[tuple, float] = collections.defaultdict(float)
     for spans in threads.values():
         spans.sort(key=lambda s: (s[0], -s[1]))
         stack: list[list] = []  # [end, name, self time]
@@ -190,9 +191,11 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
     forward = steps.forward.lower(core.spec, m.params, core.state, table, window, slots).compile().as_text()
     logits = jax.ShapeDtypeStruct((slots, m.cfg.vocab_size), jnp.float32)
     sample = steps.sample_step.lower(core.spec, core.state, logits).compile().as_text()
-    hlo = forward + "\n" + sample  # the step's two halves (an instruction name in both: the last one's label)
-    labels = classify(forward) | classify(sample)
-    instructions = set(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = ", hlo, re.M))
+    modules = {"jit_forward": forward, "jit_sample_step": sample}  # the step's two halves, as traced
+    labels = {(m, name): label for m, text in modules.items() for name, label in classify(text).items()}
+    instructions = {
+        (m, name) for m, text in modules.items() for name in re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = ", text, re.M)
+    }
     run_steps(core, table, args.position, 3)  # compile and warm
     wall = run_steps(core, table, args.position, args.steps)
     trace_dir = trace_root / f"slots{slots}"
@@ -202,7 +205,7 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
     totals, busy = self_times(trace_dir, instructions)
     per_step = lambda us: us / args.steps / 1000
     by_comp: dict[str, float] = collections.defaultdict(float)
-    unlabeled: dict[str, float] = collections.defaultdict(float)
+    unlabeled: dict[tuple, float] = collections.defaultdict(float)
     for name, us in totals.items():
         by_comp[labels.get(name, "other")] += per_step(us)
         if name not in labels:
@@ -219,7 +222,7 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
     for comp, ms in sorted(by_comp.items(), key=lambda kv: -kv[1]):
         print(f"| {comp} | {ms:.3f} | {100 * ms / total:.1f}% |")
     if top := sorted(unlabeled.items(), key=lambda kv: -kv[1])[:6]:
-        print("other, largest: " + ", ".join(f"{n} {ms:.3f}" for n, ms in top))
+        print("other, largest: " + ", ".join(f"{m}:{n} {ms:.3f}" for (m, n), ms in top))
 
 
 def main() -> None:

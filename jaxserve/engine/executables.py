@@ -32,7 +32,6 @@ import hashlib
 import logging
 import os
 import pickle
-import platform
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +43,8 @@ import jaxlib
 import numpy as np
 from jax.experimental import serialize_executable
 
+from jaxserve import host
+
 log = logging.getLogger(__name__)
 
 FOLDER = "jaxserve-executables"  # inside the compilation cache's folder
@@ -54,6 +55,7 @@ HOST_ONLY = (
     "batch.py",
     "chat_template.py",
     "cli.py",
+    "host.py",
     "tokenizer.py",
     "engine/bridge.py",
     "engine/build.py",
@@ -133,16 +135,7 @@ def complete(blob: bytes, platform: str) -> bool:
 def host_cpu() -> str:
     """The host CPU's model and a hash of its feature flags: XLA:CPU compiles for the features it finds, so a
     cache folder shared with another kind of machine must not hand over code that machine cannot run."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            fields.setdefault(name.strip(), value.strip())
-    except OSError:
-        pass
-    features = fields.get("flags") or fields.get("Features") or ""
-    model = fields.get("model name") or platform.processor() or platform.machine()
-    return f"{model} features {hashlib.sha256(features.encode()).hexdigest()[:16]}"
+    return f"{host.cpu_model()} features {host.cpu_features()}"
 
 
 @functools.cache

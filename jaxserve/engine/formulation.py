@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -36,12 +35,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxserve import kernels
+from jaxserve import host, kernels
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine.core import PREFILL_BUCKETS
 from jaxserve.model import Transformer
 from jaxserve.model.config import EVERY_ROW
-from jaxserve.model.transformer import dot, packed
+from jaxserve.model.transformer import dot, grouped_axis, packed
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +116,7 @@ def kernel_possible(model: LoadedModel) -> bool:
     for scope, lead in ((layers, 1), (model.params["params"], 0)):
         for name in [n for n in scope if n + "_scale" in scope]:
             kernel, scale = scope[name].shape[lead:], scope[name + "_scale"].shape[lead:]
-            contracted = next(i for i, (n, m) in enumerate(zip(kernel, scale)) if n != m) + 1
-            if not kernels.fits(kernel, scale, contracted):
+            if not kernels.fits(kernel, scale, grouped_axis(kernel, scale) + 1):
                 return False
     return kernels.available()
 
@@ -138,8 +136,7 @@ def matmul_step(model: LoadedModel) -> Callable:
         def layer(acc, index):
             rows_in = x + acc
             for kernel, scale in weights.values():  # each layer read from the stack, as the model reads it
-                # the contracted axes are those up to the grouped one (where the scale is shorter)
-                a = next(i for i, (n, m) in enumerate(zip(kernel.shape[1:], scale.shape[1:])) if n != m)
+                a = grouped_axis(kernel.shape[1:], scale.shape[1:])  # the inputs are the axes up to it
                 ins, outs = letters[: a + 1], letters[a + 1 : kernel.ndim - 1]
                 inputs = jnp.resize(rows_in, (x.shape[0], 1, *kernel.shape[1 : a + 2]))
                 y = dot(f"bt{ins},{ins}{outs}->bt{outs}", inputs, (kernel, scale, index), cfg)
@@ -183,15 +180,7 @@ def machine() -> str:
     """The CPU model and cores on CPU, the device kind otherwise."""
     if jax.default_backend() != "cpu":
         return f"{jax.devices()[0].device_kind} x{jax.device_count()}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    return f"{host.cpu_model()}, {os.cpu_count()} cores"
 
 
 def cache_key(model: LoadedModel, slots: int) -> str:

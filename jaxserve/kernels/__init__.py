@@ -22,6 +22,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxserve import host
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_matmul.cc")
@@ -34,16 +36,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("JAXSERVE_KERNEL_CACHE", Path.home() / ".cache" / "jaxserve" / "kernels"))
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
-
-
 def version() -> str:
     """A short hash of the kernel's source: what it computes and how fast (keys the formulation's cache)."""
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
@@ -52,7 +44,8 @@ def version() -> str:
 def _build() -> Path:
     """The compiled library for this machine, built once into the cache."""
     compiler = subprocess.run([COMPILER, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\n".join([version(), compiler, jax.__version__, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = "\n".join([version(), compiler, jax.__version__, host.cpu_features()])
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
     lib = cache_dir() / f"int8_matmul-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)

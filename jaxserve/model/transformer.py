@@ -50,12 +50,18 @@ def _weight(module: nn.Module, cfg: ModelConfig, name: str, shape, axes, a: int,
     return _param(module, name, shape, axes, init or nn.initializers.normal(0.02), jnp.dtype(cfg.dtype)), None
 
 
+def grouped_axis(kernel_shape, scale_shape) -> int:
+    """The input axis along which an int8 kernel's scales are grouped: the one where the scale is shorter,
+    the last of the inputs (a kernel's first grouped_axis + 1 axes are its inputs)."""
+    return next(i for i, (n, m) in enumerate(zip(kernel_shape, scale_shape)) if n != m)
+
+
 def dequantize(kernel, scale):
     """int8 kernel * its group scales -> float32 weights. The grouped axis is the one where the scale is
     shorter. The weights stay int8 at rest; inside the jitted step XLA:CPU writes this float32 copy of each
     matrix just before its matmul (most of a one-slot decode step's time: see the int8 commits'
     measurements), and per-group scales cost no more there than per-channel ones."""
-    a = next(i for i, (n, m) in enumerate(zip(kernel.shape, scale.shape)) if n != m)
+    a = grouped_axis(kernel.shape, scale.shape)
     groups = scale.shape[a]
     split = (*kernel.shape[:a], groups, kernel.shape[a] // groups, *kernel.shape[a + 1 :])
     w = kernel.astype(jnp.float32).reshape(split) * jnp.expand_dims(scale, a + 1)
@@ -77,16 +83,14 @@ def dot(spec: str, x, weight, c: ModelConfig | None = None):
     if scale is None:
         return jnp.einsum(spec, x, kernel)
     rows, contracted = x.shape[0] * x.shape[1], x.ndim - 2
-    kernel_rows = c is not None and c.kernel_below_rows is not None and rows < c.kernel_below_rows
-    if layer:  # the whole stack over the layers, and this layer's index
-        if kernel_rows:
-            y = kernels.int8_matmul(x.reshape(rows, -1), kernel, scale, contracted, layer[0])
-            return y.reshape(*x.shape[:2], *kernel.shape[1 + contracted :]).astype(x.dtype)
+    held_packed = c is not None and c.kernel_below_rows is not None
+    if held_packed and rows < c.kernel_below_rows:  # the kernel reads one layer of a stack (a lone weight: of one)
+        stack = (kernel, scale) if layer else (kernel[None], scale[None])
+        y = kernels.int8_matmul(x.reshape(rows, -1), *stack, contracted, layer[0] if layer else 0)
+        return y.reshape(*x.shape[:2], *stack[0].shape[1 + contracted :]).astype(x.dtype)
+    if layer:
         kernel, scale = kernel[layer[0]], scale[layer[0]]  # a slice XLA fuses into the dequantization
-    if c is not None and c.kernel_below_rows is not None:  # the weights are held packed
-        if kernel_rows:
-            y = kernels.int8_matmul(x.reshape(rows, -1), kernel[None], scale[None], contracted)
-            return y.reshape(*x.shape[:2], *kernel.shape[contracted:]).astype(x.dtype)
+    if held_packed:
         kernel, scale = kernels.unpack(kernel, contracted), kernels.unpack(scale, contracted)
     if c is not None and c.bf16_from_rows is not None and rows >= c.bf16_from_rows:
         w = dequantize(kernel, scale).astype(jnp.bfloat16)
@@ -101,7 +105,7 @@ def packed(params, cfg: ModelConfig):
     assert cfg.quant == "int8", cfg.quant
 
     def pack(kernel, scale, lead: int):
-        contracted = next(i for i, (n, m) in enumerate(zip(kernel.shape, scale.shape)) if n != m) + 1 - lead
+        contracted = grouped_axis(kernel.shape[lead:], scale.shape[lead:]) + 1
         one = lambda a: kernels.pack(a, contracted)
         fn = jax.vmap(one) if lead else one
         return fn(kernel), fn(scale)

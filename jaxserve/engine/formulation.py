@@ -252,7 +252,7 @@ def choose(
         if not kernel_possible(model):
             raise ValueError(
                 "--formulation kernel needs a CPU backend, one device, a C++ compiler and weights of the shapes the "
-                "kernel takes (output channels a multiple of 64)"
+                "kernel takes (output channels and scale groups multiples of 16)"
             )
         return CANDIDATES["kernel"]
     if formulation != "auto":

@@ -39,7 +39,8 @@ from jaxserve import host, kernels
 from jaxserve.checkpoint import LoadedModel
 from jaxserve.engine.core import PREFILL_BUCKETS
 from jaxserve.model import Transformer
-from jaxserve.model.config import EVERY_ROW
+from jaxserve.model import blocks as qblocks
+from jaxserve.model.config import EVERY_ROW, QUANTIZED
 from jaxserve.model.transformer import dot, grouped_axis, packed
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ class Choice:
         cfg = dataclasses.replace(model.cfg, **rule)
         if self.kernel_below_rows is None:
             return dataclasses.replace(model, cfg=cfg)
-        assert kernels.available(), "the int8 kernel is not available here"  # compiled and registered
+        assert kernels.available(), "the kernels are not available here"  # compiled and registered
+        if cfg.quant == "blocks":  # held as the kernel reads them
+            return dataclasses.replace(model, cfg=cfg)
         params = packed(model.params, cfg)
         return dataclasses.replace(model, cfg=cfg, params=params)
 
@@ -109,9 +112,11 @@ def bf16_threshold(timings: Timings) -> int | None:
 
 def kernel_possible(model: LoadedModel) -> bool:
     """Whether jaxserve's int8 kernel can serve `model`: int8 weights of shapes it takes, on one CPU device,
-    with the kernel compiled here."""
-    if model.cfg.quant != "int8" or jax.default_backend() != "cpu" or model.mesh.size != 1:
+    with the kernel compiled here; or GGUF block weights (every shape)."""
+    if model.cfg.quant not in QUANTIZED or jax.default_backend() != "cpu" or model.mesh.size != 1:
         return False
+    if model.cfg.quant == "blocks":
+        return kernels.available()
     layers = model.params["params"]["layers"]
     for scope, lead in ((layers, 1), (model.params["params"], 0)):
         for name in [n for n in scope if n + "_scale" in scope]:
@@ -132,9 +137,13 @@ def matmul_step(model: LoadedModel) -> Callable:
     def run(params, x):
         layers = params["params"]["layers"]
         weights = {n: (layers[n], layers[n + "_scale"]) for n in sorted(layers) if n + "_scale" in layers}
+        block_weights = qblocks.stacks(layers, dict(cfg.block_formats))
 
         def layer(acc, index):
             rows_in = x + acc
+            for w in block_weights.values():
+                inputs = jnp.resize(rows_in, (x.shape[0], 1, w.arrays[1].shape[-1] * qblocks.QK))
+                acc = acc + 1e-6 * jnp.mean(dot("", inputs, w.at(index), cfg))
             for kernel, scale in weights.values():  # each layer read from the stack, as the model reads it
                 a = grouped_axis(kernel.shape[1:], scale.shape[1:])  # the inputs are the axes up to it
                 ins, outs = letters[: a + 1], letters[a + 1 : kernel.ndim - 1]
@@ -241,10 +250,10 @@ def choose(
     bfloat16 elsewhere. `timer(model, rows, names)` answers Timings as `measure` does."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r} (choose from {', '.join(FORMULATIONS)})")
-    if model.cfg.quant != "int8":
+    if model.cfg.quant not in QUANTIZED:
         if formulation in ("bf16", "kernel"):
             raise ValueError(
-                f"--formulation {formulation} applies to int8 weights; float weights compute in their own dtype "
+                f"--formulation {formulation} applies to quantized weights; float weights compute in their own dtype "
                 "(--dtype bfloat16 for bfloat16 ones)"
             )
         return Choice(None, "float weights")

@@ -17,6 +17,7 @@ import numpy as np
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
+QUANTIZED = ("int8", "blocks")  # the weights whose matmuls have formulations (jaxserve.engine.formulation)
 EVERY_ROW = 1 << 30  # kernel_below_rows of a kernel at every row count
 
 
@@ -75,6 +76,8 @@ class ModelConfig:
     dtype: str = "float32"  # weights and activations
     quant: str | None = None  # "int8": matmul weights int8, one float32 scale per group of input weights
     quant_group: int = 64  # input weights sharing one int8 scale (per output channel)
+    # quant "blocks": each matmul weight in a GGUF block format (jaxserve.model.blocks), by name: ("q", "q4_1"), ...
+    block_formats: tuple[tuple[str, str], ...] = ()
     # How int8 matmuls compute (a serving choice, never saved with the checkpoint; see
     # jaxserve.engine.formulation), by the rows (B * T) a matmul carries: fewer than kernel_below_rows run
     # jaxserve's own int8 kernel (jaxserve.kernels; the layers' int8 weights are then held packed for it);
@@ -109,6 +112,7 @@ class ModelConfig:
     def from_json(cls, text: str) -> ModelConfig:
         data = json.loads(text)
         data["local_layers"] = tuple(data.get("local_layers", ()))
+        data["block_formats"] = tuple(tuple(f) for f in data.get("block_formats", ()))
         if data.get("rope_scaling"):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         return cls(**data)
@@ -122,7 +126,7 @@ class ModelConfig:
         """The weight matmuls' arithmetic in a word, as the startup log and /metrics name it: float weights
         compute in their own dtype; int8 in "kernel", "f32" and "bf16" by rows, e.g. "kernel<8<=f32<32<=bf16"
         (the kernel below 8 rows, bfloat16 from 32 rows on, float32 between)."""
-        if self.quant != "int8":
+        if self.quant not in QUANTIZED:
             return self.dtype
         kernel, bf16 = self.kernel_below_rows or 1, self.bf16_from_rows
         if kernel >= EVERY_ROW:
@@ -131,6 +135,10 @@ class ModelConfig:
         if bf16 is None:
             return text + "f32"
         return text + (f"f32<{bf16}<=bf16" if bf16 > kernel else "bf16")
+
+    def block_format(self, name: str) -> str | None:
+        """The GGUF block format of matmul weight `name` (quant "blocks"), or None."""
+        return dict(self.block_formats).get(name)
 
     @property
     def attention_scale(self) -> float:

@@ -24,6 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxserve import kernels
+from jaxserve.model import blocks as qblocks
 from jaxserve.model.config import ModelConfig, RopeScaling
 from jaxserve.model.kv_cache import KVCache
 
@@ -41,7 +42,9 @@ def group_size(cfg: ModelConfig, n: int) -> int:
 def _weight(module: nn.Module, cfg: ModelConfig, name: str, shape, axes, a: int, init=None):
     """A matmul weight: (kernel, None) in the model's dtype, or with cfg.quant == "int8" an int8 kernel and a
     float32 scale per output channel and group of input weights along input axis `a` (the scale has the
-    kernel's rank and axes; axis `a` shrinks by the group)."""
+    kernel's rank and axes; axis `a` shrinks by the group); with cfg.quant == "blocks" a blocks.BlockWeight."""
+    if cfg.quant == "blocks":
+        return qblocks.declare(module, cfg.block_format(name), name, shape, axes, a)
     if cfg.quant == "int8":
         kernel = _param(module, name, shape, axes, nn.initializers.zeros, jnp.int8)
         scale_shape = (*shape[:a], shape[a] // group_size(cfg, shape[a]), *shape[a + 1 :])
@@ -79,6 +82,8 @@ def dot(spec: str, x, weight, c: ModelConfig | None = None):
     rounding of each weight, not two) and multiplied with bfloat16 activations, accumulating in float32.
     Which is fastest depends on the CPU and the rows (jaxserve.engine.formulation measures it); float
     weights always compute in their own dtype."""
+    if isinstance(weight, qblocks.BlockWeight):
+        return qblocks.dot(x, weight, c.kernel_below_rows, c.bf16_from_rows)
     kernel, scale, *layer = weight
     if scale is None:
         return jnp.einsum(spec, x, kernel)
@@ -207,7 +212,9 @@ class Block(nn.Module):
 
         def weight(name, shape, axes, a):
             w = _weight(self, c, name, shape, axes, a)
-            return w if stacked is None else (*stacked[name], layer)
+            if stacked is None:
+                return w
+            return stacked[name].at(layer) if c.quant == "blocks" else (*stacked[name], layer)
 
         dt = jnp.dtype(c.dtype)
         local = jnp.asarray(c.layer_is_local())[layer]
@@ -264,14 +271,20 @@ class Embedding(nn.Module):
         c = self.cfg
         shape, axes = (c.vocab_size, c.dim), ("vocab", "embed")
         # int8: a scale per vocabulary row (the output channel of the logits) and group of D
-        self.table, self.scale = _weight(self, c, "embedding", shape, axes, 1)
+        w = _weight(self, c, "embedding", shape, axes, 1)
+        self.blocks = w if c.quant == "blocks" else None
+        self.table, self.scale = (None, None) if c.quant == "blocks" else w
 
     def __call__(self, tokens):
+        if self.blocks is not None:
+            return self.blocks.rows(tokens).astype(jnp.dtype(self.cfg.dtype))
         if self.scale is None:
             return self.table[tokens]
         return dequantize(self.table[tokens], self.scale[tokens]).astype(jnp.dtype(self.cfg.dtype))
 
     def attend(self, x):
+        if self.blocks is not None:
+            return qblocks.dot(x, self.blocks, self.cfg.kernel_below_rows, self.cfg.bf16_from_rows)
         if self.scale is None:
             return dot("btd,vd->btv", x, (self.table, None))
         c = self.cfg
@@ -335,7 +348,9 @@ class Transformer(nn.Module):
             tables.append(rope_tables(positions, c.head_dim, c.rope_local_theta))
         cos, sin = (jnp.stack(t) for t in zip(*tables))  # [R, B, T, H]
         stacked = None
-        if c.kernel_below_rows is not None and not self.is_initializing():  # packed int8: read in place
+        if c.quant == "blocks" and not self.is_initializing():  # block weights: always read in place
+            stacked = qblocks.stacks(self.variables["params"]["layers"], dict(c.block_formats))
+        elif c.kernel_below_rows is not None and not self.is_initializing():  # packed int8: read in place
             layers = self.variables["params"]["layers"]
             stacked = {n: (layers[n], layers[n + "_scale"]) for n in layers if n + "_scale" in layers}
         carry = (x, cache, jnp.int32(0))

@@ -1,0 +1,225 @@
+// GGUF block-quantized weight matmuls for XLA:CPU, through the XLA FFI: y[M, N] = x[M, K] . w^T, with w
+// [N, K] in one of GGUF's block formats, read as the file stores it (jaxserve.model.blocks keeps its parts):
+//
+//   Q4_1  w = d * q + m,    q in 0..15, 32 inputs a block, f16 d and m per block    (20 bytes / 32 weights)
+//   Q4_0  w = d * (q - 8)   q in 0..15, f16 d per block                              (18 bytes / 32 weights)
+//   Q8_0  w = d * q         q in -128..127, f16 d per block                          (34 bytes / 32 weights)
+//
+// Each a layer of a stack [L, N, ...] named by an int32 operand and read in place (an operand sliced out of
+// the stack would be a copy of it each call). The four-bit codes of a block lie as GGUF packs them: byte j
+// holds input j in its low nibble and input j + 16 in its high one.
+//
+// The activations stay float32 (the served outputs match the float32 reference as closely as float32
+// weights do): per block and row, the codes are widened in registers and dotted with x, and the dot is
+// scaled by d once; the offsets (m, or -8d) multiply x's block sums, computed once per call:
+//   y[r, n] = sum_b d[n, b] * (q[n, b] . x[r, b]) + sum_b m[n, b] * sum(x[r, b]).
+// Weight rows are the output columns, so one row of w is one contiguous read (and stays in L1 while the
+// R rows of x are dotted with it). Tiles of rows run on XLA's intra-op thread pool (pool.h).
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int L = 16;     // floats per vector
+constexpr int QK = 32;    // inputs per block
+constexpr int MB = 4;     // rows of x dotted with a weight row while it is in registers
+constexpr int64_t TILE = 32;  // weight rows (output columns) per task
+
+typedef float vf __attribute__((vector_size(L * 4)));
+typedef uint8_t vu8 __attribute__((vector_size(L)));
+typedef int8_t vs8 __attribute__((vector_size(L)));
+
+enum class Fmt { Q4_0, Q4_1, Q8_0 };
+
+template <Fmt F>
+constexpr int64_t block_bytes() {  // of the codes; d and m are arrays of their own
+  return F == Fmt::Q8_0 ? QK : QK / 2;
+}
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float sum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float t = 0;
+  for (int i = 0; i < L; ++i) t += v[i];
+  return t;
+#endif
+}
+
+// f16 -> f32 (IEEE half, as GGUF stores d and m), n values.
+inline void widen_half(const uint16_t* h, float* f, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + L <= n; i += L)
+    _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+#endif
+  for (; i < n; ++i) {
+    const uint32_t s = (h[i] & 0x8000u) << 16, e = (h[i] >> 10) & 0x1f, m = h[i] & 0x3ff;
+    uint32_t bits;
+    if (e == 0x1f) {
+      bits = s | 0x7f800000u | (m << 13);
+    } else if (e != 0) {
+      bits = s | ((e + 112) << 23) | (m << 13);
+    } else if (m == 0) {
+      bits = s;
+    } else {  // subnormal: normalise
+      int shift = 0;
+      uint32_t mm = m;
+      while (!(mm & 0x400)) mm <<= 1, ++shift;
+      bits = s | ((113 - shift) << 23) | ((mm & 0x3ff) << 13);
+    }
+    std::memcpy(f + i, &bits, 4);
+  }
+}
+
+// The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied).
+template <Fmt F>
+inline void codes(const uint8_t* q, vf& lo, vf& hi) {
+  if constexpr (F == Fmt::Q8_0) {
+    vs8 a, b;
+    std::memcpy(&a, q, L);
+    std::memcpy(&b, q + L, L);
+    lo = __builtin_convertvector(a, vf);
+    hi = __builtin_convertvector(b, vf);
+  } else {
+    vu8 b;
+    std::memcpy(&b, q, L);
+    lo = __builtin_convertvector(b & 15, vf);
+    hi = __builtin_convertvector(b >> 4, vf);
+  }
+}
+
+struct Dims {
+  int64_t M, K, N;
+};
+
+// Rows [m0, m0 + R) of x by weight row n. d and m: the row's block scales and offsets in float32; xs: x's
+// block sums [M, K/32].
+template <Fmt F, int R>
+void row(const float* x, const float* xs, const uint8_t* q, const float* d, const float* m, float* y, Dims s,
+         int64_t m0, int64_t n) {
+  const int64_t nb = s.K / QK;
+  vf acc[R] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    vf lo, hi;
+    codes<F>(q + b * block_bytes<F>(), lo, hi);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + (m0 + r) * s.K + b * QK;
+      acc[r] += (lo * load(xr) + hi * load(xr + L)) * d[b];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float offset = 0;
+    if constexpr (F != Fmt::Q8_0) {
+      const float* xr = xs + (m0 + r) * nb;
+      for (int64_t b = 0; b < nb; ++b) offset += (F == Fmt::Q4_1 ? m[b] : -8 * d[b]) * xr[b];
+    }
+    y[(m0 + r) * s.N + n] = sum(acc[r]) + offset;
+  }
+}
+
+template <Fmt F>
+void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
+          Dims s, int64_t t) {
+  const int64_t nb = s.K / QK;
+  std::vector<float> df(nb), mf(F == Fmt::Q4_1 ? nb : 0);
+  const int64_t end = std::min((t + 1) * TILE, s.N);
+  for (int64_t n = t * TILE; n < end; ++n) {
+    widen_half(d + n * nb, df.data(), nb);
+    if constexpr (F == Fmt::Q4_1) widen_half(m + n * nb, mf.data(), nb);
+    const uint8_t* qn = q + n * nb * block_bytes<F>();
+    int64_t m0 = 0;
+    for (; m0 + MB <= s.M; m0 += MB) row<F, MB>(x, xs, qn, df.data(), mf.data(), y, s, m0, n);
+    switch (s.M - m0) {
+      case 1: row<F, 1>(x, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+      case 2: row<F, 2>(x, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+      case 3: row<F, 3>(x, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+    }
+  }
+}
+
+// y = x . w[layer]^T for w's codes [L, N, K * bytes per block / 32], d (and m) [L, N, K / 32].
+template <Fmt F, typename Q>
+ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::Buffer<ffi::F16> d,
+                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions(), dd = d.dimensions();
+  if (xd.size() != 2 || qd.size() != 3 || dd.size() != 3 || layer.element_count() != 1 || xd[1] % QK ||
+      qd[2] != xd[1] / QK * block_bytes<F>() || dd[0] != qd[0] || dd[1] != qd[1] || dd[2] != xd[1] / QK)
+    return ffi::Error::InvalidArgument("block matmul: x [M, K], codes [L, N, K/32 * block bytes], d [L, N, K/32]");
+  const Dims s{xd[0], xd[1], qd[1]};
+  const int64_t l = *layer.typed_data(), nb = s.K / QK;
+  if (l < 0 || l >= qd[0]) return ffi::Error::InvalidArgument("block matmul: layer out of range");
+  const float* xp = x.typed_data();
+  std::vector<float> xs(F == Fmt::Q8_0 ? 0 : s.M * nb);  // x's block sums, for the offsets
+  for (int64_t i = 0; i < static_cast<int64_t>(xs.size()); ++i) {
+    float t = 0;
+    for (int k = 0; k < QK; ++k) t += xp[i * QK + k];
+    xs[i] = t;
+  }
+  const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.typed_data()) + l * qd[1] * qd[2];
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.typed_data()) + l * s.N * nb;
+  const uint16_t* mp = m ? m + l * s.N * nb : nullptr;
+  float* yp = y->typed_data();
+  const float* xsp = xs.data();
+  jaxserve::parallel(pool, (s.N + TILE - 1) / TILE, [=](int64_t t) { tile<F>(xp, xsp, qp, dp, mp, yp, s, t); });
+  return ffi::Error::Success();
+}
+
+ffi::Error Q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
+                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  if (m.dimensions().size() != 3 || m.element_count() != d.element_count())
+    return ffi::Error::InvalidArgument("block matmul: m as d");
+  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y);
+}
+
+ffi::Error Q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y);
+}
+
+ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> d,
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y);
+}
+
+// x, codes, d (, m), layer -> y
+auto bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>(); }
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
+                              bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_0_matmul, Q4_0,
+                              bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_0_matmul, Q8_0,
+                              bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -353,10 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--quantize",
-        choices=["int8", "none"],
-        help="int8 weights (a scale per output channel and 64 inputs), converted once into "
-        "checkpoints/NAME-int8, or none: the float weights, exact (default: the model card's "
-        "choice; int8 for smollm2-135m-instruct)",
+        choices=["gguf", "int4", "int8", "none"],  # jaxserve.checkpoint.QUANTIZE and none
+        help="gguf: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks as stored (weights of other types in Q8_0); "
+        "int4: Q4_1 blocks of 32 inputs (embedding Q8_0); int8: a scale per output channel and 64 inputs; "
+        "each converted once into checkpoints/NAME-QUANTIZE; or none: the float weights, exact (default: the "
+        "model card's choice; gguf for smollm2-135m-instruct)",
     )
 
     p = sub.add_parser(

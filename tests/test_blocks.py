@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from served import full_logits, greedy_decode
+from test_kernels import TINY_LLAMA
 from test_quantize import teacher_forced
 
 from jaxserve import kernels
@@ -16,7 +17,6 @@ from jaxserve.engine.core import JaxCore
 from jaxserve.engine.formulation import CANDIDATES, Choice, kernel_possible
 from jaxserve.model import blocks
 from jaxserve.sharding import make_mesh
-from test_kernels import TINY_LLAMA
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler or no CPU backend here")
 

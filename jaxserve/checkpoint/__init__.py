@@ -131,7 +131,9 @@ def source_chat_template(directory: Path) -> str | None:
     (the recorded Hugging Face directory, or the GGUF file of the card the folder is named after, its
     quantized variant's suffix aside); None when there is none."""
     directory = Path(directory)
-    name = next((directory.name.removesuffix(f"-{q}") for q in QUANTIZE if directory.name.endswith(f"-{q}")), directory.name)
+    name = next(
+        (directory.name.removesuffix(f"-{q}") for q in QUANTIZE if directory.name.endswith(f"-{q}")), directory.name
+    )
     try:
         recorded = directory / SOURCE
         if recorded.is_file():

@@ -119,6 +119,8 @@ def int4_pieces(pieces: Iterable[Piece], cfg: ModelConfig) -> tuple[ModelConfig,
                 rows = value.reshape(value.shape[0], -1)
             else:  # inputs first: [K, N] -> [N, K]
                 rows = value.reshape(math.prod(value.shape[: a + 1]), -1).T
-            yield from _pieces(path, index, blocks.quantize(np.ascontiguousarray(rows), formats[name]), formats[name], shapes)
+            yield from _pieces(
+                path, index, blocks.quantize(np.ascontiguousarray(rows), formats[name]), formats[name], shapes
+            )
 
     return cfg, convert()

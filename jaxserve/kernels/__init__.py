@@ -30,6 +30,7 @@ SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_matmul.cc", "block_m
 HEADERS = (Path(__file__).with_name("pool.h"),)
 TARGETS = {"kn": "jaxserve_int8_matmul", "nk": "jaxserve_int8_matmul_nk"}
 BLOCK_TARGETS = {f: f"jaxserve_{f}_matmul" for f in ("q4_0", "q4_1", "q8_0")}
+READ = "jaxserve_read_bytes"  # a plain read of a weight's bytes: the floor the kernels are measured against
 LANES = 16  # the kernel's vector width in floats: output columns and groups are multiples of it
 COMPILER = os.environ.get("CXX", "g++")
 
@@ -70,7 +71,7 @@ def available() -> bool:
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("kernels unavailable (%s); quantized matmuls use XLA's formulations", e)
         return False
-    for target in (*TARGETS.values(), *BLOCK_TARGETS.values()):
+    for target in (*TARGETS.values(), *BLOCK_TARGETS.values(), READ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return True
 
@@ -123,3 +124,9 @@ def block_matmul(x, fmt: str, codes, d, m=None, layer=0):
     out = jax.ShapeDtypeStruct((x.shape[0], codes.shape[1]), jnp.float32)
     operands = (d,) if m is None else (d, m)
     return jax.ffi.ffi_call(BLOCK_TARGETS[fmt], out)(x.astype(jnp.float32), codes, *operands, jnp.int32(layer))
+
+
+def read_bytes(a, layer=0):
+    """Reads layer `layer` of a stack `a` [L, ...] whole (its bytes, 64 at a time) on the kernels' threads ->
+    a float32 [1] depending on every byte: the plain read a kernel's bandwidth is measured against."""
+    return jax.ffi.ffi_call(READ, jax.ShapeDtypeStruct((1,), jnp.float32))(a, jnp.int32(layer))

@@ -16,6 +16,7 @@
 // Weight rows are the output columns, so one row of w is one contiguous read (and stays in L1 while the
 // R rows of x are dotted with it). Tiles of rows run on XLA's intra-op thread pool (pool.h).
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -199,11 +200,43 @@ ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y);
 }
 
+// The floor the kernel is measured against (scripts/bench_bandwidth.py): layer `layer` of a stack of bytes
+// [L, ...] read whole, split into the same tasks on the same threads, nothing computed but a sum.
+ffi::Error Read(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t per_layer = a.size_bytes() / a.dimensions()[0], words = per_layer / 64;
+  const uint8_t* p = static_cast<const uint8_t*>(a.untyped_data()) + *layer.typed_data() * per_layer;
+  constexpr int64_t CHUNK = 4096;  // 64-byte lines per task
+  std::vector<uint64_t> sums((words + CHUNK - 1) / CHUNK);
+  uint64_t* out = sums.data();
+  jaxserve::parallel(pool, static_cast<int64_t>(sums.size()), [=](int64_t t) {
+    typedef uint64_t line __attribute__((vector_size(64)));
+    line acc = {};
+    for (int64_t i = t * CHUNK; i < std::min((t + 1) * CHUNK, words); ++i) {
+      line v;
+      std::memcpy(&v, p + i * 64, 64);
+      acc += v;
+    }
+    uint64_t total = 0;
+    for (int j = 0; j < 8; ++j) total += acc[j];
+    out[t] = total;
+  });
+  uint64_t total = 0;
+  for (uint64_t s : sums) total += s;
+  *y->typed_data() = static_cast<float>(total & 0xff);
+  return ffi::Error::Success();
+}
+
 // x, codes, d (, m), layer -> y
 auto bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>(); }
 
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_read_bytes, Read,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
                               bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()

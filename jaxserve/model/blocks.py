@@ -109,9 +109,7 @@ def declare(module: nn.Module, fmt: str, name: str, shape, axes, a: int) -> Bloc
     dtypes = {"": jnp.int8 if fmt == "q8_0" else jnp.uint8, "_d": jnp.float16, "_m": jnp.float16}
     init = nn.initializers.zeros
     arrays = tuple(
-        module.param(
-            name + p, nn.with_logical_partitioning(init, (*out_axes, None)), (*outputs, sizes[p]), dtypes[p]
-        )
+        module.param(name + p, nn.with_logical_partitioning(init, (*out_axes, None)), (*outputs, sizes[p]), dtypes[p])
         for p in parts(fmt)
     )
     return BlockWeight(fmt, arrays, tuple(outputs))

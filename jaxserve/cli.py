@@ -344,10 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     formulation = argparse.ArgumentParser(add_help=False)
     formulation.add_argument(
         "--formulation",
-        choices=["auto", "f32", "bf16", "kernel"],  # engine.formulation.FORMULATIONS (jax not imported here)
+        choices=["auto", "f32", "bf16", "kernel", "q8"],  # engine.formulation.FORMULATIONS (jax not imported here)
         default="auto",
-        help="how int8 matmuls compute: kernel (jaxserve's int8 kernel, compiled here with g++; CPU, one "
-        "device), f32 (int8 widened to float32), bf16 (bfloat16 products, float32 sums), or auto: on CPU the "
+        help="how quantized matmuls compute: kernel (jaxserve's kernels, compiled here with g++; CPU, one "
+        "device), q8 (GGUF blocks only: the kernel on activations quantized to 8 bits, AVX512-VNNI), f32 "
+        "(weights widened to float32), bf16 (bfloat16 products, float32 sums), or auto: on CPU the "
         "fastest at each decode batch size, measured once per machine and model and cached beside the "
         "compiled steps; bf16 on GPU/TPU (default: auto)",
     )

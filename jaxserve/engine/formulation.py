@@ -26,6 +26,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -45,11 +46,11 @@ from jaxserve.model.transformer import dot, grouped_axis, packed
 
 log = logging.getLogger(__name__)
 
-FORMULATIONS = ("auto", "f32", "bf16", "kernel")
+FORMULATIONS = ("auto", "f32", "bf16", "kernel", "q8")
 CACHE_FILE = "jaxserve-formulations.json"
 MARGIN = 0.97  # a candidate must win by 3% at a row count to be taken there
 SHORT_PREFILL = 64  # tokens: the prefill chunks up to this many are measured too
-PROCEDURE = 3  # how `choose` decides: a cached choice made another way is made again
+PROCEDURE = 4  # how `choose` decides: a cached choice made another way is made again
 REPEATS = 5  # timed runs of each candidate at each row count, interleaved; medians compared
 
 Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms, "kernel": ms}, medians, those measured
@@ -65,10 +66,16 @@ class Choice:
     source: str
     timings: Timings = dataclasses.field(default_factory=dict)
     kernel_below_rows: int | None = None
+    q8_from_rows: int | None = None
+
+    def rule(self) -> dict:
+        return dict(
+            bf16_from_rows=self.bf16_from_rows, kernel_below_rows=self.kernel_below_rows, q8_from_rows=self.q8_from_rows
+        )
 
     def apply(self, model: LoadedModel) -> LoadedModel:
         """`model` to serve with this choice: its config says it, and with the kernel its weights are packed."""
-        rule = dict(bf16_from_rows=self.bf16_from_rows, kernel_below_rows=self.kernel_below_rows)
+        rule = self.rule()
         cfg = dataclasses.replace(model.cfg, **rule)
         if self.kernel_below_rows is None:
             return dataclasses.replace(model, cfg=cfg)
@@ -79,10 +86,9 @@ class Choice:
         return dataclasses.replace(model, cfg=cfg, params=params)
 
     def describe(self, cfg) -> str:
-        rule = dict(bf16_from_rows=self.bf16_from_rows, kernel_below_rows=self.kernel_below_rows)
-        text = f"matmul formulation {dataclasses.replace(cfg, **rule).formulation} ({self.source}"
+        text = f"matmul formulation {dataclasses.replace(cfg, **self.rule()).formulation} ({self.source}"
         if self.timings:
-            names = [n for n in ("kernel", "f32", "bf16") if any(n in t for t in self.timings.values())]
+            names = [n for n in ("kernel", "q8", "f32", "bf16") if any(n in t for t in self.timings.values())]
             per_rows = ", ".join(
                 f"{r}: " + "/".join(f"{t[n]:.1f}" if n in t else "-" for n in names)
                 for r, t in sorted(self.timings.items())
@@ -162,6 +168,7 @@ CANDIDATES = {  # each formulation alone, at every row count
     "f32": Choice(None, "forced"),
     "bf16": Choice(1, "forced"),
     "kernel": Choice(None, "forced", kernel_below_rows=EVERY_ROW),
+    "q8": Choice(None, "forced", kernel_below_rows=EVERY_ROW, q8_from_rows=1),  # the kernel on int8 activations
 }
 
 
@@ -217,6 +224,7 @@ def _write(path: Path, key: str, choice: Choice) -> None:
     entries[key] = {
         "bf16_from_rows": choice.bf16_from_rows,
         "kernel_below_rows": choice.kernel_below_rows,
+        "q8_from_rows": choice.q8_from_rows,
         "timings_ms": {str(r): t for r, t in sorted(choice.timings.items())},
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -226,14 +234,27 @@ def _write(path: Path, key: str, choice: Choice) -> None:
     os.replace(tmp, path)  # a concurrent reader sees the old file or the new one, never half of one
 
 
-def kernel_threshold(timings: Timings, bf16_from_rows: int | None) -> int | None:
-    """The smallest measured row count, from one up, at which the kernel does not beat (by MARGIN) what
-    would serve those rows without it (bfloat16 from `bf16_from_rows`, float32 below): the kernel serves
-    fewer rows than that. None where it loses at the fewest; past the most where it never loses."""
+def q8_threshold(timings: Timings) -> int | None:
+    """The smallest measured row count from which the kernel on quantized activations beats (by MARGIN) the
+    kernel on float ones at every count where both were measured, or None."""
+    threshold = None
+    for rows in sorted((r for r in timings if "q8" in timings[r]), reverse=True):
+        if timings[rows]["q8"] >= MARGIN * timings[rows]["kernel"]:
+            break
+        threshold = rows
+    return threshold
+
+
+def kernel_threshold(timings: Timings, bf16_from_rows: int | None, q8_from_rows: int | None = None) -> int | None:
+    """The smallest measured row count, from one up, at which the kernel (on quantized activations from
+    `q8_from_rows`) does not beat (by MARGIN) what would serve those rows without it (bfloat16 from
+    `bf16_from_rows`, float32 below): the kernel serves fewer rows than that. None where it loses at the
+    fewest; past the most where it never loses."""
     measured = sorted(r for r in timings if "kernel" in timings[r])
     for rows in measured:
         other = "bf16" if bf16_from_rows is not None and rows >= bf16_from_rows else "f32"
-        if timings[rows]["kernel"] >= MARGIN * timings[rows][other]:
+        kernel = "q8" if q8_from_rows is not None and rows >= q8_from_rows else "kernel"
+        if timings[rows][kernel] >= MARGIN * timings[rows][other]:
             return rows if rows > measured[0] else None
     return measured[-1] + 1 if measured else None
 
@@ -257,6 +278,10 @@ def choose(
                 "(--dtype bfloat16 for bfloat16 ones)"
             )
         return Choice(None, "float weights")
+    if formulation == "q8":
+        if not (kernel_possible(model) and model.cfg.quant == "blocks" and kernels.vnni()):
+            raise ValueError("--formulation q8 needs GGUF block weights and the kernels built for AVX512-VNNI")
+        return CANDIDATES["q8"]
     if formulation == "kernel":
         if not kernel_possible(model):
             raise ValueError(
@@ -272,15 +297,22 @@ def choose(
     path = None if cache_dir is None else Path(cache_dir) / CACHE_FILE
     if path is not None and (entry := _read(path).get(key)) is not None:
         timings = {int(r): t for r, t in entry["timings_ms"].items()}
-        return Choice(entry["bf16_from_rows"], f"cached in {path}", timings, entry.get("kernel_below_rows"))
+        return Choice(
+            entry["bf16_from_rows"],
+            f"cached in {path}",
+            timings,
+            entry.get("kernel_below_rows"),
+            entry.get("q8_from_rows"),
+        )
     t0 = time.perf_counter()
     timings: Timings = {}
     buckets = row_buckets(slots)
     below = 0  # the kernel serves fewer rows than this
     if kernel_possible(model):
+        q8 = model.cfg.quant == "blocks" and kernels.vnni()  # and on quantized activations
         for rows in buckets:  # from one row up, against float32: above a loss nothing counts
-            timings[rows] = timer(model, (rows,), ("kernel", "f32"))[rows]
-            if timings[rows]["kernel"] >= MARGIN * timings[rows]["f32"]:
+            timings[rows] = timer(model, (rows,), ("kernel", "q8", "f32") if q8 else ("kernel", "f32"))[rows]
+            if min(timings[rows]["kernel"], timings[rows].get("q8", math.inf)) >= MARGIN * timings[rows]["f32"]:
                 break
             below = rows + 1
     for rows in reversed(buckets):  # bfloat16 from the most rows down, until the kernel or float32 wins
@@ -289,8 +321,9 @@ def choose(
         if bf16_threshold({rows: timings[rows]}) is None:
             break
     bf16 = bf16_threshold({r: t for r, t in timings.items() if "bf16" in t})
-    kernel = kernel_threshold(timings, bf16) if below else None
-    choice = Choice(bf16, f"measured in {time.perf_counter() - t0:.1f} s", timings, kernel)
+    q8_from = q8_threshold(timings)
+    kernel = kernel_threshold(timings, bf16, q8_from) if below else None
+    choice = Choice(bf16, f"measured in {time.perf_counter() - t0:.1f} s", timings, kernel, q8_from if kernel else None)
     if path is not None:
         _write(path, key, choice)
     return choice

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxserve import host
 
@@ -117,13 +118,21 @@ def int8_matmul(x, kernel, scale, contracted: int = 1, layer=0, layout: str = "k
     return jax.ffi.ffi_call(TARGETS[layout], out)(x.astype(jnp.float32), kernel, scale, jnp.int32(layer))
 
 
-def block_matmul(x, fmt: str, codes, d, m=None, layer=0):
+@functools.cache
+def vnni() -> bool:
+    """Whether the block kernels can multiply on quantized activations here (built for AVX512-VNNI)."""
+    return available() and bool(ctypes.cdll.LoadLibrary(str(_build())).jaxserve_block_vnni())
+
+
+def block_matmul(x, fmt: str, codes, d, m=None, layer=0, q8: bool = False):
     """x [M, K] . layer `layer` (an int32 scalar, traced or not) of a weight [L, N, K] in GGUF block format
     `fmt` ("q4_0", "q4_1", "q8_0"), transposed -> [M, N] float32: codes [L, N, K/32 * block bytes], d (and,
-    for q4_1, m) [L, N, K/32] float16, as jaxserve.model.blocks holds them. Call `available()` first."""
+    for q4_1, m) [L, N, K/32] float16, as jaxserve.model.blocks holds them. `q8`: x quantized to 8 bits a
+    block of 32 first and multiplied with integer dot products (where `vnni()`). Call `available()` first."""
     out = jax.ShapeDtypeStruct((x.shape[0], codes.shape[1]), jnp.float32)
     operands = (d,) if m is None else (d, m)
-    return jax.ffi.ffi_call(BLOCK_TARGETS[fmt], out)(x.astype(jnp.float32), codes, *operands, jnp.int32(layer))
+    call = jax.ffi.ffi_call(BLOCK_TARGETS[fmt], out)
+    return call(x.astype(jnp.float32), codes, *operands, jnp.int32(layer), q8=np.int32(q8))
 
 
 def read_bytes(a, layer=0):

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -156,10 +157,140 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool VNNI = true;
+
+// Quantized activations (the `q8` attribute): each block of 32 inputs of x as int8 codes times a float32
+// step (its largest magnitude / 127, as llama.cpp's Q8 activations), so a weight block's dot with it is
+// one integer dot product: AVX512-VNNI's vpdpbusd sums four u8 x s8 products into each int32 lane, 64 bytes
+// an instruction. Q4 weights: their codes (0..15) are the unsigned operand and x's the signed one, laid out
+// as a 64-byte group of four blocks' codes unpacks: inputs 0..15 of the four blocks (low nibbles), then
+// 16..31 (high ones). Q8_0 weights are signed: x + 128 is the unsigned operand and 128 * the weight sum
+// (one more vpdpbusd by ones, shared by every row) is taken off. The offsets use x's exact block sums.
+struct Quantized {
+  std::vector<int8_t> q;  // [M, K], in the weights' order (see above)
+  std::vector<float> step;  // [M, K/32]
+};
+
+template <Fmt F>
+Quantized quantize_rows(const float* x, Dims s) {
+  const int64_t nb = s.K / QK;
+  Quantized out{std::vector<int8_t>(s.M * s.K), std::vector<float>(s.M * nb + L)};  // whole vectors are loaded
+  for (int64_t r = 0; r < s.M; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + r * s.K + b * QK;
+      float amax = 0;
+      for (int k = 0; k < QK; ++k) amax = std::max(amax, std::abs(xb[k]));
+      const float step = amax / 127, inv = amax > 0 ? 127 / amax : 0;
+      out.step[r * nb + b] = step;
+      // Q4: within a group of 4 blocks, input k of block j goes to (k / 16) * 64 + j * 16 + k % 16 (a
+      // tail block short of a group keeps its own 32 in order: low half, then high half)
+      const int64_t g = b / 4, j = b % 4, full = (b - j + 4) <= nb;
+      for (int k = 0; k < QK; ++k) {
+        const int8_t v = static_cast<int8_t>(std::lrint(xb[k] * inv));
+        int64_t at = b * QK + k;
+        if (F != Fmt::Q8_0 && full) at = g * 4 * QK + (k / 16) * 64 + j * 16 + k % 16;
+        out.q[r * s.K + at] = F == Fmt::Q8_0 ? static_cast<int8_t>(v ^ 0x80) : v;  // Q8_0: x + 128 as u8
+      }
+    }
+  return out;
+}
+
+// Rows [m0, m0 + R) by weight row n on quantized activations.
+template <Fmt F, int R>
+void row_q8(const Quantized& xq, const float* xs, const uint8_t* q, const float* d, const float* m, float* y,
+            Dims s, int64_t m0, int64_t n) {
+  const int64_t nb = s.K / QK;
+  constexpr int per = F == Fmt::Q8_0 ? 2 : 4;  // blocks in 64 bytes of codes
+  const __m512i low = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
+  const __m512i spread = per == 4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  float tail[R] = {};
+  int64_t b = 0;
+  for (; b + per <= nb; b += per) {
+    const __m512i v = _mm512_loadu_si512(q + b * block_bytes<F>());
+    __m512i lo = v, hi = v, wsum = _mm512_setzero_si512();
+    if constexpr (F == Fmt::Q8_0) {
+      wsum = _mm512_slli_epi32(_mm512_dpbusd_epi32(wsum, ones, v), 7);  // 128 * each lane's weight sum
+    } else {
+      lo = _mm512_and_si512(v, low);
+      hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    const __m512 dv = _mm512_permutexvar_ps(spread, _mm512_loadu_ps(d + b));  // d of each lane's block
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xr = xq.q.data() + (m0 + r) * s.K + b * QK;
+      const float* st = xq.step.data() + (m0 + r) * nb + b;
+      __m512i dot;
+      if constexpr (F == Fmt::Q8_0) {
+        dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xr), v), wsum);
+      } else {
+        dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
+        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xr + 64));
+      }
+      const __m512 scale = _mm512_mul_ps(dv, _mm512_permutexvar_ps(spread, _mm512_loadu_ps(st)));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+    }
+  }
+  for (; b < nb; ++b) {  // blocks short of a group: one at a time, in scalar
+    const uint8_t* qb = q + b * block_bytes<F>();
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xr = xq.q.data() + (m0 + r) * s.K + b * QK;
+      int32_t dot = 0;
+      if constexpr (F == Fmt::Q8_0) {  // as above, 32 bytes (GCC 12 vectorizes a scalar int8 x int8 loop
+        // into vpdpbusd as if one side were unsigned)
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb));
+        const __m256i xu = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+        const __m256i sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), w);
+        const __m256i v = _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), xu, w), _mm256_slli_epi32(sum, 7));
+        dot = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(v));
+      } else {
+        for (int k = 0; k < QK; ++k) dot += int32_t{k < 16 ? qb[k] & 15 : qb[k - 16] >> 4} * int32_t{xr[k]};
+      }
+      tail[r] += dot * d[b] * xq.step[(m0 + r) * nb + b];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float offset = 0;
+    if constexpr (F != Fmt::Q8_0) {
+      const float* xr = xs + (m0 + r) * nb;
+      for (int64_t k = 0; k < nb; ++k) offset += (F == Fmt::Q4_1 ? m[k] : -8 * d[k]) * xr[k];
+    }
+    y[(m0 + r) * s.N + n] = _mm512_reduce_add_ps(acc[r]) + tail[r] + offset;
+  }
+}
+
+template <Fmt F>
+void tile_q8(const Quantized& xq, const float* xs, const uint8_t* q, const uint16_t* d, const uint16_t* m,
+             float* y, Dims s, int64_t t) {
+  const int64_t nb = s.K / QK;
+  std::vector<float> df(nb + L), mf(F == Fmt::Q4_1 ? nb : 0);  // df padded: whole vectors are loaded
+  const int64_t end = std::min((t + 1) * TILE, s.N);
+  for (int64_t n = t * TILE; n < end; ++n) {
+    widen_half(d + n * nb, df.data(), nb);
+    if constexpr (F == Fmt::Q4_1) widen_half(m + n * nb, mf.data(), nb);
+    const uint8_t* qn = q + n * nb * block_bytes<F>();
+    int64_t m0 = 0;
+    for (; m0 + MB <= s.M; m0 += MB) row_q8<F, MB>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n);
+    switch (s.M - m0) {
+      case 1: row_q8<F, 1>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+      case 2: row_q8<F, 2>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+      case 3: row_q8<F, 3>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+    }
+  }
+}
+#else
+constexpr bool VNNI = false;  // quantized activations are asked for only where vnni() says the CPU has it
+#endif
+
+// Whether this build multiplies on quantized activations (the CPU has AVX512-VNNI).
+extern "C" int jaxserve_block_vnni() { return VNNI; }
+
 // y = x . w[layer]^T for w's codes [L, N, K * bytes per block / 32], d (and m) [L, N, K / 32].
 template <Fmt F, typename Q>
 ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::Buffer<ffi::F16> d,
-                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
   auto xd = x.dimensions(), qd = q.dimensions(), dd = d.dimensions();
   if (xd.size() != 2 || qd.size() != 3 || dd.size() != 3 || layer.element_count() != 1 || xd[1] % QK ||
       qd[2] != xd[1] / QK * block_bytes<F>() || dd[0] != qd[0] || dd[1] != qd[1] || dd[2] != xd[1] / QK)
@@ -179,25 +310,35 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
   const uint16_t* mp = m ? m + l * s.N * nb : nullptr;
   float* yp = y->typed_data();
   const float* xsp = xs.data();
-  jaxserve::parallel(pool, (s.N + TILE - 1) / TILE, [=](int64_t t) { tile<F>(xp, xsp, qp, dp, mp, yp, s, t); });
+  const int64_t tiles = (s.N + TILE - 1) / TILE;
+  if (q8 && !VNNI) return ffi::Error::InvalidArgument("block matmul: quantized activations need AVX512-VNNI");
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (q8) {
+    const Quantized xq = quantize_rows<F>(xp, s);
+    const Quantized* xqp = &xq;
+    jaxserve::parallel(pool, tiles, [=](int64_t t) { tile_q8<F>(*xqp, xsp, qp, dp, mp, yp, s, t); });
+    return ffi::Error::Success();
+  }
+#endif
+  jaxserve::parallel(pool, tiles, [=](int64_t t) { tile<F>(xp, xsp, qp, dp, mp, yp, s, t); });
   return ffi::Error::Success();
 }
 
 ffi::Error Q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
   if (m.dimensions().size() != 3 || m.element_count() != d.element_count())
     return ffi::Error::InvalidArgument("block matmul: m as d");
-  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y);
+  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, q8);
 }
 
 ffi::Error Q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
-  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, q8);
 }
 
 ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
-  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8);
 }
 
 // The floor the kernel is measured against (scripts/bench_bandwidth.py): layer `layer` of a stack of bytes
@@ -243,16 +384,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("q8"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_0_matmul, Q4_0,
                               bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("q8"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_0_matmul, Q8_0,
                               bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("q8"));

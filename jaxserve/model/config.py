@@ -85,6 +85,9 @@ class ModelConfig:
     # in float32; the rest widen the weights to float32. None: no kernel / no bfloat16.
     kernel_below_rows: int | None = None
     bf16_from_rows: int | None = None
+    # quant "blocks": from this many rows on, the kernel multiplies on activations quantized to 8 bits a block
+    # (integer dot products: AVX512-VNNI); None: float activations
+    q8_from_rows: int | None = None
     # family switches (defaults: Llama)
     qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
@@ -105,7 +108,7 @@ class ModelConfig:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        del data["kernel_below_rows"], data["bf16_from_rows"]  # chosen where the model is served
+        del data["kernel_below_rows"], data["bf16_from_rows"], data["q8_from_rows"]  # chosen where served
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -129,9 +132,10 @@ class ModelConfig:
         if self.quant not in QUANTIZED:
             return self.dtype
         kernel, bf16 = self.kernel_below_rows or 1, self.bf16_from_rows
+        q8 = "" if self.q8_from_rows is None else f"(q8 from {self.q8_from_rows})"
         if kernel >= EVERY_ROW:
-            return "kernel"
-        text = f"kernel<{kernel}<=" if kernel > 1 else ""
+            return "kernel" + q8
+        text = f"kernel{q8}<{kernel}<=" if kernel > 1 else ""
         if bf16 is None:
             return text + "f32"
         return text + (f"f32<{bf16}<=bf16" if bf16 > kernel else "bf16")

@@ -83,7 +83,7 @@ def dot(spec: str, x, weight, c: ModelConfig | None = None):
     Which is fastest depends on the CPU and the rows (jaxserve.engine.formulation measures it); float
     weights always compute in their own dtype."""
     if isinstance(weight, qblocks.BlockWeight):
-        return qblocks.dot(x, weight, c.kernel_below_rows, c.bf16_from_rows)
+        return qblocks.dot(x, weight, c)
     kernel, scale, *layer = weight
     if scale is None:
         return jnp.einsum(spec, x, kernel)
@@ -284,7 +284,7 @@ class Embedding(nn.Module):
 
     def attend(self, x):
         if self.blocks is not None:
-            return qblocks.dot(x, self.blocks, self.cfg.kernel_below_rows, self.cfg.bf16_from_rows)
+            return qblocks.dot(x, self.blocks, self.cfg)
         if self.scale is None:
             return dot("btd,vd->btv", x, (self.table, None))
         c = self.cfg

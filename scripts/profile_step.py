@@ -47,7 +47,7 @@ COMPONENTS = {
     "int8_matmul": "weight matmuls",
     "KVCache.read": "KV page gather",
     "KVCache.write": "KV write",
-    "KVCache._pages_of": "KV write",
+    "write_targets": "KV write",
     "paged_attention": "attention (scores, softmax, values)",
     "RMSNorm.__call__": "norms, RoPE, activation, residual",
     "apply_rope": "norms, RoPE, activation, residual",

@@ -82,6 +82,9 @@ class ModelConfig:
     # in float32; the rest widen the weights to float32. None: no kernel / no bfloat16.
     kernel_below_rows: int | None = None
     bf16_from_rows: int | None = None
+    # How attention computes (a serving choice, never saved; see jaxserve.model.attention_kernels): "plain"
+    # (jnp, any backend) or "tpu_kernel" (jaxserve's Pallas kernel, with the KV pool in its layout).
+    attention: str = "plain"
     # family switches (defaults: Llama)
     qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
@@ -102,7 +105,7 @@ class ModelConfig:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        del data["kernel_below_rows"], data["bf16_from_rows"]  # chosen where the model is served
+        del data["kernel_below_rows"], data["bf16_from_rows"], data["attention"]  # chosen where it is served
         return json.dumps(data, indent=1)
 
     @classmethod

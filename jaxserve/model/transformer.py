@@ -24,6 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxserve import kernels
+from jaxserve.model import attention_kernels
 from jaxserve.model.config import ModelConfig, RopeScaling
 from jaxserve.model.kv_cache import KVCache
 
@@ -153,11 +154,14 @@ def paged_attention(c: ModelConfig, q, cache: KVCache, layer, table, positions, 
     """q [B, T, N, H] of tokens at `positions` [B, T] attending over positions [0, window) of each row's
     pages (`table` [B, ...]) in `layer` of the pool, keys at positions <= their own (and within the sliding
     window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel (a ragged paged attention
-    kernel on TPU, say).
+    kernel on TPU, say): with c.attention other than "plain" the kernel of that name computes it, from the
+    pool in its own layout (jaxserve.model.attention_kernels).
 
-    Here a scan over the window's pages with a running softmax (flash-decoding's): each step reads one
+    Plain: a scan over the window's pages with a running softmax (flash-decoding's): each step reads one
     page per row, which stays in cache between its two matmuls, instead of gathering the whole window into
     one copy first."""
+    if c.attention != "plain":
+        return attention_kernels.attend(c, q, cache, layer, table, positions, window, local)
     B, T = positions.shape
     K, H, S = c.n_kv_heads, c.head_dim, cache.page_size
     assert window % S == 0, f"the window {window} is not a whole number of {S}-position pages"

@@ -1,12 +1,12 @@
 """The decode state on device, declared once.
 
 Every array that lives from one step to the next is declared here exactly once: the KV page pool (its
-declaration is the model's, `KVCache` or an attention kernel's layout, `kv_cache_for`; the page tables live
-on the host and come with each call), then one row per slot [B, ...] for the sequence in each slot
-(`SlotState`) and for its sampling knobs (`SamplingState`). A row's declaration gives its dtype, the dims after B, its value in a free slot, and
-for a knob how a new sequence's value comes from its `SamplingParams`. Zeros, abstract shapes, logical
-axes (hence shardings) and the row written into a slot at insertion all follow from these declarations,
-so a new per-slot knob is one line here plus its use in `sampling.sample`.
+declaration is the model's, `KVCache` or an attention kernel's layout, `kv_cache_for`; the page tables live on
+the host and come with each call), then one row per slot [B, ...] for the sequence in each slot (`SlotState`)
+and for its sampling knobs (`SamplingState`). A row's declaration gives its dtype, the dims after B, its value
+in a free slot, and for a knob how a new sequence's value comes from its `SamplingParams`. Zeros, abstract
+shapes, logical axes (hence shardings) and the row written into a slot at insertion all follow from these
+declarations, so a new per-slot knob is one line here plus its use in `sampling.sample`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from flax import struct
 
 from jaxserve.engine.types import SamplingParams
 from jaxserve.model import KVCache, ModelConfig, kv_cache_for
-from jaxserve.model.attention_kernels import KernelKVCache
+from jaxserve.model.attention_kernels import GpuKVCache, TpuKVCache
 from jaxserve.sharding import tree_shardings
 
 VOCAB = "vocab"  # a row dim of the model's vocabulary size
@@ -144,7 +144,7 @@ class SlotState(Rows):
 
 @struct.dataclass
 class DecodeState:
-    cache: KVCache | KernelKVCache  # the page pool, in the layout of cfg.attention
+    cache: KVCache | TpuKVCache | GpuKVCache  # the page pool, in the layout of cfg.attention
     slots: SlotState
     sampling: SamplingState
 

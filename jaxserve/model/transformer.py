@@ -153,15 +153,18 @@ def apply_rope(x, cos, sin):
 def paged_attention(c: ModelConfig, q, cache: KVCache, layer, table, positions, window: int, local):
     """q [B, T, N, H] of tokens at `positions` [B, T] attending over positions [0, window) of each row's
     pages (`table` [B, ...]) in `layer` of the pool, keys at positions <= their own (and within the sliding
-    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel (a ragged paged attention
-    kernel on TPU, say): with c.attention other than "plain" the kernel of that name computes it, from the
-    pool in its own layout (jaxserve.model.attention_kernels).
-
-    Plain: a scan over the window's pages with a running softmax (flash-decoding's): each step reads one
-    page per row, which stays in cache between its two matmuls, instead of gathering the whole window into
-    one copy first."""
+    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel: with c.attention other than
+    "plain" the kernel of that name computes it, from the pool in its own layout
+    (jaxserve.model.attention_kernels)."""
     if c.attention != "plain":
-        return attention_kernels.attend(c, q, cache, layer, table, positions, window, local)
+        return attention_kernels.attend(c, q, cache, layer, table, positions, window, local, plain_attention)
+    return plain_attention(c, q, cache, layer, table, positions, window, local)
+
+
+def plain_attention(c: ModelConfig, q, cache, layer, table, positions, window: int, local):
+    """paged_attention in jnp, over any pool offering KVCache's `read`: a scan over the window's pages with
+    a running softmax (flash-decoding's): each step reads one page per row, which stays in cache between
+    its two matmuls, instead of gathering the whole window into one copy first."""
     B, T = positions.shape
     K, H, S = c.n_kv_heads, c.head_dim, cache.page_size
     assert window % S == 0, f"the window {window} is not a whole number of {S}-position pages"

@@ -170,7 +170,8 @@ class Bench:
         return time.perf_counter() - start
 
 
-def run_model(name, cfg: ModelConfig, attention: str, streams: list[int], prompt: int, count: int, memory: int, log):
+def run_model(name, cfg: ModelConfig, attention: str, streams, prompt: int, count: int, memory: int, log, save):
+    """Measure one model with one attention at each number of `streams` that fits; `save` each result."""
     context = prompt + 2 * count + 1  # the untimed pass's steps, then the timed ones
     per_stream = KVCache.bytes_per_token(cfg) * -(-context // PAGE_SIZE) * PAGE_SIZE
     fits = [
@@ -178,13 +179,12 @@ def run_model(name, cfg: ModelConfig, attention: str, streams: list[int], prompt
     ]
     if not fits:
         log.info("%s: does not fit in %.1f GB", name, memory / 1e9)
-        return []
+        return
     t = time.perf_counter()
     bench = Bench(cfg, max(fits), context, attention)
     log.info("%s: weights and pool ready in %.1f s (attention %s)", name, time.perf_counter() - t, bench.cfg.attention)
     kind = jax.devices()[0].device_kind
     bw, fl = peak(kind) or (None, None)
-    results = []
     for n in fits:
         t = time.perf_counter()
         bench.first_tokens(n, prompt)  # compiles prefill and insert (once per group size)
@@ -195,19 +195,17 @@ def run_model(name, cfg: ModelConfig, attention: str, streams: list[int], prompt
         step = seconds / count
         attended = prompt + count / 2  # mean position of the timed steps
         kv_read = n * attended * KVCache.bytes_per_token(cfg)
-        results.append(
-            dict(
-                model=name, device=kind, dtype=cfg.dtype, attention=bench.cfg.attention, streams=n,
-                prompt=prompt, ttft_p50_s=statistics.median(ttft), ttft_last_s=ttft[-1],
-                decode_tok_s=n / step, step_ms=1e3 * step,
-                mbu=None if bw is None else (weight_bytes(cfg) + kv_read) / step / bw,
-                mfu=None if fl is None else flops(cfg, n, attended) / step / fl,
-                prefill_mfu=None if fl is None else flops(cfg, n * prompt, prompt / 2) / ttft[-1] / fl,
-                first_run_s=compile_s,
-            )
+        result = dict(
+            model=name, device=kind, dtype=cfg.dtype, attention=bench.cfg.attention, streams=n,
+            prompt=prompt, ttft_p50_s=statistics.median(ttft), ttft_last_s=ttft[-1],
+            decode_tok_s=n / step, step_ms=1e3 * step,
+            mbu=None if bw is None else (weight_bytes(cfg) + kv_read) / step / bw,
+            mfu=None if fl is None else flops(cfg, n, attended) / step / fl,
+            prefill_mfu=None if fl is None else flops(cfg, n * prompt, prompt / 2) / ttft[-1] / fl,
+            first_run_s=compile_s,
         )  # fmt: skip
-        log.info("%s", results[-1])
-    return results
+        log.info("%s", result)
+        save(result)
 
 
 def table(results: list[dict]) -> str:
@@ -252,14 +250,18 @@ def main() -> None:
     log.info(
         "%s: %s, %.1f GB; jax %s", jax.default_backend(), jax.devices()[0].device_kind, memory / 1e9, jax.__version__
     )
-    results = []
+    results: list[dict] = []
+
+    def save(result: dict) -> None:  # after every figure: a run cut short keeps what it measured
+        results.append(result)
+        a.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        a.out.with_suffix(".md").write_text(table(results) + "\n")
+
     for name in models:
         cfg = dataclasses.replace(MODELS[name], dtype=a.dtype, max_context=prompt + 2 * count + 1)
         for attention in a.attention:
-            results += run_model(name, cfg, attention, streams, prompt, count, memory, log)
+            run_model(name, cfg, attention, streams, prompt, count, memory, log, save)
             jax.clear_caches()
-    a.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    a.out.with_suffix(".md").write_text(table(results) + "\n")
     print(table(results))
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from jaxserve.api.metrics import Metrics
 from jaxserve.checkpoint import convert_hf, load_checkpoint
+from jaxserve.device import formulation
 from jaxserve.device.build import build_engine
 from jaxserve.device.formulation import (
     CACHE_FILE,
@@ -27,12 +28,11 @@ from jaxserve.device.formulation import (
     matmul_step,
     measure,
 )
-from jaxserve.engine import formulation
 from jaxserve.engine.bridge import complete
 from jaxserve.engine.types import EngineRequest, SamplingParams
 from jaxserve.model import ModelConfig
 from jaxserve.model.config import EVERY_ROW
-from jaxserve.model.transformer import dot
+from jaxserve.model.quant import dot
 from jaxserve.sharding import make_mesh
 
 TINY_LLAMA = Path(__file__).parent / "reference" / "hf-tiny" / "llama"

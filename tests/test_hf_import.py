@@ -26,7 +26,7 @@ from jaxserve.checkpoint.quantize import GROUPED_AXIS, quantize_array
 from jaxserve.checkpoint.stream import collect, quantize_pieces
 from jaxserve.device.runner import JaxRunner
 from jaxserve.model.config import RopeScaling
-from jaxserve.model.transformer import group_size
+from jaxserve.model.quant import group_size
 from jaxserve.sharding import make_mesh
 from jaxserve.tokenizer import SentencePieceTokenizer
 

@@ -52,7 +52,7 @@ def test_every_part_of_a_plan_round_trips():
     )
     buffers = encode(plan, WORDS)
     assert same(decode(buffers), plan)
-    assert buffers["bias_ids"].shape == (512,) and buffers["starts"].shape == (2, 10)  # counts rounded up
+    assert buffers["bias_ids"].shape == (512,) and buffers["starts"].shape == (2, 9)  # counts rounded up
     assert same(decode(encode(StepPlan(table=plan.table), WORDS)), StepPlan(table=plan.table))
     sample = SamplePlan((3, 1), (mask, mask + 1))
     back = decode_sample(encode_sample(sample, WORDS))

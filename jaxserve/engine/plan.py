@@ -95,6 +95,9 @@ def _padded(rows, n: int, shape: tuple, dtype) -> np.ndarray:
     return out
 
 
+# a start's sampling knobs travel as a float64 row (exact for every float and for a 32-bit seed): each field
+# of SamplingParams but logit_bias, whose pairs travel on their own, so a new knob needs nothing here
+KNOBS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "logit_bias")
 HEADER = ("releases", "rows", "tokens", "copies", "starts", "bias", "generated", "masks", "decode")
 
 
@@ -124,21 +127,15 @@ def encode(plan: StepPlan, words: int) -> dict[str, np.ndarray]:
         "starts": _padded(
             [
                 (s.slot, s.position, s.max_tokens, s.stop_on_eos, s.logits_row, s.token, mask_index.get(id(s), -1))
-                + (len(s.params.logit_bias), len(s.generated), s.params.seed)
+                + (len(s.params.logit_bias), len(s.generated))
                 for s in starts
             ],
             len(starts),
-            (10,),
+            (9,),
             np.int64,
         ),
         "knobs": _padded(
-            [
-                (s.params.temperature, s.params.top_p, s.params.presence_penalty, s.params.frequency_penalty)
-                for s in starts
-            ],
-            len(starts),
-            (4,),
-            np.float64,
+            [[getattr(s.params, k) for k in KNOBS] for s in starts], len(starts), (len(KNOBS),), np.float64
         ),
         "bias_ids": _padded([t for t, _ in bias], len(bias), (), np.int32),
         "bias_values": _padded([v for _, v in bias], len(bias), (), np.float64),
@@ -159,13 +156,12 @@ def decode(buffers: dict[str, np.ndarray]) -> StepPlan:
         at += length
     starts, bias_at, gen_at = [], 0, 0
     knobs = buffers["knobs"][: h["starts"]].tolist()
-    for fields, (temperature, top_p, presence, frequency) in zip(buffers["starts"][: h["starts"]].tolist(), knobs):
-        slot, position, max_tokens, stop_on_eos, logits_row, token, mask_row, n_bias, n_gen, seed = fields
-        pairs = zip(
-            buffers["bias_ids"][bias_at : bias_at + n_bias].tolist(),
-            buffers["bias_values"][bias_at : bias_at + n_bias].tolist(),
-        )
-        params = SamplingParams(temperature, top_p, presence, frequency, tuple(pairs), seed)
+    kinds = {k: type(getattr(SamplingParams(), k)) for k in KNOBS}  # float, or int (the seed)
+    for fields, values in zip(buffers["starts"][: h["starts"]].tolist(), knobs):
+        slot, position, max_tokens, stop_on_eos, logits_row, token, mask_row, n_bias, n_gen = fields
+        bias = slice(bias_at, bias_at + n_bias)
+        pairs = tuple(zip(buffers["bias_ids"][bias].tolist(), buffers["bias_values"][bias].tolist()))
+        params = SamplingParams(logit_bias=pairs, **{k: kinds[k](v) for k, v in zip(KNOBS, values)})
         generated = tuple(buffers["generated"][gen_at : gen_at + n_gen].tolist())
         mask = None if mask_row < 0 else buffers["masks"][mask_row]
         starts.append(Start(slot, params, position, max_tokens, bool(stop_on_eos), mask, logits_row, token, generated))

@@ -1,5 +1,6 @@
 """A batch spread over machines: `jaxserve batch --shard`, `jaxserve batch-merge`, and the deployment manifests."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -72,38 +73,42 @@ def test_three_shards_merged_equal_one_run_after_one_was_killed(tmp_path, tiny_d
     env = {k: v for k, v in os.environ.items() if k not in ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID")}
     root = tiny_dir.parent
 
+    whole = subprocess.run(
+        batch_command(tmp_path, root, "whole.jsonl"), env=env, capture_output=True, text=True, timeout=600
+    )  # first: the shards then find every step compiled
+    assert whole.returncode == 1, whole.stderr  # the bad line
+
     # the three ways a shard learns its index, run at once as on three machines
     shards = [
         (["--shard", "0/3"], {}),
         (["--num-shards", "3"], {"JOB_COMPLETION_INDEX": "1"}),
         (["--num-shards", "3"], {"SLURM_ARRAY_TASK_ID": "2"}),
     ]
-    procs = [
-        subprocess.Popen(
-            batch_command(tmp_path, root, f"shard-{i}.jsonl", *args),
-            env={**env, **extra},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i, (args, extra) in enumerate(shards)
-    ]
-    killed = tmp_path / "shard-0.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not killed.exists() or killed.read_bytes().count(b"\n") < 4):
-        time.sleep(0.02)
-    procs[0].send_signal(signal.SIGKILL)
-    procs[0].wait()
-    done_before = killed.read_bytes().count(b"\n")  # whole lines; a torn last one is cut by the rerun
-    assert 4 <= done_before < n // 3, "the kill should land mid-shard"
-    for i, proc in enumerate(procs[1:], 1):
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == (1 if i == 1 else 0), stderr  # shard 1 holds the bad line
-        assert f"batch: shard {i}/3: 20 of 60 requests" in stderr
-    whole = subprocess.run(
-        batch_command(tmp_path, root, "whole.jsonl"), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert whole.returncode == 1, whole.stderr
+    logs = [tmp_path / f"shard-{i}.log" for i in range(3)]
+    with contextlib.ExitStack() as stack:
+        procs = [
+            subprocess.Popen(
+                batch_command(tmp_path, root, f"shard-{i}.jsonl", *args),
+                env={**env, **extra},
+                stdout=subprocess.DEVNULL,
+                stderr=stack.enter_context(open(logs[i], "w")),
+            )
+            for i, (args, extra) in enumerate(shards)
+        ]
+        for proc in procs:
+            stack.callback(proc.wait)
+            stack.callback(proc.kill)  # a failed assertion leaves nothing running
+        killed = tmp_path / "shard-0.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and (not killed.exists() or killed.read_bytes().count(b"\n") < 4):
+            time.sleep(0.02)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        done_before = killed.read_bytes().count(b"\n")  # whole lines; a torn last one is cut by the rerun
+        assert 4 <= done_before < n // 3, "the kill should land mid-shard"
+        for i in (1, 2):
+            assert procs[i].wait(timeout=600) == (1 if i == 1 else 0), logs[i].read_text()  # 1: the bad line
+            assert f"batch: shard {i}/3: 20 of 60 requests" in logs[i].read_text()
 
     rerun = subprocess.run(
         batch_command(tmp_path, root, "shard-0.jsonl", "--shard", "0/3"),

@@ -12,15 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_batch import TINY, batch_line
 
 from jaxserve.cli import build_parser, main
 
-TINY = "tiny-llama"
 DEPLOY = Path(__file__).resolve().parent.parent / "scripts" / "deploy"
-
-
-def batch_line(cid, **body):
-    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": {"model": TINY, **body}})
 
 
 def batch_command(tmp_path, checkpoints, output, *args):

@@ -93,8 +93,8 @@ def cmd_convert(args) -> int:
 
 def cmd_generate(args) -> int:
     from jaxserve.checkpoint import load_model
+    from jaxserve.device.build import build_engine, enable_compilation_cache
     from jaxserve.engine import bridge
-    from jaxserve.engine.build import build_engine, enable_compilation_cache
     from jaxserve.engine.types import Delta, EngineRequest, SamplingParams
 
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
@@ -163,7 +163,9 @@ def cmd_serve(args) -> int:
     server.run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out, or after a failed load
     loader.join(timeout=1)
     if "scheduler" in holder:
-        holder["core"].stop_compiling()  # a background warm-up still compiling: nothing more is started
+        from jaxserve.device.warmup import stop_compiling
+
+        stop_compiling(holder["core"])  # a background warm-up still compiling: nothing more is started
         holder["scheduler"].shutdown()
     if state.load_error:
         print(f"jaxserve: error: {state.load_error}", file=sys.stderr)
@@ -225,8 +227,8 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256, ba
     serve once the shapes every request can fall back to are ready, compiling the others meanwhile."""
     from jaxserve.api.serving import CompletionServing
     from jaxserve.checkpoint import load_model
-    from jaxserve.engine.build import build_engine
-    from jaxserve.engine.executables import FOLDER
+    from jaxserve.device.build import build_engine
+    from jaxserve.device.executables import FOLDER
 
     # The steps' executables are kept in the store in `cache`, and jax's persistent cache is left off: one
     # cache for each thing (an executable jax's cache hands over cannot be stored, see executables.py).
@@ -443,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_generate)
 
-    from jaxserve.engine.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
+    from jaxserve.device.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
 
     p = sub.add_parser("serve", parents=[common, formulation], help="serve the OpenAI Completions API over HTTP")
     p.add_argument(

@@ -77,7 +77,7 @@ def dot(spec: str, x, weight, c: ModelConfig | None = None):
     bf16_from_rows): by jaxserve's own kernel from its packed layout (jaxserve.kernels), or dequantized
     within the jitted step to float32, or rounded to bfloat16 once after the float32 dequantization (one
     rounding of each weight, not two) and multiplied with bfloat16 activations, accumulating in float32.
-    Which is fastest depends on the CPU and the rows (jaxserve.engine.formulation measures it); float
+    Which is fastest depends on the CPU and the rows (jaxserve.device.formulation measures it); float
     weights always compute in their own dtype."""
     kernel, scale, *layer = weight
     if scale is None:

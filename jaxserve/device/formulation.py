@@ -36,9 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve import host, kernels
-from jaxserve.checkpoint import LoadedModel
-from jaxserve.engine.core import PREFILL_BUCKETS
-from jaxserve.model import Transformer
+from jaxserve.device.runner import PREFILL_BUCKETS
+from jaxserve.model import LoadedModel, Transformer
 from jaxserve.model.config import EVERY_ROW
 from jaxserve.model.transformer import dot, grouped_axis, packed
 

@@ -41,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.engine import steps
-from jaxserve.engine.state import DecodeState, SamplingState
+from jaxserve.device import steps
+from jaxserve.device.runner import PAGE_SIZE
+from jaxserve.device.state import DecodeState, SamplingState
 from jaxserve.engine.types import SamplingParams
 from jaxserve.model import KVCache, ModelConfig, abstract_params, attention_kernels
 from jaxserve.sharding import make_mesh, replicated
@@ -75,7 +76,6 @@ PEAKS = (
     ("TPU v5", 2.765e12, 459e12),  # v5p
     ("TPU v4", 1.2e12, 275e12),
 )
-PAGE_SIZE = 128  # the engine's (jaxserve.engine.core.PAGE_SIZE, whose module needs the checkpoint readers)
 PREFILL_ROWS = 8  # prompts prefilled together
 MEMORY_SHARE = 0.85  # of the device's memory that weights and KV may take
 

@@ -46,6 +46,7 @@ from jaxserve.device.runner import PAGE_SIZE
 from jaxserve.device.state import DecodeState, SamplingState
 from jaxserve.engine.types import SamplingParams
 from jaxserve.model import KVCache, ModelConfig, abstract_params, attention_kernels
+from jaxserve.model.quant import Formulation
 from jaxserve.sharding import make_mesh, replicated
 
 MODELS = {
@@ -132,7 +133,8 @@ class Bench:
         self.window = self.pages_per_seq * PAGE_SIZE
         pages = slots * self.pages_per_seq
         sharding = DecodeState.shardings(self.cfg, mesh, slots, pages, PAGE_SIZE)
-        self.spec = steps.StepSpec(self.cfg, (), sharding, replicated(mesh))  # no EOS: every stream runs on
+        # float weights (no int8 formulation); no EOS: every stream runs on
+        self.spec = steps.StepSpec(self.cfg, Formulation(), (), sharding, replicated(mesh))
         self.params = random_params(self.cfg)
         self.state = jax.jit(lambda: DecodeState.initial(self.cfg, slots, pages, PAGE_SIZE), out_shardings=sharding)()
         self.table = np.arange(pages, dtype=np.int32).reshape(slots, self.pages_per_seq)

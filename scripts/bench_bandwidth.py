@@ -22,9 +22,9 @@ import jax.numpy as jnp
 
 from jaxserve import kernels
 from jaxserve.checkpoint import load_model
-from jaxserve.engine.formulation import CANDIDATES
+from jaxserve.device.formulation import CANDIDATES
 from jaxserve.model import blocks
-from jaxserve.model.transformer import grouped_axis
+from jaxserve.model.quant import grouped_axis
 from jaxserve.sharding import make_mesh
 
 
@@ -88,7 +88,7 @@ def measure(model, label: str, rows: int, repeats: int) -> None:
     ms = {n: 1000 * statistics.median(r) for n, r in runs.items()}
     gbs = {n: nbytes / t / 1e6 for n, t in ms.items()}
     print(
-        f"{label} ({model.cfg.formulation}): {nbytes / 1e6:.1f} MB of layer weights, {rows} row(s): "
+        f"{label} ({model.formulation.describe(model.cfg)}): {nbytes / 1e6:.1f} MB of layer weights, {rows} row(s): "
         f"kernel {ms['kernel']:.2f} ms = {gbs['kernel']:.1f} GB/s, plain read {ms['read']:.2f} ms = "
         f"{gbs['read']:.1f} GB/s: kernel at {100 * gbs['kernel'] / gbs['read']:.0f}% of the read",
         flush=True,

@@ -125,22 +125,22 @@ def stacks(layers: dict, formats: dict[str, str]) -> dict[str, BlockWeight]:
     return out
 
 
-def dot(x, w: BlockWeight, cfg):
-    """x [B, T, inputs...] . w -> [B, T, outputs...] in x's dtype, as `cfg` (a ModelConfig) says for the
+def dot(x, w: BlockWeight, f):
+    """x [B, T, inputs...] . w -> [B, T, outputs...] in x's dtype, as `f` (a quant.Formulation) says for the
     rows (B * T): by jaxserve's kernel below `kernel_below_rows` (on activations quantized to 8 bits from
     `q8_from_rows` on), else dequantized within the step to float32, or to bfloat16 from `bf16_from_rows`
     on (bfloat16 products, float32 sums), as the int8 formulations do."""
     rows = x.shape[0] * x.shape[1]
     xr = x.reshape(rows, -1)
-    if cfg.kernel_below_rows is not None and rows < cfg.kernel_below_rows:
+    if f.kernel_below_rows is not None and rows < f.kernel_below_rows:
         stack = w.arrays if w.layer is not None else tuple(a[None] for a in w.arrays)
         stack = tuple(a.reshape(a.shape[0], -1, a.shape[-1]) for a in stack)
-        q8 = cfg.q8_from_rows is not None and rows >= cfg.q8_from_rows
-        y = kernels.block_matmul(xr, w.fmt, *stack, 0 if w.layer is None else w.layer, q8)
+        q8 = f.q8_from_rows is not None and rows >= f.q8_from_rows
+        y = kernels.block_matmul(xr, w.fmt, *stack, layer=0 if w.layer is None else w.layer, q8=q8)
         return y.reshape(*x.shape[:2], *w.outputs).astype(x.dtype)
     arrays = w.arrays if w.layer is None else tuple(a[w.layer] for a in w.arrays)
     arrays = tuple(a.reshape(-1, a.shape[-1]) for a in arrays)  # [N, ...]
-    bf16 = cfg.bf16_from_rows is not None and rows >= cfg.bf16_from_rows
+    bf16 = f.bf16_from_rows is not None and rows >= f.bf16_from_rows
     dtype = jnp.bfloat16 if bf16 else jnp.float32
     xr = xr.astype(dtype)
 

@@ -17,10 +17,6 @@ import numpy as np
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
-QUANTIZED = ("int8", "blocks")  # the weights whose matmuls have formulations (jaxserve.engine.formulation)
-EVERY_ROW = 1 << 30  # kernel_below_rows of a kernel at every row count
-
-
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """A rescaling of the RoPE frequencies: "linear" (all divided by `factor`), "llama3" (Llama 3.1+:
@@ -78,16 +74,11 @@ class ModelConfig:
     quant_group: int = 64  # input weights sharing one int8 scale (per output channel)
     # quant "blocks": each matmul weight in a GGUF block format (jaxserve.model.blocks), by name: ("q", "q4_1"), ...
     block_formats: tuple[tuple[str, str], ...] = ()
-    # How int8 matmuls compute (a serving choice, never saved with the checkpoint; see
-    # jaxserve.engine.formulation), by the rows (B * T) a matmul carries: fewer than kernel_below_rows run
-    # jaxserve's own int8 kernel (jaxserve.kernels; the layers' int8 weights are then held packed for it);
-    # at least bf16_from_rows round the dequantized weights and the activations to bfloat16 and accumulate
-    # in float32; the rest widen the weights to float32. None: no kernel / no bfloat16.
-    kernel_below_rows: int | None = None
-    bf16_from_rows: int | None = None
-    # quant "blocks": from this many rows on, the kernel multiplies on activations quantized to 8 bits a block
-    # (integer dot products: AVX512-VNNI); None: float activations
-    q8_from_rows: int | None = None
+    # How attention computes, a serving choice never saved with the checkpoint (see
+    # jaxserve.model.attention_kernels): "plain" (jnp, any backend), "tpu_kernel" or "gpu_kernel" (a Pallas
+    # kernel). Unlike quant.Formulation it lives here because it decides the KV pool's layout, which the
+    # decode state declares from the config (kv_cache_for).
+    attention: str = "plain"
     # family switches (defaults: Llama)
     qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
@@ -108,7 +99,7 @@ class ModelConfig:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        del data["kernel_below_rows"], data["bf16_from_rows"], data["q8_from_rows"]  # chosen where served
+        del data["attention"]  # chosen where the model is served
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -123,22 +114,6 @@ class ModelConfig:
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
         return cls.from_json(Path(path).read_text())
-
-    @property
-    def formulation(self) -> str:
-        """The weight matmuls' arithmetic in a word, as the startup log and /metrics name it: float weights
-        compute in their own dtype; int8 in "kernel", "f32" and "bf16" by rows, e.g. "kernel<8<=f32<32<=bf16"
-        (the kernel below 8 rows, bfloat16 from 32 rows on, float32 between)."""
-        if self.quant not in QUANTIZED:
-            return self.dtype
-        kernel, bf16 = self.kernel_below_rows or 1, self.bf16_from_rows
-        q8 = "" if self.q8_from_rows is None else f"(q8 from {self.q8_from_rows})"
-        if kernel >= EVERY_ROW:
-            return "kernel" + q8
-        text = f"kernel{q8}<{kernel}<=" if kernel > 1 else ""
-        if bf16 is None:
-            return text + "f32"
-        return text + (f"f32<{bf16}<=bf16" if bf16 > kernel else "bf16")
 
     def block_format(self, name: str) -> str | None:
         """The GGUF block format of matmul weight `name` (quant "blocks"), or None."""

@@ -94,6 +94,18 @@ inline void widen_half(const uint16_t* h, float* f, int64_t n) {
 // The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied).
 template <Fmt F>
 inline void codes(const uint8_t* q, vf& lo, vf& hi) {
+#if defined(__AVX512F__)  // GCC 12 converts a byte vector with __builtin_convertvector element by element
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  if constexpr (F == Fmt::Q8_0) {
+    lo = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
+    hi = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L))));
+  } else {
+    const __m128i low = _mm_set1_epi8(15);
+    lo = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(a, low)));
+    hi = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(a, 4), low)));
+  }
+  return;
+#endif
   if constexpr (F == Fmt::Q8_0) {
     vs8 a, b;
     std::memcpy(&a, q, L);

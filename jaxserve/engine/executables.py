@@ -55,6 +55,7 @@ HOST_ONLY = (
     "batch.py",
     "chat_template.py",
     "cli.py",
+    "engine_args.py",
     "host.py",
     "tokenizer.py",
     "engine/bridge.py",

@@ -137,6 +137,33 @@ def test_a_damaged_or_mismatched_entry_is_compiled_not_used(tiny, stored, caplog
         e.shutdown()
 
 
+def test_flipped_bytes_inside_entries_are_caught_by_their_checksum_and_replaced(tiny, stored, caplog, tmp_path):
+    """Three bytes flipped inside a stored executable (a bad disk, a torn copy) once reached XLA's
+    deserializer, which crashed the server at every start; the checksum catches them before it."""
+    store, count, outputs = stored
+    copy = ExecutableStore(tmp_path)
+    files = sorted(store.folder.glob("*.exe"))
+    for i, f in enumerate(files):
+        data = bytearray(f.read_bytes())
+        if i < 2:  # the middle of the entry: inside the serialized executable, past the header and key
+            for at in (len(data) // 2, len(data) // 2 + 1, len(data) // 2 + 97):
+                data[at] ^= 0x5A
+        (tmp_path / f.name).write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="jaxserve.engine.executables"):
+        e = engine(tiny, copy)
+    try:
+        assert (e.core.report.loaded, e.core.report.compiled) == (count - 2, 2)
+        assert caplog.text.count("checksum does not match") == 2
+        assert generate(e) == outputs
+    finally:
+        e.shutdown()
+    again = engine(tiny, copy)  # the damaged entries were replaced by good ones
+    try:
+        assert (again.core.report.loaded, again.core.report.compiled) == (count, 0)
+    finally:
+        again.shutdown()
+
+
 def test_a_background_warmup_serves_through_the_widest_shapes_then_every_one(tiny, stored):
     _, count, outputs = stored
     e = engine(tiny, None, background=True)  # no store: everything compiles

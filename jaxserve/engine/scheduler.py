@@ -53,6 +53,7 @@ from jaxserve.engine.types import (
     ContextLengthError,
     DeadlineExceeded,
     EngineRequest,
+    EngineStats,
     EngineStopped,
     QueueFull,
     RequestError,
@@ -159,6 +160,29 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return self._inbox.qsize() + len(self._waiting)
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics and probes (read racily from their thread: each count is one that was true)."""
+        pool, core = self.pool, self.core
+        cfg = getattr(core, "cfg", None)  # the device side's model config: the tests' fake core has none
+        return EngineStats(
+            healthy=self.healthy,
+            queue_depth=self.queue_depth,
+            active_slots=self.active_slots,
+            steps=self.steps,
+            preemptions=self.preemptions,
+            kv_pages=pool.pages,
+            kv_pages_held=pool.held,
+            kv_pages_cached=pool.cached,
+            kv_evictions=pool.evictions,
+            prefix_queried_tokens=pool.queried_tokens,
+            prefix_hit_tokens=pool.hit_tokens,
+            compiles=sum(core.compiles.values()) if hasattr(core, "compiles") else None,
+            variants_pending=getattr(core, "pending_variants", None),
+            formulation=None if cfg is None else cfg.formulation,
+            kernel_below_rows=None if cfg is None else cfg.kernel_below_rows,
+            bf16_from_rows=None if cfg is None else cfg.bf16_from_rows,
+        )
 
     # ---- the scheduler thread -----------------------------------------------------------------------
 

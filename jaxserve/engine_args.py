@@ -126,7 +126,7 @@ class EngineArgs:
         )
         if not capacity:
             return
-        from jaxserve.engine.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
+        from jaxserve.device.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
 
         p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS, help="sequences decoded at once")
         p.add_argument(
@@ -168,9 +168,9 @@ class EngineArgs:
 
     def build_engine(self, model: LoadedModel, max_waiting: int = 256, background: bool = False) -> Scheduler:
         """The engine at the flags' capacity, its steps' executables kept in the compile cache's store
-        (jax's persistent cache left off: one cache for each thing, see engine/executables.py)."""
-        from jaxserve.engine.build import build_engine
-        from jaxserve.engine.executables import FOLDER
+        (jax's persistent cache left off: one cache for each thing, see device/executables.py)."""
+        from jaxserve.device.build import build_engine
+        from jaxserve.device.executables import FOLDER
 
         assert self.max_slots is not None, "a subcommand without the capacity flags sizes its own engine"
         cache = self.compile_cache_dir()

@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 import httpx
 
 from jaxserve.checkpoint import DEFAULT_MODEL, ensure_checkpoint, find_card, gguf_path
-from jaxserve.engine.roofline import Machine, floors
+from jaxserve.device.roofline import Machine, floors
 from jaxserve.engine_args import checkpoint_root
 from jaxserve.model import ModelConfig
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import jax
 
 from jaxserve.chat_template import end_of_turn_ids
-from jaxserve.checkpoint import LoadedModel
-from jaxserve.engine.core import PAGE_SIZE, JaxCore
-from jaxserve.engine.executables import ExecutableStore
-from jaxserve.engine.formulation import choose
+from jaxserve.device.executables import ExecutableStore
+from jaxserve.device.formulation import choose
+from jaxserve.device.runner import PAGE_SIZE, JaxRunner
+from jaxserve.device.warmup import warm
 from jaxserve.engine.scheduler import Scheduler
-from jaxserve.model import KVCache, ModelConfig
+from jaxserve.model import KVCache, LoadedModel, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def build_engine(
     is then compiled before the first request, or loaded from the folder `executable_cache` where an
     earlier start saved it (None: compiled each time, through jax's compilation cache if one is set); with
     `background`, only the shapes every request can fall back to before this returns, the rest while
-    requests are served (see JaxCore.warmup)."""
+    requests are served (see device.warmup)."""
     choice = choose(model, slots, formulation, formulation_cache)
     log.info("%s", choice.describe(model.cfg))
     model = choice.apply(model)
@@ -82,7 +82,7 @@ def build_engine(
     tok = model.tokenizer
     # a generation ends at any EOS id and at the chat template's end of turn
     eos_ids = tok.eos_ids + end_of_turn_ids(tok)
-    core = JaxCore(
+    core = JaxRunner(
         model, slots=slots, cache_len=cache_len, eos_id=tok.eos_id, eos_ids=eos_ids, pages=pages, page_size=page_size
     )
     log.info(
@@ -96,5 +96,5 @@ def build_engine(
         "on" if prefix_caching else "off",
     )
     if warmup:
-        core.warmup(None if executable_cache is None else ExecutableStore(executable_cache), background=background)
+        warm(core, None if executable_cache is None else ExecutableStore(executable_cache), background=background)
     return Scheduler(core, model.tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching).start()

@@ -60,14 +60,10 @@ HOST_ONLY = (
     "engine_args.py",
     "host.py",
     "tokenizer.py",
-    "engine/bridge.py",
-    "engine/build.py",
-    "engine/grammar.py",
-    "engine/lifecycle.py",
-    "engine/pages.py",
-    "engine/roofline.py",
-    "engine/scheduler.py",
-    "engine/text.py",
+    "engine/",  # the host half: no jax
+    "device/build.py",
+    "device/roofline.py",
+    "device/warmup.py",
 )
 CACHE_HIT = "/jax/compilation_cache/cache_hits"  # the jax.monitoring event of a persistent-cache hit
 ENTRY = b"jaxserve-executable 1\n"  # an entry: this, the sha256 digest of the payload, the payload (a pickle)
@@ -80,7 +76,7 @@ OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_parti
 class Variant:
     """`fn(spec, *args, **statics)` for jitted step `fn`, `args` abstract (jax.ShapeDtypeStruct leaves)."""
 
-    name: str
+    fn: Any
     statics: tuple[tuple[str, Any], ...]
     args: tuple
 
@@ -166,7 +162,7 @@ def key_text(spec, variant: Variant) -> str:
     mesh = spec.replicated.mesh
     # repr, not to_json: the config's repr holds the matmul formulation (bf16_from_rows) too
     return (
-        f"{environment()}\n{variant.name} {variant.statics}\nconfig {spec.cfg!r}\neos {spec.eos_ids}\n"
+        f"{environment()}\n{variant.fn.__name__} {variant.statics}\nconfig {spec.cfg!r}\neos {spec.eos_ids}\n"
         f"mesh {dict(mesh.shape)} devices {mesh.device_ids.tolist()}\nstate {sharding} replicated {spec.replicated}\n"
         f"args {tree}\n{shapes}"
     )
@@ -188,7 +184,7 @@ class ExecutableStore:
         if not path.exists():
             return None
         try:
-            stored_key, blob, in_tree, out_tree = pickle.loads(_checked(path.read_bytes()))
+            stored_key, blob, in_tree, out_tree = unpack(path.read_bytes())
             if stored_key != key:
                 log.warning("executable %s was stored for another key: compiling afresh", path.name)
             elif not complete(blob, devices[0].platform):
@@ -207,14 +203,14 @@ class ExecutableStore:
             if not complete(blob, platform):
                 log.warning("executable not saved: its serialization lacks the object code")
                 return
-            payload = pickle.dumps((key, blob, in_tree, out_tree))
+            data = pack(key, blob, in_tree, out_tree)
         except Exception as e:
             log.warning("executable not saved (%s: %s)", type(e).__name__, e)
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(ENTRY + hashlib.sha256(payload).digest() + payload)
+        tmp.write_bytes(data)
         os.replace(tmp, path)  # a concurrent reader sees a whole entry or none
 
 
@@ -222,14 +218,21 @@ class DamagedEntry(ValueError):
     """An entry's bytes are not the ones that were saved."""
 
 
-def _checked(data: bytes) -> bytes:
-    """An entry's payload, once its checksum matches."""
+def pack(key: str, blob: bytes, in_tree, out_tree) -> bytes:
+    """An entry's bytes: the header, the sha256 digest of the payload, the payload."""
+    payload = pickle.dumps((key, blob, in_tree, out_tree))
+    return ENTRY + hashlib.sha256(payload).digest() + payload
+
+
+def unpack(data: bytes) -> tuple:
+    """(key, blob, in_tree, out_tree) of an entry whose checksum matches; else DamagedEntry, before anything
+    is unpickled."""
     digest_end = len(ENTRY) + hashlib.sha256().digest_size
     if not data.startswith(ENTRY) or len(data) < digest_end:
         raise DamagedEntry("not a jaxserve executable entry")
     if hashlib.sha256(data[digest_end:]).digest() != data[len(ENTRY) : digest_end]:
         raise DamagedEntry("its checksum does not match its contents")
-    return data[digest_end:]
+    return pickle.loads(data[digest_end:])
 
 
 @dataclasses.dataclass
@@ -243,7 +246,6 @@ class Report:
 
 def compile_all(
     spec,
-    fns: dict[str, Any],  # jitted functions by name
     variants: list[Variant],
     store: ExecutableStore | None,
     ready: Callable[[Variant, jax.stages.Compiled], None],
@@ -283,7 +285,7 @@ def compile_all(
                 continue
             if len(compiling) >= threads:
                 finish(concurrent.futures.wait(compiling, return_when=concurrent.futures.FIRST_COMPLETED).done)
-            lowered = fns[v.name].lower(spec, *v.args, **dict(v.statics))  # traces: holds the GIL
+            lowered = v.fn.lower(spec, *v.args, **dict(v.statics))  # traces: holds the GIL
             compiling[pool.submit(compile_fresh, lowered)] = v
         finish(concurrent.futures.wait(compiling).done)
     report.seconds = time.perf_counter() - t0

@@ -125,7 +125,7 @@ class Scheduler:
     def stats(self) -> EngineStats:
         """A snapshot for metrics and probes (read racily from their thread: each count is one that was true)."""
         pool, core = self.pool, self.core
-        cfg = getattr(core, "cfg", None)  # the device side's model config: the tests' fake core has none
+        model = getattr(core, "model", None)  # the device side's served model: the tests' fake core has none
         return EngineStats(
             healthy=self.healthy,
             queue_depth=self.queue_depth,
@@ -140,9 +140,9 @@ class Scheduler:
             prefix_hit_tokens=pool.hit_tokens,
             compiles=sum(core.compiles.values()) if hasattr(core, "compiles") else None,
             variants_pending=getattr(core, "pending_variants", None),
-            formulation=None if cfg is None else cfg.formulation,
-            kernel_below_rows=None if cfg is None else cfg.kernel_below_rows,
-            bf16_from_rows=None if cfg is None else cfg.bf16_from_rows,
+            formulation=None if model is None else model.formulation.describe(model.cfg),
+            kernel_below_rows=None if model is None else model.formulation.kernel_below_rows,
+            bf16_from_rows=None if model is None else model.formulation.bf16_from_rows,
         )
 
     # ---- the scheduler thread -----------------------------------------------------------------------

@@ -86,7 +86,7 @@ class EngineStats:
     # the device side's, where it has them (the tests' fake core compiles nothing and has no model)
     compiles: int | None = None  # jitted steps compiled
     variants_pending: int | None = None  # step shapes a background warm-up is still compiling
-    formulation: str | None = None  # how the weight matmuls compute (ModelConfig.formulation)
+    formulation: str | None = None  # how the weight matmuls compute (quant.Formulation.describe)
     kernel_below_rows: int | None = None
     bf16_from_rows: int | None = None
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxserve.model import quant
+from jaxserve.model import attention_kernels, quant
 from jaxserve.model.config import ModelConfig, RopeScaling
 from jaxserve.model.kv_cache import KVCache
 
@@ -66,12 +66,18 @@ def apply_rope(x, cos, sin):
 def paged_attention(c: ModelConfig, q, cache: KVCache, layer, table, positions, window: int, local):
     """q [B, T, N, H] of tokens at `positions` [B, T] attending over positions [0, window) of each row's
     pages (`table` [B, ...]) in `layer` of the pool, keys at positions <= their own (and within the sliding
-    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel (a ragged paged attention
-    kernel on TPU, say).
+    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel: with c.attention other than
+    "plain" the kernel of that name computes it, from the pool in its own layout
+    (jaxserve.model.attention_kernels)."""
+    if c.attention != "plain":
+        return attention_kernels.attend(c, q, cache, layer, table, positions, window, local, plain_attention)
+    return plain_attention(c, q, cache, layer, table, positions, window, local)
 
-    Here a scan over the window's pages with a running softmax (flash-decoding's): each step reads one
-    page per row, which stays in cache between its two matmuls, instead of gathering the whole window into
-    one copy first."""
+
+def plain_attention(c: ModelConfig, q, cache, layer, table, positions, window: int, local):
+    """paged_attention in jnp, over any pool offering KVCache's `read`: a scan over the window's pages with
+    a running softmax (flash-decoding's): each step reads one page per row, which stays in cache between
+    its two matmuls, instead of gathering the whole window into one copy first."""
     B, T = positions.shape
     K, H, S = c.n_kv_heads, c.head_dim, cache.page_size
     assert window % S == 0, f"the window {window} is not a whole number of {S}-position pages"
@@ -111,6 +117,7 @@ class Block(nn.Module):
     R = 1 RoPE table, or 2 when local layers have their own base (global first)."""
 
     cfg: ModelConfig
+    formulation: quant.Formulation
 
     @nn.compact
     def __call__(self, carry, positions, cos, sin, table, write_from, window: int, stacked=None):
@@ -133,9 +140,9 @@ class Block(nn.Module):
         wk = weight("k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wv = weight("v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wo = weight("o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), 1)
-        q = quant.dot("btd,dnh->btnh", h, wq, c)
-        k = quant.dot("btd,dkh->btkh", h, wk, c)
-        v = quant.dot("btd,dkh->btkh", h, wv, c)
+        q = quant.dot("btd,dnh->btnh", h, wq, self.formulation)
+        k = quant.dot("btd,dkh->btkh", h, wk, self.formulation)
+        v = quant.dot("btd,dkh->btkh", h, wv, self.formulation)
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (c.n_heads, c.head_dim), ("q_heads", "head_dim"), zeros, dt)
@@ -148,7 +155,7 @@ class Block(nn.Module):
 
         cache = cache.write(layer, table, positions, k, v, write_from)
         attn = paged_attention(c, q, cache, layer, table, positions, window, local)
-        attn = quant.dot("btnh,nhd->btd", attn, wo, c)
+        attn = quant.dot("btnh,nhd->btd", attn, wo, self.formulation)
         if c.sandwich_norms:
             attn = RMSNorm(c.norm_eps, dt, name="post_attn_norm")(attn)
         x = x + attn
@@ -158,9 +165,9 @@ class Block(nn.Module):
         # of two
         wgu = weight("gate_up", (c.dim, 2, c.mlp_dim), ("embed", None, "mlp"), 0)
         wd = weight("down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0)
-        gate_up = quant.dot("btd,dcf->btcf", h, wgu, c)
+        gate_up = quant.dot("btd,dcf->btcf", h, wgu, self.formulation)
         act = nn.silu if c.activation == "silu" else partial(jax.nn.gelu, approximate=True)
-        out = quant.dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd, c)
+        out = quant.dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd, self.formulation)
         if c.sandwich_norms:
             out = RMSNorm(c.norm_eps, dt, name="post_mlp_norm")(out)
         return (x + out, cache, layer + 1), None
@@ -170,6 +177,7 @@ class Embedding(nn.Module):
     """Token embedding [V, D], also the tied output projection (logits = x . E^T)."""
 
     cfg: ModelConfig
+    formulation: quant.Formulation
 
     def setup(self):
         c = self.cfg
@@ -184,18 +192,20 @@ class Embedding(nn.Module):
     def attend(self, x):
         if self.scale is None:
             return quant.dot("btd,vd->btv", x, (self.table, None))
-        return quant.tied_logits(x, self.table, self.scale, self.cfg)
+        return quant.tied_logits(x, self.table, self.scale, self.formulation)
 
 
 class Transformer(nn.Module):
     """`__call__` = `logits(hidden(...))`; the two halves are separate methods so a prefill can compute
-    logits for every prompt position (echo scoring) or for the last one only."""
+    logits for every prompt position (echo scoring) or for the last one only. `formulation`: how its int8
+    matmuls compute (see quant.Formulation; float weights ignore it)."""
 
     cfg: ModelConfig
+    formulation: quant.Formulation = quant.Formulation()
 
     def setup(self):
         c = self.cfg
-        self.embed = Embedding(c)
+        self.embed = Embedding(c, self.formulation)
         self.layers = nn.scan(
             Block,
             variable_axes={"params": 0},
@@ -203,7 +213,7 @@ class Transformer(nn.Module):
             in_axes=(nn.broadcast,) * 7,
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c)
+        )(c, self.formulation)
         self.final_norm = RMSNorm(c.norm_eps, jnp.dtype(c.dtype))
         if not c.tie_embeddings:
             self.lm_head = quant.weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)
@@ -229,7 +239,7 @@ class Transformer(nn.Module):
             tables.append(rope_tables(positions, c.head_dim, c.rope_local_theta))
         cos, sin = (jnp.stack(t) for t in zip(*tables))  # [R, B, T, H]
         stacked = None
-        if c.kernel_below_rows is not None and not self.is_initializing():  # packed int8: read in place
+        if self.formulation.kernel_below_rows is not None and not self.is_initializing():  # packed: read in place
             layers = self.variables["params"]["layers"]
             stacked = {n: (layers[n], layers[n + "_scale"]) for n in quant.int8_names(layers)}
         carry = (x, cache, jnp.int32(0))
@@ -240,4 +250,4 @@ class Transformer(nn.Module):
         """Hidden states [B, T, D] -> logits [B, T, V] float32."""
         if self.cfg.tie_embeddings:
             return self.embed.attend(x).astype(jnp.float32)
-        return quant.dot("btd,dv->btv", x, self.lm_head, self.cfg).astype(jnp.float32)
+        return quant.dot("btd,dv->btv", x, self.lm_head, self.formulation).astype(jnp.float32)

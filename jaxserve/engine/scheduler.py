@@ -124,26 +124,9 @@ class Scheduler:
 
     def stats(self) -> EngineStats:
         """A snapshot for metrics and probes (read racily from their thread: each count is one that was true)."""
-        pool, core = self.pool, self.core
-        model = getattr(core, "model", None)  # the device side's served model: the tests' fake core has none
-        return EngineStats(
-            healthy=self.healthy,
-            queue_depth=self.queue_depth,
-            active_slots=self.active_slots,
-            steps=self.steps,
-            preemptions=self.preemptions,
-            kv_pages=pool.pages,
-            kv_pages_held=pool.held,
-            kv_pages_cached=pool.cached,
-            kv_evictions=pool.evictions,
-            prefix_queried_tokens=pool.queried_tokens,
-            prefix_hit_tokens=pool.hit_tokens,
-            compiles=sum(core.compiles.values()) if hasattr(core, "compiles") else None,
-            variants_pending=getattr(core, "pending_variants", None),
-            formulation=None if model is None else model.formulation.describe(model.cfg),
-            kernel_below_rows=None if model is None else model.formulation.kernel_below_rows,
-            bf16_from_rows=None if model is None else model.formulation.bf16_from_rows,
-        )
+        own = dict(queue_depth=self.queue_depth, active_slots=self.active_slots, steps=self.steps)
+        own |= dict(healthy=self.healthy, preemptions=self.preemptions)
+        return EngineStats(**own, **self.kv.stats(), **self.core.stats())
 
     # ---- the scheduler thread -----------------------------------------------------------------------
 
@@ -380,16 +363,8 @@ class Scheduler:
         choice.position, choice.status = position, Status.DECODING
         if all(c.status is Status.DECODING for c in choice.group.unfinished):
             choice.group.status = Status.DECODING
-        return Start(
-            choice.slot,
-            choice.params,
-            position,
-            req.max_tokens - len(generated),
-            not req.ignore_eos,
-            mask,
-            token=generated[-1],
-            generated=tuple(generated),
-        )
+        left, stop_on_eos = req.max_tokens - len(generated), not req.ignore_eos
+        return Start(choice.slot, choice.params, position, left, stop_on_eos, mask, -1, generated[-1], tuple(generated))
 
     def _fetch(self, pending, inserted: list) -> list[tuple[Choice, object, int]]:
         """The real tokens of the last step and of this loop's inserts, as (choice, host output, row), for the

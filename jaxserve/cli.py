@@ -253,7 +253,12 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256, ba
     )
     weights = model.cfg.quant or model.cfg.dtype
     serving = CompletionServing(
-        scheduler, model.tokenizer, [model.name, *aliases], metrics, fingerprint=f"jaxserve-{model.name}-{weights}"
+        scheduler,
+        model.tokenizer,
+        [model.name, *aliases],
+        metrics,
+        fingerprint=f"jaxserve-{model.name}-{weights}",
+        tool_parser=args.tool_call_parser,
     )
     return model, scheduler, serving
 
@@ -351,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
         "fastest at each decode batch size, measured once per machine and model and cached beside the "
         "compiled steps; bf16 on GPU/TPU (default: auto)",
     )
+    tool_calls = argparse.ArgumentParser(add_help=False)
+    tool_calls.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json", "mistral"],  # engine.toolcalls.FORMATS
+        help="the format chat tool calls are read in and constrained to (default: the one the chat template "
+        "teaches; hermes for templates that take no tools)",
+    )
     common.add_argument(
         "--quantize",
         choices=["int8", "none"],
@@ -392,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jaxserve.engine.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
 
-    p = sub.add_parser("serve", parents=[common, formulation], help="serve the OpenAI Completions API over HTTP")
+    p = sub.add_parser(
+        "serve", parents=[common, formulation, tool_calls], help="serve the OpenAI Completions API over HTTP"
+    )
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -448,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "batch",
-        parents=[common, formulation],
+        parents=[common, formulation, tool_calls],
         help="run a JSONL file of completion requests (OpenAI Batch "
         "format), appending results to OUTPUT; a rerun resumes",
     )

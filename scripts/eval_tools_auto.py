@@ -93,9 +93,8 @@ def main() -> None:
                 counts["valid_args"] += bool(calls)
             except (json.JSONDecodeError, jsonschema.ValidationError, KeyError):
                 pass
-            print(
-                f"[call?] {question!r}: {[(x.function.name, x.function.arguments) for x in calls] or c.message.content!r}"
-            )
+            made = [(x.function.name, x.function.arguments) for x in calls]
+            print(f"[call?] {question!r}: {made or c.message.content!r}")
     for question in SHOULD_NOT:
         for c in answers[question].choices:
             calls = c.message.tool_calls or []
@@ -106,7 +105,7 @@ def main() -> None:
     print(
         f"\nshould call: called {counts['called']}/{total_call}, right tool {counts['right_tool']}/{total_call}, "
         f"arguments valid {counts['valid_args']}/{counts['called']}\n"
-        f"should not call: answered in text {counts['no_call']}/{total_not}, called {counts['false_calls']}/{total_not}\n"
+        f"should not call: in text {counts['no_call']}/{total_not}, called {counts['false_calls']}/{total_not}\n"
         f"({time.perf_counter() - started:.0f} s, temperature {args.temperature}, n {args.n})"
     )
 

@@ -1,8 +1,9 @@
 """Tool calls without a model: each format's parser on hand-written texts, the stream's hold-back against
-the unstreamed parse, the grammars (a call they accept parses; what they refuse), the request's validation
-and the Hermes fallback prompt on SmolLM2's template."""
+the unstreamed parse, the grammars (a call they accept parses; what they refuse), the request's validation,
+the Hermes fallback prompt on SmolLM2's template, and a tool template rendered as transformers renders it."""
 
 import json
+from pathlib import Path
 
 import llguidance
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from jaxserve.api import tools
 from jaxserve.api.chat import ChatServing, parse_chat_request
 from jaxserve.api.protocol import APIError
+from jaxserve.chat_template import render
 from jaxserve.engine.grammar import ll_tokenizer
 from jaxserve.engine.toolcalls import FORMATS, CallStream, Parsed, Tool, ToolCall, compile_tool_grammar, format_for
 
@@ -262,3 +264,25 @@ def test_answers_take_openais_shape(tok):
     head, args = deltas[1]["tool_calls"][0], deltas[2]["tool_calls"][0]
     assert head["index"] == 0 and head["function"] == {"name": "get_weather", "arguments": ""}
     assert args == {"index": 0, "function": {"arguments": '{"city":"Paris"}'}}
+
+
+def test_renders_equal_transformers_on_a_tool_template():
+    """tests/chat_templates/tools.jinja uses what the Qwen 2.5 and Llama 3.1 tool templates use; the expected
+    renders were produced by transformers' own renderer (scripts/chat_template_renders.py)."""
+    folder = Path(__file__).parent / "chat_templates"
+    tok = _Tok()
+    tok.chat_template = (folder / "tools.jinja").read_text()
+    cases = json.loads((folder / "tools_renders.json").read_text())["cases"]
+    assert len(cases) == 4
+    for case in cases:
+        req = parse_chat_request({"model": "m", **case["request"]})
+        messages, variables = tools.template_inputs(req.messages, req._tool_spec, tok.chat_template)
+        assert render(tok, messages, add_generation_prompt=True, **variables) == case["render"]
+
+
+class _Tok:
+    bos_id, eos_id = 0, 1
+    chat_template: str | None = None
+
+    def token_bytes(self, i):
+        return [b"<s>", b"</s>"][i]

@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
-import openai
 import pytest
-from server import Server
+import test_chat
 
 SMOL = "smollm2-135m-instruct"
 pytestmark = pytest.mark.slow
+smol_server, client = test_chat.smol_server, test_chat.client  # the chat tests' fixtures: a server per module
 
 
 def fn(name: str, description: str, parameters: dict) -> dict:
@@ -35,20 +35,6 @@ TIME = fn(
     "Get the current time in a time zone",
     {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 40}}, "required": ["zone"]},
 )
-
-
-@pytest.fixture(scope="module")
-def smol_server(smollm2_dir):
-    server = Server(
-        "--model", SMOL, "--max-slots", "16", "--max-context", "1024", checkpoints=smollm2_dir.parent
-    ).wait_ready()
-    yield server
-    assert server.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def client(smol_server):
-    return openai.OpenAI(base_url=smol_server.url + "/v1", api_key="x", max_retries=0)
 
 
 def _args(call, tool: dict) -> dict:

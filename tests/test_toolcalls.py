@@ -183,6 +183,7 @@ ASKED = [
         ({"tools": [FN, FN]}, "tools[1].function.name"),
         ({"tools": [FN], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
         ({"tools": [FN], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [FN], "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
         ({"messages": [{"role": "tool", "tool_call_id": "call_9", "content": "x"}]}, "messages[0].tool_call_id"),
@@ -190,6 +191,14 @@ ASKED = [
             {
                 "messages": [
                     {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "a", "arguments": "{"}}]}
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "a", "arguments": "[1]"}}]}
                 ]
             },
             "messages[0].tool_calls[0].function.arguments",

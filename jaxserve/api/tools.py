@@ -86,7 +86,8 @@ def _choice(tool_choice: Any, names: list[str]) -> tuple[str, bool]:
     if tool_choice in ("none", "auto", "required"):
         return tool_choice, False
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if name not in names:
             raise APIError(
                 400,
@@ -140,6 +141,8 @@ def _history_call(where: str, c: Any) -> dict:
             raise APIError(
                 400, f"{where}.function.arguments is not JSON", param=f"{where}.function.arguments"
             ) from None
+    if not isinstance(args, dict):
+        raise APIError(400, f"{where}.function.arguments must be a JSON object", param=f"{where}.function.arguments")
     return {"id": c["id"], "type": "function", "function": {"name": f["name"], "arguments": args}}
 
 

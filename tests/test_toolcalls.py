@@ -80,19 +80,32 @@ def test_a_stream_holds_back_markers_and_assembles_to_the_unstreamed_parse(fmt, 
     want = fmt.parse(text)
     for step in (1, 3, 7):
         stream = CallStream(fmt)
-        sent = ""
+        sent, calls = "", []
         for i in range(0, len(text), step):
-            sent += stream.feed(text[i : i + step])
+            content, whole = stream.feed(text[i : i + step])
+            sent += content
+            calls += whole
             assert (want.content or "").startswith(sent)  # never a character that turns out to be a call's
-        rest = stream.finish(cut_short=False)
-        assert sent + rest.content == (want.content or "") and rest.calls == want.calls
+        rest = stream.finish()
+        assert sent + rest.content == (want.content or "") and tuple(calls) + rest.calls == want.calls
+
+
+def test_a_stream_sends_each_call_when_it_is_whole():
+    stream = CallStream(HERMES)
+    first = '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>'
+    assert stream.feed(first[:-1]) == ("", [])
+    assert stream.feed(first[-1:] + "\n<tool_call>\n{") == ("", [ToolCall("a", "{}")])
+    assert stream.feed('"name": "b", "arguments": {"k": 1}}\n</tool_call>') == ("", [ToolCall("b", '{"k":1}')])
+    assert stream.finish() == Parsed("", ())
 
 
 def test_a_call_cut_short_is_content():
     stream = CallStream(HERMES)
-    text = 'Hm.<tool_call>\n{"name": "a"'
-    assert stream.feed(text) == "Hm."
-    assert stream.finish(cut_short=True) == Parsed(text[3:], ())
+    whole = '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>'
+    text = "Hm." + whole + '\n<tool_call>\n{"name": "b"'
+    assert stream.feed(text) == ("Hm.", [ToolCall("a", "{}")])
+    assert stream.finish() == Parsed('\n<tool_call>\n{"name": "b"', ())
+    assert HERMES.parse(text) == Parsed('Hm.\n<tool_call>\n{"name": "b"', (ToolCall("a", "{}"),))
 
 
 def test_the_format_follows_the_template():
@@ -261,18 +274,19 @@ def test_answers_take_openais_shape(tok):
         {"role": "assistant", "content": call[:30], "refusal": None},
         "length",
     )
+    cut, reason = tools.message(plan, call + "\n" + call[:30], "length")  # the whole call stays a call
+    assert reason == "length" and len(cut["tool_calls"]) == 1 and cut["content"] == "\n" + call[:30]
     named = tools.plan(
         tools.parse_spec([FN], {"type": "function", "function": {"name": "get_weather"}}, None), tok, None
     )
     assert tools.message(named, call, "stop")[1] == "stop"  # as OpenAI: a named function's call ends with stop
     stream = tools.ChoiceStream(plan)
-    assert stream.feed("One moment. " + call[:5]) == "One moment."
-    stream.feed(call[5:])
-    deltas, reason = stream.finish("stop")
-    assert reason == "tool_calls" and deltas[0] == {"content": " "}
-    head, args = deltas[1]["tool_calls"][0], deltas[2]["tool_calls"][0]
-    assert head["index"] == 0 and head["function"] == {"name": "get_weather", "arguments": ""}
+    assert stream.feed("One moment. " + call[:5]) == [{"content": "One moment."}]
+    (head,), (args,) = (d["tool_calls"] for d in stream.feed(call[5:]))
+    assert head["index"] == 0 and head["type"] == "function" and head["id"].startswith("call_")
+    assert head["function"] == {"name": "get_weather", "arguments": ""}
     assert args == {"index": 0, "function": {"arguments": '{"city":"Paris"}'}}
+    assert stream.finish("stop") == ([{"content": " "}], "tool_calls")
 
 
 def test_renders_equal_transformers_on_a_tool_template():

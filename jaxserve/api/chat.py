@@ -222,13 +222,17 @@ class ChatServing:
                 if item.index not in started:
                     started.add(item.index)
                     yield chunk(item.index, {"role": "assistant", "content": ""})
-                text = calls[item.index].feed(item.text) if calls else item.text
-                if text or (item.tokens and (req.logprobs or not calls)):
+                if calls:  # content as it is safe, each call when whole; logprobs ride the first delta
+                    logprobs = self._logprobs(item.tokens, req) if req.logprobs and item.tokens else None
+                    deltas = calls[item.index].feed(item.text) or ([{"content": ""}] if logprobs else [])
+                    for k, delta in enumerate(deltas):
+                        yield chunk(item.index, delta, None if k else logprobs)
+                elif item.text or item.tokens:
                     logprobs = self._logprobs(item.tokens, req) if req.logprobs else None
-                    yield chunk(item.index, {"content": text}, logprobs)
+                    yield chunk(item.index, {"content": item.text}, logprobs)
                 if item.finish_reason:
                     reason = item.finish_reason
-                    if calls:  # held text and the calls, parsed from the whole text
+                    if calls:  # held text and calls not yet sent
                         deltas, reason = calls[item.index].finish(reason)
                         for delta in deltas:
                             yield chunk(item.index, delta)

@@ -17,7 +17,16 @@ import re
 from typing import Any
 
 from jaxserve.api.protocol import APIError, check_unicode
-from jaxserve.engine.toolcalls import FORMATS, CallFormat, CallStream, Parsed, Tool, compile_tool_grammar, format_for
+from jaxserve.engine.toolcalls import (
+    FORMATS,
+    CallFormat,
+    CallStream,
+    Parsed,
+    Tool,
+    ToolCall,
+    compile_tool_grammar,
+    format_for,
+)
 from jaxserve.engine.types import RequestError
 from jaxserve.tokenizer import Tokenizer
 
@@ -255,43 +264,55 @@ def plan(spec: ToolSpec | None, tok: Tokenizer, parser: str | None) -> ToolPlan 
 
 
 def _finish(plan: ToolPlan, parsed: Parsed, reason: str | None) -> str | None:
-    # OpenAI: "tool_calls" when the model called, but "stop" when tool_choice named the function
-    return ("stop" if plan.spec.named else "tool_calls") if parsed.calls else reason
+    # OpenAI: "tool_calls" when the model called, but "stop" when tool_choice named the function; a
+    # generation cut by max_tokens stays "length" (its whole calls are calls, the one it cut is content)
+    if not parsed.calls or reason != "stop":
+        return reason
+    return "stop" if plan.spec.named else "tool_calls"
+
+
+def _call(plan: ToolPlan, call: ToolCall) -> dict:
+    return {"id": plan.fmt.new_id(), "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def message(plan: ToolPlan, text: str, reason: str | None) -> tuple[dict, str | None]:
-    """A whole choice's text -> (its message, its finish_reason). A generation cut by max_tokens is content."""
-    parsed = plan.fmt.parse(text) if reason == "stop" else Parsed(text, ())
+    """A whole choice's text -> (its message, its finish_reason)."""
+    parsed = plan.fmt.parse(text)
     out: dict[str, Any] = {"role": "assistant", "content": parsed.content, "refusal": None}
     if parsed.calls:
-        out["tool_calls"] = [
-            {"id": plan.fmt.new_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for c in parsed.calls
-        ]
+        out["tool_calls"] = [_call(plan, c) for c in parsed.calls]
     return out, _finish(plan, parsed, reason)
 
 
 class ChoiceStream:
-    """One streamed choice: content deltas as they are safe, then its calls in OpenAI's delta shape (each
-    call's index, id, type and name first, then its arguments)."""
+    """One streamed choice: content deltas as they are safe, each call as soon as it is whole, in OpenAI's
+    delta shape (the call's index, id, type and name first, then its arguments)."""
 
     def __init__(self, plan: ToolPlan):
         self.plan = plan
         self._text = CallStream(plan.fmt)
+        self._calls = 0
 
-    def feed(self, text: str) -> str:
-        return self._text.feed(text)
+    def feed(self, text: str) -> list[dict]:
+        """New text -> the deltas to send now."""
+        content, calls = self._text.feed(text)
+        return ([{"content": content}] if content else []) + self._deltas(calls)
 
-    def finish(self, reason: str) -> tuple[list[dict], str]:
+    def _deltas(self, calls) -> list[dict]:
+        out = []
+        for call in calls:
+            head = _call(self.plan, call)
+            arguments = head["function"]["arguments"]
+            head["function"] = {"name": call.name, "arguments": ""}
+            out += [
+                {"tool_calls": [{"index": self._calls, **head}]},
+                {"tool_calls": [{"index": self._calls, "function": {"arguments": arguments}}]},
+            ]
+            self._calls += 1
+        return out
+
+    def finish(self, reason: str) -> tuple[list[dict], str | None]:
         """-> (the last deltas, the finish_reason)."""
-        parsed = self._text.finish(cut_short=reason != "stop")
-        deltas: list[dict] = [{"content": parsed.content}] if parsed.content else []
-        for k, c in enumerate(parsed.calls):
-            head = {
-                "index": k,
-                "id": self.plan.fmt.new_id(),
-                "type": "function",
-                "function": {"name": c.name, "arguments": ""},
-            }
-            deltas += [{"tool_calls": [head]}, {"tool_calls": [{"index": k, "function": {"arguments": c.arguments}}]}]
-        return deltas, _finish(self.plan, parsed, reason) or reason
+        rest = self._text.finish()
+        deltas = ([{"content": rest.content}] if rest.content else []) + self._deltas(rest.calls)
+        return deltas, _finish(self.plan, self.plan.fmt.parse(self._text.text), reason)

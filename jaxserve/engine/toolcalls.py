@@ -5,7 +5,9 @@ A `CallFormat` is one of the formats models are trained on (Hermes `<tool_call>{
 JSON, Mistral `[TOOL_CALLS][…]`). It knows where a call starts in text (so a stream can hold back what may
 still become one), how to parse a whole generation into content and calls (a malformed call is content:
 never an error), and the grammar for a call to one of the given tools. Parsing is a pure function of the
-text, so a stream assembles to exactly what the same text gives unstreamed.
+text and reads calls from the first marker on until the first that is not well formed, so the calls of a
+text's beginning are the first calls of the whole text: a stream sends each call as soon as it is whole,
+and still assembles to exactly what the whole text gives unstreamed.
 
 No jax, no pydantic: the API layer and the batch runner use this module as it is.
 """
@@ -63,23 +65,23 @@ def _call(obj: Any, args_keys: tuple[str, ...]) -> ToolCall | None:
     return ToolCall(obj["name"], _compact(args)) if isinstance(args, dict) else None
 
 
-def _json_values(text: str, pos: int, sep: str) -> tuple[list[Any], int]:
-    """JSON values from text[pos:] separated by `sep` (and whitespace) -> (values, end of the last one)."""
+def _json_values(text: str, pos: int, sep: str) -> list[tuple[Any, int]]:
+    """JSON values from text[pos:] separated by `sep` (and whitespace), each with where it ends."""
     decoder = json.JSONDecoder()
-    values, end = [], pos
+    values: list[tuple[Any, int]] = []
+    end = pos
     while True:
         at = len(text) - len(text[end:].lstrip())
         if values:
             if not text.startswith(sep, at):
-                return values, end
+                return values
             at += len(sep)
             at = len(text) - len(text[at:].lstrip())
         try:
-            value, stop = decoder.raw_decode(text, at)
+            value, end = decoder.raw_decode(text, at)
         except json.JSONDecodeError:
-            return values, end
-        values.append(value)
-        end = stop
+            return values
+        values.append((value, end))
 
 
 class CallFormat:
@@ -95,17 +97,17 @@ class CallFormat:
         return min(found) if found else None
 
     def parse(self, text: str) -> Parsed:
-        """Generated text -> content and calls. Content is the text around the calls; text with no
-        well-formed call is all content."""
+        """Generated text -> content and calls. Content is the text around the calls (a call cut short
+        included); text with no well-formed call is all content."""
         start = self.start(text)
-        calls, end = self._calls(text, start) if start is not None else ([], 0)
+        calls, end = self.calls(text, start) if start is not None else ([], 0)
         if not calls:
             return Parsed(text, ())
         rest = text[:start] + text[end:]
         return Parsed(rest if rest.strip() else None, tuple(calls))
 
-    def _calls(self, text: str, start: int) -> tuple[list[ToolCall], int]:
-        """The well-formed calls from `start` on, and where they end."""
+    def calls(self, text: str, start: int) -> tuple[list[ToolCall], int]:
+        """The well-formed calls from `start` on, up to the first that is not, and where they end."""
         raise NotImplementedError
 
     def new_id(self) -> str:
@@ -153,7 +155,7 @@ class Hermes(CallFormat):
     markers = ("<tool_call>",)
     _block = re.compile(r"\s*<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
-    def _calls(self, text, start):
+    def calls(self, text, start):
         calls, end = [], start
         while m := self._block.match(text, end):
             try:
@@ -197,12 +199,16 @@ class Llama3Json(CallFormat):
             return len(text) - len(stripped)
         return super().start(text)
 
-    def _calls(self, text, start):
+    def calls(self, text, start):
         if text.startswith("<|python_tag|>", start):
             start += len("<|python_tag|>")
-        values, end = _json_values(text, start, ";")
-        calls = [_call(v, ("parameters", "arguments")) for v in values]
-        return ([], start) if None in calls or not calls else (calls, end)  # type: ignore[return-value]
+        calls, end = [], start
+        for value, stop in _json_values(text, start, ";"):
+            if (call := _call(value, ("parameters", "arguments"))) is None:
+                break
+            calls.append(call)
+            end = stop
+        return calls, end
 
     def grammar(self, tok, tools, parallel, lazy):
         more = ' ("; " body)*' if parallel else ""
@@ -224,11 +230,15 @@ class Mistral(CallFormat):
     name = "mistral"
     markers = ("[TOOL_CALLS]",)
 
-    def _calls(self, text, start):
-        values, end = _json_values(text, start + len("[TOOL_CALLS]"), "\0")
-        items = values[0] if values and isinstance(values[0], list) else values
-        calls = [_call(v, ("arguments", "parameters")) for v in items]
-        return ([], start) if None in calls or not calls else (calls, end)  # type: ignore[return-value]
+    def calls(self, text, start):
+        values = _json_values(text, start + len("[TOOL_CALLS]"), "\0")[:1]  # one value: the array
+        if not values:
+            return [], start
+        items, end = values[0]
+        calls = [_call(v, ("arguments", "parameters")) for v in (items if isinstance(items, list) else [items])]
+        if not calls or None in calls:  # the array is one piece: a malformed item leaves it all to content
+            return [], start
+        return calls, end  # type: ignore[return-value]
 
     def new_id(self):
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
@@ -282,24 +292,28 @@ def compile_tool_grammar(fmt: CallFormat, tok: Tokenizer, tools: tuple[Tool, ...
 
 class CallStream:
     """One streamed choice's text with calls in it: content is let out as it comes, except what may still
-    become a call (a marker's beginning, and from a marker on); the calls come at the end, parsed from the
-    whole text exactly as unstreamed."""
+    become a call (a marker's beginning, and from a marker on); each call as soon as it is whole. Together
+    they are exactly `parse` of the whole text."""
 
     def __init__(self, fmt: CallFormat):
         self.fmt = fmt
         self.text = ""
         self.sent = 0  # characters of `text` already sent as content
+        self.called = 0  # calls already sent
 
-    def feed(self, delta: str) -> str:
-        """New text -> the content safe to send now."""
+    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+        """New text -> (the content safe to send now, the calls completed by it)."""
         self.text += delta
         start = self.fmt.start(self.text)
-        safe = len(self.text) if start is None else start
-        safe = min(safe, self._undecided(self.text[:safe]))
+        calls: list[ToolCall] = []
+        if start is not None:
+            calls = self.fmt.calls(self.text, start)[0][self.called :]
+            self.called += len(calls)
+        safe = self._undecided(self.text if start is None else self.text[:start])
         if safe <= self.sent:
-            return ""
+            return "", calls
         out, self.sent = self.text[self.sent : safe], safe
-        return out
+        return out, calls
 
     def _undecided(self, text: str) -> int:
         """Where the held tail begins: trailing whitespace (content is null when only calls follow) and
@@ -310,11 +324,9 @@ class CallStream:
                 if text.endswith(marker[:k]):
                     cut = min(cut, len(text) - k)
                     break
-        kept = text[:cut]
-        return len(kept.rstrip())
+        return len(text[:cut].rstrip())
 
-    def finish(self, cut_short: bool) -> Parsed:
-        """The rest: content not yet sent, and the calls (none when the generation was cut short: a call
-        that `max_tokens` cut is content)."""
-        parsed = Parsed(self.text, ()) if cut_short else self.fmt.parse(self.text)
-        return Parsed((parsed.content or "")[self.sent :], parsed.calls)
+    def finish(self) -> Parsed:
+        """The rest, when the choice has ended: content not yet sent, and calls not yet sent."""
+        parsed = self.fmt.parse(self.text)
+        return Parsed((parsed.content or "")[self.sent :], parsed.calls[self.called :])

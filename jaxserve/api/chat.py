@@ -158,17 +158,16 @@ class ChatServing:
         )
 
     def engine_requests(
-        self, req: ChatCompletionRequest, request_id: str, plan: tools.ToolPlan | None, timeout: float | None = None
-    ) -> list[EngineRequest]:
+        self, req: ChatCompletionRequest, request_id: str, timeout: float | None = None
+    ) -> tuple[list[EngineRequest], tools.ToolPlan | None]:
+        """The engine requests, and how their answers are constrained and read for tool calls (None: text)."""
         reqs = self.completions.engine_requests(self.completion_request(req), request_id, timeout)
+        plan = tools.plan(req._tool_spec, self.tokenizer, self.completions.tool_parser)
         if plan is None:
-            return reqs
+            return reqs, None
         if any(r.grammar is not None for r in reqs):
             raise APIError(400, "response_format cannot be combined with tools", param="response_format")
-        return [dataclasses.replace(r, grammar=plan.grammar) for r in reqs]
-
-    def tool_plan(self, req: ChatCompletionRequest) -> tools.ToolPlan | None:
-        return tools.plan(req._tool_spec, self.tokenizer, self.completions.tool_parser)
+        return [dataclasses.replace(r, grammar=plan.grammar) for r in reqs], plan
 
     def _base(self, request_id: str, model: str, kind: str) -> dict:
         return {
@@ -181,8 +180,7 @@ class ChatServing:
 
     async def complete(self, req: ChatCompletionRequest, timeout: float | None = None) -> dict:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        plan = self.tool_plan(req)
-        reqs = self.engine_requests(req, request_id, plan, timeout)
+        reqs, plan = self.engine_requests(req, request_id, timeout)
         tally = Tally(req.n)
         texts: dict[int, list[str]] = {i: [] for i in range(req.n)}
         infos: dict[int, list[TokenInfo]] = {i: [] for i in range(req.n)}
@@ -204,8 +202,7 @@ class ChatServing:
         """The first chunk of each choice carries the role; then its content; its last its finish_reason
         (with an empty delta); with stream_options.include_usage a final chunk with `choices: []`."""
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        plan = self.tool_plan(req)
-        reqs = self.engine_requests(req, request_id, plan, timeout)
+        reqs, plan = self.engine_requests(req, request_id, timeout)
         calls = {i: tools.ChoiceStream(plan) for i in range(req.n)} if plan else {}
         base = self._base(request_id, req.model, "chat.completion.chunk")
         usage_asked = bool(req.stream_options and req.stream_options.include_usage)

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
-from jaxserve.engine import steps
-from jaxserve.engine.build import DEFAULT_CONTEXT, pool_pages
-from jaxserve.engine.core import PAGE_SIZE, JaxCore
-from jaxserve.engine.formulation import FORMULATIONS, choose
+from jaxserve.device import steps
+from jaxserve.device.build import DEFAULT_CONTEXT, pool_pages
+from jaxserve.device.formulation import FORMULATIONS, choose
+from jaxserve.device.runner import PAGE_SIZE, JaxRunner
 from jaxserve.sharding import make_mesh
 
 # the innermost function of an instruction's Python stack that is named here gives its component
@@ -47,7 +47,7 @@ COMPONENTS = {
     "int8_matmul": "weight matmuls",
     "KVCache.read": "KV page gather",
     "KVCache.write": "KV write",
-    "KVCache._pages_of": "KV write",
+    "write_targets": "KV write",
     "paged_attention": "attention (scores, softmax, values)",
     "RMSNorm.__call__": "norms, RoPE, activation, residual",
     "apply_rope": "norms, RoPE, activation, residual",
@@ -148,7 +148,7 @@ def self_times(trace_dir: Path, instructions: set[tuple[str, str]]) -> tuple[dic
     return totals, busy
 
 
-def prepare(core: JaxCore, position: int, temperature: float, top_p: float) -> np.ndarray:
+def prepare(core: JaxRunner, position: int, temperature: float, top_p: float) -> np.ndarray:
     """Every slot active at `position` with pages enough for it and the given knobs; returns the page table."""
     table = core.empty_table()
     need = position // core.page_size + 1
@@ -172,7 +172,7 @@ def prepare(core: JaxCore, position: int, temperature: float, top_p: float) -> n
     return table
 
 
-def run_steps(core: JaxCore, table, position: int, n: int) -> list[float]:
+def run_steps(core: JaxRunner, table, position: int, n: int) -> list[float]:
     """ms of each of n steps, each to its tokens on the host."""
     times = []
     for _ in range(n):
@@ -185,7 +185,7 @@ def run_steps(core: JaxCore, table, position: int, n: int) -> list[float]:
 def profile(model, slots: int, args, trace_root: Path) -> None:
     m = choose(model, slots, args.formulation).apply(model)
     pages = pool_pages(m.cfg, PAGE_SIZE, slots, DEFAULT_CONTEXT)
-    core = JaxCore(m, slots=slots, cache_len=DEFAULT_CONTEXT, eos_id=None, pages=pages)
+    core = JaxRunner(m, slots=slots, cache_len=DEFAULT_CONTEXT, eos_id=None, pages=pages)
     table = prepare(core, args.position, args.temperature, args.top_p)
     window = core.window_for(args.position)
     forward = steps.forward.lower(core.spec, m.params, core.state, table, window, slots).compile().as_text()
@@ -213,7 +213,8 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
     total = sum(by_comp.values())
     by_comp["host: wall (traced) - device busy"] = statistics.mean(traced) - per_step(busy)  # both means
     print(
-        f"\n{m.name} {m.cfg.quant or m.cfg.dtype} {m.cfg.formulation}, {slots} slots at position {args.position} "
+        f"\n{m.name} {m.cfg.quant or m.cfg.dtype} {m.formulation.describe(m.cfg)}, {slots} slots at position "
+        f"{args.position} "
         f"(window {window}), temperature {args.temperature}, top_p {args.top_p}: step {statistics.median(wall):.2f} ms "
         f"median untraced, {statistics.median(traced):.2f} ms traced; thunks {total:.2f} ms/step, "
         f"device busy (a thunk running) {per_step(busy):.2f} ms/step. Trace: {trace_dir}"

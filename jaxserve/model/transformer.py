@@ -15,7 +15,6 @@ stays one scan with one set of stacked weights.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
@@ -23,98 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxserve import kernels
+from jaxserve.model import attention_kernels, quant
 from jaxserve.model.config import ModelConfig, RopeScaling
 from jaxserve.model.kv_cache import KVCache
 
 
 def _param(module: nn.Module, name: str, shape, axes, init, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-def group_size(cfg: ModelConfig, n: int) -> int:
-    """Input weights per int8 scale along an input axis of length n: cfg.quant_group, or the whole axis
-    where the group does not divide it."""
-    return cfg.quant_group if n % cfg.quant_group == 0 else n
-
-
-def _weight(module: nn.Module, cfg: ModelConfig, name: str, shape, axes, a: int, init=None):
-    """A matmul weight: (kernel, None) in the model's dtype, or with cfg.quant == "int8" an int8 kernel and a
-    float32 scale per output channel and group of input weights along input axis `a` (the scale has the
-    kernel's rank and axes; axis `a` shrinks by the group)."""
-    if cfg.quant == "int8":
-        kernel = _param(module, name, shape, axes, nn.initializers.zeros, jnp.int8)
-        scale_shape = (*shape[:a], shape[a] // group_size(cfg, shape[a]), *shape[a + 1 :])
-        scale = _param(module, name + "_scale", scale_shape, axes, nn.initializers.ones, jnp.float32)
-        return kernel, scale
-    return _param(module, name, shape, axes, init or nn.initializers.normal(0.02), jnp.dtype(cfg.dtype)), None
-
-
-def grouped_axis(kernel_shape, scale_shape) -> int:
-    """The input axis along which an int8 kernel's scales are grouped: the one where the scale is shorter,
-    the last of the inputs (a kernel's first grouped_axis + 1 axes are its inputs)."""
-    return next(i for i, (n, m) in enumerate(zip(kernel_shape, scale_shape)) if n != m)
-
-
-def dequantize(kernel, scale):
-    """int8 kernel * its group scales -> float32 weights. The grouped axis is the one where the scale is
-    shorter. The weights stay int8 at rest; inside the jitted step XLA:CPU writes this float32 copy of each
-    matrix just before its matmul (most of a one-slot decode step's time: see the int8 commits'
-    measurements), and per-group scales cost no more there than per-channel ones."""
-    a = grouped_axis(kernel.shape, scale.shape)
-    groups = scale.shape[a]
-    split = (*kernel.shape[:a], groups, kernel.shape[a] // groups, *kernel.shape[a + 1 :])
-    w = kernel.astype(jnp.float32).reshape(split) * jnp.expand_dims(scale, a + 1)
-    return w.reshape(kernel.shape)
-
-
-def dot(spec: str, x, weight, c: ModelConfig | None = None):
-    """einsum(spec, x [B, T, inputs...], kernel [inputs..., outputs...]) for `weight` (kernel, scale), or
-    (kernels, scales, layer) for one layer of weights stacked over the layers (for jaxserve's kernel,
-    which reads the layer in place: a custom call's operand sliced out of the stack would be a copy of
-    it every step, as costly as the matmul). An int8 kernel is computed as
-    `c` says for the rows it carries (B * T, known when tracing; see ModelConfig.kernel_below_rows and
-    bf16_from_rows): by jaxserve's own kernel from its packed layout (jaxserve.kernels), or dequantized
-    within the jitted step to float32, or rounded to bfloat16 once after the float32 dequantization (one
-    rounding of each weight, not two) and multiplied with bfloat16 activations, accumulating in float32.
-    Which is fastest depends on the CPU and the rows (jaxserve.engine.formulation measures it); float
-    weights always compute in their own dtype."""
-    kernel, scale, *layer = weight
-    if scale is None:
-        return jnp.einsum(spec, x, kernel)
-    rows, contracted = x.shape[0] * x.shape[1], x.ndim - 2
-    held_packed = c is not None and c.kernel_below_rows is not None
-    if held_packed and rows < c.kernel_below_rows:  # the kernel reads one layer of a stack (a lone weight: of one)
-        stack = (kernel, scale) if layer else (kernel[None], scale[None])
-        y = kernels.int8_matmul(x.reshape(rows, -1), *stack, contracted, layer[0] if layer else 0)
-        return y.reshape(*x.shape[:2], *stack[0].shape[1 + contracted :]).astype(x.dtype)
-    if layer:
-        kernel, scale = kernel[layer[0]], scale[layer[0]]  # a slice XLA fuses into the dequantization
-    if held_packed:
-        kernel, scale = kernels.unpack(kernel, contracted), kernels.unpack(scale, contracted)
-    if c is not None and c.bf16_from_rows is not None and rows >= c.bf16_from_rows:
-        w = dequantize(kernel, scale).astype(jnp.bfloat16)
-        return jnp.einsum(spec, x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32).astype(x.dtype)
-    return jnp.einsum(spec, x.astype(jnp.float32), dequantize(kernel, scale)).astype(x.dtype)
-
-
-def packed(params, cfg: ModelConfig):
-    """The int8 weights that `dot` takes, in the layout jaxserve's kernel reads (jaxserve.kernels.pack):
-    the layers' (stacked over the layers' axis) and an untied output projection's. The tied embedding is
-    not among them: its kernel reads it as it is."""
-    assert cfg.quant == "int8", cfg.quant
-
-    def pack(kernel, scale, lead: int):
-        contracted = grouped_axis(kernel.shape[lead:], scale.shape[lead:]) + 1
-        one = lambda a: kernels.pack(a, contracted)
-        fn = jax.vmap(one) if lead else one
-        return fn(kernel), fn(scale)
-
-    tree = jax.tree_util.tree_map(lambda a: a, params)  # a copy of the containers; arrays are replaced below
-    for scope, lead in ((tree["params"]["layers"], 1), (tree["params"], 0)):
-        for name in [n for n in scope if n + "_scale" in scope]:
-            scope[name], scope[name + "_scale"] = pack(scope[name], scope[name + "_scale"], lead)
-    return tree
 
 
 class RMSNorm(nn.Module):
@@ -152,12 +66,18 @@ def apply_rope(x, cos, sin):
 def paged_attention(c: ModelConfig, q, cache: KVCache, layer, table, positions, window: int, local):
     """q [B, T, N, H] of tokens at `positions` [B, T] attending over positions [0, window) of each row's
     pages (`table` [B, ...]) in `layer` of the pool, keys at positions <= their own (and within the sliding
-    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel (a ragged paged attention
-    kernel on TPU, say).
+    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel: with c.attention other than
+    "plain" the kernel of that name computes it, from the pool in its own layout
+    (jaxserve.model.attention_kernels)."""
+    if c.attention != "plain":
+        return attention_kernels.attend(c, q, cache, layer, table, positions, window, local, plain_attention)
+    return plain_attention(c, q, cache, layer, table, positions, window, local)
 
-    Here a scan over the window's pages with a running softmax (flash-decoding's): each step reads one
-    page per row, which stays in cache between its two matmuls, instead of gathering the whole window into
-    one copy first."""
+
+def plain_attention(c: ModelConfig, q, cache, layer, table, positions, window: int, local):
+    """paged_attention in jnp, over any pool offering KVCache's `read`: a scan over the window's pages with
+    a running softmax (flash-decoding's): each step reads one page per row, which stays in cache between
+    its two matmuls, instead of gathering the whole window into one copy first."""
     B, T = positions.shape
     K, H, S = c.n_kv_heads, c.head_dim, cache.page_size
     assert window % S == 0, f"the window {window} is not a whole number of {S}-position pages"
@@ -197,6 +117,7 @@ class Block(nn.Module):
     R = 1 RoPE table, or 2 when local layers have their own base (global first)."""
 
     cfg: ModelConfig
+    formulation: quant.Formulation
 
     @nn.compact
     def __call__(self, carry, positions, cos, sin, table, write_from, window: int, stacked=None):
@@ -206,7 +127,7 @@ class Block(nn.Module):
         c = self.cfg
 
         def weight(name, shape, axes, a):
-            w = _weight(self, c, name, shape, axes, a)
+            w = quant.weight(self, c, name, shape, axes, a)
             return w if stacked is None else (*stacked[name], layer)
 
         dt = jnp.dtype(c.dtype)
@@ -219,9 +140,9 @@ class Block(nn.Module):
         wk = weight("k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wv = weight("v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wo = weight("o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), 1)
-        q = dot("btd,dnh->btnh", h, wq, c)
-        k = dot("btd,dkh->btkh", h, wk, c)
-        v = dot("btd,dkh->btkh", h, wv, c)
+        q = quant.dot("btd,dnh->btnh", h, wq, self.formulation)
+        k = quant.dot("btd,dkh->btkh", h, wk, self.formulation)
+        v = quant.dot("btd,dkh->btkh", h, wv, self.formulation)
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (c.n_heads, c.head_dim), ("q_heads", "head_dim"), zeros, dt)
@@ -234,7 +155,7 @@ class Block(nn.Module):
 
         cache = cache.write(layer, table, positions, k, v, write_from)
         attn = paged_attention(c, q, cache, layer, table, positions, window, local)
-        attn = dot("btnh,nhd->btd", attn, wo, c)
+        attn = quant.dot("btnh,nhd->btd", attn, wo, self.formulation)
         if c.sandwich_norms:
             attn = RMSNorm(c.norm_eps, dt, name="post_attn_norm")(attn)
         x = x + attn
@@ -244,64 +165,47 @@ class Block(nn.Module):
         # of two
         wgu = weight("gate_up", (c.dim, 2, c.mlp_dim), ("embed", None, "mlp"), 0)
         wd = weight("down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0)
-        gate_up = dot("btd,dcf->btcf", h, wgu, c)
+        gate_up = quant.dot("btd,dcf->btcf", h, wgu, self.formulation)
         act = nn.silu if c.activation == "silu" else partial(jax.nn.gelu, approximate=True)
-        out = dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd, c)
+        out = quant.dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd, self.formulation)
         if c.sandwich_norms:
             out = RMSNorm(c.norm_eps, dt, name="post_mlp_norm")(out)
         return (x + out, cache, layer + 1), None
-
-
-VOCAB_BLOCK = 3072  # rows of the int8 output projection widened at once
 
 
 class Embedding(nn.Module):
     """Token embedding [V, D], also the tied output projection (logits = x . E^T)."""
 
     cfg: ModelConfig
+    formulation: quant.Formulation
 
     def setup(self):
         c = self.cfg
-        shape, axes = (c.vocab_size, c.dim), ("vocab", "embed")
         # int8: a scale per vocabulary row (the output channel of the logits) and group of D
-        self.table, self.scale = _weight(self, c, "embedding", shape, axes, 1)
+        self.table, self.scale = quant.weight(self, c, "embedding", (c.vocab_size, c.dim), ("vocab", "embed"), 1)
 
     def __call__(self, tokens):
         if self.scale is None:
             return self.table[tokens]
-        return dequantize(self.table[tokens], self.scale[tokens]).astype(jnp.dtype(self.cfg.dtype))
+        return quant.dequantize(self.table[tokens], self.scale[tokens]).astype(jnp.dtype(self.cfg.dtype))
 
     def attend(self, x):
         if self.scale is None:
-            return dot("btd,vd->btv", x, (self.table, None))
-        c = self.cfg
-        rows = x.shape[0] * x.shape[1]
-        if c.kernel_below_rows is not None and rows < c.kernel_below_rows:
-            y = kernels.int8_matmul(x.reshape(rows, -1), self.table[None], self.scale[None], layout="nk")
-            return y.reshape(*x.shape[:2], -1)
-        # XLA: one dot over the whole [V, D] table would widen all of it in memory first (far slower than
-        # float32); a scan over vocabulary blocks widens one cache-sized block at a time.
-        V, D = self.table.shape
-        blocks = max(1, V // VOCAB_BLOCK)
-        while V % blocks:
-            blocks -= 1
-        table = self.table.reshape(blocks, V // blocks, D)
-        scale = self.scale.reshape(blocks, V // blocks, -1)
-        plain = dataclasses.replace(c, kernel_below_rows=None)  # the table is never packed
-        block = lambda _, w: (None, dot("btd,vd->btv", x, w, plain))
-        _, logits = jax.lax.scan(block, None, (table, scale))
-        return jnp.moveaxis(logits, 0, 2).reshape(*x.shape[:2], V)  # [blocks, B, T, V/blocks] -> [B, T, V]
+            return quant.dot("btd,vd->btv", x, (self.table, None))
+        return quant.tied_logits(x, self.table, self.scale, self.formulation)
 
 
 class Transformer(nn.Module):
     """`__call__` = `logits(hidden(...))`; the two halves are separate methods so a prefill can compute
-    logits for every prompt position (echo scoring) or for the last one only."""
+    logits for every prompt position (echo scoring) or for the last one only. `formulation`: how its int8
+    matmuls compute (see quant.Formulation; float weights ignore it)."""
 
     cfg: ModelConfig
+    formulation: quant.Formulation = quant.Formulation()
 
     def setup(self):
         c = self.cfg
-        self.embed = Embedding(c)
+        self.embed = Embedding(c, self.formulation)
         self.layers = nn.scan(
             Block,
             variable_axes={"params": 0},
@@ -309,10 +213,10 @@ class Transformer(nn.Module):
             in_axes=(nn.broadcast,) * 7,
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c)
+        )(c, self.formulation)
         self.final_norm = RMSNorm(c.norm_eps, jnp.dtype(c.dtype))
         if not c.tie_embeddings:
-            self.lm_head = _weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)
+            self.lm_head = quant.weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)
 
     def __call__(self, tokens, positions, cache: KVCache, table, window: int, write_from=None):
         """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, updated cache). See `hidden`."""
@@ -335,9 +239,9 @@ class Transformer(nn.Module):
             tables.append(rope_tables(positions, c.head_dim, c.rope_local_theta))
         cos, sin = (jnp.stack(t) for t in zip(*tables))  # [R, B, T, H]
         stacked = None
-        if c.kernel_below_rows is not None and not self.is_initializing():  # packed int8: read in place
+        if self.formulation.kernel_below_rows is not None and not self.is_initializing():  # packed: read in place
             layers = self.variables["params"]["layers"]
-            stacked = {n: (layers[n], layers[n + "_scale"]) for n in layers if n + "_scale" in layers}
+            stacked = {n: (layers[n], layers[n + "_scale"]) for n in quant.int8_names(layers)}
         carry = (x, cache, jnp.int32(0))
         (x, cache, _), _ = self.layers(carry, positions, cos, sin, table, write_from, window, stacked)
         return self.final_norm(x), cache
@@ -346,4 +250,4 @@ class Transformer(nn.Module):
         """Hidden states [B, T, D] -> logits [B, T, V] float32."""
         if self.cfg.tie_embeddings:
             return self.embed.attend(x).astype(jnp.float32)
-        return dot("btd,dv->btv", x, self.lm_head, self.cfg).astype(jnp.float32)
+        return quant.dot("btd,dv->btv", x, self.lm_head, self.formulation).astype(jnp.float32)

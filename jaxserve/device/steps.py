@@ -4,7 +4,7 @@ a decode step in two halves (forward, then sample_step), set_masks, release.
 Each takes a `StepSpec` (static: the model config, EOS and where the state lives) and the `DecodeState`,
 which it donates so XLA updates it in place, and returns the new state (constrained to the same
 shardings, so the next call finds what it compiled for) with the step's outputs, replicated. Shapes
-that vary are static arguments bucketed by the caller (`core.JaxCore`): the attention window, the
+that vary are static arguments bucketed by the caller (`core.JaxRunner`): the attention window, the
 prefill chunk and the decode rows. Page tables are host arrays passed with each call, of one fixed
 shape. Every trace is counted in `spec.compiles`, so a test can prove that no request compiles anything.
 """
@@ -20,9 +20,10 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import NamedSharding
 
-from jaxserve.engine.sampling import TOP_LOGPROBS, record, sample, top_logprobs
-from jaxserve.engine.state import DecodeState
+from jaxserve.device.sampling import TOP_LOGPROBS, record, sample, top_logprobs
+from jaxserve.device.state import DecodeState
 from jaxserve.model import ModelConfig, Transformer
+from jaxserve.model.quant import Formulation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class StepSpec:
     """What the steps are compiled for. Hashable: equal specs share compiled steps."""
 
     cfg: ModelConfig
+    formulation: Formulation  # how the int8 matmuls compute (static: part of what is compiled)
     eos_ids: tuple[int, ...]  # every id that ends a generation (EOS, the chat template's end of turn)
     state_sharding: DecodeState  # a NamedSharding per array
     replicated: NamedSharding
@@ -83,7 +85,7 @@ def prefill(
     shared pages already), and return each row's last-position logits; with `score` (a traced bool) also
     every position's logprob of `targets` and the top K."""
     spec.compiles["prefill"] += 1
-    model = Transformer(spec.cfg)
+    model = Transformer(spec.cfg, spec.formulation)
     P, T = tokens.shape
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
     x, cache = model.apply(params, tokens, positions, state.cache, table, window, write_from, method="hidden")
@@ -153,7 +155,7 @@ def forward(spec: StepSpec, params, state: DecodeState, table, window: int, rows
     next-token logits [rows, V] come back for `sample_step`. Between the two halves the host may write
     grammar masks (`set_masks`), so a constrained slot's mask is computed while the device runs this."""
     spec.compiles["forward"] += 1
-    model = Transformer(spec.cfg)
+    model = Transformer(spec.cfg, spec.formulation)
     seq = jax.tree.map(lambda a: a[:rows], state.slots)
     logits, cache = model.apply(params, seq.tokens[:, None], seq.positions[:, None], state.cache, table[:rows], window)
     return _settle(spec, state.replace(cache=cache), logits[:, 0])  # replicated, as sample_step was compiled for

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import jax
 
 from jaxserve.chat_template import end_of_turn_ids
-from jaxserve.checkpoint import LoadedModel
-from jaxserve.engine.core import PAGE_SIZE, JaxCore
-from jaxserve.engine.executables import ExecutableStore
-from jaxserve.engine.formulation import choose
+from jaxserve.device.executables import ExecutableStore
+from jaxserve.device.formulation import choose
+from jaxserve.device.runner import PAGE_SIZE, JaxRunner
+from jaxserve.device.warmup import warm
 from jaxserve.engine.scheduler import Scheduler
-from jaxserve.model import KVCache, ModelConfig
+from jaxserve.model import KVCache, LoadedModel, ModelConfig, attention_kernels
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,18 @@ def build_engine(
     is then compiled before the first request, or loaded from the folder `executable_cache` where an
     earlier start saved it (None: compiled each time, through jax's compilation cache if one is set); with
     `background`, only the shapes every request can fall back to before this returns, the rest while
-    requests are served (see JaxCore.warmup)."""
+    requests are served (see device.warmup)."""
     choice = choose(model, slots, formulation, formulation_cache)
     log.info("%s", choice.describe(model.cfg))
     model = choice.apply(model)
     cache_len = min(model.cfg.max_context, max_context or model.cfg.max_context)
     page_size = min(page_size, cache_len)
+    model = dataclasses.replace(model, cfg=attention_kernels.choose(model.cfg, model.mesh, page_size))
     pages = pool_pages(model.cfg, page_size, slots, cache_len, kv_cache_memory, num_pages)
     tok = model.tokenizer
     # a generation ends at any EOS id and at the chat template's end of turn
     eos_ids = tok.eos_ids + end_of_turn_ids(tok)
-    core = JaxCore(
+    core = JaxRunner(
         model, slots=slots, cache_len=cache_len, eos_id=tok.eos_id, eos_ids=eos_ids, pages=pages, page_size=page_size
     )
     log.info(
@@ -96,5 +98,5 @@ def build_engine(
         "on" if prefix_caching else "off",
     )
     if warmup:
-        core.warmup(None if executable_cache is None else ExecutableStore(executable_cache), background=background)
+        warm(core, None if executable_cache is None else ExecutableStore(executable_cache), background=background)
     return Scheduler(core, model.tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching).start()

@@ -9,7 +9,7 @@ matmuls at the decode row buckets and the short prefill chunks: the kernel again
 until the kernel loses, then bfloat16 against the faster of the others from the most rows down until
 bfloat16 loses. It serves
 bfloat16 from the smallest row count at and above which it won everywhere, and the kernel below that and
-below the first row count where it lost to float32 (`ModelConfig.kernel_below_rows` and `bf16_from_rows`,
+below the first row count where it lost to float32 (`quant.Formulation`'s kernel_below_rows and bf16_from_rows,
 static in the jitted steps: the choice costs no recompilation after warm-up). On GPU and TPU bfloat16 is
 the native choice and stands without measuring. Float weights are never rounded: float32 asked for stays
 exact.
@@ -36,11 +36,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve import host, kernels
-from jaxserve.checkpoint import LoadedModel
-from jaxserve.engine.core import PREFILL_BUCKETS
-from jaxserve.model import Transformer
-from jaxserve.model.config import EVERY_ROW
-from jaxserve.model.transformer import dot, grouped_axis, packed
+from jaxserve.device.runner import PREFILL_BUCKETS
+from jaxserve.model import LoadedModel, Transformer
+from jaxserve.model.quant import EVERY_ROW, Formulation, dot, grouped_axis, int8_names, int8_scopes, packed
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms, "kernel
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """What the int8 matmuls use (`bf16_from_rows` and `kernel_below_rows`, as in ModelConfig), how that
+    """What the int8 matmuls use (`bf16_from_rows` and `kernel_below_rows`, as in quant.Formulation), how that
     was decided ("measured", "cached", "forced", "platform" or "float weights") and the timings it rests
     on."""
 
@@ -65,19 +63,20 @@ class Choice:
     timings: Timings = dataclasses.field(default_factory=dict)
     kernel_below_rows: int | None = None
 
+    @property
+    def formulation(self) -> Formulation:
+        return Formulation(kernel_below_rows=self.kernel_below_rows, bf16_from_rows=self.bf16_from_rows)
+
     def apply(self, model: LoadedModel) -> LoadedModel:
-        """`model` to serve with this choice: its config says it, and with the kernel its weights are packed."""
-        rule = dict(bf16_from_rows=self.bf16_from_rows, kernel_below_rows=self.kernel_below_rows)
-        cfg = dataclasses.replace(model.cfg, **rule)
+        """`model` to serve with this choice: it carries the formulation, and with the kernel its weights are
+        packed."""
         if self.kernel_below_rows is None:
-            return dataclasses.replace(model, cfg=cfg)
+            return dataclasses.replace(model, formulation=self.formulation)
         assert kernels.available(), "the int8 kernel is not available here"  # compiled and registered
-        params = packed(model.params, cfg)
-        return dataclasses.replace(model, cfg=cfg, params=params)
+        return dataclasses.replace(model, formulation=self.formulation, params=packed(model.params, model.cfg))
 
     def describe(self, cfg) -> str:
-        rule = dict(bf16_from_rows=self.bf16_from_rows, kernel_below_rows=self.kernel_below_rows)
-        text = f"matmul formulation {dataclasses.replace(cfg, **rule).formulation} ({self.source}"
+        text = f"matmul formulation {self.formulation.describe(cfg)} ({self.source}"
         if self.timings:
             names = [n for n in ("kernel", "f32", "bf16") if any(n in t for t in self.timings.values())]
             per_rows = ", ".join(
@@ -112,9 +111,8 @@ def kernel_possible(model: LoadedModel) -> bool:
     with the kernel compiled here."""
     if model.cfg.quant != "int8" or jax.default_backend() != "cpu" or model.mesh.size != 1:
         return False
-    layers = model.params["params"]["layers"]
-    for scope, lead in ((layers, 1), (model.params["params"], 0)):
-        for name in [n for n in scope if n + "_scale" in scope]:
+    for scope, lead in int8_scopes(model.params):
+        for name in int8_names(scope):
             kernel, scale = scope[name].shape[lead:], scope[name + "_scale"].shape[lead:]
             if not kernels.fits(kernel, scale, grouped_axis(kernel, scale) + 1):
                 return False
@@ -122,7 +120,7 @@ def kernel_possible(model: LoadedModel) -> bool:
 
 
 def matmul_step(model: LoadedModel) -> Callable:
-    """A jitted function of (params, x [rows, 1, D]) running what the formulation (`model.cfg`'s, its
+    """A jitted function of (params, x [rows, 1, D]) running what the formulation (`model`'s, its
     weights as `Choice.apply` left them) changes in one decode step: every layer's int8 weight matmuls
     (each weight grouped as stored, through the model's `dot`) and the logits over the vocabulary (through
     the model's own `logits`)."""
@@ -131,7 +129,7 @@ def matmul_step(model: LoadedModel) -> Callable:
 
     def run(params, x):
         layers = params["params"]["layers"]
-        weights = {n: (layers[n], layers[n + "_scale"]) for n in sorted(layers) if n + "_scale" in layers}
+        weights = {n: (layers[n], layers[n + "_scale"]) for n in int8_names(layers)}
 
         def layer(acc, index):
             rows_in = x + acc
@@ -139,12 +137,12 @@ def matmul_step(model: LoadedModel) -> Callable:
                 a = grouped_axis(kernel.shape[1:], scale.shape[1:])  # the inputs are the axes up to it
                 ins, outs = letters[: a + 1], letters[a + 1 : kernel.ndim - 1]
                 inputs = jnp.resize(rows_in, (x.shape[0], 1, *kernel.shape[1 : a + 2]))
-                y = dot(f"bt{ins},{ins}{outs}->bt{outs}", inputs, (kernel, scale, index), cfg)
+                y = dot(f"bt{ins},{ins}{outs}->bt{outs}", inputs, (kernel, scale, index), model.formulation)
                 acc = acc + 1e-6 * jnp.mean(y)
             return acc, None
 
         acc, _ = jax.lax.scan(layer, jnp.float32(0), jnp.arange(cfg.n_layers))
-        return Transformer(cfg).apply(params, x + acc, method="logits")
+        return Transformer(cfg, model.formulation).apply(params, x + acc, method="logits")
 
     return jax.jit(run)
 

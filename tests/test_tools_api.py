@@ -65,8 +65,9 @@ def test_an_agent_round_trip(client):
 
 
 def test_a_named_tool_and_the_stream_assembled_equal(client):
-    """A named function: its call, finish_reason "stop" as OpenAI's; streamed, the call comes as OpenAI's
-    deltas (index, id, type and name first, then the arguments), assembling to the unstreamed answer."""
+    """A named function: its call, finish_reason "stop" as OpenAI's, logprobs of the tokens that wrote it;
+    streamed, the call comes as OpenAI's deltas (index, id, type and name first, then the arguments),
+    assembling to the unstreamed answer."""
     kwargs = dict(
         model=SMOL,
         messages=[{"role": "user", "content": "What time is it in Tokyo?"}],
@@ -74,15 +75,20 @@ def test_a_named_tool_and_the_stream_assembled_equal(client):
         tool_choice={"type": "function", "function": {"name": "get_time"}},
         max_tokens=80,
         temperature=0,
+        logprobs=True,
     )
     want = client.chat.completions.create(**kwargs).choices[0]
     assert want.finish_reason == "stop" and [c.function.name for c in want.message.tool_calls] == ["get_time"]
     _args(want.message.tool_calls[0], TIME)
+    written = "".join(t.token for t in want.logprobs.content)
+    assert written.startswith('<tool_call>\n{"name":"get_time","arguments":')
+    assert want.message.tool_calls[0].function.arguments in written
     calls: dict[int, dict] = {}
-    content, finish = "", None
+    content, finish, tokens = "", None, []
     for chunk in client.chat.completions.create(**kwargs, stream=True):
         delta = chunk.choices[0].delta
         content += delta.content or ""
+        tokens += chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else []
         for c in delta.tool_calls or ():
             if c.id:
                 assert c.type == "function" and c.function.name and c.index not in calls
@@ -90,7 +96,7 @@ def test_a_named_tool_and_the_stream_assembled_equal(client):
             else:
                 calls[c.index]["arguments"] += c.function.arguments
         finish = chunk.choices[0].finish_reason or finish
-    assert content == "" and finish == "stop"
+    assert content == "" and finish == "stop" and [t.token for t in tokens] == [t.token for t in want.logprobs.content]
     assert [calls[i] for i in sorted(calls)] == [c.function.model_dump() for c in want.message.tool_calls]
 
 

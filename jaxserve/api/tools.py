@@ -202,34 +202,9 @@ def hermes_system(tools: tuple[Tool, ...]) -> str:
 def template_inputs(messages: list[dict], spec: ToolSpec | None, template: str | None) -> tuple[list[dict], dict]:
     """(messages, extra template variables) for rendering: `tools=` where the template takes them, else
     the Hermes fallback written into the messages."""
-    native = takes_tools(template)
-    if native:
+    if takes_tools(template):
         return messages, ({"tools": [_openai_tool(t) for t in spec.tools]} if spec else {})
-    has_history = any(m["role"] == "tool" or "tool_calls" in m for m in messages)
-    if spec is None and not has_history:
-        return messages, {}
-    out: list[dict] = []
-    for m in messages:
-        if m["role"] == "tool":
-            block = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if out and out[-1].get("_responses"):  # consecutive results: one user turn
-                out[-1]["content"] += "\n" + block
-            else:
-                out.append({"role": "user", "content": block, "_responses": True})
-        elif "tool_calls" in m:
-            blocks = [
-                "<tool_call>\n"
-                + json.dumps(
-                    {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False
-                )
-                + "\n</tool_call>"
-                for c in m["tool_calls"]
-            ]
-            out.append({"role": "assistant", "content": "\n".join(([m["content"]] if m["content"] else []) + blocks)})
-        else:
-            out.append(dict(m))
-    for m in out:
-        m.pop("_responses", None)
+    out = _hermes_history(messages)
     if spec is not None:
         system = hermes_system(spec.tools)
         if out and out[0]["role"] == "system":
@@ -237,6 +212,26 @@ def template_inputs(messages: list[dict], spec: ToolSpec | None, template: str |
         else:
             out.insert(0, {"role": "system", "content": system})
     return out, {}
+
+
+def _hermes_history(messages: list[dict]) -> list[dict]:
+    """Calls written into their assistant turn as <tool_call> blocks; a run of tool results as one user
+    turn of <tool_response> blocks; other messages as they are."""
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            block = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if i and messages[i - 1]["role"] == "tool":
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block})
+        elif "tool_calls" in m:
+            calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
+            blocks = [f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in calls]
+            out.append({"role": "assistant", "content": "\n".join(([m["content"]] if m["content"] else []) + blocks)})
+        else:
+            out.append(m)
+    return out
 
 
 # ---- serving ------------------------------------------------------------------------------------------

@@ -73,3 +73,6 @@ class Runner(Protocol):
 
     def fetch(self, result: T) -> T:
         """A step's or prefill's output as host arrays (waits for the device)."""
+
+    def stats(self) -> dict:
+        """The device side's own counters, by their names in types.EngineStats (those it keeps; any thread)."""

@@ -47,7 +47,7 @@ from jaxserve.engine.kv import KVManager
 from jaxserve.engine.lifecycle import Choice, Fill, Group, Status
 from jaxserve.engine.pages import PagePool
 from jaxserve.engine.plan import Decode, PrefillRow, SamplePlan, Start, StepPlan
-from jaxserve.engine.types import DeadlineExceeded, EngineRequest, EngineStopped
+from jaxserve.engine.types import DeadlineExceeded, EngineRequest, EngineStats, EngineStopped
 from jaxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,12 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return self.intake.depth
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics and probes (read racily from their thread: each count is one that was true)."""
+        own = dict(queue_depth=self.queue_depth, active_slots=self.active_slots, steps=self.steps)
+        own |= dict(healthy=self.healthy, preemptions=self.preemptions)
+        return EngineStats(**own, **self.kv.stats(), **self.core.stats())
 
     # ---- the scheduler thread -----------------------------------------------------------------------
 
@@ -357,16 +363,8 @@ class Scheduler:
         choice.position, choice.status = position, Status.DECODING
         if all(c.status is Status.DECODING for c in choice.group.unfinished):
             choice.group.status = Status.DECODING
-        return Start(
-            choice.slot,
-            choice.params,
-            position,
-            req.max_tokens - len(generated),
-            not req.ignore_eos,
-            mask,
-            token=generated[-1],
-            generated=tuple(generated),
-        )
+        left, stop_on_eos = req.max_tokens - len(generated), not req.ignore_eos
+        return Start(choice.slot, choice.params, position, left, stop_on_eos, mask, -1, generated[-1], tuple(generated))
 
     def _fetch(self, pending, inserted: list) -> list[tuple[Choice, object, int]]:
         """The real tokens of the last step and of this loop's inserts, as (choice, host output, row), for the

@@ -1,7 +1,7 @@
 """A model's own chat template, rendered as transformers renders it: Jinja2 in an immutable sandbox (templates
 come with downloaded weights, so they may read what they are given and nothing else), with `messages`,
-`add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception` and a `tojson` filter that keeps
-non-ASCII text. Never `eval`.
+`add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`, `strftime_now` (Llama 3.2's date
+line) and a `tojson` filter that keeps non-ASCII text. Never `eval`.
 
 Also the end-of-turn tokens: a chat model ends its answer with its template's turn delimiter
 (`<|im_end|>`, `<end_of_turn>`, ...), which must end a generation as EOS does.
@@ -9,6 +9,7 @@ Also the end-of-turn tokens: a chat model ends its answer with its template's tu
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 
@@ -18,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jaxserve.tokenizer import Tokenizer
 
 # turn delimiters of the common template families; one ends a generation when the template writes it
-END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|eot|>", "<|end_of_text|>")
+END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|eot|>", "<|end_of_text|>")
 
 
 class TemplateError(ValueError):
@@ -38,6 +39,7 @@ def _compile(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env.from_string(source)
 
 
@@ -45,8 +47,9 @@ def token_text(tok: Tokenizer, token_id: int | None) -> str:
     return "" if token_id is None else tok.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
-def render(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The prompt text for `messages` ({"role", "content"} dicts) by the tokenizer's chat template."""
+def render(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
+    """The prompt text for `messages` ({"role", "content"} dicts, and tool fields) by the tokenizer's chat
+    template; `variables` (such as `tools`) are passed to the template as they are."""
     if not tok.chat_template:
         raise TemplateError("this model has no chat template")
     try:
@@ -55,6 +58,7 @@ def render(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = T
             add_generation_prompt=add_generation_prompt,
             bos_token=token_text(tok, tok.bos_id),
             eos_token=token_text(tok, tok.eos_id),
+            **variables,
         )
     except TemplateError:
         raise

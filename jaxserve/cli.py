@@ -156,6 +156,16 @@ def _graceful_server_class(state):
     return GracefulServer
 
 
+def add_tool_call_flags(p: argparse.ArgumentParser) -> None:
+    """Chat's tool-call format (serve and batch)."""
+    p.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json", "mistral"],  # engine.toolcalls.FORMATS
+        help="the format chat tool calls are read in and constrained to (default: the one the chat template "
+        "teaches; hermes for templates that take no tools)",
+    )
+
+
 def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256, background: bool = False):
     """Model + started scheduler + CompletionServing from the engine's flags (serve and batch); `background`:
     serve once the shapes every request can fall back to are ready, compiling the others meanwhile."""
@@ -166,7 +176,12 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256, ba
     scheduler = engine.build_engine(model, max_waiting, background)
     weights = model.cfg.quant or model.cfg.dtype
     serving = CompletionServing(
-        scheduler, model.tokenizer, [model.name, *aliases], metrics, fingerprint=f"jaxserve-{model.name}-{weights}"
+        scheduler,
+        model.tokenizer,
+        [model.name, *aliases],
+        metrics,
+        fingerprint=f"jaxserve-{model.name}-{weights}",
+        tool_parser=args.tool_call_parser,
     )
     return model, scheduler, serving
 
@@ -319,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the OpenAI Completions API over HTTP")
     EngineArgs.add_cli_args(p)
+    add_tool_call_flags(p)
     p.add_argument(
         "--served-model-name", action="append", default=[], help="another model id clients may use (repeatable)"
     )
@@ -363,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     EngineArgs.add_cli_args(p)
+    add_tool_call_flags(p)
     p.add_argument("--model-id", help="another model id the input's bodies may name")
     plain = p.add_argument_group('plain form: INPUT holds one prompt per line (text or {"prompt": ...})')
     plain.add_argument("--prompts", action="store_true", help="read INPUT in the plain form")

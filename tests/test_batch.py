@@ -165,7 +165,8 @@ def test_resume_after_kill_minus_nine(tmp_path, tiny_dir):
 
 
 def test_chat_lines_with_structured_outputs(tmp_path, smollm2_dir):
-    """/v1/chat/completions lines beside /v1/completions ones; a response_format line's every choice validates;
+    """/v1/chat/completions lines beside /v1/completions ones; a response_format line's every choice validates,
+    and so does a line with tools' call;
     a chat line the tiny model could not serve (no template) is not needed here: SmolLM2 has one."""
     import jsonschema
 
@@ -203,6 +204,21 @@ def test_chat_lines_with_structured_outputs(tmp_path, smollm2_dir):
         ),
         json.dumps(
             {
+                "custom_id": "tools",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": smol,
+                    "messages": [{"role": "user", "content": "How many legs has a cat?"}],
+                    "max_tokens": 60,
+                    "temperature": 0,
+                    "tools": [{"type": "function", "function": {"name": "describe", "parameters": schema}}],
+                    "tool_choice": "required",
+                },
+            }
+        ),
+        json.dumps(
+            {
                 "custom_id": "plain",
                 "method": "POST",
                 "url": "/v1/completions",
@@ -217,6 +233,9 @@ def test_chat_lines_with_structured_outputs(tmp_path, smollm2_dir):
     assert out["chat"]["object"] == "chat.completion" and out["chat"]["choices"][0]["message"]["content"]
     assert out["plain"]["object"] == "text_completion"
     assert len(out["json"]["choices"]) == 3
+    (call,) = out["tools"]["choices"][0]["message"]["tool_calls"]  # a line with tools: its call, validated
+    assert out["tools"]["choices"][0]["finish_reason"] == "tool_calls" and call["function"]["name"] == "describe"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
     for choice in out["json"]["choices"]:
         assert choice["finish_reason"] == "stop"
         jsonschema.validate(json.loads(choice["message"]["content"]), schema)

@@ -85,7 +85,8 @@ def test_a_model_without_a_template_is_a_clear_400():
     "body, param",
     [
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),  # answers no call
         (
             {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}]},
             "messages[0].content[1].type",
@@ -278,8 +279,9 @@ def test_response_format_on_completions_and_a_refused_schema(client, smol_server
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}
     resp = httpx.post(smol_server.url + "/v1/chat/completions", json={"model": SMOL, "messages": [image]}, timeout=60)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages[0].content[0].type"
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=SMOL, messages=[{"role": "tool", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:  # a tool result answering no call (tests/test_tools_api.py)
+        client.chat.completions.create(model=SMOL, messages=[{"role": "tool", "tool_call_id": "c", "content": "x"}])
+    assert e.value.body["param"] == "messages[0].tool_call_id"
 
 
 def test_templates_are_read_from_hf_directories_and_stored_with_the_tokenizer(tmp_path, smollm2):

@@ -30,6 +30,7 @@ class ByteTokenizer:
 
     vocab_size, eos_id, bos_id, add_bos = 1000, 50, None, False
     fim_prefix_id = fim_suffix_id = fim_middle_id = None
+    chat_template = None  # chat requests get the 400 of a model without a template
 
     def encode(self, text):
         return list(text.encode("utf-8"))  # a lone surrogate raises here, as in a real tokenizer

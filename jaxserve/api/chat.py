@@ -5,25 +5,28 @@ fields it shares with completions by `protocol`, the same way), its messages ren
 chat template (`jaxserve.chat_template`), and the rendered prompt run as a completion's prompts are, on
 the same engine: so a chat at temperature 0 gives exactly the tokens of a completion of
 that rendered text. The answers leave as `chat.completion` objects or `chat.completion.chunk` streams
-(the role first, then content, a finish_reason per choice, the usage chunk if asked).
+(the role first, then content, a finish_reason per choice, the usage chunk if asked). Tool calling
+(`tools`, `tool_choice`, the tool history, calls in the answers) is `jaxserve.api.tools`'s, hooked in here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
+from jaxserve.api import tools
 from jaxserve.api.protocol import APIError, SamplingRequest, check_unicode, parse_request
 from jaxserve.api.serving import MIN_LOGPROB, CompletionServing, Tally
 from jaxserve.chat_template import TemplateError, encode_prompt, render
 from jaxserve.engine.types import TOP_LOGPROBS, EngineRequest, TokenInfo
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -32,12 +35,18 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    _tool_spec: tools.ToolSpec | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _checks(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         self.messages = [_message(i, m) for i, m in enumerate(self.messages)]
+        tools.check_history(self.messages)
+        self._tool_spec = tools.parse_spec(self.tools, self.tool_choice, self.parallel_tool_calls)
         return self
 
     @property
@@ -49,8 +58,9 @@ class ChatCompletionRequest(SamplingRequest):
         return {"max_tokens": self.limit if self.limit is not None else max(1, max_context - prompt_tokens)}
 
 
-def _message(i: int, m: Any) -> dict[str, str]:
-    """One message -> {"role", "content"} for the template: text parts joined, `developer` as `system`."""
+def _message(i: int, m: Any) -> dict[str, Any]:
+    """One message -> {"role", "content"} for the template: text parts joined, `developer` as `system`;
+    and its tool fields."""
     where = f"messages[{i}]"
     if not isinstance(m, dict):
         raise APIError(400, f"{where} must be an object with 'role' and 'content'", param=where)
@@ -78,7 +88,7 @@ def _message(i: int, m: Any) -> dict[str, str]:
     if not isinstance(content, str):
         raise APIError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
     _check_text(content, f"{where}.content")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    return tools.message_fields(where, m, {"role": "system" if role == "developer" else role, "content": content})
 
 
 def _check_text(text: str, param: str) -> None:
@@ -100,8 +110,9 @@ class ChatServing:
         self.tokenizer = completions.tokenizer
 
     def prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
+        messages, variables = tools.template_inputs(req.messages, req._tool_spec, self.tokenizer.chat_template)
         try:
-            text = render(self.tokenizer, req.messages, add_generation_prompt=True)
+            text = render(self.tokenizer, messages, add_generation_prompt=True, **variables)
         except TemplateError as e:
             missing = not self.tokenizer.chat_template
             message = (
@@ -114,10 +125,17 @@ class ChatServing:
 
     def engine_requests(
         self, req: ChatCompletionRequest, request_id: str, timeout: float | None = None
-    ) -> list[EngineRequest]:
-        """The rendered messages as one prompt, run as the completions' engine requests are."""
+    ) -> tuple[list[EngineRequest], tools.ToolPlan | None]:
+        """The rendered messages as one prompt, run as the completions' engine requests are; and how their
+        answers are constrained and read for tool calls (None: plain text)."""
         self.completions.check_model(req.model)
-        return self.completions.requests_for(req, [self.prompt_ids(req)], request_id, timeout)
+        reqs = self.completions.requests_for(req, [self.prompt_ids(req)], request_id, timeout)
+        plan = tools.plan(req._tool_spec, self.tokenizer, self.completions.tool_parser)
+        if plan is None:
+            return reqs, None
+        if any(r.grammar is not None for r in reqs):
+            raise APIError(400, "response_format cannot be combined with tools", param="response_format")
+        return [dataclasses.replace(r, grammar=plan.grammar) for r in reqs], plan
 
     def _base(self, request_id: str, model: str, kind: str) -> dict:
         return {
@@ -130,7 +148,7 @@ class ChatServing:
 
     async def complete(self, req: ChatCompletionRequest, timeout: float | None = None) -> dict:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        reqs = self.engine_requests(req, request_id, timeout)
+        reqs, plan = self.engine_requests(req, request_id, timeout)
         tally = Tally(req.n)
         texts: dict[int, list[str]] = {i: [] for i in range(req.n)}
         infos: dict[int, list[TokenInfo]] = {i: [] for i in range(req.n)}
@@ -138,22 +156,22 @@ class ChatServing:
             async for _, item in results:
                 texts[item.index].append(item.text)
                 infos[item.index].extend(item.tokens)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
-                "logprobs": self._logprobs(infos[i], req) if req.logprobs else None,
-                "finish_reason": tally.reasons.get(i),
-            }
-            for i in range(req.n)
-        ]
+        choices = []
+        for i in range(req.n):
+            text, reason = "".join(texts[i]), tally.reasons.get(i)
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if plan is not None:
+                message, reason = tools.message(plan, text, reason)
+            logprobs = self._logprobs(infos[i], req) if req.logprobs else None
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
         return {**self._base(request_id, req.model, "chat.completion"), "choices": choices, "usage": tally.usage()}
 
     async def stream(self, req: ChatCompletionRequest, timeout: float | None = None) -> AsyncIterator[dict]:
         """The first chunk of each choice carries the role; then its content; its last its finish_reason
         (with an empty delta); with stream_options.include_usage a final chunk with `choices: []`."""
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        reqs = self.engine_requests(req, request_id, timeout)
+        reqs, plan = self.engine_requests(req, request_id, timeout)
+        calls = {i: tools.ChoiceStream(plan) for i in range(req.n)} if plan else {}
         base = self._base(request_id, req.model, "chat.completion.chunk")
         usage_asked = bool(req.stream_options and req.stream_options.include_usage)
         extra = {"usage": None} if usage_asked else {}
@@ -169,11 +187,21 @@ class ChatServing:
                 if item.index not in started:
                     started.add(item.index)
                     yield chunk(item.index, {"role": "assistant", "content": ""})
-                if item.text or item.tokens:
+                if calls:  # content as it is safe, each call when whole; logprobs ride the first delta
+                    logprobs = self._logprobs(item.tokens, req) if req.logprobs and item.tokens else None
+                    deltas = calls[item.index].feed(item.text) or ([{"content": ""}] if logprobs else [])
+                    for k, delta in enumerate(deltas):
+                        yield chunk(item.index, delta, None if k else logprobs)
+                elif item.text or item.tokens:
                     logprobs = self._logprobs(item.tokens, req) if req.logprobs else None
                     yield chunk(item.index, {"content": item.text}, logprobs)
                 if item.finish_reason:
-                    yield chunk(item.index, {}, finish_reason=item.finish_reason)
+                    reason = item.finish_reason
+                    if calls:  # held text and calls not yet sent
+                        deltas, reason = calls[item.index].finish(reason)
+                        for delta in deltas:
+                            yield chunk(item.index, delta)
+                    yield chunk(item.index, {}, finish_reason=reason)
         if usage_asked:
             yield {**base, "choices": [], "usage": tally.usage()}
 

@@ -122,9 +122,11 @@ class CompletionServing:
         metrics: Metrics,
         fingerprint: str,
         created: int | None = None,
+        tool_parser: str | None = None,
     ):
         self.scheduler, self.tokenizer, self.model_ids = scheduler, tokenizer, model_ids
         self.metrics, self.fingerprint = metrics, fingerprint
+        self.tool_parser = tool_parser  # chat's tool-call format; None: the one the chat template teaches
         self.created = created or int(time.time())
         metrics.attach(model_ids[0], scheduler)
 

@@ -77,6 +77,9 @@ class FakeCore(Core):
         self.remaining = np.zeros(slots, int)
         self.stop_eos = np.zeros(slots, bool)
         self.calls: list[tuple] = []
+        self.max_loras = 2
+        self.adapter = np.zeros(slots, int)  # each slot's LoRA adapter (its arithmetic ignores it)
+        self.loaded: dict[int, str] = {}  # adapter index -> the path loaded there
 
     def packing(self, count: int, longest: int) -> tuple[int, int] | None:
         """Up to 4 whole prompts of at most 2 tokens go in one call."""
@@ -123,8 +126,10 @@ class FakeCore(Core):
         max_tokens: int,
         stop_on_eos: bool,
         mask=None,
+        adapter: int = 0,
     ) -> Stepped:
         self.calls.append(("insert", slot))
+        self.adapter[slot] = adapter
         self.masks[slot] = None if mask is None else allowed_ids(mask)
         token = self._pick(slot, logits + 1)
         done = max_tokens <= 1 or (stop_on_eos and token == EOS)
@@ -133,8 +138,9 @@ class FakeCore(Core):
         self.positions[slot] = position
         return Stepped.of([token], [done], [True])
 
-    def resume(self, slot, token, params, position, generated, max_tokens, stop_on_eos, mask=None) -> None:
+    def resume(self, slot, token, params, position, generated, max_tokens, stop_on_eos, mask=None, adapter=0) -> None:
         self.calls.append(("resume", slot))
+        self.adapter[slot] = adapter
         self.masks[slot] = None if mask is None else allowed_ids(mask)
         self.tokens[slot], self.positions[slot], self.active[slot] = token, position, max_tokens > 0
         self.remaining[slot], self.stop_eos[slot] = max_tokens, stop_on_eos
@@ -171,3 +177,9 @@ class FakeCore(Core):
         if isinstance(result, Stepped) and result.call is not None:
             self.calls.append(("fetch", result.call))  # when the host waited for that step
         return result
+
+    def read_adapter(self, name: str, path: str) -> str:
+        return path
+
+    def load_adapter(self, index: int, adapter: str) -> None:
+        self.loaded[index] = adapter

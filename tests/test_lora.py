@@ -12,8 +12,7 @@ from lora_files import ALL, merged, write_adapter
 from safetensors.numpy import save_file
 
 from jaxserve.checkpoint.peft import AdapterError, read_adapter
-from jaxserve.model import KVCache, ModelConfig, Transformer, init_params
-from jaxserve.model import lora
+from jaxserve.model import KVCache, ModelConfig, Transformer, init_params, lora
 
 CFG = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48)
 T = 12

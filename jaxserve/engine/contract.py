@@ -26,6 +26,7 @@ class PrefillRow(NamedTuple):
     start: int  # the position of its first token
     targets: list[int]  # the token each position predicts (scored for echo), 0 past the prompt's end
     write_from: int = 0  # positions before this one are in shared (cached) pages already: not written
+    adapter: int = 0  # the LoRA adapter it computes with (0: the base alone)
 
 
 class PrefillResult(Protocol):
@@ -54,6 +55,7 @@ class Core(Protocol):
     chunk: int  # the most prompt tokens one prefill row takes
     eos_ids: tuple[int, ...]  # every id that ends a generation (empty: none)
     vocab_size: int  # V: a grammar mask row is ceil(V/32) int32 words
+    max_loras: int  # LoRA adapters resident at once, indices 1..max_loras (0: none served)
 
     def packing(self, count: int, longest: int) -> tuple[int, int] | None:
         """The packed prefill shape (rows, tokens) for `count` whole prompts of at most `longest`
@@ -75,9 +77,11 @@ class Core(Protocol):
         max_tokens: int,
         stop_on_eos: bool,
         mask: Any | None = None,
+        adapter: int = 0,
     ) -> StepResult:
-        """Start decoding in `slot`: sample the first token from the prompt's last logits, among the tokens
-        `mask` allows (packed [ceil(V/32)] int32; None: all), which stays the slot's mask until replaced."""
+        """Start decoding in `slot` with LoRA adapter `adapter` (0: none): sample the first token from the
+        prompt's last logits, among the tokens `mask` allows (packed [ceil(V/32)] int32; None: all), which
+        stays the slot's mask until replaced."""
 
     def resume(
         self,
@@ -89,6 +93,7 @@ class Core(Protocol):
         max_tokens: int,
         stop_on_eos: bool,
         mask: Any | None = None,
+        adapter: int = 0,
     ) -> None:
         """Continue a preempted sequence in `slot`, its cache refilled up to `position`: `token` (the last of
         `generated`, every token it has sampled) is the next step's input, sampling goes on from there as if
@@ -116,3 +121,10 @@ class Core(Protocol):
 
     def fetch(self, result: T) -> T:
         """A step's or prefill's output as host arrays (waits for the device)."""
+
+    def read_adapter(self, name: str, path: str) -> Any:
+        """The LoRA adapter in directory `path`, read on the host and checked against the model (any thread);
+        RequestError naming what is wrong."""
+
+    def load_adapter(self, index: int, adapter: Any) -> None:
+        """Make `adapter` (from read_adapter) LoRA adapter `index`, which no slot uses now (any thread)."""

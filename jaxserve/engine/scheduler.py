@@ -45,9 +45,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jaxserve.engine.adapters import AdapterEntry, AdapterTable
 from jaxserve.engine.contract import Core, PrefillRow
 from jaxserve.engine.grammar import Matcher
-from jaxserve.engine.lifecycle import Choice, Fill, Group, Status
+from jaxserve.engine.lifecycle import END, Choice, Fill, Group, Status
 from jaxserve.engine.pages import PagePool
 from jaxserve.engine.types import (
     ContextLengthError,
@@ -92,6 +93,7 @@ class Scheduler:
         self.healthy = False
         self.steps = 0
         self.error: BaseException | None = None
+        self.adapters = AdapterTable(core.max_loras)
 
     # ---- any thread ---------------------------------------------------------------------------------
 
@@ -146,8 +148,53 @@ class Scheduler:
                 raise EngineStopped("the engine is not running" + (f": {self.error}" if self.error else ""))
             if self.queue_depth + len(groups) > self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting")
+            try:  # under the lock: an adapter is never unloaded between its request's check and its queueing
+                for group in groups:
+                    if group.req.adapter is not None:
+                        self._hold_adapter(group, self.adapters.acquire(group.req.adapter))
+            except RequestError:
+                for group in groups:
+                    if group.adapter is not None:
+                        self.adapters.release(group.adapter)
+                raise
             for group in groups:
                 self._inbox.put(group)
+
+    def _hold_adapter(self, group: Group, entry: AdapterEntry) -> None:
+        """The group computes with `entry`, which it holds until it emits its last item (END)."""
+        group.adapter, emit = entry, group.emit
+
+        def emit_and_release(item):
+            if item is END:
+                self.adapters.release(entry)
+            emit(item)
+
+        group.emit = emit_and_release
+
+    def load_adapter(self, name: str, path: str) -> AdapterEntry:
+        """Read the LoRA adapter in directory `path` and serve it as `name` (any thread; the files are read
+        here). RequestError naming what is wrong; AdapterTableFull when --max-loras are loaded."""
+        if self.core.max_loras == 0:
+            raise RequestError("this server serves no LoRA adapters (--max-loras 0)", "lora_name")
+        index = self.adapters.reserve(name)
+        try:
+            self.core.load_adapter(index, self.core.read_adapter(name, path))
+        except BaseException:
+            self.adapters.free(index)
+            raise
+        log.info("LoRA adapter %s loaded from %s as adapter %d", name, path, index)
+        return self.adapters.publish(name, path, index)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name` (AdapterBusy while requests use it). Its cached pages are never hit
+        again (their keys hang off its uid) and age out of the cache."""
+        self.adapters.remove(name)
+        log.info("LoRA adapter %s unloaded", name)
+
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """(names of the adapters of admitted requests, of waiting ones), for the metrics (any thread)."""
+        names = lambda groups: sorted({g.adapter.name for g in groups if g.adapter is not None})
+        return names(list(self._groups.values())), names(list(self._waiting) + list(self._inbox.queue))
 
     def abort(self, request_id: str) -> None:
         self._aborts.put(request_id)
@@ -336,7 +383,7 @@ class Scheduler:
         (with `score`, only pages that kept their echo rows); computing starts after it, or one position
         earlier where that position's logits are needed (the last token, or echo's row predicting the first
         uncached token), without rewriting the shared page."""
-        hits = self.pool.lookup(tokens, rows=score)
+        hits = self.pool.lookup(tokens, rows=score, root=group.cache_root)
         self.pool.count_query(len(tokens), len(hits) * self.pool.page_size)
         for entry in hits:
             self.pool.hold(entry.page)
@@ -383,7 +430,10 @@ class Scheduler:
             return []
         packed = list(itertools.takewhile(lambda f: f.start == 0, self._fills))
         if len(packed) > 1 and self.core.packing(len(packed), max(len(f.tokens) for f in packed)) is not None:
-            rows = [PrefillRow(f.choice.slot, f.tokens, 0, f.targets(0, len(f.tokens))) for f in packed]
+            rows = [
+                PrefillRow(f.choice.slot, f.tokens, 0, f.targets(0, len(f.tokens)), 0, f.group.adapter_index)
+                for f in packed
+            ]
             out = self.core.prefill(rows, self._table, score=any(f.score for f in packed))
             inserted = []
             for i, fill in enumerate(packed):
@@ -393,7 +443,8 @@ class Scheduler:
             return inserted
         fill = self._fills[0]
         chunk = fill.tokens[fill.start : fill.start + self.core.chunk]
-        row = PrefillRow(fill.choice.slot, chunk, fill.start, fill.targets(fill.start, len(chunk)), fill.cached)
+        targets = fill.targets(fill.start, len(chunk))
+        row = PrefillRow(fill.choice.slot, chunk, fill.start, targets, fill.cached, fill.group.adapter_index)
         out = self.core.prefill([row], self._table, score=fill.score)
         fill.filled(out, 0, len(chunk), self.pool)
         if fill.start < len(fill.tokens):
@@ -439,7 +490,16 @@ class Scheduler:
         if req.grammar is not None:
             choice.matcher = Matcher(self.tokenizer, req.grammar, self.core.vocab_size)
             mask = choice.matcher.mask()
-        out = self.core.insert(choice.slot, logits, choice.params, n_prompt, req.max_tokens, not req.ignore_eos, mask)
+        out = self.core.insert(
+            choice.slot,
+            logits,
+            choice.params,
+            n_prompt,
+            req.max_tokens,
+            not req.ignore_eos,
+            mask,
+            choice.group.adapter_index,
+        )
         choice.position, choice.status = n_prompt, Status.DECODING
         return out
 
@@ -457,6 +517,7 @@ class Scheduler:
             req.max_tokens - len(generated),
             not req.ignore_eos,
             mask,
+            choice.group.adapter_index,
         )
         choice.position, choice.status = position, Status.DECODING
         if all(c.status is Status.DECODING for c in choice.group.unfinished):

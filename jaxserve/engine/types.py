@@ -38,6 +38,7 @@ class EngineRequest:
     ignore_eos: bool = False
     deadline: float | None = None  # time.monotonic() after which the engine aborts it (DeadlineExceeded)
     grammar: str | None = None  # an llguidance grammar (`grammar.compile_response_format`) every choice follows
+    adapter: str | None = None  # the LoRA adapter (by name) it is computed with; None: the base model
 
     @property
     def candidates(self) -> int:

@@ -68,6 +68,57 @@ def add_kv_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def lora_module(text: str) -> tuple[str, str]:
+    """'NAME=DIR', or vLLM's JSON form '{"name": NAME, "path": DIR, ...}' -> (NAME, DIR)."""
+    if text.lstrip().startswith("{"):
+        import json
+
+        try:
+            spec = json.loads(text)
+            return str(spec["name"]), str(spec["path"])
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f'not {{"name": ..., "path": ...}}: {text!r}') from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"not NAME=DIR: {text!r}")
+    return name, path
+
+
+def add_lora_flags(p: argparse.ArgumentParser, loading: bool) -> None:
+    g = p.add_argument_group("LoRA adapters (PEFT directories), each served as a model id of its own")
+    g.add_argument(
+        "--lora", action="append", type=lora_module, default=[], metavar="NAME=DIR", help="an adapter (repeatable)"
+    )
+    g.add_argument(
+        "--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=DIR", help="vLLM's spelling of --lora"
+    )
+    g.add_argument(
+        "--max-loras",
+        type=int,
+        help="adapters resident at once: the stacked adapter weights are sized for this many (default: the "
+        "adapters given" + (", at least 1 with --enable-lora-loading)" if loading else ")"),
+    )
+    g.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank r served (default 16)")
+    if loading:
+        g.add_argument(
+            "--enable-lora-loading",
+            action="store_true",
+            help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name}",
+        )
+
+
+def lora_settings(args) -> dict:
+    """build_engine's LoRA arguments from the flags; a repeated name is an error."""
+    modules = args.lora + args.lora_modules
+    loras = dict(modules)
+    if len(loras) < len(modules):
+        raise SystemExit("jaxserve: error: a LoRA adapter name is given twice")
+    max_loras = args.max_loras
+    if max_loras is None:
+        max_loras = max(len(loras), int(getattr(args, "enable_lora_loading", False)))
+    return dict(loras=loras, max_loras=max_loras, max_lora_rank=args.max_lora_rank)
+
+
 def quantize_choice(args) -> str | None:
     """--quantize, else the model card's default; "none" asks for float weights."""
     if args.quantize is None:
@@ -182,6 +233,7 @@ def server_state(args, metrics):
         max_body_bytes=args.max_body_bytes,
         body_timeout=args.body_timeout,
         request_timeout=args.request_timeout or None,
+        lora_loading=args.enable_lora_loading,
     )
 
 
@@ -250,6 +302,7 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256, ba
         formulation_cache=cache,
         executable_cache=None if cache is None else cache / FOLDER,
         background=background,
+        **lora_settings(args),
     )
     weights = model.cfg.quant or model.cfg.dtype
     serving = CompletionServing(
@@ -444,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish on SIGINT/SIGTERM",
     )
     p.add_argument("--compile-cache", help="as for generate")
+    add_lora_flags(p, loading=True)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -466,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--compile-cache", help="as for generate")
+    add_lora_flags(p, loading=False)
     plain = p.add_argument_group('plain form: INPUT holds one prompt per line (text or {"prompt": ...})')
     plain.add_argument("--prompts", action="store_true", help="read INPUT in the plain form")
     plain.add_argument("--max-tokens", type=int, default=16)

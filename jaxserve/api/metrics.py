@@ -15,6 +15,7 @@ client going away counts as finished_reason="abort").
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,6 +78,15 @@ class _EngineCollector(Collector):
                     "bf16_from_rows": str(cfg.bf16_from_rows or ""),
                 },
             )
+        if core.max_loras:  # vLLM's: the adapters of running and waiting requests in labels, the time as value
+            running, waiting = s.adapters_in_use()
+            info = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "LoRA adapters of running and waiting requests",
+                labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            info.add_metric([str(core.max_loras), ",".join(running), ",".join(waiting)], time.time())
+            yield info
         pool = s.pool
         yield GaugeMetricFamily("jaxserve_kv_pages", "pages in the KV pool", value=pool.pages)
         yield GaugeMetricFamily("jaxserve_kv_pages_held", "KV pages held by sequences", value=pool.held)

@@ -5,6 +5,7 @@ types and asyncio bridge; knows nothing of HTTP, and loads no jax.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -31,10 +32,15 @@ from jaxserve.tokenizer import Tokenizer
 MIN_LOGPROB = -9999.0  # what -inf is sent as: JSON has no infinities
 
 
+# RequestError codes that are not a 400: a model (or adapter) that is not served, an adapter table in a
+# state that refuses the change
+STATUS = {"model_not_found": 404, "adapter_not_found": 404, "adapter_in_use": 409, "adapter_table_full": 409}
+
+
 def engine_error(e: Exception) -> APIError:
     """The client's view of an error the engine raised for a request."""
     if isinstance(e, RequestError):
-        return APIError(400, str(e), param=e.param, code=e.code)
+        return APIError(STATUS.get(e.code or "", 400), str(e), param=e.param, code=e.code)
     if isinstance(e, QueueFull):
         return APIError(
             429,
@@ -136,13 +142,7 @@ class CompletionServing:
         """One engine request per prompt, each aborted by the engine `timeout` seconds from now. Checks what
         needs this model (its name, vocabulary, FIM tokens); the engine checks the rest when they are submitted."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if req.model not in self.model_ids:
-            raise APIError(
-                404,
-                f"The model '{req.model}' does not exist; this server serves {', '.join(self.model_ids)}",
-                param="model",
-                code="model_not_found",
-            )
+        adapter = self.adapter_of(req.model)
         vocab = self.tokenizer.vocab_size
         bias = []
         for key, value in (req.logit_bias or {}).items():
@@ -188,10 +188,45 @@ class CompletionServing:
                     ignore_eos=req.ignore_eos,
                     deadline=deadline,
                     grammar=grammar,
+                    adapter=adapter,
                     **limits,
                 )
             )
         return out
+
+    # ---- models and LoRA adapters ---------------------------------------------------------------------
+
+    def served_ids(self) -> list[str]:
+        """Every id a request's `model` may name: the base's, then each LoRA adapter's."""
+        return self.model_ids + self.scheduler.adapters.names()
+
+    def adapter_of(self, model: str) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model); a 404 naming `model` if neither."""
+        if model in self.model_ids:
+            return None
+        if model in self.scheduler.adapters.names():
+            return model
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves {', '.join(self.served_ids())}",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter in directory `path` as model `name` (its files read in a worker thread)."""
+        if name in self.model_ids:
+            raise APIError(400, f"'{name}' is the base model's id", param="lora_name")
+        try:
+            await asyncio.to_thread(self.scheduler.load_adapter, name, path)
+        except RequestError as e:
+            raise engine_error(e) from None
+
+    def unload_adapter(self, name: str) -> None:
+        try:
+            self.scheduler.unload_adapter(name)
+        except RequestError as e:
+            raise engine_error(e) from None
 
     # ---- running ------------------------------------------------------------------------------------
 

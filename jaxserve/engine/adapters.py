@@ -27,6 +27,14 @@ class AdapterTableFull(RequestError):
     code = "adapter_table_full"
 
 
+class ModelNotFound(RequestError):
+    code = "model_not_found"
+
+
+class AdapterNotFound(RequestError):
+    code = "adapter_not_found"
+
+
 @dataclasses.dataclass
 class AdapterEntry:
     name: str
@@ -89,7 +97,7 @@ class AdapterTable:
         with self._lock:
             entry = self._by_name.get(name)
             if entry is None:
-                raise RequestError(f"The model '{name}' does not exist", "model")
+                raise ModelNotFound(f"The model '{name}' does not exist", "model")
             entry.refs += 1
             return entry
 
@@ -102,7 +110,7 @@ class AdapterTable:
         with self._lock:
             entry = self._by_name.get(name)
             if entry is None:
-                raise RequestError(f"no LoRA adapter named {name!r} is loaded", "lora_name")
+                raise AdapterNotFound(f"no LoRA adapter named {name!r} is loaded", "lora_name")
             if entry.refs:
                 raise AdapterBusy(
                     f"the LoRA adapter {name!r} has {entry.refs} request(s) in flight or waiting; retry when they end",

@@ -133,7 +133,7 @@ def bench_update(cfg, args) -> None:
         order = jnp.argsort(index)
         sizes = jnp.bincount(index, length=M + 1).astype(jnp.int32)
         out = {}
-        for t, (x_in, a_letters, b_letters) in inputs.items():
+        for t, (_, a_letters, _) in inputs.items():
             a, b = layer[t]
             x = xs[t].reshape(B, -1)[order]
             a2 = jnp.concatenate([jnp.zeros_like(a[:1]), a]).reshape(M + 1, x.shape[1], -1)  # [G, in, (c)r]
@@ -176,7 +176,7 @@ def main() -> None:
     model = load_model(args.model, checkpoint_root(args.checkpoints), make_mesh(1, 1), progress=False)
     print(f"{model.name}: {model.cfg.num_params() / 1e6:.0f}M params, {model.cfg.quant or model.cfg.dtype} weights")
     print(
-        f"\nthe update of one layer's seven projections, {args.streams} rows, {args.adapters} adapters of rank {args.rank}:"
+        f"\none layer's update of seven projections: {args.streams} rows, {args.adapters} adapters of rank {args.rank}"
     )
     bench_update(model.cfg, args)
     if not args.update_only:

@@ -88,7 +88,7 @@ def _refuse(name: str, why: str) -> AdapterError:
     return AdapterError(f"LoRA adapter {name!r}: {why}")
 
 
-def read_config(directory: Path, name: str) -> dict:
+def read_config(directory: str | Path, name: str) -> dict:
     """adapter_config.json, checked: returns it with `target_modules` as a sorted list of PEFT module names."""
     path = Path(directory) / CONFIG
     if not path.is_file():
@@ -124,7 +124,7 @@ def _tensor_name(key: str) -> tuple[int, str, str] | None:
     return None if m is None else (int(m[1]), m[2], m[3])
 
 
-def read_adapter(directory: Path, name: str, cfg: ModelConfig, max_rank: int | None = None) -> Adapter:
+def read_adapter(directory: str | Path, name: str, cfg: ModelConfig, max_rank: int | None = None) -> Adapter:
     """The adapter in `directory`, checked against the base `cfg` (and a rank of at most `max_rank`)."""
     directory = Path(directory)
     config = read_config(directory, name)

@@ -23,12 +23,12 @@ def params():
     return init_params(CFG, seed=3)
 
 
-def logits(params, tokens, adapters=None):
+def logits(params, tokens, adapters=None, cfg=CFG):
     """A full forward pass over rows `tokens` [B, T] from an empty cache: logits [B, T, V]."""
     B, n = tokens.shape
-    cache, table = KVCache.per_row(CFG, B, n)
+    cache, table = KVCache.per_row(cfg, B, n)
     positions = np.broadcast_to(np.arange(n, dtype=np.int32), (B, n))
-    out, _ = jax.jit(Transformer(CFG).apply, static_argnums=5)(
+    out, _ = jax.jit(Transformer(cfg).apply, static_argnums=5)(
         params, tokens, positions, cache, table, n, None, adapters
     )
     return np.asarray(out)
@@ -154,3 +154,55 @@ def test_files_that_do_not_fit_the_base_are_refused(tmp_path):
     (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
     with pytest.raises(AdapterError, match="only adapter_model.bin"):
         read_adapter(d, "bias", CFG)
+
+
+def test_a_sharded_stack_gives_what_one_device_gives(params, tmp_path):
+    """Weights, cache and adapter stack sharded over a model axis of 2 (the stack by the logical axes of
+    the weights it updates): the same logits as on one device."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxserve.model import abstract_params
+    from jaxserve.sharding import make_mesh, named_sharding, tree_shardings
+
+    adapter = read_adapter(write_adapter(tmp_path / "a", CFG, 4, seed=5), "a", CFG, max_rank=4)
+    stack = stack_of([adapter], slots=2, rank=4)
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, T)).astype(np.int32)
+    index = np.array([1, 0], np.int32)
+    want = logits(params, tokens, (stack, index))
+    mesh = make_mesh(1, 2)
+    shapes, axes = abstract_params(CFG)
+    sharded_params = jax.device_put(params, tree_shardings(axes, shapes, mesh))
+    sharded_stack = {
+        t: tuple(jax.device_put(w, named_sharding(ax, w.shape, mesh)) for w, ax in zip(stack[t], lora.stack_axes()[t]))
+        for t in stack
+    }
+    assert any(not w.sharding.is_fully_replicated for pair in sharded_stack.values() for w in pair)
+    got = logits(sharded_params, tokens, (sharded_stack, jax.device_put(index, NamedSharding(mesh, PartitionSpec()))))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_adapters_over_int8_base_weights(params, tmp_path):
+    """int8 base weights with float adapters: each row equals the float model of the dequantized base
+    weights merged with its adapter."""
+    from jaxserve.checkpoint.quantize import GROUPED_AXIS, quantize_array
+    from jaxserve.model.transformer import dequantize, group_size
+
+    int8_cfg = dataclasses.replace(CFG, quant="int8")
+    quantized, dequantized = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, params)
+    for scope in (quantized["params"], quantized["params"]["layers"], quantized["params"]["embed"]):
+        for name in [n for n in scope if n in GROUPED_AXIS]:
+            a = GROUPED_AXIS[name]
+            scope[name], scope[name + "_scale"] = quantize_array(
+                scope[name], a, group_size(int8_cfg, scope[name].shape[a])
+            )
+    layers, back = quantized["params"]["layers"], dequantized["params"]["layers"]
+    for name in [n for n in layers if n in GROUPED_AXIS]:
+        back[name] = np.asarray(jax.vmap(dequantize)(layers[name], layers[name + "_scale"]))
+    embed = quantized["params"]["embed"]
+    dequantized["params"]["embed"]["embedding"] = np.asarray(dequantize(embed["embedding"], embed["embedding_scale"]))
+    directory = write_adapter(tmp_path / "a", CFG, 8, seed=11, std=0.1)
+    stack = stack_of([read_adapter(directory, "a", CFG, max_rank=8)], slots=1, rank=8)
+    tokens = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, T)).astype(np.int32)
+    got = logits(quantized, tokens, (stack, np.array([1, 0], np.int32)), cfg=int8_cfg)
+    np.testing.assert_allclose(got[0], logits(merged(dequantized, CFG, directory), tokens[:1])[0], atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(got[1], logits(dequantized, tokens[1:])[0], atol=2e-4, rtol=1e-4)

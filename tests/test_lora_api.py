@@ -81,8 +81,8 @@ def test_load_and_unload_at_run_time(server, client, adapters):
         post(server, "/v1/load_lora_adapter", {"lora_name": "c", "lora_path": str(adapters["c"])}, key="no").status_code
         == 401
     )
-    r = post(server, "/v1/load_lora_adapter", {"lora_name": "c", "lora_path": str(adapters["c"])})
-    assert r.status_code == 200, r.text
+    body = {"lora_name": "c", "lora_path": str(adapters["c"])}
+    assert client.post("/load_lora_adapter", body=body, cast_to=str) == "Success: LoRA adapter 'c' added successfully."
     served = text(client, "c")
     assert served != text(client, TINY)
     full = post(server, "/v1/load_lora_adapter", {"lora_name": "d", "lora_path": str(adapters["c"])})

@@ -100,6 +100,21 @@ def bench_engines(model, args, directory: Path) -> None:
     print(f"  mixed / base-only without adapters:   {med['mixed, LoRA engine'] / med['base, no LoRA stack']:.3f}")
 
 
+BASE = {  # the base kernels' einsums (jaxserve.model.transformer.Block)
+    "q": "btd,dnh->btnh",
+    "k": "btd,dkh->btkh",
+    "v": "btd,dkh->btkh",
+    "o": "btnh,nhd->btd",
+    "gate_up": "btd,dcf->btcf",
+    "down": "btf,fd->btd",
+}
+
+
+def base_shapes(cfg) -> dict:
+    D, N, K, H, F = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+    return {"q": (D, N, H), "k": (D, K, H), "v": (D, K, H), "o": (N, H, D), "gate_up": (D, 2, F), "down": (F, D)}
+
+
 def bench_update(cfg, args) -> None:
     """One layer's update of every projection, three ways, in float32 at --streams rows of one token."""
     B, M, R = args.streams, args.adapters, args.rank
@@ -148,10 +163,17 @@ def bench_update(cfg, args) -> None:
             out[t] = jnp.zeros_like(y).at[order].set(y)
         return out
 
+    weights = {t: jnp.asarray(rng.standard_normal(s) * 0.02, jnp.float32) for t, s in base_shapes(cfg).items()}
+
+    @jax.jit
+    def base(xs, layer, index):  # for scale: the base's own matmuls of those projections at those rows
+        return {t: jnp.einsum(spec, xs[t], weights[t]) for t, spec in BASE.items()}
+
     want = masked(xs, layer, index)
-    for name, fn in (("masked (served)", masked), ("grouped (ragged_dot)", grouped), ("per-row gather", gathered)):
+    runs = (("masked (served)", masked), ("grouped (ragged_dot)", grouped), ("per-row gather", gathered))
+    for name, fn in (*runs, ("base matmuls, for scale", base)):
         got = fn(xs, layer, index)
-        err = max(float(jnp.abs(got[t].reshape(want[t].shape) - want[t]).max()) for t in want)
+        err = 0.0 if fn is base else max(float(jnp.abs(got[t].reshape(want[t].shape) - want[t]).max()) for t in want)
         times = []
         for _ in range(args.repeats * 20):
             t0 = time.perf_counter()

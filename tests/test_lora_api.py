@@ -1,7 +1,7 @@
 """LoRA adapters through the HTTP API, on one server over the tiny model started with `--lora` and
 `--lora-modules`: a request names its adapter as `model`, /v1/models lists adapters with their parent,
 the run-time load/unload endpoints (behind the API key) answer 409 for a full table, and /metrics shows
-vLLM's lora_requests_info. Then `jaxserve batch` picks the adapter from each line's `model`."""
+vLLM's lora_requests_info."""
 
 import json
 
@@ -10,7 +10,8 @@ import openai
 import pytest
 from lora_files import write_adapter
 from server import Server
-from test_batch import run_batch
+
+from jaxserve.cli import build_parser, lora_settings
 
 TINY = "tiny-llama"
 KEY = "lora-key"
@@ -107,23 +108,12 @@ def test_metrics_show_the_adapters(server, client):
     assert 'vllm:lora_requests_info{max_lora="3",running_lora_adapters="",waiting_lora_adapters=""}' in metrics
 
 
-def test_batch_lines_pick_their_adapter(tmp_path, tiny_dir, adapters, client):
-    lines = [
-        {
-            "custom_id": m,
-            "method": "POST",
-            "url": "/v1/completions",
-            "body": {"model": m, "prompt": "The Lord is my shepherd;", "max_tokens": 8, "temperature": 0},
-        }
-        for m in (TINY, "a")
-    ]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    result = run_batch(
-        tmp_path, tiny_dir.parent, "--max-slots", "1", "--max-context", "64", "--lora", f"a={adapters['a']}"
+def test_batch_takes_the_same_flags():
+    """`jaxserve batch` builds its engine from the same LoRA flags (a line's `model` then picks the adapter
+    through the same serving code as the requests above)."""
+    args = build_parser().parse_args(
+        ["batch", "in", "out", "--lora", "a=/x", "--lora-modules", "b=/y", "--max-lora-rank", "8"]
     )
-    assert result.returncode == 0, result.stderr
-    out = {
-        o["custom_id"]: o["response"]["body"]["choices"][0]["text"]
-        for o in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())
-    }
-    assert out == {TINY: text(client, TINY)[0], "a": text(client, "a")[0]}
+    assert lora_settings(args) == dict(loras={"a": "/x", "b": "/y"}, max_loras=2, max_lora_rank=8)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["batch", "in", "out", "--lora", "no-directory"])

@@ -45,11 +45,12 @@ def logprobs_of(deltas):
 
 
 def test_each_adapter_equals_its_merged_weights(tiny, engine, adapter_dirs):
-    """Greedy tokens, their logprobs and the top 5 of every generated position under an adapter equal an
-    engine serving the base weights merged with it (W + s * B @ A); the adapters change the output."""
-    prompt = prompt_of(tiny, "The Lord is my shepherd; I shall")
+    """Greedy tokens, their logprobs and the top 5 of every generated position under an adapter (rank 8 in a
+    stack of rank 16) equal an engine serving the base weights merged with it (W + s * B @ A); the adapter
+    changes the output. (tests/test_lora.py checks other ranks, targets, rsLoRA and dtypes at the model.)"""
+    prompt = prompt_of(tiny, "The Lord is my shepherd; I shall not want. " * 8)[:90]  # two prefill chunks
     base, _ = complete(engine, EngineRequest("base", prompt, max_tokens=10, sampling=GREEDY), timeout=600)
-    for name in RANKS:
+    for name in ("rb",):
         got, _ = complete(engine, EngineRequest(name, prompt, 10, GREEDY, adapter=name), timeout=600)
         params = jax.device_put(merged(tiny.params, tiny.cfg, adapter_dirs[name]), tiny.param_shardings)
         reference = build_engine(dataclasses.replace(tiny, params=params), slots=2, max_context=128, warmup=False)

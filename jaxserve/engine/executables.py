@@ -57,6 +57,7 @@ HOST_ONLY = (
     "cli.py",
     "host.py",
     "tokenizer.py",
+    "engine/adapters.py",
     "engine/bridge.py",
     "engine/build.py",
     "engine/grammar.py",

@@ -3,6 +3,7 @@ something else), and the model with a stack of adapters applied per row equal to
 with each adapter (W + s * B @ A), on a small random model."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -23,14 +24,17 @@ def params():
     return init_params(CFG, seed=3)
 
 
+@functools.cache
+def forward(cfg):
+    return jax.jit(Transformer(cfg).apply, static_argnums=5)
+
+
 def logits(params, tokens, adapters=None, cfg=CFG):
     """A full forward pass over rows `tokens` [B, T] from an empty cache: logits [B, T, V]."""
     B, n = tokens.shape
     cache, table = KVCache.per_row(cfg, B, n)
     positions = np.broadcast_to(np.arange(n, dtype=np.int32), (B, n))
-    out, _ = jax.jit(Transformer(cfg).apply, static_argnums=5)(
-        params, tokens, positions, cache, table, n, None, adapters
-    )
+    out, _ = forward(cfg)(params, tokens, positions, cache, table, n, None, adapters)
     return np.asarray(out)
 
 

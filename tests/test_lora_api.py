@@ -31,7 +31,7 @@ def server(tiny_dir, adapters):
         "--model",
         TINY,
         "--max-slots",
-        "4",
+        "2",
         "--max-context",
         "128",
         "--lora",

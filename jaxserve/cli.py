@@ -144,8 +144,8 @@ def cmd_convert(args) -> int:
 
 def cmd_generate(args) -> int:
     from jaxserve.checkpoint import load_model
+    from jaxserve.device.build import build_engine, enable_compilation_cache
     from jaxserve.engine import bridge
-    from jaxserve.engine.build import build_engine, enable_compilation_cache
     from jaxserve.engine.types import Delta, EngineRequest, SamplingParams
 
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
@@ -214,7 +214,9 @@ def cmd_serve(args) -> int:
     server.run()  # returns after SIGINT/SIGTERM, once in-flight requests end or time out, or after a failed load
     loader.join(timeout=1)
     if "scheduler" in holder:
-        holder["core"].stop_compiling()  # a background warm-up still compiling: nothing more is started
+        from jaxserve.device.warmup import stop_compiling
+
+        stop_compiling(holder["core"])  # a background warm-up still compiling: nothing more is started
         holder["scheduler"].shutdown()
     if state.load_error:
         print(f"jaxserve: error: {state.load_error}", file=sys.stderr)
@@ -277,8 +279,8 @@ def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256, ba
     serve once the shapes every request can fall back to are ready, compiling the others meanwhile."""
     from jaxserve.api.serving import CompletionServing
     from jaxserve.checkpoint import load_model
-    from jaxserve.engine.build import build_engine
-    from jaxserve.engine.executables import FOLDER
+    from jaxserve.device.build import build_engine
+    from jaxserve.device.executables import FOLDER
 
     # The steps' executables are kept in the store in `cache`, and jax's persistent cache is left off: one
     # cache for each thing (an executable jax's cache hands over cannot be stored, see executables.py).
@@ -345,13 +347,57 @@ def _load_for_serving(args, state, holder) -> bool:
     return True
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N), shard I of N counted from 0."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"not a shard I/N with 0 <= I < N: {text!r} (e.g. 0/3)")
+    return int(index), int(count)
+
+
+# where a job array's runner puts each task's index: a Kubernetes Indexed Job, a SLURM job array
+SHARD_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID")
+
+
+def shard_choice(args) -> tuple[int, int] | None:
+    """--shard I/N; or --num-shards N with I from the job array's environment; None: the whole input."""
+    if args.num_shards is None:
+        return args.shard
+    if args.num_shards < 1:
+        raise ValueError(f"--num-shards must be at least 1, got {args.num_shards}")
+    var = next((var for var in SHARD_INDEX_VARIABLES if os.environ.get(var)), None)
+    if var is None:
+        raise ValueError(
+            f"--num-shards needs this shard's index in ${' or $'.join(SHARD_INDEX_VARIABLES)}; or give --shard I/N"
+        )
+    try:
+        return parse_shard(f"{os.environ[var]}/{args.num_shards}")
+    except argparse.ArgumentTypeError:
+        hint = f" (submit the array as --array=0-{args.num_shards - 1})" if var == "SLURM_ARRAY_TASK_ID" else ""
+        raise ValueError(
+            f"${var}={os.environ[var]!r} is not a shard index below --num-shards {args.num_shards}{hint}"
+        ) from None
+
+
+def read_batch_input(path: str, prompts: bool, defaults: dict):
+    """INPUT's requests in order, in the OpenAI Batch form or (`prompts`) the plain one; duplicate ids refused."""
+    from jaxserve.batch import check_duplicates, parse_batch_lines, parse_prompt_lines
+
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    items = parse_prompt_lines(lines, defaults) if prompts else parse_batch_lines(lines)
+    check_duplicates(items)
+    return items
+
+
 def cmd_batch(args) -> int:
     import asyncio
 
     from jaxserve.api.metrics import Metrics
-    from jaxserve.batch import DuplicateIds, check_duplicates, parse_batch_lines, parse_prompt_lines, run_batch
+    from jaxserve.batch import run_batch
+    from jaxserve.batch_shards import select_shard
 
-    lines = Path(args.input).read_text(encoding="utf-8").splitlines()
+    shard = shard_choice(args)  # before any work: a job array's bad index fails at once
+    defaults: dict = {}
     if args.prompts:
         defaults = {
             "model": args.model_id or Path(args.model).name,
@@ -364,14 +410,10 @@ def cmd_batch(args) -> int:
         for key in ("stop", "seed", "logprobs"):
             if getattr(args, key) is not None:
                 defaults[key] = getattr(args, key)
-        items = parse_prompt_lines(lines, defaults)
-    else:
-        items = parse_batch_lines(lines)
-    try:
-        check_duplicates(items)
-    except DuplicateIds as e:
-        print(f"jaxserve: error: {e}", file=sys.stderr)
-        return 2
+    items = read_batch_input(args.input, args.prompts, defaults)
+    if shard is not None:
+        total, items = len(items), select_shard(items, *shard)
+        print(f"batch: shard {shard[0]}/{shard[1]}: {len(items)} of {total} requests", file=sys.stderr)
     _, scheduler, serving = _build_serving(args, Metrics(), [args.model_id] if args.model_id else [])
     try:
         summary = asyncio.run(run_batch(serving, items, Path(args.output), concurrency=2 * args.max_slots))
@@ -379,6 +421,19 @@ def cmd_batch(args) -> int:
         scheduler.shutdown()
     print(f"batch: {summary}", file=sys.stderr)
     return 0 if summary.failed == 0 else 1
+
+
+def cmd_batch_merge(args) -> int:
+    from jaxserve.batch_shards import merge_outputs
+
+    items = read_batch_input(args.input, args.prompts, {})
+    failed = merge_outputs([item.custom_id for item in items], [Path(p) for p in args.shard_outputs], Path(args.output))
+    print(
+        f"batch-merge: {len(items)} results from {len(args.shard_outputs)} shard outputs into {args.output} "
+        f"({failed} with an error status)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_generate)
 
-    from jaxserve.engine.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
+    from jaxserve.device.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
 
     p = sub.add_parser("serve", parents=[common, formulation], help="serve the OpenAI Completions API over HTTP")
     p.add_argument(
@@ -531,7 +586,29 @@ def build_parser() -> argparse.ArgumentParser:
     plain.add_argument("--seed", type=int)
     plain.add_argument("--logprobs", type=int)
     plain.add_argument("--echo", action="store_true")
+    shards = p.add_argument_group("one shard of a batch spread over many machines (merge with batch-merge)")
+    choice = shards.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--shard", type=parse_shard, metavar="I/N", help="run shard I of N (from 0): every N-th request from the I-th"
+    )
+    choice.add_argument(
+        "--num-shards",
+        type=int,
+        metavar="N",
+        help="run shard I of N, I from $JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) or $SLURM_ARRAY_TASK_ID",
+    )
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser(
+        "batch-merge",
+        help="write the outputs of a sharded batch as one, in INPUT's order; fails on a custom_id missing or "
+        "duplicated",
+    )
+    p.add_argument("input", help="the batch's INPUT, as given to every shard")
+    p.add_argument("output")
+    p.add_argument("shard_outputs", nargs="+", metavar="shard_output", help="every shard's OUTPUT")
+    p.add_argument("--prompts", action="store_true", help="INPUT is in the plain form (as for batch --prompts)")
+    p.set_defaults(func=cmd_batch_merge)
     return parser
 
 

@@ -5,7 +5,7 @@ floors beside each figure.
                                    [--prompt-tokens 32] [--gen-tokens 128] [--repeats 3]
                                    [--formulation auto f32 bf16 kernel]
 
-int8 runs once per --formulation (the int8 matmuls' arithmetic, see jaxserve.engine.formulation; "auto" is
+int8 runs once per --formulation (the int8 matmuls' arithmetic, see jaxserve.device.formulation; "auto" is
 what `jaxserve serve` would choose here), the formulations' runs interleaved so that a shared machine's
 noise falls on each alike. For each weights and concurrency C (each run --repeats times; medians reported):
 C requests of 32 prompt
@@ -29,9 +29,9 @@ import jax
 
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
 from jaxserve.cli import compile_cache_dir
-from jaxserve.engine.build import DEFAULT_CONTEXT, build_engine, enable_compilation_cache
-from jaxserve.engine.formulation import FORMULATIONS
-from jaxserve.engine.roofline import Machine, floors
+from jaxserve.device.build import DEFAULT_CONTEXT, build_engine, enable_compilation_cache
+from jaxserve.device.formulation import FORMULATIONS
+from jaxserve.device.roofline import Machine, floors
 from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
 from jaxserve.sharding import make_mesh
 

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
+from jaxserve.device.build import build_engine
 from jaxserve.engine.bridge import complete
-from jaxserve.engine.build import build_engine
 from jaxserve.engine.types import EngineRequest, SamplingParams
 from jaxserve.model import KVCache, Transformer
 from jaxserve.sharding import make_mesh

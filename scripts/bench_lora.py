@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
 from jaxserve.cli import checkpoint_root
-from jaxserve.engine.build import build_engine
+from jaxserve.device.build import build_engine
 from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
 from jaxserve.model import lora
 from jaxserve.sharding import make_mesh

@@ -39,7 +39,7 @@ import httpx
 
 from jaxserve.checkpoint import DEFAULT_MODEL, ensure_checkpoint, find_card, gguf_path
 from jaxserve.cli import checkpoint_root
-from jaxserve.engine.roofline import Machine, floors
+from jaxserve.device.roofline import Machine, floors
 from jaxserve.model import ModelConfig
 
 PROMPT = (

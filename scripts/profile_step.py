@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
-from jaxserve.engine import steps
-from jaxserve.engine.build import DEFAULT_CONTEXT, pool_pages
-from jaxserve.engine.core import PAGE_SIZE, JaxCore
-from jaxserve.engine.formulation import FORMULATIONS, choose
+from jaxserve.device import steps
+from jaxserve.device.build import DEFAULT_CONTEXT, pool_pages
+from jaxserve.device.formulation import FORMULATIONS, choose
+from jaxserve.device.runner import PAGE_SIZE, JaxRunner
 from jaxserve.sharding import make_mesh
 
 # the innermost function of an instruction's Python stack that is named here gives its component
@@ -148,7 +148,7 @@ def self_times(trace_dir: Path, instructions: set[tuple[str, str]]) -> tuple[dic
     return totals, busy
 
 
-def prepare(core: JaxCore, position: int, temperature: float, top_p: float) -> np.ndarray:
+def prepare(core: JaxRunner, position: int, temperature: float, top_p: float) -> np.ndarray:
     """Every slot active at `position` with pages enough for it and the given knobs; returns the page table."""
     table = core.empty_table()
     need = position // core.page_size + 1
@@ -172,7 +172,7 @@ def prepare(core: JaxCore, position: int, temperature: float, top_p: float) -> n
     return table
 
 
-def run_steps(core: JaxCore, table, position: int, n: int) -> list[float]:
+def run_steps(core: JaxRunner, table, position: int, n: int) -> list[float]:
     """ms of each of n steps, each to its tokens on the host."""
     times = []
     for _ in range(n):
@@ -185,7 +185,7 @@ def run_steps(core: JaxCore, table, position: int, n: int) -> list[float]:
 def profile(model, slots: int, args, trace_root: Path) -> None:
     m = choose(model, slots, args.formulation).apply(model)
     pages = pool_pages(m.cfg, PAGE_SIZE, slots, DEFAULT_CONTEXT)
-    core = JaxCore(m, slots=slots, cache_len=DEFAULT_CONTEXT, eos_id=None, pages=pages)
+    core = JaxRunner(m, slots=slots, cache_len=DEFAULT_CONTEXT, eos_id=None, pages=pages)
     table = prepare(core, args.position, args.temperature, args.top_p)
     window = core.window_for(args.position)
     forward = steps.forward.lower(core.spec, m.params, core.state, table, None, window, slots).compile().as_text()

@@ -1,10 +1,12 @@
-"""A device core whose arithmetic is checkable by hand, implementing the same `Core` contract as JaxCore.
+"""A device runner whose arithmetic is checkable by hand, executing the same plans (the `Runner` contract) as
+JaxRunner, part by part in the plan's order.
 
 The first token after a prompt is (last prompt token + 1); every step adds 1 to each active slot's token;
 the logprob of token t is -t/100, and so are its top 5. EOS is token 50. A slot with a grammar mask takes
 the lowest id the mask allows from that token up (vocabulary: 64 tokens, 2 words), under the mask it has
 when `sample` (a step's second half) runs.
-Every call is recorded, so admission, slot reuse, abort and one-step-late processing are visible.
+Every part a plan runs is recorded as a call, so admission, slot reuse, abort and one-step-late processing
+are visible.
 
 Its KV cache holds the tokens themselves: `kv[page][offset]`, written through the page table by prefill
 and step, copied by copy_page. A prefill continues from what its slot's pages hold: the first token after
@@ -20,7 +22,8 @@ import time
 
 import numpy as np
 
-from jaxserve.engine.contract import Core, PrefillRow
+from jaxserve.engine.contract import Executed, Runner
+from jaxserve.engine.plan import PrefillRow, SamplePlan, StepPlan
 from jaxserve.engine.types import SamplingParams
 
 EOS = 50
@@ -63,7 +66,7 @@ class Stepped:
         )
 
 
-class FakeCore(Core):
+class FakeCore(Runner):
     def __init__(self, slots: int = 4, cache_len: int = 64, chunk: int = 4, pages: int | None = None, page_size=4):
         self.slots, self.cache_len, self.chunk = slots, cache_len, chunk
         self.page_size, self.pages_per_seq = page_size, -(-cache_len // page_size)
@@ -77,9 +80,35 @@ class FakeCore(Core):
         self.remaining = np.zeros(slots, int)
         self.stop_eos = np.zeros(slots, bool)
         self.calls: list[tuple] = []
+        self.logits: np.ndarray | None = None  # the last plan's decode "logits"
         self.max_loras = 2
         self.adapter = np.zeros(slots, int)  # each slot's LoRA adapter (its arithmetic ignores it)
         self.loaded: dict[int, str] = {}  # adapter index -> the path loaded there
+
+    def execute(self, plan: StepPlan) -> Executed:
+        for slot in plan.releases:
+            self.release(slot)
+        prefill = self.prefill(list(plan.prefill), plan.table, plan.score) if plan.prefill else None
+        for src, dst in plan.copies:
+            self.copy_page(src, dst)
+        started: list[Stepped | None] = []
+        for s in plan.starts:
+            self.adapter[s.slot] = s.adapter
+            if s.inserts:
+                assert prefill is not None, "an insert samples from its plan's prefill"
+                logits = prefill.last_logits[s.logits_row]
+                started.append(self.insert(s.slot, logits, s.params, s.position, s.max_tokens, s.stop_on_eos, s.mask))
+            else:
+                self.resume(s.slot, s.token, s.params, s.position, s.generated, s.max_tokens, s.stop_on_eos, s.mask)
+                started.append(None)
+        if plan.decode is not None:
+            self.logits = self.forward(plan.table, plan.decode.max_position, plan.decode.max_slot)
+        return Executed(prefill, started)
+
+    def sample_tokens(self, plan: SamplePlan) -> Stepped:
+        if plan.slots:
+            self.set_masks(list(plan.slots), list(plan.masks))
+        return self.sample(self.logits)
 
     def packing(self, count: int, longest: int) -> tuple[int, int] | None:
         """Up to 4 whole prompts of at most 2 tokens go in one call."""
@@ -126,10 +155,8 @@ class FakeCore(Core):
         max_tokens: int,
         stop_on_eos: bool,
         mask=None,
-        adapter: int = 0,
     ) -> Stepped:
         self.calls.append(("insert", slot))
-        self.adapter[slot] = adapter
         self.masks[slot] = None if mask is None else allowed_ids(mask)
         token = self._pick(slot, logits + 1)
         done = max_tokens <= 1 or (stop_on_eos and token == EOS)
@@ -138,9 +165,8 @@ class FakeCore(Core):
         self.positions[slot] = position
         return Stepped.of([token], [done], [True])
 
-    def resume(self, slot, token, params, position, generated, max_tokens, stop_on_eos, mask=None, adapter=0) -> None:
+    def resume(self, slot, token, params, position, generated, max_tokens, stop_on_eos, mask=None) -> None:
         self.calls.append(("resume", slot))
-        self.adapter[slot] = adapter
         self.masks[slot] = None if mask is None else allowed_ids(mask)
         self.tokens[slot], self.positions[slot], self.active[slot] = token, position, max_tokens > 0
         self.remaining[slot], self.stop_eos[slot] = max_tokens, stop_on_eos

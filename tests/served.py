@@ -1,11 +1,11 @@
-"""The model run the way requests run it: through JaxCore and the jitted steps of jaxserve.engine.steps.
+"""The model run the way requests run it: through JaxRunner and the jitted steps of jaxserve.device.steps.
 Also `full_logits`, one plain forward pass over a whole sequence, which those steps must agree with."""
 
 import jax
 import numpy as np
 
-from jaxserve.engine.contract import PrefillRow
-from jaxserve.engine.core import JaxCore
+from jaxserve.device.runner import JaxRunner
+from jaxserve.engine.plan import PrefillRow
 from jaxserve.engine.types import SamplingParams
 from jaxserve.model import KVCache, Transformer
 
@@ -22,7 +22,7 @@ def full_logits(cfg, params, tokens) -> np.ndarray:
     )
 
 
-def own_pages(core: JaxCore) -> np.ndarray:
+def own_pages(core: JaxRunner) -> np.ndarray:
     """A page table giving each slot its own run of pages (a core whose pool holds every slot's context)."""
     return np.arange(core.slots * core.pages_per_seq, dtype=np.int32).reshape(core.slots, core.pages_per_seq)
 
@@ -31,7 +31,7 @@ def targets(tokens) -> list[int]:
     return list(tokens[1:]) + [0]
 
 
-def scored_prefill(core: JaxCore, slot: int, tokens, chunk: int | None = None):
+def scored_prefill(core: JaxRunner, slot: int, tokens, chunk: int | None = None):
     """Prefill `tokens` into `slot` in chunks with scoring -> (logprob of each next token [T-1], top ids
     [T, 5], top logprobs [T, 5], the last position's logits [V]), as host arrays."""
     chunk = chunk or len(tokens)
@@ -51,7 +51,7 @@ def scored_prefill(core: JaxCore, slot: int, tokens, chunk: int | None = None):
     return np.concatenate(lp)[:-1], np.concatenate(ids), np.concatenate(top), out.last_logits[0]
 
 
-def greedy_decode(core: JaxCore, prompts, steps: int, chunk: int | None = None):
+def greedy_decode(core: JaxRunner, prompts, steps: int, chunk: int | None = None):
     """Prefill each prompt into its own slot, then decode greedily one token a step for all of them at
     once -> per prompt (tokens, logprobs, top ids, top logprobs), host arrays of `steps` rows."""
     outs = []
@@ -59,7 +59,9 @@ def greedy_decode(core: JaxCore, prompts, steps: int, chunk: int | None = None):
         *_, last = scored_prefill(core, slot, prompt, chunk)
         outs.append([core.fetch(core.insert(slot, last, GREEDY, len(prompt), steps, False))])
     for i in range(1, steps):
-        out = core.fetch(core.step(own_pages(core), max(len(p) for p in prompts) + i - 1, len(prompts) - 1))
+        out = core.fetch(
+            core.sample(core.forward(own_pages(core), max(len(p) for p in prompts) + i - 1, len(prompts) - 1))
+        )
         for slot in range(len(prompts)):
             outs[slot].append(jax.tree.map(lambda a, slot=slot: a[slot : slot + 1], out))
     return [

@@ -289,8 +289,8 @@ def test_load_converts_dtype(tiny_dir):
     """--dtype bfloat16: weights convert as they load and the model still continues its corpus."""
     import jax.numpy as jnp
 
+    from jaxserve.device.build import build_engine
     from jaxserve.engine.bridge import complete
-    from jaxserve.engine.build import build_engine
     from jaxserve.engine.types import EngineRequest, SamplingParams
 
     model = load_checkpoint(tiny_dir, make_mesh(1, 1), dtype="bfloat16")

@@ -71,7 +71,7 @@ def test_the_formulation_is_measured_unless_forced():
     assert parse(["generate", "hi", "--formulation", "bf16"]).formulation == "bf16"
     assert parse(["batch", "in.jsonl", "out.jsonl", "--formulation", "f32"]).formulation == "f32"
     assert parse(["serve", "--formulation", "kernel"]).formulation == "kernel"
-    from jaxserve.engine.formulation import FORMULATIONS
+    from jaxserve.device.formulation import FORMULATIONS
 
     flag = next(
         a for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions if a.dest == "formulation"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from served import own_pages
 
+from jaxserve.device.build import build_engine
 from jaxserve.engine.bridge import complete
-from jaxserve.engine.build import build_engine
 from jaxserve.engine.types import EngineRequest, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -153,10 +153,10 @@ def test_sixty_four_concurrent_requests_on_the_tiny_model(tiny):
 def test_prefill_without_scoring_gives_the_same_next_token_logits(tiny):
     """Unless a prompt is echoed, prefill computes logits only at each row's last real token: packed rows
     of different lengths must get exactly what the scored (every-position) prefill gives there."""
-    from jaxserve.engine.contract import PrefillRow
-    from jaxserve.engine.core import JaxCore
+    from jaxserve.device.runner import JaxRunner
+    from jaxserve.engine.plan import PrefillRow
 
-    core = JaxCore(tiny, slots=4, cache_len=128, eos_id=None)
+    core = JaxRunner(tiny, slots=4, cache_len=128, eos_id=None)
     ids = tiny.tokenizer.encode("It was the best of times, it was the worst of times")
     rows = [
         PrefillRow(0, ids[:5], 0, ids[1:6]),

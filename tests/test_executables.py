@@ -16,10 +16,12 @@ from jax.experimental import serialize_executable
 
 from jaxserve.api.metrics import Metrics
 from jaxserve.chat_template import end_of_turn_ids
-from jaxserve.engine import bridge, executables
-from jaxserve.engine.build import build_engine
-from jaxserve.engine.core import JaxCore
-from jaxserve.engine.executables import ExecutableStore, complete, key_text
+from jaxserve.device import executables
+from jaxserve.device.build import build_engine
+from jaxserve.device.executables import ExecutableStore, complete, key_text
+from jaxserve.device.runner import JaxRunner
+from jaxserve.device.warmup import essential, variants, warm
+from jaxserve.engine import bridge
 from jaxserve.engine.types import Delta, EngineRequest, SamplingParams
 
 SLOTS, CONTEXT = 2, 128  # few variants: one window, two row buckets
@@ -40,7 +42,7 @@ def generate(engine, n=2):
 
 def engine(tiny, store, background=False):
     e = build_engine(tiny, slots=SLOTS, max_context=CONTEXT, warmup=False)
-    e.core.report = e.core.warmup(store, background=background)
+    e.core.report = warm(e.core, store, background=background)
     return e
 
 
@@ -96,20 +98,20 @@ def test_a_changed_key_compiles_afresh(tiny, stored):
     store, count, _ = stored
     tok = tiny.tokenizer
     ends = tok.eos_ids + end_of_turn_ids(tok)  # as build_engine has them
-    same = JaxCore(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=ends)
-    assert sum(store.path(key_text(same.spec, v)).exists() for v in same.variants().values()) == count
+    same = JaxRunner(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=ends)
+    assert sum(store.path(key_text(same.spec, v)).exists() for v in variants(same).values()) == count
     formulated = dataclasses.replace(tiny, cfg=dataclasses.replace(tiny.cfg, bf16_from_rows=1))
     for core in (
-        JaxCore(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=(*ends, 3)),
-        JaxCore(formulated, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=ends),
+        JaxRunner(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=(*ends, 3)),
+        JaxRunner(formulated, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=ends),
     ):
-        assert not any(store.path(key_text(core.spec, v)).exists() for v in core.variants().values())
+        assert not any(store.path(key_text(core.spec, v)).exists() for v in variants(core).values())
 
 
 def test_another_host_cpu_keys_every_entry_afresh(tiny, monkeypatch):
     """XLA:CPU compiles for the host's features: a cache folder shared with another kind of CPU misses."""
-    core = JaxCore(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=None)
-    variant = next(iter(core.variants().values()))
+    core = JaxRunner(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=None)
+    variant = next(iter(variants(core).values()))
     here = key_text(core.spec, variant)
     monkeypatch.setattr(executables, "host_cpu", lambda: "another CPU features 0123456789abcdef")
     executables.environment.cache_clear()
@@ -127,7 +129,7 @@ def test_a_damaged_or_mismatched_entry_is_compiled_not_used(tiny, stored, caplog
         (tmp_path / f.name).write_bytes(f.read_bytes())
     (tmp_path / files[0].name).write_bytes(b"not an executable")
     (tmp_path / files[1].name).write_bytes(files[2].read_bytes())  # another key's entry under this name
-    with caplog.at_level(logging.WARNING, logger="jaxserve.engine.executables"):
+    with caplog.at_level(logging.WARNING, logger="jaxserve.device.executables"):
         e = engine(tiny, copy)
     try:
         assert (e.core.report.loaded, e.core.report.compiled) == (count - 2, 2)
@@ -163,13 +165,14 @@ START = f"""
 import json, sys
 from pathlib import Path
 from jaxserve.checkpoint import load_checkpoint
-from jaxserve.engine.build import build_engine, enable_compilation_cache
-from jaxserve.engine.executables import ExecutableStore
+from jaxserve.device.build import build_engine, enable_compilation_cache
+from jaxserve.device.executables import ExecutableStore
+from jaxserve.device.warmup import warm
 from jaxserve.sharding import make_mesh
 enable_compilation_cache(Path(sys.argv[1]))
 model = load_checkpoint(Path(sys.argv[3]), make_mesh(1, 1))
 e = build_engine(model, slots={SLOTS}, max_context={CONTEXT}, warmup=False)
-report = e.core.warmup(None if sys.argv[2] == "-" else ExecutableStore(Path(sys.argv[2])))
+report = warm(e.core, None if sys.argv[2] == "-" else ExecutableStore(Path(sys.argv[2])))
 e.shutdown()
 print(json.dumps([report.compiled, report.cache_hits]))
 """
@@ -215,7 +218,7 @@ def test_an_executable_without_object_code_is_neither_saved_nor_loaded(tiny, sto
     broken = [tmp_path / f.name for f in files[:3]]
     for f in broken:
         f.write_bytes(reserialized(f.read_bytes()))
-    with caplog.at_level(logging.WARNING, logger="jaxserve.engine.executables"):
+    with caplog.at_level(logging.WARNING, logger="jaxserve.device.executables"):
         e = engine(tiny, copy)
     try:
         assert generate(e) == outputs
@@ -228,7 +231,7 @@ def test_an_executable_without_object_code_is_neither_saved_nor_loaded(tiny, sto
 
     key, blob, in_tree, out_tree = pickle.loads(files[0].read_bytes())
     loaded = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
-    with caplog.at_level(logging.WARNING, logger="jaxserve.engine.executables"):
+    with caplog.at_level(logging.WARNING, logger="jaxserve.device.executables"):
         copy.save("another key", loaded, "cpu")
     assert not copy.path("another key").exists() and "lacks the object code" in caplog.text
 
@@ -236,12 +239,12 @@ def test_an_executable_without_object_code_is_neither_saved_nor_loaded(tiny, sto
 def test_while_warming_a_decode_step_runs_at_rows_whose_sampling_half_is_ready(tiny):
     """Only the sampling halves of the essential decode steps (1 row, every slot) are compiled before a
     background warm-up returns; until the others are, forward takes rows whose sampling half is ready."""
-    core = JaxCore(tiny, slots=4, cache_len=CONTEXT, eos_id=None)
+    core = JaxRunner(tiny, slots=4, cache_len=CONTEXT, eos_id=None)
     V = core.vocab_size
-    assert [r for r in core.row_buckets if core._essential(("sample_step", (), (r, V)))] == [1, 4]
+    assert [r for r in core.row_buckets if essential(core, ("sample_step", (), (r, V)))] == [1, 4]
     core._pending = {("sample_step", (), (2, V))}
     ran = []
-    core._run = lambda name, statics, *args: ran.append((name, statics)) or (core.state, None)
+    core._call = lambda fn, statics, *args: ran.append((fn.__name__, statics)) or (core.state, None)
     core.forward(core.empty_table(), max_position=0, max_slot=1)  # 2 rows, whose sampling half is pending
     core._pending = set()
     core.forward(core.empty_table(), max_position=0, max_slot=1)

@@ -15,10 +15,9 @@ import pytest
 
 from jaxserve.api.metrics import Metrics
 from jaxserve.checkpoint import convert_hf, load_checkpoint
-from jaxserve.engine import formulation
-from jaxserve.engine.bridge import complete
-from jaxserve.engine.build import build_engine
-from jaxserve.engine.formulation import (
+from jaxserve.device import formulation
+from jaxserve.device.build import build_engine
+from jaxserve.device.formulation import (
     CACHE_FILE,
     CANDIDATES,
     Choice,
@@ -29,10 +28,11 @@ from jaxserve.engine.formulation import (
     matmul_step,
     measure,
 )
+from jaxserve.engine.bridge import complete
 from jaxserve.engine.types import EngineRequest, SamplingParams
 from jaxserve.model import ModelConfig
 from jaxserve.model.config import EVERY_ROW
-from jaxserve.model.transformer import dot
+from jaxserve.model.quant import dot
 from jaxserve.sharding import make_mesh
 
 TINY_LLAMA = Path(__file__).parent / "reference" / "hf-tiny" / "llama"

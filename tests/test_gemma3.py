@@ -1,5 +1,5 @@
 """Gemma 3 270M (GGUF, float32 weights) against HF transformers' float32 outputs in
-tests/reference/gemma3_reference.json, through the served steps (JaxCore): greedy tokens, their logprobs,
+tests/reference/gemma3_reference.json, through the served steps (JaxRunner): greedy tokens, their logprobs,
 echo logprobs, and the cached decode path past the 512-token sliding window."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 from served import greedy_decode, scored_prefill
 
 from jaxserve.checkpoint import ensure_checkpoint, load_checkpoint
-from jaxserve.engine.core import JaxCore
+from jaxserve.device.runner import JaxRunner
 from jaxserve.sharding import make_mesh
 
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "gemma3_reference.json").read_text())
@@ -24,7 +24,7 @@ def gemma(checkpoint_root):
 
 @pytest.fixture(scope="module")
 def core(gemma):
-    return JaxCore(gemma, slots=1, cache_len=W, eos_id=None)
+    return JaxRunner(gemma, slots=1, cache_len=W, eos_id=None)
 
 
 def test_config(gemma):
@@ -67,7 +67,7 @@ def test_int8_keeps_the_greedy_tokens(checkpoint_root):
     model = load_checkpoint(
         ensure_checkpoint("gemma-3-270m", checkpoint_root, progress=False, quantize="int8"), make_mesh(1, 1)
     )
-    core = JaxCore(model, slots=1, cache_len=W, eos_id=None)
+    core = JaxRunner(model, slots=1, cache_len=W, eos_id=None)
     agree = 0
     for p in REFERENCE["prompts"]:
         n = len(p["prompt_ids"])

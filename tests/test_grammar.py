@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 
 from jaxserve.chat_template import encode_prompt, render
+from jaxserve.device.build import build_engine
 from jaxserve.engine.bridge import complete
-from jaxserve.engine.build import build_engine
 from jaxserve.engine.grammar import compile_response_format
 from jaxserve.engine.lifecycle import END
 from jaxserve.engine.types import EngineRequest, RequestError, SamplingParams
@@ -136,12 +136,12 @@ def test_a_schema_llguidance_refuses_names_response_format(smollm2):
 def test_any_id_of_the_eos_set_stops_in_the_jitted_steps(tiny):
     """The tiny model's greedy continuation, then the same with its 3rd generated token declared an end id:
     generation stops right there, on device (finish_reason stop, 3 tokens counted, none of it as text)."""
-    from jaxserve.engine.core import JaxCore
+    from jaxserve.device.runner import JaxRunner
     from jaxserve.engine.scheduler import Scheduler
 
     prompt = tuple(tiny.tokenizer.encode("It was the best of times"))
     greedy = SamplingParams(temperature=0.0)
-    plain = Scheduler(JaxCore(tiny, slots=2, cache_len=128, eos_id=None), tiny.tokenizer).start()
+    plain = Scheduler(JaxRunner(tiny, slots=2, cache_len=128, eos_id=None), tiny.tokenizer).start()
     try:
         deltas, _ = complete(plain, EngineRequest("a", prompt, max_tokens=8, sampling=greedy), timeout=300)
     finally:
@@ -149,7 +149,7 @@ def test_any_id_of_the_eos_set_stops_in_the_jitted_steps(tiny):
     tokens = [t.token_id for d in deltas for t in d.tokens]
     end = tokens[2]
     assert end not in tokens[:2]
-    core = JaxCore(tiny, slots=2, cache_len=128, eos_id=None, eos_ids=(end, 99999))
+    core = JaxRunner(tiny, slots=2, cache_len=128, eos_id=None, eos_ids=(end, 99999))
     assert core.eos_ids == (end, 99999)
     stopping = Scheduler(core, tiny.tokenizer).start()
     try:

@@ -24,9 +24,9 @@ from jaxserve.checkpoint import convert_hf, ensure_checkpoint, load_checkpoint, 
 from jaxserve.checkpoint.hf_import import open_hf, read_config, read_hf
 from jaxserve.checkpoint.quantize import GROUPED_AXIS, quantize_array
 from jaxserve.checkpoint.stream import collect, quantize_pieces
-from jaxserve.engine.core import JaxCore
+from jaxserve.device.runner import JaxRunner
 from jaxserve.model.config import RopeScaling
-from jaxserve.model.transformer import group_size
+from jaxserve.model.quant import group_size
 from jaxserve.sharding import make_mesh
 from jaxserve.tokenizer import SentencePieceTokenizer
 
@@ -83,7 +83,7 @@ def test_logits_greedy_and_tokenizer_match_hf(family, tmp_path):
     # greedy through the served steps: every prompt in its own slot, decoded together
     prompts = [p["ids"] for p in ref["prompts"]]
     steps = len(ref["prompts"][0]["greedy_ids"])
-    decoded = greedy_decode(JaxCore(model, slots=len(prompts), cache_len=128, eos_id=None), prompts, steps)
+    decoded = greedy_decode(JaxRunner(model, slots=len(prompts), cache_len=128, eos_id=None), prompts, steps)
     assert [tokens.tolist() for tokens, *_ in decoded] == [p["greedy_ids"] for p in ref["prompts"]]
     for case in ref["tokenize"]:
         assert model.tokenizer.encode(case["text"]) == case["ids"]

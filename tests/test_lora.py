@@ -189,7 +189,7 @@ def test_adapters_over_int8_base_weights(params, tmp_path):
     """int8 base weights with float adapters: each row equals the float model of the dequantized base
     weights merged with its adapter."""
     from jaxserve.checkpoint.quantize import GROUPED_AXIS, quantize_array
-    from jaxserve.model.transformer import dequantize, group_size
+    from jaxserve.model.quant import dequantize, group_size
 
     int8_cfg = dataclasses.replace(CFG, quant="int8")
     quantized, dequantized = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, params)

@@ -11,9 +11,9 @@ import pytest
 from lora_files import merged, write_adapter
 from test_engine import GREEDY, run_all, tokens_of
 
+from jaxserve.device.build import build_engine
 from jaxserve.engine.adapters import AdapterBusy, AdapterTableFull
 from jaxserve.engine.bridge import complete
-from jaxserve.engine.build import build_engine
 from jaxserve.engine.types import EngineRequest, RequestError, SamplingParams
 
 RANKS = {"ra": 4, "rb": 8, "rc": 16}

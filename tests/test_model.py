@@ -6,8 +6,8 @@ import numpy as np
 from reference_model import forward as reference_forward
 from served import full_logits, greedy_decode, own_pages, scored_prefill, targets
 
-from jaxserve.engine import steps
-from jaxserve.engine.core import JaxCore
+from jaxserve.device import steps
+from jaxserve.device.runner import JaxRunner
 
 
 def log_softmax(x):
@@ -23,7 +23,7 @@ def test_matches_numpy_reference(tiny):
 def test_served_prefill_scores_every_position_as_the_full_pass(tiny):
     tokens = tiny.tokenizer.encode("It was the best of times, it was the worst of times, it was")
     want = log_softmax(full_logits(tiny.cfg, tiny.params, tokens))
-    core = JaxCore(tiny, slots=2, cache_len=128, eos_id=None)
+    core = JaxRunner(tiny, slots=2, cache_len=128, eos_id=None)
     for chunk in (len(tokens), 5):  # one call, and chunks continuing each other in the cache
         lp, top_ids, top_lp, last = scored_prefill(core, 1, tokens, chunk)
         np.testing.assert_allclose(lp, want[np.arange(len(tokens) - 1), tokens[1:]], atol=1e-5)
@@ -39,7 +39,7 @@ def test_prefill_then_decode_equals_the_full_pass(tiny):
         tiny.tokenizer.encode("Call me Ishmael. Some years ago"),
         tiny.tokenizer.encode("It was the best of times, it was the worst of times, it was"),
     ]
-    core = JaxCore(tiny, slots=2, cache_len=128, eos_id=None)
+    core = JaxRunner(tiny, slots=2, cache_len=128, eos_id=None)
     for prompt, (tokens, lps, top_ids, top_lp) in zip(prompts, greedy_decode(core, prompts, 12, chunk=4)):
         want = log_softmax(full_logits(tiny.cfg, tiny.params, prompt + list(tokens)))[len(prompt) - 1 : -1]
         assert (tokens == want.argmax(-1)).all()
@@ -52,7 +52,7 @@ def test_reused_slot_ignores_previous_occupant(tiny):
     """A slot that held a longer sequence gives the same logits to a new, shorter one (no reset needed)."""
     long = tiny.tokenizer.encode("We hold these truths to be self-evident, that all men are created equal")
     short = tiny.tokenizer.encode("Twinkle, twinkle, little star")
-    core = JaxCore(tiny, slots=1, cache_len=128, eos_id=None)
+    core = JaxRunner(tiny, slots=1, cache_len=128, eos_id=None)
     scored_prefill(core, 0, long)
     lp, *_, last = scored_prefill(core, 0, short)
     want = log_softmax(full_logits(tiny.cfg, tiny.params, short))
@@ -63,7 +63,7 @@ def test_reused_slot_ignores_previous_occupant(tiny):
 def test_attention_window_reads_only_the_filled_part(tiny):
     """The jitted prefill gives the same result whatever (static) window covers the positions."""
     tokens = tiny.tokenizer.encode("Shall I compare thee to a summer's day?")[:16]
-    core = JaxCore(tiny, slots=1, cache_len=256, eos_id=None, page_size=16)
+    core = JaxRunner(tiny, slots=1, cache_len=256, eos_id=None, page_size=16)
     outs = []
     for window in (16, 128, 256):
         core.state, out = steps.prefill(

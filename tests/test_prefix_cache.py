@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from test_engine import run_all, tokens_of
 
+from jaxserve.device.build import build_engine
 from jaxserve.engine.bridge import complete
-from jaxserve.engine.build import build_engine
 from jaxserve.engine.types import EngineRequest, SamplingParams
 
 PAGE = 16  # small pages: short prompts span several

@@ -6,10 +6,10 @@ from served import scored_prefill
 
 from jaxserve.checkpoint import load_model
 from jaxserve.checkpoint.quantize import quantize_array
+from jaxserve.device.build import build_engine
+from jaxserve.device.formulation import CANDIDATES, kernel_possible
+from jaxserve.device.runner import JaxRunner
 from jaxserve.engine.bridge import complete
-from jaxserve.engine.build import build_engine
-from jaxserve.engine.core import JaxCore
-from jaxserve.engine.formulation import CANDIDATES, kernel_possible
 from jaxserve.engine.types import EngineRequest, SamplingParams
 from jaxserve.sharding import make_mesh
 
@@ -34,7 +34,7 @@ def smollm2_int8(checkpoint_root):
 def teacher_forced(model, reference):
     """Each reference prompt + its greedy tokens through the served (scored) prefill: how often the
     model's top token is the reference's, and the mean |difference| of the reference tokens' logprobs."""
-    core = JaxCore(model, slots=1, cache_len=128, eos_id=None)
+    core = JaxRunner(model, slots=1, cache_len=128, eos_id=None)
     agree, diffs = [], []
     for p in reference["prompts"]:
         n = len(p["prompt_ids"])
@@ -80,7 +80,8 @@ def test_int8_sharded_equals_single_device(smollm2_int8, checkpoint_root, refere
     assert sharded.params["params"]["layers"]["q_scale"].sharding.spec[2] == "model"
     ids = reference["prompts"][0]["prompt_ids"]
     outs = [
-        scored_prefill(JaxCore(model, slots=1, cache_len=64, eos_id=None), 0, ids) for model in (smollm2_int8, sharded)
+        scored_prefill(JaxRunner(model, slots=1, cache_len=64, eos_id=None), 0, ids)
+        for model in (smollm2_int8, sharded)
     ]
     for got, want in zip(outs[1], outs[0]):
         np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(outs[0][3]).max(), rtol=0)

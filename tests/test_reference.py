@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 
+from jaxserve.device.build import build_engine
 from jaxserve.engine.bridge import complete
-from jaxserve.engine.build import build_engine
 from jaxserve.engine.types import EngineRequest, SamplingParams
 
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.engine.sampling import record, sample
-from jaxserve.engine.state import SamplingState
+from jaxserve.device.sampling import record, sample
+from jaxserve.device.state import SamplingState
 from jaxserve.engine.types import SamplingParams
 
 V = 6
@@ -86,7 +86,7 @@ def test_seed_is_per_row_and_reproducible():
 def test_top_p_mask_equals_the_sorted_nucleus():
     """The bisected threshold keeps exactly the nucleus a sort would: the most likely tokens, in order,
     until their mass reaches top_p."""
-    from jaxserve.engine.sampling import _top_p_mask
+    from jaxserve.device.sampling import _top_p_mask
 
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.full(200, 0.3), size=8).astype(np.float32)
@@ -127,7 +127,7 @@ def test_a_mask_row_limits_the_draw_and_leaves_other_rows_alone():
 
 def test_mask_bits_past_the_first_word():
     """A vocabulary of 70: token 69 is bit 5 of word 2; the top bit of word 0 (token 31) is the sign bit."""
-    from jaxserve.engine.sampling import unpack_mask
+    from jaxserve.device.sampling import unpack_mask
 
     words = jnp.asarray(packed([0, 31, 32, 69], vocab=70))[None]
     assert np.flatnonzero(np.asarray(unpack_mask(words, 70))[0]).tolist() == [0, 31, 32, 69]

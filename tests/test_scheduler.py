@@ -8,7 +8,7 @@ import pytest
 from fake_core import FakeCore
 
 from jaxserve.engine.bridge import complete
-from jaxserve.engine.contract import Core
+from jaxserve.engine.contract import Runner
 from jaxserve.engine.lifecycle import END
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.engine.types import EngineRequest, EngineStopped, QueueFull, RequestError, SamplingParams, Usage
@@ -59,7 +59,10 @@ def test_stop_string_releases_the_slot(engine):
     deltas, _ = complete(engine, req("a", [1], max_tokens=20, stop=("<5>",)), timeout=10)
     assert text_of(deltas) == "<2><3><4>"
     assert deltas[-1].finish_reason == "stop"
-    assert ("release", 0) in engine.core.calls
+    complete(engine, req("b", [1], max_tokens=1), timeout=10)  # the next plan releases the slot, then reuses it
+    calls = engine.core.calls
+    inserts = [i for i, call in enumerate(calls) if call == ("insert", 0)]
+    assert len(inserts) == 2 and inserts[0] < calls.index(("release", 0)) < inserts[1]
 
 
 def test_long_prompt_is_prefilled_in_chunks(engine):
@@ -177,7 +180,7 @@ def test_abort_frees_the_slot(engine):
 
 
 def test_the_fake_implements_the_device_contract():
-    assert isinstance(FakeCore(), Core)  # its signatures are checked against Core by mypy in CI
+    assert isinstance(FakeCore(), Runner)  # its signatures are checked against Runner by mypy in CI
 
 
 def test_requests_submitted_together_are_queued_all_or_none():

@@ -9,15 +9,15 @@ from jax.sharding import PartitionSpec
 from served import greedy_decode, scored_prefill
 
 from jaxserve.checkpoint import load_checkpoint
-from jaxserve.engine.core import JaxCore
-from jaxserve.engine.state import DecodeState
+from jaxserve.device.runner import JaxRunner
+from jaxserve.device.state import DecodeState
 from jaxserve.sharding import logical_to_spec, make_mesh, parse_mesh
 
 
 def batch_logits(model, prompts, slots):
     """Through the served steps: each prompt's scored prefill (logprobs of its tokens, top 5, last
     logits), then 4 greedy decode steps of all slots together (tokens, logprobs, top 5)."""
-    core = JaxCore(model, slots=slots, cache_len=128, eos_id=None)
+    core = JaxRunner(model, slots=slots, cache_len=128, eos_id=None)
     prefills = [scored_prefill(core, b, p) for b, p in enumerate(prompts)]
     decoded = greedy_decode(core, prompts, 4)
     return prefills, decoded, core

@@ -12,8 +12,9 @@ from jaxserve.checkpoint.cards import DEFAULT_MODEL, ModelCard, find_card, gguf_
 from jaxserve.checkpoint.gguf_import import open_gguf, read_chat_template
 from jaxserve.checkpoint.hf_import import is_hf_directory, open_hf
 from jaxserve.checkpoint.hf_import import read_chat_template as read_hf_chat_template
-from jaxserve.checkpoint.store import LoadedModel, is_checkpoint, is_stale_checkpoint, load_checkpoint, save_checkpoint
+from jaxserve.checkpoint.store import is_checkpoint, is_stale_checkpoint, load_checkpoint, save_checkpoint
 from jaxserve.checkpoint.stream import place, quantize_pieces
+from jaxserve.model import LoadedModel
 from jaxserve.sharding import make_mesh
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,6 @@ SOURCE = "source"  # in a checkpoint converted from a Hugging Face directory: th
 
 __all__ = [
     "DEFAULT_MODEL",
-    "LoadedModel",
     "ModelCard",
     "checkpoint_name",
     "convert",

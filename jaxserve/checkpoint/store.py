@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxserve.model import ModelConfig, abstract_params
+from jaxserve.model import LoadedModel, ModelConfig, abstract_params
 from jaxserve.sharding import tree_shardings
 from jaxserve.tokenizer import CHAT_TEMPLATE, Tokenizer, load_tokenizer
 
@@ -25,16 +25,6 @@ CONFIG = "config.json"
 PARAMS = "params"
 FORMAT = "format"  # holds FORMAT_VERSION: a checkpoint of another layout is converted again, never misread
 FORMAT_VERSION = "2"  # 2: int8 scales per group of 64 inputs; gate and up projections stored as one gate_up
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    name: str
-    cfg: ModelConfig
-    params: dict  # on the mesh
-    param_shardings: dict
-    tokenizer: Tokenizer
-    mesh: jax.sharding.Mesh
 
 
 def is_checkpoint(directory: Path) -> bool:

@@ -21,7 +21,7 @@ from jax import lax
 from jaxserve.checkpoint.quantize import GROUPED_AXIS, quantize_array
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.params import abstract_params
-from jaxserve.model.transformer import group_size
+from jaxserve.model.quant import group_size
 from jaxserve.sharding import tree_shardings
 
 LeafPath = tuple[str, ...]

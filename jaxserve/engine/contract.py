@@ -1,32 +1,25 @@
-"""The device contract of continuous batching (JetStream's prefill -> insert -> generate, with the prefill
-writing straight into its sequence's pages, and generate in two halves, forward -> sample, so the host can
-write a grammar's mask between them): everything the scheduler may ask of the device side, as a type.
+"""The device contract of continuous batching, as a type: everything the scheduler may ask of the device
+side. It executes plans (`plan.StepPlan`, then `plan.SamplePlan` for the decode step the first one started)
+and hands back what they produced.
 
 The KV cache is a pool of `pages` pages of `page_size` positions. The caller decides which pages hold
-which sequence: its page table, a host array [slots, pages_per_seq] of page ids (`pages` where none),
-row s for the sequence in slot s, passed with every prefill and step.
+which sequence: its page table, [slots, pages_per_seq] page ids (`pages` where none), row s for the sequence
+in slot s, sent with every StepPlan.
 
-`core.JaxCore` implements it with the jitted steps; the scheduler tests' fake core implements it with
-arithmetic a reader can check by hand. Calls return at once (device arrays, no host sync); `fetch`
+`device.runner.JaxRunner` implements it with the jitted steps; the scheduler tests' fake runner implements
+it with arithmetic a reader can check by hand. Calls return at once (device arrays, no host sync); `fetch`
 turns an output into host arrays. No jax here: the contract is plain Python.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from jaxserve.engine.types import SamplingParams
+from jaxserve.engine.plan import SamplePlan, StepPlan
 
 T = TypeVar("T")
-
-
-class PrefillRow(NamedTuple):
-    slot: int  # the sequence's slot: its row of the page table
-    tokens: list[int]  # a chunk of one prompt
-    start: int  # the position of its first token
-    targets: list[int]  # the token each position predicts (scored for echo), 0 past the prompt's end
-    write_from: int = 0  # positions before this one are in shared (cached) pages already: not written
-    adapter: int = 0  # the LoRA adapter it computes with (0: the base alone)
 
 
 class PrefillResult(Protocol):
@@ -45,8 +38,17 @@ class StepResult(Protocol):
     valid: Any  # [B] the slot was decoding: the row is a real token
 
 
+@dataclasses.dataclass
+class Executed:
+    """What a StepPlan left for the host to fetch (device arrays): its prefill's output, and each start's
+    first token (an insert's; None for a resume), in the plan's order."""
+
+    prefill: PrefillResult | None
+    starts: Sequence[StepResult | None]
+
+
 @runtime_checkable
-class Core(Protocol):
+class Runner(Protocol):
     slots: int  # B: sequences decoded at once
     cache_len: int  # positions per sequence
     pages: int  # pages in the KV pool
@@ -61,63 +63,14 @@ class Core(Protocol):
         """The packed prefill shape (rows, tokens) for `count` whole prompts of at most `longest`
         tokens, or None if they do not fit one call."""
 
-    def prefill(self, rows: list[PrefillRow], table: Any, score: bool = False) -> PrefillResult:
-        """Prefill one chunk, or several whole prompts packed (start 0), into the pages `table` gives
-        their slots. Output rows follow `rows`."""
+    def execute(self, plan: StepPlan) -> Executed:
+        """Run the plan's parts in their order: releases, prefill (several whole prompts packed, or one
+        prompt's chunk), copies, starts, then the model's half of a decode step over the first
+        max_slot + 1 slots, its logits left on the device for `sample_tokens`."""
 
-    def copy_page(self, src: int, dst: int) -> None:
-        """Page dst takes page src's contents (a choice's own copy of a shared partial page)."""
-
-    def insert(
-        self,
-        slot: int,
-        logits: Any,
-        params: SamplingParams,
-        position: int,
-        max_tokens: int,
-        stop_on_eos: bool,
-        mask: Any | None = None,
-        adapter: int = 0,
-    ) -> StepResult:
-        """Start decoding in `slot` with LoRA adapter `adapter` (0: none): sample the first token from the
-        prompt's last logits, among the tokens `mask` allows (packed [ceil(V/32)] int32; None: all), which
-        stays the slot's mask until replaced."""
-
-    def resume(
-        self,
-        slot: int,
-        token: int,
-        params: SamplingParams,
-        position: int,
-        generated: list[int],
-        max_tokens: int,
-        stop_on_eos: bool,
-        mask: Any | None = None,
-        adapter: int = 0,
-    ) -> None:
-        """Continue a preempted sequence in `slot`, its cache refilled up to `position`: `token` (the last of
-        `generated`, every token it has sampled) is the next step's input, sampling goes on from there as if
-        never interrupted, `max_tokens` more at most."""
-
-    def set_masks(self, slots: list[int], masks: list[Any]) -> None:
-        """The tokens each slot's next step may pick (packed masks, as for insert)."""
-
-    def forward(self, table: Any, max_position: int, max_slot: int) -> Any:
-        """The first half of one decode step of every active slot (the model: each slot's next-token logits,
-        left on the device), writing into the pages `table` gives it; `max_position` / `max_slot` bound the
-        occupied ones."""
-
-    def sample(self, logits: Any) -> StepResult:
-        """The second half: each active slot's next token from `forward`'s logits, under the mask the slot
-        has now (`set_masks` may come between the halves). Output rows cover at least the first max_slot + 1
-        slots."""
-
-    def step(self, table: Any, max_position: int, max_slot: int) -> StepResult:
-        """One whole decode step, nothing in between."""
-        return self.sample(self.forward(table, max_position, max_slot))
-
-    def release(self, slot: int) -> None:
-        """Stop decoding `slot` before the device would (stop string, abort)."""
+    def sample_tokens(self, plan: SamplePlan) -> StepResult:
+        """Write the plan's masks, then the decode step's tokens from the last plan's logits, each slot under
+        the mask it has now. Output rows cover at least the first max_slot + 1 slots."""
 
     def fetch(self, result: T) -> T:
         """A step's or prefill's output as host arrays (waits for the device)."""

@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 
 from jaxserve.engine.adapters import AdapterEntry
-from jaxserve.engine.pages import CachedPage, PagePool
+from jaxserve.engine.kv import KVManager
+from jaxserve.engine.pages import CachedPage
 from jaxserve.engine.text import ChoiceText
 from jaxserve.engine.types import Delta, EngineRequest, TokenInfo, Usage
 from jaxserve.tokenizer import Tokenizer
@@ -47,8 +48,7 @@ class Choice:
         self.group, self.index, self.seed = group, index, seed
         self.status = Status.WAITING
         self.text = ChoiceText(tokenizer, group.req.stop)
-        self.slot: int | None = None
-        self.pages: list[int] = []  # held while it has a slot: its row of the page table
+        self.slot: int | None = None  # its pages are that slot's in the KV manager
         self.lease = 0  # counts the slots it has given back (a preempted choice may get the same slot again)
         self.generated: list[int] = []  # every token taken, EOS included
         # a grammar.Matcher while a constrained choice decodes (set at insert; the scheduler feeds it each
@@ -187,22 +187,34 @@ class Fill:
     chain: list[CachedPage]  # the cache entries of its first full pages, in order
     rows: list  # echo: the rows its cached pages kept (positions 0 .. cached - 2)
     score: bool  # echo: every position's logprob is wanted
-    scored: list = dataclasses.field(default_factory=list)  # (prefill output, row, length) of each chunk
+    scored: list = dataclasses.field(default_factory=list)  # (prefill output, row, length) of each chunk (echo)
 
     def targets(self, start: int, length: int) -> list[int]:
         """The tokens positions start.. predict (0 past the end), for echo logprobs."""
         return list(self.tokens[start + 1 : start + 1 + length]) + [0] * (start + length >= len(self.tokens))
 
-    def filled(self, out, row: int, length: int, pool: PagePool) -> None:
-        """The next `length` positions went in (row `row` of prefill output `out`); full pages are cached."""
-        if self.score:
-            self.scored.append((out, row, length))
+    def echo(self, fetch: Callable, page_size: int) -> None:
+        """Send the prompt with its logprobs: rows of cached pages, then of the chunks computed (`fetch`ed
+        now); pages filled here keep theirs for later hits."""
+        rows = list(self.rows)
+        for out, row, length in self.scored:
+            out = fetch(out)
+            top = lambda t, out=out, row=row: list(zip(out.top_ids[row, t].tolist(), out.top_logprobs[row, t].tolist()))
+            rows += [(float(out.logprobs[row, t]), top(t)) for t in range(length)]
+        S = page_size
+        for i, entry in enumerate(self.chain):
+            if entry.rows is None:
+                entry.rows = rows[max(i * S - 1, 0) : (i + 1) * S - 1]
+        self.group.echo(rows)
+
+    def filled(self, length: int, kv: KVManager) -> None:
+        """The next `length` positions went in; full pages are cached."""
         self.start += length
-        S = pool.page_size
+        S = kv.page_size
         while len(self.chain) < self.start // S:
             i = len(self.chain)
             before = self.chain[-1] if self.chain else None
-            entry = pool.publish(before, self.tokens[i * S : (i + 1) * S], self.choice.pages[i], self.group.cache_root)
+            entry = kv.publish(self.choice.slot, i, before, self.tokens[i * S : (i + 1) * S], self.group.cache_root)
             if entry is None:
                 break
             self.chain.append(entry)

@@ -1,36 +1,33 @@
-"""The scheduler: continuous batching over the slots and KV pages of a `Core`, from one thread, its only
-caller.
+"""The scheduler: continuous batching over the slots and KV pages of a `Runner`, from one thread, its only
+caller. It decides; the runner executes. What passes between them is a plan (`plan.StepPlan`, then
+`plan.SamplePlan`): plain data, so the same plans can run in this process or in every process of a group.
 
-(JetStream calls this the orchestrator, vLLM the engine core's scheduler; the device side is `core`.)
-Each loop: take new requests, run one prefill call (several short prompts packed, or the next chunk of
-one prompt), then a decode step of every decoding slot in its two halves around the host's work:
+(JetStream calls this the orchestrator, vLLM the engine core's scheduler; the device side is the runner.)
+Each loop reads as its phases:
 
-    dispatch forward(k)   the model, from the tokens of step k-1 already on the device
-    fetch step k-1        wait for its tokens; each constrained choice's matcher takes its token
-    set_masks, sample(k)  the constrained slots' next masks, then step k's tokens under them
-    host work on k-1      detokenize, stop strings, deltas, while the device runs step k
+    intake, aborts, deadlines
+    prefill phase   admit; plan one prefill (several short prompts packed, or the next chunk of one prompt)
+                    with the starts of the sequences it completes; execute; deliver their first tokens
+    decode phase    plan: a page for each decoding slot's next position (preempting when none is left),
+                    then the model's half of step k, from the tokens of step k-1 already on the device;
+                    execute; fetch step k-1 (each constrained choice's matcher takes its token); plan the
+                    masks and execute the sampling half of step k; host work on k-1 (detokenize, stop
+                    strings, deltas) while the device runs step k
 
 So the device never waits for the host's text work, and a grammar-constrained slot still advances every
 step: its next mask (which depends on the token just fetched) is computed while the device runs the
 model's forward pass, and only has to be ready before the sampling half. Two exceptions to the overlap,
-both for latency: a prefill's first tokens are fetched and delivered before the step is dispatched (the
-device waits that long once per admission), and no step is dispatched for a slot whose last token (by
-max_tokens) is already in flight, so an idle engine takes the next request at once. The slot table `_owner` maps each
-slot to the choice holding it; a request's own state lives in `lifecycle`.
-Requests and aborts arrive through thread-safe queues; results leave through each request's `emit`.
+both for latency: a prefill's first tokens are fetched and delivered before the step is planned (the
+device waits that long once per admission), and no step is planned for a slot whose last token (by
+max_tokens) is already in flight, so an idle engine takes the next request at once. The slot table
+`_owner` maps each slot to the choice holding it; a request's own state lives in `lifecycle`. A slot the host
+stops (stop string, abort, preemption) is released by the next plan, before anything else in it. Requests
+and aborts arrive through `intake`; results leave through each request's `emit`.
 
-Pages (`pages.PagePool`): a request is admitted when its prompt's pages are available; its prefill
-shares the longest run of cached full pages of the same tokens and computes the rest; the choices of
-n / best_of share the prompt's pages, each with its own copy of the partial last one. Before each step
-every decoding sequence gets the page its step writes into; when none is left, the most recently
-admitted request is preempted: its pages are freed and it waits first in line, to be recomputed (prompt
-and generated tokens) and go on exactly where it stopped.
-
-Admission (`_pick`): among the waiting requests that fit in the free slots, the one that will hold the
-fewest slot-steps (slots x max_tokens) goes first, ties in arrival order; so a short request is not kept
-waiting behind large n/best_of requests for whole slot-sets to drain. A request overtaken `max_overtakes`
-times becomes a barrier: nothing is admitted past it until it fits, so large requests are delayed by a
-bounded number of admissions, never starved. A request past its `deadline` is aborted, waiting or running.
+Which request goes next: `admission`; how pages are shared, grown and freed: `kv`. When a decoding
+sequence needs a page and none is left, the most recently admitted request is preempted: its pages are
+freed and it waits first in line, to be recomputed (prompt and generated tokens) and go on exactly where it
+stopped.
 """
 
 from __future__ import annotations
@@ -38,26 +35,20 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
+from jaxserve.engine import admission
 from jaxserve.engine.adapters import AdapterEntry, AdapterTable
-from jaxserve.engine.contract import Core, PrefillRow
+from jaxserve.engine.contract import Runner, StepResult
 from jaxserve.engine.grammar import Matcher
+from jaxserve.engine.intake import Intake
+from jaxserve.engine.kv import KVManager
 from jaxserve.engine.lifecycle import END, Choice, Fill, Group, Status
 from jaxserve.engine.pages import PagePool
-from jaxserve.engine.types import (
-    ContextLengthError,
-    DeadlineExceeded,
-    EngineRequest,
-    EngineStopped,
-    QueueFull,
-    RequestError,
-)
+from jaxserve.engine.plan import Decode, PrefillRow, SamplePlan, Start, StepPlan
+from jaxserve.engine.types import DeadlineExceeded, EngineRequest, EngineStopped, QueueFull, RequestError
 from jaxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,24 +57,20 @@ log = logging.getLogger(__name__)
 class Scheduler:
     def __init__(
         self,
-        core: Core,
+        core: Runner,
         tokenizer: Tokenizer,
         max_waiting: int = 256,
         max_overtakes: int = 8,
         prefix_caching: bool = True,
     ):
         self.core, self.tokenizer = core, tokenizer
-        self.max_waiting = max_waiting
         self.max_overtakes = max_overtakes
         self.max_context = core.cache_len
-        self._lock = threading.Lock()  # submit vs. closing: nothing is queued after the engine stops
-        self._closed = False
-        self._inbox: queue.Queue = queue.Queue()
-        self._aborts: queue.Queue = queue.Queue()
-        self._waiting: collections.deque[Group] = collections.deque()
+        self.intake = Intake(max_waiting)
+        self._waiting = self.intake.waiting
         self._fills: collections.deque[Fill] = collections.deque()  # prefills to do, in order
-        self.pool = PagePool(core.pages, core.page_size, prefix_caching)
-        self._table = np.full((core.slots, core.pages_per_seq), core.pages, np.int32)  # each slot's pages
+        self.kv = KVManager(core.slots, core.pages, core.page_size, core.pages_per_seq, prefix_caching)
+        self._releases: list[int] = []  # slots the host stopped, for the next plan
         self._admissions = itertools.count(1)
         self.preemptions = 0
         self._groups: dict[str, Group] = {}  # admitted, not ended
@@ -104,61 +91,31 @@ class Scheduler:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        self._inbox.put(None)
+        self.intake.wake()
         if self._thread:
             self._thread.join(timeout)
 
     def validate(self, req: EngineRequest) -> None:
         """Raise RequestError (naming the parameter) for a request this engine can never run."""
-        if not req.prompt_ids:
-            raise RequestError("the prompt is empty", "prompt")
-        total = len(req.prompt_ids) + req.max_tokens
-        if total > self.max_context:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
-                f"{total} tokens ({len(req.prompt_ids)} in the prompt, {req.max_tokens} for the completion).",
-                "prompt",
-            )
-        which = "best_of" if req.best_of and req.best_of > req.n else "n"
-        if req.candidates > self.core.slots:
-            raise RequestError(f"n and best_of can be at most {self.core.slots} (the engine's slots)", which)
-        # alone in the pool, a request must fit whole (so preempting the others always lets it finish)
-        pages = req.candidates * self.pool.pages_for(total)
-        if pages > self.pool.pages:
-            held = self.pool.pages * self.pool.page_size
-            raise ContextLengthError(
-                f"the KV cache holds {held} tokens; {req.candidates} sequence(s) of {total} tokens need "
-                f"{pages * self.pool.page_size} in pages of {self.pool.page_size}",
-                which if req.candidates > 1 else "prompt",
-            )
+        admission.validate(req, self.max_context, self.core.slots, self.kv)
 
     def submit(self, reqs: Sequence[EngineRequest], emit: Callable[[int, object], None]) -> None:
         """Queue requests, all or none: each item of request i is passed to emit(i, item) (see
         `lifecycle`). Raises RequestError, QueueFull or EngineStopped before queueing anything."""
-        if len(reqs) > self.max_waiting:  # could never be queued: a client error, not a reason to retry
-            raise RequestError(
-                f"a request may hold at most {self.max_waiting} prompts (the server's waiting bound), got {len(reqs)}",
-                "prompt",
-            )
+        self.intake.check(len(reqs))
         for req in reqs:
             self.validate(req)
         groups = [Group(req, lambda item, i=i: emit(i, item), self.tokenizer) for i, req in enumerate(reqs)]
-        with self._lock:
-            if self._closed:
-                raise EngineStopped("the engine is not running" + (f": {self.error}" if self.error else ""))
-            if self.queue_depth + len(groups) > self.max_waiting:
-                raise QueueFull(f"{self.max_waiting} requests are already waiting")
-            try:  # under the lock: an adapter is never unloaded between its request's check and its queueing
-                for group in groups:
-                    if group.req.adapter is not None:
-                        self._hold_adapter(group, self.adapters.acquire(group.req.adapter))
-            except RequestError:
-                for group in groups:
-                    if group.adapter is not None:
-                        self.adapters.release(group.adapter)
-                raise
+        try:  # a held adapter is never unloaded: between this check and the queueing, nor while it waits or runs
             for group in groups:
-                self._inbox.put(group)
+                if group.req.adapter is not None:
+                    self._hold_adapter(group, self.adapters.acquire(group.req.adapter))
+            self.intake.put(groups, self.error)
+        except (RequestError, EngineStopped, QueueFull):
+            for group in groups:
+                if group.adapter is not None:
+                    self.adapters.release(group.adapter)
+            raise
 
     def _hold_adapter(self, group: Group, entry: AdapterEntry) -> None:
         """The group computes with `entry`, which it holds until it emits its last item (END)."""
@@ -194,18 +151,23 @@ class Scheduler:
     def adapters_in_use(self) -> tuple[list[str], list[str]]:
         """(names of the adapters of admitted requests, of waiting ones), for the metrics (any thread)."""
         names = lambda groups: sorted({g.adapter.name for g in groups if g.adapter is not None})
-        return names(list(self._groups.values())), names(list(self._waiting) + list(self._inbox.queue))
+        return names(list(self._groups.values())), names(list(self._waiting))
 
     def abort(self, request_id: str) -> None:
-        self._aborts.put(request_id)
+        self.intake.abort(request_id)
 
     @property
     def active_slots(self) -> int:
         return sum(o is not None for o in self._owner)
 
     @property
+    def pool(self) -> PagePool:
+        """The KV pool, for its counters."""
+        return self.kv.pool
+
+    @property
     def queue_depth(self) -> int:
-        return self._inbox.qsize() + len(self._waiting)
+        return self.intake.depth
 
     # ---- the scheduler thread -----------------------------------------------------------------------
 
@@ -214,34 +176,12 @@ class Scheduler:
         self.healthy = True
         try:
             while not self._stop.is_set():
-                idle = pending is None and not self._fills and not self._waiting
-                self._intake(block=idle and self.active_slots == 0)
+                idle = pending is None and not self._fills and not self._waiting and self.active_slots == 0
+                self.intake.drain(block=idle)
                 self._handle_aborts()
                 self._expire(time.monotonic())
-                # a new sequence's first token goes out before the next step is dispatched: the host's text
-                # work and the HTTP write would otherwise share the cores with that step (time to first token)
-                first = self._fetch(None, self._prefill())
-                for choice, out, row in first:
-                    self._process_token(choice, out, row)
-                first = [r for r in first if r[0].status is Status.DECODING]
-                decoding = [c for c in self._owner if c is not None and self._owes_step(c)]
-                self._grow(decoding)
-                decoding = [c for c in decoding if c.status is Status.DECODING]  # some may have been preempted
-                logits = None  # the device starts the step from tokens it has, before the host has seen them
-                if decoding:
-                    logits = self.core.forward(
-                        self._table, max(c.position for c in decoding), max(c.slot for c in decoding)
-                    )
-                rows = self._fetch(pending, [])
-                pending = None
-                if logits is not None:
-                    self._write_masks(rows + first)
-                    out = self.core.sample(logits)
-                    for c in decoding:
-                        c.position += 1
-                    pending = (out, [None if c is None else (c, c.lease) for c in self._owner])
-                for choice, out, row in rows:  # while the device runs the step
-                    self._process_token(choice, out, row)
+                first = self._prefill_phase()
+                pending = self._decode_phase(pending, first)
                 self.steps += 1
             self._close(EngineStopped("the server is shutting down"))
         except BaseException as e:  # an engine failure ends every open stream, never silently
@@ -250,6 +190,39 @@ class Scheduler:
             self._close(e)
         finally:
             self.healthy = False
+
+    def _plan(self, **parts) -> StepPlan:
+        """A StepPlan of `parts` over the page table as it is now, with the releases owed."""
+        releases, self._releases = tuple(self._releases), []
+        return StepPlan(table=self.kv.table.copy(), releases=releases, **parts)
+
+    def _prefill_phase(self) -> list[tuple[Choice, StepResult, int]]:
+        """Admit, prefill, start the sequences whose tokens are all in: the first token of each insert,
+        fetched and delivered (those whose choice goes on are returned, for their masks)."""
+        first = self._fetch(None, self._prefill())
+        for choice, out, row in first:
+            self._process_token(choice, out, row)
+        return [r for r in first if r[0].status is Status.DECODING]
+
+    def _decode_phase(self, pending, first: list) -> tuple | None:
+        """Step k of every decoding slot, around the host's work on step k-1 (`pending`); returns step k's
+        output with its owners, or None when nothing decodes."""
+        decoding = [c for c in self._owner if c is not None and self._owes_step(c)]
+        self._grow(decoding)
+        decoding = [c for c in decoding if c.status is Status.DECODING]  # some may have been preempted
+        step = Decode(max(c.position for c in decoding), max(c.slot for c in decoding)) if decoding else None
+        plan = self._plan(decode=step)  # the device starts the step from tokens it has, before the host has seen them
+        if not plan.empty:
+            self.core.execute(plan)
+        rows = self._fetch(pending, [])
+        out = None
+        if step is not None:
+            out = self.core.sample_tokens(self._masks(rows + first))
+            for c in decoding:
+                c.position += 1
+        for choice, row_out, row in rows:  # while the device runs the step
+            self._process_token(choice, row_out, row)
+        return None if out is None else (out, [None if c is None else (c, c.lease) for c in self._owner])
 
     @staticmethod
     def _owes_step(choice: Choice) -> bool:
@@ -261,30 +234,12 @@ class Scheduler:
         return choice.status is Status.DECODING and choice.position < len(req.prompt_ids) + req.max_tokens - 1
 
     def _close(self, error: BaseException) -> None:
-        with self._lock:
-            self._closed = True
-        self._intake(block=False)
-        for group in list(self._groups.values()) + list(self._waiting):
+        for group in list(self._groups.values()) + self.intake.close():
             group.abort(error)
         self._groups.clear()
-        self._waiting.clear()
-
-    def _intake(self, block: bool) -> None:
-        try:
-            item = self._inbox.get() if block else self._inbox.get_nowait()
-            while True:
-                if item is not None:  # None: a wake-up from shutdown
-                    self._waiting.append(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
 
     def _handle_aborts(self) -> None:
-        while True:
-            try:
-                request_id = self._aborts.get_nowait()
-            except queue.Empty:
-                return
+        for request_id in self.intake.aborted():
             for group in [g for g in self._waiting if g.req.request_id == request_id]:
                 self._waiting.remove(group)
                 group.abort()
@@ -315,49 +270,13 @@ class Scheduler:
             self._fills.remove(fill)
         for choice in group.choices:
             if choice.status is Status.DECODING:
-                self.core.release(choice.slot)
+                self._releases.append(choice.slot)
             self._free(choice)
 
     # ---- admission and prefill ----------------------------------------------------------------------
 
     def _free_slots(self) -> list[int]:
         return [i for i, o in enumerate(self._owner) if o is None]
-
-    def _fits(self, group: Group, free: int) -> bool:
-        return group.slots_needed <= free and self._pages_needed(group) <= self.pool.available
-
-    def _pages_needed(self, group: Group) -> int:
-        """Pages the group's prefill takes at most (no cache hits counted): its prompt's, and a copy of the
-        partial last page for each further choice; or, resumed, every unfinished choice's tokens."""
-        pages_for, prompt = self.pool.pages_for, group.req.prompt_ids
-        if self._fresh(group):
-            return pages_for(len(prompt)) + (len(prompt) % self.pool.page_size > 0) * (group.slots_needed - 1)
-        return sum(pages_for(len(prompt) + max(len(c.generated) - 1, 0)) for c in group.unfinished)
-
-    @staticmethod
-    def _fresh(group: Group) -> bool:
-        """No choice has generated anything yet: one prefill of the prompt, shared by every choice."""
-        return not any(c.generated for c in group.choices)
-
-    def _pick(self, free: int) -> Group | None:
-        """The next waiting request to admit into `free` slots and the free pages (see the module's
-        docstring), or None."""
-        barrier = next((g for g in self._waiting if g.overtaken >= self.max_overtakes), None)
-        if barrier is not None:
-            return barrier if self._fits(barrier, free) else None
-        fitting = [g for g in self._waiting if self._fits(g, free)]
-        return min(fitting, key=lambda g: g.cost) if fitting else None  # min keeps the first of equal costs
-
-    def _take(self, group: Group) -> Group:
-        """Remove `group` from the waiting queue, counting an overtake for each request that came before it."""
-        for earlier in self._waiting:
-            if earlier is group:
-                break
-            earlier.overtaken += 1
-        self._waiting.remove(group)
-        if group.admitted is None:
-            group.admitted = time.monotonic()
-        return group
 
     def _admit(self, group: Group) -> list[Fill]:
         """Give the group its slots and its fills' pages (cached ones held, the rest allocated); returns
@@ -371,7 +290,7 @@ class Scheduler:
             choice.slot = slot
             self._owner[slot] = choice  # reserved; no step output reaches it before its insert
         prompt = list(group.req.prompt_ids)
-        if self._fresh(group):
+        if admission.fresh(group):
             fills = [self._fill(group, choices[0], prompt, score=group.req.echo and not group.echoed)]
         else:
             fills = [self._fill(group, c, prompt + c.generated[:-1], score=False) for c in choices]
@@ -383,47 +302,33 @@ class Scheduler:
         (with `score`, only pages that kept their echo rows); computing starts after it, or one position
         earlier where that position's logits are needed (the last token, or echo's row predicting the first
         uncached token), without rewriting the shared page."""
-        hits = self.pool.lookup(tokens, rows=score, root=group.cache_root)
-        self.pool.count_query(len(tokens), len(hits) * self.pool.page_size)
-        for entry in hits:
-            self.pool.hold(entry.page)
-        cached = len(hits) * self.pool.page_size
-        pages = [e.page for e in hits]
-        for _ in range(self.pool.pages_for(len(tokens)) - len(hits)):
-            page = self.pool.allocate()
-            assert page is not None, "admission counted the pages"
-            pages.append(page)
-        self._set_pages(choice, pages)
+        hits = self.kv.open(choice.slot, tokens, rows=score, root=group.cache_root)
+        cached = len(hits) * self.kv.page_size
         start = cached - (cached > 0 and (score or cached == len(tokens)))
         rows = [row for e in hits for row in e.rows] if score else []
         return Fill(group, choice, tokens, start, cached, list(hits), rows, score)
-
-    def _set_pages(self, choice: Choice, pages: list[int]) -> None:
-        choice.pages = pages
-        self._table[choice.slot] = self.core.pages
-        self._table[choice.slot, : len(pages)] = pages
 
     def _admit_waiting(self) -> None:
         """Admit the next waiting request; then more, while every fill so far is a whole short prompt
         that no cached page holds and one packed prefill shape takes them all."""
         free = len(self._free_slots())
-        while (group := self._pick(free)) is not None:
+        while (group := admission.pick(self._waiting, free, self.kv, self.max_overtakes)) is not None:
             fills = self._fills
             n = len(group.req.prompt_ids)
             if fills:
-                if not (self._fresh(group) and all(f.start == 0 for f in fills)):
+                if not (admission.fresh(group) and all(f.start == 0 for f in fills)):
                     return
                 if self.core.packing(len(fills) + 1, max(n, *(len(f.tokens) for f in fills))) is None:
                     return
-            self._admit(self._take(group))
+            self._admit(admission.take(self._waiting, group))
             free -= group.slots_needed
             if len(self._fills) > 1 and self._fills[-1].start > 0:  # a cache hit: prefilled alone, later
                 return
 
-    def _prefill(self) -> list:
-        """One prefill call per loop: several short prompts packed together, or the next chunk of one
-        sequence (so a long prompt delays running streams by at most one chunk per step). Returns the
-        (choice, first-token output) pairs inserted."""
+    def _prefill(self) -> list[tuple[Choice, StepResult]]:
+        """One prefill per loop: several short prompts packed together, or the next chunk of one sequence
+        (so a long prompt delays running streams by at most one chunk per step), planned with the starts of
+        the sequences it completes and executed. Returns the (choice, first-token output) of each insert."""
         if not self._fills and self._waiting:
             self._admit_waiting()
         if not self._fills:
@@ -434,113 +339,89 @@ class Scheduler:
                 PrefillRow(f.choice.slot, f.tokens, 0, f.targets(0, len(f.tokens)), 0, f.group.adapter_index)
                 for f in packed
             ]
-            out = self.core.prefill(rows, self._table, score=any(f.score for f in packed))
-            inserted = []
-            for i, fill in enumerate(packed):
-                self._fills.popleft()
-                fill.filled(out, i, len(fill.tokens), self.pool)
-                inserted += self._filled(fill, out, i)
-            return inserted
-        fill = self._fills[0]
-        chunk = fill.tokens[fill.start : fill.start + self.core.chunk]
-        targets = fill.targets(fill.start, len(chunk))
-        row = PrefillRow(fill.choice.slot, chunk, fill.start, targets, fill.cached, fill.group.adapter_index)
-        out = self.core.prefill([row], self._table, score=fill.score)
-        fill.filled(out, 0, len(chunk), self.pool)
-        if fill.start < len(fill.tokens):
-            return []
-        self._fills.popleft()
-        return self._filled(fill, out, 0)
+            fills = packed
+        else:
+            fill = self._fills[0]
+            chunk = fill.tokens[fill.start : fill.start + self.core.chunk]
+            targets = fill.targets(fill.start, len(chunk))
+            rows = [PrefillRow(fill.choice.slot, chunk, fill.start, targets, fill.cached, fill.group.adapter_index)]
+            fills = [fill]
+        copies: list[tuple[int, int]] = []
+        starts: list[tuple[Choice, Start]] = []
+        complete = []
+        for i, (fill, row) in enumerate(zip(fills, rows)):
+            fill.filled(len(row.tokens), self.kv)
+            if fill.start == len(fill.tokens):
+                self._fills.remove(fill)
+                complete.append(fill)
+                starts += self._starts(fill, i, copies)
+        plan = self._plan(
+            prefill=tuple(rows),
+            score=any(f.score for f in fills),
+            copies=tuple(copies),
+            starts=tuple(s for _, s in starts),
+        )
+        done = self.core.execute(plan)
+        for i, (fill, row) in enumerate(zip(fills, rows)):
+            if fill.score:
+                fill.scored.append((done.prefill, i, len(row.tokens)))
+        for fill in complete:
+            if fill.score:
+                fill.echo(self.core.fetch, self.kv.page_size)
+            if fill.group.req.max_tokens == 0:
+                for c in fill.group.choices:
+                    self._finish(c, "length")
+        return [(c, out) for (c, s), out in zip(starts, done.starts) if s.inserts]
 
-    def _filled(self, fill: Fill, out, row: int) -> list:
-        """`fill`'s tokens are all in its pages: echo the prompt, then start decoding (the group's choices
-        sharing the prompt's pages, each with a copy of the partial last one) or resume."""
+    def _starts(self, fill: Fill, row: int, copies: list) -> list[tuple[Choice, Start]]:
+        """`fill`'s tokens are all in its pages (its prefill's row `row`): start decoding (the group's choices
+        sharing the prompt's pages, each with a copy of the partial last one, added to `copies`) or resume."""
         group, choice = fill.group, fill.choice
-        if fill.score:
-            self._echo(fill)
-        if group.req.max_tokens == 0:
-            for c in group.choices:
-                self._finish(c, "length")
+        if group.req.max_tokens == 0:  # scoring only: finished once the echo is out
             return []
         if choice.generated:
-            self._resume(choice)
-            return []
+            return [(choice, self._resume(choice))]
         n_prompt = len(group.req.prompt_ids)
-        choices = group.unfinished if self._fresh(group) and choice is group.unfinished[0] else [choice]
-        full = choice.pages[: n_prompt // self.pool.page_size]
-        inserted = []
+        choices = group.unfinished if admission.fresh(group) and choice is group.unfinished[0] else [choice]
+        starts = []
         for c in choices:
-            if c is not choice:
-                for page in full:
-                    self.pool.hold(page)
-                own = []
-                if n_prompt % self.pool.page_size:
-                    page = self.pool.allocate()
-                    assert page is not None, "admission counted the copies"
-                    self.core.copy_page(choice.pages[len(full)], page)
-                    own = [page]
-                self._set_pages(c, full + own)
-            inserted.append((c, self._insert(c, out.last_logits[row], n_prompt)))
+            if c is not choice and (copy := self.kv.share(choice.slot, c.slot, n_prompt)) is not None:
+                copies.append(copy)
+            starts.append((c, self._insert(c, row, n_prompt)))
         if all(c.status is Status.DECODING for c in group.unfinished):
             group.status = Status.DECODING
-        return inserted
+        return starts
 
-    def _insert(self, choice: Choice, logits, n_prompt: int):
+    def _insert(self, choice: Choice, row: int, n_prompt: int) -> Start:
         req, mask = choice.group.req, None
         if req.grammar is not None:
             choice.matcher = Matcher(self.tokenizer, req.grammar, self.core.vocab_size)
             mask = choice.matcher.mask()
-        out = self.core.insert(
-            choice.slot,
-            logits,
-            choice.params,
-            n_prompt,
-            req.max_tokens,
-            not req.ignore_eos,
-            mask,
-            choice.group.adapter_index,
-        )
         choice.position, choice.status = n_prompt, Status.DECODING
-        return out
+        adapter = choice.group.adapter_index
+        return Start(
+            choice.slot, choice.params, n_prompt, req.max_tokens, not req.ignore_eos, mask, row, adapter=adapter
+        )
 
-    def _resume(self, choice: Choice) -> None:
+    def _resume(self, choice: Choice) -> Start:
         """Decode on from the last generated token; the pages hold everything before it."""
         req, generated = choice.group.req, choice.generated
         position = len(req.prompt_ids) + len(generated) - 1
         mask = None if choice.matcher is None else choice.matcher.mask()
-        self.core.resume(
-            choice.slot,
-            generated[-1],
-            choice.params,
-            position,
-            generated,
-            req.max_tokens - len(generated),
-            not req.ignore_eos,
-            mask,
-            choice.group.adapter_index,
-        )
         choice.position, choice.status = position, Status.DECODING
         if all(c.status is Status.DECODING for c in choice.group.unfinished):
             choice.group.status = Status.DECODING
-
-    def _echo(self, fill: Fill) -> None:
-        """Send the prompt with its logprobs: rows of cached pages, then of the chunks computed (fetched
-        now); pages filled here keep theirs for later hits."""
-        rows = list(fill.rows)
-        for out, row, length in fill.scored:
-            out = self.core.fetch(out)
-            rows += [
-                (
-                    float(out.logprobs[row, t]),
-                    list(zip(out.top_ids[row, t].tolist(), out.top_logprobs[row, t].tolist())),
-                )
-                for t in range(length)
-            ]
-        S = self.pool.page_size
-        for i, entry in enumerate(fill.chain):
-            if entry.rows is None:
-                entry.rows = rows[max(i * S - 1, 0) : (i + 1) * S - 1]
-        fill.group.echo(rows)
+        return Start(
+            choice.slot,
+            choice.params,
+            position,
+            req.max_tokens - len(generated),
+            not req.ignore_eos,
+            mask,
+            token=generated[-1],
+            generated=tuple(generated),
+            adapter=choice.group.adapter_index,
+        )
 
     def _fetch(self, pending, inserted: list) -> list[tuple[Choice, object, int]]:
         """The real tokens of the last step and of this loop's inserts, as (choice, host output, row), for the
@@ -562,12 +443,11 @@ class Scheduler:
                 choice.matcher.consume(int(out.tokens[row]))
         return rows
 
-    def _write_masks(self, rows: list) -> None:
+    def _masks(self, rows: list) -> SamplePlan:
         """The next token's mask of each constrained choice that has just taken a token and goes on (a slot's
         mask stays until replaced)."""
         constrained = [c for c, out, row in rows if c.matcher is not None and not out.done[row]]
-        if constrained:
-            self.core.set_masks([c.slot for c in constrained], [c.matcher.mask() for c in constrained])
+        return SamplePlan(tuple(c.slot for c in constrained), tuple(c.matcher.mask() for c in constrained))
 
     # ---- pages while decoding -----------------------------------------------------------------------
 
@@ -575,14 +455,8 @@ class Scheduler:
         """Give every decoding choice the page its next step writes into, preempting the most recently
         admitted request while none is available."""
         for choice in decoding:
-            column = choice.position // self.pool.page_size
-            while choice.status is Status.DECODING and len(choice.pages) <= column < self.core.pages_per_seq:
-                page = self.pool.allocate()
-                if page is None:
-                    self._preempt(max(self._groups.values(), key=lambda g: g.admission))
-                    continue
-                self._table[choice.slot, len(choice.pages)] = page
-                choice.pages.append(page)
+            while choice.status is Status.DECODING and not self.kv.grow(choice.slot, choice.position):
+                self._preempt(max(self._groups.values(), key=lambda g: g.admission))
 
     def _preempt(self, group: Group) -> None:
         """Free the group's slots and pages and queue it first, to be recomputed when pages allow."""
@@ -604,7 +478,7 @@ class Scheduler:
         delta, eos = choice.take_token(int(out.tokens[row]), float(out.logprobs[row]), top, self.core.eos_ids)
         if choice.text.stopped:  # a stop string: the device would go on, so stop the slot there
             choice.deliver(delta)
-            self.core.release(choice.slot)
+            self._releases.append(choice.slot)
             self._finish(choice, "stop")
         elif out.done[row]:  # EOS or max_tokens: the device has already stopped the slot
             delta.text += choice.text.finish()
@@ -618,10 +492,8 @@ class Scheduler:
         choice.lease += 1
         if choice.slot is not None and self._owner[choice.slot] is choice:
             self._owner[choice.slot] = None
-            self._table[choice.slot] = self.core.pages
-        for page in choice.pages:
-            self.pool.drop(page)
-        choice.pages, choice.slot = [], None
+            self.kv.free(choice.slot)
+        choice.slot = None
 
     def _finish(self, choice: Choice, reason: str) -> None:
         choice.matcher = None

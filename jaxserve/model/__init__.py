@@ -2,7 +2,8 @@
 
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.kv_cache import KVCache
+from jaxserve.model.loaded import LoadedModel
 from jaxserve.model.params import abstract_params, init_params
 from jaxserve.model.transformer import Transformer
 
-__all__ = ["ModelConfig", "KVCache", "Transformer", "abstract_params", "init_params"]
+__all__ = ["ModelConfig", "KVCache", "LoadedModel", "Transformer", "abstract_params", "init_params"]

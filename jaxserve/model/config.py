@@ -76,7 +76,7 @@ class ModelConfig:
     quant: str | None = None  # "int8": matmul weights int8, one float32 scale per group of input weights
     quant_group: int = 64  # input weights sharing one int8 scale (per output channel)
     # How int8 matmuls compute (a serving choice, never saved with the checkpoint; see
-    # jaxserve.engine.formulation), by the rows (B * T) a matmul carries: fewer than kernel_below_rows run
+    # jaxserve.device.formulation), by the rows (B * T) a matmul carries: fewer than kernel_below_rows run
     # jaxserve's own int8 kernel (jaxserve.kernels; the layers' int8 weights are then held packed for it);
     # at least bf16_from_rows round the dequantized weights and the activations to bfloat16 and accumulate
     # in float32; the rest widen the weights to float32. None: no kernel / no bfloat16.

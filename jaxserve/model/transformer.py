@@ -15,7 +15,6 @@ stays one scan with one set of stacked weights.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
@@ -23,99 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxserve import kernels
 from jaxserve.model import lora as lora_math
+from jaxserve.model import quant
 from jaxserve.model.config import ModelConfig, RopeScaling
 from jaxserve.model.kv_cache import KVCache
 
 
 def _param(module: nn.Module, name: str, shape, axes, init, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-def group_size(cfg: ModelConfig, n: int) -> int:
-    """Input weights per int8 scale along an input axis of length n: cfg.quant_group, or the whole axis
-    where the group does not divide it."""
-    return cfg.quant_group if n % cfg.quant_group == 0 else n
-
-
-def _weight(module: nn.Module, cfg: ModelConfig, name: str, shape, axes, a: int, init=None):
-    """A matmul weight: (kernel, None) in the model's dtype, or with cfg.quant == "int8" an int8 kernel and a
-    float32 scale per output channel and group of input weights along input axis `a` (the scale has the
-    kernel's rank and axes; axis `a` shrinks by the group)."""
-    if cfg.quant == "int8":
-        kernel = _param(module, name, shape, axes, nn.initializers.zeros, jnp.int8)
-        scale_shape = (*shape[:a], shape[a] // group_size(cfg, shape[a]), *shape[a + 1 :])
-        scale = _param(module, name + "_scale", scale_shape, axes, nn.initializers.ones, jnp.float32)
-        return kernel, scale
-    return _param(module, name, shape, axes, init or nn.initializers.normal(0.02), jnp.dtype(cfg.dtype)), None
-
-
-def grouped_axis(kernel_shape, scale_shape) -> int:
-    """The input axis along which an int8 kernel's scales are grouped: the one where the scale is shorter,
-    the last of the inputs (a kernel's first grouped_axis + 1 axes are its inputs)."""
-    return next(i for i, (n, m) in enumerate(zip(kernel_shape, scale_shape)) if n != m)
-
-
-def dequantize(kernel, scale):
-    """int8 kernel * its group scales -> float32 weights. The grouped axis is the one where the scale is
-    shorter. The weights stay int8 at rest; inside the jitted step XLA:CPU writes this float32 copy of each
-    matrix just before its matmul (most of a one-slot decode step's time: see the int8 commits'
-    measurements), and per-group scales cost no more there than per-channel ones."""
-    a = grouped_axis(kernel.shape, scale.shape)
-    groups = scale.shape[a]
-    split = (*kernel.shape[:a], groups, kernel.shape[a] // groups, *kernel.shape[a + 1 :])
-    w = kernel.astype(jnp.float32).reshape(split) * jnp.expand_dims(scale, a + 1)
-    return w.reshape(kernel.shape)
-
-
-def dot(spec: str, x, weight, c: ModelConfig | None = None):
-    """einsum(spec, x [B, T, inputs...], kernel [inputs..., outputs...]) for `weight` (kernel, scale), or
-    (kernels, scales, layer) for one layer of weights stacked over the layers (for jaxserve's kernel,
-    which reads the layer in place: a custom call's operand sliced out of the stack would be a copy of
-    it every step, as costly as the matmul). An int8 kernel is computed as
-    `c` says for the rows it carries (B * T, known when tracing; see ModelConfig.kernel_below_rows and
-    bf16_from_rows): by jaxserve's own kernel from its packed layout (jaxserve.kernels), or dequantized
-    within the jitted step to float32, or rounded to bfloat16 once after the float32 dequantization (one
-    rounding of each weight, not two) and multiplied with bfloat16 activations, accumulating in float32.
-    Which is fastest depends on the CPU and the rows (jaxserve.engine.formulation measures it); float
-    weights always compute in their own dtype."""
-    kernel, scale, *layer = weight
-    if scale is None:
-        return jnp.einsum(spec, x, kernel)
-    rows, contracted = x.shape[0] * x.shape[1], x.ndim - 2
-    held_packed = c is not None and c.kernel_below_rows is not None
-    if held_packed and rows < c.kernel_below_rows:  # the kernel reads one layer of a stack (a lone weight: of one)
-        stack = (kernel, scale) if layer else (kernel[None], scale[None])
-        y = kernels.int8_matmul(x.reshape(rows, -1), *stack, contracted, layer[0] if layer else 0)
-        return y.reshape(*x.shape[:2], *stack[0].shape[1 + contracted :]).astype(x.dtype)
-    if layer:
-        kernel, scale = kernel[layer[0]], scale[layer[0]]  # a slice XLA fuses into the dequantization
-    if held_packed:
-        kernel, scale = kernels.unpack(kernel, contracted), kernels.unpack(scale, contracted)
-    if c is not None and c.bf16_from_rows is not None and rows >= c.bf16_from_rows:
-        w = dequantize(kernel, scale).astype(jnp.bfloat16)
-        return jnp.einsum(spec, x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32).astype(x.dtype)
-    return jnp.einsum(spec, x.astype(jnp.float32), dequantize(kernel, scale)).astype(x.dtype)
-
-
-def packed(params, cfg: ModelConfig):
-    """The int8 weights that `dot` takes, in the layout jaxserve's kernel reads (jaxserve.kernels.pack):
-    the layers' (stacked over the layers' axis) and an untied output projection's. The tied embedding is
-    not among them: its kernel reads it as it is."""
-    assert cfg.quant == "int8", cfg.quant
-
-    def pack(kernel, scale, lead: int):
-        contracted = grouped_axis(kernel.shape[lead:], scale.shape[lead:]) + 1
-        one = lambda a: kernels.pack(a, contracted)
-        fn = jax.vmap(one) if lead else one
-        return fn(kernel), fn(scale)
-
-    tree = jax.tree_util.tree_map(lambda a: a, params)  # a copy of the containers; arrays are replaced below
-    for scope, lead in ((tree["params"]["layers"], 1), (tree["params"], 0)):
-        for name in [n for n in scope if n + "_scale" in scope]:
-            scope[name], scope[name + "_scale"] = pack(scope[name], scope[name + "_scale"], lead)
-    return tree
 
 
 class RMSNorm(nn.Module):
@@ -202,17 +116,17 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, positions, cos, sin, table, write_from, window: int, stacked=None, lora=None, mask=None):
         """`stacked`: None, or with packed int8 weights the layers' whole stacks {name: (kernel, scale)},
-        which the matmuls then read in place (see `dot`). `lora`: None, or this layer's adapter stack
+        which the matmuls then read in place (see `quant.dot`). `lora`: None, or this layer's adapter stack
         {target: (A, B)} and `mask` [B, M] each row's adapter (see jaxserve.model.lora)."""
         x, cache, layer = carry
         c = self.cfg
 
         def project(name, spec, x, w):  # the base projection plus each row's adapter
-            y = dot(spec, x, w, c)
+            y = quant.dot(spec, x, w, c)
             return y if lora is None else y + lora_math.delta(name, x, lora[name], mask).astype(y.dtype)
 
         def weight(name, shape, axes, a):
-            w = _weight(self, c, name, shape, axes, a)
+            w = quant.weight(self, c, name, shape, axes, a)
             return w if stacked is None else (*stacked[name], layer)
 
         dt = jnp.dtype(c.dtype)
@@ -258,9 +172,6 @@ class Block(nn.Module):
         return (x + out, cache, layer + 1), None
 
 
-VOCAB_BLOCK = 3072  # rows of the int8 output projection widened at once
-
-
 class Embedding(nn.Module):
     """Token embedding [V, D], also the tied output projection (logits = x . E^T)."""
 
@@ -268,35 +179,18 @@ class Embedding(nn.Module):
 
     def setup(self):
         c = self.cfg
-        shape, axes = (c.vocab_size, c.dim), ("vocab", "embed")
         # int8: a scale per vocabulary row (the output channel of the logits) and group of D
-        self.table, self.scale = _weight(self, c, "embedding", shape, axes, 1)
+        self.table, self.scale = quant.weight(self, c, "embedding", (c.vocab_size, c.dim), ("vocab", "embed"), 1)
 
     def __call__(self, tokens):
         if self.scale is None:
             return self.table[tokens]
-        return dequantize(self.table[tokens], self.scale[tokens]).astype(jnp.dtype(self.cfg.dtype))
+        return quant.dequantize(self.table[tokens], self.scale[tokens]).astype(jnp.dtype(self.cfg.dtype))
 
     def attend(self, x):
         if self.scale is None:
-            return dot("btd,vd->btv", x, (self.table, None))
-        c = self.cfg
-        rows = x.shape[0] * x.shape[1]
-        if c.kernel_below_rows is not None and rows < c.kernel_below_rows:
-            y = kernels.int8_matmul(x.reshape(rows, -1), self.table[None], self.scale[None], layout="nk")
-            return y.reshape(*x.shape[:2], -1)
-        # XLA: one dot over the whole [V, D] table would widen all of it in memory first (far slower than
-        # float32); a scan over vocabulary blocks widens one cache-sized block at a time.
-        V, D = self.table.shape
-        blocks = max(1, V // VOCAB_BLOCK)
-        while V % blocks:
-            blocks -= 1
-        table = self.table.reshape(blocks, V // blocks, D)
-        scale = self.scale.reshape(blocks, V // blocks, -1)
-        plain = dataclasses.replace(c, kernel_below_rows=None)  # the table is never packed
-        block = lambda _, w: (None, dot("btd,vd->btv", x, w, plain))
-        _, logits = jax.lax.scan(block, None, (table, scale))
-        return jnp.moveaxis(logits, 0, 2).reshape(*x.shape[:2], V)  # [blocks, B, T, V/blocks] -> [B, T, V]
+            return quant.dot("btd,vd->btv", x, (self.table, None))
+        return quant.tied_logits(x, self.table, self.scale, self.cfg)
 
 
 class Transformer(nn.Module):
@@ -318,7 +212,7 @@ class Transformer(nn.Module):
         )(c)
         self.final_norm = RMSNorm(c.norm_eps, jnp.dtype(c.dtype))
         if not c.tie_embeddings:
-            self.lm_head = _weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)
+            self.lm_head = quant.weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)
 
     def __call__(self, tokens, positions, cache: KVCache, table, window: int, write_from=None, adapters=None):
         """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, updated cache). See `hidden`."""
@@ -344,7 +238,7 @@ class Transformer(nn.Module):
         stacked = None
         if c.kernel_below_rows is not None and not self.is_initializing():  # packed int8: read in place
             layers = self.variables["params"]["layers"]
-            stacked = {n: (layers[n], layers[n + "_scale"]) for n in layers if n + "_scale" in layers}
+            stacked = {n: (layers[n], layers[n + "_scale"]) for n in quant.int8_names(layers)}
         lora, mask = None, None
         if adapters is not None:
             lora, index = adapters
@@ -357,4 +251,4 @@ class Transformer(nn.Module):
         """Hidden states [B, T, D] -> logits [B, T, V] float32."""
         if self.cfg.tie_embeddings:
             return self.embed.attend(x).astype(jnp.float32)
-        return dot("btd,dv->btv", x, self.lm_head, self.cfg).astype(jnp.float32)
+        return quant.dot("btd,dv->btv", x, self.lm_head, self.cfg).astype(jnp.float32)

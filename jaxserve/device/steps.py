@@ -4,7 +4,7 @@ a decode step in two halves (forward, then sample_step), set_masks, release.
 Each takes a `StepSpec` (static: the model config, EOS and where the state lives) and the `DecodeState`,
 which it donates so XLA updates it in place, and returns the new state (constrained to the same
 shardings, so the next call finds what it compiled for) with the step's outputs, replicated. Shapes
-that vary are static arguments bucketed by the caller (`core.JaxCore`): the attention window, the
+that vary are static arguments bucketed by the caller (`core.JaxRunner`): the attention window, the
 prefill chunk and the decode rows. Page tables are host arrays passed with each call, of one fixed
 shape. Every trace is counted in `spec.compiles`, so a test can prove that no request compiles anything.
 """
@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import NamedSharding
 
-from jaxserve.engine.sampling import TOP_LOGPROBS, record, sample, top_logprobs
-from jaxserve.engine.state import DecodeState
+from jaxserve.device.sampling import TOP_LOGPROBS, record, sample, top_logprobs
+from jaxserve.device.state import DecodeState
 from jaxserve.model import ModelConfig, Transformer
 
 

@@ -57,15 +57,10 @@ HOST_ONLY = (
     "cli.py",
     "host.py",
     "tokenizer.py",
-    "engine/adapters.py",
-    "engine/bridge.py",
-    "engine/build.py",
-    "engine/grammar.py",
-    "engine/lifecycle.py",
-    "engine/pages.py",
-    "engine/roofline.py",
-    "engine/scheduler.py",
-    "engine/text.py",
+    "engine/",  # the host half: no jax
+    "device/build.py",
+    "device/roofline.py",
+    "device/warmup.py",
 )
 CACHE_HIT = "/jax/compilation_cache/cache_hits"  # the jax.monitoring event of a persistent-cache hit
 OBJECT_CODE = (b"\x7fELF", b"\xcf\xfa\xed\xfe")  # ELF and Mach-O magic: what an XLA:CPU kernel is stored as
@@ -77,7 +72,7 @@ OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_parti
 class Variant:
     """`fn(spec, *args, **statics)` for jitted step `fn`, `args` abstract (jax.ShapeDtypeStruct leaves)."""
 
-    name: str
+    fn: Any
     statics: tuple[tuple[str, Any], ...]
     args: tuple
 
@@ -163,7 +158,7 @@ def key_text(spec, variant: Variant) -> str:
     mesh = spec.replicated.mesh
     # repr, not to_json: the config's repr holds the matmul formulation (bf16_from_rows) too
     return (
-        f"{environment()}\n{variant.name} {variant.statics}\nconfig {spec.cfg!r}\neos {spec.eos_ids}\n"
+        f"{environment()}\n{variant.fn.__name__} {variant.statics}\nconfig {spec.cfg!r}\neos {spec.eos_ids}\n"
         f"mesh {dict(mesh.shape)} devices {mesh.device_ids.tolist()}\nstate {sharding} replicated {spec.replicated}\n"
         f"args {tree}\n{shapes}"
     )
@@ -226,7 +221,6 @@ class Report:
 
 def compile_all(
     spec,
-    fns: dict[str, Any],  # jitted functions by name
     variants: list[Variant],
     store: ExecutableStore | None,
     ready: Callable[[Variant, jax.stages.Compiled], None],
@@ -266,7 +260,7 @@ def compile_all(
                 continue
             if len(compiling) >= threads:
                 finish(concurrent.futures.wait(compiling, return_when=concurrent.futures.FIRST_COMPLETED).done)
-            lowered = fns[v.name].lower(spec, *v.args, **dict(v.statics))  # traces: holds the GIL
+            lowered = v.fn.lower(spec, *v.args, **dict(v.statics))  # traces: holds the GIL
             compiling[pool.submit(compile_fresh, lowered)] = v
         finish(concurrent.futures.wait(compiling).done)
     report.seconds = time.perf_counter() - t0

@@ -1,45 +1,41 @@
-"""JaxCore: the device contract (`contract.Core`) over the jitted steps of `steps.py`, for one model on
-its mesh. It owns the decode state, turns host arguments into bucketed shapes, and makes every bucket
-ready in `warmup()`: each step variant's executable, compiled in parallel or loaded from an
-`ExecutableStore` (see executables.py). Calls then run those executables; a shape warm-up missed falls
-back to the jitted function, which traces and compiles (counted in `compiles`).
+"""JaxRunner: the device contract (`contract.Runner`) over the jitted steps of `steps.py`, for one model on
+its mesh. It owns the decode state, executes each plan the scheduler makes (`engine.plan`) as calls of the
+steps at bucketed shapes, and runs each call as the executable warm-up made ready for that shape
+(`warmup.py`: compiled in parallel or loaded from an `ExecutableStore`); a shape warm-up missed falls back to
+the jitted function, which traces and compiles (counted in `compiles`).
 
 Buckets: prefill chunks of PREFILL_BUCKETS tokens (or PACKED rows x tokens for several short prompts),
 attention windows of powers of two from MIN_WINDOW up to the context (whole pages), decode rows of powers
-of two up to the slots (a lightly loaded server computes few rows).
+of two up to the slots (a lightly loaded server computes few rows). While a background warm-up is still
+compiling, a call takes the narrowest ready shape that covers it.
 
 The KV cache is a pool of `pages` pages of `page_size` positions; which page holds which positions of
-the sequence in a slot is the caller's page table (host [slots, pages per sequence], NO_PAGE where none),
-sent with every prefill and step.
+the sequence in a slot is the plan's page table (host [slots, pages per sequence], the pool's size where
+none).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.checkpoint import LoadedModel
 from jaxserve.checkpoint.peft import Adapter, AdapterError, read_adapter
-from jaxserve.engine import steps
-from jaxserve.engine.contract import Core, PrefillRow
-from jaxserve.engine.executables import ExecutableStore, Report, Variant, abstract, compile_all
-from jaxserve.engine.state import DecodeState, SamplingState
-from jaxserve.engine.steps import PrefillOutput, StepOutput, StepSpec
+from jaxserve.device import steps
+from jaxserve.device.executables import Variant, abstract
+from jaxserve.device.state import DecodeState, SamplingState
+from jaxserve.device.steps import PrefillOutput, StepOutput, StepSpec
+from jaxserve.engine.contract import Executed, Runner
+from jaxserve.engine.plan import PrefillRow, SamplePlan, Start, StepPlan
 from jaxserve.engine.types import RequestError, SamplingParams
-from jaxserve.model import lora
+from jaxserve.model import LoadedModel, lora
 from jaxserve.sharding import named_sharding, replicated
-
-log = logging.getLogger(__name__)
 
 PREFILL_BUCKETS = (16, 32, 64, 256)  # one row: a prompt's chunk
 PACKED = ((2, 128), (4, 64), (8, 32), (16, 16))  # (rows, tokens): short whole prompts prefilled together
-STATE_ONLY = ("copy_page", "resume", "set_masks", "release")  # steps returning only the state
-STEPS = {name: getattr(steps, name) for name in ("prefill", "insert", "forward", "sample_step", *STATE_ONLY)}
+STATE_ONLY = (steps.copy_page, steps.resume, steps.set_masks, steps.release)  # steps returning only the state
 MIN_WINDOW = 128
 PAGE_SIZE = 128  # positions per page: attention takes a window a page at a time, and smaller steps cost more
 
@@ -51,7 +47,7 @@ def bucket_of(n: int, buckets) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-class JaxCore(Core):
+class JaxRunner(Runner):
     def __init__(
         self,
         model: LoadedModel,
@@ -89,11 +85,12 @@ class JaxCore(Core):
         self.state: DecodeState = self._initial()
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         self.lora: dict | None = self._lora_stack() if max_loras else None
-        self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (step, statics, host shapes) -> executable
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (step's name, statics, shape) -> executable
         self._recording: dict[tuple, Variant] | None = None  # while warm-up lists the variants
         self._pending: set[tuple] = set()  # keys still compiling after warm-up returned
-        self.background: threading.Thread | None = None  # compiling them
-        self._stop = threading.Event()
+        self.background: threading.Thread | None = None  # compiling them (see warmup.py)
+        self.stop = threading.Event()  # set: compile no more in the background
+        self._logits: jax.Array | None = None  # the last plan's decode logits, for sample_tokens
 
     def empty_table(self) -> np.ndarray:
         """A page table [slots, pages per sequence] with no pages (every entry the pool's size)."""
@@ -112,6 +109,36 @@ class JaxCore(Core):
         return bucket_of(max_position + 1, self.windows)
 
     # ---- the contract ------------------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> Executed:
+        for slot in plan.releases:
+            self.release(slot)
+        prefill = self.prefill(list(plan.prefill), plan.table, plan.score) if plan.prefill else None
+        for src, dst in plan.copies:
+            self.copy_page(src, dst)
+        started = [self._start(s, prefill) for s in plan.starts]
+        if plan.decode is not None:
+            self._logits = self.forward(plan.table, plan.decode.max_position, plan.decode.max_slot)
+        return Executed(prefill, started)
+
+    def _start(self, start: Start, prefill: PrefillOutput | None) -> StepOutput | None:
+        s = start
+        if s.inserts:
+            assert prefill is not None, "an insert samples from its plan's prefill"
+            logits = prefill.last_logits[s.logits_row]
+            return self.insert(s.slot, logits, s.params, s.position, s.max_tokens, s.stop_on_eos, s.mask, s.adapter)
+        generated = list(s.generated)
+        self.resume(s.slot, s.token, s.params, s.position, generated, s.max_tokens, s.stop_on_eos, s.mask, s.adapter)
+        return None
+
+    def sample_tokens(self, plan: SamplePlan) -> StepOutput:
+        if plan.slots:
+            self.set_masks(list(plan.slots), list(plan.masks))
+        logits, self._logits = self._logits, None
+        assert logits is not None, "a SamplePlan follows a StepPlan with a decode"
+        return self.sample(logits)
+
+    # ---- the steps, at bucketed shapes ------------------------------------------------------------
 
     def packing(self, count: int, longest: int) -> tuple[int, int] | None:
         for P, T in PACKED:
@@ -162,8 +189,8 @@ class JaxCore(Core):
             targets[i, : len(r.targets)] = r.targets
             starts[i], lengths[i], write_from[i] = r.start, len(r.tokens), r.write_from
             pages[i], adapter[i] = table[r.slot], r.adapter
-        self.state, out = self._run(
-            "prefill",
+        self.state, out = self._call(
+            steps.prefill,
             dict(window=window),
             self.model.params,
             self.state,
@@ -180,7 +207,7 @@ class JaxCore(Core):
         return out
 
     def copy_page(self, src: int, dst: int) -> None:
-        self.state = self._run("copy_page", {}, self.state, np.int32(src), np.int32(dst))
+        self.state = self._call(steps.copy_page, {}, self.state, np.int32(src), np.int32(dst))
 
     def insert(
         self,
@@ -196,8 +223,8 @@ class JaxCore(Core):
         row = SamplingState.host_row(params, self.cfg.vocab_size)
         if mask is not None:
             row["allowed"] = np.asarray(mask, np.int32)
-        self.state, out = self._run(
-            "insert",
+        self.state, out = self._call(
+            steps.insert,
             {},
             self.state,
             np.int32(slot),
@@ -227,8 +254,8 @@ class JaxCore(Core):
         row["step"] = np.asarray(len(generated), np.int32)
         if mask is not None:
             row["allowed"] = np.asarray(mask, np.int32)
-        self.state = self._run(
-            "resume",
+        self.state = self._call(
+            steps.resume,
             {},
             self.state,
             np.int32(slot),
@@ -258,8 +285,8 @@ class JaxCore(Core):
                 and self._ready("forward", (("window", w), ("rows", r)), table.shape)
                 and self._ready("sample_step", (), (r, self.vocab_size))
             )
-        self.state, logits = self._run(
-            "forward",
+        self.state, logits = self._call(
+            steps.forward,
             dict(window=window, rows=rows),
             self.model.params,
             self.state,
@@ -269,7 +296,7 @@ class JaxCore(Core):
         return logits
 
     def sample(self, logits) -> StepOutput:
-        self.state, out = self._run("sample_step", {}, self.state, logits)
+        self.state, out = self._call(steps.sample_step, {}, self.state, logits)
         return out
 
     def set_masks(self, slots: list[int], masks: list[np.ndarray]) -> None:
@@ -278,10 +305,10 @@ class JaxCore(Core):
         padded[: len(slots)] = slots
         words = np.full((M, (self.vocab_size + 31) // 32), -1, np.int32)
         words[: len(masks)] = masks
-        self.state = self._run("set_masks", {}, self.state, padded, words)
+        self.state = self._call(steps.set_masks, {}, self.state, padded, words)
 
     def release(self, slot: int) -> None:
-        self.state = self._run("release", {}, self.state, np.int32(slot))
+        self.state = self._call(steps.release, {}, self.state, np.int32(slot))
 
     def fetch(self, result):
         return jax.device_get(result)
@@ -324,133 +351,35 @@ class JaxCore(Core):
 
     # ---- compiling ---------------------------------------------------------------------------------
 
-    def _run(self, name: str, statics: dict, *args):
-        """Step `name` of steps.py on `args`: its executable from warm-up, or (a shape warm-up did not reach)
+    def _call(self, fn, statics: dict, *args):
+        """Step `fn` of steps.py on `args`: its executable from warm-up, or (a shape warm-up did not reach)
         the jitted function, which traces and compiles it (counted in `compiles`). While warm-up records,
         nothing runs: the variant is noted and the state comes back unchanged."""
         arrays = (np.ndarray, jax.Array, jax.ShapeDtypeStruct)  # the first one's shape tells variants apart
-        key = (name, tuple(statics.items()), next((a.shape for a in args if isinstance(a, arrays)), ()))
+        key = (fn.__name__, tuple(statics.items()), next((a.shape for a in args if isinstance(a, arrays)), ()))
         if self._recording is not None:
             if key not in self._recording:
-                self._recording[key] = Variant(name, key[1], jax.tree.map(abstract, args))
-            return self.state if name in STATE_ONLY else (self.state, None)
+                self._recording[key] = Variant(fn, key[1], jax.tree.map(abstract, args))
+            return self.state if fn in STATE_ONLY else (self.state, None)
         compiled = self._compiled.get(key)
         if compiled is not None:
             return compiled(*args)
-        return getattr(steps, name)(self.spec, *args, **statics)
+        return fn(self.spec, *args, **statics)
 
-    def variants(self) -> dict[tuple, Variant]:
-        """Every step variant a request can reach, by its key in the table of executables: found by making
-        each call with nothing run."""
+    def record(self, calls) -> dict[tuple, Variant]:
+        """The step variants `calls()` (which calls this runner's steps) reaches, by key, with nothing run."""
         self._recording = {}
         try:
-            table = self.empty_table()
-            for T in self.prefill_buckets:
-                for start in sorted({w - T for w in self.windows if w >= T}):
-                    self.prefill([PrefillRow(0, [0] * T, start, [0] * T)], table)
-            for P, T in PACKED:
-                if T < self.cache_len:
-                    self._prefill((P, T), self.window_for(T - 1), [PrefillRow(0, [0] * T, 0, [0] * T)], table, False)
-            greedy = SamplingParams(temperature=1.0, top_p=0.5)
-            logits = jax.ShapeDtypeStruct((self.vocab_size,), jnp.float32, sharding=self.spec.replicated)
-            self.insert(0, logits, greedy, 0, 1, True)
-            self.resume(0, 0, greedy, 0, [0], 1, True)
-            self.copy_page(0, 0)
-            for rows in self.row_buckets:
-                words = np.full(((self.vocab_size + 31) // 32,), -1, np.int32)
-                self.set_masks([self.slots] * rows, [words] * rows)
-            for w in self.windows:
-                for rows in self.row_buckets:
-                    self.forward(table, w - 1, rows - 1)
-            for rows in self.row_buckets:
-                self.sample(jax.ShapeDtypeStruct((rows, self.vocab_size), jnp.float32, sharding=self.spec.replicated))
-            self.release(0)
-            recorded = self._recording
+            calls()
+            return self._recording
         finally:
             self._recording = None
-        return recorded
 
-    def _essential(self, key: tuple) -> bool:
-        """A variant every call can fall back to (the widest prefill chunk and step with its sampling half, the
-        most mask rows, the steps of one shape), or the one-row decode step at the narrowest window and its
-        sampling half (a lone short request decodes at full speed from the start: the widest step costs it
-        tens of times more)."""
-        name, statics, shape = key
-        widest = ("window", self.windows[-1])
-        if name == "prefill":
-            return shape == (1, self.chunk) and statics == (widest,)
-        if name == "forward":
-            return statics in ((widest, ("rows", self.slots)), (("window", self.windows[0]), ("rows", 1)))
-        if name == "sample_step":  # forward's rows pick it: only the rows of the two decode steps above
-            return shape[0] in (1, self.slots)
-        return name != "set_masks" or shape == (self.slots,)
+    def defer(self, keys: set[tuple]) -> None:
+        """These variants are still compiling: until each is `ready`, calls take the narrowest ready shape."""
+        self._pending = set(keys)
 
-    @staticmethod
-    def _urgency(key: tuple) -> tuple:
-        """Background compile order: the sampling halves first (a decode step waits for its rows' one), then
-        narrow windows first, then fewer rows or tokens (the shapes of short, lightly loaded requests, the
-        first a fresh server sees)."""
-        name, statics, shape = key
-        window = 0 if name == "sample_step" else dict(statics).get("window", 1 << 30)
-        return window, dict(statics).get("rows", int(np.prod(shape)))
-
-    def warmup(self, store: ExecutableStore | None = None, threads: int | None = None, background=False) -> Report:
-        """Make every shape a request can reach ready: loaded from `store` where it holds a valid executable,
-        else compiled in `threads` threads (and saved there). With `background`, only the variants every
-        call can fall back to are loaded or compiled before this returns; the rest are in a thread
-        (`self.background`) while requests are served by the narrowest ready shape that covers them.
-        Returns how many were loaded and compiled here, and the seconds."""
-        t0 = time.perf_counter()
-        variants = self.variants()
-        keys = {v: key for key, v in variants.items()}
-
-        def ready(v: Variant, compiled: jax.stages.Compiled) -> None:
-            self._compiled[keys[v]] = compiled
-            self._pending.discard(keys[v])  # after the executable is in: a caller seeing it ready finds it
-
-        now = [v for key, v in variants.items() if not background or self._essential(key)]
-        later = [variants[k] for k in sorted(variants, key=self._urgency) if background and not self._essential(k)]
-        self._pending = {keys[v] for v in later}
-        report = compile_all(self.spec, STEPS, now, store, ready, threads)
-        report.seconds = time.perf_counter() - t0
-        log.info(
-            "%d step variants: %d loaded from %s, %d compiled%s in %.1f s%s (vocab %d, %d slots, windows %s, "
-            "prefill buckets %s)",
-            len(variants),
-            report.loaded,
-            store.folder if store is not None else "no store",
-            report.compiled,
-            f" ({report.cache_hits} from jax's cache, not stored)" if report.cache_hits else "",
-            report.seconds,
-            f"; {len(later)} more loading or compiling while serving" if later else "",
-            self.cfg.vocab_size,
-            self.slots,
-            self.windows,
-            self.prefill_buckets,
-        )
-        if later:
-            self.background = threading.Thread(
-                target=self._compile_later, args=(later, store, ready, threads), name="jaxserve-compile", daemon=True
-            )
-            self.background.start()
-        return report
-
-    def _compile_later(self, variants: list[Variant], store, ready, threads) -> None:
-        try:
-            report = compile_all(self.spec, STEPS, variants, store, ready, threads, stop=self._stop)
-            log.info(
-                "other step variants ready while serving: %d loaded, %d compiled%s, in %.1f s%s",
-                report.loaded,
-                report.compiled,
-                f" ({report.cache_hits} from jax's cache, not stored)" if report.cache_hits else "",
-                report.seconds,
-                f" ({len(report.missing)} left: stopped)" if report.missing else "",
-            )
-        except Exception:
-            log.exception("compiling the other step variants failed; the ready ones serve every request")
-
-    def stop_compiling(self, timeout: float = 60) -> None:
-        """Lower no more variants in the background; wait for the compiles in flight (at most one a thread)."""
-        self._stop.set()
-        if self.background is not None:
-            self.background.join(timeout)
+    def ready(self, key: tuple, compiled: jax.stages.Compiled) -> None:
+        """The executable of `key` is here: calls of that shape run it from now on."""
+        self._compiled[key] = compiled
+        self._pending.discard(key)  # after the executable is in: a caller seeing it ready finds it

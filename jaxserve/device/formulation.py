@@ -36,11 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve import host, kernels
-from jaxserve.checkpoint import LoadedModel
-from jaxserve.engine.core import PREFILL_BUCKETS
-from jaxserve.model import Transformer
+from jaxserve.device.runner import PREFILL_BUCKETS
+from jaxserve.model import LoadedModel, Transformer
 from jaxserve.model.config import EVERY_ROW
-from jaxserve.model.transformer import dot, grouped_axis, packed
+from jaxserve.model.quant import dot, grouped_axis, int8_names, int8_scopes, packed
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +111,8 @@ def kernel_possible(model: LoadedModel) -> bool:
     with the kernel compiled here."""
     if model.cfg.quant != "int8" or jax.default_backend() != "cpu" or model.mesh.size != 1:
         return False
-    layers = model.params["params"]["layers"]
-    for scope, lead in ((layers, 1), (model.params["params"], 0)):
-        for name in [n for n in scope if n + "_scale" in scope]:
+    for scope, lead in int8_scopes(model.params):
+        for name in int8_names(scope):
             kernel, scale = scope[name].shape[lead:], scope[name + "_scale"].shape[lead:]
             if not kernels.fits(kernel, scale, grouped_axis(kernel, scale) + 1):
                 return False
@@ -131,7 +129,7 @@ def matmul_step(model: LoadedModel) -> Callable:
 
     def run(params, x):
         layers = params["params"]["layers"]
-        weights = {n: (layers[n], layers[n + "_scale"]) for n in sorted(layers) if n + "_scale" in layers}
+        weights = {n: (layers[n], layers[n + "_scale"]) for n in int8_names(layers)}
 
         def layer(acc, index):
             rows_in = x + acc

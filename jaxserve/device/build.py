@@ -8,12 +8,12 @@ from pathlib import Path
 import jax
 
 from jaxserve.chat_template import end_of_turn_ids
-from jaxserve.checkpoint import LoadedModel
-from jaxserve.engine.core import PAGE_SIZE, JaxCore
-from jaxserve.engine.executables import ExecutableStore
-from jaxserve.engine.formulation import choose
+from jaxserve.device.executables import ExecutableStore
+from jaxserve.device.formulation import choose
+from jaxserve.device.runner import PAGE_SIZE, JaxRunner
+from jaxserve.device.warmup import warm
 from jaxserve.engine.scheduler import Scheduler
-from jaxserve.model import KVCache, ModelConfig
+from jaxserve.model import KVCache, LoadedModel, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def build_engine(
     is then compiled before the first request, or loaded from the folder `executable_cache` where an
     earlier start saved it (None: compiled each time, through jax's compilation cache if one is set); with
     `background`, only the shapes every request can fall back to before this returns, the rest while
-    requests are served (see JaxCore.warmup). LoRA: `loras` {name: PEFT directory} are served beside the base,
+    requests are served (see device.warmup). LoRA: `loras` {name: PEFT directory} are served beside the base,
     in a stack of `max_loras` adapters (None: as many as `loras`; 0: none, the steps then compute the base
     alone) of rank up to `max_lora_rank`, sized once: loading another adapter later compiles nothing."""
     loras = loras or {}
@@ -91,7 +91,7 @@ def build_engine(
     tok = model.tokenizer
     # a generation ends at any EOS id and at the chat template's end of turn
     eos_ids = tok.eos_ids + end_of_turn_ids(tok)
-    core = JaxCore(
+    core = JaxRunner(
         model,
         slots=slots,
         cache_len=cache_len,
@@ -113,7 +113,7 @@ def build_engine(
         "on" if prefix_caching else "off",
     )
     if warmup:
-        core.warmup(None if executable_cache is None else ExecutableStore(executable_cache), background=background)
+        warm(core, None if executable_cache is None else ExecutableStore(executable_cache), background=background)
     scheduler = Scheduler(core, model.tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching)
     for name, path in loras.items():
         scheduler.load_adapter(name, path)

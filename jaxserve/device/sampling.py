@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxserve.engine.state import SamplingState
+from jaxserve.device.state import SamplingState
 from jaxserve.engine.types import TOP_LOGPROBS
 
 __all__ = ["TOP_LOGPROBS", "record", "sample", "top_logprobs", "unpack_mask"]

@@ -1,0 +1,24 @@
+"""A model ready to serve: its config and weights on a mesh, with its tokenizer. Declared beside the model so
+the device half takes a model without importing the checkpoint formats that made it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import jax
+
+from jaxserve.model.config import ModelConfig
+
+if TYPE_CHECKING:  # the model imports only jax, flax and numpy
+    from jaxserve.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    name: str
+    cfg: ModelConfig
+    params: dict  # on the mesh
+    param_shardings: dict
+    tokenizer: Tokenizer
+    mesh: jax.sharding.Mesh

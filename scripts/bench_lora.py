@@ -6,10 +6,10 @@ one run; then the per-row update alone, as the masked product jaxserve uses agai
 
 Engine: one engine of --streams slots with a stack of --adapters adapters of rank --rank on all seven
 projections (seeded random, written in PEFT's layout by the tests' writer), and one engine without
-adapters. Each round submits --streams requests at once (EOS ignored) three ways, interleaved so that a
-shared machine's noise falls on each alike: base-only on the adapter-less engine, base-only on the LoRA
-engine, and spread round-robin over the base and every adapter on the LoRA engine. Prints the median
-generated tok/s of each and the ratios.
+adapters; a first, untimed round compiles the shapes these requests reach. Each round submits --streams
+requests at once (EOS ignored) three ways, interleaved so that a shared machine's noise falls on each
+alike: base-only on the adapter-less engine, base-only on the LoRA engine, and spread round-robin over
+the base and every adapter on the LoRA engine. Prints the median generated tok/s of each and the ratios.
 
 Update alone: one layer's LoRA update of every projection for --streams rows of one token, with
 --adapters resident: the masked product over the stack (jaxserve.model.lora.delta), a grouped product
@@ -76,21 +76,22 @@ def bench_engines(model, args, directory: Path) -> None:
         for i in range(args.streams)
     ]
     context = args.prompt_tokens + args.gen_tokens + 1
-    plain = build_engine(model, slots=args.streams, max_context=context, prefix_caching=False)
-    with_lora = build_engine(
-        model, slots=args.streams, max_context=context, prefix_caching=False, loras=loras, max_lora_rank=args.rank
-    )
+    # no warm-up of every shape: the untimed first round compiles the few these requests reach
+    common = dict(slots=args.streams, max_context=context, prefix_caching=False, warmup=False)
+    plain = build_engine(model, **common)
+    with_lora = build_engine(model, **common, loras=loras, max_lora_rank=args.rank)
     base_only = [None] * args.streams
     spread = [([None, *names])[i % (len(names) + 1)] for i in range(args.streams)]
     runs: dict[str, list[float]] = {"base, no LoRA stack": [], "base, LoRA engine": [], "mixed, LoRA engine": []}
     try:
-        for _ in range(args.repeats):
+        for _ in range(args.repeats + 1):
             runs["base, no LoRA stack"].append(throughput(plain, prompts, base_only, args.gen_tokens))
             runs["base, LoRA engine"].append(throughput(with_lora, prompts, base_only, args.gen_tokens))
             runs["mixed, LoRA engine"].append(throughput(with_lora, prompts, spread, args.gen_tokens))
     finally:
         plain.shutdown()
         with_lora.shutdown()
+    runs = {k: v[1:] for k, v in runs.items()}  # the first round compiled
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"\n{args.streams} streams, {args.prompt_tokens} prompt + {args.gen_tokens} generated tokens each; ", end="")
     print(f"{args.adapters} adapters of rank {args.rank} on all seven projections; medians of {args.repeats}")

@@ -333,7 +333,7 @@ def _load_for_serving(args, state, holder) -> bool:
             args.port,
             dict(model.mesh.shape),
             model.cfg.quant or model.cfg.dtype,
-            core.cfg.formulation,
+            core.model.formulation.describe(core.cfg),
             core.slots,
             core.cache_len,
             core.pages * core.page_size,

@@ -41,7 +41,7 @@ def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_contex
     scheduler = build_engine(
         model, slots=concurrency, max_context=max_context, formulation=formulation, formulation_cache=cache
     )
-    chosen = scheduler.core.cfg.formulation
+    chosen = scheduler.core.model.formulation.describe(model.cfg)
     words = "the quick brown fox jumps over the lazy dog and runs far away into the woods".split()
     prompts = []
     for i in range(concurrency):

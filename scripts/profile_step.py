@@ -47,7 +47,7 @@ COMPONENTS = {
     "int8_matmul": "weight matmuls",
     "KVCache.read": "KV page gather",
     "KVCache.write": "KV write",
-    "KVCache._pages_of": "KV write",
+    "write_targets": "KV write",
     "paged_attention": "attention (scores, softmax, values)",
     "RMSNorm.__call__": "norms, RoPE, activation, residual",
     "apply_rope": "norms, RoPE, activation, residual",
@@ -213,7 +213,8 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
     total = sum(by_comp.values())
     by_comp["host: wall (traced) - device busy"] = statistics.mean(traced) - per_step(busy)  # both means
     print(
-        f"\n{m.name} {m.cfg.quant or m.cfg.dtype} {m.cfg.formulation}, {slots} slots at position {args.position} "
+        f"\n{m.name} {m.cfg.quant or m.cfg.dtype} {m.formulation.describe(m.cfg)}, {slots} slots at position "
+        f"{args.position} "
         f"(window {window}), temperature {args.temperature}, top_p {args.top_p}: step {statistics.median(wall):.2f} ms "
         f"median untraced, {statistics.median(traced):.2f} ms traced; thunks {total:.2f} ms/step, "
         f"device busy (a thunk running) {per_step(busy):.2f} ms/step. Trace: {trace_dir}"

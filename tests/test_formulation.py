@@ -30,9 +30,7 @@ from jaxserve.device.formulation import (
 )
 from jaxserve.engine.bridge import complete
 from jaxserve.engine.types import EngineRequest, SamplingParams
-from jaxserve.model import ModelConfig
-from jaxserve.model.config import EVERY_ROW
-from jaxserve.model.quant import dot
+from jaxserve.model.quant import EVERY_ROW, Formulation, dot
 from jaxserve.sharding import make_mesh
 
 TINY_LLAMA = Path(__file__).parent / "reference" / "hf-tiny" / "llama"
@@ -73,14 +71,13 @@ def test_dot_switches_by_rows():
     x = rng.standard_normal((2, 1, 64)).astype(np.float32)
     w = kernel.astype(np.float32) * scale
     exact = np.einsum("btd,dv->btv", x, w)
-    cfg = ModelConfig(vocab_size=8, dim=64, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=64, mlp_dim=8)
-    cfg = dataclasses.replace(cfg, quant="int8", bf16_from_rows=2)
-    one, two = (np.asarray(dot("btd,dv->btv", jnp.asarray(x[:r]), (kernel, scale), cfg)) for r in (1, 2))
+    rule = Formulation(bf16_from_rows=2)
+    one, two = (np.asarray(dot("btd,dv->btv", jnp.asarray(x[:r]), (kernel, scale), rule)) for r in (1, 2))
     np.testing.assert_allclose(one, exact[:1], rtol=1e-6)  # below the threshold: float32
     bf16 = lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_allclose(two, np.einsum("btd,dv->btv", bf16(x), bf16(w)), rtol=1e-5)  # at it: bfloat16
     assert not np.allclose(two, exact, rtol=1e-6, atol=0)
-    floats = np.asarray(dot("btd,dv->btv", jnp.asarray(x), (w, None), dataclasses.replace(cfg, bf16_from_rows=1)))
+    floats = np.asarray(dot("btd,dv->btv", jnp.asarray(x), (w, None), Formulation(bf16_from_rows=1)))
     np.testing.assert_allclose(floats, exact, rtol=1e-6)  # float weights stay float32, whatever the rule
 
 
@@ -198,7 +195,7 @@ def test_no_recompiles_after_warmup_with_a_mixed_rule(tiny_int8, tmp_path, kerne
     formulation._write(tmp_path / CACHE_FILE, cache_key(tiny_int8, 4), choice)
     engine = build_engine(tiny_int8, slots=4, max_context=128, formulation_cache=tmp_path)
     try:
-        assert (engine.core.cfg.bf16_from_rows, engine.core.cfg.kernel_below_rows) == (2, kernel)
+        assert engine.core.model.formulation == Formulation(kernel_below_rows=kernel, bf16_from_rows=2)
         compiles = dict(engine.core.compiles)
         greedy = SamplingParams(temperature=0.0)
         for n in (1, 3):  # one row in f32 (or the kernel), then 2 and 4 rows in bf16

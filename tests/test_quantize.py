@@ -53,7 +53,8 @@ def test_int8_fidelity_against_the_reference(smollm2_int8, reference, name):
         pytest.skip("no C++ compiler or no CPU backend here: the kernel is never chosen")
     model = CANDIDATES[name].apply(smollm2_int8)
     agreement, mean_diff = teacher_forced(model, reference)
-    print(f"{model.cfg.formulation}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.4f}")
+    name = model.formulation.describe(model.cfg)
+    print(f"{name}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.4f}")
     assert agreement >= 0.97
     assert mean_diff <= 0.05
 

@@ -67,15 +67,15 @@ class _EngineCollector(Collector):
                 "step shapes the background warm-up is still compiling (requests meanwhile use wider ones)",
                 value=core.pending_variants,
             )
-        if (cfg := getattr(core, "cfg", None)) is not None:  # a model config (the fake core has none)
+        if (model := getattr(core, "model", None)) is not None:  # a served model (the fake core has none)
             yield InfoMetricFamily(
                 "jaxserve_matmul_formulation",
                 "how the weight matmuls compute: float weights in their dtype; int8 by rows in jaxserve's kernel, "
                 "f32 or bf16, e.g. kernel<8<=f32<32<=bf16 (the kernel below 8 rows, bfloat16 products from 32 on)",
                 value={
-                    "formulation": cfg.formulation,
-                    "kernel_below_rows": str(cfg.kernel_below_rows or ""),
-                    "bf16_from_rows": str(cfg.bf16_from_rows or ""),
+                    "formulation": model.formulation.describe(model.cfg),
+                    "kernel_below_rows": str(model.formulation.kernel_below_rows or ""),
+                    "bf16_from_rows": str(model.formulation.bf16_from_rows or ""),
                 },
             )
         if core.max_loras:  # vLLM's: the adapters of running and waiting requests in labels, the time as value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from jaxserve.device.formulation import choose
 from jaxserve.device.runner import PAGE_SIZE, JaxRunner
 from jaxserve.device.warmup import warm
 from jaxserve.engine.scheduler import Scheduler
-from jaxserve.model import KVCache, LoadedModel, ModelConfig
+from jaxserve.model import KVCache, LoadedModel, ModelConfig, attention_kernels
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def build_engine(
     model = choice.apply(model)
     cache_len = min(model.cfg.max_context, max_context or model.cfg.max_context)
     page_size = min(page_size, cache_len)
+    model = dataclasses.replace(model, cfg=attention_kernels.choose(model.cfg, model.mesh, page_size))
     pages = pool_pages(model.cfg, page_size, slots, cache_len, kv_cache_memory, num_pages)
     tok = model.tokenizer
     # a generation ends at any EOS id and at the chat template's end of turn

@@ -156,9 +156,9 @@ def key_text(spec, variant: Variant) -> str:
     shapes = "; ".join(f"{x.dtype}{list(x.shape)} {x.sharding}" for x in leaves)
     sharding = jax.tree.map(str, spec.state_sharding)
     mesh = spec.replicated.mesh
-    # repr, not to_json: the config's repr holds the matmul formulation (bf16_from_rows) too
     return (
-        f"{environment()}\n{variant.fn.__name__} {variant.statics}\nconfig {spec.cfg!r}\neos {spec.eos_ids}\n"
+        f"{environment()}\n{variant.fn.__name__} {variant.statics}\nconfig {spec.cfg!r}\n{spec.formulation!r}\n"
+        f"eos {spec.eos_ids}\n"
         f"mesh {dict(mesh.shape)} devices {mesh.device_ids.tolist()}\nstate {sharding} replicated {spec.replicated}\n"
         f"args {tree}\n{shapes}"
     )

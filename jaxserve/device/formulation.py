@@ -9,7 +9,7 @@ matmuls at the decode row buckets and the short prefill chunks: the kernel again
 until the kernel loses, then bfloat16 against the faster of the others from the most rows down until
 bfloat16 loses. It serves
 bfloat16 from the smallest row count at and above which it won everywhere, and the kernel below that and
-below the first row count where it lost to float32 (`ModelConfig.kernel_below_rows` and `bf16_from_rows`,
+below the first row count where it lost to float32 (`quant.Formulation`'s kernel_below_rows and bf16_from_rows,
 static in the jitted steps: the choice costs no recompilation after warm-up). On GPU and TPU bfloat16 is
 the native choice and stands without measuring. Float weights are never rounded: float32 asked for stays
 exact.
@@ -38,8 +38,7 @@ import jax.numpy as jnp
 from jaxserve import host, kernels
 from jaxserve.device.runner import PREFILL_BUCKETS
 from jaxserve.model import LoadedModel, Transformer
-from jaxserve.model.config import EVERY_ROW
-from jaxserve.model.quant import dot, grouped_axis, int8_names, int8_scopes, packed
+from jaxserve.model.quant import EVERY_ROW, Formulation, dot, grouped_axis, int8_names, int8_scopes, packed
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms, "kernel
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """What the int8 matmuls use (`bf16_from_rows` and `kernel_below_rows`, as in ModelConfig), how that
+    """What the int8 matmuls use (`bf16_from_rows` and `kernel_below_rows`, as in quant.Formulation), how that
     was decided ("measured", "cached", "forced", "platform" or "float weights") and the timings it rests
     on."""
 
@@ -64,19 +63,20 @@ class Choice:
     timings: Timings = dataclasses.field(default_factory=dict)
     kernel_below_rows: int | None = None
 
+    @property
+    def formulation(self) -> Formulation:
+        return Formulation(kernel_below_rows=self.kernel_below_rows, bf16_from_rows=self.bf16_from_rows)
+
     def apply(self, model: LoadedModel) -> LoadedModel:
-        """`model` to serve with this choice: its config says it, and with the kernel its weights are packed."""
-        rule = dict(bf16_from_rows=self.bf16_from_rows, kernel_below_rows=self.kernel_below_rows)
-        cfg = dataclasses.replace(model.cfg, **rule)
+        """`model` to serve with this choice: it carries the formulation, and with the kernel its weights are
+        packed."""
         if self.kernel_below_rows is None:
-            return dataclasses.replace(model, cfg=cfg)
+            return dataclasses.replace(model, formulation=self.formulation)
         assert kernels.available(), "the int8 kernel is not available here"  # compiled and registered
-        params = packed(model.params, cfg)
-        return dataclasses.replace(model, cfg=cfg, params=params)
+        return dataclasses.replace(model, formulation=self.formulation, params=packed(model.params, model.cfg))
 
     def describe(self, cfg) -> str:
-        rule = dict(bf16_from_rows=self.bf16_from_rows, kernel_below_rows=self.kernel_below_rows)
-        text = f"matmul formulation {dataclasses.replace(cfg, **rule).formulation} ({self.source}"
+        text = f"matmul formulation {self.formulation.describe(cfg)} ({self.source}"
         if self.timings:
             names = [n for n in ("kernel", "f32", "bf16") if any(n in t for t in self.timings.values())]
             per_rows = ", ".join(
@@ -120,7 +120,7 @@ def kernel_possible(model: LoadedModel) -> bool:
 
 
 def matmul_step(model: LoadedModel) -> Callable:
-    """A jitted function of (params, x [rows, 1, D]) running what the formulation (`model.cfg`'s, its
+    """A jitted function of (params, x [rows, 1, D]) running what the formulation (`model`'s, its
     weights as `Choice.apply` left them) changes in one decode step: every layer's int8 weight matmuls
     (each weight grouped as stored, through the model's `dot`) and the logits over the vocabulary (through
     the model's own `logits`)."""
@@ -137,12 +137,12 @@ def matmul_step(model: LoadedModel) -> Callable:
                 a = grouped_axis(kernel.shape[1:], scale.shape[1:])  # the inputs are the axes up to it
                 ins, outs = letters[: a + 1], letters[a + 1 : kernel.ndim - 1]
                 inputs = jnp.resize(rows_in, (x.shape[0], 1, *kernel.shape[1 : a + 2]))
-                y = dot(f"bt{ins},{ins}{outs}->bt{outs}", inputs, (kernel, scale, index), cfg)
+                y = dot(f"bt{ins},{ins}{outs}->bt{outs}", inputs, (kernel, scale, index), model.formulation)
                 acc = acc + 1e-6 * jnp.mean(y)
             return acc, None
 
         acc, _ = jax.lax.scan(layer, jnp.float32(0), jnp.arange(cfg.n_layers))
-        return Transformer(cfg).apply(params, x + acc, method="logits")
+        return Transformer(cfg, model.formulation).apply(params, x + acc, method="logits")
 
     return jax.jit(run)
 

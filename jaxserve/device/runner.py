@@ -78,7 +78,7 @@ class JaxRunner(Runner):
         self.prefill_buckets = tuple(b for b in PREFILL_BUCKETS if b < cache_len) or (cache_len,)
         self.chunk = self.prefill_buckets[-1]
         sharding = DecodeState.shardings(self.cfg, model.mesh, slots, self.pages, self.page_size)
-        self.spec = StepSpec(self.cfg, self.eos_ids, sharding, replicated(model.mesh))
+        self.spec = StepSpec(self.cfg, model.formulation, self.eos_ids, sharding, replicated(model.mesh))
         self._initial = jax.jit(
             lambda: DecodeState.initial(self.cfg, slots, self.pages, self.page_size), out_shardings=sharding
         )

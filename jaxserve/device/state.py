@@ -1,12 +1,12 @@
 """The decode state on device, declared once.
 
 Every array that lives from one step to the next is declared here exactly once: the KV page pool (its
-declaration is the model's, `KVCache`; the page tables live on the host and come with each call), then
-one row per slot [B, ...] for the sequence in each slot (`SlotState`) and for its sampling knobs
-(`SamplingState`). A row's declaration gives its dtype, the dims after B, its value in a free slot, and
-for a knob how a new sequence's value comes from its `SamplingParams`. Zeros, abstract shapes, logical
-axes (hence shardings) and the row written into a slot at insertion all follow from these declarations,
-so a new per-slot knob is one line here plus its use in `sampling.sample`.
+declaration is the model's, `KVCache` or an attention kernel's layout, `kv_cache_for`; the page tables live on
+the host and come with each call), then one row per slot [B, ...] for the sequence in each slot (`SlotState`)
+and for its sampling knobs (`SamplingState`). A row's declaration gives its dtype, the dims after B, its value
+in a free slot, and for a knob how a new sequence's value comes from its `SamplingParams`. Zeros, abstract
+shapes, logical axes (hence shardings) and the row written into a slot at insertion all follow from these
+declarations, so a new per-slot knob is one line here plus its use in `sampling.sample`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import numpy as np
 from flax import struct
 
 from jaxserve.engine.types import SamplingParams
-from jaxserve.model import KVCache, ModelConfig
+from jaxserve.model import KVCache, ModelConfig, kv_cache_for
+from jaxserve.model.attention_kernels import GpuKVCache, TpuKVCache
 from jaxserve.sharding import tree_shardings
 
 VOCAB = "vocab"  # a row dim of the model's vocabulary size
@@ -144,30 +145,30 @@ class SlotState(Rows):
 
 @struct.dataclass
 class DecodeState:
-    cache: KVCache  # the page pool
+    cache: KVCache | TpuKVCache | GpuKVCache  # the page pool, in the layout of cfg.attention
     slots: SlotState
     sampling: SamplingState
 
     @staticmethod
     def abstract(cfg: ModelConfig, slots: int, pages: int, page_size: int) -> DecodeState:
         return DecodeState(
-            cache=KVCache.shape_dtype(cfg, pages, page_size),
+            cache=kv_cache_for(cfg).shape_dtype(cfg, pages, page_size),
             slots=SlotState.abstract(slots, cfg.vocab_size),
             sampling=SamplingState.abstract(slots, cfg.vocab_size),
         )
 
     @staticmethod
-    def axes() -> DecodeState:
-        return DecodeState(cache=KVCache.axes(), slots=SlotState.axes(), sampling=SamplingState.axes())
+    def axes(cfg: ModelConfig) -> DecodeState:
+        return DecodeState(cache=kv_cache_for(cfg).axes(), slots=SlotState.axes(), sampling=SamplingState.axes())
 
     @staticmethod
     def initial(cfg: ModelConfig, slots: int, pages: int, page_size: int) -> DecodeState:
         return DecodeState(
-            cache=KVCache.zeros(cfg, pages, page_size),
+            cache=kv_cache_for(cfg).zeros(cfg, pages, page_size),
             slots=SlotState.initial(slots, cfg.vocab_size),
             sampling=SamplingState.initial(slots, cfg.vocab_size),
         )
 
     @staticmethod
     def shardings(cfg: ModelConfig, mesh, slots: int, pages: int, page_size: int) -> DecodeState:
-        return tree_shardings(DecodeState.axes(), DecodeState.abstract(cfg, slots, pages, page_size), mesh)
+        return tree_shardings(DecodeState.axes(cfg), DecodeState.abstract(cfg, slots, pages, page_size), mesh)

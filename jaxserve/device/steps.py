@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jaxserve.device.sampling import TOP_LOGPROBS, record, sample, top_logprobs
 from jaxserve.device.state import DecodeState
 from jaxserve.model import ModelConfig, Transformer
+from jaxserve.model.quant import Formulation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class StepSpec:
     """What the steps are compiled for. Hashable: equal specs share compiled steps."""
 
     cfg: ModelConfig
+    formulation: Formulation  # how the int8 matmuls compute (static: part of what is compiled)
     eos_ids: tuple[int, ...]  # every id that ends a generation (EOS, the chat template's end of turn)
     state_sharding: DecodeState  # a NamedSharding per array
     replicated: NamedSharding
@@ -96,7 +98,7 @@ def prefill(
     every position's logprob of `targets` and the top K. Row p computes with LoRA adapter adapter[p] of the
     stack `lora` (None: no adapters are served)."""
     spec.compiles["prefill"] += 1
-    model = Transformer(spec.cfg)
+    model = Transformer(spec.cfg, spec.formulation)
     P, T = tokens.shape
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
     adapters = None if lora is None else (lora, adapter)
@@ -183,7 +185,7 @@ def forward(spec: StepSpec, params, state: DecodeState, table, lora, window: int
     the stack `lora` (None: no adapters are served). Between the two halves the host may write
     grammar masks (`set_masks`), so a constrained slot's mask is computed while the device runs this."""
     spec.compiles["forward"] += 1
-    model = Transformer(spec.cfg)
+    model = Transformer(spec.cfg, spec.formulation)
     seq = jax.tree.map(lambda a: a[:rows], state.slots)
     adapters = None if lora is None else (lora, seq.adapter)
     tokens, positions = seq.tokens[:, None], seq.positions[:, None]

@@ -17,9 +17,6 @@ import numpy as np
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
-EVERY_ROW = 1 << 30  # kernel_below_rows of a kernel at every row count
-
-
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """A rescaling of the RoPE frequencies: "linear" (all divided by `factor`), "llama3" (Llama 3.1+:
@@ -75,13 +72,11 @@ class ModelConfig:
     dtype: str = "float32"  # weights and activations
     quant: str | None = None  # "int8": matmul weights int8, one float32 scale per group of input weights
     quant_group: int = 64  # input weights sharing one int8 scale (per output channel)
-    # How int8 matmuls compute (a serving choice, never saved with the checkpoint; see
-    # jaxserve.device.formulation), by the rows (B * T) a matmul carries: fewer than kernel_below_rows run
-    # jaxserve's own int8 kernel (jaxserve.kernels; the layers' int8 weights are then held packed for it);
-    # at least bf16_from_rows round the dequantized weights and the activations to bfloat16 and accumulate
-    # in float32; the rest widen the weights to float32. None: no kernel / no bfloat16.
-    kernel_below_rows: int | None = None
-    bf16_from_rows: int | None = None
+    # How attention computes, a serving choice never saved with the checkpoint (see
+    # jaxserve.model.attention_kernels): "plain" (jnp, any backend), "tpu_kernel" or "gpu_kernel" (a Pallas
+    # kernel). Unlike quant.Formulation it lives here because it decides the KV pool's layout, which the
+    # decode state declares from the config (kv_cache_for).
+    attention: str = "plain"
     # family switches (defaults: Llama)
     qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
@@ -102,7 +97,7 @@ class ModelConfig:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        del data["kernel_below_rows"], data["bf16_from_rows"]  # chosen where the model is served
+        del data["attention"]  # chosen where the model is served
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -116,21 +111,6 @@ class ModelConfig:
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
         return cls.from_json(Path(path).read_text())
-
-    @property
-    def formulation(self) -> str:
-        """The weight matmuls' arithmetic in a word, as the startup log and /metrics name it: float weights
-        compute in their own dtype; int8 in "kernel", "f32" and "bf16" by rows, e.g. "kernel<8<=f32<32<=bf16"
-        (the kernel below 8 rows, bfloat16 from 32 rows on, float32 between)."""
-        if self.quant != "int8":
-            return self.dtype
-        kernel, bf16 = self.kernel_below_rows or 1, self.bf16_from_rows
-        if kernel >= EVERY_ROW:
-            return "kernel"
-        text = f"kernel<{kernel}<=" if kernel > 1 else ""
-        if bf16 is None:
-            return text + "f32"
-        return text + (f"f32<{bf16}<=bf16" if bf16 > kernel else "bf16")
 
     @property
     def attention_scale(self) -> float:

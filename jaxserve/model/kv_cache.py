@@ -21,6 +21,18 @@ from flax import struct
 from jaxserve.model.config import ModelConfig
 
 
+def write_targets(table, positions, write_from, pages: int, page_size: int):
+    """(page, offset within it) [b, T] where each token at `positions` [b, T] goes, by its row's table
+    [b, pages per sequence]; page `pages` (none: the write is dropped) for positions without a page and
+    for those before `write_from` [b] (None: all written), which are in pages shared with other sequences."""
+    column = positions // page_size
+    page = jnp.take_along_axis(table, jnp.minimum(column, table.shape[1] - 1), axis=1)
+    page = jnp.where(column < table.shape[1], page, pages)
+    if write_from is not None:
+        page = jnp.where(positions < write_from[:, None], pages, page)
+    return page, positions % page_size
+
+
 @struct.dataclass
 class KVCache:
     k: jax.Array  # [L, P, K, H, S]
@@ -65,20 +77,11 @@ class KVCache:
     def page_size(self) -> int:
         return self.k.shape[-1]
 
-    def _pages_of(self, table, positions):
-        """The page of each position [b, T] in its row's table [b, pages per sequence] (P: none)."""
-        column = positions // self.page_size
-        page = jnp.take_along_axis(table, jnp.minimum(column, table.shape[1] - 1), axis=1)
-        return jnp.where(column < table.shape[1], page, self.pages)
-
     def write(self, layer, table, positions, k, v, write_from=None) -> KVCache:
         """Write k, v [b, T, K, H] of row b's tokens at `positions` [b, T] into its pages (`table` [b, ...]).
         Positions before `write_from` [b] are not written (pages shared with other sequences); nor are
         those without a page."""
-        page = self._pages_of(table, positions)
-        if write_from is not None:
-            page = jnp.where(positions < write_from[:, None], self.pages, page)
-        offset = positions % self.page_size
+        page, offset = write_targets(table, positions, write_from, self.pages, self.page_size)
         # advanced indices around slices: the indexed dims [b, T] come first, then K, H — k's own layout
         return KVCache(
             k=self.k.at[layer, page, :, :, offset].set(k.astype(self.k.dtype), mode="drop"),

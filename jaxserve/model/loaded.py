@@ -1,4 +1,5 @@
-"""A model ready to serve: its config and weights on a mesh, with its tokenizer. Declared beside the model so
+"""A model ready to serve: its config and weights on a mesh, with its tokenizer and the int8 formulation chosen
+for this machine. Declared beside the model so
 the device half takes a model without importing the checkpoint formats that made it."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from jaxserve.model.config import ModelConfig
+from jaxserve.model.quant import Formulation
 
 if TYPE_CHECKING:  # the model imports only jax, flax and numpy
     from jaxserve.tokenizer import Tokenizer
@@ -22,3 +24,4 @@ class LoadedModel:
     param_shardings: dict
     tokenizer: Tokenizer
     mesh: jax.sharding.Mesh
+    formulation: Formulation = Formulation()  # how its int8 matmuls compute here (device.formulation chooses)

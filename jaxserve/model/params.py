@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -12,6 +14,7 @@ from jaxserve.model.transformer import Transformer
 
 
 def _init(cfg: ModelConfig, rng):
+    cfg = dataclasses.replace(cfg, attention="plain")  # the parameters are the same whatever computes attention
     cache, table = KVCache.per_row(cfg, 1, 1)
     tokens = jnp.zeros((1, 1), jnp.int32)
     return Transformer(cfg).init(rng, tokens, tokens, cache, table, 1)

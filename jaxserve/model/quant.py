@@ -14,6 +14,35 @@ from flax import linen as nn
 from jaxserve import kernels
 from jaxserve.model.config import ModelConfig
 
+EVERY_ROW = 1 << 30  # kernel_below_rows of a kernel at every row count
+
+
+@dataclasses.dataclass(frozen=True)
+class Formulation:
+    """How int8 weight matmuls compute, by the rows (B * T) a matmul carries: a serving choice made on the
+    machine (jaxserve.device.formulation), static in the jitted steps, never saved with a checkpoint. Fewer
+    than kernel_below_rows run jaxserve's own int8 kernel (jaxserve.kernels; the layers' int8 weights are
+    then held packed for it); at least bf16_from_rows round the dequantized weights and the activations to
+    bfloat16 and accumulate in float32; the rest widen the weights to float32. None: no kernel / no
+    bfloat16."""
+
+    kernel_below_rows: int | None = None
+    bf16_from_rows: int | None = None
+
+    def describe(self, cfg: ModelConfig) -> str:
+        """The weight matmuls' arithmetic in a word, as the startup log and /metrics name it: float weights
+        compute in their own dtype; int8 in "kernel", "f32" and "bf16" by rows, e.g. "kernel<8<=f32<32<=bf16"
+        (the kernel below 8 rows, bfloat16 from 32 rows on, float32 between)."""
+        if cfg.quant != "int8":
+            return cfg.dtype
+        kernel, bf16 = self.kernel_below_rows or 1, self.bf16_from_rows
+        if kernel >= EVERY_ROW:
+            return "kernel"
+        text = f"kernel<{kernel}<=" if kernel > 1 else ""
+        if bf16 is None:
+            return text + "f32"
+        return text + (f"f32<{bf16}<=bf16" if bf16 > kernel else "bf16")
+
 
 def group_size(cfg: ModelConfig, n: int) -> int:
     """Input weights per int8 scale along an input axis of length n: cfg.quant_group, or the whole axis
@@ -63,14 +92,13 @@ def dequantize(kernel, scale):
     return w.reshape(kernel.shape)
 
 
-def dot(spec: str, x, weight, c: ModelConfig | None = None):
+def dot(spec: str, x, weight, f: Formulation | None = None):
     """einsum(spec, x [B, T, inputs...], kernel [inputs..., outputs...]) for `weight` (kernel, scale), or
     (kernels, scales, layer) for one layer of weights stacked over the layers (for jaxserve's kernel,
     which reads the layer in place: a custom call's operand sliced out of the stack would be a copy of
-    it every step, as costly as the matmul). An int8 kernel is computed as
-    `c` says for the rows it carries (B * T, known when tracing; see ModelConfig.kernel_below_rows and
-    bf16_from_rows): by jaxserve's own kernel from its packed layout (jaxserve.kernels), or dequantized
-    within the jitted step to float32, or rounded to bfloat16 once after the float32 dequantization (one
+    it every step, as costly as the matmul). An int8 kernel is computed as `f` says for the rows it carries
+    (B * T, known when tracing): by jaxserve's own kernel from its packed layout (jaxserve.kernels), or
+    dequantized within the jitted step to float32, or rounded to bfloat16 once after the float32 dequantization (one
     rounding of each weight, not two) and multiplied with bfloat16 activations, accumulating in float32.
     Which is fastest depends on the CPU and the rows (jaxserve.device.formulation measures it); float
     weights always compute in their own dtype."""
@@ -78,8 +106,8 @@ def dot(spec: str, x, weight, c: ModelConfig | None = None):
     if scale is None:
         return jnp.einsum(spec, x, kernel)
     rows, contracted = x.shape[0] * x.shape[1], x.ndim - 2
-    held_packed = c is not None and c.kernel_below_rows is not None
-    if held_packed and rows < c.kernel_below_rows:  # the kernel reads one layer of a stack (a lone weight: of one)
+    held_packed = f is not None and f.kernel_below_rows is not None
+    if held_packed and rows < f.kernel_below_rows:  # the kernel reads one layer of a stack (a lone weight: of one)
         stack = (kernel, scale) if layer else (kernel[None], scale[None])
         y = kernels.int8_matmul(x.reshape(rows, -1), *stack, contracted, layer[0] if layer else 0)
         return y.reshape(*x.shape[:2], *stack[0].shape[1 + contracted :]).astype(x.dtype)
@@ -87,7 +115,7 @@ def dot(spec: str, x, weight, c: ModelConfig | None = None):
         kernel, scale = kernel[layer[0]], scale[layer[0]]  # a slice XLA fuses into the dequantization
     if held_packed:
         kernel, scale = kernels.unpack(kernel, contracted), kernels.unpack(scale, contracted)
-    if c is not None and c.bf16_from_rows is not None and rows >= c.bf16_from_rows:
+    if f is not None and f.bf16_from_rows is not None and rows >= f.bf16_from_rows:
         w = dequantize(kernel, scale).astype(jnp.bfloat16)
         return jnp.einsum(spec, x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32).astype(x.dtype)
     return jnp.einsum(spec, x.astype(jnp.float32), dequantize(kernel, scale)).astype(x.dtype)
@@ -115,19 +143,19 @@ def packed(params, cfg: ModelConfig):
 VOCAB_BLOCK = 3072  # rows of the int8 output projection widened at once
 
 
-def tied_logits(x, table, scale, c: ModelConfig):
+def tied_logits(x, table, scale, f: Formulation):
     """x [B, T, D] . the int8 embedding table [V, D]^T -> [B, T, V]: by jaxserve's kernel for the rows it
     serves, else by XLA a vocabulary block at a time (one dot over the whole table would widen all of it in
     memory first, far slower than float32; a scan widens one cache-sized block at a time)."""
     rows = x.shape[0] * x.shape[1]
-    if c.kernel_below_rows is not None and rows < c.kernel_below_rows:
+    if f.kernel_below_rows is not None and rows < f.kernel_below_rows:
         y = kernels.int8_matmul(x.reshape(rows, -1), table[None], scale[None], layout="nk")
         return y.reshape(*x.shape[:2], -1)
     V, D = table.shape
     blocks = max(1, V // VOCAB_BLOCK)
     while V % blocks:
         blocks -= 1
-    plain = dataclasses.replace(c, kernel_below_rows=None)  # the table is never packed
+    plain = dataclasses.replace(f, kernel_below_rows=None)  # the table is never packed
     block = lambda _, w: (None, dot("btd,vd->btv", x, w, plain))
     _, logits = jax.lax.scan(
         block, None, (table.reshape(blocks, V // blocks, D), scale.reshape(blocks, V // blocks, -1))

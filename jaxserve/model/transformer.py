@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxserve.model import attention_kernels, quant
 from jaxserve.model import lora as lora_math
-from jaxserve.model import quant
 from jaxserve.model.config import ModelConfig, RopeScaling
 from jaxserve.model.kv_cache import KVCache
 
@@ -67,12 +67,18 @@ def apply_rope(x, cos, sin):
 def paged_attention(c: ModelConfig, q, cache: KVCache, layer, table, positions, window: int, local):
     """q [B, T, N, H] of tokens at `positions` [B, T] attending over positions [0, window) of each row's
     pages (`table` [B, ...]) in `layer` of the pool, keys at positions <= their own (and within the sliding
-    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel (a ragged paged attention
-    kernel on TPU, say).
+    window on a `local` layer) -> [B, T, N, H]. The seam for a platform kernel: with c.attention other than
+    "plain" the kernel of that name computes it, from the pool in its own layout
+    (jaxserve.model.attention_kernels)."""
+    if c.attention != "plain":
+        return attention_kernels.attend(c, q, cache, layer, table, positions, window, local, plain_attention)
+    return plain_attention(c, q, cache, layer, table, positions, window, local)
 
-    Here a scan over the window's pages with a running softmax (flash-decoding's): each step reads one
-    page per row, which stays in cache between its two matmuls, instead of gathering the whole window into
-    one copy first."""
+
+def plain_attention(c: ModelConfig, q, cache, layer, table, positions, window: int, local):
+    """paged_attention in jnp, over any pool offering KVCache's `read`: a scan over the window's pages with
+    a running softmax (flash-decoding's): each step reads one page per row, which stays in cache between
+    its two matmuls, instead of gathering the whole window into one copy first."""
     B, T = positions.shape
     K, H, S = c.n_kv_heads, c.head_dim, cache.page_size
     assert window % S == 0, f"the window {window} is not a whole number of {S}-position pages"
@@ -112,6 +118,7 @@ class Block(nn.Module):
     R = 1 RoPE table, or 2 when local layers have their own base (global first)."""
 
     cfg: ModelConfig
+    formulation: quant.Formulation
 
     @nn.compact
     def __call__(self, carry, positions, cos, sin, table, write_from, window: int, stacked=None, lora=None, mask=None):
@@ -122,7 +129,7 @@ class Block(nn.Module):
         c = self.cfg
 
         def project(name, spec, x, w):  # the base projection plus each row's adapter
-            y = quant.dot(spec, x, w, c)
+            y = quant.dot(spec, x, w, self.formulation)
             return y if lora is None else y + lora_math.delta(name, x, lora[name], mask).astype(y.dtype)
 
         def weight(name, shape, axes, a):
@@ -176,6 +183,7 @@ class Embedding(nn.Module):
     """Token embedding [V, D], also the tied output projection (logits = x . E^T)."""
 
     cfg: ModelConfig
+    formulation: quant.Formulation
 
     def setup(self):
         c = self.cfg
@@ -190,18 +198,20 @@ class Embedding(nn.Module):
     def attend(self, x):
         if self.scale is None:
             return quant.dot("btd,vd->btv", x, (self.table, None))
-        return quant.tied_logits(x, self.table, self.scale, self.cfg)
+        return quant.tied_logits(x, self.table, self.scale, self.formulation)
 
 
 class Transformer(nn.Module):
     """`__call__` = `logits(hidden(...))`; the two halves are separate methods so a prefill can compute
-    logits for every prompt position (echo scoring) or for the last one only."""
+    logits for every prompt position (echo scoring) or for the last one only. `formulation`: how its int8
+    matmuls compute (see quant.Formulation; float weights ignore it)."""
 
     cfg: ModelConfig
+    formulation: quant.Formulation = quant.Formulation()
 
     def setup(self):
         c = self.cfg
-        self.embed = Embedding(c)
+        self.embed = Embedding(c, self.formulation)
         self.layers = nn.scan(
             Block,
             variable_axes={"params": 0},
@@ -209,7 +219,7 @@ class Transformer(nn.Module):
             in_axes=(nn.broadcast,) * 7 + (0, nn.broadcast),  # the adapter stack is sliced per layer
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c)
+        )(c, self.formulation)
         self.final_norm = RMSNorm(c.norm_eps, jnp.dtype(c.dtype))
         if not c.tie_embeddings:
             self.lm_head = quant.weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)
@@ -236,7 +246,7 @@ class Transformer(nn.Module):
             tables.append(rope_tables(positions, c.head_dim, c.rope_local_theta))
         cos, sin = (jnp.stack(t) for t in zip(*tables))  # [R, B, T, H]
         stacked = None
-        if c.kernel_below_rows is not None and not self.is_initializing():  # packed int8: read in place
+        if self.formulation.kernel_below_rows is not None and not self.is_initializing():  # packed: read in place
             layers = self.variables["params"]["layers"]
             stacked = {n: (layers[n], layers[n + "_scale"]) for n in quant.int8_names(layers)}
         lora, mask = None, None
@@ -251,4 +261,4 @@ class Transformer(nn.Module):
         """Hidden states [B, T, D] -> logits [B, T, V] float32."""
         if self.cfg.tie_embeddings:
             return self.embed.attend(x).astype(jnp.float32)
-        return quant.dot("btd,dv->btv", x, self.lm_head, self.cfg).astype(jnp.float32)
+        return quant.dot("btd,dv->btv", x, self.lm_head, self.formulation).astype(jnp.float32)

@@ -1,0 +1,148 @@
+"""The attention kernels behind the seam (jaxserve.model.attention_kernels) against the plain path, on CPU
+(tests named `interpret`): jaxserve's TPU kernel in TPU interpret mode and jax's GPU kernel with
+interpret=True, on the attention shapes of the tiny model, SmolLM2 and Gemma 3, with random K/V and
+queries (the shapes are the point), over page tables with shared and partial pages; the whole forward
+with each kernel against the plain one; and which attention `choose` takes on each backend."""
+
+import dataclasses
+import logging
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.model import KVCache, ModelConfig, Transformer, init_params, kv_cache_for
+from jaxserve.model.attention_kernels import LAYOUTS, choose
+from jaxserve.model.transformer import paged_attention
+
+S = 16  # positions per page
+P = 12  # pages in the pool
+WINDOW = 64  # positions attention reads: 4 pages per sequence
+
+# (query heads, KV heads, head dim, query scale, dtype) of each model's attention; SmolLM2 in bfloat16, as an
+# accelerator serves it, Gemma 3 with its sliding-window layers (layer 1 here)
+SHAPES = {
+    "tiny": (8, 2, 16, None, "float32"),
+    "smollm2": (9, 3, 64, None, "bfloat16"),
+    "gemma3": (4, 1, 256, 256**-0.5, "float32"),
+}
+
+# three sequences: the first two share a prefix of two full pages; every last page is partial
+TABLE = np.array([[3, 7, 1, P], [3, 7, 5, 9], [10, 0, P, P]], np.int32)
+LENGTHS = np.array([45, 58, 20], np.int32)
+SHARED = np.array([0, 2 * S, 0], np.int32)  # the second sequence writes from its first page of its own
+
+
+def config(name: str) -> ModelConfig:
+    n, k, h, scale, dtype = SHAPES[name]
+    local = dict(sliding_window=20, local_layers=(1,)) if name == "gemma3" else {}
+    return ModelConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=n, n_kv_heads=k, head_dim=h, mlp_dim=64,
+        dtype=dtype, query_scale=scale, **local,
+    )  # fmt: skip
+
+
+def filled(c: ModelConfig, attention: str, seed: int = 0):
+    """The same random K/V of the three sequences (every position before its length, both layers) written
+    into a plain pool and into the `attention` kernel's, each by its own `write`."""
+    rng = np.random.default_rng(seed)
+    caches = [KVCache.zeros(c, P, S), LAYOUTS[attention].zeros(c, P, S)]
+    positions = np.broadcast_to(np.arange(WINDOW, dtype=np.int32), (3, WINDOW))
+    for layer in range(c.n_layers):
+        k, v = (jnp.asarray(rng.normal(size=(3, WINDOW, c.n_kv_heads, c.head_dim)), c.dtype) for _ in range(2))
+        # the shared pages hold the first sequence's prefix: the second one's K/V there are the same
+        k, v = (x.at[1, : SHARED[1]].set(x[0, : SHARED[1]]) for x in (k, v))
+        # positions at or past a sequence's length are never written (the cache keeps the zeros there)
+        written = np.where(positions < LENGTHS[:, None], positions, WINDOW)
+        caches = [cache.write(layer, TABLE, written, k, v, SHARED) for cache in caches]
+    return caches
+
+
+def both(c: ModelConfig, attention: str, caches, q, layer, table, positions, local):
+    """The plain path's and the `attention` kernel's attention for the same queries."""
+    plain = paged_attention(c, q, caches[0], layer, table, positions, WINDOW, local)
+    kernel_cfg = dataclasses.replace(c, attention=attention)
+    kernel = paged_attention(kernel_cfg, q, caches[1], layer, table, positions, WINDOW, local)
+    return np.asarray(plain, np.float32), np.asarray(kernel, np.float32)
+
+
+TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2}
+
+
+def rows(T: int):
+    """Each sequence's last T positions (decode rows, T = 1, with an idle row that has no pages): positions
+    and page tables."""
+    positions = LENGTHS[:, None] - T + np.arange(T, dtype=np.int32)
+    if T > 1:
+        return positions, TABLE
+    return np.vstack([positions, [[0]]]), np.vstack([TABLE, np.full((1, 4), P, np.int32)])
+
+
+def check(name: str, attention: str, cases):
+    """For each (T, layer) of `cases`: random queries at each sequence's last T positions (decode rows,
+    T = 1, with an idle row that has no pages) give the plain path's attention (the idle row: a finite
+    one)."""
+    c = config(name)
+    caches = filled(c, attention)
+    rng = np.random.default_rng(1)
+    for T, layer in cases:
+        positions, table = rows(T)
+        q = jnp.asarray(rng.normal(size=(len(positions), T, c.n_heads, c.head_dim)), c.dtype)
+        local = jnp.bool_(layer in c.local_layers)
+        plain, kernel = both(c, attention, caches, q, jnp.int32(layer), table, jnp.asarray(positions), local)
+        np.testing.assert_allclose(kernel[:3], plain[:3], atol=TOLERANCE[c.dtype], err_msg=f"T={T} {layer=}")
+        assert np.isfinite(kernel).all()
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_interpret_tpu_kernel_prefill_chunks_and_decode_rows_equal_the_plain_path(name):
+    """A prefill chunk (T = 8) and decode rows, on the pool's second layer (Gemma 3's: a local one) and on
+    Gemma 3's first (global)."""
+    check(name, "tpu_kernel", [(8, 1), (1, 1)] + ([(1, 0)] if name == "gemma3" else []))
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_interpret_gpu_kernel_decode_rows_equal_the_plain_path(name):
+    """jax's GPU kernel on decode rows of a global layer; on Gemma 3's local layer and on a prefill chunk
+    the seam takes the plain path over the GPU layout's pool, equal too."""
+    check(name, "gpu_kernel", [(1, 1), (8, 1)] + ([(1, 0)] if name == "gemma3" else []))
+
+
+def test_interpret_forward_with_the_tpu_kernel_equals_the_plain_forward():
+    """The whole model (Gemma 3's attention shape and local layer, random weights) with the TPU kernel: a
+    prefill of two rows then two decode steps give the plain forward's logits; the local/global choice
+    is the layer scan's traced index, the pool the scan's carry."""
+    c = config("gemma3")
+    params = init_params(c)
+    tokens = np.random.default_rng(3).integers(0, c.vocab_size, (2, 26), dtype=np.int32)
+    table = TABLE[:2]
+    outputs = []
+    for cfg in (c, dataclasses.replace(c, attention="tpu_kernel")):
+        forward = jax.jit(Transformer(cfg).apply, static_argnums=5)  # (params, tokens, positions, cache, table, window)
+        positions = np.broadcast_to(np.arange(24, dtype=np.int32), (2, 24))
+        logits, cache = forward(params, tokens[:, :24], positions, kv_cache_for(cfg).zeros(cfg, P, S), table, WINDOW)
+        steps = [logits[:, -1]]
+        for t in (24, 25):
+            logits, cache = forward(params, tokens[:, t : t + 1], np.full((2, 1), t, np.int32), cache, table, WINDOW)
+            steps.append(logits[:, 0])
+        outputs.append(np.stack(steps))
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-4)
+
+
+def test_choose_takes_a_kernel_on_its_accelerator_only_where_it_takes_the_shapes(caplog):
+    c = config("smollm2")
+    one, four = types.SimpleNamespace(size=1), types.SimpleNamespace(size=4)
+    with caplog.at_level(logging.INFO, logger="jaxserve.model.attention_kernels"):
+        assert choose(c, one, 128, backend="tpu").attention == "tpu_kernel"
+        assert choose(c, one, 128, backend="gpu").attention == "gpu_kernel"
+        assert choose(c, one, 128, backend="cpu").attention == "plain"
+        assert choose(c, one, 100, backend="tpu").attention == "plain"
+        assert "not the TPU kernel: page size 100 is not a multiple of 16" in caplog.text
+        assert choose(c, one, 96, backend="gpu").attention == "plain"
+        assert "not the GPU kernel: page size 96 is not a power of two" in caplog.text
+        assert choose(dataclasses.replace(c, head_dim=48), one, 128, backend="gpu").attention == "plain"
+        assert "head dim 48" in caplog.text
+        assert choose(c, four, 128, backend="tpu").attention == "plain"
+        assert "a mesh of 4 devices" in caplog.text

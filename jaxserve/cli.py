@@ -9,124 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CHECKPOINTS = "checkpoints"
-
-
-def checkpoint_root(arg: str | None) -> Path:
-    """--checkpoints, else $JAXSERVE_CHECKPOINTS, else ./checkpoints in a source checkout, else the user cache."""
-    if arg:
-        return Path(arg)
-    if os.environ.get("JAXSERVE_CHECKPOINTS"):
-        return Path(os.environ["JAXSERVE_CHECKPOINTS"])
-    if Path(DEFAULT_CHECKPOINTS).is_dir():
-        return Path(DEFAULT_CHECKPOINTS)
-    return Path.home() / ".cache" / "jaxserve" / "checkpoints"
-
-
-def compile_cache_dir(arg: str | None) -> Path | None:
-    """--compile-cache, else $JAXSERVE_COMPILE_CACHE, else ~/.cache/jaxserve/xla; 'off' disables it."""
-    value = arg or os.environ.get("JAXSERVE_COMPILE_CACHE") or str(Path.home() / ".cache" / "jaxserve" / "xla")
-    return None if value == "off" else Path(value)
-
-
-def _mesh(spec: str | None):
-    from jaxserve.sharding import make_mesh, parse_mesh
-
-    if not spec:
-        return make_mesh(1, None)
-    return make_mesh(*parse_mesh(spec))
-
-
-def parse_bytes(text: str) -> int:
-    """'2GB' / '512MiB' / '1e9' -> bytes (decimal units, and binary ones with an i)."""
-    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    units |= {f"{u}I": 1 << (10 * i) for i, u in enumerate("KMGT", 1)}
-    number = text.strip().upper().removesuffix("B")
-    unit = next((u for u in sorted(units, key=len, reverse=True) if u and number.endswith(u)), "")
-    try:
-        value = float(number[: len(number) - len(unit)]) * units[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
-    return int(value)
-
-
-def add_kv_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--kv-cache-memory",
-        type=parse_bytes,
-        help="memory for the KV page pool, e.g. 2GB (default: 1 GiB on a CPU host, half the free memory of an "
-        "accelerator; never more than every slot at full context needs)",
-    )
-    p.add_argument("--num-pages", type=int, help="pages in the KV pool (instead of --kv-cache-memory)")
-    p.add_argument(
-        "--no-prefix-caching",
-        dest="prefix_caching",
-        action="store_false",
-        help="compute every prompt whole instead of reusing cached pages of earlier ones",
-    )
-
-
-def lora_module(text: str) -> tuple[str, str]:
-    """'NAME=DIR', or vLLM's JSON form '{"name": NAME, "path": DIR, ...}' -> (NAME, DIR)."""
-    if text.lstrip().startswith("{"):
-        import json
-
-        try:
-            spec = json.loads(text)
-            return str(spec["name"]), str(spec["path"])
-        except (ValueError, KeyError, TypeError):
-            raise argparse.ArgumentTypeError(f'not {{"name": ..., "path": ...}}: {text!r}') from None
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"not NAME=DIR: {text!r}")
-    return name, path
-
-
-def add_lora_flags(p: argparse.ArgumentParser, loading: bool) -> None:
-    g = p.add_argument_group("LoRA adapters (PEFT directories), each served as a model id of its own")
-    g.add_argument(
-        "--lora", action="append", type=lora_module, default=[], metavar="NAME=DIR", help="an adapter (repeatable)"
-    )
-    g.add_argument(
-        "--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=DIR", help="vLLM's spelling of --lora"
-    )
-    g.add_argument(
-        "--max-loras",
-        type=int,
-        help="adapters resident at once: the stacked adapter weights are sized for this many (default: the "
-        "adapters given" + (", at least 1 with --enable-lora-loading)" if loading else ")"),
-    )
-    g.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank r served (default 16)")
-    if loading:
-        g.add_argument(
-            "--enable-lora-loading",
-            action="store_true",
-            help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name}",
-        )
-
-
-def lora_settings(args) -> dict:
-    """build_engine's LoRA arguments from the flags; a repeated name is an error."""
-    modules = args.lora + args.lora_modules
-    loras = dict(modules)
-    if len(loras) < len(modules):
-        raise SystemExit("jaxserve: error: a LoRA adapter name is given twice")
-    max_loras = args.max_loras
-    if max_loras is None:
-        max_loras = max(len(loras), int(getattr(args, "enable_lora_loading", False)))
-    return dict(loras=loras, max_loras=max_loras, max_lora_rank=args.max_lora_rank)
-
-
-def quantize_choice(args) -> str | None:
-    """--quantize, else the model card's default; "none" asks for float weights."""
-    if args.quantize is None:
-        from jaxserve.checkpoint import find_card
-
-        card = find_card(args.model)
-        return card.quantize if card else None
-    return None if args.quantize == "none" else args.quantize
+from jaxserve.engine_args import EngineArgs, add_checkpoint_flags, checkpoint_root
 
 
 def cmd_convert(args) -> int:
@@ -143,15 +26,15 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jaxserve.checkpoint import load_model
     from jaxserve.device.build import build_engine, enable_compilation_cache
     from jaxserve.engine import bridge
     from jaxserve.engine.types import Delta, EngineRequest, SamplingParams
 
-    if (cache := compile_cache_dir(args.compile_cache)) is not None:
+    engine = EngineArgs.from_args(args)
+    if (cache := engine.compile_cache_dir()) is not None:
         enable_compilation_cache(cache)
 
-    model = load_model(args.model, checkpoint_root(args.checkpoints), _mesh(args.mesh), quantize=quantize_choice(args))
+    model = engine.load_model()
     tok = model.tokenizer
     prompt_ids = tuple(tok.encode(args.prompt))
     # one slot, and a cache just long enough: shapes compile as they are first reached
@@ -161,7 +44,7 @@ def cmd_generate(args) -> int:
         slots=1,
         max_context=max(128, 1 << (needed - 1).bit_length()),
         warmup=False,
-        formulation=args.formulation,
+        formulation=engine.formulation,
         formulation_cache=cache,
     )
     req = EngineRequest(
@@ -275,37 +158,13 @@ def _graceful_server_class(state):
 
 
 def _build_serving(args, metrics, aliases: list[str], max_waiting: int = 256, background: bool = False):
-    """Model + started scheduler + CompletionServing from the shared flags (serve and batch); `background`:
+    """Model + started scheduler + CompletionServing from the engine's flags (serve and batch); `background`:
     serve once the shapes every request can fall back to are ready, compiling the others meanwhile."""
     from jaxserve.api.serving import CompletionServing
-    from jaxserve.checkpoint import load_model
-    from jaxserve.device.build import build_engine
-    from jaxserve.device.executables import FOLDER
 
-    # The steps' executables are kept in the store in `cache`, and jax's persistent cache is left off: one
-    # cache for each thing (an executable jax's cache hands over cannot be stored, see executables.py).
-    cache = compile_cache_dir(args.compile_cache)
-    model = load_model(
-        args.model,
-        checkpoint_root(args.checkpoints),
-        _mesh(args.mesh),
-        dtype=args.dtype,
-        quantize=quantize_choice(args),
-    )
-    scheduler = build_engine(
-        model,
-        slots=args.max_slots,
-        max_context=args.max_context,
-        max_waiting=max_waiting,
-        kv_cache_memory=args.kv_cache_memory,
-        num_pages=args.num_pages,
-        prefix_caching=args.prefix_caching,
-        formulation=args.formulation,
-        formulation_cache=cache,
-        executable_cache=None if cache is None else cache / FOLDER,
-        background=background,
-        **lora_settings(args),
-    )
+    engine = EngineArgs.from_args(args)
+    model = engine.load_model()
+    scheduler = engine.build_engine(model, max_waiting, background)
     weights = model.cfg.quant or model.cfg.dtype
     serving = CompletionServing(
         scheduler, model.tokenizer, [model.name, *aliases], metrics, fingerprint=f"jaxserve-{model.name}-{weights}"
@@ -437,89 +296,35 @@ def cmd_batch_merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxserve.checkpoint import DEFAULT_MODEL
-
     parser = argparse.ArgumentParser(prog="jaxserve", description="JAX-native LLM inference server")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--checkpoints",
-        help="folder of converted checkpoints "
-        "(default: $JAXSERVE_CHECKPOINTS, ./checkpoints, or ~/.cache/jaxserve/checkpoints)",
-    )
-    formulation = argparse.ArgumentParser(add_help=False)
-    formulation.add_argument(
-        "--formulation",
-        choices=["auto", "f32", "bf16", "kernel"],  # engine.formulation.FORMULATIONS (jax not imported here)
-        default="auto",
-        help="how int8 matmuls compute: kernel (jaxserve's int8 kernel, compiled here with g++; CPU, one "
-        "device), f32 (int8 widened to float32), bf16 (bfloat16 products, float32 sums), or auto: on CPU the "
-        "fastest at each decode batch size, measured once per machine and model and cached beside the "
-        "compiled steps; bf16 on GPU/TPU (default: auto)",
-    )
-    common.add_argument(
-        "--quantize",
-        choices=["int8", "none"],
-        help="int8 weights (a scale per output channel and 64 inputs), converted once into "
-        "checkpoints/NAME-int8, or none: the float weights, exact (default: the model card's "
-        "choice; int8 for smollm2-135m-instruct)",
-    )
-
     p = sub.add_parser(
-        "convert",
-        parents=[common],
-        help="convert a GGUF file or a Hugging Face checkpoint directory into an orbax checkpoint",
+        "convert", help="convert a GGUF file or a Hugging Face checkpoint directory into an orbax checkpoint"
     )
     p.add_argument("path", help="the .gguf file, or a directory of config.json, *.safetensors and tokenizer files")
+    add_checkpoint_flags(p)
     p.add_argument("--name", help="checkpoint name (default: the file's stem or the directory's name)")
     p.add_argument("--max-context", type=int, help="cap the context length (default: the file's)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser(
-        "generate", parents=[common, formulation], help="print a continuation of PROMPT as it is produced"
-    )
+    p = sub.add_parser("generate", help="print a continuation of PROMPT as it is produced")
     p.add_argument("prompt")
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="model name (card or checkpoint), checkpoint folder, or Hugging Face checkpoint directory",
-    )
+    EngineArgs.add_cli_args(p, capacity=False)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
-    p.add_argument("--mesh", help="e.g. data=1,model=2 (default: all devices on 'model')")
-    p.add_argument(
-        "--compile-cache",
-        help="folder for compiled steps, reused across runs ('off' to disable; "
-        "default $JAXSERVE_COMPILE_CACHE or ~/.cache/jaxserve/xla)",
-    )
     p.set_defaults(func=cmd_generate)
 
-    from jaxserve.device.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
-
-    p = sub.add_parser("serve", parents=[common, formulation], help="serve the OpenAI Completions API over HTTP")
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="model name (card or checkpoint), checkpoint folder, or Hugging Face checkpoint directory",
-    )
+    p = sub.add_parser("serve", help="serve the OpenAI Completions API over HTTP")
+    EngineArgs.add_cli_args(p)
     p.add_argument(
         "--served-model-name", action="append", default=[], help="another model id clients may use (repeatable)"
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS, help="sequences decoded at once")
-    p.add_argument(
-        "--max-context",
-        type=int,
-        default=DEFAULT_CONTEXT,
-        help="tokens per sequence (prompt + output), up to the model's own context; KV memory is "
-        "--kv-cache-memory, shared by all sequences",
-    )
-    add_kv_flags(p)
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get a 413")
     p.add_argument(
@@ -542,8 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="open connections (and requests in flight) beyond which new requests get a 503 (0: no limit)",
     )
-    p.add_argument("--mesh", help="e.g. data=1,model=2 (default: all devices on 'model')")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and activations (default: the model's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $JAXSERVE_API_KEY)")
     p.add_argument(
         "--shutdown-timeout",
@@ -551,31 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds in-flight requests get to finish on SIGINT/SIGTERM",
     )
-    p.add_argument("--compile-cache", help="as for generate")
-    add_lora_flags(p, loading=True)
+    p.add_argument(
+        "--enable-lora-loading",
+        action="store_true",
+        help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} "
+        "(with --api-key, behind it); --max-loras is then at least 1",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "batch",
-        parents=[common, formulation],
         help="run a JSONL file of completion requests (OpenAI Batch "
         "format), appending results to OUTPUT; a rerun resumes",
     )
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="model name (card or checkpoint), checkpoint folder, or Hugging Face checkpoint directory",
-    )
+    EngineArgs.add_cli_args(p)
     p.add_argument("--model-id", help="another model id the input's bodies may name")
-    p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS)
-    p.add_argument("--max-context", type=int, default=DEFAULT_CONTEXT)
-    add_kv_flags(p)
-    p.add_argument("--mesh")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"])
-    p.add_argument("--compile-cache", help="as for generate")
-    add_lora_flags(p, loading=False)
     plain = p.add_argument_group('plain form: INPUT holds one prompt per line (text or {"prompt": ...})')
     plain.add_argument("--prompts", action="store_true", help="read INPUT in the plain form")
     plain.add_argument("--max-tokens", type=int, default=16)

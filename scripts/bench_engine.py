@@ -28,11 +28,11 @@ import time
 import jax
 
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
-from jaxserve.cli import compile_cache_dir
 from jaxserve.device.build import DEFAULT_CONTEXT, build_engine, enable_compilation_cache
 from jaxserve.device.formulation import FORMULATIONS
 from jaxserve.device.roofline import Machine, floors
 from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
+from jaxserve.engine_args import compile_cache_dir
 from jaxserve.sharding import make_mesh
 
 

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
-from jaxserve.cli import checkpoint_root
 from jaxserve.device.build import build_engine
 from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
+from jaxserve.engine_args import checkpoint_root
 from jaxserve.model import lora
 from jaxserve.sharding import make_mesh
 

@@ -38,8 +38,8 @@ from urllib.parse import urlparse
 import httpx
 
 from jaxserve.checkpoint import DEFAULT_MODEL, ensure_checkpoint, find_card, gguf_path
-from jaxserve.cli import checkpoint_root
 from jaxserve.device.roofline import Machine, floors
+from jaxserve.engine_args import checkpoint_root
 from jaxserve.model import ModelConfig
 
 PROMPT = (

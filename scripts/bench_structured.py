@@ -22,11 +22,11 @@ import time
 
 from jaxserve.chat_template import encode_prompt, render
 from jaxserve.checkpoint import DEFAULT_MODEL, load_model
-from jaxserve.cli import compile_cache_dir
 from jaxserve.device.build import build_engine, enable_compilation_cache
 from jaxserve.engine.bridge import complete
 from jaxserve.engine.grammar import compile_response_format
 from jaxserve.engine.types import EngineRequest, SamplingParams
+from jaxserve.engine_args import compile_cache_dir
 from jaxserve.sharding import make_mesh
 
 SCHEMA = {

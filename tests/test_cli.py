@@ -55,7 +55,8 @@ def test_compiled_steps_are_reused_across_runs(tiny_dir, tmp_path):
 
 
 def test_weights_default_to_the_model_cards_choice():
-    from jaxserve.cli import build_parser, quantize_choice
+    from jaxserve.cli import build_parser
+    from jaxserve.engine_args import quantize_choice
 
     parse = build_parser().parse_args
     assert quantize_choice(parse(["serve"])) == "int8"  # smollm2-135m-instruct's card serves int8

@@ -7,7 +7,6 @@ the shapes every call can fall back to."""
 import dataclasses
 import json
 import logging
-import pickle
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from jaxserve.api.metrics import Metrics
 from jaxserve.chat_template import end_of_turn_ids
 from jaxserve.device import executables
 from jaxserve.device.build import build_engine
-from jaxserve.device.executables import ExecutableStore, complete, key_text
+from jaxserve.device.executables import ExecutableStore, complete, key_text, pack, unpack
 from jaxserve.device.runner import JaxRunner
 from jaxserve.device.warmup import essential, variants, warm
 from jaxserve.engine import bridge
@@ -140,6 +139,33 @@ def test_a_damaged_or_mismatched_entry_is_compiled_not_used(tiny, stored, caplog
         e.shutdown()
 
 
+def test_flipped_bytes_inside_entries_are_caught_by_their_checksum_and_replaced(tiny, stored, caplog, tmp_path):
+    """Three bytes flipped inside a stored executable (a bad disk, a torn copy) once reached XLA's
+    deserializer, which crashed the server at every start; the checksum catches them before it."""
+    store, count, outputs = stored
+    copy = ExecutableStore(tmp_path)
+    files = sorted(store.folder.glob("*.exe"))
+    for i, f in enumerate(files):
+        data = bytearray(f.read_bytes())
+        if i < 2:  # the middle of the entry: inside the serialized executable, past the header and key
+            for at in (len(data) // 2, len(data) // 2 + 1, len(data) // 2 + 97):
+                data[at] ^= 0x5A
+        (tmp_path / f.name).write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="jaxserve.device.executables"):
+        e = engine(tiny, copy)
+    try:
+        assert (e.core.report.loaded, e.core.report.compiled) == (count - 2, 2)
+        assert caplog.text.count("checksum does not match") == 2
+        assert generate(e) == outputs
+    finally:
+        e.shutdown()
+    again = engine(tiny, copy)  # the damaged entries were replaced by good ones
+    try:
+        assert (again.core.report.loaded, again.core.report.compiled) == (count, 0)
+    finally:
+        again.shutdown()
+
+
 def test_a_background_warmup_serves_through_the_widest_shapes_then_every_one(tiny, stored):
     _, count, outputs = stored
     e = engine(tiny, None, background=True)  # no store: everything compiles
@@ -205,9 +231,9 @@ def test_executables_from_jax_persistent_cache_are_not_stored(tiny, tiny_dir, st
 
 def reserialized(entry: bytes) -> bytes:
     """An entry as a persistent-cache hit left it: the executable loaded, then serialized again."""
-    key, blob, in_tree, out_tree = pickle.loads(entry)
+    key, blob, in_tree, out_tree = unpack(entry)
     loaded = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
-    return pickle.dumps((key, serialize_executable.serialize(loaded)[0], in_tree, out_tree))
+    return pack(key, serialize_executable.serialize(loaded)[0], in_tree, out_tree)
 
 
 def test_an_executable_without_object_code_is_neither_saved_nor_loaded(tiny, stored, caplog, tmp_path):
@@ -228,9 +254,9 @@ def test_an_executable_without_object_code_is_neither_saved_nor_loaded(tiny, sto
     finally:
         e.shutdown()
     for f in broken:  # replaced by the fresh compiles' complete entries
-        assert complete(pickle.loads(f.read_bytes())[1], "cpu")
+        assert complete(unpack(f.read_bytes())[1], "cpu")
 
-    key, blob, in_tree, out_tree = pickle.loads(files[0].read_bytes())
+    key, blob, in_tree, out_tree = unpack(files[0].read_bytes())
     loaded = serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
     with caplog.at_level(logging.WARNING, logger="jaxserve.device.executables"):
         copy.save("another key", loaded, "cpu")

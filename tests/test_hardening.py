@@ -139,6 +139,43 @@ def test_bad_values_are_400_naming_the_param(fake, body, param):
     assert r.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),  # was a 500 (TypeError)
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfffb"}]}]}, "messages[0].content"),
+        ({"stop": ["\ud800"]}, "stop"),
+        ({"user": "\udfff"}, "user"),
+        ({"temperature": "0.5"}, "temperature"),  # were accepted as numbers
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_completion_tokens": "5"}, "max_completion_tokens"),
+        ({"top_logprobs": "2", "logprobs": True}, "top_logprobs"),
+        ({"n": 2.0}, "n"),
+        ({"seed": "7"}, "seed"),
+        ({"logprobs": "true"}, "logprobs"),
+        ({"stream": 1}, "stream"),
+    ],
+)
+def test_chat_is_as_strict_as_completions(fake, body, param):
+    url, *_ = fake
+    r = post(url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body}, "/v1/chat/completions")
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_metrics_and_probes_read_the_schedulers_stats(fake):
+    url, _, scheduler = fake
+    assert post(url, {"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
+    stats = scheduler.stats()
+    assert stats.healthy and stats.steps > 0 and stats.queue_depth == 0
+    metrics = httpx.get(url + "/metrics").text
+    assert f"jaxserve_kv_pages {float(stats.kv_pages)}" in metrics
+    # the fake core compiles nothing and has no model: those series are left out, not made up
+    assert stats.compiles is None and stats.formulation is None
+    assert "jaxserve_compiles" not in metrics and "jaxserve_matmul_formulation" not in metrics
+    assert httpx.get(url + "/ready").json() == {"status": "ready"}
+
+
 def test_an_int_is_still_a_float():
     from jaxserve.api.protocol import parse_completion_request
 

@@ -11,7 +11,8 @@ import pytest
 from lora_files import write_adapter
 from server import Server
 
-from jaxserve.cli import build_parser, lora_settings
+from jaxserve.cli import build_parser
+from jaxserve.engine_args import EngineArgs
 
 TINY = "tiny-llama"
 KEY = "lora-key"
@@ -114,6 +115,8 @@ def test_batch_takes_the_same_flags():
     args = build_parser().parse_args(
         ["batch", "in", "out", "--lora", "a=/x", "--lora-modules", "b=/y", "--max-lora-rank", "8"]
     )
-    assert lora_settings(args) == dict(loras={"a": "/x", "b": "/y"}, max_loras=2, max_lora_rank=8)
+    assert EngineArgs.from_args(args).lora_settings() == dict(
+        loras={"a": "/x", "b": "/y"}, max_loras=2, max_lora_rank=8
+    )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["batch", "in", "out", "--lora", "no-directory"])

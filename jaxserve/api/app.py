@@ -180,14 +180,14 @@ def create_app(state: ServerState) -> Starlette:
         return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
     async def health(request: Request) -> Response:
-        ok = state.serving is not None and state.serving.scheduler.healthy
+        ok = state.serving is not None and state.serving.scheduler.stats().healthy
         return _json(
             {"status": "ok" if ok else ("error" if state.load_error or state.serving else "loading")},
             200 if ok else 503,
         )
 
     async def live(request: Request) -> Response:
-        failed = state.serving is not None and not state.serving.scheduler.healthy
+        failed = state.serving is not None and not state.serving.scheduler.stats().healthy
         return _json({"status": "error" if failed else "ok"}, 503 if failed else 200)
 
     async def ready(request: Request) -> Response:
@@ -196,7 +196,7 @@ def create_app(state: ServerState) -> Starlette:
         elif state.serving is None:
             status = "error" if state.load_error else "loading"
         else:
-            status = "ready" if state.serving.scheduler.healthy else "error"
+            status = "ready" if state.serving.scheduler.stats().healthy else "error"
         return _json({"status": status}, 200 if status == "ready" else 503)
 
     async def metrics(request: Request) -> Response:

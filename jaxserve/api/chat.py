@@ -1,8 +1,9 @@
 """The Chat Completions API: its request model and its serving, over the completions' serving.
 
-A chat request is validated here (every bad field named, down to `messages[i].content[j].type`), its
-messages rendered by the model's own chat template (`jaxserve.chat_template`), and the rendered prompt run
-as a completion on the same engine: so a chat at temperature 0 gives exactly the tokens of a completion of
+A chat request is validated here (every bad field named, down to `messages[i].content[j].type`; the
+fields it shares with completions by `protocol`, the same way), its messages rendered by the model's own
+chat template (`jaxserve.chat_template`), and the rendered prompt run as a completion's prompts are, on
+the same engine: so a chat at temperature 0 gives exactly the tokens of a completion of
 that rendered text. The answers leave as `chat.completion` objects or `chat.completion.chunk` streams
 (the role first, then content, a finish_reason per choice, the usage chunk if asked).
 """
@@ -15,9 +16,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from jaxserve.api.protocol import APIError, CompletionRequest, StreamOptions, parse_request
+from jaxserve.api.protocol import APIError, SamplingRequest, check_unicode, parse_request
 from jaxserve.api.serving import MIN_LOGPROB, CompletionServing, Tally
 from jaxserve.chat_template import TemplateError, encode_prompt, render
 from jaxserve.engine.types import TOP_LOGPROBS, EngineRequest, TokenInfo
@@ -25,37 +26,12 @@ from jaxserve.engine.types import TOP_LOGPROBS, EngineRequest, TokenInfo
 ROLES = ("system", "developer", "user", "assistant")
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str
+class ChatCompletionRequest(SamplingRequest):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, ge=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
-    seed: int | None = None
-    user: str | None = None
-    response_format: dict[str, Any] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        return CompletionRequest._stops(v)
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v):
-        return CompletionRequest._bias(v)
 
     @model_validator(mode="after")
     def _checks(self):
@@ -67,6 +43,10 @@ class ChatCompletionRequest(BaseModel):
     @property
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _own_params(self, prompt_tokens: int, max_context: int) -> dict[str, Any]:
+        # OpenAI's default: as much as the context leaves
+        return {"max_tokens": self.limit if self.limit is not None else max(1, max_context - prompt_tokens)}
 
 
 def _message(i: int, m: Any) -> dict[str, str]:
@@ -97,7 +77,15 @@ def _message(i: int, m: Any) -> dict[str, str]:
         content = "\n".join(texts)
     if not isinstance(content, str):
         raise APIError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
+    _check_text(content, f"{where}.content")
     return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def _check_text(text: str, param: str) -> None:
+    try:
+        check_unicode(text)
+    except ValueError as e:
+        raise APIError(400, f"invalid value for '{param}': {e}", param=param) from None
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
@@ -124,32 +112,12 @@ class ChatServing:
             raise APIError(400, message, param="messages", code="chat_template_missing" if missing else None) from None
         return encode_prompt(self.tokenizer, text)
 
-    def completion_request(self, req: ChatCompletionRequest) -> CompletionRequest:
-        """The completion this chat is: the rendered prompt's ids and the same sampling."""
-        ids = self.prompt_ids(req)
-        limit = req.limit
-        if limit is None:  # OpenAI's default: as much as the context leaves
-            limit = max(1, self.completions.scheduler.max_context - len(ids))
-        return CompletionRequest(
-            model=req.model,
-            prompt=ids,
-            max_tokens=limit,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            n=req.n,
-            stop=req.stop,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            logit_bias=req.logit_bias,
-            seed=req.seed,
-            user=req.user,
-            response_format=req.response_format,
-        )
-
     def engine_requests(
         self, req: ChatCompletionRequest, request_id: str, timeout: float | None = None
     ) -> list[EngineRequest]:
-        return self.completions.engine_requests(self.completion_request(req), request_id, timeout)
+        """The rendered messages as one prompt, run as the completions' engine requests are."""
+        self.completions.check_model(req.model)
+        return self.completions.requests_for(req, [self.prompt_ids(req)], request_id, timeout)
 
     def _base(self, request_id: str, model: str, kind: str) -> dict:
         return {

@@ -6,10 +6,10 @@ vLLM's names, labelled `model_name` (the first served id), which the Kubernetes 
 dashboards read: requests waiting and running, KV-cache usage, prefix-cache queries and hits, latency
 histograms, token counters, finished requests by reason, preemptions.
 
-Scrape-time values (queue, slots, KV pages, prefix cache, preemptions) are read from the scheduler by a
-collector; per-request values
-are observed by `serving` when a request ends, finished or not (a request ended by its deadline or by the
-client going away counts as finished_reason="abort").
+Scrape-time values (queue, slots, KV pages, prefix cache, preemptions, compiles) are read by a collector
+from one `EngineStats` snapshot of the scheduler, never from its internals; per-request values are observed
+by `serving` when a request ends, finished or not (a request ended by its deadline or by the client going
+away counts as finished_reason="abort").
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from jaxserve.engine.types import EngineStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -49,49 +51,48 @@ class RequestRecord:
 
 
 class _EngineCollector(Collector):
-    """Values read from the scheduler at scrape time."""
+    """Values read from the scheduler's stats snapshot at scrape time."""
 
     def __init__(self, model_name: str, scheduler: Any):
         self.model_name, self.scheduler = model_name, scheduler
 
     def collect(self) -> Iterator[Metric]:
-        s, core = self.scheduler, self.scheduler.core
+        s: EngineStats = self.scheduler.stats()
         yield GaugeMetricFamily("jaxserve_queue_depth", "prompts waiting for slots", value=s.queue_depth)
         yield GaugeMetricFamily("jaxserve_active_slots", "slots holding a sequence", value=s.active_slots)
-        if hasattr(core, "compiles"):
-            yield CounterMetricFamily("jaxserve_compiles", "jitted steps compiled", value=sum(core.compiles.values()))
+        if s.compiles is not None:
+            yield CounterMetricFamily("jaxserve_compiles", "jitted steps compiled", value=s.compiles)
         yield CounterMetricFamily("jaxserve_engine_steps", "decode steps run", value=s.steps)
-        if hasattr(core, "pending_variants"):
+        if s.variants_pending is not None:
             yield GaugeMetricFamily(
                 "jaxserve_step_variants_pending",
                 "step shapes the background warm-up is still compiling (requests meanwhile use wider ones)",
-                value=core.pending_variants,
+                value=s.variants_pending,
             )
-        if (model := getattr(core, "model", None)) is not None:  # a served model (the fake core has none)
+        if s.formulation is not None:
             yield InfoMetricFamily(
                 "jaxserve_matmul_formulation",
                 "how the weight matmuls compute: float weights in their dtype; int8 by rows in jaxserve's kernel, "
                 "f32 or bf16, e.g. kernel<8<=f32<32<=bf16 (the kernel below 8 rows, bfloat16 products from 32 on)",
                 value={
-                    "formulation": model.formulation.describe(model.cfg),
-                    "kernel_below_rows": str(model.formulation.kernel_below_rows or ""),
-                    "bf16_from_rows": str(model.formulation.bf16_from_rows or ""),
+                    "formulation": s.formulation,
+                    "kernel_below_rows": str(s.kernel_below_rows or ""),
+                    "bf16_from_rows": str(s.bf16_from_rows or ""),
                 },
             )
-        if core.max_loras:  # vLLM's: the adapters of running and waiting requests in labels, the time as value
-            running, waiting = s.adapters_in_use()
+        if s.max_loras:  # vLLM's: the adapters of running and waiting requests in labels, the time as value
             info = GaugeMetricFamily(
                 "vllm:lora_requests_info",
                 "LoRA adapters of running and waiting requests",
                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
             )
-            info.add_metric([str(core.max_loras), ",".join(running), ",".join(waiting)], time.time())
+            labels = [str(s.max_loras), ",".join(s.running_adapters), ",".join(s.waiting_adapters)]
+            info.add_metric(labels, time.time())
             yield info
-        pool = s.pool
-        yield GaugeMetricFamily("jaxserve_kv_pages", "pages in the KV pool", value=pool.pages)
-        yield GaugeMetricFamily("jaxserve_kv_pages_held", "KV pages held by sequences", value=pool.held)
-        yield GaugeMetricFamily("jaxserve_kv_pages_cached", "KV pages holding a cached prefix", value=pool.cached)
-        yield CounterMetricFamily("jaxserve_kv_evictions", "cached pages evicted", value=pool.evictions)
+        yield GaugeMetricFamily("jaxserve_kv_pages", "pages in the KV pool", value=s.kv_pages)
+        yield GaugeMetricFamily("jaxserve_kv_pages_held", "KV pages held by sequences", value=s.kv_pages_held)
+        yield GaugeMetricFamily("jaxserve_kv_pages_cached", "KV pages holding a cached prefix", value=s.kv_pages_cached)
+        yield CounterMetricFamily("jaxserve_kv_evictions", "cached pages evicted", value=s.kv_evictions)
         for family, name, doc, value in (
             (GaugeMetricFamily, "vllm:num_requests_waiting", "requests waiting to be scheduled", s.queue_depth),
             (
@@ -104,10 +105,10 @@ class _EngineCollector(Collector):
                 GaugeMetricFamily,
                 "vllm:kv_cache_usage_perc",
                 "fraction of KV-cache pages held by sequences, 0-1",
-                pool.held / max(pool.pages, 1),
+                s.kv_pages_held / max(s.kv_pages, 1),
             ),
-            (CounterMetricFamily, "vllm:prefix_cache_queries", "prompt tokens looked up", pool.queried_tokens),
-            (CounterMetricFamily, "vllm:prefix_cache_hits", "prompt tokens found cached", pool.hit_tokens),
+            (CounterMetricFamily, "vllm:prefix_cache_queries", "prompt tokens looked up", s.prefix_queried_tokens),
+            (CounterMetricFamily, "vllm:prefix_cache_hits", "prompt tokens found cached", s.prefix_hit_tokens),
             (CounterMetricFamily, "vllm:num_preemptions", "sequences preempted for KV pages", s.preemptions),
         ):
             metric = family(name, doc, labels=MODEL)

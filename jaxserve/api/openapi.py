@@ -135,13 +135,18 @@ def _request_schema(model_ids: list[str] | None) -> tuple[dict, dict]:
                 option["items"]["minItems"] = 1
             elif option["items"].get("type") == "string":
                 option["items"]["minLength"] = 1
+    _tighten_shared(props)
+    return schema, defs
+
+
+def _tighten_shared(props: dict) -> None:
+    """What `protocol` checks of the fields both request models share (SamplingRequest), in their schema."""
     for option in props["stop"]["anyOf"]:
         if option["type"] == "array":
             option["maxItems"] = MAX_STOPS
     bias = props["logit_bias"]["anyOf"][0]
     bias["propertyNames"] = {"pattern": f"^{TOKEN_ID_KEY.pattern}$"}
     bias["additionalProperties"] = {"type": "number", "minimum": -100, "maximum": 100}
-    return schema, defs
 
 
 def openapi_spec(model_ids: list[str] | None = None, api_key: bool = False) -> dict:
@@ -173,6 +178,7 @@ def openapi_spec(model_ids: list[str] | None = None, api_key: bool = False) -> d
     defs.update(chat_schema.pop("$defs", {}))
     if model_ids:
         chat_schema["properties"]["model"]["enum"] = list(model_ids)
+    _tighten_shared(chat_schema["properties"])
     chat_op = {
         "summary": "Create a chat completion from the model's own chat template (stream: server-sent "
         "`chat.completion.chunk` events ending with `data: [DONE]`)",

@@ -1,4 +1,5 @@
-"""The Completions API's request model and OpenAI's error envelope.
+"""The request models (the sampling fields both APIs share, and the Completions API's own) and OpenAI's
+error envelope.
 
 Validation happens here, once, at the boundary: a bad request becomes an `APIError` naming the parameter
 and the value received; everything past this module can trust its inputs. Parameters OpenAI does not
@@ -7,11 +8,15 @@ define are ignored (with a log line), as OpenAI does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jaxserve.engine.types import EngineRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +53,41 @@ class StreamOptions(BaseModel):
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 
-class CompletionRequest(BaseModel):
-    # strict, as OpenAI validates: "yes" is not a bool, "2" is not a token id (an int is still a valid float)
+def check_unicode(text: str) -> str:
+    """Raise ValueError for text that is not valid Unicode (a lone surrogate such as "\\ud800", which JSON
+    escapes, and Python's JSON decoder, let through): no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        raise ValueError(f"the text holds a lone surrogate (U+{char:04X}) at position {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(check_unicode)]  # a string that is valid Unicode
+
+
+class SamplingRequest(BaseModel):
+    """The fields the Completions and Chat Completions requests share, validated one way, and the engine's
+    request made from them (`to_engine_request`); each API adds its own fields and `_own_params`."""
+
+    # strict, as OpenAI validates: "yes" is not a bool, "2" is not a number (an int is still a valid float)
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
-    prompt: Prompt
-    suffix: str | None = None
-    max_tokens: int | None = Field(16, ge=0)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, ge=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
-    stop: str | list[str] | None = None
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    best_of: int | None = Field(None, ge=1, le=128)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    n: int = Field(1, ge=1, le=128)
     seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: Text | None = None
     ignore_eos: bool = False  # an extension (as in vLLM and llama.cpp): generate past EOS, for benchmarks
-    response_format: dict[str, Any] | None = None  # an extension: Chat Completions' structured outputs
+    response_format: dict[str, Any] | None = None  # structured outputs (for completions, an extension)
 
     @field_validator("stop")
     @classmethod
@@ -93,12 +109,69 @@ class CompletionRequest(BaseModel):
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {value} for token {key}")
         return v
 
-    @field_validator("suffix", "user")
-    @classmethod
-    def _text(cls, v):
-        if v is not None:
-            check_unicode(v)
-        return v
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def sampling_params(self, vocab_size: int) -> SamplingParams:
+        """The knobs of `SamplingParams` taken from the request fields of the same names (null: the engine's
+        default), so that a new knob declared in both needs nothing here; `logit_bias` as (token id, bias)
+        pairs of this vocabulary. Its `seed` is the engine's to set per choice (EngineRequest.seed)."""
+        given = {name: getattr(self, name) for name in SAMPLED if name in type(self).model_fields}
+        bias = []
+        for key, value in (self.logit_bias or {}).items():
+            if not 0 <= int(key) < vocab_size:
+                raise APIError(
+                    400,
+                    f"logit_bias key {key} is not a token id of this model (0..{vocab_size - 1})",
+                    param="logit_bias",
+                )
+            bias.append((int(key), float(value)))
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None}, logit_bias=tuple(bias))
+
+    def to_engine_request(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        vocab_size: int,
+        max_context: int,
+        grammar: str | None = None,
+        deadline: float | None = None,
+    ) -> EngineRequest:
+        """The engine's request for one prompt of this request (its token ids), on a model of `vocab_size`
+        tokens and `max_context` positions; `grammar` compiled from response_format; `deadline` as
+        time.monotonic() (None: no bound)."""
+        return EngineRequest(
+            request_id,
+            tuple(prompt_ids),
+            sampling=self.sampling_params(vocab_size),
+            seed=self.seed,
+            n=self.n,
+            stop=self.stops,
+            ignore_eos=self.ignore_eos,
+            deadline=deadline,
+            grammar=grammar,
+            **self._own_params(len(prompt_ids), max_context),
+        )
+
+    def _own_params(self, prompt_tokens: int, max_context: int) -> dict[str, Any]:
+        """The EngineRequest fields this API sets its own way."""
+        raise NotImplementedError
+
+
+# SamplingParams' knobs a request sets by name (logit_bias is converted; seed is per choice)
+SAMPLED = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("logit_bias", "seed"))
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Prompt
+    suffix: Text | None = None
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=128)
 
     @field_validator("prompt")
     @classmethod
@@ -125,9 +198,9 @@ class CompletionRequest(BaseModel):
             )
         return self
 
-    @property
-    def stops(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+    def _own_params(self, prompt_tokens: int, max_context: int) -> dict[str, Any]:
+        limit = {} if self.max_tokens is None else {"max_tokens": self.max_tokens}  # null: the engine's default
+        return {"best_of": self.best_of, "echo": self.echo, **limit}
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -138,16 +211,6 @@ class CompletionRequest(BaseModel):
         if all(isinstance(x, int) for x in p):
             return [list(p)]
         return list(p)
-
-
-def check_unicode(text: str) -> None:
-    """Raise ValueError for text that is not valid Unicode (a lone surrogate such as "\\ud800", which JSON
-    escapes, and Python's JSON decoder, let through): no tokenizer can encode it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        char = ord(text[e.start])
-        raise ValueError(f"the text holds a lone surrogate (U+{char:04X}) at position {e.start}") from None
 
 
 M = TypeVar("M", bound=BaseModel)

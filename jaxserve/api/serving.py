@@ -1,18 +1,20 @@
-"""Serving: a validated CompletionRequest -> engine requests -> an OpenAI `text_completion` object or a
-stream of chunks. Knows the tokenizer (for prompts, token strings and offsets) and the engine's host
-types and asyncio bridge; knows nothing of HTTP, and loads no jax.
+"""Serving: a validated request -> engine requests (a completion's prompts here, a chat's rendered messages
+from `chat`) -> an OpenAI `text_completion` object or a stream of chunks. Knows the tokenizer (for prompts,
+token strings and offsets) and the engine's host types and asyncio bridge; knows nothing of HTTP, and loads
+no jax.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from jaxserve.api.metrics import Metrics, RequestRecord
-from jaxserve.api.protocol import APIError, CompletionRequest
+from jaxserve.api.protocol import APIError, CompletionRequest, SamplingRequest
 from jaxserve.engine import bridge
 from jaxserve.engine.grammar import compile_response_format
 from jaxserve.engine.scheduler import Scheduler
@@ -24,7 +26,6 @@ from jaxserve.engine.types import (
     EngineStopped,
     QueueFull,
     RequestError,
-    SamplingParams,
     Usage,
 )
 from jaxserve.tokenizer import Tokenizer
@@ -136,34 +137,17 @@ class CompletionServing:
 
     # ---- request -> engine requests ----------------------------------------------------------------
 
+    def check_model(self, model: str) -> None:
+        """A 404 naming `model` unless this server serves it (the base, an alias, or a LoRA adapter)."""
+        self.adapter_of(model)
+
     def engine_requests(
         self, req: CompletionRequest, request_id: str, timeout: float | None = None
     ) -> list[EngineRequest]:
-        """One engine request per prompt, each aborted by the engine `timeout` seconds from now. Checks what
-        needs this model (its name, vocabulary, FIM tokens); the engine checks the rest when they are submitted."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        adapter = self.adapter_of(req.model)
+        """One engine request per prompt (see `requests_for`); its text encoded here, the suffix filled in."""
+        self.check_model(req.model)
         vocab = self.tokenizer.vocab_size
-        bias = []
-        for key, value in (req.logit_bias or {}).items():
-            if not 0 <= int(key) < vocab:
-                raise APIError(
-                    400, f"logit_bias key {key} is not a token id of this model (0..{vocab - 1})", param="logit_bias"
-                )
-            bias.append((int(key), float(value)))
-        given = dict(
-            temperature=req.temperature,
-            top_p=req.top_p,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-        )  # null means the default
-        sampling = SamplingParams(**{k: v for k, v in given.items() if v is not None}, logit_bias=tuple(bias))
-        limits = {} if req.max_tokens is None else {"max_tokens": req.max_tokens}
-        try:
-            grammar = compile_response_format(req.response_format, self.tokenizer)
-        except RequestError as e:
-            raise engine_error(e) from None
-        out = []
+        prompts = []
         for i, prompt in enumerate(req.prompts):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             if any(not 0 <= t < vocab for t in ids):
@@ -175,24 +159,27 @@ class CompletionServing:
                     ids = fill_in_the_middle(self.tokenizer, ids, self.tokenizer.encode(req.suffix))
             except RequestError as e:
                 raise engine_error(e) from None
-            out.append(
-                EngineRequest(
-                    f"{request_id}-{i}",
-                    tuple(ids),
-                    sampling=sampling,
-                    seed=req.seed,
-                    n=req.n,
-                    best_of=req.best_of,
-                    echo=req.echo,
-                    stop=req.stops,
-                    ignore_eos=req.ignore_eos,
-                    deadline=deadline,
-                    grammar=grammar,
-                    adapter=adapter,
-                    **limits,
-                )
+            prompts.append(ids)
+        return self.requests_for(req, prompts, request_id, timeout)
+
+    def requests_for(
+        self, req: SamplingRequest, prompts: list[list[int]], request_id: str, timeout: float | None
+    ) -> list[EngineRequest]:
+        """The engine's requests for a completion's or a chat's prompts, each aborted by the engine `timeout`
+        seconds from now. Checks what needs this model (its vocabulary, response_format's grammar); the engine
+        checks the rest when they are submitted."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            grammar = compile_response_format(req.response_format, self.tokenizer)
+        except RequestError as e:
+            raise engine_error(e) from None
+        vocab, context, adapter = self.tokenizer.vocab_size, self.scheduler.max_context, self.adapter_of(req.model)
+        return [
+            dataclasses.replace(
+                req.to_engine_request(f"{request_id}-{i}", ids, vocab, context, grammar, deadline), adapter=adapter
             )
-        return out
+            for i, ids in enumerate(prompts)
+        ]
 
     # ---- models and LoRA adapters ---------------------------------------------------------------------
 

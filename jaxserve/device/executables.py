@@ -16,9 +16,11 @@ platform version and the devices (kind, id; on CPU the host CPU's model and feat
 the jax options that change programs, the source of the jaxserve modules that can change a program (all
 but the host-side ones in HOST_ONLY), the step's name, its `StepSpec` (model config with the matmul
 formulation, end ids, state shardings) and static arguments, and the tree, shapes, dtypes and shardings
-of its arguments. The entry holds that key's text too; a load whose text differs, whose file is
-unreadable or incomplete, or whose executable does not deserialize is logged, its file removed, and
-compiled afresh, so a stale or damaged entry is never used.
+of its arguments. The entry holds that key's text too, and begins with a sha256 of the rest, checked before
+anything is unpickled or handed to XLA's deserializer (which damaged bytes can crash, taking the server
+down at every start). A load whose checksum or key text differs, whose file is unreadable or incomplete, or
+whose executable does not deserialize is logged, its file removed, and compiled afresh, so a stale or
+damaged entry is never used.
 Custom call targets (XLA FFI) are looked up by name when an executable loads and runs, so a target
 registered before warm-up serves a loaded executable as it serves a compiled one.
 """
@@ -55,6 +57,7 @@ HOST_ONLY = (
     "batch.py",
     "chat_template.py",
     "cli.py",
+    "engine_args.py",
     "host.py",
     "tokenizer.py",
     "engine/",  # the host half: no jax
@@ -63,6 +66,7 @@ HOST_ONLY = (
     "device/warmup.py",
 )
 CACHE_HIT = "/jax/compilation_cache/cache_hits"  # the jax.monitoring event of a persistent-cache hit
+ENTRY = b"jaxserve-executable 1\n"  # an entry: this, the sha256 digest of the payload, the payload (a pickle)
 OBJECT_CODE = (b"\x7fELF", b"\xcf\xfa\xed\xfe")  # ELF and Mach-O magic: what an XLA:CPU kernel is stored as
 # jax options that change the programs a trace produces
 OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable", "jax_default_prng_impl")
@@ -180,7 +184,7 @@ class ExecutableStore:
         if not path.exists():
             return None
         try:
-            stored_key, blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+            stored_key, blob, in_tree, out_tree = unpack(path.read_bytes())
             if stored_key != key:
                 log.warning("executable %s was stored for another key: compiling afresh", path.name)
             elif not complete(blob, devices[0].platform):
@@ -199,7 +203,7 @@ class ExecutableStore:
             if not complete(blob, platform):
                 log.warning("executable not saved: its serialization lacks the object code")
                 return
-            data = pickle.dumps((key, blob, in_tree, out_tree))
+            data = pack(key, blob, in_tree, out_tree)
         except Exception as e:
             log.warning("executable not saved (%s: %s)", type(e).__name__, e)
             return
@@ -208,6 +212,27 @@ class ExecutableStore:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)  # a concurrent reader sees a whole entry or none
+
+
+class DamagedEntry(ValueError):
+    """An entry's bytes are not the ones that were saved."""
+
+
+def pack(key: str, blob: bytes, in_tree, out_tree) -> bytes:
+    """An entry's bytes: the header, the sha256 digest of the payload, the payload."""
+    payload = pickle.dumps((key, blob, in_tree, out_tree))
+    return ENTRY + hashlib.sha256(payload).digest() + payload
+
+
+def unpack(data: bytes) -> tuple:
+    """(key, blob, in_tree, out_tree) of an entry whose checksum matches; else DamagedEntry, before anything
+    is unpickled."""
+    digest_end = len(ENTRY) + hashlib.sha256().digest_size
+    if not data.startswith(ENTRY) or len(data) < digest_end:
+        raise DamagedEntry("not a jaxserve executable entry")
+    if hashlib.sha256(data[digest_end:]).digest() != data[len(ENTRY) : digest_end]:
+        raise DamagedEntry("its checksum does not match its contents")
+    return pickle.loads(data[digest_end:])
 
 
 @dataclasses.dataclass

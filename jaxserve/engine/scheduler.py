@@ -48,7 +48,7 @@ from jaxserve.engine.kv import KVManager
 from jaxserve.engine.lifecycle import END, Choice, Fill, Group, Status
 from jaxserve.engine.pages import PagePool
 from jaxserve.engine.plan import Decode, PrefillRow, SamplePlan, Start, StepPlan
-from jaxserve.engine.types import DeadlineExceeded, EngineRequest, EngineStopped, QueueFull, RequestError
+from jaxserve.engine.types import DeadlineExceeded, EngineRequest, EngineStats, EngineStopped, QueueFull, RequestError
 from jaxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -148,10 +148,9 @@ class Scheduler:
         self.adapters.remove(name)
         log.info("LoRA adapter %s unloaded", name)
 
-    def adapters_in_use(self) -> tuple[list[str], list[str]]:
-        """(names of the adapters of admitted requests, of waiting ones), for the metrics (any thread)."""
-        names = lambda groups: sorted({g.adapter.name for g in groups if g.adapter is not None})
-        return names(list(self._groups.values())), names(list(self._waiting))
+    @staticmethod
+    def _adapter_names(groups: list[Group]) -> tuple[str, ...]:
+        return tuple(sorted({g.adapter.name for g in groups if g.adapter is not None}))
 
     def abort(self, request_id: str) -> None:
         self.intake.abort(request_id)
@@ -168,6 +167,32 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return self.intake.depth
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics and probes (read racily from their thread: each count is one that was true)."""
+        pool, core = self.pool, self.core
+        model = getattr(core, "model", None)  # the device side's served model: the tests' fake core has none
+        return EngineStats(
+            healthy=self.healthy,
+            queue_depth=self.queue_depth,
+            active_slots=self.active_slots,
+            steps=self.steps,
+            preemptions=self.preemptions,
+            kv_pages=pool.pages,
+            kv_pages_held=pool.held,
+            kv_pages_cached=pool.cached,
+            kv_evictions=pool.evictions,
+            prefix_queried_tokens=pool.queried_tokens,
+            prefix_hit_tokens=pool.hit_tokens,
+            compiles=sum(core.compiles.values()) if hasattr(core, "compiles") else None,
+            variants_pending=getattr(core, "pending_variants", None),
+            formulation=None if model is None else model.formulation.describe(model.cfg),
+            kernel_below_rows=None if model is None else model.formulation.kernel_below_rows,
+            bf16_from_rows=None if model is None else model.formulation.bf16_from_rows,
+            max_loras=core.max_loras,
+            running_adapters=self._adapter_names(list(self._groups.values())),
+            waiting_adapters=self._adapter_names(list(self._waiting)),
+        )
 
     # ---- the scheduler thread -----------------------------------------------------------------------
 

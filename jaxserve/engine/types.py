@@ -69,6 +69,32 @@ class Usage:
     queue_seconds: float | None = None  # from submission to admission into slots
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """One snapshot of the engine (`Scheduler.stats()`): all that metrics and probes read of it."""
+
+    healthy: bool  # the scheduler loop runs (False while starting, after a failure, once shut down)
+    queue_depth: int  # prompts waiting for slots
+    active_slots: int  # slots holding a sequence
+    steps: int  # scheduler loops run
+    preemptions: int  # sequences preempted for KV pages
+    kv_pages: int  # pages in the pool
+    kv_pages_held: int  # held by sequences
+    kv_pages_cached: int  # holding a cached prefix
+    kv_evictions: int  # cached pages evicted
+    prefix_queried_tokens: int  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int  # of those, found cached
+    # the device side's, where it has them (the tests' fake core compiles nothing and has no model)
+    compiles: int | None = None  # jitted steps compiled
+    variants_pending: int | None = None  # step shapes a background warm-up is still compiling
+    formulation: str | None = None  # how the weight matmuls compute (quant.Formulation.describe)
+    kernel_below_rows: int | None = None
+    bf16_from_rows: int | None = None
+    max_loras: int = 0  # LoRA adapters resident at once (0: none served)
+    running_adapters: tuple[str, ...] = ()  # the LoRA adapters of admitted requests
+    waiting_adapters: tuple[str, ...] = ()  # of waiting ones
+
+
 class RequestError(ValueError):
     """A request the engine cannot run as asked; `param` names the request field to blame."""
 

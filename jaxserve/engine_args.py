@@ -1,0 +1,246 @@
+"""The engine's command-line flags, declared once for `serve`, `generate` and `batch` (as vLLM's
+`EngineArgs`): a frozen dataclass whose `add_cli_args` declares its flags on a subcommand and whose
+`from_args` reads them back, then the steps from those values to a loaded model and a built engine.
+
+Flags and environment variables are read here and in `cli.py` only; the library below takes plain values.
+Nothing heavy is imported at module level: `jaxserve --help` loads no jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jaxserve.checkpoint import LoadedModel
+    from jaxserve.engine.scheduler import Scheduler
+
+DEFAULT_CHECKPOINTS = "checkpoints"
+MODEL_HELP = "model name (card or checkpoint), checkpoint folder, or Hugging Face checkpoint directory"
+
+
+def checkpoint_root(arg: str | None) -> Path:
+    """--checkpoints, else $JAXSERVE_CHECKPOINTS, else ./checkpoints in a source checkout, else the user cache."""
+    if arg:
+        return Path(arg)
+    if os.environ.get("JAXSERVE_CHECKPOINTS"):
+        return Path(os.environ["JAXSERVE_CHECKPOINTS"])
+    if Path(DEFAULT_CHECKPOINTS).is_dir():
+        return Path(DEFAULT_CHECKPOINTS)
+    return Path.home() / ".cache" / "jaxserve" / "checkpoints"
+
+
+def compile_cache_dir(arg: str | None) -> Path | None:
+    """--compile-cache, else $JAXSERVE_COMPILE_CACHE, else ~/.cache/jaxserve/xla; 'off' disables it."""
+    value = arg or os.environ.get("JAXSERVE_COMPILE_CACHE") or str(Path.home() / ".cache" / "jaxserve" / "xla")
+    return None if value == "off" else Path(value)
+
+
+def parse_bytes(text: str) -> int:
+    """'2GB' / '512MiB' / '1e9' -> bytes (decimal units, and binary ones with an i)."""
+    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    units |= {f"{u}I": 1 << (10 * i) for i, u in enumerate("KMGT", 1)}
+    number = text.strip().upper().removesuffix("B")
+    unit = next((u for u in sorted(units, key=len, reverse=True) if u and number.endswith(u)), "")
+    try:
+        value = float(number[: len(number) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 512MiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return int(value)
+
+
+def quantize_choice(args: Any) -> str | None:
+    """--quantize, else the model card's default; "none" asks for float weights. `args`: anything with
+    `model` and `quantize` (parsed flags, or EngineArgs)."""
+    if args.quantize is None:
+        from jaxserve.checkpoint import find_card
+
+        card = find_card(args.model)
+        return card.quantize if card else None
+    return None if args.quantize == "none" else args.quantize
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """'NAME=DIR', or vLLM's JSON form '{"name": NAME, "path": DIR, ...}' -> (NAME, DIR)."""
+    if text.lstrip().startswith("{"):
+        import json
+
+        try:
+            spec = json.loads(text)
+            return str(spec["name"]), str(spec["path"])
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f'not {{"name": ..., "path": ...}}: {text!r}') from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"not NAME=DIR: {text!r}")
+    return name, path
+
+
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """Where converted checkpoints live and which weights: the engine's flags and `convert`'s."""
+    p.add_argument(
+        "--checkpoints",
+        help="folder of converted checkpoints "
+        "(default: $JAXSERVE_CHECKPOINTS, ./checkpoints, or ~/.cache/jaxserve/checkpoints)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "none"],
+        help="int8 weights (a scale per output channel and 64 inputs), converted once into "
+        "checkpoints/NAME-int8, or none: the float weights, exact (default: the model card's "
+        "choice; int8 for smollm2-135m-instruct)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineArgs:
+    """What the engine is built from, as the flags give it (each field is the flag of the same name)."""
+
+    model: str
+    checkpoints: str | None = None
+    quantize: str | None = None  # None: the model card's choice (see quantize_choice)
+    dtype: str | None = None
+    mesh: str | None = None
+    compile_cache: str | None = None
+    formulation: str = "auto"
+    # capacity (serve and batch): generate runs one slot with a cache just long enough for its prompt
+    max_slots: int | None = None
+    max_context: int | None = None
+    kv_cache_memory: int | None = None
+    num_pages: int | None = None
+    prefix_caching: bool = True
+    # LoRA adapters (serve and batch): (name, PEFT directory) pairs, and the stack they are served from
+    lora: tuple[tuple[str, str], ...] = ()
+    lora_modules: tuple[tuple[str, str], ...] = ()  # vLLM's spelling of --lora
+    max_loras: int | None = None  # None: as many as given, at least 1 with enable_lora_loading
+    max_lora_rank: int = 16
+    enable_lora_loading: bool = False  # a serve flag: adapters may be loaded at run time
+
+    @staticmethod
+    def add_cli_args(p: argparse.ArgumentParser, capacity: bool = True) -> None:
+        """Declare the engine's flags on subcommand `p`; `capacity`: the slots, context and KV pool too."""
+        from jaxserve.checkpoint import DEFAULT_MODEL
+
+        p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+        add_checkpoint_flags(p)
+        p.add_argument("--mesh", help="e.g. data=1,model=2 (default: all devices on 'model')")
+        p.add_argument(
+            "--dtype", choices=["float32", "bfloat16"], help="weights and activations (default: the model's)"
+        )
+        p.add_argument(
+            "--compile-cache",
+            help="folder for compiled steps, reused across runs ('off' to disable; "
+            "default $JAXSERVE_COMPILE_CACHE or ~/.cache/jaxserve/xla)",
+        )
+        p.add_argument(
+            "--formulation",
+            choices=["auto", "f32", "bf16", "kernel"],  # engine.formulation.FORMULATIONS (jax not imported here)
+            default="auto",
+            help="how int8 matmuls compute: kernel (jaxserve's int8 kernel, compiled here with g++; CPU, one "
+            "device), f32 (int8 widened to float32), bf16 (bfloat16 products, float32 sums), or auto: on CPU the "
+            "fastest at each decode batch size, measured once per machine and model and cached beside the "
+            "compiled steps; bf16 on GPU/TPU (default: auto)",
+        )
+        if not capacity:
+            return
+        from jaxserve.device.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
+
+        p.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS, help="sequences decoded at once")
+        p.add_argument(
+            "--max-context",
+            type=int,
+            default=DEFAULT_CONTEXT,
+            help="tokens per sequence (prompt + output), up to the model's own context; KV memory is "
+            "--kv-cache-memory, shared by all sequences",
+        )
+        p.add_argument(
+            "--kv-cache-memory",
+            type=parse_bytes,
+            help="memory for the KV page pool, e.g. 2GB (default: 1 GiB on a CPU host, half the free memory of an "
+            "accelerator; never more than every slot at full context needs)",
+        )
+        p.add_argument("--num-pages", type=int, help="pages in the KV pool (instead of --kv-cache-memory)")
+        p.add_argument(
+            "--no-prefix-caching",
+            dest="prefix_caching",
+            action="store_false",
+            help="compute every prompt whole instead of reusing cached pages of earlier ones",
+        )
+        g = p.add_argument_group("LoRA adapters (PEFT directories), each served as a model id of its own")
+        g.add_argument(
+            "--lora", action="append", type=lora_module, default=[], metavar="NAME=DIR", help="an adapter (repeatable)"
+        )
+        g.add_argument(
+            "--lora-modules",
+            nargs="+",
+            type=lora_module,
+            default=[],
+            metavar="NAME=DIR",
+            help='vLLM\'s spelling of --lora (also its JSON form {"name": ..., "path": ...})',
+        )
+        g.add_argument(
+            "--max-loras",
+            type=int,
+            help="adapters resident at once: the stacked adapter weights are sized for this many (default: the "
+            "adapters given, at least 1 with --enable-lora-loading)",
+        )
+        g.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank r served (default 16)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+        for name in ("lora", "lora_modules"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def lora_settings(self) -> dict:
+        """build_engine's LoRA arguments; a name given twice is an error."""
+        modules = self.lora + self.lora_modules
+        loras = dict(modules)
+        if len(loras) < len(modules):
+            raise SystemExit("jaxserve: error: a LoRA adapter name is given twice")
+        max_loras = self.max_loras
+        if max_loras is None:
+            max_loras = max(len(loras), int(self.enable_lora_loading))
+        return dict(loras=loras, max_loras=max_loras, max_lora_rank=self.max_lora_rank)
+
+    def compile_cache_dir(self) -> Path | None:
+        return compile_cache_dir(self.compile_cache)
+
+    def load_model(self) -> LoadedModel:
+        from jaxserve.checkpoint import load_model
+        from jaxserve.sharding import make_mesh, parse_mesh
+
+        mesh = make_mesh(*parse_mesh(self.mesh)) if self.mesh else make_mesh(1, None)
+        root = checkpoint_root(self.checkpoints)
+        return load_model(self.model, root, mesh, dtype=self.dtype, quantize=quantize_choice(self))
+
+    def build_engine(self, model: LoadedModel, max_waiting: int = 256, background: bool = False) -> Scheduler:
+        """The engine at the flags' capacity, its steps' executables kept in the compile cache's store
+        (jax's persistent cache left off: one cache for each thing, see device/executables.py)."""
+        from jaxserve.device.build import build_engine
+        from jaxserve.device.executables import FOLDER
+
+        assert self.max_slots is not None, "a subcommand without the capacity flags sizes its own engine"
+        cache = self.compile_cache_dir()
+        return build_engine(
+            model,
+            slots=self.max_slots,
+            max_context=self.max_context,
+            max_waiting=max_waiting,
+            kv_cache_memory=self.kv_cache_memory,
+            num_pages=self.num_pages,
+            prefix_caching=self.prefix_caching,
+            formulation=self.formulation,
+            formulation_cache=cache,
+            executable_cache=None if cache is None else cache / FOLDER,
+            background=background,
+            **self.lora_settings(),
+        )

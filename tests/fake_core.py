@@ -199,6 +199,9 @@ class FakeCore(Runner):
         self.calls.append(("release", slot))
         self.active[slot] = False
 
+    def stats(self) -> dict:
+        return {}  # it compiles nothing and serves no model
+
     def fetch(self, result):
         if isinstance(result, Stepped) and result.call is not None:
             self.calls.append(("fetch", result.call))  # when the host waited for that step

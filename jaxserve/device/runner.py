@@ -310,6 +310,16 @@ class JaxRunner(Runner):
     def release(self, slot: int) -> None:
         self.state = self._call(steps.release, {}, self.state, np.int32(slot))
 
+    def stats(self) -> dict:
+        f = self.model.formulation
+        return {
+            "compiles": sum(self.compiles.values()),
+            "variants_pending": self.pending_variants,
+            "formulation": f.describe(self.cfg),
+            "kernel_below_rows": f.kernel_below_rows,
+            "bf16_from_rows": f.bf16_from_rows,
+        }
+
     def fetch(self, result):
         return jax.device_get(result)
 

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import threading
+from typing import Any
 
 from jaxserve.engine.types import RequestError
+
+log = logging.getLogger(__name__)
 
 
 class AdapterBusy(RequestError):
@@ -80,6 +84,21 @@ class AdapterTable:
             self._reserved.add(free[0])
             return free[0]
 
+    def load(self, name: str, path: str, runner: Any) -> AdapterEntry:
+        """Read the adapter in directory `path` (here, in the caller's thread), write it into a free entry of
+        `runner`'s stack (a contract.Runner) and serve it as `name`. RequestError naming what is wrong;
+        AdapterTableFull when --max-loras are loaded."""
+        if self.slots == 0:
+            raise RequestError("this server serves no LoRA adapters (--max-loras 0)", "lora_name")
+        index = self.reserve(name)
+        try:
+            runner.load_adapter(index, runner.read_adapter(name, path))
+        except BaseException:
+            self.free(index)
+            raise
+        log.info("LoRA adapter %s loaded from %s as adapter %d", name, path, index)
+        return self.publish(name, path, index)
+
     def publish(self, name: str, path: str, index: int) -> AdapterEntry:
         """The adapter loaded into `index` is served from now on under `name`."""
         with self._lock:
@@ -106,7 +125,8 @@ class AdapterTable:
             entry.refs -= 1
 
     def remove(self, name: str) -> AdapterEntry:
-        """Stop serving `name`; its index is free for another. Refuses one that requests still use."""
+        """Stop serving `name`; its index is free for another, and its prefix-cache pages are never hit again
+        (their keys hang off its uid: they age out of the cache). Refuses one that requests still use."""
         with self._lock:
             entry = self._by_name.get(name)
             if entry is None:
@@ -117,4 +137,5 @@ class AdapterTable:
                     "lora_name",
                 )
             del self._by_name[name]
-            return entry
+        log.info("LoRA adapter %s unloaded", name)
+        return entry

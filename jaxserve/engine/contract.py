@@ -75,6 +75,9 @@ class Runner(Protocol):
     def fetch(self, result: T) -> T:
         """A step's or prefill's output as host arrays (waits for the device)."""
 
+    def stats(self) -> dict:
+        """The device side's own counters, by their names in types.EngineStats (those it keeps; any thread)."""
+
     def read_adapter(self, name: str, path: str) -> Any:
         """The LoRA adapter in directory `path`, read on the host and checked against the model (any thread);
         RequestError naming what is wrong."""

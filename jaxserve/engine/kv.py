@@ -30,6 +30,18 @@ class KVManager:
     def available(self) -> int:
         return self.pool.available
 
+    def stats(self) -> dict:
+        """The pool's counters, by their names in EngineStats."""
+        p = self.pool
+        return {
+            "kv_pages": p.pages,
+            "kv_pages_held": p.held,
+            "kv_pages_cached": p.cached,
+            "kv_evictions": p.evictions,
+            "prefix_queried_tokens": p.queried_tokens,
+            "prefix_hit_tokens": p.hit_tokens,
+        }
+
     def pages(self, slot: int) -> list[int]:
         return self._held[slot]
 

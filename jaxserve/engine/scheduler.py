@@ -129,24 +129,12 @@ class Scheduler:
         group.emit = emit_and_release
 
     def load_adapter(self, name: str, path: str) -> AdapterEntry:
-        """Read the LoRA adapter in directory `path` and serve it as `name` (any thread; the files are read
-        here). RequestError naming what is wrong; AdapterTableFull when --max-loras are loaded."""
-        if self.core.max_loras == 0:
-            raise RequestError("this server serves no LoRA adapters (--max-loras 0)", "lora_name")
-        index = self.adapters.reserve(name)
-        try:
-            self.core.load_adapter(index, self.core.read_adapter(name, path))
-        except BaseException:
-            self.adapters.free(index)
-            raise
-        log.info("LoRA adapter %s loaded from %s as adapter %d", name, path, index)
-        return self.adapters.publish(name, path, index)
+        """Serve the LoRA adapter in directory `path` as `name` (any thread; see AdapterTable.load)."""
+        return self.adapters.load(name, path, self.core)
 
     def unload_adapter(self, name: str) -> None:
-        """Stop serving adapter `name` (AdapterBusy while requests use it). Its cached pages are never hit
-        again (their keys hang off its uid) and age out of the cache."""
+        """Stop serving adapter `name` (AdapterBusy while requests use it)."""
         self.adapters.remove(name)
-        log.info("LoRA adapter %s unloaded", name)
 
     @staticmethod
     def _adapter_names(groups: list[Group]) -> tuple[str, ...]:
@@ -170,29 +158,11 @@ class Scheduler:
 
     def stats(self) -> EngineStats:
         """A snapshot for metrics and probes (read racily from their thread: each count is one that was true)."""
-        pool, core = self.pool, self.core
-        model = getattr(core, "model", None)  # the device side's served model: the tests' fake core has none
-        return EngineStats(
-            healthy=self.healthy,
-            queue_depth=self.queue_depth,
-            active_slots=self.active_slots,
-            steps=self.steps,
-            preemptions=self.preemptions,
-            kv_pages=pool.pages,
-            kv_pages_held=pool.held,
-            kv_pages_cached=pool.cached,
-            kv_evictions=pool.evictions,
-            prefix_queried_tokens=pool.queried_tokens,
-            prefix_hit_tokens=pool.hit_tokens,
-            compiles=sum(core.compiles.values()) if hasattr(core, "compiles") else None,
-            variants_pending=getattr(core, "pending_variants", None),
-            formulation=None if model is None else model.formulation.describe(model.cfg),
-            kernel_below_rows=None if model is None else model.formulation.kernel_below_rows,
-            bf16_from_rows=None if model is None else model.formulation.bf16_from_rows,
-            max_loras=core.max_loras,
-            running_adapters=self._adapter_names(list(self._groups.values())),
-            waiting_adapters=self._adapter_names(list(self._waiting)),
-        )
+        own = dict(queue_depth=self.queue_depth, active_slots=self.active_slots, steps=self.steps)
+        own |= dict(healthy=self.healthy, preemptions=self.preemptions, max_loras=self.core.max_loras)
+        own |= dict(running_adapters=self._adapter_names(list(self._groups.values())))
+        own |= dict(waiting_adapters=self._adapter_names(list(self._waiting)))
+        return EngineStats(**own, **self.kv.stats(), **self.core.stats())
 
     # ---- the scheduler thread -----------------------------------------------------------------------
 
@@ -436,16 +406,9 @@ class Scheduler:
         choice.position, choice.status = position, Status.DECODING
         if all(c.status is Status.DECODING for c in choice.group.unfinished):
             choice.group.status = Status.DECODING
+        left, stop_on_eos, adapter = req.max_tokens - len(generated), not req.ignore_eos, choice.group.adapter_index
         return Start(
-            choice.slot,
-            choice.params,
-            position,
-            req.max_tokens - len(generated),
-            not req.ignore_eos,
-            mask,
-            token=generated[-1],
-            generated=tuple(generated),
-            adapter=choice.group.adapter_index,
+            choice.slot, choice.params, position, left, stop_on_eos, mask, -1, generated[-1], tuple(generated), adapter
         )
 
     def _fetch(self, pending, inserted: list) -> list[tuple[Choice, object, int]]:

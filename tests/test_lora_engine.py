@@ -80,23 +80,23 @@ def test_mixed_batch_gives_each_request_what_it_gives_alone(tiny, engine):
 def test_load_serve_unload_reload_at_run_time_compiles_nothing(tiny, engine, adapter_dirs):
     prompt = prompt_of(tiny, "Call me Ishmael.")
     compiles = dict(engine.core.compiles)
-    engine.load_adapter("rd", str(adapter_dirs["rd"]))
+    engine.adapters.load("rd", str(adapter_dirs["rd"]), engine.core)
     with pytest.raises(AdapterTableFull):
-        engine.load_adapter("re", str(adapter_dirs["ra"]))
+        engine.adapters.load("re", str(adapter_dirs["ra"]), engine.core)
     first, _ = complete(engine, EngineRequest("rd1", prompt, 8, GREEDY, adapter="rd"), timeout=600)
-    engine.unload_adapter("rd")
+    engine.adapters.remove("rd")
     with pytest.raises(RequestError, match="'rd' does not exist"):
         complete(engine, EngineRequest("gone", prompt, 8, GREEDY, adapter="rd"), timeout=600)
-    engine.load_adapter("rd", str(adapter_dirs["ra"]))  # the same name, other weights
+    engine.adapters.load("rd", str(adapter_dirs["ra"]), engine.core)  # the same name, other weights
     assert tokens_of(complete(engine, EngineRequest("x", prompt, 8, GREEDY, adapter="rd"), timeout=600)[0]) == (
         tokens_of(complete(engine, EngineRequest("y", prompt, 8, GREEDY, adapter="ra"), timeout=600)[0])
     )
-    engine.unload_adapter("rd")
-    engine.load_adapter("rd", str(adapter_dirs["rd"]))
+    engine.adapters.remove("rd")
+    engine.adapters.load("rd", str(adapter_dirs["rd"]), engine.core)
     again, _ = complete(engine, EngineRequest("rd2", prompt, 8, GREEDY, adapter="rd"), timeout=600)
     assert tokens_of(again) == tokens_of(first)
     assert dict(engine.core.compiles) == compiles
-    engine.unload_adapter("rd")
+    engine.adapters.remove("rd")
 
 
 def test_unloading_an_adapter_in_use_is_refused(tiny, engine):
@@ -104,7 +104,7 @@ def test_unloading_an_adapter_in_use_is_refused(tiny, engine):
     req = EngineRequest("long", prompt_of(tiny, "Once upon a time"), 100, GREEDY, adapter="ra", ignore_eos=True)
     engine.submit([req], lambda i, item: results.setdefault("items", []).append(item))
     with pytest.raises(AdapterBusy, match="'ra' has 1 request"):
-        engine.unload_adapter("ra")
+        engine.adapters.remove("ra")
     engine.abort("long")
 
 
@@ -118,8 +118,8 @@ def test_prefix_cache_is_keyed_by_adapter():
 
     eng = Scheduler(FakeCore(), ToyTokenizer()).start()
     try:
-        eng.load_adapter("a", "dir-a")
-        eng.load_adapter("b", "dir-b")
+        eng.adapters.load("a", "dir-a", eng.core)
+        eng.adapters.load("b", "dir-b", eng.core)
         prompt = tuple(range(1, 14))  # three full pages
 
         def hits(adapter, rid):
@@ -128,8 +128,8 @@ def test_prefix_cache_is_keyed_by_adapter():
             return eng.pool.hit_tokens - before
 
         assert [hits("a", "1"), hits("a", "2"), hits(None, "3"), hits("b", "4"), hits(None, "5")] == [0, 12, 0, 0, 12]
-        eng.unload_adapter("a")
-        eng.load_adapter("a", "dir-b")
+        eng.adapters.remove("a")
+        eng.adapters.load("a", "dir-b", eng.core)
         assert hits("a", "6") == 0
     finally:
         eng.shutdown()

@@ -207,13 +207,13 @@ class CompletionServing:
         if name in self.model_ids:
             raise APIError(400, f"'{name}' is the base model's id", param="lora_name")
         try:
-            await asyncio.to_thread(self.scheduler.load_adapter, name, path)
+            await asyncio.to_thread(self.scheduler.adapters.load, name, path, self.scheduler.core)
         except RequestError as e:
             raise engine_error(e) from None
 
     def unload_adapter(self, name: str) -> None:
         try:
-            self.scheduler.unload_adapter(name)
+            self.scheduler.adapters.remove(name)
         except RequestError as e:
             raise engine_error(e) from None
 

@@ -12,12 +12,14 @@ the API's 409) rather than waiting for them. A full table refuses a load (Adapte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import threading
 from typing import Any
 
+from jaxserve.engine.lifecycle import END, Group
 from jaxserve.engine.types import RequestError
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,32 @@ class AdapterTable:
         with self._lock:
             entry.refs -= 1
 
+    @contextlib.contextmanager
+    def holding(self, groups: list[Group]):
+        """Each group naming an adapter computes with it and holds it until it emits its last item (END); if the
+        block raises (the groups were not queued), they give theirs back."""
+        held = []
+        try:
+            for group in groups:
+                if group.req.adapter is not None:
+                    held.append(self.acquire(group.req.adapter))
+                    self._release_at_end(group, held[-1])
+            yield
+        except BaseException:
+            for entry in held:
+                self.release(entry)
+            raise
+
+    def _release_at_end(self, group: Group, entry: AdapterEntry) -> None:
+        group.adapter, emit = entry, group.emit
+
+        def emit_and_release(item):
+            if item is END:
+                self.release(entry)
+            emit(item)
+
+        group.emit = emit_and_release
+
     def remove(self, name: str) -> AdapterEntry:
         """Stop serving `name`; its index is free for another, and its prefix-cache pages are never hit again
         (their keys hang off its uid: they age out of the cache). Refuses one that requests still use."""
@@ -139,3 +167,8 @@ class AdapterTable:
             del self._by_name[name]
         log.info("LoRA adapter %s unloaded", name)
         return entry
+
+
+def adapter_names(groups) -> tuple[str, ...]:
+    """The adapters `groups` use, sorted (for metrics)."""
+    return tuple(sorted({g.adapter.name for g in groups if g.adapter is not None}))

@@ -2,8 +2,7 @@
 caller. It decides; the runner executes. What passes between them is a plan (`plan.StepPlan`, then
 `plan.SamplePlan`): plain data, so the same plans can run in this process or in every process of a group.
 
-(JetStream calls this the orchestrator, vLLM the engine core's scheduler; the device side is the runner.)
-Each loop reads as its phases:
+Each loop reads as its phases (JetStream's orchestrator, vLLM's engine core step):
 
     intake, aborts, deadlines
     prefill phase   admit; plan one prefill (several short prompts packed, or the next chunk of one prompt)
@@ -14,20 +13,14 @@ Each loop reads as its phases:
                     masks and execute the sampling half of step k; host work on k-1 (detokenize, stop
                     strings, deltas) while the device runs step k
 
-So the device never waits for the host's text work, and a grammar-constrained slot still advances every
-step: its next mask (which depends on the token just fetched) is computed while the device runs the
-model's forward pass, and only has to be ready before the sampling half. Two exceptions to the overlap,
-both for latency: a prefill's first tokens are fetched and delivered before the step is planned (the
-device waits that long once per admission), and no step is planned for a slot whose last token (by
-max_tokens) is already in flight, so an idle engine takes the next request at once. The slot table
-`_owner` maps each slot to the choice holding it; a request's own state lives in `lifecycle`. A slot the host
-stops (stop string, abort, preemption) is released by the next plan, before anything else in it. Requests
-and aborts arrive through `intake`; results leave through each request's `emit`.
-
-Which request goes next: `admission`; how pages are shared, grown and freed: `kv`. When a decoding
-sequence needs a page and none is left, the most recently admitted request is preempted: its pages are
-freed and it waits first in line, to be recomputed (prompt and generated tokens) and go on exactly where it
-stopped.
+So the device never waits for the host's text work, and a constrained slot's next mask is computed while
+the device runs the forward pass. Two exceptions, for latency: a prefill's first tokens are delivered before
+the step is planned, and no step is planned for a slot whose last token is already in flight. `_owner` maps
+each slot to its choice; a request's state lives in `lifecycle`, its adapter in `adapters`. A slot the host
+stops (stop string, abort, preemption) is released by the next plan, first. Requests and aborts arrive
+through `intake`; results leave through each request's `emit`. Which request goes next: `admission`; pages:
+`kv`. When a decoding sequence needs a page and none is left, the most recently admitted request is
+preempted: its pages are freed and it waits first in line, to be recomputed and go on exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -40,15 +33,15 @@ import time
 from collections.abc import Callable, Sequence
 
 from jaxserve.engine import admission
-from jaxserve.engine.adapters import AdapterEntry, AdapterTable
+from jaxserve.engine.adapters import AdapterTable, adapter_names
 from jaxserve.engine.contract import Runner, StepResult
 from jaxserve.engine.grammar import Matcher
 from jaxserve.engine.intake import Intake
 from jaxserve.engine.kv import KVManager
-from jaxserve.engine.lifecycle import END, Choice, Fill, Group, Status
+from jaxserve.engine.lifecycle import Choice, Fill, Group, Status
 from jaxserve.engine.pages import PagePool
 from jaxserve.engine.plan import Decode, PrefillRow, SamplePlan, Start, StepPlan
-from jaxserve.engine.types import DeadlineExceeded, EngineRequest, EngineStats, EngineStopped, QueueFull, RequestError
+from jaxserve.engine.types import DeadlineExceeded, EngineRequest, EngineStats, EngineStopped
 from jaxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -106,39 +99,8 @@ class Scheduler:
         for req in reqs:
             self.validate(req)
         groups = [Group(req, lambda item, i=i: emit(i, item), self.tokenizer) for i, req in enumerate(reqs)]
-        try:  # a held adapter is never unloaded: between this check and the queueing, nor while it waits or runs
-            for group in groups:
-                if group.req.adapter is not None:
-                    self._hold_adapter(group, self.adapters.acquire(group.req.adapter))
+        with self.adapters.holding(groups):  # never unloaded between this check and the queueing, nor after
             self.intake.put(groups, self.error)
-        except (RequestError, EngineStopped, QueueFull):
-            for group in groups:
-                if group.adapter is not None:
-                    self.adapters.release(group.adapter)
-            raise
-
-    def _hold_adapter(self, group: Group, entry: AdapterEntry) -> None:
-        """The group computes with `entry`, which it holds until it emits its last item (END)."""
-        group.adapter, emit = entry, group.emit
-
-        def emit_and_release(item):
-            if item is END:
-                self.adapters.release(entry)
-            emit(item)
-
-        group.emit = emit_and_release
-
-    def load_adapter(self, name: str, path: str) -> AdapterEntry:
-        """Serve the LoRA adapter in directory `path` as `name` (any thread; see AdapterTable.load)."""
-        return self.adapters.load(name, path, self.core)
-
-    def unload_adapter(self, name: str) -> None:
-        """Stop serving adapter `name` (AdapterBusy while requests use it)."""
-        self.adapters.remove(name)
-
-    @staticmethod
-    def _adapter_names(groups: list[Group]) -> tuple[str, ...]:
-        return tuple(sorted({g.adapter.name for g in groups if g.adapter is not None}))
 
     def abort(self, request_id: str) -> None:
         self.intake.abort(request_id)
@@ -160,8 +122,8 @@ class Scheduler:
         """A snapshot for metrics and probes (read racily from their thread: each count is one that was true)."""
         own = dict(queue_depth=self.queue_depth, active_slots=self.active_slots, steps=self.steps)
         own |= dict(healthy=self.healthy, preemptions=self.preemptions, max_loras=self.core.max_loras)
-        own |= dict(running_adapters=self._adapter_names(list(self._groups.values())))
-        own |= dict(waiting_adapters=self._adapter_names(list(self._waiting)))
+        names = adapter_names
+        own |= dict(running_adapters=names(self._groups.values()), waiting_adapters=names(self._waiting))
         return EngineStats(**own, **self.kv.stats(), **self.core.stats())
 
     # ---- the scheduler thread -----------------------------------------------------------------------
@@ -393,10 +355,8 @@ class Scheduler:
             choice.matcher = Matcher(self.tokenizer, req.grammar, self.core.vocab_size)
             mask = choice.matcher.mask()
         choice.position, choice.status = n_prompt, Status.DECODING
-        adapter = choice.group.adapter_index
-        return Start(
-            choice.slot, choice.params, n_prompt, req.max_tokens, not req.ignore_eos, mask, row, adapter=adapter
-        )
+        stop_on_eos, adapter = not req.ignore_eos, choice.group.adapter_index
+        return Start(choice.slot, choice.params, n_prompt, req.max_tokens, stop_on_eos, mask, row, adapter=adapter)
 
     def _resume(self, choice: Choice) -> Start:
         """Decode on from the last generated token; the pages hold everything before it."""
@@ -406,10 +366,9 @@ class Scheduler:
         choice.position, choice.status = position, Status.DECODING
         if all(c.status is Status.DECODING for c in choice.group.unfinished):
             choice.group.status = Status.DECODING
-        left, stop_on_eos, adapter = req.max_tokens - len(generated), not req.ignore_eos, choice.group.adapter_index
-        return Start(
-            choice.slot, choice.params, position, left, stop_on_eos, mask, -1, generated[-1], tuple(generated), adapter
-        )
+        left, stop_on_eos = req.max_tokens - len(generated), not req.ignore_eos
+        tail = (generated[-1], tuple(generated), choice.group.adapter_index)  # token, generated, adapter
+        return Start(choice.slot, choice.params, position, left, stop_on_eos, mask, -1, *tail)
 
     def _fetch(self, pending, inserted: list) -> list[tuple[Choice, object, int]]:
         """The real tokens of the last step and of this loop's inserts, as (choice, host output, row), for the

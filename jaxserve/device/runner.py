@@ -17,12 +17,12 @@ none).
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.checkpoint.peft import Adapter, AdapterError, read_adapter
 from jaxserve.device import steps
 from jaxserve.device.executables import Variant, abstract
 from jaxserve.device.state import DecodeState, SamplingState
@@ -32,6 +32,9 @@ from jaxserve.engine.plan import PrefillRow, SamplePlan, Start, StepPlan
 from jaxserve.engine.types import RequestError, SamplingParams
 from jaxserve.model import LoadedModel, lora
 from jaxserve.sharding import named_sharding, replicated
+
+if TYPE_CHECKING:
+    from jaxserve.checkpoint.peft import Adapter
 
 PREFILL_BUCKETS = (16, 32, 64, 256)  # one row: a prompt's chunk
 PACKED = ((2, 128), (4, 64), (8, 32), (16, 16))  # (rows, tokens): short whole prompts prefilled together
@@ -346,6 +349,9 @@ class JaxRunner(Runner):
 
     def read_adapter(self, name: str, path: str) -> Adapter:
         """The PEFT adapter in directory `path`, checked against this model (host work, any thread)."""
+        # imported here: the device half loads no checkpoint format (and so no orbax) until an adapter is read
+        from jaxserve.checkpoint.peft import AdapterError, read_adapter
+
         try:
             return read_adapter(path, name, self.cfg, self.max_lora_rank)
         except AdapterError as e:

@@ -22,13 +22,16 @@ import enum
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from jaxserve.engine.adapters import AdapterEntry
 from jaxserve.engine.kv import KVManager
 from jaxserve.engine.pages import CachedPage
 from jaxserve.engine.text import ChoiceText
 from jaxserve.engine.types import Delta, EngineRequest, TokenInfo, Usage
 from jaxserve.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # adapters hold groups: it imports this module
+    from jaxserve.engine.adapters import AdapterEntry
 
 END = object()  # the last item a request emits
 

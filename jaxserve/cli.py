@@ -118,6 +118,7 @@ def server_state(args, metrics):
         max_body_bytes=args.max_body_bytes,
         body_timeout=args.body_timeout,
         request_timeout=args.request_timeout or None,
+        lora_loading=args.enable_lora_loading,
     )
 
 
@@ -368,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="seconds in-flight requests get to finish on SIGINT/SIGTERM",
+    )
+    p.add_argument(
+        "--enable-lora-loading",
+        action="store_true",
+        help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} "
+        "(with --api-key, behind it); --max-loras is then at least 1",
     )
     p.set_defaults(func=cmd_serve)
 

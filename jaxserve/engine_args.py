@@ -65,6 +65,22 @@ def quantize_choice(args: Any) -> str | None:
     return None if args.quantize == "none" else args.quantize
 
 
+def lora_module(text: str) -> tuple[str, str]:
+    """'NAME=DIR', or vLLM's JSON form '{"name": NAME, "path": DIR, ...}' -> (NAME, DIR)."""
+    if text.lstrip().startswith("{"):
+        import json
+
+        try:
+            spec = json.loads(text)
+            return str(spec["name"]), str(spec["path"])
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f'not {{"name": ..., "path": ...}}: {text!r}') from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"not NAME=DIR: {text!r}")
+    return name, path
+
+
 def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     """Where converted checkpoints live and which weights: the engine's flags and `convert`'s."""
     p.add_argument(
@@ -74,10 +90,11 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["int8", "none"],
-        help="int8 weights (a scale per output channel and 64 inputs), converted once into "
-        "checkpoints/NAME-int8, or none: the float weights, exact (default: the model card's "
-        "choice; int8 for smollm2-135m-instruct)",
+        choices=["gguf", "int4", "int8", "none"],  # jaxserve.checkpoint.QUANTIZE and none
+        help="gguf: a GGUF file's own Q4_0/Q4_1/Q8_0 blocks as stored (weights of other types in Q8_0); "
+        "int4: Q4_1 blocks of 32 inputs (embedding Q8_0); int8: a scale per output channel and 64 inputs; "
+        "each converted once into checkpoints/NAME-QUANTIZE; or none: the float weights, exact (default: the "
+        "model card's choice; gguf for smollm2-135m-instruct)",
     )
 
 
@@ -98,6 +115,12 @@ class EngineArgs:
     kv_cache_memory: int | None = None
     num_pages: int | None = None
     prefix_caching: bool = True
+    # LoRA adapters (serve and batch): (name, PEFT directory) pairs, and the stack they are served from
+    lora: tuple[tuple[str, str], ...] = ()
+    lora_modules: tuple[tuple[str, str], ...] = ()  # vLLM's spelling of --lora
+    max_loras: int | None = None  # None: as many as given, at least 1 with enable_lora_loading
+    max_lora_rank: int = 16
+    enable_lora_loading: bool = False  # a serve flag: adapters may be loaded at run time
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser, capacity: bool = True) -> None:
@@ -117,10 +140,11 @@ class EngineArgs:
         )
         p.add_argument(
             "--formulation",
-            choices=["auto", "f32", "bf16", "kernel"],  # engine.formulation.FORMULATIONS (jax not imported here)
+            choices=["auto", "f32", "bf16", "kernel", "q8"],  # device.formulation.FORMULATIONS (jax not imported)
             default="auto",
-            help="how int8 matmuls compute: kernel (jaxserve's int8 kernel, compiled here with g++; CPU, one "
-            "device), f32 (int8 widened to float32), bf16 (bfloat16 products, float32 sums), or auto: on CPU the "
+            help="how quantized matmuls compute: kernel (jaxserve's kernels, compiled here with g++; CPU, one "
+            "device), q8 (GGUF blocks only: the kernel on activations quantized to 8 bits, AVX512-VNNI), f32 "
+            "(weights widened to float32), bf16 (bfloat16 products, float32 sums), or auto: on CPU the "
             "fastest at each decode batch size, measured once per machine and model and cached beside the "
             "compiled steps; bf16 on GPU/TPU (default: auto)",
         )
@@ -149,11 +173,45 @@ class EngineArgs:
             action="store_false",
             help="compute every prompt whole instead of reusing cached pages of earlier ones",
         )
+        g = p.add_argument_group("LoRA adapters (PEFT directories), each served as a model id of its own")
+        g.add_argument(
+            "--lora", action="append", type=lora_module, default=[], metavar="NAME=DIR", help="an adapter (repeatable)"
+        )
+        g.add_argument(
+            "--lora-modules",
+            nargs="+",
+            type=lora_module,
+            default=[],
+            metavar="NAME=DIR",
+            help='vLLM\'s spelling of --lora (also its JSON form {"name": ..., "path": ...})',
+        )
+        g.add_argument(
+            "--max-loras",
+            type=int,
+            help="adapters resident at once: the stacked adapter weights are sized for this many (default: the "
+            "adapters given, at least 1 with --enable-lora-loading)",
+        )
+        g.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank r served (default 16)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EngineArgs:
         names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+        values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+        for name in ("lora", "lora_modules"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def lora_settings(self) -> dict:
+        """build_engine's LoRA arguments; a name given twice is an error."""
+        modules = self.lora + self.lora_modules
+        loras = dict(modules)
+        if len(loras) < len(modules):
+            raise SystemExit("jaxserve: error: a LoRA adapter name is given twice")
+        max_loras = self.max_loras
+        if max_loras is None:
+            max_loras = max(len(loras), int(self.enable_lora_loading))
+        return dict(loras=loras, max_loras=max_loras, max_lora_rank=self.max_lora_rank)
 
     def compile_cache_dir(self) -> Path | None:
         return compile_cache_dir(self.compile_cache)
@@ -186,4 +244,5 @@ class EngineArgs:
             formulation_cache=cache,
             executable_cache=None if cache is None else cache / FOLDER,
             background=background,
+            **self.lora_settings(),
         )

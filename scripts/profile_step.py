@@ -188,7 +188,7 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
     core = JaxRunner(m, slots=slots, cache_len=DEFAULT_CONTEXT, eos_id=None, pages=pages)
     table = prepare(core, args.position, args.temperature, args.top_p)
     window = core.window_for(args.position)
-    forward = steps.forward.lower(core.spec, m.params, core.state, table, window, slots).compile().as_text()
+    forward = steps.forward.lower(core.spec, m.params, core.state, table, None, window, slots).compile().as_text()
     logits = jax.ShapeDtypeStruct((slots, m.cfg.vocab_size), jnp.float32)
     sample = steps.sample_step.lower(core.spec, core.state, logits).compile().as_text()
     modules = {"jit_forward": forward, "jit_sample_step": sample}  # the step's two halves, as traced

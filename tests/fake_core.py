@@ -81,6 +81,9 @@ class FakeCore(Runner):
         self.stop_eos = np.zeros(slots, bool)
         self.calls: list[tuple] = []
         self.logits: np.ndarray | None = None  # the last plan's decode "logits"
+        self.max_loras = 2
+        self.adapter = np.zeros(slots, int)  # each slot's LoRA adapter (its arithmetic ignores it)
+        self.loaded: dict[int, str] = {}  # adapter index -> the path loaded there
 
     def execute(self, plan: StepPlan) -> Executed:
         for slot in plan.releases:
@@ -90,6 +93,7 @@ class FakeCore(Runner):
             self.copy_page(src, dst)
         started: list[Stepped | None] = []
         for s in plan.starts:
+            self.adapter[s.slot] = s.adapter
             if s.inserts:
                 assert prefill is not None, "an insert samples from its plan's prefill"
                 logits = prefill.last_logits[s.logits_row]
@@ -202,3 +206,9 @@ class FakeCore(Runner):
         if isinstance(result, Stepped) and result.call is not None:
             self.calls.append(("fetch", result.call))  # when the host waited for that step
         return result
+
+    def read_adapter(self, name: str, path: str) -> str:
+        return path
+
+    def load_adapter(self, index: int, adapter: str) -> None:
+        self.loaded[index] = adapter

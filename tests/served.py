@@ -68,3 +68,15 @@ def greedy_decode(core: JaxRunner, prompts, steps: int, chunk: int | None = None
         tuple(np.concatenate([getattr(o, f) for o in seq]) for f in ("tokens", "logprobs", "top_ids", "top_logprobs"))
         for seq in outs
     ]
+
+
+def assert_served_steps_equal_full_pass(model, served) -> None:
+    """Two prompts prefilled in chunks of 3, then 8 greedy steps of two slots, through `served` (`model`
+    under a formulation): the tokens and their logprobs are `model`'s float32 formulation's full pass."""
+    prompts = [model.tokenizer.encode("Call me Ishmael."), model.tokenizer.encode("It was the best of")]
+    core = JaxRunner(served, slots=2, cache_len=128, eos_id=None)
+    for prompt, (tokens, lps, *_) in zip(prompts, greedy_decode(core, prompts, 8, chunk=3)):
+        full = full_logits(model.cfg, model.params, prompt + list(tokens))[len(prompt) - 1 : -1]
+        want = np.asarray(jax.nn.log_softmax(full.astype(np.float64), axis=-1))
+        assert (tokens == want.argmax(-1)).all()
+        np.testing.assert_allclose(lps, want[np.arange(8), tokens], atol=1e-4)

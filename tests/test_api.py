@@ -388,7 +388,7 @@ def test_top_logprobs_keep_tokens_with_the_same_text():
 
 @pytest.fixture(scope="module")
 def smol_server(smollm2_dir):
-    # float32 weights: the reference comparisons below are exact to 2e-3 (the card's default is int8)
+    # float32 weights: the reference comparisons below are exact to 2e-3 (the card's default is the GGUF's blocks)
     server = Server(
         "--max-slots", "8", "--max-context", "512", "--quantize", "none", checkpoints=smollm2_dir.parent
     ).wait_ready()

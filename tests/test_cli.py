@@ -59,7 +59,7 @@ def test_weights_default_to_the_model_cards_choice():
     from jaxserve.engine_args import quantize_choice
 
     parse = build_parser().parse_args
-    assert quantize_choice(parse(["serve"])) == "int8"  # smollm2-135m-instruct's card serves int8
+    assert quantize_choice(parse(["serve"])) == "gguf"  # smollm2-135m-instruct's card serves its file's blocks
     assert quantize_choice(parse(["serve", "--quantize", "none"])) is None  # float weights on request
     assert quantize_choice(parse(["batch", "in.jsonl", "out.jsonl", "--model", "tiny-llama"])) is None
 

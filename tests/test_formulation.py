@@ -88,7 +88,7 @@ def test_forced_float_weights_and_off_cpu(tiny_int8, tiny, monkeypatch):
     assert choose(tiny_int8, 4, "bf16", timer=fake) == Choice(1, "forced")
     assert choose(tiny, 4, "auto", timer=fake) == Choice(None, "float weights")  # float32 stays exact
     for name in ("bf16", "kernel"):
-        with pytest.raises(ValueError, match="int8 weights"):
+        with pytest.raises(ValueError, match="quantized weights"):
             choose(tiny, 4, name)
     monkeypatch.setattr(formulation, "kernel_possible", lambda model: True)
     assert choose(tiny_int8, 4, "kernel", timer=fake).kernel_below_rows == EVERY_ROW

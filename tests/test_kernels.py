@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from served import full_logits, greedy_decode
+from served import assert_served_steps_equal_full_pass
 
 from jaxserve import kernels
 from jaxserve.checkpoint import convert_hf, load_checkpoint
 from jaxserve.device.formulation import CANDIDATES, Choice, kernel_possible
-from jaxserve.device.runner import JaxRunner
 from jaxserve.sharding import make_mesh
 
 TINY_LLAMA = Path(__file__).parent / "reference" / "hf-tiny" / "llama"
@@ -96,10 +95,4 @@ def test_served_steps_with_the_kernel_equal_the_float32_full_pass(tiny_int8, ker
     rule = CANDIDATES["kernel"] if kernel_below_rows is None else Choice(None, "forced", {}, kernel_below_rows)
     served = rule.apply(tiny_int8)
     assert served.params["params"]["layers"]["q"].shape == tiny_int8.params["params"]["layers"]["q"].shape
-    prompts = [tiny_int8.tokenizer.encode("Call me Ishmael."), tiny_int8.tokenizer.encode("It was the best of")]
-    core = JaxRunner(served, slots=2, cache_len=128, eos_id=None)
-    for prompt, (tokens, lps, *_) in zip(prompts, greedy_decode(core, prompts, 8, chunk=3)):
-        full = full_logits(tiny_int8.cfg, tiny_int8.params, prompt + list(tokens))[len(prompt) - 1 : -1]
-        want = np.asarray(jax.nn.log_softmax(full.astype(np.float64), axis=-1))
-        assert (tokens == want.argmax(-1)).all()
-        np.testing.assert_allclose(lps, want[np.arange(8), tokens], atol=1e-4)
+    assert_served_steps_equal_full_pass(tiny_int8, served)

@@ -77,6 +77,8 @@ def test_attention_window_reads_only_the_filled_part(tiny):
             np.zeros(1, np.int32),
             np.array([targets(tokens)], np.int32),
             np.bool_(True),
+            np.zeros(1, np.int32),  # the base: no LoRA adapter
+            None,
             window,
         )
         outs.append(core.fetch(out))

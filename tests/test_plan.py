@@ -41,18 +41,18 @@ def test_every_part_of_a_plan_round_trips():
     plan = StepPlan(
         table=np.arange(12, dtype=np.int32).reshape(3, 4),
         releases=(2, 0),
-        prefill=(PrefillRow(1, [4, 5, 6], 8, [5, 6, 0], 4), PrefillRow(0, [9], 0, [0])),
+        prefill=(PrefillRow(1, [4, 5, 6], 8, [5, 6, 0], 4, adapter=3), PrefillRow(0, [9], 0, [0])),
         score=True,
         copies=((3, 7),),
         starts=(
             Start(1, SamplingParams(0.7, 0.9, 0.1, 0.2, bias, 2**32 - 1), 11, 5, True, mask, logits_row=0),
-            Start(2, SamplingParams(0.0), 6, 3, False, token=42, generated=(40, 41, 42)),
+            Start(2, SamplingParams(0.0), 6, 3, False, token=42, generated=(40, 41, 42), adapter=2),
         ),
         decode=Decode(max_position=11, max_slot=2),
     )
     buffers = encode(plan, WORDS)
     assert same(decode(buffers), plan)
-    assert buffers["bias_ids"].shape == (512,) and buffers["starts"].shape == (2, 9)  # counts rounded up
+    assert buffers["bias_ids"].shape == (512,) and buffers["starts"].shape == (2, 10)  # counts rounded up
     assert same(decode(encode(StepPlan(table=plan.table), WORDS)), StepPlan(table=plan.table))
     sample = SamplePlan((3, 1), (mask, mask + 1))
     back = decode_sample(encode_sample(sample, WORDS))

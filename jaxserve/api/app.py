@@ -49,6 +49,7 @@ class ServerState:
     load_error: str | None = None
     body_timeout: float = 30.0  # seconds to receive a whole request body
     request_timeout: float | None = None  # seconds a completion may take, queued and running; None: no bound
+    lora_loading: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are routed
     draining: bool = False  # set on SIGINT/SIGTERM: in-flight requests finish, /ready turns 503
 
 
@@ -152,14 +153,31 @@ def create_app(state: ServerState) -> Starlette:
 
     async def models(request: Request) -> Response:
         srv = serving()
-        return _json({"object": "list", "data": [_model_card(m, srv) for m in srv.model_ids]})
+        return _json({"object": "list", "data": [_model_card(m, srv) for m in srv.served_ids()]})
 
     async def model(request: Request) -> Response:
         srv = serving()
         model_id = request.path_params["model_id"]
-        if model_id not in srv.model_ids:
+        if model_id not in srv.served_ids():
             raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
         return _json(_model_card(model_id, srv))
+
+    def lora_field(body, name: str) -> str:
+        value = body.get(name) if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise APIError(400, f"'{name}' must be a non-empty string", param=name)
+        return value
+
+    async def load_lora_adapter(request: Request) -> Response:
+        body = await body_json(request)
+        name, path = lora_field(body, "lora_name"), lora_field(body, "lora_path")
+        await serving().load_adapter(name, path)
+        return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+
+    async def unload_lora_adapter(request: Request) -> Response:
+        name = lora_field(await body_json(request), "lora_name")
+        serving().unload_adapter(name)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
     async def health(request: Request) -> Response:
         ok = state.serving is not None and state.serving.scheduler.stats().healthy
@@ -189,7 +207,7 @@ def create_app(state: ServerState) -> Starlette:
         if isinstance(body, dict) and "model" in body:
             if not isinstance(body["model"], str):
                 raise APIError(400, "'model' must be a string", param="model")
-            if body["model"] not in serving().model_ids:
+            if body["model"] not in serving().served_ids():
                 raise APIError(
                     404, f"The model '{body['model']}' does not exist", param="model", code="model_not_found"
                 )
@@ -232,7 +250,7 @@ def create_app(state: ServerState) -> Starlette:
         )
 
     async def openapi(request: Request) -> Response:
-        return _json(openapi_spec(state.serving.model_ids if state.serving else None, state.api_key is not None))
+        return _json(openapi_spec(state.serving.served_ids() if state.serving else None, state.api_key is not None))
 
     routes = [
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
@@ -250,6 +268,11 @@ def create_app(state: ServerState) -> Starlette:
         Route("/tokenizer_info", endpoint(tokenizer_info), methods=["GET"]),
         Route("/openapi.json", endpoint(openapi, auth=False), methods=["GET"]),
     ]
+    if state.lora_loading:  # vLLM's run-time adapter endpoints, only when the server was started to allow them
+        routes += [
+            Route("/v1/load_lora_adapter", endpoint(load_lora_adapter), methods=["POST"]),
+            Route("/v1/unload_lora_adapter", endpoint(unload_lora_adapter), methods=["POST"]),
+        ]
 
     async def http_error(request: Request, exc: Exception) -> Response:
         """Starlette's own 404 (no such route) and 405 (wrong method), in OpenAI's envelope."""
@@ -329,10 +352,14 @@ async def _sse(first, chunks):
 
 
 def _model_card(model_id: str, srv: CompletionServing) -> dict:
-    return {
+    card = {
         "id": model_id,
         "object": "model",
         "created": srv.created,
         "owned_by": "jaxserve",
         "max_model_len": srv.scheduler.max_context,
     }
+    adapter = next((e for e in srv.scheduler.adapters.entries() if e.name == model_id), None)
+    if adapter is not None:  # as vLLM lists a LoRA adapter: its files as `root`, the base model as `parent`
+        card.update(root=adapter.path, parent=srv.model_ids[0])
+    return card

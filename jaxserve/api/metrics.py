@@ -15,6 +15,7 @@ away counts as finished_reason="abort").
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,6 +80,15 @@ class _EngineCollector(Collector):
                     "bf16_from_rows": str(s.bf16_from_rows or ""),
                 },
             )
+        if s.max_loras:  # vLLM's: the adapters of running and waiting requests in labels, the time as value
+            info = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "LoRA adapters of running and waiting requests",
+                labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            labels = [str(s.max_loras), ",".join(s.running_adapters), ",".join(s.waiting_adapters)]
+            info.add_metric(labels, time.time())
+            yield info
         yield GaugeMetricFamily("jaxserve_kv_pages", "pages in the KV pool", value=s.kv_pages)
         yield GaugeMetricFamily("jaxserve_kv_pages_held", "KV pages held by sequences", value=s.kv_pages_held)
         yield GaugeMetricFamily("jaxserve_kv_pages_cached", "KV pages holding a cached prefix", value=s.kv_pages_cached)

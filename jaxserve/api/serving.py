@@ -6,7 +6,9 @@ no jax.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,10 +33,15 @@ from jaxserve.tokenizer import Tokenizer
 MIN_LOGPROB = -9999.0  # what -inf is sent as: JSON has no infinities
 
 
+# RequestError codes that are not a 400: a model (or adapter) that is not served, an adapter table in a
+# state that refuses the change
+STATUS = {"model_not_found": 404, "adapter_not_found": 404, "adapter_in_use": 409, "adapter_table_full": 409}
+
+
 def engine_error(e: Exception) -> APIError:
     """The client's view of an error the engine raised for a request."""
     if isinstance(e, RequestError):
-        return APIError(400, str(e), param=e.param, code=e.code)
+        return APIError(STATUS.get(e.code or "", 400), str(e), param=e.param, code=e.code)
     if isinstance(e, QueueFull):
         return APIError(
             429,
@@ -133,13 +140,8 @@ class CompletionServing:
     # ---- request -> engine requests ----------------------------------------------------------------
 
     def check_model(self, model: str) -> None:
-        if model not in self.model_ids:
-            raise APIError(
-                404,
-                f"The model '{model}' does not exist; this server serves {', '.join(self.model_ids)}",
-                param="model",
-                code="model_not_found",
-            )
+        """A 404 naming `model` unless this server serves it (the base, an alias, or a LoRA adapter)."""
+        self.adapter_of(model)
 
     def engine_requests(
         self, req: CompletionRequest, request_id: str, timeout: float | None = None
@@ -173,11 +175,47 @@ class CompletionServing:
             grammar = compile_response_format(req.response_format, self.tokenizer)
         except RequestError as e:
             raise engine_error(e) from None
-        vocab, context = self.tokenizer.vocab_size, self.scheduler.max_context
+        vocab, context, adapter = self.tokenizer.vocab_size, self.scheduler.max_context, self.adapter_of(req.model)
         return [
-            req.to_engine_request(f"{request_id}-{i}", ids, vocab, context, grammar, deadline)
+            dataclasses.replace(
+                req.to_engine_request(f"{request_id}-{i}", ids, vocab, context, grammar, deadline), adapter=adapter
+            )
             for i, ids in enumerate(prompts)
         ]
+
+    # ---- models and LoRA adapters ---------------------------------------------------------------------
+
+    def served_ids(self) -> list[str]:
+        """Every id a request's `model` may name: the base's, then each LoRA adapter's."""
+        return self.model_ids + self.scheduler.adapters.names()
+
+    def adapter_of(self, model: str) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model); a 404 naming `model` if neither."""
+        if model in self.model_ids:
+            return None
+        if model in self.scheduler.adapters.names():
+            return model
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves {', '.join(self.served_ids())}",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter in directory `path` as model `name` (its files read in a worker thread)."""
+        if name in self.model_ids:
+            raise APIError(400, f"'{name}' is the base model's id", param="lora_name")
+        try:
+            await asyncio.to_thread(self.scheduler.load_adapter, name, path)
+        except RequestError as e:
+            raise engine_error(e) from None
+
+    def unload_adapter(self, name: str) -> None:
+        try:
+            self.scheduler.unload_adapter(name)
+        except RequestError as e:
+            raise engine_error(e) from None
 
     # ---- running ------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+from jaxserve.checkpoint.blocks import int4_pieces, open_gguf_blocks
 from jaxserve.checkpoint.cards import DEFAULT_MODEL, ModelCard, find_card, gguf_path, list_cards
 from jaxserve.checkpoint.gguf_import import open_gguf, read_chat_template
 from jaxserve.checkpoint.hf_import import is_hf_directory, open_hf
@@ -19,6 +20,7 @@ from jaxserve.sharding import make_mesh
 
 log = logging.getLogger(__name__)
 
+QUANTIZE = ("int8", "int4", "gguf")  # --quantize: int8 groups, Q4_1 blocks, a GGUF file's own blocks
 SOURCE = "source"  # in a checkpoint converted from a Hugging Face directory: that directory's path
 
 __all__ = [
@@ -38,12 +40,15 @@ __all__ = [
 
 
 def _write(cfg, pieces, tokenizer, out_dir: Path, quantize: str | None, mesh) -> None:
-    """Stream the pieces (int8 when asked) onto the mesh, then write the checkpoint from there."""
+    """Stream the pieces (int8 or int4 when asked; a GGUF's blocks come as blocks) onto the mesh, then write
+    the checkpoint from there."""
     if quantize == "int8":
         cfg = dataclasses.replace(cfg, quant="int8")
         pieces = quantize_pieces(pieces, cfg)
-    elif quantize:
-        raise ValueError(f"unknown quantization {quantize!r} (supported: int8)")
+    elif quantize == "int4":
+        cfg, pieces = int4_pieces(pieces, cfg)
+    elif quantize and not (quantize == "gguf" and cfg.quant == "blocks"):
+        raise ValueError(f"unknown quantization {quantize!r} (supported: {', '.join(QUANTIZE)})")
     params = place(pieces, cfg, mesh if mesh is not None else make_mesh(1, None))
     save_checkpoint(out_dir, cfg, params, tokenizer)
 
@@ -62,7 +67,10 @@ def convert(
     is converted anew. Returns the folder."""
     t0 = time.perf_counter()
     hf = is_hf_directory(Path(path))
-    _write(*(open_hf if hf else open_gguf)(Path(path), max_context, progress), out_dir, quantize, mesh)
+    if hf and quantize == "gguf":
+        raise ValueError("--quantize gguf serves a GGUF file's own blocks; a Hugging Face directory has none")
+    opener = open_hf if hf else open_gguf_blocks if quantize == "gguf" else open_gguf
+    _write(*opener(Path(path), max_context, progress), out_dir, quantize, mesh)
     if hf:
         (Path(out_dir) / SOURCE).write_text(str(Path(path).resolve()) + "\n")
     log.info("converted %s -> %s in %.1f s", path, out_dir, time.perf_counter() - t0)
@@ -123,7 +131,9 @@ def source_chat_template(directory: Path) -> str | None:
     (the recorded Hugging Face directory, or the GGUF file of the card the folder is named after, its
     quantized variant's suffix aside); None when there is none."""
     directory = Path(directory)
-    name = directory.name.removesuffix("-int8")
+    name = next(
+        (directory.name.removesuffix(f"-{q}") for q in QUANTIZE if directory.name.endswith(f"-{q}")), directory.name
+    )
     try:
         recorded = directory / SOURCE
         if recorded.is_file():

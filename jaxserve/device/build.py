@@ -65,6 +65,9 @@ def build_engine(
     formulation_cache: Path | None = None,
     executable_cache: Path | None = None,
     background: bool = False,
+    loras: dict[str, str] | None = None,
+    max_loras: int | None = None,
+    max_lora_rank: int = 16,
 ) -> Scheduler:
     """A started scheduler over `slots` sequences of up to `max_context` tokens (capped by the model's),
     their KV in a pool of `num_pages` pages or of `kv_cache_memory` bytes (see `pool_pages`). The int8
@@ -73,7 +76,13 @@ def build_engine(
     is then compiled before the first request, or loaded from the folder `executable_cache` where an
     earlier start saved it (None: compiled each time, through jax's compilation cache if one is set); with
     `background`, only the shapes every request can fall back to before this returns, the rest while
-    requests are served (see device.warmup)."""
+    requests are served (see device.warmup). LoRA: `loras` {name: PEFT directory} are served beside the base,
+    in a stack of `max_loras` adapters (None: as many as `loras`; 0: none, the steps then compute the base
+    alone) of rank up to `max_lora_rank`, sized once: loading another adapter later compiles nothing."""
+    loras = loras or {}
+    max_loras = len(loras) if max_loras is None else max_loras
+    if len(loras) > max_loras:
+        raise ValueError(f"{len(loras)} LoRA adapters given, but --max-loras is {max_loras}")
     choice = choose(model, slots, formulation, formulation_cache)
     log.info("%s", choice.describe(model.cfg))
     model = choice.apply(model)
@@ -85,7 +94,15 @@ def build_engine(
     # a generation ends at any EOS id and at the chat template's end of turn
     eos_ids = tok.eos_ids + end_of_turn_ids(tok)
     core = JaxRunner(
-        model, slots=slots, cache_len=cache_len, eos_id=tok.eos_id, eos_ids=eos_ids, pages=pages, page_size=page_size
+        model,
+        slots=slots,
+        cache_len=cache_len,
+        eos_id=tok.eos_id,
+        eos_ids=eos_ids,
+        pages=pages,
+        page_size=page_size,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
     )
     log.info(
         "KV cache: %d pages of %d tokens = %d tokens (%.2f GB); %d sequences of up to %d tokens; prefix caching %s",
@@ -99,4 +116,7 @@ def build_engine(
     )
     if warmup:
         warm(core, None if executable_cache is None else ExecutableStore(executable_cache), background=background)
-    return Scheduler(core, model.tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching).start()
+    scheduler = Scheduler(core, model.tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching)
+    for name, path in loras.items():
+        scheduler.load_adapter(name, path)
+    return scheduler.start()

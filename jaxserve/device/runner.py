@@ -19,17 +19,19 @@ from __future__ import annotations
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.checkpoint.peft import Adapter, AdapterError, read_adapter
 from jaxserve.device import steps
 from jaxserve.device.executables import Variant, abstract
 from jaxserve.device.state import DecodeState, SamplingState
 from jaxserve.device.steps import PrefillOutput, StepOutput, StepSpec
 from jaxserve.engine.contract import Executed, Runner
 from jaxserve.engine.plan import PrefillRow, SamplePlan, Start, StepPlan
-from jaxserve.engine.types import SamplingParams
-from jaxserve.model import LoadedModel
-from jaxserve.sharding import replicated
+from jaxserve.engine.types import RequestError, SamplingParams
+from jaxserve.model import LoadedModel, lora
+from jaxserve.sharding import named_sharding, replicated
 
 PREFILL_BUCKETS = (16, 32, 64, 256)  # one row: a prompt's chunk
 PACKED = ((2, 128), (4, 64), (8, 32), (16, 16))  # (rows, tokens): short whole prompts prefilled together
@@ -55,9 +57,12 @@ class JaxRunner(Runner):
         eos_ids: tuple[int, ...] = (),
         pages: int | None = None,
         page_size: int = PAGE_SIZE,
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
     ):
         """Generations end at `eos_id` (None: never) and at any of `eos_ids` (further end ids). The pool
-        holds `pages` pages (None: every slot's whole context)."""
+        holds `pages` pages (None: every slot's whole context). Up to `max_loras` LoRA adapters of rank up
+        to `max_lora_rank` are resident at once (0: none, and the steps compute the base alone)."""
         self.model, self.cfg = model, model.cfg
         self.slots, self.cache_len = slots, cache_len
         self.vocab_size = self.cfg.vocab_size
@@ -78,6 +83,8 @@ class JaxRunner(Runner):
             lambda: DecodeState.initial(self.cfg, slots, self.pages, self.page_size), out_shardings=sharding
         )
         self.state: DecodeState = self._initial()
+        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.lora: dict | None = self._lora_stack() if max_loras else None
         self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (step's name, statics, shape) -> executable
         self._recording: dict[tuple, Variant] | None = None  # while warm-up lists the variants
         self._pending: set[tuple] = set()  # keys still compiling after warm-up returned
@@ -119,8 +126,9 @@ class JaxRunner(Runner):
         if s.inserts:
             assert prefill is not None, "an insert samples from its plan's prefill"
             logits = prefill.last_logits[s.logits_row]
-            return self.insert(s.slot, logits, s.params, s.position, s.max_tokens, s.stop_on_eos, s.mask)
-        self.resume(s.slot, s.token, s.params, s.position, list(s.generated), s.max_tokens, s.stop_on_eos, s.mask)
+            return self.insert(s.slot, logits, s.params, s.position, s.max_tokens, s.stop_on_eos, s.mask, s.adapter)
+        generated = list(s.generated)
+        self.resume(s.slot, s.token, s.params, s.position, generated, s.max_tokens, s.stop_on_eos, s.mask, s.adapter)
         return None
 
     def sample_tokens(self, plan: SamplePlan) -> StepOutput:
@@ -174,12 +182,13 @@ class JaxRunner(Runner):
         starts = np.zeros((P,), np.int32)
         lengths = np.ones((P,), np.int32)
         write_from = np.zeros((P,), np.int32)
+        adapter = np.zeros((P,), np.int32)
         pages = np.full((P, self.pages_per_seq), self.pages, np.int32)  # padding rows have no pages
         for i, r in enumerate(rows):
             tokens[i, : len(r.tokens)] = r.tokens
             targets[i, : len(r.targets)] = r.targets
             starts[i], lengths[i], write_from[i] = r.start, len(r.tokens), r.write_from
-            pages[i] = table[r.slot]
+            pages[i], adapter[i] = table[r.slot], r.adapter
         self.state, out = self._call(
             steps.prefill,
             dict(window=window),
@@ -192,6 +201,8 @@ class JaxRunner(Runner):
             write_from,
             targets,
             np.bool_(score),
+            adapter,
+            self.lora,
         )
         return out
 
@@ -207,6 +218,7 @@ class JaxRunner(Runner):
         max_tokens: int,
         stop_on_eos: bool,
         mask: np.ndarray | None = None,
+        adapter: int = 0,
     ) -> StepOutput:
         row = SamplingState.host_row(params, self.cfg.vocab_size)
         if mask is not None:
@@ -221,6 +233,7 @@ class JaxRunner(Runner):
             np.int32(position),
             np.int32(max_tokens),
             np.bool_(stop_on_eos),
+            np.int32(adapter),
         )
         return out
 
@@ -234,6 +247,7 @@ class JaxRunner(Runner):
         max_tokens: int,
         stop_on_eos: bool,
         mask: np.ndarray | None = None,
+        adapter: int = 0,
     ) -> None:
         row = SamplingState.host_row(params, self.cfg.vocab_size)
         row["counts"] = np.bincount(generated, minlength=self.cfg.vocab_size).astype(np.int32)
@@ -250,6 +264,7 @@ class JaxRunner(Runner):
             np.int32(position),
             np.int32(max_tokens),
             np.bool_(stop_on_eos),
+            np.int32(adapter),
         )
 
     @property
@@ -276,6 +291,7 @@ class JaxRunner(Runner):
             self.model.params,
             self.state,
             np.array(table, np.int32),  # a copy: the caller edits its table while this step runs
+            self.lora,
         )
         return logits
 
@@ -306,6 +322,42 @@ class JaxRunner(Runner):
 
     def fetch(self, result):
         return jax.device_get(result)
+
+    # ---- LoRA adapters -----------------------------------------------------------------------------
+
+    def _lora_stack(self) -> dict:
+        """The adapter stack, zeros, on the mesh; and its writer, compiled now so that no load compiles."""
+        shapes = lora.stack_shapes(self.cfg, self.max_loras, self.max_lora_rank)
+        mesh = self.model.mesh
+        shardings = {
+            t: tuple(named_sharding(ax, s.shape, mesh) for ax, s in zip(lora.stack_axes()[t], pair))
+            for t, pair in shapes.items()
+        }
+
+        def write(stack, index, entry):
+            self.spec.compiles["write_adapter"] += 1
+            return jax.tree.map(lambda s, e: s.at[:, index].set(e), stack, entry)
+
+        entry = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[:1] + s.shape[2:], s.dtype), shapes)
+        index = jax.ShapeDtypeStruct((), jnp.int32)
+        self._write_adapter = jax.jit(write, out_shardings=shardings).lower(shapes, index, entry).compile()
+        zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=shardings)
+        return zeros()
+
+    def read_adapter(self, name: str, path: str) -> Adapter:
+        """The PEFT adapter in directory `path`, checked against this model (host work, any thread)."""
+        try:
+            return read_adapter(path, name, self.cfg, self.max_lora_rank)
+        except AdapterError as e:
+            raise RequestError(str(e), "lora_path") from None
+
+    def load_adapter(self, index: int, adapter: Adapter) -> None:
+        """Write `adapter` into the stack as adapter index `index` (1..max_loras), which no slot uses now.
+        Any thread: the stack is replaced, not updated in place, so a step in flight keeps the one it
+        was given; shapes never change, so nothing compiles."""
+        assert self.lora is not None and 1 <= index <= self.max_loras, index
+        entry = lora.entry(adapter.weights, self.cfg, self.max_lora_rank)
+        self.lora = self._write_adapter(self.lora, np.int32(index - 1), entry)
 
     # ---- compiling ---------------------------------------------------------------------------------
 

@@ -140,6 +140,7 @@ class SlotState(Rows):
     active: jax.Array = row(jnp.bool_)  # decoding; a free or finished slot is not
     remaining: jax.Array = row(jnp.int32)  # tokens still allowed (max_tokens)
     stop_on_eos: jax.Array = row(jnp.bool_)
+    adapter: jax.Array = row(jnp.int32)  # its LoRA adapter: 0 none (the base), i the adapter stack's entry i - 1
 
 
 @struct.dataclass

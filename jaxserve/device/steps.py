@@ -78,17 +78,31 @@ _jit = functools.partial(jax.jit, donate_argnames=("state",))
 
 @functools.partial(_jit, static_argnames=("spec", "window"))
 def prefill(
-    spec: StepSpec, params, state: DecodeState, tokens, starts, lengths, table, write_from, targets, score, window: int
+    spec: StepSpec,
+    params,
+    state: DecodeState,
+    tokens,
+    starts,
+    lengths,
+    table,
+    write_from,
+    targets,
+    score,
+    adapter,
+    lora,
+    window: int,
 ):
     """Write rows of prompt tokens [P, T] (row p starting at position starts[p], `lengths[p]` real tokens)
     into the pages of `table` [P, pages per sequence] from position write_from[p] on (earlier ones are in
     shared pages already), and return each row's last-position logits; with `score` (a traced bool) also
-    every position's logprob of `targets` and the top K."""
+    every position's logprob of `targets` and the top K. Row p computes with LoRA adapter adapter[p] of the
+    stack `lora` (None: no adapters are served)."""
     spec.compiles["prefill"] += 1
     model = Transformer(spec.cfg, spec.formulation)
     P, T = tokens.shape
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-    x, cache = model.apply(params, tokens, positions, state.cache, table, window, write_from, method="hidden")
+    adapters = None if lora is None else (lora, adapter)
+    x, cache = model.apply(params, tokens, positions, state.cache, table, window, write_from, adapters, method="hidden")
     last = jnp.maximum(lengths - 1, 0)
 
     def every_position(x):
@@ -119,9 +133,9 @@ def copy_page(spec: StepSpec, state: DecodeState, src, dst):
 
 
 @functools.partial(_jit, static_argnames=("spec",))
-def insert(spec: StepSpec, state: DecodeState, slot, logits, row: dict, position, max_tokens, stop_on_eos):
+def insert(spec: StepSpec, state: DecodeState, slot, logits, row: dict, position, max_tokens, stop_on_eos, adapter):
     """Start a sequence in `slot`: its sampling row (`SamplingState.host_row`), its first token sampled
-    from the prompt's last logits [V], its position and token budget."""
+    from the prompt's last logits [V], its position, token budget and LoRA adapter."""
     spec.compiles["insert"] += 1
     sampling = state.sampling.write(slot, row)
     one = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), sampling)
@@ -129,35 +143,53 @@ def insert(spec: StepSpec, state: DecodeState, slot, logits, row: dict, position
     sampling = sampling.replace(counts=sampling.counts.at[slot, token[0]].add(1), step=sampling.step.at[slot].add(1))
     done = (max_tokens <= 1) | (stop_on_eos & _is_eos(spec, token)[0])
     slots = state.slots.write(
-        slot, dict(tokens=token[0], positions=position, active=~done, remaining=max_tokens - 1, stop_on_eos=stop_on_eos)
+        slot,
+        dict(
+            tokens=token[0],
+            positions=position,
+            active=~done,
+            remaining=max_tokens - 1,
+            stop_on_eos=stop_on_eos,
+            adapter=adapter,
+        ),
     )
     out = StepOutput(token, lp, top_ids, top_lp, done[None], jnp.ones((1,), bool))
     return _settle(spec, state.replace(sampling=sampling, slots=slots), out)
 
 
 @functools.partial(_jit, static_argnames=("spec",))
-def resume(spec: StepSpec, state: DecodeState, slot, row: dict, token, position, max_tokens, stop_on_eos):
+def resume(spec: StepSpec, state: DecodeState, slot, row: dict, token, position, max_tokens, stop_on_eos, adapter):
     """Continue a preempted sequence in `slot` from its last generated `token` at `position` (the cache
     holds everything before it): its sampling row with the counts and step it had, nothing sampled."""
     spec.compiles["resume"] += 1
     sampling = state.sampling.write(slot, row)
     slots = state.slots.write(
         slot,
-        dict(tokens=token, positions=position, active=max_tokens > 0, remaining=max_tokens, stop_on_eos=stop_on_eos),
+        dict(
+            tokens=token,
+            positions=position,
+            active=max_tokens > 0,
+            remaining=max_tokens,
+            stop_on_eos=stop_on_eos,
+            adapter=adapter,
+        ),
     )
     return _settle(spec, state.replace(sampling=sampling, slots=slots))
 
 
 @functools.partial(_jit, static_argnames=("spec", "window", "rows"))
-def forward(spec: StepSpec, params, state: DecodeState, table, window: int, rows: int):
+def forward(spec: StepSpec, params, state: DecodeState, table, lora, window: int, rows: int):
     """The model's half of a decode step for the first `rows` slots (a bucket covering every occupied one):
     each slot's last token goes into the pages of its row of `table` [slots, pages per sequence], and its
-    next-token logits [rows, V] come back for `sample_step`. Between the two halves the host may write
+    next-token logits [rows, V] come back for `sample_step`; each slot computes with its LoRA adapter of
+    the stack `lora` (None: no adapters are served). Between the two halves the host may write
     grammar masks (`set_masks`), so a constrained slot's mask is computed while the device runs this."""
     spec.compiles["forward"] += 1
     model = Transformer(spec.cfg, spec.formulation)
     seq = jax.tree.map(lambda a: a[:rows], state.slots)
-    logits, cache = model.apply(params, seq.tokens[:, None], seq.positions[:, None], state.cache, table[:rows], window)
+    adapters = None if lora is None else (lora, seq.adapter)
+    tokens, positions = seq.tokens[:, None], seq.positions[:, None]
+    logits, cache = model.apply(params, tokens, positions, state.cache, table[:rows], window, None, adapters)
     return _settle(spec, state.replace(cache=cache), logits[:, 0])  # replicated, as sample_step was compiled for
 
 

@@ -57,6 +57,7 @@ class Runner(Protocol):
     chunk: int  # the most prompt tokens one prefill row takes
     eos_ids: tuple[int, ...]  # every id that ends a generation (empty: none)
     vocab_size: int  # V: a grammar mask row is ceil(V/32) int32 words
+    max_loras: int  # LoRA adapters resident at once, indices 1..max_loras (0: none served)
 
     def packing(self, count: int, longest: int) -> tuple[int, int] | None:
         """The packed prefill shape (rows, tokens) for `count` whole prompts of at most `longest`
@@ -76,3 +77,10 @@ class Runner(Protocol):
 
     def stats(self) -> dict:
         """The device side's own counters, by their names in types.EngineStats (those it keeps; any thread)."""
+
+    def read_adapter(self, name: str, path: str) -> Any:
+        """The LoRA adapter in directory `path`, read on the host and checked against the model (any thread);
+        RequestError naming what is wrong."""
+
+    def load_adapter(self, index: int, adapter: Any) -> None:
+        """Make `adapter` (from read_adapter) LoRA adapter `index`, which no slot uses now (any thread)."""

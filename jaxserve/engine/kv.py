@@ -50,11 +50,11 @@ class KVManager:
         self.table[slot] = self.pool.pages
         self.table[slot, : len(pages)] = pages
 
-    def open(self, slot: int, tokens: list[int], rows: bool) -> list[CachedPage]:
-        """Give `slot` pages for `tokens`: the longest cached run of their full pages (with `rows`: only pages
-        that kept their echo rows), held, then fresh ones. Returns the cached run. The caller counted that
-        enough pages are available."""
-        hits = self.pool.lookup(tokens, rows=rows)
+    def open(self, slot: int, tokens: list[int], rows: bool, root: int = -1) -> list[CachedPage]:
+        """Give `slot` pages for `tokens`: the longest cached run of their full pages under key root `root`
+        (see PagePool.publish; with `rows`: only pages that kept their echo rows), held, then fresh ones.
+        Returns the cached run. The caller counted that enough pages are available."""
+        hits = self.pool.lookup(tokens, rows=rows, root=root)
         self.pool.count_query(len(tokens), len(hits) * self.page_size)
         for entry in hits:
             self.pool.hold(entry.page)
@@ -91,9 +91,10 @@ class KVManager:
             held.append(page)
         return True
 
-    def publish(self, slot: int, index: int, before: CachedPage | None, tokens) -> CachedPage | None:
-        """Cache `slot`'s full page `index` (holding `tokens`, after the cached page `before`)."""
-        return self.pool.publish(before, tokens, self._held[slot][index])
+    def publish(self, slot: int, index: int, before: CachedPage | None, tokens, root: int = -1) -> CachedPage | None:
+        """Cache `slot`'s full page `index` (holding `tokens`, after the cached page `before`, or the first
+        under key root `root`)."""
+        return self.pool.publish(before, tokens, self._held[slot][index], root)
 
     def free(self, slot: int) -> None:
         for page in self._held[slot]:

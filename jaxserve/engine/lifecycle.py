@@ -23,6 +23,7 @@ import random
 import time
 from collections.abc import Callable
 
+from jaxserve.engine.adapters import AdapterEntry
 from jaxserve.engine.kv import KVManager
 from jaxserve.engine.pages import CachedPage
 from jaxserve.engine.text import ChoiceText
@@ -97,6 +98,17 @@ class Group:
         self.preemptions = 0
         self.admission = 0  # the scheduler's count of admissions when it was last admitted
         self.overtaken = 0  # admissions of later requests while this one waited (see Scheduler._pick)
+        self.adapter: AdapterEntry | None = None  # the LoRA adapter it is served with (None: the base)
+
+    @property
+    def adapter_index(self) -> int:
+        """Its rows' adapter index on the device (0: the base)."""
+        return 0 if self.adapter is None else self.adapter.index
+
+    @property
+    def cache_root(self) -> int:
+        """The root of its prefix-cache keys: pages are shared only among requests of the same adapter."""
+        return -1 if self.adapter is None else self.adapter.cache_root
 
     @property
     def unfinished(self) -> list[Choice]:
@@ -201,9 +213,8 @@ class Fill:
         S = kv.page_size
         while len(self.chain) < self.start // S:
             i = len(self.chain)
-            entry = kv.publish(
-                self.choice.slot, i, self.chain[-1] if self.chain else None, self.tokens[i * S : (i + 1) * S]
-            )
+            before = self.chain[-1] if self.chain else None
+            entry = kv.publish(self.choice.slot, i, before, self.tokens[i * S : (i + 1) * S], self.group.cache_root)
             if entry is None:
                 break
             self.chain.append(entry)

@@ -85,15 +85,16 @@ class PagePool:
             else:
                 self._free.append(page)
 
-    def lookup(self, tokens, rows: bool = False) -> list[CachedPage]:
+    def lookup(self, tokens, rows: bool = False, root: int = -1) -> list[CachedPage]:
         """The cached pages holding the longest run of `tokens`' full pages from the start (with `rows`:
-        only pages that kept their echo rows). Counted in queried/hit tokens; holds nothing."""
+        only pages that kept their echo rows) under key root `root` (see `publish`). Counted in
+        queried/hit tokens; holds nothing."""
         found: list[CachedPage] = []
         if not self.caching:
             return found
         S = self.page_size
         for i in range(len(tokens) // S):
-            entry = self._by_key.get((found[-1].id if found else -1, tuple(tokens[i * S : (i + 1) * S])))
+            entry = self._by_key.get((found[-1].id if found else root, tuple(tokens[i * S : (i + 1) * S])))
             if entry is None or (rows and entry.rows is None):
                 break
             found.append(entry)
@@ -103,13 +104,14 @@ class PagePool:
         self.queried_tokens += queried
         self.hit_tokens += hit
 
-    def publish(self, before: CachedPage | None, tokens, page: int) -> CachedPage | None:
-        """Cache full page `page` holding `tokens` after the prefix `before` (None: the first page). If
+    def publish(self, before: CachedPage | None, tokens, page: int, root: int = -1) -> CachedPage | None:
+        """Cache full page `page` holding `tokens` after the prefix `before` (None: the first page, whose key
+        hangs off `root`: -1, or a negative id of what else the contents depend on, a LoRA adapter). If
         that prefix is cached already (another sequence filled it meanwhile), that entry is returned and
         `page` stays private. None when caching is off."""
         if not self.caching:
             return None
-        key = (before.id if before else -1, tuple(tokens))
+        key = (before.id if before else root, tuple(tokens))
         entry = self._by_key.get(key)
         if entry is None and page not in self._by_page:
             entry = CachedPage(page, key, next(self._ids))

@@ -33,6 +33,7 @@ class PrefillRow:
     start: int  # the position of its first token
     targets: list[int]  # the token each position predicts (scored for echo), 0 past the prompt's end
     write_from: int = 0  # positions before this one are in shared (cached) pages already: not written
+    adapter: int = 0  # the LoRA adapter it computes with (0: the base alone)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Start:
     logits_row: int = -1
     token: int = 0
     generated: tuple[int, ...] = ()
+    adapter: int = 0  # the LoRA adapter it decodes with (0: the base alone)
 
     @property
     def inserts(self) -> bool:
@@ -120,18 +122,20 @@ def encode(plan: StepPlan, words: int) -> dict[str, np.ndarray]:
         "header": header,
         "table": np.asarray(plan.table, np.int32),
         "releases": _padded(plan.releases, len(plan.releases), (), np.int32),
-        "rows": _padded([(r.slot, r.start, len(r.tokens), r.write_from) for r in rows], len(rows), (4,), np.int32),
+        "rows": _padded(
+            [(r.slot, r.start, len(r.tokens), r.write_from, r.adapter) for r in rows], len(rows), (5,), np.int32
+        ),
         "tokens": _padded(tokens, len(tokens), (), np.int32),
         "targets": _padded([t for r in rows for t in r.targets], len(tokens), (), np.int32),
         "copies": _padded(plan.copies, len(plan.copies), (2,), np.int32),
         "starts": _padded(
             [
                 (s.slot, s.position, s.max_tokens, s.stop_on_eos, s.logits_row, s.token, mask_index.get(id(s), -1))
-                + (len(s.params.logit_bias), len(s.generated))
+                + (len(s.params.logit_bias), len(s.generated), s.adapter)
                 for s in starts
             ],
             len(starts),
-            (9,),
+            (10,),
             np.int64,
         ),
         "knobs": _padded(
@@ -149,22 +153,24 @@ def decode(buffers: dict[str, np.ndarray]) -> StepPlan:
     h = dict(zip(HEADER, buffers["header"].tolist()))
     max_position, max_slot, score = buffers["header"][len(HEADER) : len(HEADER) + 3].tolist()
     rows, at = [], 0
-    for slot, start, length, write_from in buffers["rows"][: h["rows"]].tolist():
+    for slot, start, length, write_from, adapter in buffers["rows"][: h["rows"]].tolist():
         piece = slice(at, at + length)
         tokens, targets = buffers["tokens"][piece].tolist(), buffers["targets"][piece].tolist()
-        rows.append(PrefillRow(slot, tokens, start, targets, write_from))
+        rows.append(PrefillRow(slot, tokens, start, targets, write_from, adapter))
         at += length
     starts, bias_at, gen_at = [], 0, 0
     knobs = buffers["knobs"][: h["starts"]].tolist()
     kinds = {k: type(getattr(SamplingParams(), k)) for k in KNOBS}  # float, or int (the seed)
     for fields, values in zip(buffers["starts"][: h["starts"]].tolist(), knobs):
-        slot, position, max_tokens, stop_on_eos, logits_row, token, mask_row, n_bias, n_gen = fields
+        slot, position, max_tokens, stop_on_eos, logits_row, token, mask_row, n_bias, n_gen, adapter = fields
         bias = slice(bias_at, bias_at + n_bias)
         pairs = tuple(zip(buffers["bias_ids"][bias].tolist(), buffers["bias_values"][bias].tolist()))
         params = SamplingParams(logit_bias=pairs, **{k: kinds[k](v) for k, v in zip(KNOBS, values)})
         generated = tuple(buffers["generated"][gen_at : gen_at + n_gen].tolist())
         mask = None if mask_row < 0 else buffers["masks"][mask_row]
-        starts.append(Start(slot, params, position, max_tokens, bool(stop_on_eos), mask, logits_row, token, generated))
+        starts.append(
+            Start(slot, params, position, max_tokens, bool(stop_on_eos), mask, logits_row, token, generated, adapter)
+        )
         bias_at, gen_at = bias_at + n_bias, gen_at + n_gen
     return StepPlan(
         table=buffers["table"],

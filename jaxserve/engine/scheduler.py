@@ -40,14 +40,15 @@ import time
 from collections.abc import Callable, Sequence
 
 from jaxserve.engine import admission
+from jaxserve.engine.adapters import AdapterEntry, AdapterTable
 from jaxserve.engine.contract import Runner, StepResult
 from jaxserve.engine.grammar import Matcher
 from jaxserve.engine.intake import Intake
 from jaxserve.engine.kv import KVManager
-from jaxserve.engine.lifecycle import Choice, Fill, Group, Status
+from jaxserve.engine.lifecycle import END, Choice, Fill, Group, Status
 from jaxserve.engine.pages import PagePool
 from jaxserve.engine.plan import Decode, PrefillRow, SamplePlan, Start, StepPlan
-from jaxserve.engine.types import DeadlineExceeded, EngineRequest, EngineStats, EngineStopped
+from jaxserve.engine.types import DeadlineExceeded, EngineRequest, EngineStats, EngineStopped, QueueFull, RequestError
 from jaxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Scheduler:
         self.healthy = False
         self.steps = 0
         self.error: BaseException | None = None
+        self.adapters = AdapterTable(core.max_loras)
 
     # ---- any thread ---------------------------------------------------------------------------------
 
@@ -104,7 +106,39 @@ class Scheduler:
         for req in reqs:
             self.validate(req)
         groups = [Group(req, lambda item, i=i: emit(i, item), self.tokenizer) for i, req in enumerate(reqs)]
-        self.intake.put(groups, self.error)
+        try:  # a held adapter is never unloaded: between this check and the queueing, nor while it waits or runs
+            for group in groups:
+                if group.req.adapter is not None:
+                    self._hold_adapter(group, self.adapters.acquire(group.req.adapter))
+            self.intake.put(groups, self.error)
+        except (RequestError, EngineStopped, QueueFull):
+            for group in groups:
+                if group.adapter is not None:
+                    self.adapters.release(group.adapter)
+            raise
+
+    def _hold_adapter(self, group: Group, entry: AdapterEntry) -> None:
+        """The group computes with `entry`, which it holds until it emits its last item (END)."""
+        group.adapter, emit = entry, group.emit
+
+        def emit_and_release(item):
+            if item is END:
+                self.adapters.release(entry)
+            emit(item)
+
+        group.emit = emit_and_release
+
+    def load_adapter(self, name: str, path: str) -> AdapterEntry:
+        """Serve the LoRA adapter in directory `path` as `name` (any thread; see AdapterTable.load)."""
+        return self.adapters.load(name, path, self.core)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name` (AdapterBusy while requests use it)."""
+        self.adapters.remove(name)
+
+    @staticmethod
+    def _adapter_names(groups: list[Group]) -> tuple[str, ...]:
+        return tuple(sorted({g.adapter.name for g in groups if g.adapter is not None}))
 
     def abort(self, request_id: str) -> None:
         self.intake.abort(request_id)
@@ -125,7 +159,9 @@ class Scheduler:
     def stats(self) -> EngineStats:
         """A snapshot for metrics and probes (read racily from their thread: each count is one that was true)."""
         own = dict(queue_depth=self.queue_depth, active_slots=self.active_slots, steps=self.steps)
-        own |= dict(healthy=self.healthy, preemptions=self.preemptions)
+        own |= dict(healthy=self.healthy, preemptions=self.preemptions, max_loras=self.core.max_loras)
+        own |= dict(running_adapters=self._adapter_names(list(self._groups.values())))
+        own |= dict(waiting_adapters=self._adapter_names(list(self._waiting)))
         return EngineStats(**own, **self.kv.stats(), **self.core.stats())
 
     # ---- the scheduler thread -----------------------------------------------------------------------
@@ -261,7 +297,7 @@ class Scheduler:
         (with `score`, only pages that kept their echo rows); computing starts after it, or one position
         earlier where that position's logits are needed (the last token, or echo's row predicting the first
         uncached token), without rewriting the shared page."""
-        hits = self.kv.open(choice.slot, tokens, rows=score)
+        hits = self.kv.open(choice.slot, tokens, rows=score, root=group.cache_root)
         cached = len(hits) * self.kv.page_size
         start = cached - (cached > 0 and (score or cached == len(tokens)))
         rows = [row for e in hits for row in e.rows] if score else []
@@ -294,12 +330,16 @@ class Scheduler:
             return []
         packed = list(itertools.takewhile(lambda f: f.start == 0, self._fills))
         if len(packed) > 1 and self.core.packing(len(packed), max(len(f.tokens) for f in packed)) is not None:
-            rows = [PrefillRow(f.choice.slot, f.tokens, 0, f.targets(0, len(f.tokens))) for f in packed]
+            rows = [
+                PrefillRow(f.choice.slot, f.tokens, 0, f.targets(0, len(f.tokens)), 0, f.group.adapter_index)
+                for f in packed
+            ]
             fills = packed
         else:
             fill = self._fills[0]
             chunk = fill.tokens[fill.start : fill.start + self.core.chunk]
-            rows = [PrefillRow(fill.choice.slot, chunk, fill.start, fill.targets(fill.start, len(chunk)), fill.cached)]
+            targets = fill.targets(fill.start, len(chunk))
+            rows = [PrefillRow(fill.choice.slot, chunk, fill.start, targets, fill.cached, fill.group.adapter_index)]
             fills = [fill]
         copies: list[tuple[int, int]] = []
         starts: list[tuple[Choice, Start]] = []
@@ -353,7 +393,10 @@ class Scheduler:
             choice.matcher = Matcher(self.tokenizer, req.grammar, self.core.vocab_size)
             mask = choice.matcher.mask()
         choice.position, choice.status = n_prompt, Status.DECODING
-        return Start(choice.slot, choice.params, n_prompt, req.max_tokens, not req.ignore_eos, mask, logits_row=row)
+        adapter = choice.group.adapter_index
+        return Start(
+            choice.slot, choice.params, n_prompt, req.max_tokens, not req.ignore_eos, mask, row, adapter=adapter
+        )
 
     def _resume(self, choice: Choice) -> Start:
         """Decode on from the last generated token; the pages hold everything before it."""
@@ -363,8 +406,10 @@ class Scheduler:
         choice.position, choice.status = position, Status.DECODING
         if all(c.status is Status.DECODING for c in choice.group.unfinished):
             choice.group.status = Status.DECODING
-        left, stop_on_eos = req.max_tokens - len(generated), not req.ignore_eos
-        return Start(choice.slot, choice.params, position, left, stop_on_eos, mask, -1, generated[-1], tuple(generated))
+        left, stop_on_eos, adapter = req.max_tokens - len(generated), not req.ignore_eos, choice.group.adapter_index
+        return Start(
+            choice.slot, choice.params, position, left, stop_on_eos, mask, -1, generated[-1], tuple(generated), adapter
+        )
 
     def _fetch(self, pending, inserted: list) -> list[tuple[Choice, object, int]]:
         """The real tokens of the last step and of this loop's inserts, as (choice, host output, row), for the

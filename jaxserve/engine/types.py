@@ -38,6 +38,7 @@ class EngineRequest:
     ignore_eos: bool = False
     deadline: float | None = None  # time.monotonic() after which the engine aborts it (DeadlineExceeded)
     grammar: str | None = None  # an llguidance grammar (`grammar.compile_response_format`) every choice follows
+    adapter: str | None = None  # the LoRA adapter (by name) it is computed with; None: the base model
 
     @property
     def candidates(self) -> int:
@@ -89,6 +90,9 @@ class EngineStats:
     formulation: str | None = None  # how the weight matmuls compute (quant.Formulation.describe)
     kernel_below_rows: int | None = None
     bf16_from_rows: int | None = None
+    max_loras: int = 0  # LoRA adapters resident at once (0: none served)
+    running_adapters: tuple[str, ...] = ()  # the LoRA adapters of admitted requests
+    waiting_adapters: tuple[str, ...] = ()  # of waiting ones
 
 
 class RequestError(ValueError):

@@ -1,7 +1,7 @@
 """CPU kernels of our own, called from jitted code through the XLA FFI: the int8 weight matmul
-(int8_matmul.cc, which says why XLA:CPU needs it).
+(int8_matmul.cc, which says why XLA:CPU needs it) and the GGUF block-format matmuls (block_matmul.cc).
 
-The C++ source ships with the package and is compiled on first use on the machine that runs it (g++ -O3
+The C++ sources ship with the package and is compiled on first use on the machine that runs it (g++ -O3
 -march=native, a few seconds), into a folder keyed by everything the binary depends on (source, compiler,
 jax version, CPU flags), so a restart loads it and a machine of another kind never does. Where no compiler
 or no CPU backend is at hand, `available()` says so and the model computes with XLA alone.
@@ -21,13 +21,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxserve import host
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int8_matmul.cc")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_matmul.cc", "block_matmul.cc"))
+HEADERS = (Path(__file__).with_name("pool.h"),)
 TARGETS = {"kn": "jaxserve_int8_matmul", "nk": "jaxserve_int8_matmul_nk"}
+BLOCK_TARGETS = {f: f"jaxserve_{f}_matmul" for f in ("q4_0", "q4_1", "q8_0")}
+READ = "jaxserve_read_bytes"  # a plain read of a weight's bytes: the floor the kernels are measured against
 LANES = 16  # the kernel's vector width in floats: output columns and groups are multiples of it
 COMPILER = os.environ.get("CXX", "g++")
 
@@ -37,8 +41,8 @@ def cache_dir() -> Path:
 
 
 def version() -> str:
-    """A short hash of the kernel's source: what it computes and how fast (keys the formulation's cache)."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    """A short hash of the kernels' sources: what they compute and how fast (keys the formulation's cache)."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
 
 
 def _build() -> Path:
@@ -46,29 +50,29 @@ def _build() -> Path:
     compiler = subprocess.run([COMPILER, "--version"], capture_output=True, text=True, check=True).stdout
     key = "\n".join([version(), compiler, jax.__version__, host.cpu_features()])
     key = hashlib.sha256(key.encode()).hexdigest()[:16]
-    lib = cache_dir() / f"int8_matmul-{key}.so"
+    lib = cache_dir() / f"kernels-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
         cmd = [COMPILER, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
-        cmd += ["-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(tmp)]
+        cmd += ["-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(tmp)]
         subprocess.run(cmd, capture_output=True, text=True, check=True)
         os.replace(tmp, lib)  # concurrent builders: each writes its own file, the last rename wins whole
-        log.info("compiled %s into %s", SOURCE.name, lib)
+        log.info("compiled %s into %s", ", ".join(p.name for p in SOURCES), lib)
     return lib
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the int8 matmul kernel is compiled and registered with XLA:CPU (once per process)."""
+    """Whether the kernels are compiled and registered with XLA:CPU (once per process)."""
     if jax.default_backend() != "cpu" or shutil.which(COMPILER) is None:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
-        log.warning("int8 matmul kernel unavailable (%s); int8 matmuls use XLA's formulations", e)
+        log.warning("kernels unavailable (%s); quantized matmuls use XLA's formulations", e)
         return False
-    for target in TARGETS.values():
+    for target in (*TARGETS.values(), *BLOCK_TARGETS.values(), READ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return True
 
@@ -112,3 +116,26 @@ def int8_matmul(x, kernel, scale, contracted: int = 1, layer=0, layout: str = "k
         n = kernel.shape[1]
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     return jax.ffi.ffi_call(TARGETS[layout], out)(x.astype(jnp.float32), kernel, scale, jnp.int32(layer))
+
+
+@functools.cache
+def vnni() -> bool:
+    """Whether the block kernels can multiply on quantized activations here (built for AVX512-VNNI)."""
+    return available() and bool(ctypes.cdll.LoadLibrary(str(_build())).jaxserve_block_vnni())
+
+
+def block_matmul(x, fmt: str, codes, d, m=None, layer=0, q8: bool = False):
+    """x [M, K] . layer `layer` (an int32 scalar, traced or not) of a weight [L, N, K] in GGUF block format
+    `fmt` ("q4_0", "q4_1", "q8_0"), transposed -> [M, N] float32: codes [L, N, K/32 * block bytes], d (and,
+    for q4_1, m) [L, N, K/32] float16, as jaxserve.model.blocks holds them. `q8`: x quantized to 8 bits a
+    block of 32 first and multiplied with integer dot products (where `vnni()`). Call `available()` first."""
+    out = jax.ShapeDtypeStruct((x.shape[0], codes.shape[1]), jnp.float32)
+    operands = (d,) if m is None else (d, m)
+    call = jax.ffi.ffi_call(BLOCK_TARGETS[fmt], out)
+    return call(x.astype(jnp.float32), codes, *operands, jnp.int32(layer), q8=np.int32(q8))
+
+
+def read_bytes(a, layer=0):
+    """Reads layer `layer` of a stack `a` [L, ...] whole (its bytes, 64 at a time) on the kernels' threads ->
+    a float32 [1] depending on every byte: the plain read a kernel's bandwidth is measured against."""
+    return jax.ffi.ffi_call(READ, jax.ShapeDtypeStruct((1,), jnp.float32))(a, jnp.int32(layer))

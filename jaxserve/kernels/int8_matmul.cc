@@ -19,16 +19,14 @@
 // types below become AVX-512 there, or whatever the CPU has.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -163,36 +161,6 @@ void nk_chunk(const float* x, const int8_t* w, const float* s, float* y, Shape d
   }
 }
 
-// Runs chunk(0..tiles) on the calling thread and up to all of the pool's threads, returning when all are
-// done. Tasks that start after the last tile was taken find nothing to do; the state they share is theirs.
-template <typename F>
-void parallel(ffi::ThreadPool& pool, int64_t tiles, F chunk) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, tiles, chunk]() {
-    for (int64_t t; (t = state->next.fetch_add(1)) < tiles;) {
-      chunk(t);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tiles - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  // The last tiles are in flight on other threads: a few microseconds. Spin, then yield, so that a host
-  // with more threads than cores does not lose the core that would finish them.
-  for (int spins = 0; state->done.load(std::memory_order_acquire) < tiles; ++spins) {
-    if (spins < 4096) {
-#if defined(__x86_64__)
-      __builtin_ia32_pause();
-#endif
-    } else {
-      std::this_thread::yield();
-    }
-  }
-}
-
 // y = x . w[layer] for w [L, K, N] packed (nk false) or [L, N, K] (nk true), with its scales laid out
 // alike: the layer is read in place (an operand sliced out of the stack would be a copy of it each call).
 template <bool nk>
@@ -212,9 +180,9 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int8_t* wp = w.typed_data() + l * wd[1] * wd[2];
   float* yp = y->typed_data();
   if constexpr (nk)
-    parallel(pool, (d.N + NK_ROWS - 1) / NK_ROWS, [=](int64_t t) { nk_chunk(xp, wp, sp, yp, d, t); });
+    jaxserve::parallel(pool, (d.N + NK_ROWS - 1) / NK_ROWS, [=](int64_t t) { nk_chunk(xp, wp, sp, yp, d, t); });
   else
-    parallel(pool, d.N / tile_width(d.N), [=](int64_t t) { kn_chunk(xp, wp, sp, yp, d, t); });
+    jaxserve::parallel(pool, d.N / tile_width(d.N), [=](int64_t t) { kn_chunk(xp, wp, sp, yp, d, t); });
   return ffi::Error::Success();
 }
 

@@ -72,6 +72,8 @@ class ModelConfig:
     dtype: str = "float32"  # weights and activations
     quant: str | None = None  # "int8": matmul weights int8, one float32 scale per group of input weights
     quant_group: int = 64  # input weights sharing one int8 scale (per output channel)
+    # quant "blocks": each matmul weight in a GGUF block format (jaxserve.model.blocks), by name: ("q", "q4_1"), ...
+    block_formats: tuple[tuple[str, str], ...] = ()
     # How attention computes, a serving choice never saved with the checkpoint (see
     # jaxserve.model.attention_kernels): "plain" (jnp, any backend), "tpu_kernel" or "gpu_kernel" (a Pallas
     # kernel). Unlike quant.Formulation it lives here because it decides the KV pool's layout, which the
@@ -104,6 +106,7 @@ class ModelConfig:
     def from_json(cls, text: str) -> ModelConfig:
         data = json.loads(text)
         data["local_layers"] = tuple(data.get("local_layers", ()))
+        data["block_formats"] = tuple(tuple(f) for f in data.get("block_formats", ()))
         if data.get("rope_scaling"):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         return cls(**data)
@@ -111,6 +114,10 @@ class ModelConfig:
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
         return cls.from_json(Path(path).read_text())
+
+    def block_format(self, name: str) -> str | None:
+        """The GGUF block format of matmul weight `name` (quant "blocks"), or None."""
+        return dict(self.block_formats).get(name)
 
     @property
     def attention_scale(self) -> float:

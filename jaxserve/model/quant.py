@@ -12,8 +12,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxserve import kernels
+from jaxserve.model import blocks
 from jaxserve.model.config import ModelConfig
 
+QUANTIZED = ("int8", "blocks")  # the weights whose matmuls have formulations (jaxserve.device.formulation)
 EVERY_ROW = 1 << 30  # kernel_below_rows of a kernel at every row count
 
 
@@ -28,17 +30,21 @@ class Formulation:
 
     kernel_below_rows: int | None = None
     bf16_from_rows: int | None = None
+    # GGUF block weights: from this many rows on, the kernel multiplies on activations quantized to 8 bits a
+    # block (integer dot products: AVX512-VNNI); None: float activations
+    q8_from_rows: int | None = None
 
     def describe(self, cfg: ModelConfig) -> str:
         """The weight matmuls' arithmetic in a word, as the startup log and /metrics name it: float weights
         compute in their own dtype; int8 in "kernel", "f32" and "bf16" by rows, e.g. "kernel<8<=f32<32<=bf16"
         (the kernel below 8 rows, bfloat16 from 32 rows on, float32 between)."""
-        if cfg.quant != "int8":
+        if cfg.quant not in QUANTIZED:
             return cfg.dtype
         kernel, bf16 = self.kernel_below_rows or 1, self.bf16_from_rows
+        q8 = "" if self.q8_from_rows is None else f"(q8 from {self.q8_from_rows})"
         if kernel >= EVERY_ROW:
-            return "kernel"
-        text = f"kernel<{kernel}<=" if kernel > 1 else ""
+            return "kernel" + q8
+        text = f"kernel{q8}<{kernel}<=" if kernel > 1 else ""
         if bf16 is None:
             return text + "f32"
         return text + (f"f32<{bf16}<=bf16" if bf16 > kernel else "bf16")
@@ -53,7 +59,9 @@ def group_size(cfg: ModelConfig, n: int) -> int:
 def weight(module: nn.Module, cfg: ModelConfig, name: str, shape, axes, a: int, init=None):
     """A matmul weight: (kernel, None) in the model's dtype, or with cfg.quant == "int8" an int8 kernel and a
     float32 scale per output channel and group of input weights along input axis `a` (the scale has the
-    kernel's rank and axes; axis `a` shrinks by the group)."""
+    kernel's rank and axes; axis `a` shrinks by the group); with cfg.quant == "blocks" a blocks.BlockWeight."""
+    if cfg.quant == "blocks":
+        return blocks.declare(module, cfg.block_format(name), name, shape, axes, a)
     param = lambda name, shape, init, dtype: module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
     if cfg.quant == "int8":
         kernel = param(name, shape, nn.initializers.zeros, jnp.int8)
@@ -101,7 +109,9 @@ def dot(spec: str, x, weight, f: Formulation | None = None):
     dequantized within the jitted step to float32, or rounded to bfloat16 once after the float32 dequantization (one
     rounding of each weight, not two) and multiplied with bfloat16 activations, accumulating in float32.
     Which is fastest depends on the CPU and the rows (jaxserve.device.formulation measures it); float
-    weights always compute in their own dtype."""
+    weights always compute in their own dtype. GGUF block weights: see blocks.dot."""
+    if isinstance(weight, blocks.BlockWeight):
+        return blocks.dot(x, weight, f or Formulation())
     kernel, scale, *layer = weight
     if scale is None:
         return jnp.einsum(spec, x, kernel)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxserve.model import attention_kernels, quant
+from jaxserve.model import attention_kernels, blocks, quant
+from jaxserve.model import lora as lora_math
 from jaxserve.model.config import ModelConfig, RopeScaling
 from jaxserve.model.kv_cache import KVCache
 
@@ -120,15 +121,22 @@ class Block(nn.Module):
     formulation: quant.Formulation
 
     @nn.compact
-    def __call__(self, carry, positions, cos, sin, table, write_from, window: int, stacked=None):
+    def __call__(self, carry, positions, cos, sin, table, write_from, window: int, stacked=None, lora=None, mask=None):
         """`stacked`: None, or with packed int8 weights the layers' whole stacks {name: (kernel, scale)},
-        which the matmuls then read in place (see `dot`)."""
+        which the matmuls then read in place (see `quant.dot`). `lora`: None, or this layer's adapter stack
+        {target: (A, B)} and `mask` [B, M] each row's adapter (see jaxserve.model.lora)."""
         x, cache, layer = carry
         c = self.cfg
 
+        def project(name, spec, x, w):  # the base projection plus each row's adapter
+            y = quant.dot(spec, x, w, self.formulation)
+            return y if lora is None else y + lora_math.delta(name, x, lora[name], mask).astype(y.dtype)
+
         def weight(name, shape, axes, a):
             w = quant.weight(self, c, name, shape, axes, a)
-            return w if stacked is None else (*stacked[name], layer)
+            if stacked is None:
+                return w
+            return stacked[name].at(layer) if c.quant == "blocks" else (*stacked[name], layer)
 
         dt = jnp.dtype(c.dtype)
         local = jnp.asarray(c.layer_is_local())[layer]
@@ -140,9 +148,9 @@ class Block(nn.Module):
         wk = weight("k", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wv = weight("v", (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 0)
         wo = weight("o", (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), 1)
-        q = quant.dot("btd,dnh->btnh", h, wq, self.formulation)
-        k = quant.dot("btd,dkh->btkh", h, wk, self.formulation)
-        v = quant.dot("btd,dkh->btkh", h, wv, self.formulation)
+        q = project("q", "btd,dnh->btnh", h, wq)
+        k = project("k", "btd,dkh->btkh", h, wk)
+        v = project("v", "btd,dkh->btkh", h, wv)
         if c.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (c.n_heads, c.head_dim), ("q_heads", "head_dim"), zeros, dt)
@@ -155,7 +163,7 @@ class Block(nn.Module):
 
         cache = cache.write(layer, table, positions, k, v, write_from)
         attn = paged_attention(c, q, cache, layer, table, positions, window, local)
-        attn = quant.dot("btnh,nhd->btd", attn, wo, self.formulation)
+        attn = project("o", "btnh,nhd->btd", attn, wo)
         if c.sandwich_norms:
             attn = RMSNorm(c.norm_eps, dt, name="post_attn_norm")(attn)
         x = x + attn
@@ -165,9 +173,9 @@ class Block(nn.Module):
         # of two
         wgu = weight("gate_up", (c.dim, 2, c.mlp_dim), ("embed", None, "mlp"), 0)
         wd = weight("down", (c.mlp_dim, c.dim), ("mlp", "embed"), 0)
-        gate_up = quant.dot("btd,dcf->btcf", h, wgu, self.formulation)
+        gate_up = project("gate_up", "btd,dcf->btcf", h, wgu)
         act = nn.silu if c.activation == "silu" else partial(jax.nn.gelu, approximate=True)
-        out = quant.dot("btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd, self.formulation)
+        out = project("down", "btf,fd->btd", act(gate_up[:, :, 0]) * gate_up[:, :, 1], wd)
         if c.sandwich_norms:
             out = RMSNorm(c.norm_eps, dt, name="post_mlp_norm")(out)
         return (x + out, cache, layer + 1), None
@@ -182,14 +190,20 @@ class Embedding(nn.Module):
     def setup(self):
         c = self.cfg
         # int8: a scale per vocabulary row (the output channel of the logits) and group of D
-        self.table, self.scale = quant.weight(self, c, "embedding", (c.vocab_size, c.dim), ("vocab", "embed"), 1)
+        w = quant.weight(self, c, "embedding", (c.vocab_size, c.dim), ("vocab", "embed"), 1)
+        self.blocks = w if c.quant == "blocks" else None  # GGUF blocks (jaxserve.model.blocks)
+        self.table, self.scale = (None, None) if c.quant == "blocks" else w
 
     def __call__(self, tokens):
+        if self.blocks is not None:
+            return self.blocks.rows(tokens).astype(jnp.dtype(self.cfg.dtype))
         if self.scale is None:
             return self.table[tokens]
         return quant.dequantize(self.table[tokens], self.scale[tokens]).astype(jnp.dtype(self.cfg.dtype))
 
     def attend(self, x):
+        if self.blocks is not None:
+            return quant.dot("btd,vd->btv", x, self.blocks, self.formulation)
         if self.scale is None:
             return quant.dot("btd,vd->btv", x, (self.table, None))
         return quant.tied_logits(x, self.table, self.scale, self.formulation)
@@ -210,7 +224,7 @@ class Transformer(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 7,
+            in_axes=(nn.broadcast,) * 7 + (0, nn.broadcast),  # the adapter stack is sliced per layer
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.formulation)
@@ -218,17 +232,18 @@ class Transformer(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = quant.weight(self, c, "lm_head", (c.dim, c.vocab_size), ("embed", "vocab"), 0)
 
-    def __call__(self, tokens, positions, cache: KVCache, table, window: int, write_from=None):
+    def __call__(self, tokens, positions, cache: KVCache, table, window: int, write_from=None, adapters=None):
         """tokens, positions [B, T] int32 -> (logits [B, T, V] float32, updated cache). See `hidden`."""
-        x, cache = self.hidden(tokens, positions, cache, table, window, write_from)
+        x, cache = self.hidden(tokens, positions, cache, table, window, write_from, adapters)
         return self.logits(x), cache
 
-    def hidden(self, tokens, positions, cache: KVCache, table, window: int, write_from=None):
+    def hidden(self, tokens, positions, cache: KVCache, table, window: int, write_from=None, adapters=None):
         """tokens, positions [B, T] int32 -> (final-normed hidden states [B, T, D], updated cache).
 
         `table` [B, pages per sequence] names each row's pages (see KVCache). `window` (static, a whole
         number of pages) must exceed every position in `positions`; attention reads only positions
         [0, window). Positions before `write_from` [B] (None: all written) are already in shared pages.
+        `adapters`: None, or (the LoRA stack {target: (A, B)}, each row's adapter index [B]; 0: none).
         """
         c = self.cfg
         x = self.embed(tokens)
@@ -239,11 +254,17 @@ class Transformer(nn.Module):
             tables.append(rope_tables(positions, c.head_dim, c.rope_local_theta))
         cos, sin = (jnp.stack(t) for t in zip(*tables))  # [R, B, T, H]
         stacked = None
-        if self.formulation.kernel_below_rows is not None and not self.is_initializing():  # packed: read in place
+        if c.quant == "blocks" and not self.is_initializing():  # block weights: always read in place
+            stacked = blocks.stacks(self.variables["params"]["layers"], dict(c.block_formats))
+        elif self.formulation.kernel_below_rows is not None and not self.is_initializing():  # packed: in place
             layers = self.variables["params"]["layers"]
             stacked = {n: (layers[n], layers[n + "_scale"]) for n in quant.int8_names(layers)}
+        lora, mask = None, None
+        if adapters is not None:
+            lora, index = adapters
+            mask = lora_math.row_mask(index, next(iter(lora.values()))[0].shape[1])
         carry = (x, cache, jnp.int32(0))
-        (x, cache, _), _ = self.layers(carry, positions, cos, sin, table, write_from, window, stacked)
+        (x, cache, _), _ = self.layers(carry, positions, cos, sin, table, write_from, window, stacked, lora, mask)
         return self.final_norm(x), cache
 
     def logits(self, x):

@@ -1,0 +1,414 @@
+// GGUF block-quantized weight matmuls for XLA:CPU, through the XLA FFI: y[M, N] = x[M, K] . w^T, with w
+// [N, K] in one of GGUF's block formats, read as the file stores it (jaxserve.model.blocks keeps its parts):
+//
+//   Q4_1  w = d * q + m,    q in 0..15, 32 inputs a block, f16 d and m per block    (20 bytes / 32 weights)
+//   Q4_0  w = d * (q - 8)   q in 0..15, f16 d per block                              (18 bytes / 32 weights)
+//   Q8_0  w = d * q         q in -128..127, f16 d per block                          (34 bytes / 32 weights)
+//
+// Each a layer of a stack [L, N, ...] named by an int32 operand and read in place (an operand sliced out of
+// the stack would be a copy of it each call). The four-bit codes of a block lie as GGUF packs them: byte j
+// holds input j in its low nibble and input j + 16 in its high one.
+//
+// The activations stay float32 (the served outputs match the float32 reference as closely as float32
+// weights do): per block and row, the codes are widened in registers and dotted with x, and the dot is
+// scaled by d once; the offsets (m, or -8d) multiply x's block sums, computed once per call:
+//   y[r, n] = sum_b d[n, b] * (q[n, b] . x[r, b]) + sum_b m[n, b] * sum(x[r, b]).
+// Weight rows are the output columns, so one row of w is one contiguous read (and stays in L1 while the
+// R rows of x are dotted with it). Tiles of rows run on XLA's intra-op thread pool (pool.h).
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int L = 16;     // floats per vector
+constexpr int QK = 32;    // inputs per block
+constexpr int MB = 4;     // rows of x dotted with a weight row while it is in registers
+constexpr int64_t TILE = 32;  // weight rows (output columns) per task
+
+typedef float vf __attribute__((vector_size(L * 4)));
+typedef uint8_t vu8 __attribute__((vector_size(L)));
+typedef int8_t vs8 __attribute__((vector_size(L)));
+
+enum class Fmt { Q4_0, Q4_1, Q8_0 };
+
+template <Fmt F>
+constexpr int64_t block_bytes() {  // of the codes; d and m are arrays of their own
+  return F == Fmt::Q8_0 ? QK : QK / 2;
+}
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float sum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float t = 0;
+  for (int i = 0; i < L; ++i) t += v[i];
+  return t;
+#endif
+}
+
+// f16 -> f32 (IEEE half, as GGUF stores d and m), n values.
+inline void widen_half(const uint16_t* h, float* f, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + L <= n; i += L)
+    _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+#endif
+  for (; i < n; ++i) {
+    const uint32_t s = (h[i] & 0x8000u) << 16, e = (h[i] >> 10) & 0x1f, m = h[i] & 0x3ff;
+    uint32_t bits;
+    if (e == 0x1f) {
+      bits = s | 0x7f800000u | (m << 13);
+    } else if (e != 0) {
+      bits = s | ((e + 112) << 23) | (m << 13);
+    } else if (m == 0) {
+      bits = s;
+    } else {  // subnormal: normalise
+      int shift = 0;
+      uint32_t mm = m;
+      while (!(mm & 0x400)) mm <<= 1, ++shift;
+      bits = s | ((113 - shift) << 23) | ((mm & 0x3ff) << 13);
+    }
+    std::memcpy(f + i, &bits, 4);
+  }
+}
+
+// The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied).
+template <Fmt F>
+inline void codes(const uint8_t* q, vf& lo, vf& hi) {
+#if defined(__AVX512F__)  // GCC 12 converts a byte vector with __builtin_convertvector element by element
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  if constexpr (F == Fmt::Q8_0) {
+    lo = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
+    hi = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L))));
+  } else {
+    const __m128i low = _mm_set1_epi8(15);
+    lo = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(a, low)));
+    hi = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(a, 4), low)));
+  }
+  return;
+#endif
+  if constexpr (F == Fmt::Q8_0) {
+    vs8 a, b;
+    std::memcpy(&a, q, L);
+    std::memcpy(&b, q + L, L);
+    lo = __builtin_convertvector(a, vf);
+    hi = __builtin_convertvector(b, vf);
+  } else {
+    vu8 b;
+    std::memcpy(&b, q, L);
+    lo = __builtin_convertvector(b & 15, vf);
+    hi = __builtin_convertvector(b >> 4, vf);
+  }
+}
+
+struct Dims {
+  int64_t M, K, N;
+};
+
+// Rows [m0, m0 + R) of x by weight row n. d and m: the row's block scales and offsets in float32; xs: x's
+// block sums [M, K/32].
+template <Fmt F, int R>
+void row(const float* x, const float* xs, const uint8_t* q, const float* d, const float* m, float* y, Dims s,
+         int64_t m0, int64_t n) {
+  const int64_t nb = s.K / QK;
+  vf acc[R] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    vf lo, hi;
+    codes<F>(q + b * block_bytes<F>(), lo, hi);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + (m0 + r) * s.K + b * QK;
+      acc[r] += (lo * load(xr) + hi * load(xr + L)) * d[b];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float offset = 0;
+    if constexpr (F != Fmt::Q8_0) {
+      const float* xr = xs + (m0 + r) * nb;
+      for (int64_t b = 0; b < nb; ++b) offset += (F == Fmt::Q4_1 ? m[b] : -8 * d[b]) * xr[b];
+    }
+    y[(m0 + r) * s.N + n] = sum(acc[r]) + offset;
+  }
+}
+
+template <Fmt F>
+void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
+          Dims s, int64_t t) {
+  const int64_t nb = s.K / QK;
+  std::vector<float> df(nb), mf(F == Fmt::Q4_1 ? nb : 0);
+  const int64_t end = std::min((t + 1) * TILE, s.N);
+  for (int64_t n = t * TILE; n < end; ++n) {
+    widen_half(d + n * nb, df.data(), nb);
+    if constexpr (F == Fmt::Q4_1) widen_half(m + n * nb, mf.data(), nb);
+    const uint8_t* qn = q + n * nb * block_bytes<F>();
+    int64_t m0 = 0;
+    for (; m0 + MB <= s.M; m0 += MB) row<F, MB>(x, xs, qn, df.data(), mf.data(), y, s, m0, n);
+    switch (s.M - m0) {
+      case 1: row<F, 1>(x, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+      case 2: row<F, 2>(x, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+      case 3: row<F, 3>(x, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+    }
+  }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool VNNI = true;
+
+// Quantized activations (the `q8` attribute): each block of 32 inputs of x as int8 codes times a float32
+// step (its largest magnitude / 127, as llama.cpp's Q8 activations), so a weight block's dot with it is
+// one integer dot product: AVX512-VNNI's vpdpbusd sums four u8 x s8 products into each int32 lane, 64 bytes
+// an instruction. Q4 weights: their codes (0..15) are the unsigned operand and x's the signed one, laid out
+// as a 64-byte group of four blocks' codes unpacks: inputs 0..15 of the four blocks (low nibbles), then
+// 16..31 (high ones). Q8_0 weights are signed: x + 128 is the unsigned operand and 128 * the weight sum
+// (one more vpdpbusd by ones, shared by every row) is taken off. The offsets use x's exact block sums.
+struct Quantized {
+  std::vector<int8_t> q;  // [M, K], in the weights' order (see above)
+  std::vector<float> step;  // [M, K/32]
+};
+
+template <Fmt F>
+Quantized quantize_rows(const float* x, Dims s) {
+  const int64_t nb = s.K / QK;
+  Quantized out{std::vector<int8_t>(s.M * s.K), std::vector<float>(s.M * nb + L)};  // whole vectors are loaded
+  for (int64_t r = 0; r < s.M; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + r * s.K + b * QK;
+      float amax = 0;
+      for (int k = 0; k < QK; ++k) amax = std::max(amax, std::abs(xb[k]));
+      const float step = amax / 127, inv = amax > 0 ? 127 / amax : 0;
+      out.step[r * nb + b] = step;
+      // Q4: within a group of 4 blocks, input k of block j goes to (k / 16) * 64 + j * 16 + k % 16 (a
+      // tail block short of a group keeps its own 32 in order: low half, then high half)
+      const int64_t g = b / 4, j = b % 4, full = (b - j + 4) <= nb;
+      for (int k = 0; k < QK; ++k) {
+        const int8_t v = static_cast<int8_t>(std::lrint(xb[k] * inv));
+        int64_t at = b * QK + k;
+        if (F != Fmt::Q8_0 && full) at = g * 4 * QK + (k / 16) * 64 + j * 16 + k % 16;
+        out.q[r * s.K + at] = F == Fmt::Q8_0 ? static_cast<int8_t>(v ^ 0x80) : v;  // Q8_0: x + 128 as u8
+      }
+    }
+  return out;
+}
+
+// Rows [m0, m0 + R) by weight row n on quantized activations.
+template <Fmt F, int R>
+void row_q8(const Quantized& xq, const float* xs, const uint8_t* q, const float* d, const float* m, float* y,
+            Dims s, int64_t m0, int64_t n) {
+  const int64_t nb = s.K / QK;
+  constexpr int per = F == Fmt::Q8_0 ? 2 : 4;  // blocks in 64 bytes of codes
+  const __m512i low = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
+  const __m512i spread = per == 4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  float tail[R] = {};
+  int64_t b = 0;
+  for (; b + per <= nb; b += per) {
+    const __m512i v = _mm512_loadu_si512(q + b * block_bytes<F>());
+    __m512i lo = v, hi = v, wsum = _mm512_setzero_si512();
+    if constexpr (F == Fmt::Q8_0) {
+      wsum = _mm512_slli_epi32(_mm512_dpbusd_epi32(wsum, ones, v), 7);  // 128 * each lane's weight sum
+    } else {
+      lo = _mm512_and_si512(v, low);
+      hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    const __m512 dv = _mm512_permutexvar_ps(spread, _mm512_loadu_ps(d + b));  // d of each lane's block
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xr = xq.q.data() + (m0 + r) * s.K + b * QK;
+      const float* st = xq.step.data() + (m0 + r) * nb + b;
+      __m512i dot;
+      if constexpr (F == Fmt::Q8_0) {
+        dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xr), v), wsum);
+      } else {
+        dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
+        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xr + 64));
+      }
+      const __m512 scale = _mm512_mul_ps(dv, _mm512_permutexvar_ps(spread, _mm512_loadu_ps(st)));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+    }
+  }
+  for (; b < nb; ++b) {  // blocks short of a group: one at a time, in scalar
+    const uint8_t* qb = q + b * block_bytes<F>();
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xr = xq.q.data() + (m0 + r) * s.K + b * QK;
+      int32_t dot = 0;
+      if constexpr (F == Fmt::Q8_0) {  // as above, 32 bytes (GCC 12 vectorizes a scalar int8 x int8 loop
+        // into vpdpbusd as if one side were unsigned)
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb));
+        const __m256i xu = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+        const __m256i sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), w);
+        const __m256i v = _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), xu, w), _mm256_slli_epi32(sum, 7));
+        dot = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(v));
+      } else {
+        for (int k = 0; k < QK; ++k) dot += int32_t{k < 16 ? qb[k] & 15 : qb[k - 16] >> 4} * int32_t{xr[k]};
+      }
+      tail[r] += dot * d[b] * xq.step[(m0 + r) * nb + b];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float offset = 0;
+    if constexpr (F != Fmt::Q8_0) {
+      const float* xr = xs + (m0 + r) * nb;
+      for (int64_t k = 0; k < nb; ++k) offset += (F == Fmt::Q4_1 ? m[k] : -8 * d[k]) * xr[k];
+    }
+    y[(m0 + r) * s.N + n] = _mm512_reduce_add_ps(acc[r]) + tail[r] + offset;
+  }
+}
+
+template <Fmt F>
+void tile_q8(const Quantized& xq, const float* xs, const uint8_t* q, const uint16_t* d, const uint16_t* m,
+             float* y, Dims s, int64_t t) {
+  const int64_t nb = s.K / QK;
+  std::vector<float> df(nb + L), mf(F == Fmt::Q4_1 ? nb : 0);  // df padded: whole vectors are loaded
+  const int64_t end = std::min((t + 1) * TILE, s.N);
+  for (int64_t n = t * TILE; n < end; ++n) {
+    widen_half(d + n * nb, df.data(), nb);
+    if constexpr (F == Fmt::Q4_1) widen_half(m + n * nb, mf.data(), nb);
+    const uint8_t* qn = q + n * nb * block_bytes<F>();
+    int64_t m0 = 0;
+    for (; m0 + MB <= s.M; m0 += MB) row_q8<F, MB>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n);
+    switch (s.M - m0) {
+      case 1: row_q8<F, 1>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+      case 2: row_q8<F, 2>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+      case 3: row_q8<F, 3>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+    }
+  }
+}
+#else
+constexpr bool VNNI = false;  // quantized activations are asked for only where vnni() says the CPU has it
+#endif
+
+// Whether this build multiplies on quantized activations (the CPU has AVX512-VNNI).
+extern "C" int jaxserve_block_vnni() { return VNNI; }
+
+// y = x . w[layer]^T for w's codes [L, N, K * bytes per block / 32], d (and m) [L, N, K / 32].
+template <Fmt F, typename Q>
+ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::Buffer<ffi::F16> d,
+                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+  auto xd = x.dimensions(), qd = q.dimensions(), dd = d.dimensions();
+  if (xd.size() != 2 || qd.size() != 3 || dd.size() != 3 || layer.element_count() != 1 || xd[1] % QK ||
+      qd[2] != xd[1] / QK * block_bytes<F>() || dd[0] != qd[0] || dd[1] != qd[1] || dd[2] != xd[1] / QK)
+    return ffi::Error::InvalidArgument("block matmul: x [M, K], codes [L, N, K/32 * block bytes], d [L, N, K/32]");
+  const Dims s{xd[0], xd[1], qd[1]};
+  const int64_t l = *layer.typed_data(), nb = s.K / QK;
+  if (l < 0 || l >= qd[0]) return ffi::Error::InvalidArgument("block matmul: layer out of range");
+  const float* xp = x.typed_data();
+  std::vector<float> xs(F == Fmt::Q8_0 ? 0 : s.M * nb);  // x's block sums, for the offsets
+  for (int64_t i = 0; i < static_cast<int64_t>(xs.size()); ++i) {
+    float t = 0;
+    for (int k = 0; k < QK; ++k) t += xp[i * QK + k];
+    xs[i] = t;
+  }
+  const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.typed_data()) + l * qd[1] * qd[2];
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.typed_data()) + l * s.N * nb;
+  const uint16_t* mp = m ? m + l * s.N * nb : nullptr;
+  float* yp = y->typed_data();
+  const float* xsp = xs.data();
+  const int64_t tiles = (s.N + TILE - 1) / TILE;
+  if (q8 && !VNNI) return ffi::Error::InvalidArgument("block matmul: quantized activations need AVX512-VNNI");
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (q8) {
+    const Quantized xq = quantize_rows<F>(xp, s);
+    const Quantized* xqp = &xq;
+    jaxserve::parallel(pool, tiles, [=](int64_t t) { tile_q8<F>(*xqp, xsp, qp, dp, mp, yp, s, t); });
+    return ffi::Error::Success();
+  }
+#endif
+  jaxserve::parallel(pool, tiles, [=](int64_t t) { tile<F>(xp, xsp, qp, dp, mp, yp, s, t); });
+  return ffi::Error::Success();
+}
+
+ffi::Error Q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
+                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+  if (m.dimensions().size() != 3 || m.element_count() != d.element_count())
+    return ffi::Error::InvalidArgument("block matmul: m as d");
+  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, q8);
+}
+
+ffi::Error Q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, q8);
+}
+
+ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> d,
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8);
+}
+
+// The floor the kernel is measured against (scripts/bench_bandwidth.py): layer `layer` of a stack of bytes
+// [L, ...] read whole, split into the same tasks on the same threads, nothing computed but a sum.
+ffi::Error Read(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t per_layer = a.size_bytes() / a.dimensions()[0], words = per_layer / 64;
+  const uint8_t* p = static_cast<const uint8_t*>(a.untyped_data()) + *layer.typed_data() * per_layer;
+  constexpr int64_t CHUNK = 4096;  // 64-byte lines per task
+  std::vector<uint64_t> sums((words + CHUNK - 1) / CHUNK);
+  uint64_t* out = sums.data();
+  jaxserve::parallel(pool, static_cast<int64_t>(sums.size()), [=](int64_t t) {
+    typedef uint64_t line __attribute__((vector_size(64)));
+    line acc = {};
+    for (int64_t i = t * CHUNK; i < std::min((t + 1) * CHUNK, words); ++i) {
+      line v;
+      std::memcpy(&v, p + i * 64, 64);
+      acc += v;
+    }
+    uint64_t total = 0;
+    for (int j = 0; j < 8; ++j) total += acc[j];
+    out[t] = total;
+  });
+  uint64_t total = 0;
+  for (uint64_t s : sums) total += s;
+  *y->typed_data() = static_cast<float>(total & 0xff);
+  return ffi::Error::Success();
+}
+
+// x, codes, d (, m), layer -> y
+auto bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>(); }
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_read_bytes, Read,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
+                              bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("q8"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_0_matmul, Q4_0,
+                              bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("q8"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_0_matmul, Q8_0,
+                              bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("q8"));

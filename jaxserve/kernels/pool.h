@@ -1,0 +1,44 @@
+// Work split over XLA's intra-op thread pool, shared by jaxserve's kernels.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxserve {
+
+// Runs chunk(0..tiles) on the calling thread and up to all of the pool's threads, returning when all are
+// done. Tasks that start after the last tile was taken find nothing to do; the state they share is theirs.
+template <typename F>
+void parallel(xla::ffi::ThreadPool& pool, int64_t tiles, F chunk) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, tiles, chunk]() {
+    for (int64_t t; (t = state->next.fetch_add(1)) < tiles;) {
+      chunk(t);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tiles - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  // The last tiles are in flight on other threads: a few microseconds. Spin, then yield, so that a host
+  // with more threads than cores does not lose the core that would finish them.
+  for (int spins = 0; state->done.load(std::memory_order_acquire) < tiles; ++spins) {
+    if (spins < 4096) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+}  // namespace jaxserve

@@ -1,0 +1,159 @@
+"""GGUF block-quantized matmul weights, served as the file stores them: Q4_0, Q4_1 and Q8_0.
+
+A weight of such a format keeps the file's own values (no dequantize-and-requantize): a block of 32
+consecutive inputs of one output channel is w = d * q + m (Q4_1), d * (q - 8) (Q4_0) or d * q (Q8_0), with
+float16 d and m. It is held as up to three parameters beside each other, each [outputs..., last axis]:
+
+    name     the codes, uint8 [outputs..., K / 2] (two 4-bit codes a byte, packed as GGUF packs them: byte j
+             of a block holds input j in its low nibble, input j + 16 in its high one), or int8 [.., K] (Q8_0)
+    name_d   the block scales, float16 [outputs..., K / 32]
+    name_m   (Q4_1) the block offsets, float16 [outputs..., K / 32]
+
+Output channels first (GGUF's [out, in] rows): one channel's blocks are one contiguous run, which is what
+the kernel (jaxserve/kernels/block_matmul.cc) reads, and what `dequantize` here turns into float weights for
+XLA's formulations (float32 or bfloat16 products, as for int8). Every format of a model is recorded per
+weight in ModelConfig.block_formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxserve import kernels
+
+QK = 32  # inputs per block, every format
+FORMATS = ("q4_0", "q4_1", "q8_0")
+CHUNK = 4096  # output channels dequantized at once where a weight is larger (the vocabulary): see `dot`
+
+
+def code_width(fmt: str, k: int) -> int:
+    """Bytes of codes of one output channel of `k` inputs."""
+    return k if fmt == "q8_0" else k // 2
+
+
+def parts(fmt: str) -> tuple[str, ...]:
+    """The parameter suffixes of a weight in `fmt`: codes, scales (and offsets)."""
+    return ("", "_d", "_m") if fmt == "q4_1" else ("", "_d")
+
+
+def from_gguf(raw: np.ndarray, fmt: str) -> tuple[np.ndarray, ...]:
+    """A GGUF tensor's bytes [rows, blocks * block bytes] -> its parts (codes, d[, m]), [rows, ...] each."""
+    rows = raw.shape[0]
+    head = 4 if fmt == "q4_1" else 2  # f16 d (and m) before each block's codes
+    blocks = np.ascontiguousarray(raw).reshape(rows, -1, head + code_width(fmt, QK))
+    codes = blocks[:, :, head:].reshape(rows, -1)
+    d = np.ascontiguousarray(blocks[:, :, 0:2]).view(np.float16).reshape(rows, -1)
+    if fmt == "q8_0":
+        return codes.view(np.int8), d
+    if fmt == "q4_0":
+        return codes, d
+    return codes, d, np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16).reshape(rows, -1)
+
+
+def quantize(w: np.ndarray, fmt: str) -> tuple[np.ndarray, ...]:
+    """Float weights [rows, K] -> parts in `fmt`, by gguf's own quantizer (llama.cpp's reference one)."""
+    import gguf
+
+    raw = gguf.quants.quantize(np.asarray(w, np.float32), gguf.GGMLQuantizationType[fmt.upper()])
+    return from_gguf(raw, fmt)
+
+
+def dequantize(fmt: str, codes, d, m=None, xp=np):
+    """Parts [..., N, ...] -> float32 weights [..., N, K], in NumPy (xp=np) or inside a jitted step (jnp)."""
+    lead = codes.shape[:-1]
+    if fmt == "q8_0":
+        q = codes.astype(xp.float32).reshape(*lead, -1, QK)
+    else:
+        b = codes.reshape(*lead, -1, QK // 2)
+        q = xp.concatenate([b & 15, b >> 4], axis=-1).astype(xp.float32)  # [.., blocks, 32]
+        if fmt == "q4_0":
+            q = q - 8
+    w = q * d.astype(xp.float32)[..., None]
+    if m is not None:
+        w = w + m.astype(xp.float32)[..., None]
+    return w.reshape(*lead, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockWeight:
+    """A block-quantized weight as the model reads it: `arrays` (codes, d[, m]) [outputs..., ...], or
+    stacked over the layers [L, outputs..., ...] with `layer` naming one (read in place by the kernel)."""
+
+    fmt: str
+    arrays: tuple
+    outputs: tuple[int, ...]
+    layer: object = None
+
+    def at(self, layer) -> BlockWeight:
+        return dataclasses.replace(self, layer=layer)
+
+    def rows(self, tokens) -> jax.Array:
+        """Rows `tokens` [...] of an embedding table [V, D] -> float32 [..., D]."""
+        return dequantize(self.fmt, *(a[tokens] for a in self.arrays), xp=jnp)
+
+
+def declare(module: nn.Module, fmt: str, name: str, shape, axes, a: int) -> BlockWeight:
+    """The parameters of a matmul weight of model shape `shape` (inputs up to axis `a`, outputs after it;
+    an embedding [V, D] with a = 1: outputs V) in `fmt`, each [outputs..., ...] with its outputs' axes."""
+    table = a == len(shape) - 1
+    outputs, out_axes = (shape[:a], axes[:a]) if table else (shape[a + 1 :], axes[a + 1 :])
+    k = shape[a] if table else math.prod(shape[: a + 1])
+    assert k % QK == 0, f"{name}: {k} inputs are not whole blocks of {QK}"
+    sizes = {"": code_width(fmt, k), "_d": k // QK, "_m": k // QK}
+    dtypes = {"": jnp.int8 if fmt == "q8_0" else jnp.uint8, "_d": jnp.float16, "_m": jnp.float16}
+    init = nn.initializers.zeros
+    arrays = tuple(
+        module.param(name + p, nn.with_logical_partitioning(init, (*out_axes, None)), (*outputs, sizes[p]), dtypes[p])
+        for p in parts(fmt)
+    )
+    return BlockWeight(fmt, arrays, tuple(outputs))
+
+
+def stacks(layers: dict, formats: dict[str, str]) -> dict[str, BlockWeight]:
+    """The layers' block weights, each as its whole stack over the layers (see BlockWeight)."""
+    out = {}
+    for name, fmt in formats.items():
+        if name in layers:
+            arrays = tuple(layers[name + p] for p in parts(fmt))
+            out[name] = BlockWeight(fmt, arrays, tuple(arrays[0].shape[1:-1]))
+    return out
+
+
+def dot(x, w: BlockWeight, f):
+    """x [B, T, inputs...] . w -> [B, T, outputs...] in x's dtype, as `f` (a quant.Formulation) says for the
+    rows (B * T): by jaxserve's kernel below `kernel_below_rows` (on activations quantized to 8 bits from
+    `q8_from_rows` on), else dequantized within the step to float32, or to bfloat16 from `bf16_from_rows`
+    on (bfloat16 products, float32 sums), as the int8 formulations do."""
+    rows = x.shape[0] * x.shape[1]
+    xr = x.reshape(rows, -1)
+    if f.kernel_below_rows is not None and rows < f.kernel_below_rows:
+        stack = w.arrays if w.layer is not None else tuple(a[None] for a in w.arrays)
+        stack = tuple(a.reshape(a.shape[0], -1, a.shape[-1]) for a in stack)
+        q8 = f.q8_from_rows is not None and rows >= f.q8_from_rows
+        y = kernels.block_matmul(xr, w.fmt, *stack, layer=0 if w.layer is None else w.layer, q8=q8)
+        return y.reshape(*x.shape[:2], *w.outputs).astype(x.dtype)
+    arrays = w.arrays if w.layer is None else tuple(a[w.layer] for a in w.arrays)
+    arrays = tuple(a.reshape(-1, a.shape[-1]) for a in arrays)  # [N, ...]
+    bf16 = f.bf16_from_rows is not None and rows >= f.bf16_from_rows
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    xr = xr.astype(dtype)
+
+    def product(parts_):
+        weights = dequantize(w.fmt, *parts_, xp=jnp).astype(dtype)  # [n, K]
+        return jnp.einsum("rk,nk->rn", xr, weights, preferred_element_type=jnp.float32)
+
+    n = arrays[0].shape[0]
+    chunks = n // CHUNK if n > CHUNK and n % CHUNK == 0 else 1
+    if chunks == 1:
+        y = product(arrays)
+    else:  # one dequantized chunk at a time: XLA would write the whole float copy first
+        split = tuple(a.reshape(chunks, CHUNK, a.shape[-1]) for a in arrays)
+        _, y = jax.lax.scan(lambda _, p: (None, product(p)), None, split)  # [chunks, rows, CHUNK]
+        y = jnp.moveaxis(y, 0, 1).reshape(rows, n)
+    return y.reshape(*x.shape[:2], *w.outputs).astype(x.dtype)

@@ -1,0 +1,115 @@
+"""The 1-row weight matmuls' bandwidth against a plain read of the same bytes, in the same process.
+
+    python scripts/bench_bandwidth.py [--quantize gguf int8] [--rows 1] [--repeats 30]
+
+For each weight format, one jitted pass over every layer's matmul weights as a decode step reads them (the
+layer stacks, each layer read in place by jaxserve's kernel; `--rows` rows of activations), and one pass
+reading the very same bytes on the same threads with nothing computed (jaxserve.kernels.read_bytes). Prints
+both as GB/s and their ratio, medians of interleaved runs, with the load average: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve import kernels
+from jaxserve.checkpoint import load_model
+from jaxserve.device.formulation import CANDIDATES
+from jaxserve.model import blocks
+from jaxserve.model.quant import grouped_axis
+from jaxserve.sharding import make_mesh
+
+
+def weights(model) -> list[tuple[str, tuple]]:
+    """(how the kernel reads it, the arrays of one weight stacked over the layers), for every layer matmul."""
+    layers = model.params["params"]["layers"]
+    if model.cfg.quant == "blocks":
+        return [(w.fmt, w.arrays) for w in blocks.stacks(layers, dict(model.cfg.block_formats)).values()]
+    return [("int8", (layers[n], layers[n + "_scale"])) for n in sorted(layers) if n + "_scale" in layers]
+
+
+def kernel_pass(model, rows: int):
+    ws = weights(model)
+
+    def run(arrays, x):
+        def layer(acc, i):
+            for (how, _), a in zip(ws, arrays):
+                if how == "int8":
+                    contracted = grouped_axis(a[0].shape[1:], a[1].shape[1:]) + 1
+                    k = math.prod(a[0].shape[1 : 1 + contracted])
+                    y = kernels.int8_matmul(jnp.resize(x + acc, (rows, k)), *a, contracted, i)
+                else:
+                    k = a[1].shape[-1] * blocks.QK
+                    stack = tuple(p.reshape(p.shape[0], -1, p.shape[-1]) for p in a)
+                    y = kernels.block_matmul(jnp.resize(x + acc, (rows, k)), how, *stack, layer=i)
+                acc = acc + 1e-6 * y[0, 0]
+            return acc, None
+
+        return jax.lax.scan(layer, jnp.float32(0), jnp.arange(model.cfg.n_layers))[0]
+
+    return jax.jit(run), [a for _, a in ws]
+
+
+def read_pass(model):
+    def run(arrays):
+        def layer(acc, i):
+            for a in arrays:
+                for part in a:
+                    acc = acc + kernels.read_bytes(part, i)[0]
+            return acc, None
+
+        return jax.lax.scan(layer, jnp.float32(0), jnp.arange(model.cfg.n_layers))[0]
+
+    return jax.jit(run)
+
+
+def measure(model, label: str, rows: int, repeats: int) -> None:
+    kernel, arrays = kernel_pass(model, rows)
+    read = read_pass(model)
+    nbytes = sum(part.nbytes for a in arrays for part in a)
+    x = jnp.ones((rows, model.cfg.dim), jnp.float32)
+    calls = {"kernel": lambda: kernel(arrays, x), "read": lambda: read(arrays)}
+    runs: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():
+        jax.block_until_ready(fn())
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            runs[name].append(time.perf_counter() - t0)
+    ms = {n: 1000 * statistics.median(r) for n, r in runs.items()}
+    gbs = {n: nbytes / t / 1e6 for n, t in ms.items()}
+    print(
+        f"{label} ({model.formulation.describe(model.cfg)}): {nbytes / 1e6:.1f} MB of layer weights, {rows} row(s): "
+        f"kernel {ms['kernel']:.2f} ms = {gbs['kernel']:.1f} GB/s, plain read {ms['read']:.2f} ms = "
+        f"{gbs['read']:.1f} GB/s: kernel at {100 * gbs['kernel'] / gbs['read']:.0f}% of the read",
+        flush=True,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    p.add_argument("--quantize", nargs="+", default=["gguf", "int8"], choices=["gguf", "int4", "int8"])
+    p.add_argument("--rows", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    assert kernels.available(), "the kernels need a C++ compiler and the CPU backend"
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()}", flush=True)
+    for q in args.quantize:
+        model = load_model(args.model, args.checkpoints, make_mesh(1, 1), progress=False, quantize=q)
+        measure(CANDIDATES["kernel"].apply(model), q, args.rows, args.repeats)  # int8 packed as the kernel reads it
+    print(f"load average {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

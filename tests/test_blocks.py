@@ -1,0 +1,168 @@
+"""GGUF block-quantized weights (jaxserve.model.blocks): the formats against gguf's own dequantization, the
+block kernel and XLA's formulations against NumPy, and SmolLM2 served from its file's own Q4_1 blocks
+against the reference."""
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from served import assert_served_steps_equal_full_pass
+from test_kernels import TINY_LLAMA
+from test_quantize import teacher_forced
+
+from jaxserve import kernels
+from jaxserve.checkpoint import convert_hf, load_checkpoint, load_model
+from jaxserve.device.formulation import CANDIDATES, Choice, kernel_possible
+from jaxserve.model import blocks
+from jaxserve.model.quant import Formulation
+from jaxserve.sharding import make_mesh
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler or no CPU backend here")
+
+
+def random_weights(rng, rows, k):
+    """Float weights [rows, k] with blocks of very different ranges (and one constant block)."""
+    ranges = rng.uniform(0.01, 2.0, (rows, k // 32, 1)).repeat(32, -1).reshape(rows, k)
+    w = (rng.standard_normal((rows, k)) * ranges).astype(np.float32)
+    w[0, :32] = 0.5
+    return w
+
+
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
+def test_parts_dequantize_as_gguf_does(fmt):
+    """The parts read from a tensor's bytes (those gguf's quantizer writes) give gguf's own dequantized
+    values, bit for bit, in NumPy and inside jit."""
+    w = random_weights(np.random.default_rng(0), 5, 96)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[fmt.upper()])
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt.upper()])
+    parts = blocks.from_gguf(raw, fmt)
+    assert len(parts) == len(blocks.parts(fmt)) and parts[0].shape == (5, blocks.code_width(fmt, 96))
+    np.testing.assert_array_equal(blocks.dequantize(fmt, *parts), want)
+    got = jax.jit(lambda *p: blocks.dequantize(fmt, *p, xp=jnp))(*parts)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def stack(rng, fmt, n, k, layers=3):
+    """A stack of `layers` weights [n, k] in `fmt` -> (parts stacked [L, n, ...], float weights [L, n, k])."""
+    parts = [blocks.quantize(random_weights(rng, n, k), fmt) for _ in range(layers)]
+    stacked = tuple(np.stack(p) for p in zip(*parts))
+    return stacked, blocks.dequantize(fmt, *stacked).astype(np.float64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
+@pytest.mark.parametrize("rows, n, k", [(1, 45, 96), (3, 64, 576), (5, 33, 32), (9, 70, 160)])
+def test_block_kernel_equals_numpy(fmt, rows, n, k):
+    """Layer 1 of a stack of three, odd rows, outputs that are not whole tiles, one block or several."""
+    rng = np.random.default_rng(rows * n)
+    parts, w = stack(rng, fmt, n, k)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    y = jax.jit(kernels.block_matmul, static_argnums=1)(x, fmt, *parts, layer=jnp.int32(1))
+    want = x.astype(np.float64) @ w[1].T
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@needs_kernel
+def test_block_kernel_refuses_a_layer_out_of_the_stack():
+    parts, _ = stack(np.random.default_rng(0), "q4_1", 16, 64, layers=1)
+    with pytest.raises(Exception, match="layer out of range"):
+        jax.block_until_ready(kernels.block_matmul(np.ones((1, 64), np.float32), "q4_1", *parts, layer=1))
+
+
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
+def test_xla_formulations_equal_numpy(fmt, bf16):
+    """The formulations XLA computes (dequantized to float32, or bfloat16 products with float32 sums), a
+    weight of outputs [3, 15] read at layer 2, rows [B=2, T=3]; and a vocabulary of whole chunks."""
+    rng = np.random.default_rng(1)
+    parts, w = stack(rng, fmt, 45, 64)
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    weight = lambda arrays: blocks.BlockWeight(fmt, arrays, (3, 15), jnp.int32(2))
+    f = Formulation(bf16_from_rows=1 if bf16 else None)
+    y = jax.jit(lambda x, *a: blocks.dot(x, weight(a), f))(x, *(p.reshape(3, 3, 15, -1) for p in parts))
+    want = (x.reshape(6, 64).astype(np.float64) @ w[2].T).reshape(2, 3, 3, 15)
+    tol = 2e-2 if bf16 else 1e-5
+    np.testing.assert_allclose(np.asarray(y), want, rtol=tol, atol=tol * np.abs(want).max())
+    vocab, w = stack(rng, fmt, 2 * blocks.CHUNK, 64, layers=1)
+    table = lambda arrays: blocks.BlockWeight(fmt, arrays, (2 * blocks.CHUNK,))
+    y = jax.jit(lambda x, *a: blocks.dot(x, table(a), Formulation()))(x, *(p[0] for p in vocab))
+    np.testing.assert_allclose(np.asarray(y), x @ w[0].T, rtol=1e-4, atol=1e-4 * np.abs(y).max())
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf(checkpoint_root):
+    return load_model("smollm2-135m-instruct", checkpoint_root, make_mesh(1, 1), progress=False, quantize="gguf")
+
+
+def test_smollm2_serves_its_files_own_blocks(smollm2_gguf):
+    """Every layer matmul Q4_1 and the tied embedding Q8_0, as the file stores them."""
+    cfg = smollm2_gguf.cfg
+    assert cfg.quant == "blocks" and cfg.block_format("embedding") == "q8_0"
+    assert {cfg.block_format(n) for n in ("q", "k", "v", "o", "gate_up", "down")} == {"q4_1"}
+    layers = smollm2_gguf.params["params"]["layers"]
+    assert layers["gate_up"].dtype == np.uint8 and layers["gate_up"].shape == (30, 2, 1536, 576 // 2)
+    assert layers["gate_up_m"].dtype == np.float16 and layers["gate_up_m"].shape == (30, 2, 1536, 576 // 32)
+
+
+@pytest.mark.parametrize("name", ["f32", "kernel"])
+def test_smollm2_blocks_match_the_reference(smollm2_gguf, reference, name):
+    """The reference is HF transformers on the same file's weights dequantized to float32, so with float
+    activations the blocks give its greedy tokens, teacher-forced, with logprobs as close as float32's."""
+    if name == "kernel" and not kernel_possible(smollm2_gguf):
+        pytest.skip("no C++ compiler or no CPU backend here: the kernel is never chosen")
+    model = CANDIDATES[name].apply(smollm2_gguf)
+    agreement, mean_diff = teacher_forced(model, reference)
+    name = model.formulation.describe(model.cfg)
+    print(f"{name}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.5f}")
+    assert agreement == 1.0
+    assert mean_diff <= 1e-3
+
+
+@pytest.mark.skipif(not kernels.vnni(), reason="avx512_vnni: not on this CPU (the float path serves)")
+def test_smollm2_blocks_on_quantized_activations_stay_close_to_the_reference(smollm2_gguf, reference):
+    """The kernel on activations quantized to 8 bits a block (as llama.cpp multiplies Q4_1 weights),
+    teacher-forced: measured 89.6% top-1 agreement with the float32 reference, mean |delta logprob| 0.083 --
+    short of the issue's 97% bar, which is why `auto` never takes it. This holds what it reaches."""
+    model = CANDIDATES["q8"].apply(smollm2_gguf)
+    agreement, mean_diff = teacher_forced(model, reference)
+    name = model.formulation.describe(model.cfg)
+    print(f"{name}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.4f}")
+    assert agreement >= 0.88
+    assert mean_diff <= 0.1
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tmp_path_factory):
+    out = convert_hf(TINY_LLAMA, tmp_path_factory.mktemp("int4") / "ckpt", progress=False, quantize="int4")
+    return load_checkpoint(out, make_mesh(1, 1))
+
+
+@needs_kernel
+def test_served_steps_with_the_block_kernel_equal_the_float32_full_pass(tiny_int4):
+    """--quantize int4 of a float checkpoint (Q4_1 layers, Q8_0 embedding): prefill in chunks of 3 by XLA
+    and 8 greedy steps of two slots through the kernel (below 3 rows) give the float32 formulation's full
+    pass. (The kernel at every row count is the SmolLM2 reference test's "kernel".)"""
+    assert tiny_int4.cfg.block_format("q") == "q4_1" and tiny_int4.cfg.block_format("embedding") == "q8_0"
+    served = Choice(None, "forced", {}, 3).apply(tiny_int4)
+    assert_served_steps_equal_full_pass(tiny_int4, served)
+
+
+@pytest.mark.skipif(not kernels.vnni(), reason="avx512_vnni: not on this CPU (the float path serves)")
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
+@pytest.mark.parametrize("rows, n, k", [(1, 45, 96), (5, 64, 576), (9, 70, 1536), (4, 33, 64)])
+def test_avx512_vnni_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k):
+    """Activations quantized to int8 per block of 32 (llama.cpp's Q8 rounding, in NumPy here), then integer
+    dot products: the kernel equals the product of those quantized activations with the weights."""
+    rng = np.random.default_rng(rows * k)
+    parts, w = stack(rng, fmt, n, k)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    y = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=jnp.int32(2), q8=True))(x, *parts)
+    xb = x.reshape(rows, -1, 32)
+    step = np.abs(xb).max(-1, keepdims=True) / 127
+    xq = (np.rint(xb / np.where(step > 0, step, 1)) * step).reshape(rows, k).astype(np.float64)
+    want = xq @ w[2].T
+    if fmt != "q8_0":  # the offsets (m, or -8 d) multiply x's exact block sums
+        offsets = (parts[2][2] if fmt == "q4_1" else -8 * parts[1][2]).astype(np.float64)
+        want += (xb.sum(-1) @ offsets.T) - xq @ np.repeat(offsets, 32, -1).T
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -118,5 +118,5 @@ def build_engine(
         warm(core, None if executable_cache is None else ExecutableStore(executable_cache), background=background)
     scheduler = Scheduler(core, model.tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching)
     for name, path in loras.items():
-        scheduler.load_adapter(name, path)
+        scheduler.adapters.load(name, path, core)
     return scheduler.start()

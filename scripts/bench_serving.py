@@ -1,15 +1,20 @@
 """HTTP load on an OpenAI-compatible Completions server: streaming requests at fixed concurrency.
 
     python scripts/bench_serving.py [--base-url http://127.0.0.1:8000] [--concurrency 1 8 32 64]
-                                    [--quantize none int8] [--llama-server PATH] [--requests-per-client 2]
-                                    [--max-tokens 128] [--distinct-prompts]
+                                    [--quantize gguf int8 none] [--llama-server PATH] [--requests-per-client 2]
+                                    [--max-tokens 128] [--distinct-prompts] [--rounds 2] [--json PATH]
 
 Without --base-url it starts `jaxserve serve` on a free loopback port (slots = the highest concurrency),
-once per --quantize choice (float32 and int8 weights side by side), and stops it afterwards. With
---llama-server PATH it also starts llama.cpp's server (built by ../shared/tools/build-llama-server.sh) on
-the same GGUF file, with as many parallel sequences and all the cores, and prints jaxserve's tok/s as a
-ratio of llama-server's measured in the same run. With --base-url it loads any one running server (vLLM,
-...) instead.
+once per --quantize choice (default: the card's own, the GGUF's blocks for SmolLM2). With --llama-server PATH
+it also starts llama.cpp's server (built by ../shared/tools/build-llama-server.sh) on the same GGUF file, with
+as many parallel sequences and all the cores, and prints jaxserve's tok/s as a ratio of llama-server's
+measured in the same run. With --base-url it loads running servers (any OpenAI-compatible one: vLLM,
+llama-server, a jaxserve started by hand; several URLs are measured side by side) instead.
+Every server is started (all inherit this script's nice level) and warmed up before any is measured, and
+they stay up together: each concurrency level is then measured on one server after the other, --rounds times
+(the order reversed every other round), so a load that changes during the run hits every server alike and
+the rounds show the noise. An idle server waits on its queue, so it does not take the CPU from the one
+being measured.
 Loopback addresses only, unless --allow-remote. Every run is bounded in requests (concurrency x
 requests-per-client) and time (--time-limit). Reports aggregate generated tok/s, time to first token
 p50/p99 and inter-token latency p50/p99, beside the floors of a decode step of this model (bytes over
@@ -29,6 +34,7 @@ import itertools
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -238,56 +244,12 @@ def model_config(args):
     return ModelConfig.load(directory / "config.json")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", help="a running server (default: start jaxserve here)")
-    parser.add_argument("--model", help="model id to request (default: the server's first)")
-    parser.add_argument("--checkpoints", help="checkpoint folder for the server this script starts")
-    parser.add_argument(
-        "--quantize",
-        nargs="+",
-        choices=["none", "int8"],
-        default=["none", "int8"],
-        help="weights of the servers this script starts, one after the other",
-    )
-    parser.add_argument("--llama-server", help="llama.cpp's llama-server binary: also run it on the same GGUF")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--time-limit", type=float, default=600, help="seconds per concurrency level at most")
-    parser.add_argument("--allow-remote", action="store_true")
-    parser.add_argument(
-        "--distinct-prompts",
-        action="store_true",
-        help="each request's prompt differs from the last one's (PROMPT's words rotated), so no server's prompt "
-        "cache skips the prefill (default: the same prompt every time)",
-    )
-    args = parser.parse_args()
-    if args.base_url:
-        url = args.base_url.rstrip("/").removesuffix("/v1")
-        if not args.allow_remote:
-            check_loopback(url)
-    cfg, machine = model_config(args), Machine.measure()  # measured before any server loads this machine
-    print(f"floors: {machine}")
-    slots = max(args.concurrency)
-    servers = [("server", lambda: (None, url))] if args.base_url else []
-    servers += (
-        []
-        if args.base_url
-        else [(("float32" if q == "none" else q), lambda q=q: start_jaxserve(args, slots, q)) for q in args.quantize]
-    )
-    if args.llama_server:
-        servers.append(("llama-server", lambda: start_llama_server(args, slots)))
+def measure_rounds(args, servers: list[tuple[str, str, str]], cfg, machine) -> list[dict]:
+    """Every concurrency level on every (name, url, model) server, one after the other, --rounds times."""
     rows = []
-    for weights, start in servers:
-        proc, url = start()
-        try:
-            model = args.model or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-            print(
-                f"server {url} ({weights}), model {model}, {args.max_tokens} tokens per request, streaming, "
-                f"{'distinct prompts' if args.distinct_prompts else 'the same prompt each time'}"
-            )
-            for c in args.concurrency:
+    for rnd in range(args.rounds):
+        for c in args.concurrency:
+            for weights, url, model in servers if rnd % 2 == 0 else servers[::-1]:
                 row = asyncio.run(
                     run_level(
                         url,
@@ -302,38 +264,125 @@ def main() -> None:
                 step_cfg = cfg if weights == "float32" else dataclasses.replace(cfg, quant="int8")  # others: ~int8
                 mem, flop = floors(step_cfg, c, args.max_tokens + 32, machine)
                 row.update(
-                    weights=weights, mem_floor_ms=1000 * mem, flop_floor_ms=1000 * flop, floor_tok_s=c / max(mem, flop)
+                    weights=weights,
+                    round=rnd + 1,
+                    load=os.getloadavg()[0],
+                    mem_floor_ms=1000 * mem,
+                    flop_floor_ms=1000 * flop,
+                    floor_tok_s=c / max(mem, flop),
                 )
                 rows.append(row)
-                print(f"{weights} C={c}: {row['tok_s']:.1f} tok/s over {row['requests']} requests", flush=True)
-        finally:
+                print(
+                    f"round {rnd + 1} {weights} C={c}: {row['tok_s']:.1f} tok/s over {row['requests']} requests, "
+                    f"TTFT p50 {row['ttft_p50']:.3f} s, load {row['load']:.1f}",
+                    flush=True,
+                )
+    return rows
+
+
+def print_tables(rows: list[dict], names: list[str]) -> None:
+    print(
+        "\n| weights | round | concurrency | requests | tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) "
+        "| ITL p99 (ms) | load (1 min) | floor: bytes (ms) | floor: FLOPs (ms) | floor tok/s |"
+    )
+    print("|---" * 13 + "|")
+    for r in rows:
+        print(
+            f"| {r['weights']} | {r['round']} | {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} "
+            f"| {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} "
+            f"| {r['load']:.1f} | {r['mem_floor_ms']:.1f} | {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} |"
+        )
+    if "llama-server" not in names:
+        return
+    # per concurrency: every round's tok/s and TTFT p50, their medians, and the median as a ratio of
+    # llama-server's (tok/s above 1: faster; TTFT below 1: sooner)
+    ours = [w for w in names if w != "llama-server"]
+
+    def cell(w: str, c: int, key: str) -> tuple[float, str]:
+        values = [r[key] for r in rows if r["weights"] == w and r["concurrency"] == c]
+        fmt = "{:.1f}" if key == "tok_s" else "{:.3f}"
+        return statistics.median(values), " / ".join(fmt.format(v) for v in values)
+
+    columns = " | ".join(f"jaxserve {w} tok/s | ratio | TTFT p50 (s) | ratio" for w in ours)
+    print(f"\n| concurrency | llama-server tok/s | llama-server TTFT p50 (s) | {columns} |")
+    print("|---" * (3 + 4 * len(ours)) + "|")
+    for c in dict.fromkeys(r["concurrency"] for r in rows):
+        (peer_tok, peer_tok_s), (peer_ttft, peer_ttft_s) = (
+            cell("llama-server", c, "tok_s"),
+            cell("llama-server", c, "ttft_p50"),
+        )
+        cells = []
+        for w in ours:
+            (tok, tok_s), (ttft, ttft_s) = cell(w, c, "tok_s"), cell(w, c, "ttft_p50")
+            cells += [tok_s, f"{tok / peer_tok:.2f}x", ttft_s, f"{ttft / peer_ttft:.2f}x"]
+        print(f"| {c} | {peer_tok_s} | {peer_ttft_s} | " + " | ".join(cells) + " |")
+    print("(each cell: every round's figure in order; ratios of the medians)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", nargs="+", help="running servers (default: start jaxserve here)")
+    parser.add_argument("--model", help="model id to request (default: each server's first)")
+    parser.add_argument("--checkpoints", help="checkpoint folder for the server this script starts")
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=["gguf", "int4", "int8", "none"],
+        default=["gguf"],
+        help="weights of the jaxserve servers this script starts (default: gguf, the default card's own)",
+    )
+    parser.add_argument("--llama-server", help="llama.cpp's llama-server binary: also run it on the same GGUF")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=1, help="measure every level on every server this many times")
+    parser.add_argument("--time-limit", type=float, default=600, help="seconds per concurrency level at most")
+    parser.add_argument("--json", type=Path, help="also write every row here")
+    parser.add_argument("--allow-remote", action="store_true")
+    parser.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="each request's prompt differs from the last one's (PROMPT's words rotated), so no server's prompt "
+        "cache skips the prefill (default: the same prompt every time)",
+    )
+    args = parser.parse_args()
+    urls = [u.rstrip("/").removesuffix("/v1") for u in args.base_url or []]
+    if not args.allow_remote:
+        for url in urls:
+            check_loopback(url)
+    cfg, machine = model_config(args), Machine.measure()  # measured before any server loads this machine
+    print(f"floors: {machine}")
+    slots = max(args.concurrency)
+    starts = [(f"server {i + 1}", lambda u=u: (None, u)) for i, u in enumerate(urls)]
+    if not urls:
+        starts += [
+            (("float32" if q == "none" else q), lambda q=q: start_jaxserve(args, slots, q)) for q in args.quantize
+        ]
+    if args.llama_server:
+        starts.append(("llama-server", lambda: start_llama_server(args, slots)))
+    procs, servers = [], []
+    try:
+        for weights, start in starts:
+            proc, url = start()
+            procs.append(proc)
+            model = args.model or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            servers.append((weights, url, model))
+            print(f"server {url} ({weights}), model {model}")
+        print(
+            f"{args.max_tokens} tokens per request, streaming, "
+            f"{'distinct prompts' if args.distinct_prompts else 'the same prompt each time'}, "
+            f"nice {os.nice(0)} (every server started here inherits it), load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+        rows = measure_rounds(args, servers, cfg, machine)
+    finally:
+        for proc in procs:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)
-    print(
-        "\n| weights | concurrency | requests | tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) "
-        "| floor: bytes (ms) | floor: FLOPs (ms) | floor tok/s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['weights']} | {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} "
-            f"| {r['ttft_p99']:.3f} | {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} | {r['mem_floor_ms']:.1f} "
-            f"| {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} |"
-        )
-    peer = {r["concurrency"]: r for r in rows if r["weights"] == "llama-server"}
-    if peer:  # tok/s as a ratio of llama-server's (above 1: faster); TTFT as a ratio (below 1: sooner)
-        ours = [w for w, _ in servers if w != "llama-server"]
-        columns = " | ".join(f"jaxserve {w} tok/s | ratio | TTFT p50 (s) | ratio" for w in ours)
-        print(f"\n| concurrency | llama-server tok/s | llama-server TTFT p50 (s) | {columns} |")
-        print("|---" * (3 + 4 * len(ours)) + "|")
-        for c, theirs in peer.items():
-            cells = []
-            for w in ours:
-                r = next(r for r in rows if r["weights"] == w and r["concurrency"] == c)
-                cells += [f"{r['tok_s']:.1f}", f"{r['tok_s'] / theirs['tok_s']:.2f}x"]
-                cells += [f"{r['ttft_p50']:.3f}", f"{r['ttft_p50'] / theirs['ttft_p50']:.2f}x"]
-            print(f"| {c} | {theirs['tok_s']:.1f} | {theirs['ttft_p50']:.3f} | " + " | ".join(cells) + " |")
+    print_tables(rows, [w for w, _, _ in servers])
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ once per --quantize choice (default: the card's own, the GGUF's blocks for SmolL
 it also starts llama.cpp's server (built by ../shared/tools/build-llama-server.sh) on the same GGUF file, with
 as many parallel sequences and all the cores, and prints jaxserve's tok/s as a ratio of llama-server's
 measured in the same run. With --base-url it loads running servers (any OpenAI-compatible one: vLLM,
-llama-server, a jaxserve started by hand; several URLs are measured side by side) instead.
+llama-server, a jaxserve started by hand; several URLs, each optionally NAME=URL, are measured side by side)
+instead.
 Every server is started (all inherit this script's nice level) and warmed up before any is measured, and
 they stay up together: each concurrency level is then measured on one server after the other, --rounds times
 (the order reversed every other round), so a load that changes during the run hits every server alike and
 the rounds show the noise. An idle server waits on its queue, so it does not take the CPU from the one
 being measured.
 Loopback addresses only, unless --allow-remote. Every run is bounded in requests (concurrency x
-requests-per-client) and time (--time-limit). Reports aggregate generated tok/s, time to first token
+requests-per-client) and time (--time-limit a level; requests still streaming then are cut and count the
+tokens they received). Reports aggregate generated tok/s, time to first token
 p50/p99 and inter-token latency p50/p99, beside the floors of a decode step of this model (bytes over
 measured bandwidth, FLOPs over measured matmul throughput; int8 weights for another server).
 Every request sends the same prompt unless --distinct-prompts: llama-server then answers from its prompt
@@ -33,6 +35,7 @@ import ipaddress
 import itertools
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -73,7 +76,9 @@ def prompt_of(i: int | None) -> str:
     return " ".join(words[k:] + words[:k])
 
 
-async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int, prompt: str = PROMPT) -> dict:
+async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int, prompt: str, out: dict) -> None:
+    """Streams one completion, filling `out` as it goes (start, arrivals of text chunks; tokens from the usage at
+    the end), so that a request cut off at the level's time limit still counts what it received."""
     # ignore_eos (jaxserve, vLLM and llama.cpp honour it) makes every request generate max_tokens
     body = {
         "model": model,
@@ -84,8 +89,7 @@ async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int, prom
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
     }
-    start = time.perf_counter()
-    arrivals, tokens = [], 0
+    out.update(start=time.perf_counter(), arrivals=[], tokens=0)
     async with http.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -93,14 +97,10 @@ async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int, prom
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+                out["tokens"] = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0].get("text"):
-                arrivals.append(time.perf_counter())
-    return {
-        "ttft": arrivals[0] - start if arrivals else float("nan"),
-        "tokens": tokens or len(arrivals),
-        "itl": [b - a for a, b in zip(arrivals, arrivals[1:])],
-    }
+                out["arrivals"].append(time.perf_counter())
+    out["done"] = True
 
 
 async def run_level(
@@ -112,29 +112,43 @@ async def run_level(
     time_limit: float,
     distinct: bool = False,
 ) -> dict:
-    results = []
-    deadline = time.perf_counter() + time_limit
+    """`concurrency` clients, each sending `per_client` requests one after the other, for `time_limit` seconds
+    at most: requests still streaming then are cancelled and count the tokens they received ("cut")."""
+    records: list[dict] = []
     counter = itertools.count(1)
 
     async def client(http):
         for _ in range(per_client):
-            if time.perf_counter() > deadline:
-                return
-            prompt = prompt_of(next(counter) if distinct else None)
-            results.append(await one_request(http, model, max_tokens, prompt))
+            records.append({})
+            await one_request(http, model, max_tokens, prompt_of(next(counter) if distinct else None), records[-1])
 
     # a fresh connection per request: llama-server closes kept-alive ones between streams
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base_url, timeout=time_limit, limits=limits) as http:
-        await one_request(http, model, 4)  # warm the connection path
+        await one_request(http, model, 4, PROMPT, {})  # warm the connection path
         start = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(client(http) for _ in range(concurrency))), time_limit + 60)
+        tasks = [asyncio.create_task(client(http)) for _ in range(concurrency)]
+        done, pending = await asyncio.wait(tasks, timeout=time_limit)
         wall = time.perf_counter() - start
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            task.result()  # a failed request fails the run
+    results = [
+        {
+            "ttft": r["arrivals"][0] - r["start"] if r.get("arrivals") else float("nan"),
+            "tokens": r.get("tokens") or len(r.get("arrivals", [])),
+            "itl": [b - a for a, b in zip(r.get("arrivals", []), r.get("arrivals", [])[1:])],
+        }
+        for r in records
+    ]
     itl = [x for r in results for x in r["itl"]]
-    ttft = [r["ttft"] for r in results]
+    ttft = [r["ttft"] for r in results if r["ttft"] == r["ttft"]]  # not NaN: requests that received something
     return {
         "concurrency": concurrency,
         "requests": len(results),
+        "cut": sum(1 for r in records if not r.get("done")),
         "tok_s": sum(r["tokens"] for r in results) / wall,
         "ttft_p50": percentile(ttft, 50),
         "ttft_p99": percentile(ttft, 99),
@@ -230,6 +244,7 @@ def start_llama_server(args, slots: int) -> tuple[subprocess.Popen, str]:
         str(slots),
         "-c",
         str(slots * (args.max_tokens + 64)),
+        *shlex.split(args.llama_args),
     ]
     env = {**os.environ, "LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -273,7 +288,8 @@ def measure_rounds(args, servers: list[tuple[str, str, str]], cfg, machine) -> l
                 )
                 rows.append(row)
                 print(
-                    f"round {rnd + 1} {weights} C={c}: {row['tok_s']:.1f} tok/s over {row['requests']} requests, "
+                    f"round {rnd + 1} {weights} C={c}: {row['tok_s']:.1f} tok/s over {row['requests']} requests "
+                    f"({row['cut']} cut at the time limit), "
                     f"TTFT p50 {row['ttft_p50']:.3f} s, load {row['load']:.1f}",
                     flush=True,
                 )
@@ -282,13 +298,13 @@ def measure_rounds(args, servers: list[tuple[str, str, str]], cfg, machine) -> l
 
 def print_tables(rows: list[dict], names: list[str]) -> None:
     print(
-        "\n| weights | round | concurrency | requests | tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) "
+        "\n| weights | round | concurrency | requests (cut) | tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) "
         "| ITL p99 (ms) | load (1 min) | floor: bytes (ms) | floor: FLOPs (ms) | floor tok/s |"
     )
     print("|---" * 13 + "|")
     for r in rows:
         print(
-            f"| {r['weights']} | {r['round']} | {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} "
+            f"| {r['weights']} | {r['round']} | {r['concurrency']} | {r['requests']} ({r['cut']}) | {r['tok_s']:.1f} "
             f"| {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {1000 * r['itl_p50']:.1f} | {1000 * r['itl_p99']:.1f} "
             f"| {r['load']:.1f} | {r['mem_floor_ms']:.1f} | {r['flop_floor_ms']:.1f} | {r['floor_tok_s']:.0f} |"
         )
@@ -321,7 +337,12 @@ def print_tables(rows: list[dict], names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", nargs="+", help="running servers (default: start jaxserve here)")
+    parser.add_argument(
+        "--base-url",
+        nargs="+",
+        help="running servers, each URL or NAME=URL (llama-server=URL: the others' tok/s as ratios of its) "
+        "(default: start jaxserve here)",
+    )
     parser.add_argument("--model", help="model id to request (default: each server's first)")
     parser.add_argument("--checkpoints", help="checkpoint folder for the server this script starts")
     parser.add_argument(
@@ -332,6 +353,7 @@ def main() -> None:
         help="weights of the jaxserve servers this script starts (default: gguf, the default card's own)",
     )
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary: also run it on the same GGUF")
+    parser.add_argument("--llama-args", default="", help="more flags for llama-server (e.g. '--poll 0')")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -346,14 +368,15 @@ def main() -> None:
         "cache skips the prefill (default: the same prompt every time)",
     )
     args = parser.parse_args()
-    urls = [u.rstrip("/").removesuffix("/v1") for u in args.base_url or []]
+    named = [u.split("=", 1) if "=" in u else (f"server {i + 1}", u) for i, u in enumerate(args.base_url or [])]
+    urls = {name: u.rstrip("/").removesuffix("/v1") for name, u in named}
     if not args.allow_remote:
-        for url in urls:
+        for url in urls.values():
             check_loopback(url)
     cfg, machine = model_config(args), Machine.measure()  # measured before any server loads this machine
     print(f"floors: {machine}")
     slots = max(args.concurrency)
-    starts = [(f"server {i + 1}", lambda u=u: (None, u)) for i, u in enumerate(urls)]
+    starts = [(name, lambda u=u: (None, u)) for name, u in urls.items()]
     if not urls:
         starts += [
             (("float32" if q == "none" else q), lambda q=q: start_jaxserve(args, slots, q)) for q in args.quantize

@@ -45,6 +45,7 @@ COMPONENTS = {
     "dequantize": "int8 widening",
     "dot": "weight matmuls",
     "int8_matmul": "weight matmuls",
+    "block_matmul": "weight matmuls",
     "KVCache.read": "KV page gather",
     "KVCache.write": "KV write",
     "write_targets": "KV write",
@@ -230,7 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--checkpoints", default="checkpoints")
-    parser.add_argument("--weights", choices=["float32", "int8"], default="int8")
+    parser.add_argument("--weights", choices=["float32", "int8", "gguf"], default="int8")
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--position", type=int, default=160)
     parser.add_argument("--steps", type=int, default=20)
@@ -244,7 +245,7 @@ def main() -> None:
         args.checkpoints,
         make_mesh(1, None),
         progress=False,
-        quantize="int8" if args.weights == "int8" else None,
+        quantize=None if args.weights == "float32" else args.weights,
     )
     trace_root = Path(args.trace_dir or tempfile.mkdtemp(prefix="profile_step-"))
     for slots in args.slots:

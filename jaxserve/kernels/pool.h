@@ -11,6 +11,12 @@
 
 namespace jaxserve {
 
+// The least work a task should carry: bytes of weights streamed (times the rows of x dotted with them).
+// Handing a task to a pool thread (waking it) costs about as long as streaming this much, so a small
+// weight runs on fewer threads; on two cores shared with other processes, 32-row tasks spread over three
+// workers made the 1-row block matmuls slower than one thread alone (scripts/bench_bandwidth.py).
+constexpr int64_t TASK_BYTES = int64_t{256} << 10;
+
 // Runs chunk(0..tiles) on the calling thread and up to all of the pool's threads, returning when all are
 // done. Tasks that start after the last tile was taken find nothing to do; the state they share is theirs.
 template <typename F>

@@ -319,7 +319,7 @@ def print_tables(rows: list[dict], names: list[str]) -> None:
         fmt = "{:.1f}" if key == "tok_s" else "{:.3f}"
         return statistics.median(values), " / ".join(fmt.format(v) for v in values)
 
-    columns = " | ".join(f"jaxserve {w} tok/s | ratio | TTFT p50 (s) | ratio" for w in ours)
+    columns = " | ".join(f"{w} tok/s | ratio | TTFT p50 (s) | ratio" for w in ours)
     print(f"\n| concurrency | llama-server tok/s | llama-server TTFT p50 (s) | {columns} |")
     print("|---" * (3 + 4 * len(ours)) + "|")
     for c in dict.fromkeys(r["concurrency"] for r in rows):

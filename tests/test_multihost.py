@@ -119,16 +119,21 @@ def group(tiny_dir, checkpoint_root, cache):
         g.kill()
 
 
+def one_process(devices: int, *args: str, checkpoints, cache) -> Server:
+    """`jaxserve serve` alone on `devices` CPU devices, once every shape is ready (the group's are before it
+    serves: no narrower fallback shape may differ)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    s = Server(*args, "--compile-cache", str(cache), checkpoints=checkpoints, env=env).wait_ready()
+    deadline = time.time() + 600
+    while pending(s.url) and time.time() < deadline:
+        time.sleep(1)
+    return s
+
+
 @pytest.fixture(scope="module")
 def alone(tiny_dir, checkpoint_root, tmp_path_factory):
     """One process, two devices, the same mesh and pool."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    cache = tmp_path_factory.mktemp("alone")
-    s = Server(*TINY, *TIGHT, "--compile-cache", str(cache), checkpoints=checkpoint_root, env=env)
-    s.wait_ready()
-    deadline = time.time() + 600
-    while pending(s.url) and time.time() < deadline:  # every shape as the group's: no narrower fallback
-        time.sleep(1)
+    s = one_process(2, *TINY, *TIGHT, checkpoints=checkpoint_root, cache=tmp_path_factory.mktemp("alone"))
     yield s
     s.stop()
 
@@ -262,9 +267,7 @@ def smol_group(smollm2_dir, checkpoint_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smol_alone(smollm2_dir, checkpoint_root, tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    cache = tmp_path_factory.mktemp("smol-alone")
-    s = Server(*SMOL, "--compile-cache", str(cache), checkpoints=checkpoint_root, env=env).wait_ready()
+    s = one_process(1, *SMOL, checkpoints=checkpoint_root, cache=tmp_path_factory.mktemp("smol-alone"))
     yield s
     s.stop()
 

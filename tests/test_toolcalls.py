@@ -13,7 +13,16 @@ from jaxserve.api.chat import ChatServing, parse_chat_request
 from jaxserve.api.protocol import APIError
 from jaxserve.chat_template import render
 from jaxserve.engine.grammar import ll_tokenizer
-from jaxserve.engine.toolcalls import FORMATS, CallStream, Parsed, Tool, ToolCall, compile_tool_grammar, format_for
+from jaxserve.engine.toolcalls import (
+    FORMATS,
+    CallStream,
+    Parsed,
+    Tool,
+    ToolCall,
+    closed,
+    compile_tool_grammar,
+    format_for,
+)
 
 HERMES, LLAMA, MISTRAL = FORMATS["hermes"], FORMATS["llama3_json"], FORMATS["mistral"]
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -151,6 +160,43 @@ def test_required_grammars_accept_calls_and_refuse_the_rest(tok):
     ):
         g = compile_tool_grammar(fmt, tok, (WEATHER,), False, False)
         assert _walk(tok, g, text) == (True, True) and fmt.parse(text).calls
+
+
+def test_a_forced_call_cannot_run_on_with_properties_the_schema_does_not_list(tok):
+    """An open object let SmolLM2 (Q4_1) write `"type":"string","required":"zone","required":…` after
+    the zone of a named call until max_tokens: the grammar closes the objects that list their properties."""
+    zone = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 40}}, "required": ["zone"]}
+    g = compile_tool_grammar(HERMES, tok, (Tool("get_time", None, json.dumps(zone)),), False, False)
+    call = '<tool_call>\n{"name":"get_time","arguments":{"zone":"UTC"'
+    assert _walk(tok, g, call + "}}\n</tool_call>") == (True, True)
+    assert not _walk(tok, g, call + ',"type":"string"')[0]
+    assert not _walk(tok, g, call + ',"zone":"CET"')[0]
+
+
+def test_closed_closes_listed_objects_and_leaves_the_rest_as_given():
+    point = {"type": "object", "properties": {"x": {"type": "number"}}}
+    shut = {**point, "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"at": point, "path": {"type": "array", "items": point}, "either": {"anyOf": [point, {}]}},
+        "$defs": {"p": point},
+        "default": {"properties": {}},  # a value, not a schema
+    }
+    assert closed(schema) == {
+        **schema,
+        "properties": {"at": shut, "path": {"type": "array", "items": shut}, "either": {"anyOf": [shut, {}]}},
+        "$defs": {"p": shut},
+        "additionalProperties": False,
+    }
+    for as_given in (
+        {"type": "object"},  # a free-form map
+        {**point, "additionalProperties": True},
+        {**point, "patternProperties": {"^y": {}}},
+        {**point, "required": ["x", "y"]},  # y is one of the other properties
+        {"type": "object", "properties": {"a": point}, "allOf": [point]},  # merged: closing one part refuses x
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/p", "properties": {"y": {}}}}, "$defs": {"p": point}},
+    ):
+        assert closed(as_given) == as_given
 
 
 def test_the_lazy_grammar_is_free_until_a_call_starts(tok):

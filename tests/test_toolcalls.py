@@ -335,6 +335,69 @@ def test_answers_take_openais_shape(tok):
     assert stream.finish("stop") == ([{"content": " "}], "tool_calls")
 
 
+# Templates written here that render an assistant's calls the way Qwen 2.5's (Hermes), Llama 3.1's (JSON, as
+# vLLM's tool_chat_template_llama3.1_json has it) and Mistral's templates do: their call syntax only, not
+# copies of those templates (third-party code stays out of the repository).
+QWEN_LIKE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}"
+    '{{ "\n" if m.content or not loop.first }}<tool_call>\n{"name": "{{ c.function.name }}", "arguments": '
+    "{{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}{{ tools | length }}"
+)
+LLAMA_LIKE = (
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content or '' }}"
+    '{% for c in m.tool_calls or [] %}{"name": "{{ c.function.name }}", "parameters": '
+    "{{ c.function.arguments | tojson }}}{% endfor %}"
+    "{{ '<|eom_id|>' if builtin_tools is defined else '<|eot_id|>' }}{% endfor %}{{ tools | length }}"
+)
+MISTRAL_LIKE = (
+    "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }}[/INST]"
+    "{% elif m.tool_calls %}[TOOL_CALLS] [{% for c in m.tool_calls %}"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}, "id": "{{ c.id }}"}'
+    "{{ ', ' if not loop.last }}{% endfor %}]</s>{% endif %}{% endfor %}{{ tools | length }}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, parser, turn",
+    [
+        (None, "hermes", "<|im_start|>assistant\n"),  # SmolLM2's own template: the Hermes fallback
+        (QWEN_LIKE, "hermes", "<|im_start|>assistant\n"),
+        (LLAMA_LIKE, "llama3_json", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+        (MISTRAL_LIKE, "mistral", "[/INST]"),
+    ],
+)
+def test_calls_in_the_history_parse_back_from_the_template_s_render(tok, template, parser, turn):
+    """An assistant turn with calls, rendered by a template that teaches a format, is read back by the
+    parser chosen for that template as the same calls (arguments as compact JSON text)."""
+    calls = [
+        {
+            "id": "a1b2c3d4e",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Zürich <&>"}'},
+        },
+        {"id": "f5g6h7i8j", "type": "function", "function": {"name": "plan", "arguments": '{"days": [1, 2]}'}},
+    ]
+    if parser == "llama3_json":
+        calls = calls[:1]  # Llama 3.1's templates take one call a turn
+    body = {"model": "m", "messages": [{"role": "user", "content": "Go"}, {"role": "assistant", "tool_calls": calls}]}
+    req = parse_chat_request({**body, "tools": [FN]})
+    source = template or tok.chat_template
+    messages, variables = tools.template_inputs(req.messages, req._tool_spec, source)
+    fake = _Tok()
+    fake.chat_template = source
+    text = render(fake, messages, add_generation_prompt=False, **variables)
+    fmt = format_for(source, tools.takes_tools(source))
+    assert fmt is FORMATS[parser]
+    assert fmt.parse(text[text.rindex(turn) + len(turn) :]).calls == tuple(
+        ToolCall(
+            c["function"]["name"],
+            json.dumps(json.loads(c["function"]["arguments"]), separators=(",", ":"), ensure_ascii=False),
+        )
+        for c in calls
+    )
+
+
 def test_renders_equal_transformers_on_a_tool_template():
     """tests/chat_templates/tools.jinja uses what the Qwen 2.5 and Llama 3.1 tool templates use; the expected
     renders were produced by transformers' own renderer (scripts/chat_template_renders.py)."""

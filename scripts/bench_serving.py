@@ -68,12 +68,16 @@ def prompt_of(i: int | None) -> str:
     """The prompt of request i: PROMPT's words rotated by i (the same words, so about the same tokens), or
     PROMPT itself for None. Rotated, consecutive prompts differ from their first word: a server's prompt
     cache (llama-server keeps each slot's last prompt and computes only what follows the common prefix; on
-    the same prompt, only its last token) cannot skip the prefill, so TTFT measures it."""
+    the same prompt, only its last token) cannot skip the prefill, so TTFT measures it. The number in front
+    keeps them distinct past the number of words (and across levels and rounds: see REQUESTS)."""
     if i is None:
         return PROMPT
     words = PROMPT.split()
     k = i % len(words)
-    return " ".join(words[k:] + words[:k])
+    return f"{i}. " + " ".join(words[k:] + words[:k])
+
+
+REQUESTS = itertools.count(1)  # numbers the run's requests: no two prompts alike in a run (--distinct-prompts)
 
 
 async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int, prompt: str, out: dict) -> None:
@@ -115,12 +119,11 @@ async def run_level(
     """`concurrency` clients, each sending `per_client` requests one after the other, for `time_limit` seconds
     at most: requests still streaming then are cancelled and count the tokens they received ("cut")."""
     records: list[dict] = []
-    counter = itertools.count(1)
 
     async def client(http):
         for _ in range(per_client):
             records.append({})
-            await one_request(http, model, max_tokens, prompt_of(next(counter) if distinct else None), records[-1])
+            await one_request(http, model, max_tokens, prompt_of(next(REQUESTS) if distinct else None), records[-1])
 
     # a fresh connection per request: llama-server closes kept-alive ones between streams
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)

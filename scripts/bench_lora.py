@@ -12,8 +12,9 @@ alike: base-only on the adapter-less engine, base-only on the LoRA engine, and s
 the base and every adapter on the LoRA engine. Prints the median generated tok/s of each and the ratios.
 
 Update alone: one layer's LoRA update of every projection for --streams rows of one token, with
---adapters resident: the masked product over the stack (jaxserve.model.lora.delta), a grouped product
-(rows sorted by adapter, jax.lax.ragged_dot), and a per-row gather of each row's adapter weights.
+--adapters resident: the masked product over the stack (jaxserve.model.lora.delta), the same step when no
+row has an adapter (skipped, as served), a grouped product (rows sorted by adapter, jax.lax.ragged_dot),
+and a per-row gather of each row's adapter weights.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def bench_update(cfg, args) -> None:
     layer = {
         t: tuple(jnp.asarray(rng.standard_normal(s.shape[1:]), jnp.float32) for s in pair) for t, pair in shapes.items()
     }
+    layer_stack = lambda layer: jax.tree.map(lambda w: w[None], layer)  # lora.route reads M off a stack
     index = jnp.asarray(rng.integers(0, M + 1, B), jnp.int32)
     inputs = lora.TARGETS
     size = dict(d=cfg.dim, n=cfg.n_heads, k=cfg.n_kv_heads, h=cfg.head_dim, f=cfg.mlp_dim)
@@ -131,13 +133,24 @@ def bench_update(cfg, args) -> None:
 
     @jax.jit
     def masked(xs, layer, index):
-        mask = lora.row_mask(index, M)
-        return {t: lora.delta(t, xs[t], layer[t], mask) for t in xs}
+        rows = lora.route(layer_stack(layer), index)
+        return {t: lora.delta(t, xs[t], layer[t], rows.mask) for t in xs}
+
+    @jax.jit
+    def skipped(xs, layer, index):  # as served: no row has an adapter, the update is skipped
+        rows = lora.route(layer_stack(layer), index)
+        return {t: lora.apply(t, jnp.zeros(want[t].shape), xs[t], layer[t], rows) for t in xs}
+
+    # the alternatives read each entry's weights with the stack's M axis first, the layout they want
+    by_entry = {
+        t: tuple(jnp.moveaxis(w, letters.index("m"), 0) for w, letters in zip(layer[t], inputs[t][1:])) for t in layer
+    }
+    letters = {t: tuple(c.replace("m", "") for c in v) for t, v in inputs.items()}
 
     @jax.jit
     def gathered(xs, layer, index):  # each row's own copy of its adapter (index 0: a zero entry in front)
         out = {}
-        for t, (x_in, a_letters, b_letters) in inputs.items():
+        for t, (x_in, a_letters, b_letters) in letters.items():
             a, b = (jnp.concatenate([jnp.zeros_like(w[:1]), w])[index] for w in layer[t])
             u_letters = "bt" + "".join(c for c in a_letters if c not in x_in)
             u = jnp.einsum(f"bt{x_in},b{a_letters}->{u_letters}", xs[t], a)
@@ -149,7 +162,7 @@ def bench_update(cfg, args) -> None:
         order = jnp.argsort(index)
         sizes = jnp.bincount(index, length=M + 1).astype(jnp.int32)
         out = {}
-        for t, (_, a_letters, _) in inputs.items():
+        for t, (_, a_letters, _) in letters.items():
             a, b = layer[t]
             x = xs[t].reshape(B, -1)[order]
             a2 = jnp.concatenate([jnp.zeros_like(a[:1]), a]).reshape(M + 1, x.shape[1], -1)  # [G, in, (c)r]
@@ -171,14 +184,24 @@ def bench_update(cfg, args) -> None:
         return {t: jnp.einsum(spec, xs[t], weights[t]) for t, spec in BASE.items()}
 
     want = masked(xs, layer, index)
-    runs = (("masked (served)", masked), ("grouped (ragged_dot)", grouped), ("per-row gather", gathered))
-    for name, fn in (*runs, ("base matmuls, for scale", base)):
-        got = fn(xs, layer, index)
-        err = 0.0 if fn is base else max(float(jnp.abs(got[t].reshape(want[t].shape) - want[t]).max()) for t in want)
+    runs = (
+        ("masked (served)", masked, layer, index),
+        ("masked, no adapter row", skipped, layer, jnp.zeros_like(index)),
+        ("grouped (ragged_dot)", grouped, by_entry, index),
+        ("per-row gather", gathered, by_entry, index),
+        ("base matmuls, for scale", base, layer, index),
+    )
+    for name, fn, stack, rows in runs:
+        got = fn(xs, stack, rows)
+        err = (
+            0.0
+            if fn in (base, skipped)
+            else max(float(jnp.abs(got[t].reshape(want[t].shape) - want[t]).max()) for t in want)
+        )
         times = []
         for _ in range(args.repeats * 20):
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(xs, layer, index))
+            jax.block_until_ready(fn(xs, stack, rows))
             times.append(time.perf_counter() - t0)
         print(f"  {name:22s} {statistics.median(times) * 1e6:9.1f} us per layer   (max |diff| vs masked {err:.1e})")
 

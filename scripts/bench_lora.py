@@ -1,7 +1,7 @@
 """LoRA serving throughput: streams spread over the base and several adapters against base-only streams, in
 one run; then the per-row update alone, as the masked product jaxserve uses against the alternatives.
 
-    python scripts/bench_lora.py [--model NAME] [--streams 32] [--adapters 4] [--rank 16]
+    python scripts/bench_lora.py [--model NAME] [--quantize Q] [--streams 32] [--adapters 4] [--rank 16]
                                  [--prompt-tokens 32] [--gen-tokens 64] [--repeats 3]
 
 Engine: one engine of --streams slots with a stack of --adapters adapters of rank --rank on all seven
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.checkpoint import DEFAULT_MODEL, load_model
+from jaxserve.checkpoint import DEFAULT_MODEL, QUANTIZE, load_model
 from jaxserve.device.build import build_engine
 from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
 from jaxserve.engine_args import checkpoint_root
@@ -43,8 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from lora_files import write_adapter
 
 
-def throughput(engine, prompts, adapters, gen_tokens: int) -> float:
-    """Generated tok/s of the requests (prompt i under adapter adapters[i]) submitted at once."""
+def throughput(engine, prompts, adapters, gen_tokens: int) -> tuple[float, float]:
+    """Generated tokens per second of the requests (prompt i under adapter adapters[i]) submitted at once, and
+    per CPU second of this process (all its threads): on a shared machine the second is the steadier measure of
+    the work a step takes, as time spent waiting for the CPU does not count."""
     done, finished = threading.Event(), set()
     reqs = [
         EngineRequest(f"r{i}", p, gen_tokens, SamplingParams(temperature=0.0), ignore_eos=True, adapter=a)
@@ -59,10 +61,11 @@ def throughput(engine, prompts, adapters, gen_tokens: int) -> float:
         elif isinstance(item, Exception):
             raise item
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     engine.submit(reqs, emit)
     done.wait()
-    return len(reqs) * gen_tokens / (time.perf_counter() - t0)
+    tokens = len(reqs) * gen_tokens
+    return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - cpu0)
 
 
 def bench_engines(model, args, directory: Path) -> None:
@@ -83,7 +86,11 @@ def bench_engines(model, args, directory: Path) -> None:
     with_lora = build_engine(model, **common, loras=loras, max_lora_rank=args.rank)
     base_only = [None] * args.streams
     spread = [([None, *names])[i % (len(names) + 1)] for i in range(args.streams)]
-    runs: dict[str, list[float]] = {"base, no LoRA stack": [], "base, LoRA engine": [], "mixed, LoRA engine": []}
+    runs: dict[str, list[tuple[float, float]]] = {
+        "base, no LoRA stack": [],
+        "base, LoRA engine": [],
+        "mixed, LoRA engine": [],
+    }
     try:
         for _ in range(args.repeats + 1):
             runs["base, no LoRA stack"].append(throughput(plain, prompts, base_only, args.gen_tokens))
@@ -93,13 +100,14 @@ def bench_engines(model, args, directory: Path) -> None:
         plain.shutdown()
         with_lora.shutdown()
     runs = {k: v[1:] for k, v in runs.items()}  # the first round compiled
-    med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"\n{args.streams} streams, {args.prompt_tokens} prompt + {args.gen_tokens} generated tokens each; ", end="")
     print(f"{args.adapters} adapters of rank {args.rank} on all seven projections; medians of {args.repeats}")
-    for k, v in med.items():
-        print(f"  {k:22s} {v:8.1f} tok/s   (runs: {', '.join(f'{x:.1f}' for x in runs[k])})")
-    print(f"  mixed / base-only on the LoRA engine: {med['mixed, LoRA engine'] / med['base, LoRA engine']:.3f}")
-    print(f"  mixed / base-only without adapters:   {med['mixed, LoRA engine'] / med['base, no LoRA stack']:.3f}")
+    for i, unit in enumerate(("tok/s", "tok per CPU s")):
+        med = {k: statistics.median(r[i] for r in v) for k, v in runs.items()}
+        for k, v in med.items():
+            print(f"  {k:22s} {v:8.1f} {unit}   (runs: {', '.join(f'{r[i]:.1f}' for r in runs[k])})")
+        print(f"  mixed / base-only on the LoRA engine: {med['mixed, LoRA engine'] / med['base, LoRA engine']:.3f}")
+        print(f"  mixed / base-only without adapters:   {med['mixed, LoRA engine'] / med['base, no LoRA stack']:.3f}")
 
 
 BASE = {  # the base kernels' einsums (jaxserve.model.transformer.Block)
@@ -210,6 +218,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--checkpoints")
+    p.add_argument("--quantize", choices=QUANTIZE, help="the base weights (default: float, as converted)")
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
@@ -219,7 +228,8 @@ def main() -> None:
     p.add_argument("--update-only", action="store_true", help="only the per-layer update comparison")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    model = load_model(args.model, checkpoint_root(args.checkpoints), make_mesh(1, 1), progress=False)
+    root = checkpoint_root(args.checkpoints)
+    model = load_model(args.model, root, make_mesh(1, 1), progress=False, quantize=args.quantize)
     print(f"{model.name}: {model.cfg.num_params() / 1e6:.0f}M params, {model.cfg.quant or model.cfg.dtype} weights")
     print(
         f"\none layer's update of seven projections: {args.streams} rows, {args.adapters} adapters of rank {args.rank}"

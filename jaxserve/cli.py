@@ -31,22 +31,21 @@ def cmd_generate(args) -> int:
     from jaxserve.engine.types import Delta, EngineRequest, SamplingParams
 
     engine = EngineArgs.from_args(args)
+    group = engine.join()
     if (cache := engine.compile_cache_dir()) is not None:
         enable_compilation_cache(cache)
 
     model = engine.load_model()
     tok = model.tokenizer
     prompt_ids = tuple(tok.encode(args.prompt))
-    # one slot, and a cache just long enough: shapes compile as they are first reached
+    # one slot, and a cache just long enough: shapes compile as they are first reached (in a group: in the
+    # same order everywhere)
     needed = len(prompt_ids) + args.max_tokens
-    scheduler = build_engine(
-        model,
-        slots=1,
-        max_context=max(128, 1 << (needed - 1).bit_length()),
-        warmup=False,
-        formulation=engine.formulation,
-        formulation_cache=cache,
-    )
+    formulation = engine.formulation if group is None else engine.group_formulation()
+    settings = dict(max_context=max(128, 1 << (needed - 1).bit_length()), warmup=False, formulation=formulation)
+    if group is not None and not group.leader:
+        return engine.follow(group, model, slots=1, formulation_cache=cache, **settings)
+    scheduler = build_engine(model, slots=1, formulation_cache=cache, group=group, **settings)
     req = EngineRequest(
         "generate",
         prompt_ids,
@@ -84,6 +83,8 @@ def cmd_serve(args) -> int:
     from jaxserve.api.app import create_app
     from jaxserve.api.metrics import Metrics
 
+    if (group := (engine := EngineArgs.from_args(args)).join()) is not None and not group.leader:
+        return engine.follow(group)  # no port: process 0 serves
     state = server_state(args, Metrics())
     holder: dict = {}
     server = _graceful_server_class(state)(uvicorn_config(create_app(state), args))
@@ -271,6 +272,8 @@ def cmd_batch(args) -> int:
     from jaxserve.batch_shards import select_shard
 
     shard = shard_choice(args)  # before any work: a job array's bad index fails at once
+    if (group := (engine := EngineArgs.from_args(args)).join()) is not None and not group.leader:
+        return engine.follow(group)
     defaults: dict = {}
     if args.prompts:
         defaults = {
@@ -432,10 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return args.func(args)
+        code = args.func(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"jaxserve: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    from jaxserve.multihost.group import leave
+
+    return leave(code)  # in a group: process 0 stops the others
 
 
 if __name__ == "__main__":

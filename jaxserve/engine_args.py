@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jaxserve.checkpoint import LoadedModel
     from jaxserve.engine.scheduler import Scheduler
+    from jaxserve.multihost.group import Group
 
 DEFAULT_CHECKPOINTS = "checkpoints"
 MODEL_HELP = "model name (card or checkpoint), checkpoint folder, or Hugging Face checkpoint directory"
@@ -114,6 +115,7 @@ class EngineArgs:
     max_context: int | None = None
     kv_cache_memory: int | None = None
     num_pages: int | None = None
+    page_size: int = 128  # device.runner.PAGE_SIZE (not imported here: no jax for --help)
     prefix_caching: bool = True
     # LoRA adapters (serve and batch): (name, PEFT directory) pairs, and the stack they are served from
     lora: tuple[tuple[str, str], ...] = ()
@@ -121,6 +123,12 @@ class EngineArgs:
     max_loras: int | None = None  # None: as many as given, at least 1 with enable_lora_loading
     max_lora_rank: int = 16
     enable_lora_loading: bool = False  # a serve flag: adapters may be loaded at run time
+    # several processes (hosts) serving one model: see jaxserve.multihost
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed: str | None = None
+    heartbeat_timeout: float = 10.0
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser, capacity: bool = True) -> None:
@@ -148,6 +156,22 @@ class EngineArgs:
             "fastest at each decode batch size, measured once per machine and model and cached beside the "
             "compiled steps; bf16 on GPU/TPU (default: auto)",
         )
+        g = p.add_argument_group("several processes (hosts) serving one model, process 0 leading (jax.distributed)")
+        g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, which it binds for the group")
+        g.add_argument("--num-processes", type=int, metavar="N", help="processes in the group")
+        g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1")
+        g.add_argument(
+            "--distributed",
+            choices=["auto"],
+            help="auto: the group as jax detects it (Cloud TPU slice, SLURM, ...) instead of the three flags above",
+        )
+        g.add_argument(
+            "--heartbeat-timeout",
+            type=float,
+            default=10.0,
+            help="seconds after which a process of the group that is dead or hung ends the group: process 0 fails "
+            "open requests with 503, turns /health 503 and exits non-zero; the others exit non-zero (default 10)",
+        )
         if not capacity:
             return
         from jaxserve.device.build import DEFAULT_CONTEXT, DEFAULT_SLOTS
@@ -167,6 +191,7 @@ class EngineArgs:
             "accelerator; never more than every slot at full context needs)",
         )
         p.add_argument("--num-pages", type=int, help="pages in the KV pool (instead of --kv-cache-memory)")
+        p.add_argument("--page-size", type=int, default=128, help="tokens per KV page (default 128)")
         p.add_argument(
             "--no-prefix-caching",
             dest="prefix_caching",
@@ -216,33 +241,86 @@ class EngineArgs:
     def compile_cache_dir(self) -> Path | None:
         return compile_cache_dir(self.compile_cache)
 
+    def join(self) -> Group | None:
+        """Join the group the flags name (its checkpoint prepared first); None: this process serves alone."""
+        if self.distributed is None and self.coordinator is None:
+            if self.num_processes is not None or self.process_id is not None:
+                raise ValueError("--num-processes and --process-id go with --coordinator HOST:PORT")
+            return None
+        if self.distributed is None and (self.num_processes is None or self.process_id is None):
+            raise ValueError("--coordinator needs --num-processes N and --process-id I")
+        if self.num_processes is not None and not 0 <= (self.process_id or 0) < self.num_processes:
+            raise ValueError(f"--process-id must be in 0..{self.num_processes - 1}, got {self.process_id}")
+        if self.lora or self.lora_modules or self.max_loras or self.enable_lora_loading:
+            raise ValueError("LoRA adapters are served by one process only (not yet with --coordinator/--distributed)")
+        import functools
+
+        from jaxserve.checkpoint import checkpoint_name, ensure_checkpoint
+        from jaxserve.checkpoint.store import is_checkpoint
+        from jaxserve.multihost.group import join, prepare_checkpoint
+
+        root, quantize = checkpoint_root(self.checkpoints), quantize_choice(self)
+        if not (is_checkpoint(Path(self.model)) or is_checkpoint(root / checkpoint_name(self.model, quantize))):
+            prepare_checkpoint(functools.partial(ensure_checkpoint, self.model, root, False, quantize), root)
+        return join(self.coordinator, self.num_processes, self.process_id, self.heartbeat_timeout)
+
     def load_model(self) -> LoadedModel:
+        import jax
+
         from jaxserve.checkpoint import load_model
+        from jaxserve.multihost.group import current
         from jaxserve.sharding import make_mesh, parse_mesh
 
         mesh = make_mesh(*parse_mesh(self.mesh)) if self.mesh else make_mesh(1, None)
+        if current() is not None and mesh.size != jax.device_count():
+            raise ValueError(
+                f"--mesh {self.mesh} uses {mesh.size} devices; a group's mesh must use all {jax.device_count()} "
+                f"({jax.process_count()} processes x {jax.local_device_count()})"
+            )
         root = checkpoint_root(self.checkpoints)
         return load_model(self.model, root, mesh, dtype=self.dtype, quantize=quantize_choice(self))
+
+    def follow(self, group: Group, model: LoadedModel | None = None, **settings) -> int:
+        """A process of `group` other than 0: the same model and runner as process 0 (build_runner's
+        `settings`, default: the flags' capacity), running its plans until it stops the group."""
+        from jaxserve.device.build import build_runner
+        from jaxserve.multihost.follower import follow
+
+        runner = build_runner(model or self.load_model(), **(settings or self.runner_settings(group)))
+        return follow(runner, group, grace=self.heartbeat_timeout + 30)
 
     def build_engine(self, model: LoadedModel, max_waiting: int = 256, background: bool = False) -> Scheduler:
         """The engine at the flags' capacity, its steps' executables kept in the compile cache's store
         (jax's persistent cache left off: one cache for each thing, see device/executables.py)."""
         from jaxserve.device.build import build_engine
+        from jaxserve.multihost.group import current
+
+        group = current()
+        settings = self.runner_settings(group, background) | self.lora_settings()
+        return build_engine(model, max_waiting, self.prefix_caching, group=group, **settings)
+
+    def runner_settings(self, group: Group | None, background: bool = False) -> dict:
+        """build_runner's arguments at the flags' capacity. In a group every process must make the same
+        calls: every shape is ready before serving (no background compiling, whose progress differs between
+        processes), and the formulation is not measured (the timings would differ too)."""
         from jaxserve.device.executables import FOLDER
 
         assert self.max_slots is not None, "a subcommand without the capacity flags sizes its own engine"
         cache = self.compile_cache_dir()
-        return build_engine(
-            model,
+        return dict(
             slots=self.max_slots,
             max_context=self.max_context,
-            max_waiting=max_waiting,
             kv_cache_memory=self.kv_cache_memory,
             num_pages=self.num_pages,
-            prefix_caching=self.prefix_caching,
-            formulation=self.formulation,
+            page_size=self.page_size,
+            formulation=self.group_formulation() if group is not None else self.formulation,
             formulation_cache=cache,
             executable_cache=None if cache is None else cache / FOLDER,
-            background=background,
-            **self.lora_settings(),
+            background=background and group is None,
         )
+
+    def group_formulation(self) -> str:
+        """--formulation in a group: auto is float32 on CPU (bfloat16 elsewhere, unmeasured as alone)."""
+        import jax
+
+        return "f32" if self.formulation == "auto" and jax.default_backend() == "cpu" else self.formulation

@@ -202,6 +202,9 @@ class FakeCore(Runner):
     def stats(self) -> dict:
         return {}  # it compiles nothing and serves no model
 
+    def idle(self) -> None:
+        pass  # no other process waits for its plans
+
     def fetch(self, result):
         if isinstance(result, Stepped) and result.call is not None:
             self.calls.append(("fetch", result.call))  # when the host waited for that step

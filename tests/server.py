@@ -18,7 +18,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, checkpoints, api_key: str | None = None):
+    def __init__(self, *args: str, checkpoints, api_key: str | None = None, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -38,7 +38,7 @@ class Server:
         if api_key:
             cmd += ["--api-key", api_key]
         self.log = open(os.devnull, "w") if os.environ.get("JAXSERVE_QUIET_SERVER") else None
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT if self.log else None)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT if self.log else None, env=env)
 
     def wait_ready(self, timeout: float = 600) -> "Server":
         deadline = time.time() + timeout

@@ -15,6 +15,8 @@ import yaml
 from test_batch import TINY, batch_line
 
 from jaxserve.cli import build_parser, main
+from jaxserve.engine_args import EngineArgs
+from jaxserve.sharding import parse_mesh
 
 DEPLOY = Path(__file__).resolve().parent.parent / "scripts" / "deploy"
 
@@ -178,20 +180,40 @@ def test_shard_flags(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+LWS_LEADER = "jaxserve-0.jaxserve.default"  # what a LeaderWorkerSet puts in LWS_LEADER_ADDRESS
+
+
+def pods(spec):
+    """(pod spec, the variables Kubernetes expands in its args) of a Job, or of each pod of a LeaderWorkerSet
+    group (the leader, index 0, then its workers, as the LWS controller numbers them)."""
+    lws = spec.get("leaderWorkerTemplate")
+    if lws is None:
+        yield spec.get("template", {}).get("spec", {}), {}
+        return
+    for index in range(lws["size"]):
+        template = lws["leaderTemplate"] if index == 0 else lws["workerTemplate"]
+        yield (
+            template["spec"],
+            {"LWS_LEADER_ADDRESS": LWS_LEADER, "LWS_GROUP_SIZE": lws["size"], "LWS_WORKER_INDEX": index},
+        )
+
+
 def jaxserve_commands(doc):
-    """(argv after `jaxserve`, the enclosing Job's spec) for every container of a manifest that runs jaxserve,
-    directly or in a shell script."""
+    """(argv after `jaxserve`, the enclosing spec) for every container of a manifest that runs jaxserve,
+    directly or in a shell script, with $(VAR) expanded as Kubernetes would for the variables it sets."""
     spec = doc.get("spec", {})
-    pod = spec.get("template", {}).get("spec", {})
-    for container in pod.get("initContainers", []) + pod.get("containers", []):
-        argv = [str(a) for a in container.get("command", []) + container.get("args", [])]
-        if argv and Path(argv[0]).name in ("sh", "bash") and "-c" in argv:
-            lines = [shlex.split(line) for line in argv[argv.index("-c") + 1].splitlines()]
-        else:
-            lines = [argv]
-        for words in lines:
-            if words and Path(words[0]).name == "jaxserve":
-                yield words[1:], spec
+    for pod, variables in pods(spec):
+        for container in pod.get("initContainers", []) + pod.get("containers", []):
+            argv = [str(a) for a in container.get("command", []) + container.get("args", [])]
+            for name, value in variables.items():
+                argv = [a.replace(f"$({name})", str(value)) for a in argv]
+            if argv and Path(argv[0]).name in ("sh", "bash") and "-c" in argv:
+                lines = [shlex.split(line) for line in argv[argv.index("-c") + 1].splitlines()]
+            else:
+                lines = [argv]
+            for words in lines:
+                if words and Path(words[0]).name == "jaxserve":
+                    yield words[1:], spec
 
 
 @pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda p: p.name)
@@ -204,6 +226,15 @@ def test_deploy_manifest_commands_parse(path):
             # as an Indexed Job: one shard per completion index, each with its own output
             assert spec.get("completionMode") == "Indexed" and spec["completions"] == args.num_shards
             assert "$(JOB_COMPLETION_INDEX)" in args.output
+    groups = [(build_parser().parse_args(argv), spec) for argv, spec in commands if "leaderWorkerTemplate" in spec]
+    if groups:  # one serving group: process i of size, all at the leader's address, with the same engine flags
+        size = groups[0][1]["leaderWorkerTemplate"]["size"]
+        assert [a.process_id for a, _ in groups] == list(range(size))
+        assert {(a.num_processes, a.coordinator.rsplit(":", 1)[0]) for a, _ in groups} == {(size, LWS_LEADER)}
+        engine = [{k: v for k, v in vars(a).items() if k in EngineArgs.__dataclass_fields__} for a, _ in groups]
+        assert all({**e, "process_id": 0} == {**engine[0], "process_id": 0} for e in engine)
+        data, model = parse_mesh(groups[0][0].mesh)
+        assert data * model == size  # one device per pod: the mesh uses every device of the group
 
 
 def test_deploy_merge_takes_every_shard_of_the_batch():

@@ -54,6 +54,8 @@ def test_every_part_of_a_plan_round_trips():
     assert same(decode(buffers), plan)
     assert buffers["bias_ids"].shape == (512,) and buffers["starts"].shape == (2, 10)  # counts rounded up
     assert same(decode(encode(StepPlan(table=plan.table), WORDS)), StepPlan(table=plan.table))
+    unmasked = dataclasses.replace(plan, decode=Decode(max_position=11, max_slot=2, masks=False))
+    assert decode(encode(unmasked, WORDS)).decode == Decode(11, 2, masks=False)  # no SamplePlan will follow
     sample = SamplePlan((3, 1), (mask, mask + 1))
     back = decode_sample(encode_sample(sample, WORDS))
     assert back.slots == (3, 1) and [m.tolist() for m in back.masks] == [[5, -1], [6, 0]]

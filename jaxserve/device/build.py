@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 
@@ -15,6 +16,9 @@ from jaxserve.device.runner import PAGE_SIZE, JaxRunner
 from jaxserve.device.warmup import warm
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.model import KVCache, LoadedModel, ModelConfig, attention_kernels
+
+if TYPE_CHECKING:
+    from jaxserve.multihost.group import Group
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +55,30 @@ def enable_compilation_cache(directory: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def build_engine(
+def build_runner(
     model: LoadedModel,
     slots: int = DEFAULT_SLOTS,
     max_context: int | None = DEFAULT_CONTEXT,
     warmup: bool = True,
-    max_waiting: int = 256,
     kv_cache_memory: int | None = None,
     num_pages: int | None = None,
     page_size: int = PAGE_SIZE,
-    prefix_caching: bool = True,
     formulation: str = "auto",
     formulation_cache: Path | None = None,
     executable_cache: Path | None = None,
     background: bool = False,
-    loras: dict[str, str] | None = None,
-    max_loras: int | None = None,
+    max_loras: int = 0,
     max_lora_rank: int = 16,
-) -> Scheduler:
-    """A started scheduler over `slots` sequences of up to `max_context` tokens (capped by the model's),
+) -> JaxRunner:
+    """The device runner over `slots` sequences of up to `max_context` tokens (capped by the model's),
     their KV in a pool of `num_pages` pages or of `kv_cache_memory` bytes (see `pool_pages`). The int8
     matmuls' `formulation` ("auto", "f32", "bf16") is settled first (see engine.formulation; an automatic
     choice is cached in the folder `formulation_cache`, None: measured each time). With warmup, every shape
     is then compiled before the first request, or loaded from the folder `executable_cache` where an
     earlier start saved it (None: compiled each time, through jax's compilation cache if one is set); with
     `background`, only the shapes every request can fall back to before this returns, the rest while
-    requests are served (see device.warmup). LoRA: `loras` {name: PEFT directory} are served beside the base,
-    in a stack of `max_loras` adapters (None: as many as `loras`; 0: none, the steps then compute the base
-    alone) of rank up to `max_lora_rank`, sized once: loading another adapter later compiles nothing."""
-    loras = loras or {}
-    max_loras = len(loras) if max_loras is None else max_loras
-    if len(loras) > max_loras:
-        raise ValueError(f"{len(loras)} LoRA adapters given, but --max-loras is {max_loras}")
+    requests are served (see device.warmup). A stack of `max_loras` LoRA adapters (0: none, the steps then
+    compute the base alone) of rank up to `max_lora_rank` is sized once: loading one later compiles nothing."""
     choice = choose(model, slots, formulation, formulation_cache)
     log.info("%s", choice.describe(model.cfg))
     model = choice.apply(model)
@@ -105,18 +101,42 @@ def build_engine(
         max_lora_rank=max_lora_rank,
     )
     log.info(
-        "KV cache: %d pages of %d tokens = %d tokens (%.2f GB); %d sequences of up to %d tokens; prefix caching %s",
+        "KV cache: %d pages of %d tokens = %d tokens (%.2f GB); %d sequences of up to %d tokens",
         core.pages,
         core.page_size,
         core.pages * core.page_size,
         core.kv_bytes / 1e9,
         slots,
         cache_len,
-        "on" if prefix_caching else "off",
     )
     if warmup:
         warm(core, None if executable_cache is None else ExecutableStore(executable_cache), background=background)
+    return core
+
+
+def build_engine(
+    model: LoadedModel,
+    max_waiting: int = 256,
+    prefix_caching: bool = True,
+    loras: dict[str, str] | None = None,
+    max_loras: int | None = None,
+    group: Group | None = None,
+    **runner: Any,
+) -> Scheduler:
+    """A started scheduler over `build_runner(model, **runner)`, with prefix caching or not. LoRA: `loras`
+    {name: PEFT directory} are served beside the base, in a stack of `max_loras` adapters (None: as many
+    as `loras`). In a `group`, process 0 ships every plan to the others (see multihost)."""
+    loras = loras or {}
+    max_loras = len(loras) if max_loras is None else max_loras
+    if len(loras) > max_loras:
+        raise ValueError(f"{len(loras)} LoRA adapters given, but --max-loras is {max_loras}")
+    core = build_runner(model, max_loras=max_loras, **runner)
     scheduler = Scheduler(core, model.tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching)
+    log.info("prefix caching %s", "on" if prefix_caching else "off")
+    if group is not None:
+        from jaxserve.multihost.leader import lead
+
+        lead(scheduler, group)  # before it starts: every plan goes to the others first
     for name, path in loras.items():
         scheduler.adapters.load(name, path, core)
     return scheduler.start()

@@ -144,6 +144,8 @@ def environment() -> str:
     model and features), flags, options, code."""
     backend = jax.devices()[0].client
     devices = ", ".join(f"{d.id}:{d.device_kind}" for d in jax.devices())
+    local = [d.id for d in jax.local_devices()]  # in a group: each process keeps its own executables
+    devices += f" | process {jax.process_index()} of {jax.process_count()}, its devices {local}"
     if backend.platform == "cpu":
         devices += f" on {host_cpu()}"
     options = ", ".join(f"{name}={getattr(jax.config, name)}" for name in OPTIONS)

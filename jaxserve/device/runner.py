@@ -35,6 +35,7 @@ from jaxserve.sharding import named_sharding, replicated
 
 if TYPE_CHECKING:
     from jaxserve.checkpoint.peft import Adapter
+    from jaxserve.multihost.leader import Leader
 
 PREFILL_BUCKETS = (16, 32, 64, 256)  # one row: a prompt's chunk
 PACKED = ((2, 128), (4, 64), (8, 32), (16, 16))  # (rows, tokens): short whole prompts prefilled together
@@ -94,6 +95,8 @@ class JaxRunner(Runner):
         self.background: threading.Thread | None = None  # compiling them (see warmup.py)
         self.stop = threading.Event()  # set: compile no more in the background
         self._logits: jax.Array | None = None  # the last plan's decode logits, for sample_tokens
+        self.group: Leader | None = None  # process 0 of a group: ships every plan to the others before it runs
+        self._ship_sample = False  # the last plan's SamplePlan goes to the others (it may carry masks)
 
     def empty_table(self) -> np.ndarray:
         """A page table [slots, pages per sequence] with no pages (every entry the pool's size)."""
@@ -114,6 +117,9 @@ class JaxRunner(Runner):
     # ---- the contract ------------------------------------------------------------------------------
 
     def execute(self, plan: StepPlan) -> Executed:
+        if self.group is not None:
+            self.group.step(plan)  # the others sample at once where no masks can follow (see multihost.follower)
+            self._ship_sample = plan.decode is not None and plan.decode.masks
         for slot in plan.releases:
             self.release(slot)
         prefill = self.prefill(list(plan.prefill), plan.table, plan.score) if plan.prefill else None
@@ -135,6 +141,9 @@ class JaxRunner(Runner):
         return None
 
     def sample_tokens(self, plan: SamplePlan) -> StepOutput:
+        if self.group is not None and self._ship_sample:
+            self.group.sample(plan)
+        assert self.group is None or self._ship_sample or not plan.slots, "masks the StepPlan did not announce"
         if plan.slots:
             self.set_masks(list(plan.slots), list(plan.masks))
         logits, self._logits = self._logits, None
@@ -322,6 +331,10 @@ class JaxRunner(Runner):
             "kernel_below_rows": f.kernel_below_rows,
             "bf16_from_rows": f.bf16_from_rows,
         }
+
+    def idle(self) -> None:
+        if self.group is not None:
+            self.group.idle()
 
     def fetch(self, result):
         return jax.device_get(result)

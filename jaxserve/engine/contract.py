@@ -72,6 +72,9 @@ class Runner(Protocol):
         """Write the plan's masks, then the decode step's tokens from the last plan's logits, each slot under
         the mask it has now. Output rows cover at least the first max_slot + 1 slots."""
 
+    def idle(self) -> None:
+        """The scheduler waits for requests, nothing in flight (a group's other processes wait too)."""
+
     def fetch(self, result: T) -> T:
         """A step's or prefill's output as host arrays (waits for the device)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+from collections.abc import Callable
 
 from jaxserve.engine.lifecycle import Group
 from jaxserve.engine.types import EngineStopped, QueueFull, RequestError
@@ -51,8 +52,11 @@ class Intake:
 
     # ---- the scheduler thread -----------------------------------------------------------------------
 
-    def drain(self, block: bool) -> None:
-        """Move what arrived into `waiting`; with `block`, wait for something first."""
+    def drain(self, block: bool, on_wait: Callable[[], None] = lambda: None) -> None:
+        """Move what arrived into `waiting`; with `block`, wait for something first (calling `on_wait()` if
+        nothing has arrived yet)."""
+        if block and self._inbox.empty():
+            on_wait()
         try:
             item = self._inbox.get() if block else self._inbox.get_nowait()
             while True:

@@ -62,6 +62,7 @@ class Start:
 class Decode:
     max_position: int  # the furthest position a decoding slot writes: bounds the attention window
     max_slot: int  # the last occupied slot: bounds the rows
+    masks: bool = True  # its SamplePlan may carry masks (False: no constrained slot is open, it carries none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ def encode(plan: StepPlan, words: int) -> dict[str, np.ndarray]:
     header = np.array(
         [len(plan.releases), len(rows), len(tokens), len(plan.copies), len(starts), len(bias), len(generated)]
         + [len(masked), d is not None, -1 if d is None else d.max_position, -1 if d is None else d.max_slot]
-        + [plan.score],
+        + [plan.score, d is not None and d.masks],
         np.int64,
     )
     mask_index = {id(s): i for i, s in enumerate(masked)}
@@ -151,7 +152,7 @@ def encode(plan: StepPlan, words: int) -> dict[str, np.ndarray]:
 def decode(buffers: dict[str, np.ndarray]) -> StepPlan:
     """The plan `encode` wrote."""
     h = dict(zip(HEADER, buffers["header"].tolist()))
-    max_position, max_slot, score = buffers["header"][len(HEADER) : len(HEADER) + 3].tolist()
+    max_position, max_slot, score, masks = buffers["header"][len(HEADER) : len(HEADER) + 4].tolist()
     rows, at = [], 0
     for slot, start, length, write_from, adapter in buffers["rows"][: h["rows"]].tolist():
         piece = slice(at, at + length)
@@ -179,7 +180,7 @@ def decode(buffers: dict[str, np.ndarray]) -> StepPlan:
         score=bool(score),
         copies=tuple(map(tuple, buffers["copies"][: h["copies"]].tolist())),
         starts=tuple(starts),
-        decode=Decode(max_position, max_slot) if h["decode"] else None,
+        decode=Decode(max_position, max_slot, bool(masks)) if h["decode"] else None,
     )
 
 

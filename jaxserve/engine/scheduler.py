@@ -13,14 +13,13 @@ Each loop reads as its phases (JetStream's orchestrator, vLLM's engine core step
                     masks and execute the sampling half of step k; host work on k-1 (detokenize, stop
                     strings, deltas) while the device runs step k
 
-So the device never waits for the host's text work, and a constrained slot's next mask is computed while
-the device runs the forward pass. Two exceptions, for latency: a prefill's first tokens are delivered before
-the step is planned, and no step is planned for a slot whose last token is already in flight. `_owner` maps
-each slot to its choice; a request's state lives in `lifecycle`, its adapter in `adapters`. A slot the host
-stops (stop string, abort, preemption) is released by the next plan, first. Requests and aborts arrive
-through `intake`; results leave through each request's `emit`. Which request goes next: `admission`; pages:
-`kv`. When a decoding sequence needs a page and none is left, the most recently admitted request is
-preempted: its pages are freed and it waits first in line, to be recomputed and go on exactly where it stopped.
+So the device never waits for the host's text work, and a constrained slot's next mask is computed while the
+device runs the forward pass. Two exceptions, for latency: a prefill's first tokens are delivered before the
+step is planned, and no step is planned for a slot whose last token is already in flight. `_owner` maps each
+slot to its choice; a request's state: `lifecycle`, its adapter: `adapters`. A slot the host stops (stop
+string, abort, preemption) is released by the next plan, first. In: `intake`; out: each request's `emit`; next:
+`admission`; pages: `kv`. A decoding sequence short of a page preempts the most recently admitted request: its
+pages are freed and it waits first in line, to be recomputed and go on exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -134,17 +133,16 @@ class Scheduler:
         try:
             while not self._stop.is_set():
                 idle = pending is None and not self._fills and not self._waiting and self.active_slots == 0
-                self.intake.drain(block=idle)
+                self.intake.drain(block=idle, on_wait=self.core.idle)
                 self._handle_aborts()
                 self._expire(time.monotonic())
                 first = self._prefill_phase()
                 pending = self._decode_phase(pending, first)
                 self.steps += 1
-            self._close(EngineStopped("the server is shutting down"))
+            self.close(EngineStopped("the server is shutting down"))
         except BaseException as e:  # an engine failure ends every open stream, never silently
             log.exception("engine failure")
-            self.error = e
-            self._close(e)
+            self.close(e, failed=True)
         finally:
             self.healthy = False
 
@@ -167,7 +165,8 @@ class Scheduler:
         decoding = [c for c in self._owner if c is not None and self._owes_step(c)]
         self._grow(decoding)
         decoding = [c for c in decoding if c.status is Status.DECODING]  # some may have been preempted
-        step = Decode(max(c.position for c in decoding), max(c.slot for c in decoding)) if decoding else None
+        masks = any(c is not None and c.matcher is not None for c in self._owner)  # its SamplePlan may hold some
+        step = Decode(max(c.position for c in decoding), max(c.slot for c in decoding), masks) if decoding else None
         plan = self._plan(decode=step)  # the device starts the step from tokens it has, before the host has seen them
         if not plan.empty:
             self.core.execute(plan)
@@ -190,7 +189,9 @@ class Scheduler:
         req = choice.group.req
         return choice.status is Status.DECODING and choice.position < len(req.prompt_ids) + req.max_tokens - 1
 
-    def _close(self, error: BaseException) -> None:
+    def close(self, error: BaseException, failed: bool = False) -> None:
+        """End every open request with `error`, accept none from now on (`failed`: it is the engine's); any thread."""
+        self.healthy, self.error = False, error if failed else self.error
         for group in list(self._groups.values()) + self.intake.close():
             group.abort(error)
         self._groups.clear()
@@ -211,9 +212,8 @@ class Scheduler:
             group.abort(DeadlineExceeded("the request's deadline passed while it waited for a slot", queued=True))
         for group in [g for g in self._groups.values() if g.req.deadline is not None and now > g.req.deadline]:
             made = sum(c.count for c in group.choices)
-            self._end_admitted(
-                group, DeadlineExceeded(f"the request's deadline passed after {made} generated tokens", queued=False)
-            )
+            error = DeadlineExceeded(f"the request's deadline passed after {made} generated tokens", queued=False)
+            self._end_admitted(group, error)
 
     def _end_admitted(self, group: Group, error: BaseException | None = None) -> None:
         """Abort an admitted request: its slots and pages are released and freed at once."""

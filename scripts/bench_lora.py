@@ -1,7 +1,7 @@
 """LoRA serving throughput: streams spread over the base and several adapters against base-only streams, in
 one run; then the per-row update alone, as the masked product jaxserve uses against the alternatives.
 
-    python scripts/bench_lora.py [--model NAME] [--streams 32] [--adapters 4] [--rank 16]
+    python scripts/bench_lora.py [--model NAME] [--quantize Q] [--streams 32] [--adapters 4] [--rank 16]
                                  [--prompt-tokens 32] [--gen-tokens 64] [--repeats 3]
 
 Engine: one engine of --streams slots with a stack of --adapters adapters of rank --rank on all seven
@@ -12,8 +12,9 @@ alike: base-only on the adapter-less engine, base-only on the LoRA engine, and s
 the base and every adapter on the LoRA engine. Prints the median generated tok/s of each and the ratios.
 
 Update alone: one layer's LoRA update of every projection for --streams rows of one token, with
---adapters resident: the masked product over the stack (jaxserve.model.lora.delta), a grouped product
-(rows sorted by adapter, jax.lax.ragged_dot), and a per-row gather of each row's adapter weights.
+--adapters resident: the masked product over the stack (jaxserve.model.lora.delta), the same step when no
+row has an adapter (skipped, as served), a grouped product (rows sorted by adapter, jax.lax.ragged_dot),
+and a per-row gather of each row's adapter weights.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.checkpoint import DEFAULT_MODEL, load_model
+from jaxserve.checkpoint import DEFAULT_MODEL, QUANTIZE, load_model
 from jaxserve.device.build import build_engine
 from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
 from jaxserve.engine_args import checkpoint_root
@@ -42,8 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from lora_files import write_adapter
 
 
-def throughput(engine, prompts, adapters, gen_tokens: int) -> float:
-    """Generated tok/s of the requests (prompt i under adapter adapters[i]) submitted at once."""
+def throughput(engine, prompts, adapters, gen_tokens: int) -> tuple[float, float]:
+    """Generated tokens per second of the requests (prompt i under adapter adapters[i]) submitted at once, and
+    per CPU second of this process (all its threads): on a shared machine the second is the steadier measure of
+    the work a step takes, as time spent waiting for the CPU does not count."""
     done, finished = threading.Event(), set()
     reqs = [
         EngineRequest(f"r{i}", p, gen_tokens, SamplingParams(temperature=0.0), ignore_eos=True, adapter=a)
@@ -58,10 +61,11 @@ def throughput(engine, prompts, adapters, gen_tokens: int) -> float:
         elif isinstance(item, Exception):
             raise item
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     engine.submit(reqs, emit)
     done.wait()
-    return len(reqs) * gen_tokens / (time.perf_counter() - t0)
+    tokens = len(reqs) * gen_tokens
+    return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - cpu0)
 
 
 def bench_engines(model, args, directory: Path) -> None:
@@ -82,7 +86,11 @@ def bench_engines(model, args, directory: Path) -> None:
     with_lora = build_engine(model, **common, loras=loras, max_lora_rank=args.rank)
     base_only = [None] * args.streams
     spread = [([None, *names])[i % (len(names) + 1)] for i in range(args.streams)]
-    runs: dict[str, list[float]] = {"base, no LoRA stack": [], "base, LoRA engine": [], "mixed, LoRA engine": []}
+    runs: dict[str, list[tuple[float, float]]] = {
+        "base, no LoRA stack": [],
+        "base, LoRA engine": [],
+        "mixed, LoRA engine": [],
+    }
     try:
         for _ in range(args.repeats + 1):
             runs["base, no LoRA stack"].append(throughput(plain, prompts, base_only, args.gen_tokens))
@@ -92,13 +100,14 @@ def bench_engines(model, args, directory: Path) -> None:
         plain.shutdown()
         with_lora.shutdown()
     runs = {k: v[1:] for k, v in runs.items()}  # the first round compiled
-    med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"\n{args.streams} streams, {args.prompt_tokens} prompt + {args.gen_tokens} generated tokens each; ", end="")
     print(f"{args.adapters} adapters of rank {args.rank} on all seven projections; medians of {args.repeats}")
-    for k, v in med.items():
-        print(f"  {k:22s} {v:8.1f} tok/s   (runs: {', '.join(f'{x:.1f}' for x in runs[k])})")
-    print(f"  mixed / base-only on the LoRA engine: {med['mixed, LoRA engine'] / med['base, LoRA engine']:.3f}")
-    print(f"  mixed / base-only without adapters:   {med['mixed, LoRA engine'] / med['base, no LoRA stack']:.3f}")
+    for i, unit in enumerate(("tok/s", "tok per CPU s")):
+        med = {k: statistics.median(r[i] for r in v) for k, v in runs.items()}
+        for k, v in med.items():
+            print(f"  {k:22s} {v:8.1f} {unit}   (runs: {', '.join(f'{r[i]:.1f}' for r in runs[k])})")
+        print(f"  mixed / base-only on the LoRA engine: {med['mixed, LoRA engine'] / med['base, LoRA engine']:.3f}")
+        print(f"  mixed / base-only without adapters:   {med['mixed, LoRA engine'] / med['base, no LoRA stack']:.3f}")
 
 
 BASE = {  # the base kernels' einsums (jaxserve.model.transformer.Block)
@@ -124,6 +133,7 @@ def bench_update(cfg, args) -> None:
     layer = {
         t: tuple(jnp.asarray(rng.standard_normal(s.shape[1:]), jnp.float32) for s in pair) for t, pair in shapes.items()
     }
+    layer_stack = lambda layer: jax.tree.map(lambda w: w[None], layer)  # lora.route reads M off a stack
     index = jnp.asarray(rng.integers(0, M + 1, B), jnp.int32)
     inputs = lora.TARGETS
     size = dict(d=cfg.dim, n=cfg.n_heads, k=cfg.n_kv_heads, h=cfg.head_dim, f=cfg.mlp_dim)
@@ -131,13 +141,24 @@ def bench_update(cfg, args) -> None:
 
     @jax.jit
     def masked(xs, layer, index):
-        mask = lora.row_mask(index, M)
-        return {t: lora.delta(t, xs[t], layer[t], mask) for t in xs}
+        rows = lora.route(layer_stack(layer), index)
+        return {t: lora.delta(t, xs[t], layer[t], rows.mask) for t in xs}
+
+    @jax.jit
+    def skipped(xs, layer, index):  # as served: no row has an adapter, the update is skipped
+        rows = lora.route(layer_stack(layer), index)
+        return {t: lora.apply(t, jnp.zeros(want[t].shape), xs[t], layer[t], rows) for t in xs}
+
+    # the alternatives read each entry's weights with the stack's M axis first, the layout they want
+    by_entry = {
+        t: tuple(jnp.moveaxis(w, letters.index("m"), 0) for w, letters in zip(layer[t], inputs[t][1:])) for t in layer
+    }
+    letters = {t: tuple(c.replace("m", "") for c in v) for t, v in inputs.items()}
 
     @jax.jit
     def gathered(xs, layer, index):  # each row's own copy of its adapter (index 0: a zero entry in front)
         out = {}
-        for t, (x_in, a_letters, b_letters) in inputs.items():
+        for t, (x_in, a_letters, b_letters) in letters.items():
             a, b = (jnp.concatenate([jnp.zeros_like(w[:1]), w])[index] for w in layer[t])
             u_letters = "bt" + "".join(c for c in a_letters if c not in x_in)
             u = jnp.einsum(f"bt{x_in},b{a_letters}->{u_letters}", xs[t], a)
@@ -149,7 +170,7 @@ def bench_update(cfg, args) -> None:
         order = jnp.argsort(index)
         sizes = jnp.bincount(index, length=M + 1).astype(jnp.int32)
         out = {}
-        for t, (_, a_letters, _) in inputs.items():
+        for t, (_, a_letters, _) in letters.items():
             a, b = layer[t]
             x = xs[t].reshape(B, -1)[order]
             a2 = jnp.concatenate([jnp.zeros_like(a[:1]), a]).reshape(M + 1, x.shape[1], -1)  # [G, in, (c)r]
@@ -171,14 +192,24 @@ def bench_update(cfg, args) -> None:
         return {t: jnp.einsum(spec, xs[t], weights[t]) for t, spec in BASE.items()}
 
     want = masked(xs, layer, index)
-    runs = (("masked (served)", masked), ("grouped (ragged_dot)", grouped), ("per-row gather", gathered))
-    for name, fn in (*runs, ("base matmuls, for scale", base)):
-        got = fn(xs, layer, index)
-        err = 0.0 if fn is base else max(float(jnp.abs(got[t].reshape(want[t].shape) - want[t]).max()) for t in want)
+    runs = (
+        ("masked (served)", masked, layer, index),
+        ("masked, no adapter row", skipped, layer, jnp.zeros_like(index)),
+        ("grouped (ragged_dot)", grouped, by_entry, index),
+        ("per-row gather", gathered, by_entry, index),
+        ("base matmuls, for scale", base, layer, index),
+    )
+    for name, fn, stack, rows in runs:
+        got = fn(xs, stack, rows)
+        err = (
+            0.0
+            if fn in (base, skipped)
+            else max(float(jnp.abs(got[t].reshape(want[t].shape) - want[t]).max()) for t in want)
+        )
         times = []
         for _ in range(args.repeats * 20):
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(xs, layer, index))
+            jax.block_until_ready(fn(xs, stack, rows))
             times.append(time.perf_counter() - t0)
         print(f"  {name:22s} {statistics.median(times) * 1e6:9.1f} us per layer   (max |diff| vs masked {err:.1e})")
 
@@ -187,6 +218,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--checkpoints")
+    p.add_argument("--quantize", choices=QUANTIZE, help="the base weights (default: float, as converted)")
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
@@ -196,7 +228,8 @@ def main() -> None:
     p.add_argument("--update-only", action="store_true", help="only the per-layer update comparison")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    model = load_model(args.model, checkpoint_root(args.checkpoints), make_mesh(1, 1), progress=False)
+    root = checkpoint_root(args.checkpoints)
+    model = load_model(args.model, root, make_mesh(1, 1), progress=False, quantize=args.quantize)
     print(f"{model.name}: {model.cfg.num_params() / 1e6:.0f}M params, {model.cfg.quant or model.cfg.dtype} weights")
     print(
         f"\none layer's update of seven projections: {args.streams} rows, {args.adapters} adapters of rank {args.rank}"

@@ -40,13 +40,9 @@ def logits(params, tokens, adapters=None, cfg=CFG):
 
 def stack_of(adapters, slots: int, rank: int):
     """The stack holding `adapters` (peft.Adapter) in entries 0, 1, ... of `slots`."""
-    entries = [lora.entry(a.weights, CFG, rank) for a in adapters]
-    stack = {}
-    for t, (a, b) in lora.stack_shapes(CFG, slots, rank).items():
-        za, zb = np.zeros(a.shape, np.float32), np.zeros(b.shape, np.float32)
-        for i, e in enumerate(entries):
-            za[:, i], zb[:, i] = e[t]
-        stack[t] = (za, zb)
+    stack = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), lora.stack_shapes(CFG, slots, rank))
+    for i, a in enumerate(adapters):
+        stack = lora.write(stack, i, lora.entry(a.weights, CFG, rank))
     return stack
 
 

@@ -317,9 +317,11 @@ class JaxRunner(Runner):
 
         def write(stack, index, entry):
             self.spec.compiles["write_adapter"] += 1
-            return jax.tree.map(lambda s, e: s.at[:, index].set(e), stack, entry)
+            return lora.write(stack, index, entry)
 
-        entry = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[:1] + s.shape[2:], s.dtype), shapes)
+        entry = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), lora.entry({}, self.cfg, self.max_lora_rank)
+        )
         index = jax.ShapeDtypeStruct((), jnp.int32)
         self._write_adapter = jax.jit(write, out_shardings=shardings).lower(shapes, index, entry).compile()
         zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=shardings)

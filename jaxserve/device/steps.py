@@ -187,7 +187,9 @@ def forward(spec: StepSpec, params, state: DecodeState, table, lora, window: int
     spec.compiles["forward"] += 1
     model = Transformer(spec.cfg, spec.formulation)
     seq = jax.tree.map(lambda a: a[:rows], state.slots)
-    adapters = None if lora is None else (lora, seq.adapter)
+    # an idle slot keeps its last request's adapter index: counted as the base, so that it does not hold the
+    # step to the LoRA update (its row is computed, and ignored, either way)
+    adapters = None if lora is None else (lora, jnp.where(seq.active, seq.adapter, 0))
     tokens, positions = seq.tokens[:, None], seq.positions[:, None]
     logits, cache = model.apply(params, tokens, positions, state.cache, table[:rows], window, None, adapters)
     return _settle(spec, state.replace(cache=cache), logits[:, 0])  # replicated, as sample_step was compiled for

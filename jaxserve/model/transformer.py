@@ -121,16 +121,16 @@ class Block(nn.Module):
     formulation: quant.Formulation
 
     @nn.compact
-    def __call__(self, carry, positions, cos, sin, table, write_from, window: int, stacked=None, lora=None, mask=None):
+    def __call__(self, carry, positions, cos, sin, table, write_from, window: int, stacked=None, lora=None, rows=None):
         """`stacked`: None, or with packed int8 weights the layers' whole stacks {name: (kernel, scale)},
         which the matmuls then read in place (see `quant.dot`). `lora`: None, or this layer's adapter stack
-        {target: (A, B)} and `mask` [B, M] each row's adapter (see jaxserve.model.lora)."""
+        {target: (A, B)} and `rows` (a lora.Route) each row's adapter (see jaxserve.model.lora)."""
         x, cache, layer = carry
         c = self.cfg
 
         def project(name, spec, x, w):  # the base projection plus each row's adapter
             y = quant.dot(spec, x, w, self.formulation)
-            return y if lora is None else y + lora_math.delta(name, x, lora[name], mask).astype(y.dtype)
+            return y if lora is None else lora_math.apply(name, y, x, lora[name], rows)
 
         def weight(name, shape, axes, a):
             w = quant.weight(self, c, name, shape, axes, a)
@@ -259,12 +259,12 @@ class Transformer(nn.Module):
         elif self.formulation.kernel_below_rows is not None and not self.is_initializing():  # packed: in place
             layers = self.variables["params"]["layers"]
             stacked = {n: (layers[n], layers[n + "_scale"]) for n in quant.int8_names(layers)}
-        lora, mask = None, None
+        lora, rows = None, None
         if adapters is not None:
             lora, index = adapters
-            mask = lora_math.row_mask(index, next(iter(lora.values()))[0].shape[1])
+            rows = lora_math.route(lora, index)
         carry = (x, cache, jnp.int32(0))
-        (x, cache, _), _ = self.layers(carry, positions, cos, sin, table, write_from, window, stacked, lora, mask)
+        (x, cache, _), _ = self.layers(carry, positions, cos, sin, table, write_from, window, stacked, lora, rows)
         return self.final_norm(x), cache
 
     def logits(self, x):

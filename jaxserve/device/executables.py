@@ -55,12 +55,14 @@ HOST_ONLY = (
     "api/",
     "checkpoint/",
     "batch.py",
+    "batch_shards.py",
     "chat_template.py",
     "cli.py",
     "engine_args.py",
     "host.py",
     "tokenizer.py",
     "engine/",  # the host half: no jax
+    "multihost/",  # its one program, the broadcast of a plan's bytes, is not stored
     "device/build.py",
     "device/roofline.py",
     "device/warmup.py",

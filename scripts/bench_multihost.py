@@ -34,7 +34,7 @@ def start(args, mesh: str, devices: int, processes: int) -> tuple[list[subproces
     port, coordinator = free_port(), free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices // processes}")
     flags = ["--model", args.model, "--mesh", mesh, "--max-slots", str(max(args.concurrency))]
-    flags += ["--max-context", "512", "--quantize", args.quantize, "--formulation", "f32"]
+    flags += ["--max-context", "256", "--quantize", args.quantize, "--formulation", "f32"]
     flags += ["--compile-cache", args.compile_cache, "--port", str(port)]
     if args.checkpoints:
         flags += ["--checkpoints", args.checkpoints]

@@ -1,19 +1,28 @@
-"""Shared fixtures. Forces 8 virtual CPU devices (before jax is imported) so mesh tests can run anywhere.
+"""Shared fixtures. Forces 8 virtual CPU devices in this process (before jax starts its backend) so mesh tests
+can run anywhere; the processes the tests start (servers, the CLI) get the environment as it was, one CPU
+device as a user's server has (SmolLM2 sharded 8 ways over 2 cores makes every step 8-way collectives).
 
 Models are built once per machine and reused: the tiny model is trained by scripts/train_tiny.py and
 SmolLM2 converted from its GGUF into the checkpoint root ($JAXSERVE_CHECKPOINTS or ./checkpoints).
 """
 
-import os
-
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+_xla_flags = os.environ.get("XLA_FLAGS")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+import jax  # noqa: E402
+
+jax.devices()  # the backend reads the flag now, once
+if _xla_flags is None:
+    del os.environ["XLA_FLAGS"]
+else:
+    os.environ["XLA_FLAGS"] = _xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "tests" / "reference" / "smollm2_reference.json"

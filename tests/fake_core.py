@@ -22,9 +22,8 @@ import time
 
 import numpy as np
 
-from jaxserve.engine.contract import Executed, Runner
-from jaxserve.engine.plan import PrefillRow, SamplePlan, StepPlan
-from jaxserve.engine.types import SamplingParams
+from jaxserve.engine.contract import Executed, Runner, walk
+from jaxserve.engine.plan import PrefillRow, SamplePlan, Start, StepPlan
 
 EOS = 50
 VOCAB = 64
@@ -86,24 +85,8 @@ class FakeCore(Runner):
         self.loaded: dict[int, str] = {}  # adapter index -> the path loaded there
 
     def execute(self, plan: StepPlan) -> Executed:
-        for slot in plan.releases:
-            self.release(slot)
-        prefill = self.prefill(list(plan.prefill), plan.table, plan.score) if plan.prefill else None
-        for src, dst in plan.copies:
-            self.copy_page(src, dst)
-        started: list[Stepped | None] = []
-        for s in plan.starts:
-            self.adapter[s.slot] = s.adapter
-            if s.inserts:
-                assert prefill is not None, "an insert samples from its plan's prefill"
-                logits = prefill.last_logits[s.logits_row]
-                started.append(self.insert(s.slot, logits, s.params, s.position, s.max_tokens, s.stop_on_eos, s.mask))
-            else:
-                self.resume(s.slot, s.token, s.params, s.position, s.generated, s.max_tokens, s.stop_on_eos, s.mask)
-                started.append(None)
-        if plan.decode is not None:
-            self.logits = self.forward(plan.table, plan.decode.max_position, plan.decode.max_slot)
-        return Executed(prefill, started)
+        executed, self.logits = walk(plan, self)
+        return executed
 
     def sample_tokens(self, plan: SamplePlan) -> Stepped:
         if plan.slots:
@@ -146,30 +129,25 @@ class FakeCore(Runner):
             return token
         return min([t for t in allowed if t >= token] or allowed)
 
-    def insert(
-        self,
-        slot: int,
-        logits,
-        params: SamplingParams,
-        position: int,
-        max_tokens: int,
-        stop_on_eos: bool,
-        mask=None,
-    ) -> Stepped:
+    def insert(self, start: Start, logits) -> Stepped:
+        slot = start.slot
         self.calls.append(("insert", slot))
-        self.masks[slot] = None if mask is None else allowed_ids(mask)
+        self.adapter[slot] = start.adapter
+        self.masks[slot] = None if start.mask is None else allowed_ids(start.mask)
         token = self._pick(slot, logits + 1)
-        done = max_tokens <= 1 or (stop_on_eos and token == EOS)
+        done = start.max_tokens <= 1 or (start.stop_on_eos and token == EOS)
         self.tokens[slot], self.active[slot] = token, not done
-        self.remaining[slot], self.stop_eos[slot] = max_tokens - 1, stop_on_eos
-        self.positions[slot] = position
+        self.remaining[slot], self.stop_eos[slot] = start.max_tokens - 1, start.stop_on_eos
+        self.positions[slot] = start.position
         return Stepped.of([token], [done], [True])
 
-    def resume(self, slot, token, params, position, generated, max_tokens, stop_on_eos, mask=None) -> None:
+    def resume(self, start: Start) -> None:
+        slot = start.slot
         self.calls.append(("resume", slot))
-        self.masks[slot] = None if mask is None else allowed_ids(mask)
-        self.tokens[slot], self.positions[slot], self.active[slot] = token, position, max_tokens > 0
-        self.remaining[slot], self.stop_eos[slot] = max_tokens, stop_on_eos
+        self.adapter[slot] = start.adapter
+        self.masks[slot] = None if start.mask is None else allowed_ids(start.mask)
+        self.tokens[slot], self.positions[slot], self.active[slot] = start.token, start.position, start.max_tokens > 0
+        self.remaining[slot], self.stop_eos[slot] = start.max_tokens, start.stop_on_eos
 
     def forward(self, table, max_position: int, max_slot: int) -> np.ndarray:
         time.sleep(0.002)  # a device step takes time: lets an abort land mid-stream

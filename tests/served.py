@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from jaxserve.device.runner import JaxRunner
-from jaxserve.engine.plan import PrefillRow
+from jaxserve.engine.plan import PrefillRow, Start
 from jaxserve.engine.types import SamplingParams
 from jaxserve.model import KVCache, Transformer
 
@@ -57,7 +57,7 @@ def greedy_decode(core: JaxRunner, prompts, steps: int, chunk: int | None = None
     outs = []
     for slot, prompt in enumerate(prompts):
         *_, last = scored_prefill(core, slot, prompt, chunk)
-        outs.append([core.fetch(core.insert(slot, last, GREEDY, len(prompt), steps, False))])
+        outs.append([core.fetch(core.insert(Start(slot, GREEDY, len(prompt), steps, False, logits_row=0), last))])
     for i in range(1, steps):
         out = core.fetch(
             core.sample(core.forward(own_pages(core), max(len(p) for p in prompts) + i - 1, len(prompts) - 1))

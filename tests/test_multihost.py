@@ -119,16 +119,21 @@ def group(tiny_dir, checkpoint_root, cache):
         g.kill()
 
 
+def one_process(devices: int, *args: str, checkpoints, cache) -> Server:
+    """`jaxserve serve` alone on `devices` CPU devices, once every shape is ready (the group's are before it
+    serves: no narrower fallback shape may differ)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    s = Server(*args, "--compile-cache", str(cache), checkpoints=checkpoints, env=env).wait_ready()
+    deadline = time.time() + 600
+    while pending(s.url) and time.time() < deadline:
+        time.sleep(1)
+    return s
+
+
 @pytest.fixture(scope="module")
 def alone(tiny_dir, checkpoint_root, tmp_path_factory):
     """One process, two devices, the same mesh and pool."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    cache = tmp_path_factory.mktemp("alone")
-    s = Server(*TINY, *TIGHT, "--compile-cache", str(cache), checkpoints=checkpoint_root, env=env)
-    s.wait_ready()
-    deadline = time.time() + 600
-    while pending(s.url) and time.time() < deadline:  # every shape as the group's: no narrower fallback
-        time.sleep(1)
+    s = one_process(2, *TINY, *TIGHT, checkpoints=checkpoint_root, cache=tmp_path_factory.mktemp("alone"))
     yield s
     s.stop()
 
@@ -184,7 +189,8 @@ def test_preempted_requests_in_the_group_finish_as_alone(group, alone):
 def test_sigterm_on_the_leader_stops_every_process(group):
     """The leader drains, sends STOP, and every process exits 0."""
     group.procs[0].send_signal(signal.SIGTERM)
-    codes, seconds = group.wait_exit(group.procs, 60)
+    codes, seconds = group.wait_exit(group.procs, 60)  # printed: shown with -s, and on a failure
+    print(f"every process, after SIGTERM on the leader: exit {codes} in {seconds:.1f} s")
     assert codes == [0, 0], codes
 
 
@@ -212,6 +218,7 @@ def test_a_follower_killed_mid_stream_ends_the_stream_and_the_leader(fresh):
     assert rest[-1] == "data: [DONE]"
     assert "error" in json.loads(rest[-2][6:])
     codes, seconds = fresh.wait_exit(fresh.procs[:1], 4 * HEARTBEAT)
+    print(f"the leader, after the follower's kill -9: exit {codes} in {seconds:.1f} s")
     assert codes == [1], codes  # jaxserve's watchdog or the failed step, not JAX's abort (a signal)
 
 
@@ -231,9 +238,11 @@ def test_a_stopped_follower_fails_the_request_and_ends_the_leader(fresh):
         response = pending_request.result()
     assert response.status_code == 503, response.text
     codes, seconds = fresh.wait_exit(fresh.procs[:1], 4 * HEARTBEAT)
+    print(f"the leader, after SIGSTOP of the follower: exit {codes} in {seconds:.1f} s")
     assert codes == [1], codes
     fresh.procs[1].send_signal(signal.SIGCONT)  # its leader gone, it ends too
     codes, seconds = fresh.wait_exit(fresh.procs[1:], 4 * HEARTBEAT)
+    print(f"the follower, once resumed (its leader gone): exit {codes} in {seconds:.1f} s")
     assert codes == [1], codes
 
 
@@ -242,6 +251,7 @@ def test_a_killed_leader_ends_the_followers(fresh):
     process (SIGABRT); else by jaxserve's watchdog (exit status 1). Either way, non-zero and in the bound."""
     fresh.procs[0].kill()
     codes, seconds = fresh.wait_exit(fresh.procs[1:], 4 * HEARTBEAT)
+    print(f"the follower, after the leader's kill -9: exit {codes} in {seconds:.1f} s")
     assert codes[0] is not None and codes[0] != 0, codes
 
 
@@ -262,9 +272,7 @@ def smol_group(smollm2_dir, checkpoint_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smol_alone(smollm2_dir, checkpoint_root, tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    cache = tmp_path_factory.mktemp("smol-alone")
-    s = Server(*SMOL, "--compile-cache", str(cache), checkpoints=checkpoint_root, env=env).wait_ready()
+    s = one_process(1, *SMOL, checkpoints=checkpoint_root, cache=tmp_path_factory.mktemp("smol-alone"))
     yield s
     s.stop()
 

@@ -13,7 +13,16 @@ from jaxserve.api.chat import ChatServing, parse_chat_request
 from jaxserve.api.protocol import APIError
 from jaxserve.chat_template import render
 from jaxserve.engine.grammar import ll_tokenizer
-from jaxserve.engine.toolcalls import FORMATS, CallStream, Parsed, Tool, ToolCall, compile_tool_grammar, format_for
+from jaxserve.engine.toolcalls import (
+    FORMATS,
+    CallStream,
+    Parsed,
+    Tool,
+    ToolCall,
+    closed,
+    compile_tool_grammar,
+    format_for,
+)
 
 HERMES, LLAMA, MISTRAL = FORMATS["hermes"], FORMATS["llama3_json"], FORMATS["mistral"]
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -153,6 +162,43 @@ def test_required_grammars_accept_calls_and_refuse_the_rest(tok):
         assert _walk(tok, g, text) == (True, True) and fmt.parse(text).calls
 
 
+def test_a_forced_call_cannot_run_on_with_properties_the_schema_does_not_list(tok):
+    """An open object let SmolLM2 (Q4_1) write `"type":"string","required":"zone","required":…` after
+    the zone of a named call until max_tokens: the grammar closes the objects that list their properties."""
+    zone = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 40}}, "required": ["zone"]}
+    g = compile_tool_grammar(HERMES, tok, (Tool("get_time", None, json.dumps(zone)),), False, False)
+    call = '<tool_call>\n{"name":"get_time","arguments":{"zone":"UTC"'
+    assert _walk(tok, g, call + "}}\n</tool_call>") == (True, True)
+    assert not _walk(tok, g, call + ',"type":"string"')[0]
+    assert not _walk(tok, g, call + ',"zone":"CET"')[0]
+
+
+def test_closed_closes_listed_objects_and_leaves_the_rest_as_given():
+    point = {"type": "object", "properties": {"x": {"type": "number"}}}
+    shut = {**point, "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"at": point, "path": {"type": "array", "items": point}, "either": {"anyOf": [point, {}]}},
+        "$defs": {"p": point},
+        "default": {"properties": {}},  # a value, not a schema
+    }
+    assert closed(schema) == {
+        **schema,
+        "properties": {"at": shut, "path": {"type": "array", "items": shut}, "either": {"anyOf": [shut, {}]}},
+        "$defs": {"p": shut},
+        "additionalProperties": False,
+    }
+    for as_given in (
+        {"type": "object"},  # a free-form map
+        {**point, "additionalProperties": True},
+        {**point, "patternProperties": {"^y": {}}},
+        {**point, "required": ["x", "y"]},  # y is one of the other properties
+        {"type": "object", "properties": {"a": point}, "allOf": [point]},  # merged: closing one part refuses x
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/p", "properties": {"y": {}}}}, "$defs": {"p": point}},
+    ):
+        assert closed(as_given) == as_given
+
+
 def test_the_lazy_grammar_is_free_until_a_call_starts(tok):
     g = compile_tool_grammar(HERMES, tok, (WEATHER,), False, True)
     assert _walk(tok, g, "Paris is sunny today, {no call} <tool") == (True, True)
@@ -287,6 +333,69 @@ def test_answers_take_openais_shape(tok):
     assert head["function"] == {"name": "get_weather", "arguments": ""}
     assert args == {"index": 0, "function": {"arguments": '{"city":"Paris"}'}}
     assert stream.finish("stop") == ([{"content": " "}], "tool_calls")
+
+
+# Templates written here that render an assistant's calls the way Qwen 2.5's (Hermes), Llama 3.1's (JSON, as
+# vLLM's tool_chat_template_llama3.1_json has it) and Mistral's templates do: their call syntax only, not
+# copies of those templates (third-party code stays out of the repository).
+QWEN_LIKE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}"
+    '{{ "\n" if m.content or not loop.first }}<tool_call>\n{"name": "{{ c.function.name }}", "arguments": '
+    "{{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}{{ tools | length }}"
+)
+LLAMA_LIKE = (
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content or '' }}"
+    '{% for c in m.tool_calls or [] %}{"name": "{{ c.function.name }}", "parameters": '
+    "{{ c.function.arguments | tojson }}}{% endfor %}"
+    "{{ '<|eom_id|>' if builtin_tools is defined else '<|eot_id|>' }}{% endfor %}{{ tools | length }}"
+)
+MISTRAL_LIKE = (
+    "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }}[/INST]"
+    "{% elif m.tool_calls %}[TOOL_CALLS] [{% for c in m.tool_calls %}"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}, "id": "{{ c.id }}"}'
+    "{{ ', ' if not loop.last }}{% endfor %}]</s>{% endif %}{% endfor %}{{ tools | length }}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, parser, turn",
+    [
+        (None, "hermes", "<|im_start|>assistant\n"),  # SmolLM2's own template: the Hermes fallback
+        (QWEN_LIKE, "hermes", "<|im_start|>assistant\n"),
+        (LLAMA_LIKE, "llama3_json", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+        (MISTRAL_LIKE, "mistral", "[/INST]"),
+    ],
+)
+def test_calls_in_the_history_parse_back_from_the_template_s_render(tok, template, parser, turn):
+    """An assistant turn with calls, rendered by a template that teaches a format, is read back by the
+    parser chosen for that template as the same calls (arguments as compact JSON text)."""
+    calls = [
+        {
+            "id": "a1b2c3d4e",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Zürich <&>"}'},
+        },
+        {"id": "f5g6h7i8j", "type": "function", "function": {"name": "plan", "arguments": '{"days": [1, 2]}'}},
+    ]
+    if parser == "llama3_json":
+        calls = calls[:1]  # Llama 3.1's templates take one call a turn
+    body = {"model": "m", "messages": [{"role": "user", "content": "Go"}, {"role": "assistant", "tool_calls": calls}]}
+    req = parse_chat_request({**body, "tools": [FN]})
+    source = template or tok.chat_template
+    messages, variables = tools.template_inputs(req.messages, req._tool_spec, source)
+    fake = _Tok()
+    fake.chat_template = source
+    text = render(fake, messages, add_generation_prompt=False, **variables)
+    fmt = format_for(source, tools.takes_tools(source))
+    assert fmt is FORMATS[parser]
+    assert fmt.parse(text[text.rindex(turn) + len(turn) :]).calls == tuple(
+        ToolCall(
+            c["function"]["name"],
+            json.dumps(json.loads(c["function"]["arguments"]), separators=(",", ":"), ensure_ascii=False),
+        )
+        for c in calls
+    )
 
 
 def test_renders_equal_transformers_on_a_tool_template():

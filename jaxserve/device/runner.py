@@ -27,9 +27,9 @@ from jaxserve.device import steps
 from jaxserve.device.executables import Variant, abstract
 from jaxserve.device.state import DecodeState, SamplingState
 from jaxserve.device.steps import PrefillOutput, StepOutput, StepSpec
-from jaxserve.engine.contract import Executed, Runner
+from jaxserve.engine.contract import Executed, Runner, walk
 from jaxserve.engine.plan import PrefillRow, SamplePlan, Start, StepPlan
-from jaxserve.engine.types import RequestError, SamplingParams
+from jaxserve.engine.types import RequestError
 from jaxserve.model import LoadedModel, lora
 from jaxserve.sharding import named_sharding, replicated
 
@@ -120,25 +120,8 @@ class JaxRunner(Runner):
         if self.group is not None:
             self.group.step(plan)  # the others sample at once where no masks can follow (see multihost.follower)
             self._ship_sample = plan.decode is not None and plan.decode.masks
-        for slot in plan.releases:
-            self.release(slot)
-        prefill = self.prefill(list(plan.prefill), plan.table, plan.score) if plan.prefill else None
-        for src, dst in plan.copies:
-            self.copy_page(src, dst)
-        started = [self._start(s, prefill) for s in plan.starts]
-        if plan.decode is not None:
-            self._logits = self.forward(plan.table, plan.decode.max_position, plan.decode.max_slot)
-        return Executed(prefill, started)
-
-    def _start(self, start: Start, prefill: PrefillOutput | None) -> StepOutput | None:
-        s = start
-        if s.inserts:
-            assert prefill is not None, "an insert samples from its plan's prefill"
-            logits = prefill.last_logits[s.logits_row]
-            return self.insert(s.slot, logits, s.params, s.position, s.max_tokens, s.stop_on_eos, s.mask, s.adapter)
-        generated = list(s.generated)
-        self.resume(s.slot, s.token, s.params, s.position, generated, s.max_tokens, s.stop_on_eos, s.mask, s.adapter)
-        return None
+        executed, self._logits = walk(plan, self)
+        return executed
 
     def sample_tokens(self, plan: SamplePlan) -> StepOutput:
         if self.group is not None and self._ship_sample:
@@ -221,62 +204,44 @@ class JaxRunner(Runner):
     def copy_page(self, src: int, dst: int) -> None:
         self.state = self._call(steps.copy_page, {}, self.state, np.int32(src), np.int32(dst))
 
-    def insert(
-        self,
-        slot: int,
-        logits,
-        params: SamplingParams,
-        position: int,
-        max_tokens: int,
-        stop_on_eos: bool,
-        mask: np.ndarray | None = None,
-        adapter: int = 0,
-    ) -> StepOutput:
-        row = SamplingState.host_row(params, self.cfg.vocab_size)
-        if mask is not None:
-            row["allowed"] = np.asarray(mask, np.int32)
+    def insert(self, start: Start, logits) -> StepOutput:
+        """Start decoding `start` in its slot, its first token sampled from `logits` (a row of a prefill's)."""
+        row = SamplingState.host_row(start.params, self.cfg.vocab_size)
+        if start.mask is not None:
+            row["allowed"] = np.asarray(start.mask, np.int32)
         self.state, out = self._call(
             steps.insert,
             {},
             self.state,
-            np.int32(slot),
+            np.int32(start.slot),
             logits,
             row,
-            np.int32(position),
-            np.int32(max_tokens),
-            np.bool_(stop_on_eos),
-            np.int32(adapter),
+            np.int32(start.position),
+            np.int32(start.max_tokens),
+            np.bool_(start.stop_on_eos),
+            np.int32(start.adapter),
         )
         return out
 
-    def resume(
-        self,
-        slot: int,
-        token: int,
-        params: SamplingParams,
-        position: int,
-        generated: list[int],
-        max_tokens: int,
-        stop_on_eos: bool,
-        mask: np.ndarray | None = None,
-        adapter: int = 0,
-    ) -> None:
-        row = SamplingState.host_row(params, self.cfg.vocab_size)
-        row["counts"] = np.bincount(generated, minlength=self.cfg.vocab_size).astype(np.int32)
-        row["step"] = np.asarray(len(generated), np.int32)
-        if mask is not None:
-            row["allowed"] = np.asarray(mask, np.int32)
+    def resume(self, start: Start) -> None:
+        """Go on decoding a preempted sequence as if never interrupted: its token counts and step from the
+        tokens it had generated, the last of which (`start.token`) is the next step's input."""
+        row = SamplingState.host_row(start.params, self.cfg.vocab_size)
+        row["counts"] = np.bincount(start.generated, minlength=self.cfg.vocab_size).astype(np.int32)
+        row["step"] = np.asarray(len(start.generated), np.int32)
+        if start.mask is not None:
+            row["allowed"] = np.asarray(start.mask, np.int32)
         self.state = self._call(
             steps.resume,
             {},
             self.state,
-            np.int32(slot),
+            np.int32(start.slot),
             row,
-            np.int32(token),
-            np.int32(position),
-            np.int32(max_tokens),
-            np.bool_(stop_on_eos),
-            np.int32(adapter),
+            np.int32(start.token),
+            np.int32(start.position),
+            np.int32(start.max_tokens),
+            np.bool_(start.stop_on_eos),
+            np.int32(start.adapter),
         )
 
     @property

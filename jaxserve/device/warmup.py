@@ -17,7 +17,7 @@ import numpy as np
 from jaxserve.device import steps
 from jaxserve.device.executables import ExecutableStore, Report, Variant, compile_all
 from jaxserve.device.runner import PACKED, JaxRunner
-from jaxserve.engine.plan import PrefillRow
+from jaxserve.engine.plan import PrefillRow, Start
 from jaxserve.engine.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ def variants(runner: JaxRunner) -> dict[tuple, Variant]:
                 runner._prefill((P, T), runner.window_for(T - 1), [row], table, False)
         greedy = SamplingParams(temperature=1.0, top_p=0.5)
         logits = jax.ShapeDtypeStruct((runner.vocab_size,), jnp.float32, sharding=runner.spec.replicated)
-        runner.insert(0, logits, greedy, 0, 1, True)
-        runner.resume(0, 0, greedy, 0, [0], 1, True)
+        runner.insert(Start(0, greedy, 0, 1, True, logits_row=0), logits)
+        runner.resume(Start(0, greedy, 0, 1, True, generated=(0,)))
         runner.copy_page(0, 0)
         for rows in runner.row_buckets:
             words = np.full(((runner.vocab_size + 31) // 32,), -1, np.int32)

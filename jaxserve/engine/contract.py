@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from jaxserve.engine.plan import SamplePlan, StepPlan
+from jaxserve.engine.plan import PrefillRow, SamplePlan, Start, StepPlan
 
 T = TypeVar("T")
 
@@ -87,3 +87,40 @@ class Runner(Protocol):
 
     def load_adapter(self, index: int, adapter: Any) -> None:
         """Make `adapter` (from read_adapter) LoRA adapter `index`, which no slot uses now (any thread)."""
+
+
+class Steps(Protocol):
+    """The device calls a StepPlan is made of: each runner's primitives, which `walk` calls in order."""
+
+    def release(self, slot: int) -> None: ...
+
+    def prefill(self, rows: list[PrefillRow], table: Any, score: bool) -> Any: ...
+
+    def copy_page(self, src: int, dst: int) -> None: ...
+
+    def insert(self, start: Start, logits: Any) -> Any: ...
+
+    def resume(self, start: Start) -> None: ...
+
+    def forward(self, table: Any, max_position: int, max_slot: int) -> Any: ...
+
+
+def walk(plan: StepPlan, steps: Steps) -> tuple[Executed, Any]:
+    """Run the plan's parts in their one order (see Runner.execute) as calls of `steps`; returns what it left
+    for the host, and the decode step's logits for the SamplePlan (None: no decode)."""
+    for slot in plan.releases:
+        steps.release(slot)
+    prefill = steps.prefill(list(plan.prefill), plan.table, plan.score) if plan.prefill else None
+    for src, dst in plan.copies:
+        steps.copy_page(src, dst)
+    started = []
+    for s in plan.starts:
+        if s.inserts:
+            assert prefill is not None, "an insert samples from its plan's prefill"
+            started.append(steps.insert(s, prefill.last_logits[s.logits_row]))
+        else:
+            steps.resume(s)
+            started.append(None)
+    d = plan.decode
+    logits = None if d is None else steps.forward(plan.table, d.max_position, d.max_slot)
+    return Executed(prefill, started), logits

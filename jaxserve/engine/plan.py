@@ -87,8 +87,8 @@ class SamplePlan:
 
 
 def bucket(n: int) -> int:
-    """The payload rows for n items: the next power of two (at least 1)."""
-    return 1 << max(n - 1, 0).bit_length()
+    """The payload rows for n items: the next power of two (none for none: an empty part costs no bytes)."""
+    return 0 if n == 0 else 1 << (n - 1).bit_length()
 
 
 def _padded(rows, n: int, shape: tuple, dtype) -> np.ndarray:

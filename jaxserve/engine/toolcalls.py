@@ -122,7 +122,7 @@ class CallFormat:
     def _one(self, tool: Tool) -> dict:
         return {
             "type": "object",
-            "properties": {"name": {"const": tool.name}, self.args_key: json.loads(tool.parameters)},
+            "properties": {"name": {"const": tool.name}, self.args_key: closed(json.loads(tool.parameters))},
             "required": ["name", self.args_key],
             "additionalProperties": False,
         }
@@ -131,6 +131,56 @@ class CallFormat:
         """Lark for calls to `tools` (one, or one or more when `parallel`); `lazy`: free text unless and
         until the model starts a call (tool_choice auto), else calls only."""
         raise NotImplementedError
+
+
+# Keys whose value is a schema or a list of schemas, or a map of names to schemas (not const, enum, default...).
+_SCHEMA_KEYS = ("items", "additionalProperties", "anyOf", "oneOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_OTHER_PROPERTIES = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def closed(schema: Any) -> Any:
+    """A tool's parameters schema with each object that lists its properties closed to any other
+    (`additionalProperties: false` where the schema says nothing of other properties), as OpenAI's strict
+    mode has them and as xgrammar's strict mode (vLLM's default) and llama.cpp read a schema for generation.
+    Open, an object lets a model under the grammar write property after property, repeated keys included,
+    until max_tokens: a forced call must end. Objects that list no properties stay free-form maps, and a
+    schema that merges objects (`allOf`, or `$ref` beside `properties`) is left as given, since closing one
+    part would refuse the other part's properties."""
+    return schema if _merges(schema) else _close(schema)
+
+
+def _merges(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_merges(v) for v in value)
+    if not isinstance(value, dict):
+        return False
+    return "allOf" in value or ("$ref" in value and "properties" in value) or any(map(_merges, value.values()))
+
+
+def _close(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_close(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema  # true / false
+    out = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            value = {name: _close(s) for name, s in value.items()}
+        elif key in _SCHEMA_KEYS:
+            value = _close(value)
+        out[key] = value
+    props, required = out.get("properties"), out.get("required", [])
+    if (
+        isinstance(props, dict)
+        and not any(k in out for k in _OTHER_PROPERTIES)
+        and isinstance(required, list)
+        and all(
+            isinstance(n, str) and n in props for n in required
+        )  # a required name not listed is an "other" property
+    ):
+        out["additionalProperties"] = False
+    return out
 
 
 def _json(schema: dict) -> str:

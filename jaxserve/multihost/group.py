@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from jaxserve.multihost.channel import Channel
+from jaxserve.multihost.channel import STOP, Channel
 from jaxserve.multihost.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,6 @@ def leave(code: int) -> int:
     if code != 0:
         exit_hard(f"exit status {code}")
     if _joined.leader:
-        from jaxserve.multihost.channel import STOP
-
         _joined.channel.send(STOP)
     import jax
 

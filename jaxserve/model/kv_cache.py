@@ -9,6 +9,9 @@ out = p [G, S] x v [S, H]).
 
 A page's entries past the positions its sequence has written belong to an earlier owner; attention masks
 by position (key position <= query position), so a reused page needs no clearing.
+
+The pages hold `cfg.cache_dtype` (every layout declares its arrays from it): writes round k and v to it,
+and attention upcasts what it reads to the wider of it and the activations' dtype.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class KVCache:
 
     @classmethod
     def shape_dtype(cls, cfg: ModelConfig, pages: int, page_size: int) -> KVCache:
-        L, K, H, dt = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
+        L, K, H, dt = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.cache_dtype)
         return cls(
             k=jax.ShapeDtypeStruct((L, pages, K, H, page_size), dt),
             v=jax.ShapeDtypeStruct((L, pages, K, page_size, H), dt),
@@ -58,7 +61,8 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig) -> int:
-        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+        """The pool's bytes per position (K and V of every layer), in cfg.cache_dtype: what sizes the pool."""
+        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.cache_dtype).itemsize
 
     @staticmethod
     def axes() -> KVCache:

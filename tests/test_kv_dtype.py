@@ -1,7 +1,8 @@
-"""--kv-cache-dtype: the KV page pool in bfloat16 under float32 activations. The pool's arrays are bfloat16
-and a byte budget holds twice the pages; greedy decoding gives the float32 pool's tokens, with logprobs
-within the rounding's reach; the flag is parsed on serve, generate and batch, and a bad value is refused
-naming it; the compiled steps' keys tell the two pools apart (auto and the model's own dtype are one)."""
+"""--kv-cache-dtype: the KV page pool in bfloat16 under float32 activations. The pool holds bfloat16 (as its
+bits: see kv_cache.STORED) and a byte budget holds twice the pages; greedy decoding gives the float32
+pool's tokens, with logprobs within the rounding's reach; the flag is parsed on serve, generate and batch,
+and a bad value is refused naming it; the compiled steps' keys tell the two pools apart (auto and the
+model's own dtype are one)."""
 
 import dataclasses
 
@@ -30,11 +31,31 @@ def test_a_bfloat16_pool_holds_bfloat16_pages_and_twice_as_many_in_the_same_byte
         kv: build_runner(tiny, slots=8, max_context=512, kv_cache_memory=budget, warmup=False, kv_cache_dtype=kv)
         for kv in ("auto", "bfloat16")
     }
-    assert cores["auto"].state.cache.k.dtype == cores["auto"].state.cache.v.dtype == jnp.float32
-    assert cores["bfloat16"].state.cache.k.dtype == cores["bfloat16"].state.cache.v.dtype == jnp.bfloat16
+    pools = {kv: core.state.cache for kv, core in cores.items()}
+    assert pools["auto"].dtype == pools["auto"].k.dtype == pools["auto"].v.dtype == jnp.float32
+    # bfloat16 held as its bits (see kv_cache.STORED): two bytes an entry, read back as bfloat16
+    assert pools["bfloat16"].dtype == jnp.bfloat16
+    assert pools["bfloat16"].k.dtype == pools["bfloat16"].v.dtype == jnp.uint16
     assert KVCache.bytes_per_token(cores["bfloat16"].cfg) * 2 == KVCache.bytes_per_token(tiny.cfg)
     assert (cores["auto"].pages, cores["bfloat16"].pages) == (8, 16)
     assert cores["bfloat16"].kv_bytes == cores["auto"].kv_bytes == budget
+
+
+def test_a_bfloat16_pool_reads_back_what_it_was_given_rounded_to_bfloat16(tiny):
+    cfg = tiny.cfg.with_kv_dtype("bfloat16")
+    cache = KVCache.zeros(cfg, 4, 16)
+    rng = np.random.default_rng(0)
+    k, v = (jnp.asarray(rng.normal(size=(2, 3, cfg.n_kv_heads, cfg.head_dim)), jnp.float32) for _ in range(2))
+    table = np.array([[2], [0]], np.int32)
+    positions = np.array([[0, 1, 2], [5, 6, 7]], np.int32)
+    cache = cache.write(1, table, positions, k, v)
+    keys, values = cache.read(1, np.array([2, 0], np.int32))  # [b, K, H, S], [b, K, S, H]
+    assert keys.dtype == values.dtype == jnp.bfloat16
+    for row, at in enumerate(positions):
+        np.testing.assert_array_equal(keys[row][:, :, at].transpose(2, 0, 1), k[row].astype(jnp.bfloat16))
+        np.testing.assert_array_equal(values[row][:, at].transpose(1, 0, 2), v[row].astype(jnp.bfloat16))
+    copied = cache.copy_page(2, 3).read(1, np.array([3], np.int32))
+    np.testing.assert_array_equal(copied[0][0], keys[0])
 
 
 def test_greedy_tokens_over_a_bfloat16_pool_are_the_float32_pools(tiny):

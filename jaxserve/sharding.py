@@ -16,9 +16,9 @@ log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "model")
 
-# logical axis -> mesh axis (absent: replicated)
+# logical axis -> mesh axis (absent: replicated). "data" names no logical axis: every data replica holds the
+# whole state, and a decode step splits its rows over "data" (`device.steps.forward`)
 RULES: dict[str, str] = {
-    "batch": "data",
     "vocab": "model",
     "q_heads": "model",
     "kv_heads": "model",

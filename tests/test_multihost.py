@@ -6,6 +6,7 @@ SIGTERM on the leader, each ending every process, with the exit status that says
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from server import Server, free_port
+from test_batch import batch_line
 
 HEARTBEAT = 5.0  # seconds: --heartbeat-timeout of the groups here
 TINY = ("--model", "tiny-llama", "--mesh", "data=1,model=2", "--max-slots", "4", "--max-context", "128")
@@ -294,3 +296,57 @@ def test_smollm2_split_over_three_processes_answers_as_one_device(smol_group, sm
             np.testing.assert_allclose(
                 [x for x in got_lp if x is not None], [x for x in want_lp if x is not None], atol=tolerance
             )
+
+
+def slurm_port() -> int:
+    """A free port where jax's SLURM detection puts the coordinator: 61440 + SLURM_JOB_ID mod 4096."""
+    for port in range(61440 + os.getpid() % 4096, 65536):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 61440..65535")
+
+
+def test_a_batch_under_slurm_with_distributed_auto(tmp_path, tiny_dir, checkpoint_root):
+    """`jaxserve batch --distributed auto` as SLURM starts it (two tasks of one step; jax reads the group from
+    SLURM's variables): the data axis across the processes, so the 8 lines' decode rows are split between
+    them (each computes 4 and they exchange logits and K/V). Its output is one process's on 2 devices."""
+    lines = [batch_line(f"r{i}", prompt=p, max_tokens=8, temperature=0) for i, p in enumerate(PROMPTS * 2)]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--model", "tiny-llama", "--checkpoints", str(checkpoint_root), "--mesh", "data=2,model=1"]
+    args += ["--max-slots", "8", "--max-context", "128", "--heartbeat-timeout", str(HEARTBEAT)]
+
+    def batch(output):
+        return [sys.executable, "-m", "jaxserve.cli", "batch", str(tmp_path / "in.jsonl"), str(tmp_path / output)]
+
+    port = slurm_port()
+    slurm = dict(SLURM_JOB_ID=str(port - 61440), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2")
+    slurm |= dict(JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")  # loopback only, not every interface
+    procs = [
+        subprocess.Popen(
+            batch("group.jsonl") + args + ["--distributed", "auto"],
+            env=one_device_each() | slurm | dict(SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    alone = subprocess.run(
+        batch("alone.jsonl") + args,
+        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert alone.returncode == 0, alone.stderr
+    assert "process 1 of 2 joined" in errors[1]
+    got = [json.loads(x) for x in (tmp_path / "group.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (tmp_path / "alone.jsonl").read_text().splitlines()]
+    assert len(got) == len(lines) and all(r["response"]["status_code"] == 200 for r in got)
+    texts = {r["custom_id"]: [c["text"] for c in r["response"]["body"]["choices"]] for r in got}
+    assert texts == {r["custom_id"]: [c["text"] for c in r["response"]["body"]["choices"]] for r in want}

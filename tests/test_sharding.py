@@ -6,11 +6,12 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
-from served import greedy_decode, scored_prefill
+from served import GREEDY, greedy_decode, own_pages, scored_prefill
 
 from jaxserve.checkpoint import load_checkpoint
 from jaxserve.device.runner import JaxRunner
 from jaxserve.device.state import DecodeState
+from jaxserve.engine.plan import Start
 from jaxserve.sharding import logical_to_spec, make_mesh, parse_mesh
 
 
@@ -62,7 +63,7 @@ def test_tiny_mesh_equals_single_device(tiny_dir, tiny_single, shape):
     data, mdl = shape
     q = model.params["params"]["layers"]["q"].sharding.spec
     assert q == PartitionSpec(None, None, "model" if mdl > 1 else None, None)
-    assert (tuple(core.state.slots.tokens.sharding.spec) + (None,))[0] == ("data" if data > 1 else None)
+    assert core.state.slots.tokens.sharding.spec in (PartitionSpec(), PartitionSpec(None))  # every replica: all
     assert (tuple(core.state.cache.k.sharding.spec) + (None,) * 5)[1] is None  # any row may hold any page
     # after prefills, inserts and steps, every array of the decode state is where it was declared
     declared = DecodeState.shardings(model.cfg, model.mesh, 8, core.pages, core.page_size)
@@ -82,6 +83,44 @@ def test_smollm2_mesh_equals_single_device(smollm2_dir, smollm2, reference, shap
     scale = max(np.abs(w[3]).max() for w in want)  # the last logits
     assert_close(got, want, 1e-4 * scale)
     assert_close(got_step, want_step, 1e-4 * scale)  # greedy tokens equal, logprobs close
+
+
+def decode_schedule(model, prompts, schedule):
+    """Each prompt prefilled into its own slot, then one greedy decode step per entry of `schedule` over the
+    slots up to that entry (the others wait): the tokens and logprobs of every step's rows."""
+    core = JaxRunner(model, slots=len(prompts), cache_len=128, eos_id=None)
+    for slot, prompt in enumerate(prompts):
+        *_, last = scored_prefill(core, slot, prompt)
+        core.fetch(core.insert(Start(slot, GREEDY, len(prompt), 64, False, logits_row=0), last))
+    steps, done = [], np.zeros(len(prompts), int)
+    for max_slot in schedule:
+        at = max(len(p) + done[s] for s, p in enumerate(prompts[: max_slot + 1]))
+        out = core.fetch(core.sample(core.forward(own_pages(core), at, max_slot)))
+        steps.append((out.tokens[: max_slot + 1], out.logprobs[: max_slot + 1]))
+        done[: max_slot + 1] += 1
+    return steps
+
+
+SPLIT_PROMPTS = TINY_PROMPTS + [t.upper() for t in TINY_PROMPTS]
+SCHEDULE = [7, 15, 15, 3, 7, 15]  # rows 8 and 16 split, rows 4 does not
+
+
+@pytest.fixture(scope="module")
+def schedule_single(tiny):
+    return decode_schedule(tiny, [tiny.tokenizer.encode(t) for t in SPLIT_PROMPTS], SCHEDULE)
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (8, 1)])
+def test_split_rows_keep_every_copy_of_the_pool(tiny_dir, tiny, schedule_single, shape):
+    """A decode step of SPLIT_FROM_ROWS rows or more is split over the data replicas, each computing its own
+    rows' K/V; steps of fewer rows compute every row on every replica and read the pool's copy there. Steps
+    alternating between the two give one device's tokens only if every replica's copy of the pool took
+    every row's entries."""
+    prompts = [tiny.tokenizer.encode(t) for t in SPLIT_PROMPTS]
+    got = decode_schedule(load_checkpoint(tiny_dir, make_mesh(*shape)), prompts, SCHEDULE)
+    for (g_tokens, g_lp), (w_tokens, w_lp) in zip(got, schedule_single):
+        assert (g_tokens == w_tokens).all()
+        np.testing.assert_allclose(g_lp, w_lp, atol=1e-4, rtol=0)
 
 
 def test_undivisible_axis_is_replicated_with_a_note(caplog):

@@ -67,10 +67,11 @@ class Rows:
 
     @classmethod
     def axes(cls):
-        """Logical axes per row: slots on "batch", vocabulary dims on "vocab", others unsharded."""
-        return cls(
-            **{name: ("batch", *(VOCAB if d == VOCAB else None for d in r.tail)) for name, r in cls.rows().items()}
-        )
+        """Logical axes per row: vocabulary dims on "vocab", others (slots too) unsharded. Slots are not split
+        over "data": every data replica holds every row, so slicing the first `rows` and sampling them needs
+        no collective (over processes each one is a gloo round trip); `steps.forward` splits the rows of a
+        large decode step over "data" itself."""
+        return cls(**{name: (None, *(VOCAB if d == VOCAB else None for d in r.tail)) for name, r in cls.rows().items()})
 
     @classmethod
     def initial(cls, slots: int, vocab: int):

@@ -17,12 +17,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxserve.device.sampling import TOP_LOGPROBS, record, sample, top_logprobs
 from jaxserve.device.state import DecodeState
 from jaxserve.model import ModelConfig, Transformer
+from jaxserve.model.kv_cache import write_targets
 from jaxserve.model.quant import Formulation
 
 
@@ -189,10 +192,49 @@ def forward(spec: StepSpec, params, state: DecodeState, table, lora, window: int
     seq = jax.tree.map(lambda a: a[:rows], state.slots)
     # an idle slot keeps its last request's adapter index: counted as the base, so that it does not hold the
     # step to the LoRA update (its row is computed, and ignored, either way)
-    adapters = None if lora is None else (lora, jnp.where(seq.active, seq.adapter, 0))
-    tokens, positions = seq.tokens[:, None], seq.positions[:, None]
-    logits, cache = model.apply(params, tokens, positions, state.cache, table[:rows], window, None, adapters)
-    return _settle(spec, state.replace(cache=cache), logits[:, 0])  # replicated, as sample_step was compiled for
+    adapter = jnp.where(seq.active, seq.adapter, 0)
+
+    def run(params, lora, cache, tokens, positions, table, adapter):  # rows [b] -> logits [b, V], K/V written
+        adapters = None if lora is None else (lora, adapter)
+        logits, cache = model.apply(params, tokens[:, None], positions[:, None], cache, table, window, None, adapters)
+        return logits[:, 0], cache
+
+    mesh = spec.replicated.mesh
+    data = mesh.shape["data"]
+    if data > 1 and rows >= SPLIT_FROM_ROWS and rows % data == 0:
+        run = _split_rows(run, mesh)
+    logits, cache = run(params, lora, state.cache, seq.tokens, seq.positions, table[:rows], adapter)
+    return _settle(spec, state.replace(cache=cache), logits)  # replicated, as sample_step was compiled for
+
+
+# From this many decode rows on, the "data" replicas split them (below it, every replica computes every row:
+# the all-gather that joins the halves costs more than the rows it saves; over processes it is a gloo round
+# trip of ~2-3 ms on 2 shared CPU cores)
+SPLIT_FROM_ROWS = 8
+
+
+def _split_rows(run, mesh):
+    """`run` over the rows [b] with each "data" replica computing its own block of b / D rows: the replicas
+    then exchange their rows' logits and new K/V entries in one all-gather, so that every copy of the page
+    pool (each replica holds all of it: any row may use any page) stays equal."""
+    data = mesh.shape["data"]
+
+    def local(params, lora, cache, tokens, positions, table, adapter):
+        block = tokens.shape[0] // data
+        mine = functools.partial(
+            jax.lax.dynamic_slice_in_dim, start_index=jax.lax.axis_index("data") * block, slice_size=block, axis=0
+        )
+        logits, written = run(params, lora, cache, mine(tokens), mine(positions), mine(table), mine(adapter))
+        page, offset = write_targets(mine(table), mine(positions)[:, None], None, cache.pages, cache.page_size)
+        k, v = written.entries(page, offset)
+        parts = [logits, k.reshape(block, -1), v.reshape(block, -1)]
+        every = jax.lax.all_gather(jnp.concatenate([p.astype(jnp.float32) for p in parts], 1), "data", tiled=True)
+        logits, k_all, v_all = jnp.split(every, np.cumsum([p.shape[1] for p in parts[:-1]]), axis=1)
+        page, offset = write_targets(table, positions[:, None], None, cache.pages, cache.page_size)
+        cache = cache.with_entries(page, offset, k_all.reshape(-1, *k.shape[1:]), v_all.reshape(-1, *v.shape[1:]))
+        return logits.astype(parts[0].dtype), cache
+
+    return jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P(), axis_names={"data"}, check_vma=False)
 
 
 @functools.partial(_jit, static_argnames=("spec",))

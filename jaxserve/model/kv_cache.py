@@ -118,6 +118,19 @@ class KVCache:
             v=self.v.at[layer, page, :, offset].set(self._stored(v), mode="drop"),
         )
 
+    def entries(self, page, offset):
+        """Every layer's k, v [b, T, L, K, H] at (page, offset) [b, T] (`write_targets`; no page: some
+        page's data)."""
+        return self.k.at[:, page, :, :, offset].get(mode="fill"), self.v.at[:, page, :, offset].get(mode="fill")
+
+    def with_entries(self, page, offset, k, v) -> KVCache:
+        """Every layer's entries at (page, offset) [b, T] take k, v [b, T, L, K, H] (`entries`' layout);
+        no page: dropped."""
+        return KVCache(
+            k=self.k.at[:, page, :, :, offset].set(k.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[:, page, :, offset].set(v.astype(self.v.dtype), mode="drop"),
+        )
+
     def read(self, layer, pages):
         """One page per row from one layer, `pages` [b]: k [b, K, H, S], v [b, K, S, H]."""
         return tuple(self._loaded(x.at[layer, pages].get(mode="clip")) for x in (self.k, self.v))

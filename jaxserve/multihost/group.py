@@ -32,6 +32,7 @@ class Group:
     heartbeat_timeout: float
     channel: Channel
     on_lost: Callable[[str], None]  # a process is dead or hung (process 0 replaces it once it serves)
+    watchdog: Watchdog | None = None
 
     @property
     def leader(self) -> bool:
@@ -76,7 +77,9 @@ def join(coordinator: str | None, num_processes: int | None, process_id: int | N
     channel = Channel(client, leader=me == 0)
     _joined = Group(me, count, heartbeat_timeout, channel, exit_hard)
     group = _joined
-    Watchdog(client, me, count, heartbeat_timeout, lambda reason: group.on_lost(reason), lambda: channel.sent).start()
+    group.watchdog = Watchdog(
+        client, me, count, heartbeat_timeout, lambda reason: group.on_lost(reason), lambda: channel.sent
+    ).start()
     log.info("process %d of %d joined (%d devices, %d here)", me, count, jax.device_count(), jax.local_device_count())
     return _joined
 
@@ -90,6 +93,8 @@ def leave(code: int) -> int:
         exit_hard(f"exit status {code}")
     if _joined.leader:
         _joined.channel.send(STOP)
+    if _joined.watchdog is not None:
+        _joined.watchdog.stop()
     import jax
 
     jax.distributed.shutdown()

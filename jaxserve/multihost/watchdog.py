@@ -10,7 +10,8 @@ reads its peers' (process 0 reads every other; the others read process 0's):
 for 0.6 x `timeout` seconds, so that the process that notices can answer and end within `timeout`.
 
 Then `on_failure(reason)` runs once, on the watchdog's thread. The reads run on a thread of their own: a
-read that never returns (the service's process stopped) is a stale beat too.
+read that never returns (the service's process stopped) is a stale beat too. `stop()` ends the threads before
+JAX's runtime shuts down: a call into the client after that ends the process with an uncaught C++ exception.
 """
 
 from __future__ import annotations
@@ -46,25 +47,36 @@ class Watchdog:
         self._behind = {p: now for p in self.peers}  # since when a follower completed no frame, behind (leader)
         self._done: dict[int, int] = {}  # frames each follower had completed at its last beat read
         self._read_at = now  # the reader's last completed round
-        self._failed = threading.Event()
+        self._stop = threading.Event()  # stopped, or failed: every thread ends
+        self._threads = [
+            threading.Thread(target=target, name=f"jaxserve-watchdog-{name}", daemon=True)
+            for target, name in ((self._beat, "beat"), (self._read, "read"), (self._check, "check"))
+        ]
 
     def start(self) -> Watchdog:
-        for target, name in ((self._beat, "beat"), (self._read, "read"), (self._check, "check")):
-            threading.Thread(target=target, name=f"jaxserve-watchdog-{name}", daemon=True).start()
+        for thread in self._threads:
+            thread.start()
         return self
+
+    def stop(self) -> None:
+        """End the threads (each within one interval, a read in flight within its own bound)."""
+        self._stop.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(2 * self.interval + 1)
 
     def _beat(self) -> None:
         tick = 0
-        while not self._failed.is_set():
+        while not self._stop.is_set():
             try:
                 self.client.key_value_set(BEAT.format(self.process_id), f"{tick}:{self.frames()}", allow_overwrite=True)
             except Exception:  # the service is gone: the reads say so
                 pass
             tick += 1
-            time.sleep(self.interval)
+            self._stop.wait(self.interval)
 
     def _read(self) -> None:
-        while not self._failed.is_set():
+        while not self._stop.is_set():
             for p in self.peers:
                 try:
                     value = self.client.key_value_try_get(BEAT.format(p))
@@ -77,11 +89,10 @@ class Watchdog:
                 if self.process_id == 0 and (done != self._done.get(p) or done >= self.frames()):
                     self._behind[p], self._done[p] = now, done  # it completed a frame since, or all
             self._read_at = time.monotonic()
-            time.sleep(self.interval)
+            self._stop.wait(self.interval)
 
     def _check(self) -> None:
-        while True:
-            time.sleep(self.interval)
+        while not self._stop.wait(self.interval):
             now = time.monotonic()
             reason = None
             if now - self._read_at > self.stale:
@@ -93,7 +104,7 @@ class Watchdog:
                 if self.process_id == 0 and now - self._behind[p] > self.stale:
                     reason = f"process {p} has not completed a step for {now - self._behind[p]:.0f} s (hung)"
             if reason is not None:
-                self._failed.set()
+                self._stop.set()
                 log.error("group failure: %s", reason)
                 self.on_failure(reason)
                 return

@@ -121,14 +121,15 @@ class KVCache:
     def entries(self, page, offset):
         """Every layer's k, v [b, T, L, K, H] at (page, offset) [b, T] (`write_targets`; no page: some
         page's data)."""
-        return self.k.at[:, page, :, :, offset].get(mode="fill"), self.v.at[:, page, :, offset].get(mode="fill")
+        k, v = self.k.at[:, page, :, :, offset].get(mode="fill"), self.v.at[:, page, :, offset].get(mode="fill")
+        return self._loaded(k), self._loaded(v)
 
     def with_entries(self, page, offset, k, v) -> KVCache:
         """Every layer's entries at (page, offset) [b, T] take k, v [b, T, L, K, H] (`entries`' layout);
         no page: dropped."""
         return KVCache(
-            k=self.k.at[:, page, :, :, offset].set(k.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[:, page, :, offset].set(v.astype(self.v.dtype), mode="drop"),
+            k=self.k.at[:, page, :, :, offset].set(self._stored(k), mode="drop"),
+            v=self.v.at[:, page, :, offset].set(self._stored(v), mode="drop"),
         )
 
     def read(self, layer, pages):

@@ -231,7 +231,7 @@ def _split_rows(run, mesh):
         every = jax.lax.all_gather(jnp.concatenate([p.astype(jnp.float32) for p in parts], 1), "data", tiled=True)
         logits, k_all, v_all = jnp.split(every, np.cumsum([p.shape[1] for p in parts[:-1]]), axis=1)
         page, offset = write_targets(table, positions[:, None], None, cache.pages, cache.page_size)
-        cache = cache.with_entries(page, offset, k_all.reshape(-1, *k.shape[1:]), v_all.reshape(-1, *v.shape[1:]))
+        cache = written.with_entries(page, offset, k_all.reshape(-1, *k.shape[1:]), v_all.reshape(-1, *v.shape[1:]))
         return logits.astype(parts[0].dtype), cache
 
     return jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P(), axis_names={"data"}, check_vma=False)

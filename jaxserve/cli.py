@@ -42,7 +42,12 @@ def cmd_generate(args) -> int:
     # same order everywhere)
     needed = len(prompt_ids) + args.max_tokens
     formulation = engine.formulation if group is None else engine.group_formulation()
-    settings = dict(max_context=max(128, 1 << (needed - 1).bit_length()), warmup=False, formulation=formulation)
+    settings = dict(
+        max_context=max(128, 1 << (needed - 1).bit_length()),
+        warmup=False,
+        formulation=formulation,
+        kv_cache_dtype=engine.kv_cache_dtype,
+    )
     if group is not None and not group.leader:
         return engine.follow(group, model, slots=1, formulation_cache=cache, **settings)
     scheduler = build_engine(model, slots=1, formulation_cache=cache, group=group, **settings)
@@ -201,7 +206,7 @@ def _load_for_serving(args, state, holder) -> bool:
         state.serving = serving
         log.info(
             "serving %s as %s on http://%s:%d | mesh %s | weights %s, matmuls %s | %d slots of up to %d tokens "
-            "| KV pool %d tokens (%.2f GB) | ready in %.1f s",
+            "| KV pool %d tokens (%.2f GB, %s) | ready in %.1f s",
             model.name,
             ", ".join(serving.model_ids),
             args.host,
@@ -213,6 +218,7 @@ def _load_for_serving(args, state, holder) -> bool:
             core.cache_len,
             core.pages * core.page_size,
             core.kv_bytes / 1e9,
+            core.cfg.cache_dtype,
             time.perf_counter() - t0,
         )
     except Exception as e:

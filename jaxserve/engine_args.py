@@ -110,6 +110,7 @@ class EngineArgs:
     mesh: str | None = None
     compile_cache: str | None = None
     formulation: str = "auto"
+    kv_cache_dtype: str = "auto"  # the KV page pool's dtype; auto: the model's (--dtype)
     # capacity (serve and batch): generate runs one slot with a cache just long enough for its prompt
     max_slots: int | None = None
     max_context: int | None = None
@@ -140,6 +141,14 @@ class EngineArgs:
         p.add_argument("--mesh", help="e.g. data=1,model=2 (default: all devices on 'model')")
         p.add_argument(
             "--dtype", choices=["float32", "bfloat16"], help="weights and activations (default: the model's)"
+        )
+        p.add_argument(
+            "--kv-cache-dtype",
+            choices=["auto", "float32", "bfloat16"],  # model.config.KV_DTYPES and auto (jax not imported)
+            default="auto",
+            help="what the KV page pool holds: bfloat16 halves its bytes (twice the tokens in --kv-cache-memory; "
+            "attention still computes in float32 from the rounded keys and values); auto: the model's dtype "
+            "(default: auto)",
         )
         p.add_argument(
             "--compile-cache",
@@ -313,6 +322,7 @@ class EngineArgs:
             kv_cache_memory=self.kv_cache_memory,
             num_pages=self.num_pages,
             page_size=self.page_size,
+            kv_cache_dtype=self.kv_cache_dtype,
             formulation=self.group_formulation() if group is not None else self.formulation,
             formulation_cache=cache,
             executable_cache=None if cache is None else cache / FOLDER,

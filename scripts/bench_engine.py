@@ -3,7 +3,7 @@ floors beside each figure.
 
     python scripts/bench_engine.py [--model NAME] [--weights float32 int8] [--concurrency 1 8 32 64]
                                    [--prompt-tokens 32] [--gen-tokens 128] [--repeats 3]
-                                   [--formulation auto f32 bf16 kernel]
+                                   [--formulation auto f32 bf16 kernel] [--kv-cache-dtype bfloat16]
 
 int8 runs once per --formulation (the int8 matmuls' arithmetic, see jaxserve.device.formulation; "auto" is
 what `jaxserve serve` would choose here), the formulations' runs interleaved so that a shared machine's
@@ -12,7 +12,8 @@ C requests of 32 prompt
 tokens and 128 generated tokens (EOS ignored) submitted at once to an engine with C slots. Prints generated
 tok/s, time to first token, median step latency and peak RSS, then the floors per step: (weight + KV bytes
 read) / measured memory bandwidth, and FLOPs / measured matmul throughput. Then prefill: a burst of
---prefill-burst prompts with one generated token each, as prompt tok/s.
+--prefill-burst prompts with one generated token each, as prompt tok/s. --kv-cache-dtype: the KV pool's
+dtype, as `jaxserve serve` takes it (every run; the KV floor counts its bytes).
 """
 
 from __future__ import annotations
@@ -33,13 +34,19 @@ from jaxserve.device.formulation import FORMULATIONS
 from jaxserve.device.roofline import Machine, floors
 from jaxserve.engine.types import EngineRequest, SamplingParams, Usage
 from jaxserve.engine_args import compile_cache_dir
+from jaxserve.model.config import KV_DTYPES
 from jaxserve.sharding import make_mesh
 
 
-def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_context: int, formulation, cache):
+def run(model, concurrency: int, prompt_tokens: int, gen_tokens: int, max_context: int, formulation, cache, kv="auto"):
     tok = model.tokenizer
     scheduler = build_engine(
-        model, slots=concurrency, max_context=max_context, formulation=formulation, formulation_cache=cache
+        model,
+        slots=concurrency,
+        max_context=max_context,
+        formulation=formulation,
+        formulation_cache=cache,
+        kv_cache_dtype=kv,
     )
     chosen = scheduler.core.model.formulation.describe(model.cfg)
     words = "the quick brown fox jumps over the lazy dog and runs far away into the woods".split()
@@ -99,13 +106,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per concurrency; medians are reported")
     parser.add_argument("--compile-cache", help="as for `jaxserve generate`")
     parser.add_argument("--formulation", nargs="+", choices=FORMULATIONS, default=["auto"], help="of the int8 matmuls")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", *KV_DTYPES], default="auto", help="the KV pool's dtype")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if (cache := compile_cache_dir(args.compile_cache)) is not None:
         enable_compilation_cache(cache)
     machine = Machine.measure()
-    print(f"model {args.model}, devices {jax.devices()}, {machine}")
+    print(f"model {args.model}, devices {jax.devices()}, {machine}, KV pool {args.kv_cache_dtype}")
     rows, prefills = [], []
+    kv = args.kv_cache_dtype
     for weights in args.weights:
         model = load_model(
             args.model,
@@ -119,11 +128,13 @@ def main() -> None:
             runs: dict[str, list[dict]] = {v: [] for v in variants}
             for _ in range(args.repeats):
                 for v in variants:
-                    runs[v].append(run(model, c, args.prompt_tokens, args.gen_tokens, args.max_context, v, cache))
+                    runs[v].append(run(model, c, args.prompt_tokens, args.gen_tokens, args.max_context, v, cache, kv))
             for v in variants:
                 r = {key: statistics.median(run[key] for run in runs[v]) for key in runs[v][0] if key != "formulation"}
                 r["tok_s_all"] = " / ".join(f"{run['tok_s']:.0f}" for run in runs[v])
-                mem_floor, flop_floor = floors(model.cfg, c, args.prompt_tokens + args.gen_tokens, machine)
+                mem_floor, flop_floor = floors(
+                    model.cfg.with_kv_dtype(kv), c, args.prompt_tokens + args.gen_tokens, machine
+                )
                 label = weights if weights != "int8" else f"int8 {v}: {runs[v][0]['formulation']}"
                 r.update(
                     weights=label,
@@ -141,7 +152,7 @@ def main() -> None:
                 )
         if args.prefill_burst:
             burst = [
-                run(model, args.prefill_burst, args.prompt_tokens, 1, args.max_context, variants[0], cache)
+                run(model, args.prefill_burst, args.prompt_tokens, 1, args.max_context, variants[0], cache, kv)
                 for _ in range(args.repeats)
             ]
             prefills.append((weights, statistics.median(run["prefill_tok_s"] for run in burst)))

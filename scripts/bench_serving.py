@@ -24,6 +24,8 @@ measured bandwidth, FLOPs over measured matmul throughput; int8 weights for anot
 Every request sends the same prompt unless --distinct-prompts: llama-server then answers from its prompt
 cache after computing one token (jaxserve caches only whole 128-token pages), so its TTFT is a decode step,
 not a prefill.
+--json PATH keeps every row, and the table as a picture beside it (PATH with .svg: tok/s and TTFT p50 against
+concurrency, a line per server; needs matplotlib, the `bench` extra, else it says so and skips it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import dataclasses
 import ipaddress
 import itertools
 import json
+import math
 import os
 import shlex
 import socket
@@ -49,6 +52,7 @@ import httpx
 from jaxserve.checkpoint import DEFAULT_MODEL, ensure_checkpoint, find_card, gguf_path
 from jaxserve.device.roofline import Machine, floors
 from jaxserve.engine_args import checkpoint_root
+from jaxserve.host import cpu_model
 from jaxserve.model import ModelConfig
 
 PROMPT = (
@@ -338,6 +342,48 @@ def print_tables(rows: list[dict], names: list[str]) -> None:
     print("(each cell: every round's figure in order; ratios of the medians)")
 
 
+def plot_rows(rows: list[dict], path: Path, model: str = "", cpu: str = "") -> bool:
+    """The table `rows` (as --json holds them) as a picture at `path` (.svg or .png, by its suffix): aggregate
+    generated tok/s and TTFT p50 against concurrency, one line per server (its `weights` name), each point
+    the median of its rounds; a level a server has no finite figure for (it failed, or received nothing)
+    leaves a gap in that server's line. Titled with `model` and `cpu`. False, after one line saying so, when
+    matplotlib (the `bench` extra) is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"picture {path} skipped: matplotlib is not installed (pip install -e '.[bench]')")
+        return False
+    levels = sorted({r["concurrency"] for r in rows})
+    names = list(dict.fromkeys(r["weights"] for r in rows))
+
+    def median(name: str, c: int, key: str) -> float:
+        values = [r.get(key) for r in rows if r["weights"] == name and r["concurrency"] == c]
+        finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+        return statistics.median(finite) if finite else math.nan  # NaN: matplotlib breaks the line there
+
+    plt.rcParams["svg.fonttype"] = "none"  # text stays text in an SVG: searchable, and smaller
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    panels = (("tok_s", "aggregate generated tok/s"), ("ttft_p50", "TTFT p50 (s)"))
+    for ax, (key, label) in zip(axes, panels):
+        for name in names:
+            ax.plot(levels, [median(name, c, key) for c in levels], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.minorticks_off()
+        ax.set_xlabel("concurrency (streams)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(" on ".join(x for x in (model, cpu) if x) or "bench_serving")
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -362,7 +408,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=1, help="measure every level on every server this many times")
     parser.add_argument("--time-limit", type=float, default=600, help="seconds per concurrency level at most")
-    parser.add_argument("--json", type=Path, help="also write every row here")
+    parser.add_argument(
+        "--json", type=Path, help="also write every row here, and the table as a picture beside it (PATH.svg)"
+    )
     parser.add_argument("--allow-remote", action="store_true")
     parser.add_argument(
         "--distinct-prompts",
@@ -409,6 +457,9 @@ def main() -> None:
     print_tables(rows, [w for w, _, _ in servers])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+        model = args.model or servers[0][2]
+        if plot_rows(rows, args.json.with_suffix(".svg"), model, cpu_model()):
+            print(f"wrote {args.json} and {args.json.with_suffix('.svg')}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
     python scripts/profile_step.py [--model NAME] [--slots 1 32] [--position 160] [--steps 20]
                                    [--formulation auto f32 bf16 kernel] [--temperature 0] [--top-p 1]
-                                   [--trace-dir DIR]
+                                   [--trace-dir DIR] [--kv-cache-dtype bfloat16]
 
 For each slot count S: an engine core of S slots (bench_engine's 2048-token context and page pool), every
 slot active at --position (the middle of bench_engine's 32 + 128 tokens) with the given sampling knobs,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import json
 import re
@@ -38,6 +39,7 @@ from jaxserve.device import steps
 from jaxserve.device.build import DEFAULT_CONTEXT, pool_pages
 from jaxserve.device.formulation import FORMULATIONS, choose
 from jaxserve.device.runner import PAGE_SIZE, JaxRunner
+from jaxserve.model.config import KV_DTYPES
 from jaxserve.sharding import make_mesh
 
 # the innermost function of an instruction's Python stack that is named here gives its component
@@ -185,6 +187,7 @@ def run_steps(core: JaxRunner, table, position: int, n: int) -> list[float]:
 
 def profile(model, slots: int, args, trace_root: Path) -> None:
     m = choose(model, slots, args.formulation).apply(model)
+    m = dataclasses.replace(m, cfg=m.cfg.with_kv_dtype(args.kv_cache_dtype))  # the pool's dtype, as build_runner
     pages = pool_pages(m.cfg, PAGE_SIZE, slots, DEFAULT_CONTEXT)
     core = JaxRunner(m, slots=slots, cache_len=DEFAULT_CONTEXT, eos_id=None, pages=pages)
     table = prepare(core, args.position, args.temperature, args.top_p)
@@ -215,7 +218,7 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
     by_comp["host: wall (traced) - device busy"] = statistics.mean(traced) - per_step(busy)  # both means
     print(
         f"\n{m.name} {m.cfg.quant or m.cfg.dtype} {m.formulation.describe(m.cfg)}, {slots} slots at position "
-        f"{args.position} "
+        f"{args.position}, KV pool {m.cfg.cache_dtype} "
         f"(window {window}), temperature {args.temperature}, top_p {args.top_p}: step {statistics.median(wall):.2f} ms "
         f"median untraced, {statistics.median(traced):.2f} ms traced; thunks {total:.2f} ms/step, "
         f"device busy (a thunk running) {per_step(busy):.2f} ms/step. Trace: {trace_dir}"
@@ -239,6 +242,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--trace-dir", help="keep the traces here (default: a temporary folder)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", *KV_DTYPES], default="auto", help="the KV pool's dtype")
     args = parser.parse_args()
     model = load_model(
         args.model,

@@ -22,9 +22,11 @@ P = 12  # pages in the pool
 WINDOW = 64  # positions attention reads: 4 pages per sequence
 
 # (query heads, KV heads, head dim, query scale, dtype) of each model's attention; SmolLM2 in bfloat16, as an
-# accelerator serves it, Gemma 3 with its sliding-window layers (layer 1 here)
+# accelerator serves it, Gemma 3 with its sliding-window layers (layer 1 here); the tiny model's also over a
+# bfloat16 pool (--kv-cache-dtype bfloat16): every path reads the same rounded pages, in float32
 SHAPES = {
     "tiny": (8, 2, 16, None, "float32"),
+    "tiny_bf16_pool": (8, 2, 16, None, "float32"),
     "smollm2": (9, 3, 64, None, "bfloat16"),
     "gemma3": (4, 1, 256, 256**-0.5, "float32"),
 }
@@ -40,7 +42,7 @@ def config(name: str) -> ModelConfig:
     local = dict(sliding_window=20, local_layers=(1,)) if name == "gemma3" else {}
     return ModelConfig(
         vocab_size=64, dim=32, n_layers=2, n_heads=n, n_kv_heads=k, head_dim=h, mlp_dim=64,
-        dtype=dtype, query_scale=scale, **local,
+        dtype=dtype, query_scale=scale, kv_dtype="bfloat16" if name.endswith("bf16_pool") else None, **local,
     )  # fmt: skip
 
 
@@ -86,6 +88,8 @@ def check(name: str, attention: str, cases):
     one)."""
     c = config(name)
     caches = filled(c, attention)
+    # the plain pool may hold a dtype as its bits (kv_cache.STORED): two bytes an entry either way
+    assert all(leaf.dtype.itemsize == jnp.dtype(c.cache_dtype).itemsize for leaf in jax.tree.leaves(caches))
     rng = np.random.default_rng(1)
     for T, layer in cases:
         positions, table = rows(T)
@@ -103,7 +107,7 @@ def test_interpret_tpu_kernel_prefill_chunks_and_decode_rows_equal_the_plain_pat
     check(name, "tpu_kernel", [(8, 1), (1, 1)] + ([(1, 0)] if name == "gemma3" else []))
 
 
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("name", [name for name in SHAPES if name != "tiny_bf16_pool"])  # choose refuses it
 def test_interpret_gpu_kernel_decode_rows_equal_the_plain_path(name):
     """jax's GPU kernel on decode rows of a global layer; on Gemma 3's local layer and on a prefill chunk
     the seam takes the plain path over the GPU layout's pool, equal too."""
@@ -146,3 +150,8 @@ def test_choose_takes_a_kernel_on_its_accelerator_only_where_it_takes_the_shapes
         assert "head dim 48" in caplog.text
         assert choose(c, four, 128, backend="tpu").attention == "plain"
         assert "a mesh of 4 devices" in caplog.text
+        narrow = config("tiny_bf16_pool")  # float32 activations over bfloat16 pages
+        assert choose(narrow, one, 128, backend="tpu").attention == "tpu_kernel"  # it computes in float32
+        assert choose(narrow, one, 128, backend="gpu").attention == "plain"
+        assert "a bfloat16 KV pool under float32 activations" in caplog.text
+        assert choose(c.with_kv_dtype("bfloat16"), one, 128, backend="gpu").attention == "gpu_kernel"  # the same

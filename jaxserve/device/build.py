@@ -69,6 +69,7 @@ def build_runner(
     background: bool = False,
     max_loras: int = 0,
     max_lora_rank: int = 16,
+    kv_cache_dtype: str = "auto",
 ) -> JaxRunner:
     """The device runner over `slots` sequences of up to `max_context` tokens (capped by the model's),
     their KV in a pool of `num_pages` pages or of `kv_cache_memory` bytes (see `pool_pages`). The int8
@@ -78,13 +79,16 @@ def build_runner(
     earlier start saved it (None: compiled each time, through jax's compilation cache if one is set); with
     `background`, only the shapes every request can fall back to before this returns, the rest while
     requests are served (see device.warmup). A stack of `max_loras` LoRA adapters (0: none, the steps then
-    compute the base alone) of rank up to `max_lora_rank` is sized once: loading one later compiles nothing."""
+    compute the base alone) of rank up to `max_lora_rank` is sized once: loading one later compiles nothing.
+    The pool holds `kv_cache_dtype` ("auto": the model's dtype; bfloat16 under float32 activations: twice
+    the pages in the same memory, attention still in float32)."""
     choice = choose(model, slots, formulation, formulation_cache)
     log.info("%s", choice.describe(model.cfg))
     model = choice.apply(model)
     cache_len = min(model.cfg.max_context, max_context or model.cfg.max_context)
     page_size = min(page_size, cache_len)
-    model = dataclasses.replace(model, cfg=attention_kernels.choose(model.cfg, model.mesh, page_size))
+    cfg = attention_kernels.choose(model.cfg.with_kv_dtype(kv_cache_dtype), model.mesh, page_size)
+    model = dataclasses.replace(model, cfg=cfg)
     pages = pool_pages(model.cfg, page_size, slots, cache_len, kv_cache_memory, num_pages)
     tok = model.tokenizer
     # a generation ends at any EOS id and at the chat template's end of turn
@@ -101,11 +105,12 @@ def build_runner(
         max_lora_rank=max_lora_rank,
     )
     log.info(
-        "KV cache: %d pages of %d tokens = %d tokens (%.2f GB); %d sequences of up to %d tokens",
+        "KV cache: %d pages of %d tokens = %d tokens (%.2f GB, %s); %d sequences of up to %d tokens",
         core.pages,
         core.page_size,
         core.pages * core.page_size,
         core.kv_bytes / 1e9,
+        cfg.cache_dtype,
         slots,
         cache_len,
     )

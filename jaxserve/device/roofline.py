@@ -9,7 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxserve.model import ModelConfig
+from jaxserve.model import KVCache, ModelConfig
 
 
 def _best_time(f, x) -> float:
@@ -44,7 +44,7 @@ def floors(cfg: ModelConfig, batch: int, context: int, machine: Machine) -> tupl
     """Seconds per decode step of `batch` sequences at `context` positions: (memory floor, compute floor)."""
     itemsize = jnp.dtype(cfg.dtype).itemsize
     weight_bytes = cfg.num_params() * (1 if cfg.quant == "int8" else itemsize)
-    kv_bytes = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * itemsize
+    kv_bytes = batch * context * KVCache.bytes_per_token(cfg)  # in the pool's dtype
     matmul_flops = 2 * batch * cfg.num_params()
     attn_flops = 4 * cfg.n_layers * batch * context * cfg.n_heads * cfg.head_dim
     return (weight_bytes + kv_bytes) / machine.bandwidth, (matmul_flops + attn_flops) / machine.flops

@@ -16,6 +16,10 @@ jax's GPU kernel serves as it is: it takes one layer's pages [K, pages, S, H], a
 [K, L, P, S, H], is that with the layers folded into the pages ([K, L * P, S, H] is the same buffer), so
 the layer is chosen by offsetting the page table by layer * P instead of by a copy of the layer.
 
+Each layout holds `cfg.cache_dtype`. The plain path and the TPU kernel upcast the pages they read and
+compute in float32; jax's GPU kernel multiplies the probabilities in the pages' dtype, so `choose` refuses
+it for a pool narrower than the activations (float32 under a bfloat16 pool) and serves the plain path.
+
 The KV write stays a plain XLA scatter before the kernel: a step writes at most B * T positions, a small
 update in place in the donated pool, and keeping it out of the kernel keeps the kernel read-only (one
 layout contract, not two) and the write shared with the plain path (`kv_cache.write_targets`).
@@ -51,7 +55,7 @@ class TpuKVCache:
     @classmethod
     def shape_dtype(cls, cfg: ModelConfig, pages: int, page_size: int) -> TpuKVCache:
         shape = (cfg.n_layers, pages, cfg.n_kv_heads, 2, page_size, cfg.head_dim)
-        return cls(kv=jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype)))
+        return cls(kv=jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.cache_dtype)))
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, pages: int, page_size: int) -> TpuKVCache:
@@ -90,7 +94,7 @@ class GpuKVCache:
     @classmethod
     def shape_dtype(cls, cfg: ModelConfig, pages: int, page_size: int) -> GpuKVCache:
         shape = (cfg.n_kv_heads, cfg.n_layers, pages, page_size, cfg.head_dim)
-        return cls(*(jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype)) for _ in range(2)))
+        return cls(*(jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.cache_dtype)) for _ in range(2)))
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, pages: int, page_size: int) -> GpuKVCache:
@@ -219,6 +223,9 @@ def _refusals(c: ModelConfig, page_size: int) -> list[str]:
             return [f"page size {page_size} is not a multiple of {tpu.PAGE_MULTIPLE}"]
         return []
     refused = []  # Triton blocks: power-of-two sizes, matmul dims of at least 16
+    if jnp.dtype(c.cache_dtype).itemsize < jnp.dtype(c.dtype).itemsize:
+        # its second matmul takes the probabilities in the pages' dtype: attention would not stay in c.dtype
+        refused.append(f"a {c.cache_dtype} KV pool under {c.dtype} activations (it rounds the probabilities)")
     if c.head_dim < 16 or c.head_dim & (c.head_dim - 1):
         refused.append(f"head dim {c.head_dim} is not a power of two of at least 16")
     if page_size < 16 or page_size & (page_size - 1):

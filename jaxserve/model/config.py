@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 ACTIVATIONS = ("silu", "gelu_tanh")
+KV_DTYPES = ("float32", "bfloat16")  # what the KV page pool may hold (ModelConfig.kv_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,10 @@ class ModelConfig:
     # kernel). Unlike quant.Formulation it lives here because it decides the KV pool's layout, which the
     # decode state declares from the config (kv_cache_for).
     attention: str = "plain"
+    # The KV page pool's dtype, also a serving choice never saved (None: `dtype`, the activations'). Every
+    # pool layout declares its arrays from `cache_dtype`, and attention reads the pages upcast to the wider
+    # of the two, so float32 activations over a bfloat16 pool attend in float32 over half the bytes.
+    kv_dtype: str | None = None
     # family switches (defaults: Llama)
     qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
@@ -96,10 +101,11 @@ class ModelConfig:
         assert self.activation in ACTIVATIONS, self.activation
         assert not self.local_layers or self.sliding_window, "local layers need a sliding window"
         assert all(0 <= i < self.n_layers for i in self.local_layers), self.local_layers
+        assert self.kv_dtype is None or self.kv_dtype in KV_DTYPES, self.kv_dtype
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        del data["attention"]  # chosen where the model is served
+        del data["attention"], data["kv_dtype"]  # chosen where the model is served
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -118,6 +124,17 @@ class ModelConfig:
     def block_format(self, name: str) -> str | None:
         """The GGUF block format of matmul weight `name` (quant "blocks"), or None."""
         return dict(self.block_formats).get(name)
+
+    @property
+    def cache_dtype(self) -> str:
+        """The KV page pool's dtype: kv_dtype, else the activations' dtype."""
+        return self.kv_dtype or self.dtype
+
+    def with_kv_dtype(self, choice: str) -> ModelConfig:
+        """This config with its KV pool in `choice` ("auto": the activations' dtype, as before the choice
+        existed; a choice equal to it is the same config, so its compiled steps are the same too)."""
+        assert choice == "auto" or choice in KV_DTYPES, choice
+        return dataclasses.replace(self, kv_dtype=None if choice in ("auto", self.dtype) else choice)
 
     @property
     def attention_scale(self) -> float:

@@ -9,6 +9,12 @@ out = p [G, S] x v [S, H]).
 
 A page's entries past the positions its sequence has written belong to an earlier owner; attention masks
 by position (key position <= query position), so a reused page needs no clearing.
+
+The pages hold `cfg.cache_dtype` (every layout declares its arrays from it): writes round k and v to it,
+and attention upcasts what it reads to the wider of it and the activations' dtype. This pool keeps a
+bfloat16 cache as its bits (uint16, `STORED`): XLA:CPU gathers from and scatters into a bfloat16 array by
+converting the whole array to float32 and back, a cost per layer and step that grows with the pool, where
+on 16-bit integers both stay the few rows they touch. `write` and `read` reinterpret at the rows.
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ def write_targets(table, positions, write_from, pages: int, page_size: int):
     return page, positions % page_size
 
 
+STORED = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}  # a dtype this pool holds as bits of the same width
+AS_STORED = {stored: dtype for dtype, stored in STORED.items()}
+
+
+def stored_dtype(dtype) -> jnp.dtype:
+    """The dtype of the arrays holding a `dtype` cache."""
+    return STORED.get(jnp.dtype(dtype), jnp.dtype(dtype))
+
+
 @struct.dataclass
 class KVCache:
     k: jax.Array  # [L, P, K, H, S]
@@ -40,7 +55,7 @@ class KVCache:
 
     @classmethod
     def shape_dtype(cls, cfg: ModelConfig, pages: int, page_size: int) -> KVCache:
-        L, K, H, dt = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
+        L, K, H, dt = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, stored_dtype(cfg.cache_dtype)
         return cls(
             k=jax.ShapeDtypeStruct((L, pages, K, H, page_size), dt),
             v=jax.ShapeDtypeStruct((L, pages, K, page_size, H), dt),
@@ -58,7 +73,8 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig) -> int:
-        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+        """The pool's bytes per position (K and V of every layer), in cfg.cache_dtype: what sizes the pool."""
+        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.cache_dtype).itemsize
 
     @staticmethod
     def axes() -> KVCache:
@@ -68,6 +84,20 @@ class KVCache:
             k=("layers", None, "kv_heads", "head_dim", None),
             v=("layers", None, "kv_heads", None, "head_dim"),
         )
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The dtype of the keys and values held (not of the arrays holding them: see STORED)."""
+        return AS_STORED.get(self.k.dtype, self.k.dtype)
+
+    def _stored(self, x):
+        """`x` rounded to the pool's dtype, as the arrays hold it."""
+        x = x.astype(self.dtype)
+        return x if x.dtype == self.k.dtype else jax.lax.bitcast_convert_type(x, self.k.dtype)
+
+    def _loaded(self, x):
+        """Entries read from the arrays, as the pool's dtype."""
+        return x if x.dtype == self.dtype else jax.lax.bitcast_convert_type(x, self.dtype)
 
     @property
     def pages(self) -> int:
@@ -84,26 +114,27 @@ class KVCache:
         page, offset = write_targets(table, positions, write_from, self.pages, self.page_size)
         # advanced indices around slices: the indexed dims [b, T] come first, then K, H — k's own layout
         return KVCache(
-            k=self.k.at[layer, page, :, :, offset].set(k.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[layer, page, :, offset].set(v.astype(self.v.dtype), mode="drop"),
+            k=self.k.at[layer, page, :, :, offset].set(self._stored(k), mode="drop"),
+            v=self.v.at[layer, page, :, offset].set(self._stored(v), mode="drop"),
         )
 
     def entries(self, page, offset):
         """Every layer's k, v [b, T, L, K, H] at (page, offset) [b, T] (`write_targets`; no page: some
         page's data)."""
-        return self.k.at[:, page, :, :, offset].get(mode="fill"), self.v.at[:, page, :, offset].get(mode="fill")
+        k, v = self.k.at[:, page, :, :, offset].get(mode="fill"), self.v.at[:, page, :, offset].get(mode="fill")
+        return self._loaded(k), self._loaded(v)
 
     def with_entries(self, page, offset, k, v) -> KVCache:
         """Every layer's entries at (page, offset) [b, T] take k, v [b, T, L, K, H] (`entries`' layout);
         no page: dropped."""
         return KVCache(
-            k=self.k.at[:, page, :, :, offset].set(k.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[:, page, :, offset].set(v.astype(self.v.dtype), mode="drop"),
+            k=self.k.at[:, page, :, :, offset].set(self._stored(k), mode="drop"),
+            v=self.v.at[:, page, :, offset].set(self._stored(v), mode="drop"),
         )
 
     def read(self, layer, pages):
         """One page per row from one layer, `pages` [b]: k [b, K, H, S], v [b, K, S, H]."""
-        return self.k.at[layer, pages].get(mode="clip"), self.v.at[layer, pages].get(mode="clip")
+        return tuple(self._loaded(x.at[layer, pages].get(mode="clip")) for x in (self.k, self.v))
 
     def copy_page(self, src, dst) -> KVCache:
         """Page dst takes page src's contents (every layer): copy-on-write of a shared partial page."""

@@ -87,11 +87,14 @@ def plain_attention(c: ModelConfig, q, cache, layer, table, positions, window: i
     G = c.n_heads // K
     q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     pos = positions[:, None, :, None]  # [B, 1, T, 1] against key positions [S]
+    compute = jnp.promote_types(q.dtype, jnp.dtype(c.cache_dtype))
 
     def page(carry, xs):
         top, total, acc = carry  # running max and sum of exp(score - max) [B, K, G*T], weighted values [.., H]
         column, pages = xs  # the column of the page tables, and its page for each row [B]
-        keys, values = cache.read(layer, pages)  # [B, K, H, S], [B, K, S, H]
+        # [B, K, H, S], [B, K, S, H], upcast from the pool's dtype where it is narrower (bfloat16 pages under
+        # float32 activations: the matmuls and the softmax stay in float32)
+        keys, values = (x.astype(compute) for x in cache.read(layer, pages))
         scores = jnp.einsum("bkrh,bkhs->bkrs", q, keys).astype(jnp.float32) * c.attention_scale
         key_pos = column * S + jnp.arange(S)
         mask = key_pos <= pos  # [B, 1, T, S]

@@ -1,7 +1,8 @@
 """Several processes serving one model with jax.distributed over loopback (one CPU device each, the model
 axis across them), against one process with the same mesh on as many devices of its own: the same requests
 give the same tokens. Then the faults: a follower killed or stopped mid-request, the leader killed, and
-SIGTERM on the leader, each ending every process, with the exit status that says who ended it."""
+SIGTERM on every process (as Kubernetes stops pods), each ending every process, with the exit status that
+says who ended it."""
 
 import json
 import os
@@ -188,11 +189,15 @@ def test_preempted_requests_in_the_group_finish_as_alone(group, alone):
         assert g["choices"][0]["text"] == completion(alone.url, **body)["choices"][0]["text"]
 
 
-def test_sigterm_on_the_leader_stops_every_process(group):
-    """The leader drains, sends STOP, and every process exits 0."""
+def test_sigterm_on_every_process_stops_the_group(group):
+    """As Kubernetes stops a group's pods, SIGTERM to each: a follower keeps running the leader's plans (the
+    group still answers), until the leader, on its own SIGTERM, drains, sends STOP, and every process exits 0."""
+    group.procs[1].send_signal(signal.SIGTERM)
+    assert completion(group.url, prompt=PROMPTS[0], max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert group.procs[1].poll() is None
     group.procs[0].send_signal(signal.SIGTERM)
     codes, seconds = group.wait_exit(group.procs, 60)  # printed: shown with -s, and on a failure
-    print(f"every process, after SIGTERM on the leader: exit {codes} in {seconds:.1f} s")
+    print(f"every process, after SIGTERM on each: exit {codes} in {seconds:.1f} s")
     assert codes == [0, 0], codes
 
 

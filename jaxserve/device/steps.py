@@ -225,12 +225,11 @@ def _split_rows(run, mesh):
             jax.lax.dynamic_slice_in_dim, start_index=jax.lax.axis_index("data") * block, slice_size=block, axis=0
         )
         logits, written = run(params, lora, cache, mine(tokens), mine(positions), mine(table), mine(adapter))
-        page, offset = write_targets(mine(table), mine(positions)[:, None], None, cache.pages, cache.page_size)
-        k, v = written.entries(page, offset)
+        page, offset = write_targets(table, positions[:, None], None, cache.pages, cache.page_size)  # every row's
+        k, v = written.entries(mine(page), mine(offset))
         parts = [logits, k.reshape(block, -1), v.reshape(block, -1)]
         every = jax.lax.all_gather(jnp.concatenate([p.astype(jnp.float32) for p in parts], 1), "data", tiled=True)
         logits, k_all, v_all = jnp.split(every, np.cumsum([p.shape[1] for p in parts[:-1]]), axis=1)
-        page, offset = write_targets(table, positions[:, None], None, cache.pages, cache.page_size)
         cache = written.with_entries(page, offset, k_all.reshape(-1, *k.shape[1:]), v_all.reshape(-1, *v.shape[1:]))
         return logits.astype(parts[0].dtype), cache
 

@@ -122,14 +122,16 @@ def test_smollm2_blocks_match_the_reference(smollm2_gguf, reference, name):
 @pytest.mark.skipif(not kernels.vnni(), reason="avx512_vnni: not on this CPU (the float path serves)")
 def test_smollm2_blocks_on_quantized_activations_stay_close_to_the_reference(smollm2_gguf, reference):
     """The kernel on activations quantized to 8 bits a block (as llama.cpp multiplies Q4_1 weights),
-    teacher-forced: measured 89.6% top-1 agreement with the float32 reference, mean |delta logprob| 0.083 --
-    short of the issue's 97% bar, which is why `auto` never takes it. This holds what it reaches."""
+    teacher-forced: measured 96.4% top-1 agreement with the float32 reference, mean |delta logprob| 0.034,
+    at least llama.cpp's own Q4_1 path on the same positions (95.8%, 0.039: one n_probs request a position
+    to llama-server) -- short of the issue's 97% bar, which is why `auto` never takes it. This holds what
+    it reaches (with x's exact block sums for the offsets it was 89.6%, 0.083)."""
     model = CANDIDATES["q8"].apply(smollm2_gguf)
     agreement, mean_diff = teacher_forced(model, reference)
     name = model.formulation.describe(model.cfg)
     print(f"{name}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.4f}")
-    assert agreement >= 0.88
-    assert mean_diff <= 0.1
+    assert agreement >= 0.958
+    assert mean_diff <= 0.039
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +163,5 @@ def test_avx512_vnni_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, 
     xb = x.reshape(rows, -1, 32)
     step = np.abs(xb).max(-1, keepdims=True) / 127
     xq = (np.rint(xb / np.where(step > 0, step, 1)) * step).reshape(rows, k).astype(np.float64)
-    want = xq @ w[2].T
-    if fmt != "q8_0":  # the offsets (m, or -8 d) multiply x's exact block sums
-        offsets = (parts[2][2] if fmt == "q4_1" else -8 * parts[1][2]).astype(np.float64)
-        want += (xb.sum(-1) @ offsets.T) - xq @ np.repeat(offsets, 32, -1).T
+    want = xq @ w[2].T  # the offsets (m, or -8 d) too multiply the quantized activations
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

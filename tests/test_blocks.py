@@ -122,7 +122,7 @@ def test_smollm2_blocks_match_the_reference(smollm2_gguf, reference, name):
 @pytest.mark.skipif(not kernels.vnni(), reason="avx512_vnni: not on this CPU (the float path serves)")
 def test_smollm2_blocks_on_quantized_activations_stay_close_to_the_reference(smollm2_gguf, reference):
     """The kernel on activations quantized to 8 bits a block (as llama.cpp multiplies Q4_1 weights),
-    teacher-forced: measured 96.4% top-1 agreement with the float32 reference, mean |delta logprob| 0.034,
+    teacher-forced: measured 96.4% top-1 agreement with the float32 reference, mean |delta logprob| 0.025,
     at least llama.cpp's own Q4_1 path on the same positions (95.8%, 0.039: one n_probs request a position
     to llama-server) -- short of the issue's 97% bar, which is why `auto` never takes it. This holds what
     it reaches (with x's exact block sums for the offsets it was 89.6%, 0.083)."""
@@ -131,7 +131,7 @@ def test_smollm2_blocks_on_quantized_activations_stay_close_to_the_reference(smo
     name = model.formulation.describe(model.cfg)
     print(f"{name}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.4f}")
     assert agreement >= 0.958
-    assert mean_diff <= 0.039
+    assert mean_diff <= 0.03
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +154,14 @@ def test_served_steps_with_the_block_kernel_equal_the_float32_full_pass(tiny_int
 @pytest.mark.parametrize("fmt", blocks.FORMATS)
 @pytest.mark.parametrize("rows, n, k", [(1, 45, 96), (5, 64, 576), (9, 70, 1536), (4, 33, 64)])
 def test_avx512_vnni_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k):
-    """Activations quantized to int8 per block of 32 (llama.cpp's Q8 rounding, in NumPy here), then integer
-    dot products: the kernel equals the product of those quantized activations with the weights."""
+    """Activations quantized to int8 a run of 16 inputs (llama.cpp's Q8 rounding, at half its block, in NumPy
+    here), then integer dot products: the kernel equals the product of those quantized activations with the
+    weights, offsets included."""
     rng = np.random.default_rng(rows * k)
     parts, w = stack(rng, fmt, n, k)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     y = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=jnp.int32(2), q8=True))(x, *parts)
-    xb = x.reshape(rows, -1, 32)
+    xb = x.reshape(rows, -1, 16)
     step = np.abs(xb).max(-1, keepdims=True) / 127
     xq = (np.rint(xb / np.where(step > 0, step, 1)) * step).reshape(rows, k).astype(np.float64)
     want = xq @ w[2].T  # the offsets (m, or -8 d) too multiply the quantized activations

@@ -128,7 +128,8 @@ def block_matmul(x, fmt: str, codes, d, m=None, layer=0, q8: bool = False):
     """x [M, K] . layer `layer` (an int32 scalar, traced or not) of a weight [L, N, K] in GGUF block format
     `fmt` ("q4_0", "q4_1", "q8_0"), transposed -> [M, N] float32: codes [L, N, K/32 * block bytes], d (and,
     for q4_1, m) [L, N, K/32] float16, as jaxserve.model.blocks holds them. `q8`: x quantized to 8 bits a
-    block of 32 first and multiplied with integer dot products (where `vnni()`). Call `available()` first."""
+    run of 16 inputs first and multiplied with integer dot products (where `vnni()`). Call `available()`
+    first."""
     out = jax.ShapeDtypeStruct((x.shape[0], codes.shape[1]), jnp.float32)
     operands = (d,) if m is None else (d, m)
     call = jax.ffi.ffi_call(BLOCK_TARGETS[fmt], out)

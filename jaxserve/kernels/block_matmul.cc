@@ -253,131 +253,140 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool VNNI = true;
 
-// Quantized activations (the `q8` attribute): each block of 32 inputs of x as int8 codes times a float32
-// step (its largest magnitude / 127, as llama.cpp's Q8 activations), so a weight block's dot with it is
-// one integer dot product: AVX512-VNNI's vpdpbusd sums four u8 x s8 products into each int32 lane, 64 bytes
-// an instruction. Q4 weights: their codes (0..15) are the unsigned operand and x's the signed one, laid out
-// as a 64-byte group of four blocks' codes unpacks: inputs 0..15 of the four blocks (low nibbles), then
-// 16..31 (high ones). Q8_0 weights are signed: x + 128 is the unsigned operand and 128 * the weight sum
-// (one more vpdpbusd by ones, shared by every row) is taken off. The offsets (m, or -8d) multiply the
-// quantized activations' block sums, as llama.cpp's Q8_1 does, not x's exact ones: the product is then that
-// of the quantized x with the weights d * q + m, whose rounding errors meet centred weights. With exact sums
-// they met the codes 0..15 alone, a bias of about 7.5 d times the block's summed rounding error (SmolLM2,
-// teacher-forced against the reference: 89.6% top-1 with exact sums; 96.9% for the product of rounded x).
-struct Quantized {
-  std::vector<int8_t> q;  // [M, K], in the weights' order (see above)
-  std::vector<float> step;  // [M, K/32]
-  std::vector<float> sums;  // [M, K/32]: step * the sum of the block's codes
+// Quantized activations (the `q8` attribute): x as int8 codes, each 16 inputs with a float32 step of their
+// own (their largest magnitude / 127), so that a weight block's dot with x is integer dot products: AVX512-VNNI's
+// vpdpbusd sums four u8 x s8 products into each int32 lane, 64 bytes an instruction. llama.cpp's Q8_1 has one
+// step a block of 32; one per 16 inputs keeps more of the reference's top-1 (SmolLM2 teacher-forced, a float
+// emulation of each: 96.9% with 32, 97.4% with 16).
+//
+// A group is 64 bytes of weight codes: four Q4 blocks (16 bytes each) or two Q8_0 ones (32). Its 16 int32
+// lanes are permuted once (shared by every row) so that lane 4i + j holds four inputs of sub-block j, the
+// group's j-th run of 16 inputs with one step: then each lane's step, d and m are a 4-float vector broadcast
+// (a load, no shuffle per row).
+//   Q4: the codes (0..15) are the unsigned operand and x's the signed one; a group's low nibbles hold inputs
+//   0..15 of its four blocks (sub-block j: block j's first half), its high nibbles inputs 16..31 (second
+//   halves): two dot products, two steps.
+//   Q8_0: the weights are signed: x + 128 is the unsigned operand and 128 * the weight sums (one more vpdpbusd
+//   by ones, shared by every row) is taken off; sub-block j is block j / 2's half j % 2.
+// The offsets (m, or -8d) multiply the quantized activations' block sums, as llama.cpp's Q8_1 does, not x's
+// exact ones: the product is then that of the quantized x with the weights d * q + m, whose rounding errors meet
+// centred weights. With exact sums they met the codes 0..15 alone, a bias of about 7.5 d times the block's
+// summed rounding error (SmolLM2 teacher-forced: 89.6% top-1 with exact sums, per 32 inputs).
+// A last group short of blocks is read by a masked load (its missing codes zero); x is padded to whole groups.
+template <Fmt F>
+struct Layout {
+  static constexpr int blocks = F == Fmt::Q8_0 ? 2 : 4;  // in a group
+  static constexpr int halves = F == Fmt::Q8_0 ? 1 : 2;  // 64-byte dot products a group and row
 };
+
+struct Quantized {
+  int64_t groups;            // a row
+  std::vector<int8_t> q;     // [M, groups, halves, 64]: the codes, in the permuted lanes' order
+  std::vector<float> steps;  // [M, groups, halves, 4]: the four sub-blocks' steps
+  std::vector<float> sums;   // Q4: [M, groups, 4]: each block's sum of codes times steps, / 4 (four lanes)
+};
+
+// Lane 4i + j of the permuted group is lane 4j + i of the file's (a 4 x 4 transpose, its own inverse).
+inline __m512i transposed(__m512i v) {
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
+}
 
 template <Fmt F>
 Quantized quantize_rows(const float* x, Dims s) {
-  const int64_t nb = s.K / QK;
-  Quantized out{std::vector<int8_t>(s.M * s.K), std::vector<float>(s.M * nb + L), std::vector<float>(s.M * nb)};  // whole vectors of step are loaded
+  using Lay = Layout<F>;
+  const int64_t nb = s.K / QK, groups = (nb + Lay::blocks - 1) / Lay::blocks;
+  Quantized out{groups, std::vector<int8_t>(s.M * groups * Lay::halves * 64),
+                std::vector<float>(s.M * groups * Lay::halves * 4),
+                std::vector<float>(F == Fmt::Q8_0 ? 0 : s.M * groups * 4)};
   for (int64_t r = 0; r < s.M; ++r)
     for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + r * s.K + b * QK;
-      float amax = 0;
-      for (int k = 0; k < QK; ++k) amax = std::max(amax, std::abs(xb[k]));
-      const float step = amax / 127, inv = amax > 0 ? 127 / amax : 0;
-      out.step[r * nb + b] = step;
-      // Q4: within a group of 4 blocks, input k of block j goes to (k / 16) * 64 + j * 16 + k % 16 (a
-      // tail block short of a group keeps its own 32 in order: low half, then high half)
-      const int64_t g = b / 4, j = b % 4, full = (b - j + 4) <= nb;
-      int32_t codes = 0;
-      for (int k = 0; k < QK; ++k) {
-        const int8_t v = static_cast<int8_t>(std::lrint(xb[k] * inv));
-        codes += v;
-        int64_t at = b * QK + k;
-        if (F != Fmt::Q8_0 && full) at = g * 4 * QK + (k / 16) * 64 + j * 16 + k % 16;
-        out.q[r * s.K + at] = F == Fmt::Q8_0 ? static_cast<int8_t>(v ^ 0x80) : v;  // Q8_0: x + 128 as u8
+      const int64_t at = r * groups + b / Lay::blocks, within = b % Lay::blocks;
+      float block_sum = 0;
+      for (int h = 0; h < 2; ++h) {  // the block's two runs of 16 inputs
+        const __m512 v = _mm512_loadu_ps(x + r * s.K + b * QK + h * L);
+        const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+        const float step = amax / 127, inv = amax > 0 ? 127 / amax : 0;
+        const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // nearest, ties even
+        __m128i bytes = _mm512_cvtsepi32_epi8(codes);
+        // sub-block j of the group, in half `half` of its dot products
+        const int64_t j = F == Fmt::Q8_0 ? 2 * within + h : within, half = F == Fmt::Q8_0 ? 0 : h;
+        if constexpr (F == Fmt::Q8_0) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(static_cast<char>(0x80)));
+        int32_t words[4];
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(words), bytes);
+        int8_t* dst = out.q.data() + (at * Lay::halves + half) * 64;
+        for (int i = 0; i < 4; ++i) std::memcpy(dst + 4 * (4 * i + j), words + i, 4);  // lane 4i + j
+        out.steps[(at * Lay::halves + half) * 4 + j] = step;
+        block_sum += step * _mm512_reduce_add_epi32(codes);
       }
-      out.sums[r * nb + b] = step * codes;
+      if constexpr (F != Fmt::Q8_0) out.sums[at * 4 + within] = block_sum / 4;
     }
   return out;
 }
 
-// Rows [m0, m0 + R) by weight row n on quantized activations.
+// Rows [m0, m0 + R) by weight row n on quantized activations; dd and mm: the row's d and offsets (m, or -8d)
+// of each group's sub-blocks [groups, 4].
 template <Fmt F, int R>
-void row_q8(const Quantized& xq, const uint8_t* q, const float* d, const float* m, float* y,
-            Dims s, int64_t m0, int64_t n) {
-  const int64_t nb = s.K / QK;
-  constexpr int per = F == Fmt::Q8_0 ? 2 : 4;  // blocks in 64 bytes of codes
-  const __m512i low = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
-  const __m512i spread = per == 4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
-                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+void row_q8(const Quantized& xq, const uint8_t* q, const float* dd, const float* mm, float* y, Dims s,
+            int64_t m0, int64_t n) {
+  using Lay = Layout<F>;
+  constexpr int64_t bytes = Lay::blocks * block_bytes<F>();  // 64
+  const int64_t nb = s.K / QK, groups = xq.groups;
+  const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  float tail[R] = {};
-  int64_t b = 0;
-  for (; b + per <= nb; b += per) {
-    const __m512i v = _mm512_loadu_si512(q + b * block_bytes<F>());
-    __m512i lo = v, hi = v, wsum = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t blocks = std::min<int64_t>(Lay::blocks, nb - g * Lay::blocks);
+    const __mmask64 mask = blocks == Lay::blocks ? ~__mmask64{0} : (__mmask64{1} << (blocks * block_bytes<F>())) - 1;
+    const __m512i v = transposed(_mm512_maskz_loadu_epi8(mask, q + g * bytes));
+    const __m512 dv = _mm512_broadcast_f32x4(_mm_loadu_ps(dd + 4 * g));
     if constexpr (F == Fmt::Q8_0) {
-      wsum = _mm512_slli_epi32(_mm512_dpbusd_epi32(wsum, ones, v), 7);  // 128 * each lane's weight sum
+      const __m512i wsum = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, _mm512_set1_epi8(1), v), 7);
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (m0 + r) * groups + g;
+        const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(&xq.q[at * 64]), v), wsum);
+        const __m512 step = _mm512_broadcast_f32x4(_mm_loadu_ps(&xq.steps[at * 4]));
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), step), dv, acc[r]);
+      }
     } else {
-      lo = _mm512_and_si512(v, low);
-      hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-    }
-    const __m512 dv = _mm512_permutexvar_ps(spread, _mm512_loadu_ps(d + b));  // d of each lane's block
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xr = xq.q.data() + (m0 + r) * s.K + b * QK;
-      const float* st = xq.step.data() + (m0 + r) * nb + b;
-      __m512i dot;
-      if constexpr (F == Fmt::Q8_0) {
-        dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xr), v), wsum);
-      } else {
-        dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
-        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xr + 64));
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const __m512 mv = _mm512_broadcast_f32x4(_mm_loadu_ps(mm + 4 * g));
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (m0 + r) * groups + g;
+        const int8_t* xr = &xq.q[at * 128];
+        const float* st = &xq.steps[at * 8];
+        const __m512 dl = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(xr)));
+        const __m512 dh = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(xr + 64)));
+        const __m512 u = _mm512_fmadd_ps(dl, _mm512_broadcast_f32x4(_mm_loadu_ps(st)),
+                                         _mm512_mul_ps(dh, _mm512_broadcast_f32x4(_mm_loadu_ps(st + 4))));
+        acc[r] = _mm512_fmadd_ps(u, dv, acc[r]);
+        acc[r] = _mm512_fmadd_ps(mv, _mm512_broadcast_f32x4(_mm_loadu_ps(&xq.sums[at * 4])), acc[r]);
       }
-      const __m512 scale = _mm512_mul_ps(dv, _mm512_permutexvar_ps(spread, _mm512_loadu_ps(st)));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
     }
   }
-  for (; b < nb; ++b) {  // blocks short of a group: one at a time, in scalar
-    const uint8_t* qb = q + b * block_bytes<F>();
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xr = xq.q.data() + (m0 + r) * s.K + b * QK;
-      int32_t dot = 0;
-      if constexpr (F == Fmt::Q8_0) {  // as above, 32 bytes (GCC 12 vectorizes a scalar int8 x int8 loop
-        // into vpdpbusd as if one side were unsigned)
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb));
-        const __m256i xu = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
-        const __m256i sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), w);
-        const __m256i v = _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), xu, w), _mm256_slli_epi32(sum, 7));
-        dot = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(v));
-      } else {
-        for (int k = 0; k < QK; ++k) dot += int32_t{k < 16 ? qb[k] & 15 : qb[k - 16] >> 4} * int32_t{xr[k]};
-      }
-      tail[r] += dot * d[b] * xq.step[(m0 + r) * nb + b];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float offset = 0;
-    if constexpr (F != Fmt::Q8_0) {
-      const float* xr = xq.sums.data() + (m0 + r) * nb;
-      for (int64_t k = 0; k < nb; ++k) offset += (F == Fmt::Q4_1 ? m[k] : -8 * d[k]) * xr[k];
-    }
-    y[(m0 + r) * s.N + n] = _mm512_reduce_add_ps(acc[r]) + tail[r] + offset;
-  }
+  for (int r = 0; r < R; ++r) y[(m0 + r) * s.N + n] = _mm512_reduce_add_ps(acc[r]);
 }
 
 template <Fmt F>
-void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m,
-             float* y, Dims s, int64_t t) {
-  const int64_t nb = s.K / QK;
-  std::vector<float> df(nb + L), mf(F == Fmt::Q4_1 ? nb : 0);  // df padded: whole vectors are loaded
-  const int64_t end = std::min((t + 1) * TILE, s.N);
+void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y, Dims s,
+             int64_t t) {
+  const int64_t nb = s.K / QK, groups = xq.groups, end = std::min((t + 1) * TILE, s.N);
+  // a weight row's d (and m) widened, padded to whole vectors, and as each group's four sub-blocks
+  std::vector<float> df(nb + L), mf(F == Fmt::Q4_1 ? nb + L : 0), dd(groups * 4), mm(groups * 4);
   for (int64_t n = t * TILE; n < end; ++n) {
     widen_half(d + n * nb, df.data(), nb);
     if constexpr (F == Fmt::Q4_1) widen_half(m + n * nb, mf.data(), nb);
+    for (int64_t i = 0; i < groups * 4; ++i) {
+      const int64_t b = F == Fmt::Q8_0 ? i / 2 : i;  // sub-block i's block
+      dd[i] = b < nb ? df[b] : 0;
+      mm[i] = b >= nb || F == Fmt::Q8_0 ? 0 : F == Fmt::Q4_1 ? mf[b] : -8 * df[b];
+    }
     const uint8_t* qn = q + n * nb * block_bytes<F>();
     int64_t m0 = 0;
-    for (; m0 + MB <= s.M; m0 += MB) row_q8<F, MB>(xq, qn, df.data(), mf.data(), y, s, m0, n);
+    for (; m0 + MB <= s.M; m0 += MB) row_q8<F, MB>(xq, qn, dd.data(), mm.data(), y, s, m0, n);
     switch (s.M - m0) {
-      case 1: row_q8<F, 1>(xq, qn, df.data(), mf.data(), y, s, m0, n); break;
-      case 2: row_q8<F, 2>(xq, qn, df.data(), mf.data(), y, s, m0, n); break;
-      case 3: row_q8<F, 3>(xq, qn, df.data(), mf.data(), y, s, m0, n); break;
+      case 1: row_q8<F, 1>(xq, qn, dd.data(), mm.data(), y, s, m0, n); break;
+      case 2: row_q8<F, 2>(xq, qn, dd.data(), mm.data(), y, s, m0, n); break;
+      case 3: row_q8<F, 3>(xq, qn, dd.data(), mm.data(), y, s, m0, n); break;
     }
   }
 }

@@ -164,6 +164,27 @@ def test_the_kernel_is_measured_from_one_row_up(tiny_int8, tmp_path, monkeypatch
     assert (choice.kernel_below_rows, choice.bf16_from_rows) == (2, 4)
 
 
+def test_quantized_activations_from_the_fewest_rows_they_win_at_and_above(tiny_int8, tmp_path, monkeypatch):
+    """Where the kernel serves and can multiply on quantized activations (block weights, AVX512-VNNI): q8
+    against the kernel from the most rows the kernel serves down until q8 loses; the choice and its cache
+    entry carry q8_from_rows."""
+    monkeypatch.setattr(formulation, "kernel_possible", lambda model: True)
+    monkeypatch.setattr(formulation, "q8_possible", lambda model: True)
+    calls: list = []
+
+    def t(kernel, q8):
+        return ms(100, 100, kernel) | {"q8": q8}
+
+    fake = timer(calls, {1: t(5, 8), 2: t(9, 9), 4: t(12, 8), 16: t(20, 10), 32: t(30, 15), 64: t(50, 25)})
+    choice = choose(tiny_int8, 4, "auto", tmp_path, fake)
+    # the kernel from 1 row up (never loses); bfloat16 loses at 64; q8 wins from 64 down to 4, not at 2
+    assert calls == [(1,), (2,), (4,), (16,), (32,), (64,), (64,), (64,), (32,), (16,), (4,), (2,)]
+    assert choice.formulation == Formulation(kernel_below_rows=65, q8_from_rows=4)
+    assert choice.describe(tiny_int8.cfg).startswith("matmul formulation kernel(q8 from 4)<65<=f32 (measured")
+    again = choose(tiny_int8, 4, "auto", tmp_path, fake)
+    assert len(calls) == 12 and again.source.startswith("cached") and again.formulation == choice.formulation
+
+
 def test_measure_times_the_models_own_matmuls(tiny_int8):
     names = ("f32", "bf16", "kernel") if formulation.kernel_possible(tiny_int8) else ("f32", "bf16")
     timings = measure(tiny_int8, (1, 2), names, repeats=1)

@@ -10,9 +10,13 @@ until the kernel loses, then bfloat16 against the faster of the others from the 
 bfloat16 loses. It serves
 bfloat16 from the smallest row count at and above which it won everywhere, and the kernel below that and
 below the first row count where it lost to float32 (`quant.Formulation`'s kernel_below_rows and bf16_from_rows,
-static in the jitted steps: the choice costs no recompilation after warm-up). On GPU and TPU bfloat16 is
-the native choice and stands without measuring. Float weights are never rounded: float32 asked for stays
-exact.
+static in the jitted steps: the choice costs no recompilation after warm-up). GGUF block weights on a CPU
+with AVX512-VNNI have a fourth, "q8": the block kernel on activations quantized to 8 bits, integer dot
+products (the keys' and values' projections keep float activations: blocks.FLOAT_INPUTS; so it passes the
+same bound, tests/test_blocks.py). `choose` times it against the kernel from the most rows the kernel serves
+down until it loses, and serves it from the fewest rows at and above which it won (q8_from_rows). On GPU
+and TPU bfloat16 is the native choice and stands without measuring. Float weights are never rounded:
+float32 asked for stays exact.
 
 A choice is cached in a small JSON file in the compilation cache's folder, keyed by what decides it (CPU
 model and cores or device kind, jax version, backend, the kernel's source, model and its config, weights,
@@ -56,10 +60,12 @@ FORMULATIONS = ("auto", "f32", "bf16", "kernel", "q8")
 CACHE_FILE = "jaxserve-formulations.json"
 MARGIN = 0.97  # a candidate must win by 3% at a row count to be taken there
 SHORT_PREFILL = 64  # tokens: the prefill chunks up to this many are measured too
-PROCEDURE = 3  # how `choose` decides: a cached choice made another way is made again
+PROCEDURE = 4  # how `choose` decides: a cached choice made another way is made again
 REPEATS = 5  # timed runs of each candidate at each row count, interleaved; medians compared
 
-Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms, "kernel": ms}, medians, those measured
+Timings = dict[
+    int, dict[str, float]
+]  # rows -> {"f32": ms, "bf16": ms, "kernel": ms, "q8": ms}, medians, those measured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +97,7 @@ class Choice:
     def describe(self, cfg) -> str:
         text = f"matmul formulation {self.formulation.describe(cfg)} ({self.source}"
         if self.timings:
-            names = [n for n in ("kernel", "f32", "bf16") if any(n in t for t in self.timings.values())]
+            names = [n for n in ("kernel", "q8", "f32", "bf16") if any(n in t for t in self.timings.values())]
             per_rows = ", ".join(
                 f"{r}: " + "/".join(f"{t[n]:.1f}" if n in t else "-" for n in names)
                 for r, t in sorted(self.timings.items())
@@ -134,6 +140,11 @@ def kernel_possible(model: LoadedModel) -> bool:
     return kernels.available()
 
 
+def q8_possible(model: LoadedModel) -> bool:
+    """Whether the block kernel can multiply `model`'s weights on quantized activations here (AVX512-VNNI)."""
+    return kernel_possible(model) and model.cfg.quant == "blocks" and kernels.vnni()
+
+
 def matmul_step(model: LoadedModel) -> Callable:
     """A jitted function of (params, x [rows, 1, D]) running what the formulation (`model`'s, its
     weights as `Choice.apply` left them) changes in one decode step: every layer's int8 weight matmuls
@@ -170,8 +181,7 @@ CANDIDATES = {  # each formulation alone, at every row count
     "f32": Choice(None, "forced"),
     "bf16": Choice(1, "forced"),
     "kernel": Choice(None, "forced", kernel_below_rows=EVERY_ROW),
-    # the block kernel on activations quantized to 8 bits: asked for only (--formulation q8), never taken by
-    # auto: SmolLM2 teacher-forced keeps 96.4% of the reference's top-1, short of the 97% the others keep
+    # the block kernel on activations quantized to 8 bits (AVX512-VNNI; blocks.FLOAT_INPUTS keep float ones)
     "q8": Choice(None, "forced", kernel_below_rows=EVERY_ROW, q8_from_rows=1),
 }
 
@@ -228,6 +238,7 @@ def _write(path: Path, key: str, choice: Choice) -> None:
     entries[key] = {
         "bf16_from_rows": choice.bf16_from_rows,
         "kernel_below_rows": choice.kernel_below_rows,
+        "q8_from_rows": choice.q8_from_rows,
         "timings_ms": {str(r): t for r, t in sorted(choice.timings.items())},
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -269,7 +280,7 @@ def choose(
             )
         return Choice(None, "float weights")
     if formulation == "q8":
-        if not (kernel_possible(model) and model.cfg.quant == "blocks" and kernels.vnni()):
+        if not q8_possible(model):
             raise ValueError("--formulation q8 needs GGUF block weights and the kernels built for AVX512-VNNI")
         return CANDIDATES["q8"]
     if formulation == "kernel":
@@ -287,7 +298,8 @@ def choose(
     path = None if cache_dir is None else Path(cache_dir) / CACHE_FILE
     if path is not None and (entry := _read(path).get(key)) is not None:
         timings = {int(r): t for r, t in entry["timings_ms"].items()}
-        return Choice(entry["bf16_from_rows"], f"cached in {path}", timings, entry.get("kernel_below_rows"))
+        cached = f"cached in {path}"
+        return Choice(entry["bf16_from_rows"], cached, timings, entry["kernel_below_rows"], entry["q8_from_rows"])
     t0 = time.perf_counter()
     timings: Timings = {}
     buckets = row_buckets(slots)
@@ -305,7 +317,15 @@ def choose(
             break
     bf16 = bf16_threshold({r: t for r, t in timings.items() if "bf16" in t})
     kernel = kernel_threshold(timings, bf16) if below else None
-    choice = Choice(bf16, f"measured in {time.perf_counter() - t0:.1f} s", timings, kernel)
+    q8 = None
+    if kernel is not None and q8_possible(model):
+        for rows in reversed([r for r in buckets if r < kernel]):  # from the most rows the kernel serves down
+            names = ("q8",) if "kernel" in timings[rows] else ("kernel", "q8")
+            timings[rows].update(timer(model, (rows,), names)[rows])
+            if timings[rows]["q8"] >= MARGIN * timings[rows]["kernel"]:
+                break
+            q8 = rows
+    choice = Choice(bf16, f"measured in {time.perf_counter() - t0:.1f} s", timings, kernel, q8)
     if path is not None:
         _write(path, key, choice)
     return choice

@@ -3,8 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxserve.device.sampling import record, sample
+from jaxserve.device.sampling import BLOCK, record, sample, top_k
 from jaxserve.device.state import SamplingState
 from jaxserve.engine.types import SamplingParams
 
@@ -131,3 +132,18 @@ def test_mask_bits_past_the_first_word():
 
     words = jnp.asarray(packed([0, 31, 32, 69], vocab=70))[None]
     assert np.flatnonzero(np.asarray(unpack_mask(words, 70))[0]).tolist() == [0, 31, 32, 69]
+
+
+@pytest.mark.parametrize("shape", [(3, 64 * BLOCK), (2, 5, 24 * BLOCK), (4, 1000)])
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_two_pass_top_k_equals_one_top_k_ties_included(shape, k):
+    """Small integers (many ties within and across blocks) and -inf (masked entries): the same values and
+    ids as jax.lax.top_k, the lower index first among equals; a vocabulary that is not whole blocks, or
+    too few blocks for k, takes one top_k."""
+    rng = np.random.default_rng(k)
+    x = rng.integers(-3, 4, shape).astype(np.float32)
+    x[rng.random(shape) < 0.3] = -np.inf
+    x[..., -1] = 3.0  # a tie with the earlier maxima, in the last block
+    got, want = jax.jit(top_k, static_argnums=1)(x, k), jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))

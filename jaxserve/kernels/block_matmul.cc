@@ -340,10 +340,12 @@ void row_q8(const Quantized& xq, const uint8_t* q, const float* dd, const float*
     const __m512i v = transposed(_mm512_maskz_loadu_epi8(mask, q + g * bytes));
     const __m512 dv = _mm512_broadcast_f32x4(_mm_loadu_ps(dd + 4 * g));
     if constexpr (F == Fmt::Q8_0) {
-      const __m512i wsum = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, _mm512_set1_epi8(1), v), 7);
+      // each row's dot product starts from -128 * the lane's weight sum
+      const __m512i sums = _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(1), v);
+      const __m512i start = _mm512_sub_epi32(zero, _mm512_slli_epi32(sums, 7));
       for (int r = 0; r < R; ++r) {
         const int64_t at = (m0 + r) * groups + g;
-        const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, _mm512_loadu_si512(&xq.q[at * 64]), v), wsum);
+        const __m512i dot = _mm512_dpbusd_epi32(start, _mm512_loadu_si512(&xq.q[at * 64]), v);
         const __m512 step = _mm512_broadcast_f32x4(_mm_loadu_ps(&xq.steps[at * 4]));
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), step), dv, acc[r]);
       }

@@ -91,6 +91,13 @@ inline void widen_half(const uint16_t* h, float* f, int64_t n) {
   }
 }
 
+// n floats of this thread's own, reused by every tile it computes (grown, never freed: no allocation a tile)
+inline float* scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied).
 template <Fmt F>
 inline void codes(const uint8_t* q, vf& lo, vf& hi) {
@@ -226,12 +233,13 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
           Dims s, int64_t t) {
   const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N);
   // the tile's d and m widened at once (its rows' are contiguous)
-  std::vector<float> df((end - first) * nb), mf(F == Fmt::Q4_1 ? df.size() : 0);
-  widen_half(d + first * nb, df.data(), df.size());
-  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf.data(), mf.size());
+  const int64_t count = (end - first) * nb;
+  float *df = scratch(2 * count), *mf = df + count;
+  widen_half(d + first * nb, df, count);
+  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
   for (int64_t n = first; n < end; ++n) {
-    const float* dn = df.data() + (n - first) * nb;
-    const float* mn = F == Fmt::Q4_1 ? mf.data() + (n - first) * nb : nullptr;
+    const float* dn = df + (n - first) * nb;
+    const float* mn = F == Fmt::Q4_1 ? mf + (n - first) * nb : nullptr;
     const uint8_t* qn = q + n * nb * block_bytes<F>();
 #if defined(__AVX512F__)
     if (s.M == 1 && n + 4 <= end) {
@@ -358,18 +366,18 @@ template <Fmt F>
 void tile_q8(const Quantized& xq, const float* xs, const uint8_t* q, const uint16_t* d, const uint16_t* m,
              float* y, Dims s, int64_t t) {
   const int64_t nb = s.K / QK;
-  std::vector<float> df(nb + L), mf(F == Fmt::Q4_1 ? nb : 0);  // df padded: whole vectors are loaded
+  float *df = scratch(2 * nb + L), *mf = df + nb + L;  // df padded: whole vectors are loaded
   const int64_t end = std::min((t + 1) * TILE, s.N);
   for (int64_t n = t * TILE; n < end; ++n) {
-    widen_half(d + n * nb, df.data(), nb);
-    if constexpr (F == Fmt::Q4_1) widen_half(m + n * nb, mf.data(), nb);
+    widen_half(d + n * nb, df, nb);
+    if constexpr (F == Fmt::Q4_1) widen_half(m + n * nb, mf, nb);
     const uint8_t* qn = q + n * nb * block_bytes<F>();
     int64_t m0 = 0;
-    for (; m0 + MB <= s.M; m0 += MB) row_q8<F, MB>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n);
+    for (; m0 + MB <= s.M; m0 += MB) row_q8<F, MB>(xq, xs, qn, df, mf, y, s, m0, n);
     switch (s.M - m0) {
-      case 1: row_q8<F, 1>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
-      case 2: row_q8<F, 2>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
-      case 3: row_q8<F, 3>(xq, xs, qn, df.data(), mf.data(), y, s, m0, n); break;
+      case 1: row_q8<F, 1>(xq, xs, qn, df, mf, y, s, m0, n); break;
+      case 2: row_q8<F, 2>(xq, xs, qn, df, mf, y, s, m0, n); break;
+      case 3: row_q8<F, 3>(xq, xs, qn, df, mf, y, s, m0, n); break;
     }
   }
 }
@@ -410,23 +418,17 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
   float* yp = y->typed_data();
   const float* xsp = xs.data();
   const int64_t tiles = (s.N + TILE - 1) / TILE;
-  const int64_t bytes = s.N * nb * (block_bytes<F>() + (F == Fmt::Q4_1 ? 4 : 2));
-  const int64_t tasks = std::clamp<int64_t>(bytes * s.M / jaxserve::TASK_BYTES, 1, tiles);
-  auto each = [tiles, tasks](auto tile_fn) {  // task k: tiles [k * tiles / tasks, (k + 1) * tiles / tasks)
-    return [=](int64_t k) {
-      for (int64_t t = k * tiles / tasks; t < (k + 1) * tiles / tasks; ++t) tile_fn(t);
-    };
-  };
+  const int64_t bytes = s.N * nb * (block_bytes<F>() + (F == Fmt::Q4_1 ? 4 : 2)) * s.M;
   if (q8 && !VNNI) return ffi::Error::InvalidArgument("block matmul: quantized activations need AVX512-VNNI");
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (q8) {
     const Quantized xq = quantize_rows<F>(xp, s);
     const Quantized* xqp = &xq;
-    jaxserve::parallel(pool, tasks, each([=](int64_t t) { tile_q8<F>(*xqp, xsp, qp, dp, mp, yp, s, t); }));
+    jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_q8<F>(*xqp, xsp, qp, dp, mp, yp, s, t); });
     return ffi::Error::Success();
   }
 #endif
-  jaxserve::parallel(pool, tasks, each([=](int64_t t) { tile<F>(xp, xsp, qp, dp, mp, yp, s, t); }));
+  jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile<F>(xp, xsp, qp, dp, mp, yp, s, t); });
   return ffi::Error::Success();
 }
 
@@ -452,10 +454,10 @@ ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
 ffi::Error Read(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   const int64_t per_layer = a.size_bytes() / a.dimensions()[0], words = per_layer / 64;
   const uint8_t* p = static_cast<const uint8_t*>(a.untyped_data()) + *layer.typed_data() * per_layer;
-  constexpr int64_t CHUNK = jaxserve::TASK_BYTES / 64;  // 64-byte lines per task
+  constexpr int64_t CHUNK = 64;  // 64-byte lines a tile: 4 KiB
   std::vector<uint64_t> sums((words + CHUNK - 1) / CHUNK);
   uint64_t* out = sums.data();
-  jaxserve::parallel(pool, static_cast<int64_t>(sums.size()), [=](int64_t t) {
+  jaxserve::parallel(pool, static_cast<int64_t>(sums.size()), per_layer, [=](int64_t t) {
     typedef uint64_t line __attribute__((vector_size(64)));
     line acc = {};
     for (int64_t i = t * CHUNK; i < std::min((t + 1) * CHUNK, words); ++i) {

@@ -12,8 +12,9 @@
 // "Packed" (jaxserve.kernels.pack): tiles of T = 64 output columns (16 where 64 does not divide N) one
 // after another, each [K, T] (and [K/G, T]) row-major, so a tile is one contiguous read. In the plain [K, N] layout a tile's rows lie N
 // bytes apart, every one on another page, and the hardware prefetchers give up: a third of the speed.
-// Work is split into tiles of output columns run on XLA's intra-op thread pool; the calling thread takes
-// tiles too, so the call finishes even when every pool thread is busy elsewhere.
+// Work is split into tiles of output columns, grouped into tasks of at least pool.h's TASK_BYTES, run on
+// XLA's intra-op thread pool; the calling thread takes tasks too, so the call finishes even when every pool
+// thread is busy elsewhere.
 //
 // Built on the machine that runs it (g++ -O3 -march=native, see jaxserve/kernels/__init__.py): the vector
 // types below become AVX-512 there, or whatever the CPU has.
@@ -179,10 +180,11 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float *xp = x.typed_data(), *sp = s.typed_data() + l * sd[1] * sd[2];
   const int8_t* wp = w.typed_data() + l * wd[1] * wd[2];
   float* yp = y->typed_data();
+  const int64_t bytes = (d.K + d.K / d.G * 4) * d.N * d.M;  // weights and scales, once a row of x
   if constexpr (nk)
-    jaxserve::parallel(pool, (d.N + NK_ROWS - 1) / NK_ROWS, [=](int64_t t) { nk_chunk(xp, wp, sp, yp, d, t); });
+    jaxserve::parallel(pool, (d.N + NK_ROWS - 1) / NK_ROWS, bytes, [=](int64_t t) { nk_chunk(xp, wp, sp, yp, d, t); });
   else
-    jaxserve::parallel(pool, d.N / tile_width(d.N), [=](int64_t t) { kn_chunk(xp, wp, sp, yp, d, t); });
+    jaxserve::parallel(pool, d.N / tile_width(d.N), bytes, [=](int64_t t) { kn_chunk(xp, wp, sp, yp, d, t); });
   return ffi::Error::Success();
 }
 

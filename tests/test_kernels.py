@@ -1,5 +1,6 @@
-"""jaxserve's int8 matmul kernel (jaxserve.kernels) against NumPy, its packed layout, and the served steps
-computing with it against the float32 formulation's full pass."""
+"""jaxserve's int8 matmul kernel (jaxserve.kernels) against NumPy on every path this CPU runs (the `isa`
+fixture), its packed layout, and the served steps computing with it against the float32 formulation's full
+pass."""
 
 from pathlib import Path
 
@@ -41,26 +42,28 @@ def weights(rng, kernel_shape, contracted, group):
     ],
 )
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
-def test_packed_kernel_equals_the_dequantized_product(kernel_shape, contracted, group, rows):
+def test_packed_kernel_equals_the_dequantized_product(kernel_shape, contracted, group, rows, isa):
     """Layer 1 of a stack of three, read in place."""
     rng = np.random.default_rng(rows)
     layers = [weights(rng, kernel_shape, contracted, group) for _ in range(3)]
     stack = [jnp.stack([kernels.pack(jnp.asarray(w[i]), contracted) for w in layers]) for i in (0, 1)]
     x = rng.standard_normal((rows, layers[1][2].shape[0])).astype(np.float32)
-    y = jax.jit(kernels.int8_matmul, static_argnums=3)(x, *stack, contracted, jnp.int32(1))
+    y = jax.jit(kernels.int8_matmul, static_argnums=3, static_argnames="isa")(
+        x, *stack, contracted, jnp.int32(1), isa=isa
+    )
     want = x.astype(np.float64) @ layers[1][2]
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("group", [16, 32, 64])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_nk_kernel_equals_the_dequantized_product(group, rows):
+def test_nk_kernel_equals_the_dequantized_product(group, rows, isa):
     """The tied embedding as the output projection: weights [N, K], a dot product along each row."""
     rng = np.random.default_rng(group + rows)
     kernel, scale, w = weights(rng, (192, 448), 2, group)  # [N, K]: every axis but the first is an input
     x = rng.standard_normal((rows, 448)).astype(np.float32)
-    nk = jax.jit(kernels.int8_matmul, static_argnames="layout")
-    y = nk(x, kernel[None], scale.reshape(1, 192, -1), layout="nk")
+    nk = jax.jit(kernels.int8_matmul, static_argnames=("layout", "isa"))
+    y = nk(x, kernel[None], scale.reshape(1, 192, -1), layout="nk", isa=isa)
     want = x.astype(np.float64) @ w.reshape(192, 448).T
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 

@@ -382,11 +382,8 @@ void tile_q8(const Quantized& xq, const float* xs, const uint8_t* q, const uint1
   }
 }
 #else
-constexpr bool VNNI = false;  // quantized activations are asked for only where vnni() says the CPU has it
+constexpr bool VNNI = false;  // a build without AVX512-VNNI refuses quantized activations (below)
 #endif
-
-// Whether this build multiplies on quantized activations (the CPU has AVX512-VNNI).
-extern "C" int jaxserve_block_vnni() { return VNNI; }
 
 // y = x . w[layer]^T for w's codes [L, N, K * bytes per block / 32], d (and m) [L, N, K / 32].
 template <Fmt F, typename Q>
@@ -449,20 +446,37 @@ ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8);
 }
 
-// The floor the kernel is measured against (scripts/bench_bandwidth.py): layer `layer` of a stack of bytes
-// [L, ...] read whole, split into the same tasks on the same threads, nothing computed but a sum.
-ffi::Error Read(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
-  const int64_t per_layer = a.size_bytes() / a.dimensions()[0], words = per_layer / 64;
-  const uint8_t* p = static_cast<const uint8_t*>(a.untyped_data()) + *layer.typed_data() * per_layer;
-  constexpr int64_t CHUNK = 64;  // 64-byte lines a tile: 4 KiB
-  std::vector<uint64_t> sums((words + CHUNK - 1) / CHUNK);
+// The floor the kernels are measured against (scripts/bench_bandwidth.py): layer `layer` of each of a
+// weight's parts (stacks [L, ...]: codes, d, m) read whole in one call, nothing computed but a sum, its 4 KiB
+// pages split into tasks as a kernel streaming the same bytes splits its tiles, on the same threads.
+ffi::Error Read(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs parts,
+                ffi::ResultBuffer<ffi::F32> y) {
+  constexpr int64_t PAGE = 4096;
+  struct Part {
+    const uint8_t* p;
+    int64_t bytes, first_page;
+  };
+  std::vector<Part> in;
+  int64_t pages = 0, bytes = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    auto a = parts.get<ffi::AnyBuffer>(i);
+    if (!a) return a.error();
+    const int64_t per_layer = a->size_bytes() / a->dimensions()[0];
+    in.push_back({static_cast<const uint8_t*>(a->untyped_data()) + *layer.typed_data() * per_layer, per_layer, pages});
+    pages += (per_layer + PAGE - 1) / PAGE;
+    bytes += per_layer;
+  }
+  std::vector<uint64_t> sums(pages);
+  const Part *first = in.data(), *last = in.data() + in.size();
   uint64_t* out = sums.data();
-  jaxserve::parallel(pool, static_cast<int64_t>(sums.size()), per_layer, [=](int64_t t) {
+  jaxserve::parallel(pool, pages, bytes, [=](int64_t t) {
+    const Part& part = *(std::upper_bound(first, last, t, [](int64_t t, const Part& p) { return t < p.first_page; }) - 1);
+    const int64_t at = (t - part.first_page) * PAGE, end = std::min(at + PAGE, part.bytes);
     typedef uint64_t line __attribute__((vector_size(64)));
     line acc = {};
-    for (int64_t i = t * CHUNK; i < std::min((t + 1) * CHUNK, words); ++i) {
+    for (int64_t i = at; i + 64 <= end; i += 64) {
       line v;
-      std::memcpy(&v, p + i * 64, 64);
+      std::memcpy(&v, part.p + i, 64);
       acc += v;
     }
     uint64_t total = 0;
@@ -483,8 +497,8 @@ auto bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_read_bytes, Read,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
                               bind()

@@ -16,8 +16,8 @@
 // XLA's intra-op thread pool; the calling thread takes tasks too, so the call finishes even when every pool
 // thread is busy elsewhere.
 //
-// Built on the machine that runs it (g++ -O3 -march=native, see jaxserve/kernels/__init__.py): the vector
-// types below become AVX-512 there, or whatever the CPU has.
+// Built on the machine that runs it, once per instruction-set path (jaxserve/kernels/__init__.py): the vector
+// types below become AVX-512 in the AVX-512 builds, or whatever the path's flags give.
 
 #include <algorithm>
 #include <cstdint>

@@ -6,6 +6,7 @@ Models are built once per machine and reused: the tiny model is trained by scrip
 SmolLM2 converted from its GGUF into the checkpoint root ($JAXSERVE_CHECKPOINTS or ./checkpoints).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -37,6 +38,21 @@ SUMMARY: dict[str, dict[str, str]] = {}
 @pytest.fixture(scope="session")
 def summary() -> dict[str, dict[str, str]]:
     return SUMMARY
+
+
+@pytest.fixture(scope="session")
+def bandwidth_summary(summary) -> dict[str, str]:
+    """The summary's section of 1-row kernel bandwidths against the plain read (the kernel tests')."""
+    return summary.setdefault("1-row kernel against a plain read of the same bytes (scripts/bench_bandwidth.py)", {})
+
+
+@pytest.fixture(scope="session")
+def bench_bandwidth():
+    """scripts/bench_bandwidth.py as a module: its kernel-against-read measurement, run by the kernel tests."""
+    spec = importlib.util.spec_from_file_location("bench_bandwidth", REPO / "scripts" / "bench_bandwidth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # Paths CPUs have that no kernel is written for yet (jaxserve.kernels says so), with the CPU flags they need.

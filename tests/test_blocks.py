@@ -2,9 +2,7 @@
 block kernel and XLA's formulations against NumPy, and SmolLM2 served from its file's own Q4_1 blocks
 against the reference."""
 
-import importlib.util
 import statistics
-from pathlib import Path
 
 import gguf
 import jax
@@ -22,7 +20,6 @@ from jaxserve.model import blocks
 from jaxserve.model.quant import Formulation
 from jaxserve.sharding import make_mesh
 
-BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench_bandwidth.py"
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler or no CPU backend here")
 
 
@@ -181,17 +178,9 @@ def test_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k, q8_isa):
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.fixture(scope="module")
-def bench_bandwidth():
-    spec = importlib.util.spec_from_file_location("bench_bandwidth", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @needs_kernel
 @pytest.mark.parametrize("fmt, layers", [("q4_1", 120), ("q8_0", 72)])
-def test_one_row_kernel_against_a_plain_read(bench_bandwidth, summary, fmt, layers):
+def test_one_row_kernel_against_a_plain_read(bench_bandwidth, bandwidth_summary, fmt, layers):
     """scripts/bench_bandwidth.py's measure on made-up weights of SmolLM2's gate shape [1536, 576], stacked
     to as many bytes as its layers' (about 66 MB, more than most CPUs' last-level cache): the 1-row kernel of
     the path that serves, and a plain read of the same bytes on the same threads, timed interleaved. Their
@@ -210,5 +199,4 @@ def test_one_row_kernel_against_a_plain_read(bench_bandwidth, summary, fmt, laye
     runs = bench_bandwidth.kernel_against_read([(fmt, arrays)], layers, jnp.asarray(x), repeats)
     nbytes = sum(p.nbytes for p in parts)
     what = f"{fmt} {layers} x [{n}, {k}] ({nbytes / 1e6:.0f} MB), {kernels.best().name}, median of {repeats}"
-    entries = summary.setdefault("1-row kernel against a plain read of the same bytes (bench_bandwidth.py)", {})
-    entries[what] = bench_bandwidth.summary(runs, nbytes, statistics.median)
+    bandwidth_summary[what] = bench_bandwidth.summary(runs, nbytes, statistics.median)

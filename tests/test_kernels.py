@@ -2,6 +2,7 @@
 fixture), its packed layout, and the served steps computing with it against the float32 formulation's full
 pass."""
 
+import statistics
 from pathlib import Path
 
 import jax
@@ -99,3 +100,24 @@ def test_served_steps_with_the_kernel_equal_the_float32_full_pass(tiny_int8, ker
     served = rule.apply(tiny_int8)
     assert served.params["params"]["layers"]["q"].shape == tiny_int8.params["params"]["layers"]["q"].shape
     assert_served_steps_equal_full_pass(tiny_int8, served)
+
+
+def test_one_row_kernel_against_a_plain_read(bench_bandwidth, bandwidth_summary):
+    """scripts/bench_bandwidth.py's measure on made-up int8 weights of SmolLM2's gate shape [576, 1536]
+    (groups of 64 inputs), packed, stacked to as many bytes as its layers' Q4_1 blocks (68 MB): the 1-row
+    kernel of the path that serves against a plain read of the same bytes, timed interleaved. The ratio goes
+    to the terminal summary -- reported, never asserted. The kernel's result is checked."""
+    rng = np.random.default_rng(0)
+    layers, k, n = 72, 576, 1536
+    kernel = rng.integers(-127, 128, (layers, k, n), np.int8)
+    scale = rng.uniform(0.001, 0.02, (layers, k // 64, n)).astype(np.float32)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    y = jax.jit(kernels.int8_matmul, static_argnums=3)(x, kernel, scale, 1, layers - 1)
+    w = kernels.unpack(kernel[-1], 1).astype(np.float64) * np.repeat(kernels.unpack(scale[-1], 1), 64, 0)
+    want = x.astype(np.float64) @ w
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    repeats = 15
+    runs = bench_bandwidth.kernel_against_read([("int8", (kernel, scale))], layers, jnp.asarray(x), repeats)
+    nbytes = kernel.nbytes + scale.nbytes
+    what = f"int8 {layers} x [{k}, {n}] ({nbytes / 1e6:.0f} MB), {kernels.best().name}, median of {repeats}"
+    bandwidth_summary[what] = bench_bandwidth.summary(runs, nbytes, statistics.median)

@@ -22,7 +22,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -71,6 +71,8 @@ inline void widen_half(const uint16_t* h, float* f, int64_t n) {
 #if defined(__AVX512F__)
   for (; i + L <= n; i += L)
     _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
 #endif
   for (; i < n; ++i) {
     const uint32_t s = (h[i] & 0x8000u) << 16, e = (h[i] >> 10) & 0x1f, m = h[i] & 0x3ff;
@@ -98,10 +100,25 @@ inline float* scratch(int64_t n) {
   return buffer.data();
 }
 
-// The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// 16 bytes (signed or not) -> float32, 8 at a time
+template <bool Signed>
+inline vf floats(__m128i b) {
+  const __m128i up = _mm_srli_si128(b, 8);
+  const __m256 halves[2] = {_mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b)),
+                            _mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(up) : _mm256_cvtepu8_epi32(up))};
+  vf v;
+  std::memcpy(&v, halves, sizeof v);
+  return v;
+}
+#endif
+
+// The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied). GCC 12
+// converts a byte vector with __builtin_convertvector element by element: AVX2 and AVX-512 widen with their
+// own instructions.
 template <Fmt F>
 inline void codes(const uint8_t* q, vf& lo, vf& hi) {
-#if defined(__AVX512F__)  // GCC 12 converts a byte vector with __builtin_convertvector element by element
+#if defined(__AVX512F__)
   const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
   if constexpr (F == Fmt::Q8_0) {
     lo = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
@@ -110,6 +127,17 @@ inline void codes(const uint8_t* q, vf& lo, vf& hi) {
     const __m128i low = _mm_set1_epi8(15);
     lo = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(a, low)));
     hi = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(a, 4), low)));
+  }
+  return;
+#elif defined(__AVX2__)
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  if constexpr (F == Fmt::Q8_0) {
+    lo = floats<true>(a);
+    hi = floats<true>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L)));
+  } else {
+    const __m128i low = _mm_set1_epi8(15);
+    lo = floats<false>(_mm_and_si128(a, low));
+    hi = floats<false>(_mm_and_si128(_mm_srli_epi16(a, 4), low));
   }
   return;
 #endif

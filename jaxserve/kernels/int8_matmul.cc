@@ -23,7 +23,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -40,9 +40,18 @@ typedef int8_t vb __attribute__((vector_size(L)));
 constexpr int MB = 4;   // rows of x per pass over a weight tile (their accumulators stay in registers)
 constexpr int NV = 4;   // vectors of output columns in a tile of the packed [K, N] kernel (one cache line)
 
+// 16 int8 -> float32 (GCC 12 converts a byte vector with __builtin_convertvector element by element, so
+// AVX2 and AVX-512 widen with their own instructions)
 inline vf widen(const int8_t* p) {
 #if defined(__AVX512F__)
   return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 halves[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+  vf v;
+  std::memcpy(&v, halves, sizeof v);
+  return v;
 #else
   vb b;
   std::memcpy(&b, p, L);

@@ -17,7 +17,7 @@ namespace jaxserve {
 // workers made the 1-row block matmuls slower than one thread alone (scripts/bench_bandwidth.py).
 constexpr int64_t TASK_BYTES = int64_t{256} << 10;
 
-// Runs tile(0..tiles) on the calling thread and up to all of the pool's threads, returning when all are
+// Runs tile(0..tiles) on the calling thread and up to all but one of the pool's threads, returning when all are
 // done: tiles grouped into tasks of consecutive tiles that stream at least TASK_BYTES each (`bytes`: what
 // all the tiles stream), so that every kernel and the plain read it is measured against split alike. Tasks
 // that start after the last was taken find nothing to do; the state they share is theirs.
@@ -34,7 +34,9 @@ void parallel(xla::ffi::ThreadPool& pool, int64_t tiles, int64_t bytes, F tile) 
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
+  // The calling thread is one of the workers: as many threads as the pool has (one per core) in all, so
+  // that none waits for a core another of them holds.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tasks - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
   work();
   // The last tasks are in flight on other threads: a few microseconds. Spin, then yield, so that a host

@@ -3,8 +3,8 @@
 
 The C++ sources ship with the package and are compiled on first use on the machine that runs it (g++ -O3, a
 few seconds), once per instruction-set path (`ISAS`): each path built with its own explicit flags, the
-sources choosing their code by what those flags define (AVX-512, AVX512-VNNI) with portable vector code
-beneath. The CPU's flags pick the path that serves (`best()`); any other path it can run is built only when
+sources choosing their code by what those flags define (AVX2 and F16C, AVX-512, AVX512-VNNI) with portable
+vector code beneath. The CPU's flags pick the path that serves (`best()`); any other path it can run is built only when
 asked for by name (the tests run every one against NumPy). Each library goes into a folder keyed by everything
 it depends on (sources, compiler, flags, jax version, CPU flags), so a restart loads it and a machine of
 another kind never does. Where no compiler or no CPU backend is at hand, `available()` says so and the model

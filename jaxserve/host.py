@@ -26,6 +26,12 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them ("avx2", "avx512f", "avx512_vnni", ...)."""
+    fields = _cpuinfo()
+    return frozenset((fields.get("flags") or fields.get("Features") or "").split())
+
+
 def cpu_features() -> str:
     """A hash of the CPU's feature flags: compilers emit code for the features they find."""
     fields = _cpuinfo()

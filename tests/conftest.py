@@ -6,6 +6,7 @@ Models are built once per machine and reused: the tiny model is trained by scrip
 SmolLM2 converted from its GGUF into the checkpoint root ($JAXSERVE_CHECKPOINTS or ./checkpoints).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,8 +25,77 @@ if _xla_flags is None:
 else:
     os.environ["XLA_FLAGS"] = _xla_flags
 
+from jaxserve import host, kernels  # noqa: E402 (after the backend has its devices)
+
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "tests" / "reference" / "smollm2_reference.json"
+
+# What tests measured or which code they ran, printed after the run (section -> what -> what came of it):
+# reported, never asserted (a timing is no test's verdict).
+SUMMARY: dict[str, dict[str, str]] = {}
+
+
+@pytest.fixture(scope="session")
+def summary() -> dict[str, dict[str, str]]:
+    return SUMMARY
+
+
+@pytest.fixture(scope="session")
+def bandwidth_summary(summary) -> dict[str, str]:
+    """The summary's section of 1-row kernel bandwidths against the plain read (the kernel tests')."""
+    return summary.setdefault("1-row kernel against a plain read of the same bytes (scripts/bench_bandwidth.py)", {})
+
+
+@pytest.fixture(scope="session")
+def bench_bandwidth():
+    """scripts/bench_bandwidth.py as a module: its kernel-against-read measurement, run by the kernel tests."""
+    spec = importlib.util.spec_from_file_location("bench_bandwidth", REPO / "scripts" / "bench_bandwidth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Paths CPUs have that no kernel is written for yet (jaxserve.kernels says so), with the CPU flags they need.
+UNWRITTEN = {"avx512_bf16": frozenset({"avx512_bf16"}), "amx": frozenset({"amx_tile", "amx_int8"})}
+
+
+def _why_not(name: str) -> str | None:
+    """Why the kernels of path `name` cannot run here, or None where they can (built and registered)."""
+    if name in UNWRITTEN and UNWRITTEN[name] <= host.cpu_flags():
+        return "on this CPU, but no kernel path written for it"
+    if name not in {i.name for i in kernels.runnable()}:
+        return "not on this CPU"
+    return None if kernels.available(name) else "no C++ compiler or no CPU backend here"
+
+
+def _kernel_path(name: str, summary) -> str:
+    """`name`, recorded in the summary as run; or the test skipped, saying why by name ("amx: not on this
+    CPU")."""
+    why = _why_not(name)
+    summary.setdefault("kernel paths (jaxserve.kernels.ISAS)", {})[name] = "ran" if why is None else f"skipped, {why}"
+    if why is not None:
+        pytest.skip(f"{name}: {why}")
+    return name
+
+
+@pytest.fixture(params=[*(i.name for i in kernels.ISAS), *UNWRITTEN])
+def isa(request, summary) -> str:
+    """Each kernel path in turn (jaxserve.kernels.ISAS, then those not written yet), skipped by name where
+    this CPU cannot run it; the summary lists which ran."""
+    return _kernel_path(request.param, summary)
+
+
+@pytest.fixture(params=[*(i.name for i in kernels.ISAS if i.q8), *UNWRITTEN])
+def q8_isa(request, summary) -> str:
+    """As `isa`, over the paths that multiply on quantized activations."""
+    return _kernel_path(request.param, summary)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for section, entries in SUMMARY.items():
+        terminalreporter.section(section)
+        for what, line in entries.items():
+            terminalreporter.write_line(f"{what}: {line}")
 
 
 @pytest.fixture(scope="session")

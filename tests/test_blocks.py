@@ -2,6 +2,8 @@
 block kernel and XLA's formulations against NumPy, and SmolLM2 served from its file's own Q4_1 blocks
 against the reference."""
 
+import statistics
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -50,17 +52,26 @@ def stack(rng, fmt, n, k, layers=3):
     return stacked, blocks.dequantize(fmt, *stacked).astype(np.float64)
 
 
-@needs_kernel
 @pytest.mark.parametrize("fmt", blocks.FORMATS)
 @pytest.mark.parametrize("rows, n, k", [(1, 45, 96), (3, 64, 576), (5, 33, 32), (9, 70, 160)])
-def test_block_kernel_equals_numpy(fmt, rows, n, k):
-    """Layer 1 of a stack of three, odd rows, outputs that are not whole tiles, one block or several."""
+def test_block_kernel_equals_numpy(fmt, rows, n, k, isa):
+    """Layer 1 of a stack of three, odd rows, outputs that are not whole tiles, one block or several, on
+    every path this CPU runs."""
     rng = np.random.default_rng(rows * n)
     parts, w = stack(rng, fmt, n, k)
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    y = jax.jit(kernels.block_matmul, static_argnums=1)(x, fmt, *parts, layer=jnp.int32(1))
+    y = jax.jit(kernels.block_matmul, static_argnums=1, static_argnames="isa")(x, fmt, *parts, layer=1, isa=isa)
     want = x.astype(np.float64) @ w[1].T
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_paths_without_quantized_activations_refuse_them(isa):
+    """A path built without AVX512-VNNI says so when asked to multiply on quantized activations."""
+    if isa in {i.name for i in kernels.ISAS if i.q8}:
+        pytest.skip(f"{isa}: multiplies on quantized activations")
+    parts, _ = stack(np.random.default_rng(0), "q4_1", 16, 64, layers=1)
+    with pytest.raises(Exception, match="quantized activations need AVX512-VNNI"):
+        jax.block_until_ready(kernels.block_matmul(np.ones((1, 64), np.float32), "q4_1", *parts, q8=True, isa=isa))
 
 
 @needs_kernel
@@ -151,19 +162,42 @@ def test_served_steps_with_the_block_kernel_equal_the_float32_full_pass(tiny_int
     assert_served_steps_equal_full_pass(tiny_int4, served)
 
 
-@pytest.mark.skipif(not kernels.vnni(), reason="avx512_vnni: not on this CPU (the float path serves)")
 @pytest.mark.parametrize("fmt", blocks.FORMATS)
 @pytest.mark.parametrize("rows, n, k", [(1, 45, 96), (5, 64, 576), (9, 70, 1536), (4, 33, 64)])
-def test_avx512_vnni_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k):
+def test_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k, q8_isa):
     """Activations quantized to int8 a run of 16 inputs (llama.cpp's Q8 rounding, at half its block, in NumPy
     here), then integer dot products: the kernel equals the product of those quantized activations with the
     weights, offsets included."""
     rng = np.random.default_rng(rows * k)
     parts, w = stack(rng, fmt, n, k)
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    y = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=jnp.int32(2), q8=True))(x, *parts)
+    y = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=2, q8=True, isa=q8_isa))(x, *parts)
     xb = x.reshape(rows, -1, 16)
     step = np.abs(xb).max(-1, keepdims=True) / 127
     xq = (np.rint(xb / np.where(step > 0, step, 1)) * step).reshape(rows, k).astype(np.float64)
     want = xq @ w[2].T  # the offsets (m, or -8 d) too multiply the quantized activations
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt, layers", [("q4_1", 120), ("q8_0", 72)])
+def test_one_row_kernel_against_a_plain_read(bench_bandwidth, bandwidth_summary, fmt, layers):
+    """scripts/bench_bandwidth.py's measure on made-up weights of SmolLM2's gate shape [1536, 576], stacked
+    to as many bytes as its layers' (about 66 MB, more than most CPUs' last-level cache): the 1-row kernel of
+    the path that serves, and a plain read of the same bytes on the same threads, timed interleaved. Their
+    ratio goes to the terminal summary -- reported, never asserted. The kernel's result is checked."""
+    rng = np.random.default_rng(0)
+    n, k = 1536, 576
+    codes = rng.integers(-128, 128, (layers, n, blocks.code_width(fmt, k)), np.int8)
+    scales = [rng.uniform(-0.01, 0.01, (layers, n, k // 32)).astype(np.float16) for _ in blocks.parts(fmt)[1:]]
+    parts = (codes if fmt == "q8_0" else codes.view(np.uint8), *scales)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    y = jax.jit(kernels.block_matmul, static_argnums=1)(x, fmt, *parts, layer=layers - 1)
+    want = x.astype(np.float64) @ blocks.dequantize(fmt, *(p[-1] for p in parts)).astype(np.float64).T
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    arrays = tuple(jnp.asarray(p) for p in parts)
+    repeats = 15
+    runs = bench_bandwidth.kernel_against_read([(fmt, arrays)], layers, jnp.asarray(x), repeats)
+    nbytes = sum(p.nbytes for p in parts)
+    what = f"{fmt} {layers} x [{n}, {k}] ({nbytes / 1e6:.0f} MB), {kernels.best().name}, median of {repeats}"
+    bandwidth_summary[what] = bench_bandwidth.summary(runs, nbytes, statistics.median)

@@ -1,6 +1,8 @@
-"""jaxserve's int8 matmul kernel (jaxserve.kernels) against NumPy, its packed layout, and the served steps
-computing with it against the float32 formulation's full pass."""
+"""jaxserve's int8 matmul kernel (jaxserve.kernels) against NumPy on every path this CPU runs (the `isa`
+fixture), its packed layout, and the served steps computing with it against the float32 formulation's full
+pass."""
 
+import statistics
 from pathlib import Path
 
 import jax
@@ -41,26 +43,28 @@ def weights(rng, kernel_shape, contracted, group):
     ],
 )
 @pytest.mark.parametrize("rows", [1, 3, 4, 9])
-def test_packed_kernel_equals_the_dequantized_product(kernel_shape, contracted, group, rows):
+def test_packed_kernel_equals_the_dequantized_product(kernel_shape, contracted, group, rows, isa):
     """Layer 1 of a stack of three, read in place."""
     rng = np.random.default_rng(rows)
     layers = [weights(rng, kernel_shape, contracted, group) for _ in range(3)]
     stack = [jnp.stack([kernels.pack(jnp.asarray(w[i]), contracted) for w in layers]) for i in (0, 1)]
     x = rng.standard_normal((rows, layers[1][2].shape[0])).astype(np.float32)
-    y = jax.jit(kernels.int8_matmul, static_argnums=3)(x, *stack, contracted, jnp.int32(1))
+    y = jax.jit(kernels.int8_matmul, static_argnums=3, static_argnames="isa")(
+        x, *stack, contracted, jnp.int32(1), isa=isa
+    )
     want = x.astype(np.float64) @ layers[1][2]
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("group", [16, 32, 64])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_nk_kernel_equals_the_dequantized_product(group, rows):
+def test_nk_kernel_equals_the_dequantized_product(group, rows, isa):
     """The tied embedding as the output projection: weights [N, K], a dot product along each row."""
     rng = np.random.default_rng(group + rows)
     kernel, scale, w = weights(rng, (192, 448), 2, group)  # [N, K]: every axis but the first is an input
     x = rng.standard_normal((rows, 448)).astype(np.float32)
-    nk = jax.jit(kernels.int8_matmul, static_argnames="layout")
-    y = nk(x, kernel[None], scale.reshape(1, 192, -1), layout="nk")
+    nk = jax.jit(kernels.int8_matmul, static_argnames=("layout", "isa"))
+    y = nk(x, kernel[None], scale.reshape(1, 192, -1), layout="nk", isa=isa)
     want = x.astype(np.float64) @ w.reshape(192, 448).T
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
@@ -96,3 +100,24 @@ def test_served_steps_with_the_kernel_equal_the_float32_full_pass(tiny_int8, ker
     served = rule.apply(tiny_int8)
     assert served.params["params"]["layers"]["q"].shape == tiny_int8.params["params"]["layers"]["q"].shape
     assert_served_steps_equal_full_pass(tiny_int8, served)
+
+
+def test_one_row_kernel_against_a_plain_read(bench_bandwidth, bandwidth_summary):
+    """scripts/bench_bandwidth.py's measure on made-up int8 weights of SmolLM2's gate shape [576, 1536]
+    (groups of 64 inputs), packed, stacked to as many bytes as its layers' Q4_1 blocks (68 MB): the 1-row
+    kernel of the path that serves against a plain read of the same bytes, timed interleaved. The ratio goes
+    to the terminal summary -- reported, never asserted. The kernel's result is checked."""
+    rng = np.random.default_rng(0)
+    layers, k, n = 72, 576, 1536
+    kernel = rng.integers(-127, 128, (layers, k, n), np.int8)
+    scale = rng.uniform(0.001, 0.02, (layers, k // 64, n)).astype(np.float32)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    y = jax.jit(kernels.int8_matmul, static_argnums=3)(x, kernel, scale, 1, layers - 1)
+    w = kernels.unpack(kernel[-1], 1).astype(np.float64) * np.repeat(kernels.unpack(scale[-1], 1), 64, 0)
+    want = x.astype(np.float64) @ w
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    repeats = 15
+    runs = bench_bandwidth.kernel_against_read([("int8", (kernel, scale))], layers, jnp.asarray(x), repeats)
+    nbytes = kernel.nbytes + scale.nbytes
+    what = f"int8 {layers} x [{k}, {n}] ({nbytes / 1e6:.0f} MB), {kernels.best().name}, median of {repeats}"
+    bandwidth_summary[what] = bench_bandwidth.summary(runs, nbytes, statistics.median)

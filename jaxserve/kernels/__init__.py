@@ -1,15 +1,23 @@
 """CPU kernels of our own, called from jitted code through the XLA FFI: the int8 weight matmul
 (int8_matmul.cc, which says why XLA:CPU needs it) and the GGUF block-format matmuls (block_matmul.cc).
 
-The C++ sources ship with the package and is compiled on first use on the machine that runs it (g++ -O3
--march=native, a few seconds), into a folder keyed by everything the binary depends on (source, compiler,
-jax version, CPU flags), so a restart loads it and a machine of another kind never does. Where no compiler
-or no CPU backend is at hand, `available()` says so and the model computes with XLA alone.
+The C++ sources ship with the package and are compiled on first use on the machine that runs it (g++ -O3, a
+few seconds), once per instruction-set path (`ISAS`): each path built with its own explicit flags, the
+sources choosing their code by what those flags define (AVX2 and F16C, AVX-512, AVX512-VNNI) with portable
+vector code beneath. The CPU's flags pick the path that serves (`best()`); any other path it can run is built only when
+asked for by name (the tests run every one against NumPy). Each library goes into a folder keyed by everything
+it depends on (sources, compiler, flags, jax version, CPU flags), so a restart loads it and a machine of
+another kind never does. Where no compiler or no CPU backend is at hand, `available()` says so and the model
+computes with XLA alone.
+
+Paths not written yet, though CPUs have them: AVX512-BF16 (bfloat16 dot products) and AMX (tile matrix
+multiplies); a path for either is one more `Isa` here and the code its flags select in the sources.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -36,6 +44,45 @@ LANES = 16  # the kernel's vector width in floats: output columns and groups are
 COMPILER = os.environ.get("CXX", "g++")
 
 
+@dataclasses.dataclass(frozen=True)
+class Isa:
+    """One build of the kernels: the compiler flags it is built with, the CPU flags (as /proc/cpuinfo names
+    them) it needs to run, and whether it multiplies on quantized activations (`block_matmul`'s q8)."""
+
+    name: str
+    flags: tuple[str, ...]
+    needs: frozenset[str]
+    q8: bool = False
+
+
+_AVX2 = ("-mavx2", "-mfma", "-mf16c")
+_AVX512 = (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+_AVX512_NEEDS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
+# From the plainest to the fastest: the portable build is the compiler's default target (vector code that
+# the compiler lowers to whatever that target has), the others add what their flags name.
+ISAS = (
+    Isa("portable", (), frozenset()),
+    Isa("avx2", _AVX2, frozenset({"avx2", "fma", "f16c"})),
+    Isa("avx512", _AVX512, _AVX512_NEEDS),
+    Isa("avx512_vnni", (*_AVX512, "-mavx512vnni"), _AVX512_NEEDS | {"avx512_vnni"}, q8=True),
+)
+
+
+def runnable() -> tuple[Isa, ...]:
+    """The paths this CPU can run, plainest first."""
+    return tuple(isa for isa in ISAS if isa.needs <= host.cpu_flags())
+
+
+def best() -> Isa:
+    """The path that serves here: the fastest this CPU runs."""
+    return runnable()[-1]
+
+
+def _isa(name: str | None) -> Isa:
+    """The path named `name`, or `best()` for None."""
+    return best() if name is None else {i.name: i for i in ISAS}[name]
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("JAXSERVE_KERNEL_CACHE", Path.home() / ".cache" / "jaxserve" / "kernels"))
 
@@ -45,36 +92,51 @@ def version() -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
 
 
-def _build() -> Path:
-    """The compiled library for this machine, built once into the cache."""
+def _build(isa: Isa) -> Path:
+    """The library of path `isa` for this machine, built once into the cache."""
     compiler = subprocess.run([COMPILER, "--version"], capture_output=True, text=True, check=True).stdout
-    key = "\n".join([version(), compiler, jax.__version__, host.cpu_features()])
-    key = hashlib.sha256(key.encode()).hexdigest()[:16]
-    lib = cache_dir() / f"kernels-{key}.so"
+    key = "\n".join([version(), compiler, *isa.flags, jax.__version__, host.cpu_features()])
+    lib = cache_dir() / f"kernels-{isa.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [COMPILER, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+        cmd = [COMPILER, "-O3", *isa.flags, "-std=c++17", "-shared", "-fPIC", "-w"]
         cmd += ["-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(tmp)]
         subprocess.run(cmd, capture_output=True, text=True, check=True)
         os.replace(tmp, lib)  # concurrent builders: each writes its own file, the last rename wins whole
-        log.info("compiled %s into %s", ", ".join(p.name for p in SOURCES), lib)
+        log.info("compiled %s for %s into %s", ", ".join(p.name for p in SOURCES), isa.name, lib)
     return lib
 
 
+def target(name: str, isa: str | None) -> str:
+    """The FFI target `name` of the library of path `isa` (None: `best()`), as registered."""
+    return f"{name}_{_isa(isa).name}"
+
+
+def available(isa: str | None = None) -> bool:
+    """Whether the kernels of path `isa` (None: `best()`, the one that serves) are compiled and registered
+    with XLA:CPU (once per process and path). Only a path in `runnable()` may be asked for."""
+    return _register(_isa(isa))
+
+
 @functools.cache
-def available() -> bool:
-    """Whether the kernels are compiled and registered with XLA:CPU (once per process)."""
+def _register(chosen: Isa) -> bool:
     if jax.default_backend() != "cpu" or shutil.which(COMPILER) is None:
         return False
+    assert chosen in runnable(), f"{chosen.name}: not on this CPU"
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        lib = ctypes.cdll.LoadLibrary(str(_build(chosen)))
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("kernels unavailable (%s); quantized matmuls use XLA's formulations", e)
         return False
-    for target in (*TARGETS.values(), *BLOCK_TARGETS.values(), READ):
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
+    for name in (*TARGETS.values(), *BLOCK_TARGETS.values(), READ):
+        jax.ffi.register_ffi_target(target(name, chosen.name), jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     return True
+
+
+def vnni() -> bool:
+    """Whether the block kernels that serve can multiply on quantized activations here (AVX512-VNNI)."""
+    return available() and best().q8
 
 
 def fits(kernel_shape, scale_shape, contracted: int) -> bool:
@@ -103,11 +165,12 @@ def unpack(a, contracted: int):
     return a.reshape(n // tile(n), k, tile(n)).transpose(1, 0, 2).reshape(a.shape)
 
 
-def int8_matmul(x, kernel, scale, contracted: int = 1, layer=0, layout: str = "kn"):
+def int8_matmul(x, kernel, scale, contracted: int = 1, layer=0, layout: str = "kn", isa: str | None = None):
     """x [M, K] . layer `layer` (an int32 scalar, traced or not) of int8 kernels with group scales stacked
     over the layers -> [M, N] float32. layout "kn": kernel [L, K..., N...] and scale [L, K/G..., N...]
     packed (see `pack`), the first `contracted` axes after the layers' the inputs; "nk": kernel [L, N, K],
-    scale [L, N, K/G], plain. The layer is read in place. Call `available()` first."""
+    scale [L, N, K/G], plain. The layer is read in place. `isa`: the path computing it (None: `best()`);
+    call `available(isa)` first."""
     L = kernel.shape[0]
     if layout == "kn":
         k, n = math.prod(kernel.shape[1 : 1 + contracted]), math.prod(kernel.shape[1 + contracted :])
@@ -115,28 +178,25 @@ def int8_matmul(x, kernel, scale, contracted: int = 1, layer=0, layout: str = "k
     else:
         n = kernel.shape[1]
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(TARGETS[layout], out)(x.astype(jnp.float32), kernel, scale, jnp.int32(layer))
+    call = jax.ffi.ffi_call(target(TARGETS[layout], isa), out)
+    return call(x.astype(jnp.float32), kernel, scale, jnp.int32(layer))
 
 
-@functools.cache
-def vnni() -> bool:
-    """Whether the block kernels can multiply on quantized activations here (built for AVX512-VNNI)."""
-    return available() and bool(ctypes.cdll.LoadLibrary(str(_build())).jaxserve_block_vnni())
-
-
-def block_matmul(x, fmt: str, codes, d, m=None, layer=0, q8: bool = False):
+def block_matmul(x, fmt: str, codes, d, m=None, layer=0, q8: bool = False, isa: str | None = None):
     """x [M, K] . layer `layer` (an int32 scalar, traced or not) of a weight [L, N, K] in GGUF block format
     `fmt` ("q4_0", "q4_1", "q8_0"), transposed -> [M, N] float32: codes [L, N, K/32 * block bytes], d (and,
     for q4_1, m) [L, N, K/32] float16, as jaxserve.model.blocks holds them. `q8`: x quantized to 8 bits a
-    run of 16 inputs first and multiplied with integer dot products (where `vnni()`). Call `available()`
-    first."""
+    run of 16 inputs first and multiplied with integer dot products (on a path whose `q8` is true). `isa`:
+    the path computing it (None: `best()`); call `available(isa)` first."""
     out = jax.ShapeDtypeStruct((x.shape[0], codes.shape[1]), jnp.float32)
     operands = (d,) if m is None else (d, m)
-    call = jax.ffi.ffi_call(BLOCK_TARGETS[fmt], out)
+    call = jax.ffi.ffi_call(target(BLOCK_TARGETS[fmt], isa), out)
     return call(x.astype(jnp.float32), codes, *operands, jnp.int32(layer), q8=np.int32(q8))
 
 
-def read_bytes(a, layer=0):
-    """Reads layer `layer` of a stack `a` [L, ...] whole (its bytes, 64 at a time) on the kernels' threads ->
-    a float32 [1] depending on every byte: the plain read a kernel's bandwidth is measured against."""
-    return jax.ffi.ffi_call(READ, jax.ShapeDtypeStruct((1,), jnp.float32))(a, jnp.int32(layer))
+def read_bytes(parts, layer=0, isa: str | None = None):
+    """Reads layer `layer` of every stack [L, ...] in `parts` (a weight's arrays) whole, their bytes 64 at a
+    time on the kernels' threads, in one call -> a float32 [1] depending on every byte: the plain read a
+    kernel's bandwidth is measured against."""
+    call = jax.ffi.ffi_call(target(READ, isa), jax.ShapeDtypeStruct((1,), jnp.float32))
+    return call(jnp.int32(layer), *parts)

@@ -22,7 +22,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -71,6 +71,8 @@ inline void widen_half(const uint16_t* h, float* f, int64_t n) {
 #if defined(__AVX512F__)
   for (; i + L <= n; i += L)
     _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
 #endif
   for (; i < n; ++i) {
     const uint32_t s = (h[i] & 0x8000u) << 16, e = (h[i] >> 10) & 0x1f, m = h[i] & 0x3ff;
@@ -91,10 +93,32 @@ inline void widen_half(const uint16_t* h, float* f, int64_t n) {
   }
 }
 
-// The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied).
+// n floats of this thread's own, reused by every tile it computes (grown, never freed: no allocation a tile)
+inline float* scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// 16 bytes (signed or not) -> float32, 8 at a time
+template <bool Signed>
+inline vf floats(__m128i b) {
+  const __m128i up = _mm_srli_si128(b, 8);
+  const __m256 halves[2] = {_mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b)),
+                            _mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(up) : _mm256_cvtepu8_epi32(up))};
+  vf v;
+  std::memcpy(&v, halves, sizeof v);
+  return v;
+}
+#endif
+
+// The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied). GCC 12
+// converts a byte vector with __builtin_convertvector element by element: AVX2 and AVX-512 widen with their
+// own instructions.
 template <Fmt F>
 inline void codes(const uint8_t* q, vf& lo, vf& hi) {
-#if defined(__AVX512F__)  // GCC 12 converts a byte vector with __builtin_convertvector element by element
+#if defined(__AVX512F__)
   const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
   if constexpr (F == Fmt::Q8_0) {
     lo = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
@@ -103,6 +127,17 @@ inline void codes(const uint8_t* q, vf& lo, vf& hi) {
     const __m128i low = _mm_set1_epi8(15);
     lo = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(a, low)));
     hi = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(a, 4), low)));
+  }
+  return;
+#elif defined(__AVX2__)
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  if constexpr (F == Fmt::Q8_0) {
+    lo = floats<true>(a);
+    hi = floats<true>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L)));
+  } else {
+    const __m128i low = _mm_set1_epi8(15);
+    lo = floats<false>(_mm_and_si128(a, low));
+    hi = floats<false>(_mm_and_si128(_mm_srli_epi16(a, 4), low));
   }
   return;
 #endif
@@ -226,12 +261,13 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
           Dims s, int64_t t) {
   const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N);
   // the tile's d and m widened at once (its rows' are contiguous)
-  std::vector<float> df((end - first) * nb), mf(F == Fmt::Q4_1 ? df.size() : 0);
-  widen_half(d + first * nb, df.data(), df.size());
-  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf.data(), mf.size());
+  const int64_t count = (end - first) * nb;
+  float *df = scratch(2 * count), *mf = df + count;
+  widen_half(d + first * nb, df, count);
+  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
   for (int64_t n = first; n < end; ++n) {
-    const float* dn = df.data() + (n - first) * nb;
-    const float* mn = F == Fmt::Q4_1 ? mf.data() + (n - first) * nb : nullptr;
+    const float* dn = df + (n - first) * nb;
+    const float* mn = F == Fmt::Q4_1 ? mf + (n - first) * nb : nullptr;
     const uint8_t* qn = q + n * nb * block_bytes<F>();
 #if defined(__AVX512F__)
     if (s.M == 1 && n + 4 <= end) {
@@ -373,10 +409,10 @@ void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uin
              int64_t t) {
   const int64_t nb = s.K / QK, groups = xq.groups, end = std::min((t + 1) * TILE, s.N);
   // a weight row's d (and m) widened, padded to whole vectors, and as each group's four sub-blocks
-  std::vector<float> df(nb + L), mf(F == Fmt::Q4_1 ? nb + L : 0), dd(groups * 4), mm(groups * 4);
+  float *df = scratch(2 * (nb + L) + 8 * groups), *mf = df + nb + L, *dd = mf + nb + L, *mm = dd + 4 * groups;
   for (int64_t n = t * TILE; n < end; ++n) {
-    widen_half(d + n * nb, df.data(), nb);
-    if constexpr (F == Fmt::Q4_1) widen_half(m + n * nb, mf.data(), nb);
+    widen_half(d + n * nb, df, nb);
+    if constexpr (F == Fmt::Q4_1) widen_half(m + n * nb, mf, nb);
     for (int64_t i = 0; i < groups * 4; ++i) {
       const int64_t b = F == Fmt::Q8_0 ? i / 2 : i;  // sub-block i's block
       dd[i] = b < nb ? df[b] : 0;
@@ -384,20 +420,17 @@ void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uin
     }
     const uint8_t* qn = q + n * nb * block_bytes<F>();
     int64_t m0 = 0;
-    for (; m0 + MB <= s.M; m0 += MB) row_q8<F, MB>(xq, qn, dd.data(), mm.data(), y, s, m0, n);
+    for (; m0 + MB <= s.M; m0 += MB) row_q8<F, MB>(xq, qn, dd, mm, y, s, m0, n);
     switch (s.M - m0) {
-      case 1: row_q8<F, 1>(xq, qn, dd.data(), mm.data(), y, s, m0, n); break;
-      case 2: row_q8<F, 2>(xq, qn, dd.data(), mm.data(), y, s, m0, n); break;
-      case 3: row_q8<F, 3>(xq, qn, dd.data(), mm.data(), y, s, m0, n); break;
+      case 1: row_q8<F, 1>(xq, qn, dd, mm, y, s, m0, n); break;
+      case 2: row_q8<F, 2>(xq, qn, dd, mm, y, s, m0, n); break;
+      case 3: row_q8<F, 3>(xq, qn, dd, mm, y, s, m0, n); break;
     }
   }
 }
 #else
-constexpr bool VNNI = false;  // quantized activations are asked for only where vnni() says the CPU has it
+constexpr bool VNNI = false;  // a build without AVX512-VNNI refuses quantized activations (below)
 #endif
-
-// Whether this build multiplies on quantized activations (the CPU has AVX512-VNNI).
-extern "C" int jaxserve_block_vnni() { return VNNI; }
 
 // y = x . w[layer]^T for w's codes [L, N, K * bytes per block / 32], d (and m) [L, N, K / 32].
 template <Fmt F, typename Q>
@@ -430,23 +463,17 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
   float* yp = y->typed_data();
   const float* xsp = xs.data();
   const int64_t tiles = (s.N + TILE - 1) / TILE;
-  const int64_t bytes = s.N * nb * (block_bytes<F>() + (F == Fmt::Q4_1 ? 4 : 2));
-  const int64_t tasks = std::clamp<int64_t>(bytes * s.M / jaxserve::TASK_BYTES, 1, tiles);
-  auto each = [tiles, tasks](auto tile_fn) {  // task k: tiles [k * tiles / tasks, (k + 1) * tiles / tasks)
-    return [=](int64_t k) {
-      for (int64_t t = k * tiles / tasks; t < (k + 1) * tiles / tasks; ++t) tile_fn(t);
-    };
-  };
+  const int64_t bytes = s.N * nb * (block_bytes<F>() + (F == Fmt::Q4_1 ? 4 : 2)) * s.M;
   if (q8 && !VNNI) return ffi::Error::InvalidArgument("block matmul: quantized activations need AVX512-VNNI");
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (q8) {
     const Quantized xq = quantize_rows<F>(xp, s);
     const Quantized* xqp = &xq;
-    jaxserve::parallel(pool, tasks, each([=](int64_t t) { tile_q8<F>(*xqp, qp, dp, mp, yp, s, t); }));
+    jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_q8<F>(*xqp, qp, dp, mp, yp, s, t); });
     return ffi::Error::Success();
   }
 #endif
-  jaxserve::parallel(pool, tasks, each([=](int64_t t) { tile<F>(xp, xsp, qp, dp, mp, yp, s, t); }));
+  jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile<F>(xp, xsp, qp, dp, mp, yp, s, t); });
   return ffi::Error::Success();
 }
 
@@ -467,20 +494,37 @@ ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8);
 }
 
-// The floor the kernel is measured against (scripts/bench_bandwidth.py): layer `layer` of a stack of bytes
-// [L, ...] read whole, split into the same tasks on the same threads, nothing computed but a sum.
-ffi::Error Read(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
-  const int64_t per_layer = a.size_bytes() / a.dimensions()[0], words = per_layer / 64;
-  const uint8_t* p = static_cast<const uint8_t*>(a.untyped_data()) + *layer.typed_data() * per_layer;
-  constexpr int64_t CHUNK = jaxserve::TASK_BYTES / 64;  // 64-byte lines per task
-  std::vector<uint64_t> sums((words + CHUNK - 1) / CHUNK);
+// The floor the kernels are measured against (scripts/bench_bandwidth.py): layer `layer` of each of a
+// weight's parts (stacks [L, ...]: codes, d, m) read whole in one call, nothing computed but a sum, its 4 KiB
+// pages split into tasks as a kernel streaming the same bytes splits its tiles, on the same threads.
+ffi::Error Read(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs parts,
+                ffi::ResultBuffer<ffi::F32> y) {
+  constexpr int64_t PAGE = 4096;
+  struct Part {
+    const uint8_t* p;
+    int64_t bytes, first_page;
+  };
+  std::vector<Part> in;
+  int64_t pages = 0, bytes = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    auto a = parts.get<ffi::AnyBuffer>(i);
+    if (!a) return a.error();
+    const int64_t per_layer = a->size_bytes() / a->dimensions()[0];
+    in.push_back({static_cast<const uint8_t*>(a->untyped_data()) + *layer.typed_data() * per_layer, per_layer, pages});
+    pages += (per_layer + PAGE - 1) / PAGE;
+    bytes += per_layer;
+  }
+  std::vector<uint64_t> sums(pages);
+  const Part *first = in.data(), *last = in.data() + in.size();
   uint64_t* out = sums.data();
-  jaxserve::parallel(pool, static_cast<int64_t>(sums.size()), [=](int64_t t) {
+  jaxserve::parallel(pool, pages, bytes, [=](int64_t t) {
+    const Part& part = *(std::upper_bound(first, last, t, [](int64_t t, const Part& p) { return t < p.first_page; }) - 1);
+    const int64_t at = (t - part.first_page) * PAGE, end = std::min(at + PAGE, part.bytes);
     typedef uint64_t line __attribute__((vector_size(64)));
     line acc = {};
-    for (int64_t i = t * CHUNK; i < std::min((t + 1) * CHUNK, words); ++i) {
+    for (int64_t i = at; i + 64 <= end; i += 64) {
       line v;
-      std::memcpy(&v, p + i * 64, 64);
+      std::memcpy(&v, part.p + i, 64);
       acc += v;
     }
     uint64_t total = 0;
@@ -501,8 +545,8 @@ auto bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_read_bytes, Read,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
                               bind()

@@ -12,17 +12,18 @@
 // "Packed" (jaxserve.kernels.pack): tiles of T = 64 output columns (16 where 64 does not divide N) one
 // after another, each [K, T] (and [K/G, T]) row-major, so a tile is one contiguous read. In the plain [K, N] layout a tile's rows lie N
 // bytes apart, every one on another page, and the hardware prefetchers give up: a third of the speed.
-// Work is split into tiles of output columns run on XLA's intra-op thread pool; the calling thread takes
-// tiles too, so the call finishes even when every pool thread is busy elsewhere.
+// Work is split into tiles of output columns, grouped into tasks of at least pool.h's TASK_BYTES, run on
+// XLA's intra-op thread pool; the calling thread takes tasks too, so the call finishes even when every pool
+// thread is busy elsewhere.
 //
-// Built on the machine that runs it (g++ -O3 -march=native, see jaxserve/kernels/__init__.py): the vector
-// types below become AVX-512 there, or whatever the CPU has.
+// Built on the machine that runs it, once per instruction-set path (jaxserve/kernels/__init__.py): the vector
+// types below become AVX-512 in the AVX-512 builds, or whatever the path's flags give.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -39,9 +40,18 @@ typedef int8_t vb __attribute__((vector_size(L)));
 constexpr int MB = 4;   // rows of x per pass over a weight tile (their accumulators stay in registers)
 constexpr int NV = 4;   // vectors of output columns in a tile of the packed [K, N] kernel (one cache line)
 
+// 16 int8 -> float32 (GCC 12 converts a byte vector with __builtin_convertvector element by element, so
+// AVX2 and AVX-512 widen with their own instructions)
 inline vf widen(const int8_t* p) {
 #if defined(__AVX512F__)
   return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 halves[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+  vf v;
+  std::memcpy(&v, halves, sizeof v);
+  return v;
 #else
   vb b;
   std::memcpy(&b, p, L);
@@ -179,10 +189,11 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float *xp = x.typed_data(), *sp = s.typed_data() + l * sd[1] * sd[2];
   const int8_t* wp = w.typed_data() + l * wd[1] * wd[2];
   float* yp = y->typed_data();
+  const int64_t bytes = (d.K + d.K / d.G * 4) * d.N * d.M;  // weights and scales, once a row of x
   if constexpr (nk)
-    jaxserve::parallel(pool, (d.N + NK_ROWS - 1) / NK_ROWS, [=](int64_t t) { nk_chunk(xp, wp, sp, yp, d, t); });
+    jaxserve::parallel(pool, (d.N + NK_ROWS - 1) / NK_ROWS, bytes, [=](int64_t t) { nk_chunk(xp, wp, sp, yp, d, t); });
   else
-    jaxserve::parallel(pool, d.N / tile_width(d.N), [=](int64_t t) { kn_chunk(xp, wp, sp, yp, d, t); });
+    jaxserve::parallel(pool, d.N / tile_width(d.N), bytes, [=](int64_t t) { kn_chunk(xp, wp, sp, yp, d, t); });
   return ffi::Error::Success();
 }
 

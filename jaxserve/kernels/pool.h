@@ -17,26 +17,31 @@ namespace jaxserve {
 // workers made the 1-row block matmuls slower than one thread alone (scripts/bench_bandwidth.py).
 constexpr int64_t TASK_BYTES = int64_t{256} << 10;
 
-// Runs chunk(0..tiles) on the calling thread and up to all of the pool's threads, returning when all are
-// done. Tasks that start after the last tile was taken find nothing to do; the state they share is theirs.
+// Runs tile(0..tiles) on the calling thread and up to all but one of the pool's threads, returning when all are
+// done: tiles grouped into tasks of consecutive tiles that stream at least TASK_BYTES each (`bytes`: what
+// all the tiles stream), so that every kernel and the plain read it is measured against split alike. Tasks
+// that start after the last was taken find nothing to do; the state they share is theirs.
 template <typename F>
-void parallel(xla::ffi::ThreadPool& pool, int64_t tiles, F chunk) {
+void parallel(xla::ffi::ThreadPool& pool, int64_t tiles, int64_t bytes, F tile) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};
   };
+  const int64_t tasks = std::clamp<int64_t>(bytes / TASK_BYTES, 1, std::max<int64_t>(tiles, 1));
   auto state = std::make_shared<State>();
-  auto work = [state, tiles, chunk]() {
-    for (int64_t t; (t = state->next.fetch_add(1)) < tiles;) {
-      chunk(t);
+  auto work = [state, tiles, tasks, tile]() {  // task k: tiles [k * tiles / tasks, (k + 1) * tiles / tasks)
+    for (int64_t k; (k = state->next.fetch_add(1)) < tasks;) {
+      for (int64_t t = k * tiles / tasks; t < (k + 1) * tiles / tasks; ++t) tile(t);
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tiles - 1);
+  // The calling thread is one of the workers: as many threads as the pool has (one per core) in all, so
+  // that none waits for a core another of them holds.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tasks - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
   work();
-  // The last tiles are in flight on other threads: a few microseconds. Spin, then yield, so that a host
+  // The last tasks are in flight on other threads: a few microseconds. Spin, then yield, so that a host
   // with more threads than cores does not lose the core that would finish them.
-  for (int spins = 0; state->done.load(std::memory_order_acquire) < tiles; ++spins) {
+  for (int spins = 0; state->done.load(std::memory_order_acquire) < tasks; ++spins) {
     if (spins < 4096) {
 #if defined(__x86_64__)
       __builtin_ia32_pause();

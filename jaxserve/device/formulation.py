@@ -13,10 +13,10 @@ below the first row count where it lost to float32 (`quant.Formulation`'s kernel
 static in the jitted steps: the choice costs no recompilation after warm-up). GGUF block weights on a CPU
 with AVX512-VNNI have a fourth, "q8": the block kernel on activations quantized to 8 bits, integer dot
 products (the keys' and values' projections keep float activations: blocks.FLOAT_INPUTS; so it passes the
-same bound, tests/test_blocks.py). `choose` times it against the kernel from the most rows the kernel serves
-down until it loses, and serves it from the fewest rows at and above which it won (q8_from_rows). On GPU
-and TPU bfloat16 is the native choice and stands without measuring. Float weights are never rounded:
-float32 asked for stays exact.
+same bound, tests/test_blocks.py). `choose` times it beside the kernel, the faster of the two standing for
+the kernel against the others, and serves it from the fewest rows, below those the kernel serves, at and
+above which it beat float activations (q8_from_rows). On GPU and TPU bfloat16 is the native choice and
+stands without measuring. Float weights are never rounded: float32 asked for stays exact.
 
 A choice is cached in a small JSON file in the compilation cache's folder, keyed by what decides it (CPU
 model and cores or device kind, jax version, backend, the kernel's source, model and its config, weights,
@@ -113,13 +113,19 @@ def row_buckets(slots: int) -> tuple[int, ...]:
     return tuple(sorted(decode | {b for b in PREFILL_BUCKETS if b <= SHORT_PREFILL}))
 
 
+def kernel_ms(t: dict[str, float]) -> float:
+    """The kernel's time at a row count: on float activations, or on quantized ones where those were measured
+    and are faster (q8_threshold says from which rows they serve)."""
+    return min(t.get("kernel", float("inf")), t.get("q8", float("inf")))
+
+
 def bf16_threshold(timings: Timings) -> int | None:
     """The smallest measured row count from which bfloat16 wins (by MARGIN) at every measured count, against
-    float32 and the kernel where it was measured, or None."""
+    float32 and the kernel (`kernel_ms`) where it was measured, or None."""
     threshold = None
     for rows in sorted(timings, reverse=True):
         t = timings[rows]
-        if t["bf16"] >= MARGIN * min(t["f32"], t.get("kernel", float("inf"))):
+        if t["bf16"] >= MARGIN * min(t["f32"], kernel_ms(t)):
             break
         threshold = rows
     return threshold
@@ -248,6 +254,17 @@ def _write(path: Path, key: str, choice: Choice) -> None:
     os.replace(tmp, path)  # a concurrent reader sees the old file or the new one, never half of one
 
 
+def q8_threshold(timings: Timings, kernel_below_rows: int | None) -> int | None:
+    """The smallest measured row count below `kernel_below_rows` from which quantized activations beat (by
+    MARGIN) float ones at every measured count up to it, or None."""
+    threshold = None
+    for rows in sorted((r for r in timings if "q8" in timings[r] and r < (kernel_below_rows or 0)), reverse=True):
+        if timings[rows]["q8"] >= MARGIN * timings[rows]["kernel"]:
+            break
+        threshold = rows
+    return threshold
+
+
 def kernel_threshold(timings: Timings, bf16_from_rows: int | None) -> int | None:
     """The smallest measured row count, from one up, at which the kernel does not beat (by MARGIN) what
     would serve those rows without it (bfloat16 from `bf16_from_rows`, float32 below): the kernel serves
@@ -255,7 +272,7 @@ def kernel_threshold(timings: Timings, bf16_from_rows: int | None) -> int | None
     measured = sorted(r for r in timings if "kernel" in timings[r])
     for rows in measured:
         other = "bf16" if bf16_from_rows is not None and rows >= bf16_from_rows else "f32"
-        if timings[rows]["kernel"] >= MARGIN * timings[rows][other]:
+        if kernel_ms(timings[rows]) >= MARGIN * timings[rows][other]:
             return rows if rows > measured[0] else None
     return measured[-1] + 1 if measured else None
 
@@ -305,9 +322,10 @@ def choose(
     buckets = row_buckets(slots)
     below = 0  # the kernel serves fewer rows than this
     if kernel_possible(model):
+        names = ("kernel", "q8", "f32") if q8_possible(model) else ("kernel", "f32")
         for rows in buckets:  # from one row up, against float32: above a loss nothing counts
-            timings[rows] = timer(model, (rows,), ("kernel", "f32"))[rows]
-            if timings[rows]["kernel"] >= MARGIN * timings[rows]["f32"]:
+            timings[rows] = timer(model, (rows,), names)[rows]
+            if kernel_ms(timings[rows]) >= MARGIN * timings[rows]["f32"]:
                 break
             below = rows + 1
     for rows in reversed(buckets):  # bfloat16 from the most rows down, until the kernel or float32 wins
@@ -317,14 +335,7 @@ def choose(
             break
     bf16 = bf16_threshold({r: t for r, t in timings.items() if "bf16" in t})
     kernel = kernel_threshold(timings, bf16) if below else None
-    q8 = None
-    if kernel is not None and q8_possible(model):
-        for rows in reversed([r for r in buckets if r < kernel]):  # from the most rows the kernel serves down
-            names = ("q8",) if "kernel" in timings[rows] else ("kernel", "q8")
-            timings[rows].update(timer(model, (rows,), names)[rows])
-            if timings[rows]["q8"] >= MARGIN * timings[rows]["kernel"]:
-                break
-            q8 = rows
+    q8 = q8_threshold(timings, kernel)
     choice = Choice(bf16, f"measured in {time.perf_counter() - t0:.1f} s", timings, kernel, q8)
     if path is not None:
         _write(path, key, choice)

@@ -38,6 +38,9 @@ constexpr int L = 16;          // floats per vector; positions in a page and hea
 constexpr int RB = 4;          // query rows dotted with a page's keys and values at once
 constexpr int VH = 4;          // vectors of the head dim accumulated at once in the values' matmul
 constexpr int64_t ROWS = 32;   // query rows of a task at most (a prefill chunk's split over several)
+// How far ahead of its reads a page's keys and values are prefetched, in bytes: the next 4 KiB page of
+// memory, where the hardware's stream prefetcher stops.
+constexpr int64_t AHEAD = 4096;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 typedef float vf __attribute__((vector_size(L * 4)));
@@ -137,36 +140,41 @@ struct Call {
   int32_t window;  // the sliding window on a local layer; 0: none
 };
 
+// Scores p [R, S] = q [R, H] . k [H, S] * scale of R query rows at positions [j, j + CH * L) of a page: for
+// each head dim, CH chunks of the keys' row one after another, so that the page is read in order.
+template <typename E, int R, int CH>
+void scores(const float* q, const E* kp, int64_t H, int64_t S, int64_t j, float scale, float* p) {
+  vf acc[R][CH];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CH; ++c) acc[r][c] = vf{};
+  const int64_t ahead = std::max<int64_t>(1, AHEAD / (S * sizeof(E)));  // rows
+  for (int64_t h = 0; h < H; ++h) {
+    const E* row = kp + h * S + j;
+    if (h + ahead < H)
+      for (int c = 0; c < CH; ++c) __builtin_prefetch(row + ahead * S + c * L);
+    for (int c = 0; c < CH; ++c) {
+      const vf k = load(row + c * L);
+      for (int r = 0; r < R; ++r) acc[r][c] = fma(splat(q[r * H + h]), k, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CH; ++c) store(p + r * S + j + c * L, acc[r][c] * scale);
+}
+
+// Scores at positions [j, end): CH chunks at a time, then halves of that for what is left.
+template <typename E, int R, int CH>
+void scores_from(const float* q, const E* kp, int64_t H, int64_t S, int64_t j, int64_t end, float scale, float* p) {
+  for (; j + CH * L <= end; j += CH * L) scores<E, R, CH>(q, kp, H, S, j, scale, p);
+  if constexpr (CH > 1) scores_from<E, R, CH / 2>(q, kp, H, S, j, end, scale, p);
+}
+
 // A block of R query rows (q [R, H]) against positions [blo, bhi) of one page (kp [H, S], vp [S, H]), each
 // row seeing its [lo, hi): the running max m, sum l and weighted values o [R, H] updated. p: [R, S] scratch.
 template <typename E, int R>
 void block(const float* q, const E* kp, const E* vp, int64_t H, int64_t S, const int64_t* lo, const int64_t* hi,
            int64_t blo, int64_t bhi, float scale, float* m, float* l, float* o, float* p) {
-  // scores [R, S] = q [R, H] . k [H, S], two chunks of 16 positions at a time so that 2R chains of FMAs
-  // hide their latency
-  int64_t j = blo;
-  for (; j + 2 * L <= bhi; j += 2 * L) {
-    vf a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = vf{};
-    for (int64_t h = 0; h < H; ++h) {
-      const vf k0 = load(kp + h * S + j), k1 = load(kp + h * S + j + L);
-      for (int r = 0; r < R; ++r) {
-        const vf x = splat(q[r * H + h]);
-        a0[r] = fma(x, k0, a0[r]);
-        a1[r] = fma(x, k1, a1[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) store(p + r * S + j, a0[r] * scale), store(p + r * S + j + L, a1[r] * scale);
-  }
-  if (j < bhi) {
-    vf a0[R];
-    for (int r = 0; r < R; ++r) a0[r] = vf{};
-    for (int64_t h = 0; h < H; ++h) {
-      const vf k0 = load(kp + h * S + j);
-      for (int r = 0; r < R; ++r) a0[r] = fma(splat(q[r * H + h]), k0, a0[r]);
-    }
-    for (int r = 0; r < R; ++r) store(p + r * S + j, a0[r] * scale);
-  }
+  // up to 8 chunks' accumulators for each row: 24 of the 32 vector registers at most
+  scores_from<E, R, R <= 3 ? 8 : 4>(q, kp, H, S, blo, bhi, scale, p);
 
   // the running softmax: scores of masked positions weigh 0
   vi iota;
@@ -206,7 +214,10 @@ void block(const float* q, const E* kp, const E* vp, int64_t H, int64_t S, const
     vf acc[R][NV];
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < NV; ++i) acc[r][i] = load(o + r * H + h0 + i * L);
+    const int64_t ahead = std::max<int64_t>(1, AHEAD / (H * sizeof(E)));  // rows
     for (int64_t s = blo; s < bhi; ++s) {
+      if (s + ahead < bhi)
+        for (int i = 0; i < NV; ++i) __builtin_prefetch(vp + (s + ahead) * H + h0 + i * L);
       vf vv[NV];
       for (int i = 0; i < NV; ++i) vv[i] = load(vp + s * H + h0 + i * L);
       for (int r = 0; r < R; ++r) {

@@ -230,7 +230,8 @@ def choose(cfg: ModelConfig, mesh: jax.sharding.Mesh, page_size: int, backend: s
     refused = _refusals(kernel_cfg, page_size)
     if mesh.size > 1:  # a kernel's call is not partitioned by XLA: it would gather the whole pool to each chip
         refused.append(f"a mesh of {mesh.size} devices (the kernel is not yet mapped over it with shard_map)")
-    if not refused and backend == jax.default_backend() and attention != "cpu_kernel":  # built: it compiles
+    # a Pallas kernel is tried on the device's compiler; the CPU kernel was compiled by kernels.available()
+    if not refused and backend == jax.default_backend() and attention != "cpu_kernel":
         refused += _compile(kernel_cfg, page_size)
     if refused:
         log.warning("attention: plain (XLA), not the %s kernel: %s", backend.upper(), "; ".join(refused))

@@ -10,8 +10,8 @@ engine's jitted steps), so it runs on a bare image with jax and this repository.
 
 For each model (skipped where its weights do not fit in the device's memory; streams whose KV does not fit
 are dropped) and each number of streams n, through the same jitted steps the server runs (the attention
-`jaxserve serve` would choose here: a Pallas kernel on a TPU or a GPU, XLA on a CPU; `--attention auto
-plain` measures XLA's beside it):
+`jaxserve serve` would choose here: a Pallas kernel on a TPU or a GPU, jaxserve's C++ kernel on a CPU;
+`--attention auto plain` measures XLA's beside it):
 
 - TTFT: n prompts of --prompt tokens arrive at once and are prefilled in groups of up to 8 rows, each
   row's first token sampled (`insert`) right after its group; median and last over the n requests.

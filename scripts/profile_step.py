@@ -3,17 +3,18 @@
 
     python scripts/profile_step.py [--model NAME] [--slots 1 32] [--position 160] [--steps 20]
                                    [--formulation auto f32 bf16 kernel] [--temperature 0] [--top-p 1]
-                                   [--trace-dir DIR] [--kv-cache-dtype bfloat16]
+                                   [--trace-dir DIR] [--kv-cache-dtype bfloat16] [--attention auto plain]
 
-For each slot count S: an engine core of S slots (bench_engine's 2048-token context and page pool), every
-slot active at --position (the middle of bench_engine's 32 + 128 tokens) with the given sampling knobs,
-decoded --steps times back to back, each step's tokens fetched as the scheduler fetches them. Prints the
-step's wall time (median, untraced and traced), then each component's milliseconds per step: the self
-time of its thunks in the trace (a loop's or branch's own time without what it runs), averaged over the
-steps. A thunk's component is the innermost function of its Python stack that COMPONENTS names (XLA
-keeps each instruction's stack in the module), the logits apart (under Transformer.logits). XLA:CPU may
-run two thunks at once on two cores, so the components can add to more than the time the device was busy
-(some thunk running); the wall time minus that is dispatch, transfers and the fetch ("host").
+For each slot count S and each --attention (auto: as `jaxserve serve` would choose it here): an engine
+core of S slots (bench_engine's 2048-token context and page pool), every slot active at --position (the
+middle of bench_engine's 32 + 128 tokens) with the given sampling knobs, decoded --steps times back to
+back, each step's tokens fetched as the scheduler fetches them. Prints the step's wall time (median,
+untraced and traced), then each component's milliseconds per step: the self time of its thunks in the
+trace (a loop's or branch's own time without what it runs), averaged over the steps. A thunk's component
+is the innermost function of its Python stack that COMPONENTS names (XLA keeps each instruction's stack in
+the module), the logits apart (under Transformer.logits). XLA:CPU may run two thunks at once on two cores,
+so the components can add to more than the time the device was busy (some thunk running); the wall time
+minus that is dispatch, transfers and the fetch ("host").
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from jaxserve.device import steps
 from jaxserve.device.build import DEFAULT_CONTEXT, pool_pages
 from jaxserve.device.formulation import FORMULATIONS, choose
 from jaxserve.device.runner import PAGE_SIZE, JaxRunner
+from jaxserve.model import attention_kernels
 from jaxserve.model.config import KV_DTYPES
 from jaxserve.sharding import make_mesh
 
@@ -52,6 +54,7 @@ COMPONENTS = {
     "KVCache.write": "KV write",
     "write_targets": "KV write",
     "paged_attention": "attention (scores, softmax, values)",
+    "attention": "attention (scores, softmax, values)",  # jaxserve.kernels.attention (the CPU kernel)
     "RMSNorm.__call__": "norms, RoPE, activation, residual",
     "apply_rope": "norms, RoPE, activation, residual",
     "rope_tables": "norms, RoPE, activation, residual",
@@ -185,9 +188,14 @@ def run_steps(core: JaxRunner, table, position: int, n: int) -> list[float]:
     return times
 
 
-def profile(model, slots: int, args, trace_root: Path) -> None:
+def profile(model, slots: int, attention: str, args, trace_root: Path) -> None:
     m = choose(model, slots, args.formulation).apply(model)
-    m = dataclasses.replace(m, cfg=m.cfg.with_kv_dtype(args.kv_cache_dtype))  # the pool's dtype, as build_runner
+    cfg = m.cfg.with_kv_dtype(args.kv_cache_dtype)  # the pool's dtype and the attention, as build_runner
+    if attention == "auto":
+        cfg = attention_kernels.choose(cfg, m.mesh, PAGE_SIZE)
+    else:
+        cfg = dataclasses.replace(cfg, attention=attention)
+    m = dataclasses.replace(m, cfg=cfg)
     pages = pool_pages(m.cfg, PAGE_SIZE, slots, DEFAULT_CONTEXT)
     core = JaxRunner(m, slots=slots, cache_len=DEFAULT_CONTEXT, eos_id=None, pages=pages)
     table = prepare(core, args.position, args.temperature, args.top_p)
@@ -202,7 +210,7 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
     }
     run_steps(core, table, args.position, 3)  # compile and warm
     wall = run_steps(core, table, args.position, args.steps)
-    trace_dir = trace_root / f"slots{slots}"
+    trace_dir = trace_root / f"slots{slots}-{m.cfg.attention}"
     shutil.rmtree(trace_dir, ignore_errors=True)
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         traced = run_steps(core, table, args.position, args.steps)
@@ -218,7 +226,7 @@ def profile(model, slots: int, args, trace_root: Path) -> None:
     by_comp["host: wall (traced) - device busy"] = statistics.mean(traced) - per_step(busy)  # both means
     print(
         f"\n{m.name} {m.cfg.quant or m.cfg.dtype} {m.formulation.describe(m.cfg)}, {slots} slots at position "
-        f"{args.position}, KV pool {m.cfg.cache_dtype} "
+        f"{args.position}, KV pool {m.cfg.cache_dtype}, attention {m.cfg.attention} "
         f"(window {window}), temperature {args.temperature}, top_p {args.top_p}: step {statistics.median(wall):.2f} ms "
         f"median untraced, {statistics.median(traced):.2f} ms traced; thunks {total:.2f} ms/step, "
         f"device busy (a thunk running) {per_step(busy):.2f} ms/step. Trace: {trace_dir}"
@@ -242,6 +250,13 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--trace-dir", help="keep the traces here (default: a temporary folder)")
+    parser.add_argument(
+        "--attention",
+        choices=["auto", *attention_kernels.LAYOUTS],
+        nargs="+",
+        default=["auto"],
+        help="each slot count runs once per attention (auto: as `jaxserve serve` would choose here)",
+    )
     parser.add_argument("--kv-cache-dtype", choices=["auto", *KV_DTYPES], default="auto", help="the KV pool's dtype")
     args = parser.parse_args()
     model = load_model(
@@ -253,7 +268,8 @@ def main() -> None:
     )
     trace_root = Path(args.trace_dir or tempfile.mkdtemp(prefix="profile_step-"))
     for slots in args.slots:
-        profile(model, slots, args, trace_root)
+        for attention in args.attention:
+            profile(model, slots, attention, args, trace_root)
 
 
 if __name__ == "__main__":

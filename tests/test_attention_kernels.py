@@ -2,20 +2,32 @@
 (tests named `interpret`): jaxserve's TPU kernel in TPU interpret mode and jax's GPU kernel with
 interpret=True, on the attention shapes of the tiny model, SmolLM2 and Gemma 3, with random K/V and
 queries (the shapes are the point), over page tables with shared and partial pages; the whole forward
-with each kernel against the plain one; and which attention `choose` takes on each backend."""
+with each kernel against the plain one; and which attention `choose` takes on each backend.
+
+jaxserve's CPU kernel (tests named `cpu_kernel`, where jaxserve.kernels are built) also against a NumPy
+reference over a random pool on shapes of its own (pages of two 16-position chunks, three query heads a KV
+head, rows whose last page is partial, shared pages, "no page" entries, a sliding window that cuts pages),
+and through the served steps, which must equal the plain full pass."""
 
 import dataclasses
 import logging
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from served import assert_served_steps_equal_full_pass
 
+from jaxserve import kernels
+from jaxserve.checkpoint import convert_hf, load_checkpoint
 from jaxserve.model import KVCache, ModelConfig, Transformer, init_params, kv_cache_for
 from jaxserve.model.attention_kernels import LAYOUTS, choose
 from jaxserve.model.transformer import paged_attention
+from jaxserve.sharding import make_mesh
+
+built = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler or no CPU backend here")
 
 S = 16  # positions per page
 P = 12  # pages in the pool
@@ -114,6 +126,98 @@ def test_interpret_gpu_kernel_decode_rows_equal_the_plain_path(name):
     check(name, "gpu_kernel", [(1, 1), (8, 1)] + ([(1, 0)] if name == "gemma3" else []))
 
 
+@built
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_cpu_kernel_prefill_chunks_and_decode_rows_equal_the_plain_path(name):
+    """Prefill chunks and decode rows on both layers (Gemma 3's second: local); the idle row too, which
+    reads the pool's last page as the plain path's clipped gather does."""
+    check(name, "cpu_kernel", [(8, 1), (1, 1), (8, 0), (1, 0)])
+
+
+def numpy_attention(q, k, v, table, positions, scale: float, sliding: int | None):
+    """The reference: q [B, T, N, H] float64 over one layer's pages k [P, K, H, S], v [P, K, S, H], each
+    row's window gathered whole (a table entry past the pool: the last page), masked (causal; within the
+    last `sliding` positions if not None) and softmaxed at once -> [B, T, N, H]."""
+    B, T, N, H = q.shape
+    P, K, _, S = k.shape
+    G = N // K
+    pages = np.clip(table, 0, P - 1)  # [B, C]
+    keys = k[pages].transpose(0, 2, 3, 1, 4).reshape(B, K, H, -1)  # [B, C, K, H, S] -> [B, K, H, C * S]
+    values = v[pages].transpose(0, 2, 1, 3, 4).reshape(B, K, -1, H)  # [B, C, K, S, H] -> [B, K, C * S, H]
+    key_pos = np.arange(keys.shape[-1])
+    out = np.zeros(q.shape)
+    for b in range(B):
+        for t in range(T):
+            visible = key_pos <= positions[b, t]
+            if sliding is not None:
+                visible &= key_pos > positions[b, t] - sliding
+            for n in range(N):
+                scores = np.where(visible, q[b, t, n] @ keys[b, n // G] * scale, -np.inf)
+                p = np.exp(scores - scores.max())
+                out[b, t, n] = p @ values[b, n // G] / p.sum()
+    return out
+
+
+# The CPU kernel's own case: pages of 32 positions (two chunks of 16), a window of 4 pages, 7 pages in the
+# pool; three query heads a KV head. Rows: one ending in its last page's middle, one sharing the first's
+# first page with "no page" (P) entries past its position, one within its first page (or two, with a long
+# chunk), an idle one with no pages, and one ending at the window's last position.
+CPU_S, CPU_P, CPU_WINDOW, CPU_SLIDING = 32, 7, 128, 20
+CPU_TABLE = np.array([[0, 1, 2, 3], [0, 4, CPU_P, CPU_P], [5, 3, CPU_P, CPU_P], [CPU_P] * 4, [6, 2, 1, 0]], np.int32)
+
+
+def cpu_case(T: int):
+    """Each row's last T positions (see CPU_TABLE): [5, T]."""
+    ends = np.array([100, 45, max(5, T - 1), T - 1, CPU_WINDOW - 1])
+    return ends[:, None] - T + 1 + np.arange(T, dtype=np.int32)
+
+
+@built
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("T", [1, 6, 40])  # decode rows, a prefill chunk, a chunk of 120 query rows a head
+def test_cpu_kernel_equals_a_numpy_reference_and_the_plain_path(T, kv_dtype):
+    """A random pool (stale entries past every row's position included: the mask hides them), random
+    queries, a global and a local layer (a sliding window of 20 that starts mid-chunk): the kernel gives
+    the NumPy reference's attention over the same (rounded) pages, and the plain path's."""
+    c = ModelConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=32, mlp_dim=64,
+        sliding_window=CPU_SLIDING, local_layers=(1,), kv_dtype=kv_dtype,
+    )  # fmt: skip
+    rng = np.random.default_rng(T)
+    shapes = KVCache.shape_dtype(c, CPU_P, CPU_S)
+    k, v = (jnp.asarray(rng.normal(size=x.shape), jnp.float32).astype(c.cache_dtype) for x in (shapes.k, shapes.v))
+    bits = lambda x: x if x.dtype == jnp.float32 else jax.lax.bitcast_convert_type(x, jnp.uint16)
+    cache = KVCache(k=bits(k), v=bits(v))  # as the pool holds it (kv_cache.STORED)
+    assert cache.k.dtype == shapes.k.dtype
+    positions = cpu_case(T)
+    q = rng.normal(size=(len(positions), T, c.n_heads, c.head_dim)).astype(np.float32)
+    for layer in range(c.n_layers):
+        local = layer in c.local_layers
+        args = (jnp.asarray(q), cache, jnp.int32(layer), CPU_TABLE, jnp.asarray(positions), CPU_WINDOW, local)
+        kernel = np.asarray(paged_attention(dataclasses.replace(c, attention="cpu_kernel"), *args))
+        plain = np.asarray(paged_attention(c, *args))
+        pages = [np.asarray(x[layer], np.float64) for x in (k, v)]  # the rounded pages, exactly
+        want = numpy_attention(q.astype(np.float64), *pages, CPU_TABLE, positions, c.attention_scale,
+                               CPU_SLIDING if local else None)  # fmt: skip
+        np.testing.assert_allclose(kernel, want, atol=1e-5, err_msg=f"{layer=}")
+        np.testing.assert_allclose(kernel, plain, atol=2e-5, err_msg=f"{layer=}")
+
+
+TINY = Path(__file__).parent / "reference" / "hf-tiny"
+
+
+@built
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # Gemma 3's: local layers with a window of 8
+def test_cpu_kernel_served_steps_equal_the_plain_full_pass(family, tmp_path):
+    """Prefill in chunks of 3 and 8 greedy steps of two slots through the jitted steps with the CPU kernel
+    (the layer and the local flag traced in the layer scan, the pool in its carry): the tokens and their
+    logprobs are the plain path's full pass."""
+    model = load_checkpoint(convert_hf(TINY / family, tmp_path / "ckpt", progress=False), make_mesh(1, 1))
+    assert model.cfg.attention == "plain"
+    served = dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, attention="cpu_kernel"))
+    assert_served_steps_equal_full_pass(model, served)
+
+
 def test_interpret_forward_with_the_tpu_kernel_equals_the_plain_forward():
     """The whole model (Gemma 3's attention shape and local layer, random weights) with the TPU kernel: a
     prefill of two rows then two decode steps give the plain forward's logits; the local/global choice
@@ -141,7 +245,12 @@ def test_choose_takes_a_kernel_on_its_accelerator_only_where_it_takes_the_shapes
     with caplog.at_level(logging.INFO, logger="jaxserve.model.attention_kernels"):
         assert choose(c, one, 128, backend="tpu").attention == "tpu_kernel"
         assert choose(c, one, 128, backend="gpu").attention == "gpu_kernel"
-        assert choose(c, one, 128, backend="cpu").attention == "plain"
+        on_cpu = "cpu_kernel" if kernels.available() else "plain"
+        assert choose(c, one, 128, backend="cpu").attention == on_cpu
+        assert choose(c, four, 128, backend="cpu").attention == "plain"  # not mapped over a mesh either
+        assert choose(dataclasses.replace(c, head_dim=40), one, 128, backend="cpu").attention == "plain"
+        assert choose(c, one, 112, backend="cpu").attention == on_cpu  # a multiple of 16, not a power of two
+        assert choose(c, one, 100, backend="cpu").attention == "plain"
         assert choose(c, one, 100, backend="tpu").attention == "plain"
         assert "not the TPU kernel: page size 100 is not a multiple of 16" in caplog.text
         assert choose(c, one, 96, backend="gpu").attention == "plain"

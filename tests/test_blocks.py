@@ -2,6 +2,7 @@
 block kernel and XLA's formulations against NumPy, and SmolLM2 served from its file's own Q4_1 blocks
 against the reference."""
 
+import dataclasses
 import statistics
 
 import gguf
@@ -116,13 +117,15 @@ def test_smollm2_serves_its_files_own_blocks(smollm2_gguf):
     assert layers["gate_up_m"].dtype == np.float16 and layers["gate_up_m"].shape == (30, 2, 1536, 576 // 32)
 
 
-@pytest.mark.parametrize("name", ["f32", "kernel"])
-def test_smollm2_blocks_match_the_reference(smollm2_gguf, reference, name):
+@pytest.mark.parametrize("name, attention", [("f32", "plain"), ("kernel", "plain"), ("kernel", "cpu_kernel")])
+def test_smollm2_blocks_match_the_reference(smollm2_gguf, reference, name, attention):
     """The reference is HF transformers on the same file's weights dequantized to float32, so with float
-    activations the blocks give its greedy tokens, teacher-forced, with logprobs as close as float32's."""
+    activations the blocks give its greedy tokens, teacher-forced, with logprobs as close as float32's;
+    with the CPU attention kernel as `jaxserve serve` takes it here, too."""
     if name == "kernel" and not kernel_possible(smollm2_gguf):
         pytest.skip("no C++ compiler or no CPU backend here: the kernel is never chosen")
     model = CANDIDATES[name].apply(smollm2_gguf)
+    model = dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, attention=attention))
     agreement, mean_diff = teacher_forced(model, reference)
     name = model.formulation.describe(model.cfg)
     print(f"{name}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.5f}")

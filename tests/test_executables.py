@@ -22,6 +22,7 @@ from jaxserve.device.runner import JaxRunner
 from jaxserve.device.warmup import essential, variants, warm
 from jaxserve.engine import bridge
 from jaxserve.engine.types import Delta, EngineRequest, SamplingParams
+from jaxserve.model import attention_kernels
 from jaxserve.model.quant import Formulation
 
 SLOTS, CONTEXT = 2, 128  # few variants: one window, two row buckets
@@ -97,12 +98,13 @@ def test_a_changed_key_compiles_afresh(tiny, stored):
     nothing stale is loaded."""
     store, count, _ = stored
     tok = tiny.tokenizer
-    ends = tok.eos_ids + end_of_turn_ids(tok)  # as build_engine has them
-    same = JaxRunner(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=ends)
+    ends = tok.eos_ids + end_of_turn_ids(tok)  # as build_engine has them, and its attention
+    served = dataclasses.replace(tiny, cfg=attention_kernels.choose(tiny.cfg, tiny.mesh, CONTEXT))
+    same = JaxRunner(served, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=ends)
     assert sum(store.path(key_text(same.spec, v)).exists() for v in variants(same).values()) == count
-    formulated = dataclasses.replace(tiny, formulation=Formulation(bf16_from_rows=1))
+    formulated = dataclasses.replace(served, formulation=Formulation(bf16_from_rows=1))
     for core in (
-        JaxRunner(tiny, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=(*ends, 3)),
+        JaxRunner(served, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=(*ends, 3)),
         JaxRunner(formulated, slots=SLOTS, cache_len=CONTEXT, eos_id=tok.eos_id, eos_ids=ends),
     ):
         assert not any(store.path(key_text(core.spec, v)).exists() for v in variants(core).values())

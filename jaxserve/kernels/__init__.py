@@ -1,5 +1,6 @@
 """CPU kernels of our own, called from jitted code through the XLA FFI: the int8 weight matmul
-(int8_matmul.cc, which says why XLA:CPU needs it) and the GGUF block-format matmuls (block_matmul.cc).
+(int8_matmul.cc, which says why XLA:CPU needs it), the GGUF block-format matmuls (block_matmul.cc) and
+paged attention over the KV pool in place (attention.cc).
 
 The C++ sources ship with the package and are compiled on first use on the machine that runs it (g++ -O3, a
 few seconds), once per instruction-set path (`ISAS`): each path built with its own explicit flags, the
@@ -35,10 +36,11 @@ from jaxserve import host
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_matmul.cc", "block_matmul.cc"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_matmul.cc", "block_matmul.cc", "attention.cc"))
 HEADERS = (Path(__file__).with_name("pool.h"),)
 TARGETS = {"kn": "jaxserve_int8_matmul", "nk": "jaxserve_int8_matmul_nk"}
 BLOCK_TARGETS = {f: f"jaxserve_{f}_matmul" for f in ("q4_0", "q4_1", "q8_0")}
+ATTENTION = "jaxserve_cpu_attention"
 READ = "jaxserve_read_bytes"  # a plain read of a weight's bytes: the floor the kernels are measured against
 LANES = 16  # the kernel's vector width in floats: output columns and groups are multiples of it
 COMPILER = os.environ.get("CXX", "g++")
@@ -129,7 +131,7 @@ def _register(chosen: Isa) -> bool:
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("kernels unavailable (%s); quantized matmuls use XLA's formulations", e)
         return False
-    for name in (*TARGETS.values(), *BLOCK_TARGETS.values(), READ):
+    for name in (*TARGETS.values(), *BLOCK_TARGETS.values(), ATTENTION, READ):
         jax.ffi.register_ffi_target(target(name, chosen.name), jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     return True
 
@@ -192,6 +194,20 @@ def block_matmul(x, fmt: str, codes, d, m=None, layer=0, q8: bool = False, isa: 
     operands = (d,) if m is None else (d, m)
     call = jax.ffi.ffi_call(target(BLOCK_TARGETS[fmt], isa), out)
     return call(x.astype(jnp.float32), codes, *operands, jnp.int32(layer), q8=np.int32(q8))
+
+
+def attention(q, k, v, layer, table, positions, local, scale: float, sliding_window: int = 0, isa: str | None = None):
+    """Paged attention over layer `layer` (an int32 scalar, traced or not) of a KVCache pool read in place:
+    q [B, T, N, H] of tokens at `positions` [B, T] over the pages of each row's `table` [B, C] in k
+    [L, P, K, H, S] and v [L, P, K, S, H] (float32, or bfloat16 as uint16 bits), keys at positions <= their
+    own and, where `local` (a bool scalar, traced or not) and `sliding_window` > 0, within the last
+    `sliding_window` positions -> [B, T, N, H] float32 (0 for a query that sees no key). Head dim and page
+    size multiples of LANES. `isa`: the path computing it (None: `best()`); call `available(isa)` first."""
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    index = lambda x: jnp.asarray(x, jnp.int32)
+    call = jax.ffi.ffi_call(target(ATTENTION, isa), out)
+    operands = (q.astype(jnp.float32), k, v, index(layer), index(table), index(positions), index(local))
+    return call(*operands, scale=np.float32(scale), window=np.int32(sliding_window))
 
 
 def read_bytes(parts, layer=0, isa: str | None = None):

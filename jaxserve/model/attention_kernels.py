@@ -4,6 +4,11 @@ layout each reads.
 `ModelConfig.attention` names the implementation, a serving choice made by `choose` for the backend:
 
   "plain"       the jnp scan over pages in transformer.py, on any backend, over `KVCache`
+  "cpu_kernel"  jaxserve's C++ kernel for XLA:CPU (jaxserve/kernels/attention.cc, through the XLA FFI), one
+                call per layer for the step's rows, prefill chunks and decode rows, global and local
+                layers, over `KVCache` itself: it reads each page where it lies in the pool, where the
+                plain path gathers a copy of a page per row at each step of its scan, and reads no page
+                past a row's last position
   "tpu_kernel"  jaxserve's Pallas TPU kernel (jaxserve.kernels.paged_attention), one call per layer for
                 the step's rows, over `TpuKVCache`; compiled by Mosaic on a TPU, run in TPU interpret
                 mode elsewhere (only tests do that: it checks results, not speed)
@@ -14,11 +19,15 @@ layout each reads.
 
 jax's GPU kernel serves as it is: it takes one layer's pages [K, pages, S, H], and the pool, held as
 [K, L, P, S, H], is that with the layers folded into the pages ([K, L * P, S, H] is the same buffer), so
-the layer is chosen by offsetting the page table by layer * P instead of by a copy of the layer.
+the layer is chosen by offsetting the page table by layer * P instead of by a copy of the layer. The CPU
+kernel takes the whole pool and the layer as an operand for the same reason: an operand sliced out of the
+pool inside the layer scan would be a copy of the layer.
 
-Each layout holds `cfg.cache_dtype`. The plain path and the TPU kernel upcast the pages they read and
-compute in float32; jax's GPU kernel multiplies the probabilities in the pages' dtype, so `choose` refuses
-it for a pool narrower than the activations (float32 under a bfloat16 pool) and serves the plain path.
+Each layout holds `cfg.cache_dtype`. The plain path, the CPU and the TPU kernels upcast the pages they read
+and compute in float32; jax's GPU kernel multiplies the probabilities in the pages' dtype, so `choose`
+refuses it for a pool narrower than the activations (float32 under a bfloat16 pool) and serves the plain
+path. The CPU kernel is not partitioned over a mesh (an FFI call is opaque to XLA's partitioner, which
+would gather the whole pool to each device), so a mesh of several devices keeps the plain path there too.
 
 The KV write stays a plain XLA scatter before the kernel: a step writes at most B * T positions, a small
 update in place in the donated pool, and keeping it out of the kernel keeps the kernel read-only (one
@@ -36,6 +45,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.experimental.pallas.ops.gpu import paged_attention as gpu
 
+from jaxserve import kernels
 from jaxserve.kernels import paged_attention as tpu
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.kv_cache import KVCache, write_targets
@@ -130,7 +140,8 @@ class GpuKVCache:
         return GpuKVCache(k=self.k.at[:, :, dst].set(self.k[:, :, src]), v=self.v.at[:, :, dst].set(self.v[:, :, src]))
 
 
-LAYOUTS = {"plain": KVCache, "tpu_kernel": TpuKVCache, "gpu_kernel": GpuKVCache}  # cfg.attention -> its pool
+# cfg.attention -> its pool
+LAYOUTS = {"plain": KVCache, "cpu_kernel": KVCache, "tpu_kernel": TpuKVCache, "gpu_kernel": GpuKVCache}
 
 
 def kv_cache_for(cfg: ModelConfig) -> type[KVCache] | type[TpuKVCache] | type[GpuKVCache]:
@@ -141,6 +152,8 @@ def kv_cache_for(cfg: ModelConfig) -> type[KVCache] | type[TpuKVCache] | type[Gp
 def attend(c: ModelConfig, q, cache, layer, table, positions, window: int, local, plain: Callable):
     """transformer.paged_attention by cfg.attention's kernel: same arguments, same result. `plain` is the
     plain path, for what the GPU kernel does not compute."""
+    if c.attention == "cpu_kernel":
+        return _cpu(c, q, cache, layer, table, positions, window, local)
     if c.attention == "tpu_kernel":
         return _tpu(c, q, cache, layer, table, positions, window, local)
     args = (c, q, cache, layer, table, positions, window, local)
@@ -174,6 +187,16 @@ def _gpu_decode(c: ModelConfig, q, cache: GpuKVCache, layer, table, positions, w
     return out[:, None].astype(jnp.dtype(c.dtype))
 
 
+def _cpu(c: ModelConfig, q, cache: KVCache, layer, table, positions, window: int, local):
+    """The step's rows by jaxserve's CPU kernel, reading `cache`'s arrays (float32, or bfloat16 as its bits)
+    where they lie."""
+    assert kernels.available(), "the CPU kernel is not built here (choose serves the plain path then)"
+    table = jnp.asarray(table)[:, : window // cache.page_size]
+    sliding = c.sliding_window if c.local_layers else 0
+    out = kernels.attention(q, cache.k, cache.v, layer, table, positions, local, c.attention_scale, sliding)
+    return out.astype(jnp.dtype(c.dtype))
+
+
 def _tpu(c: ModelConfig, q, cache: TpuKVCache, layer, table, positions, window: int, local):
     B, T, N, H = q.shape
     K, P = c.n_kv_heads, cache.pages
@@ -195,19 +218,20 @@ def _tpu(c: ModelConfig, q, cache: TpuKVCache, layer, table, positions, window: 
 
 
 def choose(cfg: ModelConfig, mesh: jax.sharding.Mesh, page_size: int, backend: str | None = None) -> ModelConfig:
-    """`cfg` with the attention to serve with on `backend` (default: jax's), logged: a TPU's or a GPU's kernel
-    where it takes the model's shapes (on the device itself: where its compiler takes them too), else the
-    plain path, with the reason."""
+    """`cfg` with the attention to serve with on `backend` (default: jax's), logged: the CPU's, a TPU's or a
+    GPU's kernel where it takes the model's shapes (on the device itself: where its compiler takes them
+    too), else the plain path, with the reason."""
     backend = backend or jax.default_backend()
-    attention = {"tpu": "tpu_kernel", "gpu": "gpu_kernel"}.get(backend)
+    attention = {"cpu": "cpu_kernel", "tpu": "tpu_kernel", "gpu": "gpu_kernel"}.get(backend)
     if attention is None:
         log.info("attention: plain (XLA) on %s", backend)
         return dataclasses.replace(cfg, attention="plain")
     kernel_cfg = dataclasses.replace(cfg, attention=attention)
     refused = _refusals(kernel_cfg, page_size)
-    if mesh.size > 1:  # a pallas_call is not partitioned by XLA: it would gather the whole pool to each chip
+    if mesh.size > 1:  # a kernel's call is not partitioned by XLA: it would gather the whole pool to each chip
         refused.append(f"a mesh of {mesh.size} devices (the kernel is not yet mapped over it with shard_map)")
-    if not refused and backend == jax.default_backend():
+    # a Pallas kernel is tried on the device's compiler; the CPU kernel was compiled by kernels.available()
+    if not refused and backend == jax.default_backend() and attention != "cpu_kernel":
         refused += _compile(kernel_cfg, page_size)
     if refused:
         log.warning("attention: plain (XLA), not the %s kernel: %s", backend.upper(), "; ".join(refused))
@@ -218,6 +242,13 @@ def choose(cfg: ModelConfig, mesh: jax.sharding.Mesh, page_size: int, backend: s
 
 def _refusals(c: ModelConfig, page_size: int) -> list[str]:
     """The model's shapes a kernel does not take, each said."""
+    if c.attention == "cpu_kernel":
+        refused = [] if kernels.available() else ["jaxserve's kernels are not built here (see jaxserve.kernels)"]
+        if c.head_dim % kernels.LANES:
+            refused.append(f"head dim {c.head_dim} is not a multiple of {kernels.LANES}")
+        if page_size % kernels.LANES:
+            refused.append(f"page size {page_size} is not a multiple of {kernels.LANES}")
+        return refused
     if c.attention == "tpu_kernel":
         if page_size % tpu.PAGE_MULTIPLE:
             return [f"page size {page_size} is not a multiple of {tpu.PAGE_MULTIPLE}"]

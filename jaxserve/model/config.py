@@ -76,9 +76,10 @@ class ModelConfig:
     # quant "blocks": each matmul weight in a GGUF block format (jaxserve.model.blocks), by name: ("q", "q4_1"), ...
     block_formats: tuple[tuple[str, str], ...] = ()
     # How attention computes, a serving choice never saved with the checkpoint (see
-    # jaxserve.model.attention_kernels): "plain" (jnp, any backend), "tpu_kernel" or "gpu_kernel" (a Pallas
-    # kernel). Unlike quant.Formulation it lives here because it decides the KV pool's layout, which the
-    # decode state declares from the config (kv_cache_for).
+    # jaxserve.model.attention_kernels): "plain" (jnp, any backend), "cpu_kernel" (jaxserve's C++ kernel over
+    # the plain pool), "tpu_kernel" or "gpu_kernel" (a Pallas kernel). Unlike quant.Formulation it lives
+    # here because it decides the KV pool's layout, which the decode state declares from the config
+    # (kv_cache_for).
     attention: str = "plain"
     # The KV page pool's dtype, also a serving choice never saved (None: `dtype`, the activations'). Every
     # pool layout declares its arrays from `cache_dtype`, and attention reads the pages upcast to the wider

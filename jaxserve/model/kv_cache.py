@@ -3,9 +3,11 @@ v [L, P, K, S, H] (layers, pages, KV heads, head dim / positions within a page).
 
 A sequence owns a page table: row b of `table` [B, pages per sequence] names the page holding its positions
 [i * S, (i + 1) * S) in column i; an entry past the pool (P) is no page: writes there are dropped and reads
-return some page's data, which the causal mask hides. Attention reads a sequence's window page by page,
-each page in the layout its two matmuls read without repacking (scores = q [G, H] x k [H, S],
-out = p [G, S] x v [S, H]).
+return some page's data (the last page's), which the causal mask hides. Attention reads a sequence's window
+page by page, each page in the layout its two matmuls read without repacking (scores = q [G, H] x k [H, S],
+out = p [G, S] x v [S, H]): the plain path gathers one page per row at a time (`read`), the CPU kernel
+(jaxserve/kernels/attention.cc) reads the pages where they lie in these arrays, so this layout is its
+contract too.
 
 A page's entries past the positions its sequence has written belong to an earlier owner; attention masks
 by position (key position <= query position), so a reused page needs no clearing.
@@ -14,7 +16,8 @@ The pages hold `cfg.cache_dtype` (every layout declares its arrays from it): wri
 and attention upcasts what it reads to the wider of it and the activations' dtype. This pool keeps a
 bfloat16 cache as its bits (uint16, `STORED`): XLA:CPU gathers from and scatters into a bfloat16 array by
 converting the whole array to float32 and back, a cost per layer and step that grows with the pool, where
-on 16-bit integers both stay the few rows they touch. `write` and `read` reinterpret at the rows.
+on 16-bit integers both stay the few rows they touch. `write` and `read` reinterpret at the rows; the CPU
+kernel widens the bits itself.
 """
 
 from __future__ import annotations

@@ -136,11 +136,12 @@ def test_smollm2_blocks_match_the_reference(smollm2_gguf, reference, name, atten
 @pytest.mark.skipif(not kernels.vnni(), reason="avx512_vnni: not on this CPU (the float path serves)")
 def test_smollm2_blocks_on_quantized_activations_stay_close_to_the_reference(smollm2_gguf, reference):
     """The kernel on activations quantized to 8 bits a run of 16 inputs (llama.cpp multiplies Q4_1 weights
-    so, a step a block of 32), the keys' and values' projections on float ones (blocks.FLOAT_INPUTS),
+    so, a step a block of 32), the keys', values' and down projections on float ones (blocks.FLOAT_INPUTS),
     teacher-forced: the issue's bar, 97% top-1 agreement with the float32 reference and at least llama.cpp's
     own Q4_1 path on the same positions (95.8%, mean |delta logprob| 0.039, scored by
-    scripts/agreement_llama_server.py). Measured 97.4%, 0.022 (every projection quantized: 96.4%, 0.025;
-    that and the offsets times x's exact block sums: 89.6%, 0.083)."""
+    scripts/agreement_llama_server.py). Measured 97.4%, 0.021 (every projection quantized: 96.4%, 0.025;
+    that and the offsets times x's exact block sums: 89.6%, 0.083). The chat prompt it once got wrong:
+    tests/test_chat.py's first test."""
     model = CANDIDATES["q8"].apply(smollm2_gguf)
     agreement, mean_diff = teacher_forced(model, reference)
     name = model.formulation.describe(model.cfg)

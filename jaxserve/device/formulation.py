@@ -12,7 +12,7 @@ bfloat16 from the smallest row count at and above which it won everywhere, and t
 below the first row count where it lost to float32 (`quant.Formulation`'s kernel_below_rows and bf16_from_rows,
 static in the jitted steps: the choice costs no recompilation after warm-up). GGUF block weights on a CPU
 with AVX512-VNNI have a fourth, "q8": the block kernel on activations quantized to 8 bits, integer dot
-products (the keys' and values' projections keep float activations: blocks.FLOAT_INPUTS; so it passes the
+products (the keys', values' and down projections keep float activations: blocks.FLOAT_INPUTS; so it passes the
 same bound, tests/test_blocks.py). `choose` times it beside the kernel, the faster of the two standing for
 the kernel against the others, and serves it from the fewest rows, below those the kernel serves, at and
 above which it beat float activations (q8_from_rows). On GPU and TPU bfloat16 is the native choice and

@@ -27,7 +27,6 @@ from jaxserve.device.formulation import (
     kernel_threshold,
     matmul_step,
     measure,
-    q8_threshold,
 )
 from jaxserve.engine.bridge import complete
 from jaxserve.engine.types import EngineRequest, SamplingParams
@@ -163,29 +162,6 @@ def test_the_kernel_is_measured_from_one_row_up(tiny_int8, tmp_path, monkeypatch
     # the kernel loses at 2 rows; bfloat16 wins from 64 down to 4, loses at 2
     assert calls == [(1,), (2,), (64,), (32,), (16,), (8,), (4,), (2,)]
     assert (choice.kernel_below_rows, choice.bf16_from_rows) == (2, 4)
-
-
-def test_quantized_activations_from_the_fewest_rows_they_win_at_and_above(tiny_int8, tmp_path, monkeypatch):
-    """Where the kernel can multiply on quantized activations (block weights, AVX512-VNNI), q8 is timed beside
-    it from one row up, the faster of the two standing for the kernel against float32; q8 serves from the
-    fewest rows at and above which it won; the choice and its cache entry carry q8_from_rows."""
-    monkeypatch.setattr(formulation, "kernel_possible", lambda model: True)
-    monkeypatch.setattr(formulation, "q8_possible", lambda model: True)
-    calls: list = []
-
-    def t(f32, kernel, q8):
-        return ms(f32, 100, kernel) | {"q8": q8}
-
-    # at 64 rows the kernel alone would lose to float32, q8 does not
-    rows = {1: t(90, 5, 8), 2: t(90, 9, 9), 4: t(90, 12, 8), 16: t(90, 20, 10), 32: t(90, 30, 15), 64: t(60, 70, 25)}
-    choice = choose(tiny_int8, 4, "auto", tmp_path, timer(calls, rows))
-    assert calls == [(1,), (2,), (4,), (16,), (32,), (64,), (64,)]  # the kernel's six, then bfloat16 at 64
-    assert choice.formulation == Formulation(kernel_below_rows=65, q8_from_rows=4)
-    assert choice.describe(tiny_int8.cfg).startswith("matmul formulation kernel(q8 from 4)<65<=f32 (measured")
-    again = choose(tiny_int8, 4, "auto", tmp_path, timer(calls, rows))
-    assert len(calls) == 7 and again.source.startswith("cached") and again.formulation == choice.formulation
-    assert q8_threshold({1: t(90, 5, 4), 2: t(90, 9, 9), 4: t(90, 12, 8)}, 5) == 4  # a loss at 2 ends it
-    assert q8_threshold({4: t(90, 12, 8), 8: t(90, 20, 10)}, 8) == 4  # the kernel does not serve 8 rows
 
 
 def test_measure_times_the_models_own_matmuls(tiny_int8):

@@ -12,10 +12,11 @@ bfloat16 from the smallest row count at and above which it won everywhere, and t
 below the first row count where it lost to float32 (`quant.Formulation`'s kernel_below_rows and bf16_from_rows,
 static in the jitted steps: the choice costs no recompilation after warm-up). GGUF block weights on a CPU
 with AVX512-VNNI have a fourth, "q8": the block kernel on activations quantized to 8 bits, integer dot
-products (the keys', values' and down projections keep float activations: blocks.FLOAT_INPUTS; so it passes the
-same bound, tests/test_blocks.py). `choose` times it beside the kernel, the faster of the two standing for
-the kernel against the others, and serves it from the fewest rows, below those the kernel serves, at and
-above which it beat float activations (q8_from_rows). On GPU and TPU bfloat16 is the native choice and
+products (the keys', values' and down projections keep float activations: blocks.FLOAT_INPUTS; so it passes
+the same bound, tests/test_blocks.py), asked for only (--formulation q8), at every row count: `auto` never
+takes it, for a step's numerics would then hang on its rows -- a prompt's continuation on the batch it joins
+and on whether its prefix was cached (seeded samples of one chat request differed when asked twice, the
+second time from the prefix cache). On GPU and TPU bfloat16 is the native choice and
 stands without measuring. Float weights are never rounded: float32 asked for stays exact.
 
 A choice is cached in a small JSON file in the compilation cache's folder, keyed by what decides it (CPU
@@ -60,12 +61,10 @@ FORMULATIONS = ("auto", "f32", "bf16", "kernel", "q8")
 CACHE_FILE = "jaxserve-formulations.json"
 MARGIN = 0.97  # a candidate must win by 3% at a row count to be taken there
 SHORT_PREFILL = 64  # tokens: the prefill chunks up to this many are measured too
-PROCEDURE = 4  # how `choose` decides: a cached choice made another way is made again
+PROCEDURE = 3  # how `choose` decides: a cached choice made another way is made again
 REPEATS = 5  # timed runs of each candidate at each row count, interleaved; medians compared
 
-Timings = dict[
-    int, dict[str, float]
-]  # rows -> {"f32": ms, "bf16": ms, "kernel": ms, "q8": ms}, medians, those measured
+Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms, "kernel": ms}, medians, those measured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +96,7 @@ class Choice:
     def describe(self, cfg) -> str:
         text = f"matmul formulation {self.formulation.describe(cfg)} ({self.source}"
         if self.timings:
-            names = [n for n in ("kernel", "q8", "f32", "bf16") if any(n in t for t in self.timings.values())]
+            names = [n for n in ("kernel", "f32", "bf16") if any(n in t for t in self.timings.values())]
             per_rows = ", ".join(
                 f"{r}: " + "/".join(f"{t[n]:.1f}" if n in t else "-" for n in names)
                 for r, t in sorted(self.timings.items())
@@ -113,19 +112,13 @@ def row_buckets(slots: int) -> tuple[int, ...]:
     return tuple(sorted(decode | {b for b in PREFILL_BUCKETS if b <= SHORT_PREFILL}))
 
 
-def kernel_ms(t: dict[str, float]) -> float:
-    """The kernel's time at a row count: on float activations, or on quantized ones where those were measured
-    and are faster (q8_threshold says from which rows they serve)."""
-    return min(t.get("kernel", float("inf")), t.get("q8", float("inf")))
-
-
 def bf16_threshold(timings: Timings) -> int | None:
     """The smallest measured row count from which bfloat16 wins (by MARGIN) at every measured count, against
-    float32 and the kernel (`kernel_ms`) where it was measured, or None."""
+    float32 and the kernel where it was measured, or None."""
     threshold = None
     for rows in sorted(timings, reverse=True):
         t = timings[rows]
-        if t["bf16"] >= MARGIN * min(t["f32"], kernel_ms(t)):
+        if t["bf16"] >= MARGIN * min(t["f32"], t.get("kernel", float("inf"))):
             break
         threshold = rows
     return threshold
@@ -144,11 +137,6 @@ def kernel_possible(model: LoadedModel) -> bool:
             if not kernels.fits(kernel, scale, grouped_axis(kernel, scale) + 1):
                 return False
     return kernels.available()
-
-
-def q8_possible(model: LoadedModel) -> bool:
-    """Whether the block kernel can multiply `model`'s weights on quantized activations here (AVX512-VNNI)."""
-    return kernel_possible(model) and model.cfg.quant == "blocks" and kernels.vnni()
 
 
 def matmul_step(model: LoadedModel) -> Callable:
@@ -187,7 +175,8 @@ CANDIDATES = {  # each formulation alone, at every row count
     "f32": Choice(None, "forced"),
     "bf16": Choice(1, "forced"),
     "kernel": Choice(None, "forced", kernel_below_rows=EVERY_ROW),
-    # the block kernel on activations quantized to 8 bits (AVX512-VNNI; blocks.FLOAT_INPUTS keep float ones)
+    # the block kernel on activations quantized to 8 bits (AVX512-VNNI; blocks.FLOAT_INPUTS keep float ones):
+    # asked for only, never taken by auto (see above)
     "q8": Choice(None, "forced", kernel_below_rows=EVERY_ROW, q8_from_rows=1),
 }
 
@@ -244,7 +233,6 @@ def _write(path: Path, key: str, choice: Choice) -> None:
     entries[key] = {
         "bf16_from_rows": choice.bf16_from_rows,
         "kernel_below_rows": choice.kernel_below_rows,
-        "q8_from_rows": choice.q8_from_rows,
         "timings_ms": {str(r): t for r, t in sorted(choice.timings.items())},
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -254,17 +242,6 @@ def _write(path: Path, key: str, choice: Choice) -> None:
     os.replace(tmp, path)  # a concurrent reader sees the old file or the new one, never half of one
 
 
-def q8_threshold(timings: Timings, kernel_below_rows: int | None) -> int | None:
-    """The smallest measured row count below `kernel_below_rows` from which quantized activations beat (by
-    MARGIN) float ones at every measured count up to it, or None."""
-    threshold = None
-    for rows in sorted((r for r in timings if "q8" in timings[r] and r < (kernel_below_rows or 0)), reverse=True):
-        if timings[rows]["q8"] >= MARGIN * timings[rows]["kernel"]:
-            break
-        threshold = rows
-    return threshold
-
-
 def kernel_threshold(timings: Timings, bf16_from_rows: int | None) -> int | None:
     """The smallest measured row count, from one up, at which the kernel does not beat (by MARGIN) what
     would serve those rows without it (bfloat16 from `bf16_from_rows`, float32 below): the kernel serves
@@ -272,7 +249,7 @@ def kernel_threshold(timings: Timings, bf16_from_rows: int | None) -> int | None
     measured = sorted(r for r in timings if "kernel" in timings[r])
     for rows in measured:
         other = "bf16" if bf16_from_rows is not None and rows >= bf16_from_rows else "f32"
-        if kernel_ms(timings[rows]) >= MARGIN * timings[rows][other]:
+        if timings[rows]["kernel"] >= MARGIN * timings[rows][other]:
             return rows if rows > measured[0] else None
     return measured[-1] + 1 if measured else None
 
@@ -297,7 +274,7 @@ def choose(
             )
         return Choice(None, "float weights")
     if formulation == "q8":
-        if not q8_possible(model):
+        if not (kernel_possible(model) and model.cfg.quant == "blocks" and kernels.vnni()):
             raise ValueError("--formulation q8 needs GGUF block weights and the kernels built for AVX512-VNNI")
         return CANDIDATES["q8"]
     if formulation == "kernel":
@@ -315,17 +292,15 @@ def choose(
     path = None if cache_dir is None else Path(cache_dir) / CACHE_FILE
     if path is not None and (entry := _read(path).get(key)) is not None:
         timings = {int(r): t for r, t in entry["timings_ms"].items()}
-        cached = f"cached in {path}"
-        return Choice(entry["bf16_from_rows"], cached, timings, entry["kernel_below_rows"], entry["q8_from_rows"])
+        return Choice(entry["bf16_from_rows"], f"cached in {path}", timings, entry.get("kernel_below_rows"))
     t0 = time.perf_counter()
     timings: Timings = {}
     buckets = row_buckets(slots)
     below = 0  # the kernel serves fewer rows than this
     if kernel_possible(model):
-        names = ("kernel", "q8", "f32") if q8_possible(model) else ("kernel", "f32")
         for rows in buckets:  # from one row up, against float32: above a loss nothing counts
-            timings[rows] = timer(model, (rows,), names)[rows]
-            if kernel_ms(timings[rows]) >= MARGIN * timings[rows]["f32"]:
+            timings[rows] = timer(model, (rows,), ("kernel", "f32"))[rows]
+            if timings[rows]["kernel"] >= MARGIN * timings[rows]["f32"]:
                 break
             below = rows + 1
     for rows in reversed(buckets):  # bfloat16 from the most rows down, until the kernel or float32 wins
@@ -335,8 +310,7 @@ def choose(
             break
     bf16 = bf16_threshold({r: t for r, t in timings.items() if "bf16" in t})
     kernel = kernel_threshold(timings, bf16) if below else None
-    q8 = q8_threshold(timings, kernel)
-    choice = Choice(bf16, f"measured in {time.perf_counter() - t0:.1f} s", timings, kernel, q8)
+    choice = Choice(bf16, f"measured in {time.perf_counter() - t0:.1f} s", timings, kernel)
     if path is not None:
         _write(path, key, choice)
     return choice

@@ -39,7 +39,7 @@ from jaxserve.checkpoint import DEFAULT_MODEL, load_model
 from jaxserve.device import steps
 from jaxserve.device.build import DEFAULT_CONTEXT, pool_pages
 from jaxserve.device.formulation import FORMULATIONS, choose
-from jaxserve.device.runner import PAGE_SIZE, JaxRunner
+from jaxserve.device.runner import PAGE_SIZE, JaxRunner, bucket_of
 from jaxserve.model import attention_kernels
 from jaxserve.model.config import KV_DTYPES
 from jaxserve.sharding import make_mesh
@@ -154,12 +154,13 @@ def self_times(trace_dir: Path, instructions: set[tuple[str, str]]) -> tuple[dic
     return totals, busy
 
 
-def prepare(core: JaxRunner, position: int, temperature: float, top_p: float) -> np.ndarray:
-    """Every slot active at `position` with pages enough for it and the given knobs; returns the page table."""
+def prepare(core: JaxRunner, active: int, position: int, temperature: float, top_p: float) -> np.ndarray:
+    """The first `active` slots decoding at `position` with pages enough for it and the given knobs; returns
+    the page table."""
     table = core.empty_table()
     need = position // core.page_size + 1
-    assert core.slots * need <= core.pages
-    for s in range(core.slots):
+    assert active * need <= core.pages
+    for s in range(active):
         table[s, :need] = np.arange(s * need, (s + 1) * need)
     S = core.slots
     full = lambda value, dtype: jnp.full((S,), value, dtype)
@@ -167,7 +168,7 @@ def prepare(core: JaxRunner, position: int, temperature: float, top_p: float) ->
         slots=core.state.slots.replace(
             tokens=full(42, jnp.int32),
             positions=full(position, jnp.int32),
-            active=full(True, bool),
+            active=jnp.arange(S) < active,
             remaining=full(1 << 30, jnp.int32),
             stop_on_eos=full(False, bool),
         ),
@@ -178,12 +179,12 @@ def prepare(core: JaxRunner, position: int, temperature: float, top_p: float) ->
     return table
 
 
-def run_steps(core: JaxRunner, table, position: int, n: int) -> list[float]:
-    """ms of each of n steps, each to its tokens on the host."""
+def run_steps(core: JaxRunner, table, active: int, position: int, n: int) -> list[float]:
+    """ms of each of n steps of the first `active` slots, each to its tokens on the host."""
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        jax.device_get(core.sample(core.forward(table, position, core.slots - 1)).tokens)
+        jax.device_get(core.sample(core.forward(table, position, active - 1)).tokens)
         times.append(1000 * (time.perf_counter() - t0))
     return times
 
@@ -196,24 +197,25 @@ def profile(model, slots: int, attention: str, args, trace_root: Path) -> None:
     else:
         cfg = dataclasses.replace(cfg, attention=attention)
     m = dataclasses.replace(m, cfg=cfg)
-    pages = pool_pages(m.cfg, PAGE_SIZE, slots, DEFAULT_CONTEXT)
-    core = JaxRunner(m, slots=slots, cache_len=DEFAULT_CONTEXT, eos_id=None, pages=pages)
-    table = prepare(core, args.position, args.temperature, args.top_p)
-    window = core.window_for(args.position)
-    forward = steps.forward.lower(core.spec, m.params, core.state, table, None, window, slots).compile().as_text()
-    logits = jax.ShapeDtypeStruct((slots, m.cfg.vocab_size), jnp.float32)
+    held = max(slots, args.max_slots)  # the server's slots, of which `slots` decode
+    pages = pool_pages(m.cfg, PAGE_SIZE, held, DEFAULT_CONTEXT)
+    core = JaxRunner(m, slots=held, cache_len=DEFAULT_CONTEXT, eos_id=None, pages=pages)
+    table = prepare(core, slots, args.position, args.temperature, args.top_p)
+    window, rows = core.window_for(args.position), bucket_of(slots, core.row_buckets)
+    forward = steps.forward.lower(core.spec, m.params, core.state, table, None, window, rows).compile().as_text()
+    logits = jax.ShapeDtypeStruct((rows, m.cfg.vocab_size), jnp.float32)
     sample = steps.sample_step.lower(core.spec, core.state, logits).compile().as_text()
     modules = {"jit_forward": forward, "jit_sample_step": sample}  # the step's two halves, as traced
     labels = {(m, name): label for m, text in modules.items() for name, label in classify(text).items()}
     instructions = {
         (m, name) for m, text in modules.items() for name in re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = ", text, re.M)
     }
-    run_steps(core, table, args.position, 3)  # compile and warm
-    wall = run_steps(core, table, args.position, args.steps)
+    run_steps(core, table, slots, args.position, 3)  # compile and warm
+    wall = run_steps(core, table, slots, args.position, args.steps)
     trace_dir = trace_root / f"slots{slots}-{m.cfg.attention}"
     shutil.rmtree(trace_dir, ignore_errors=True)
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-        traced = run_steps(core, table, args.position, args.steps)
+        traced = run_steps(core, table, slots, args.position, args.steps)
     totals, busy = self_times(trace_dir, instructions)
     per_step = lambda us: us / args.steps / 1000
     by_comp: dict[str, float] = collections.defaultdict(float)
@@ -225,7 +227,7 @@ def profile(model, slots: int, attention: str, args, trace_root: Path) -> None:
     total = sum(by_comp.values())
     by_comp["host: wall (traced) - device busy"] = statistics.mean(traced) - per_step(busy)  # both means
     print(
-        f"\n{m.name} {m.cfg.quant or m.cfg.dtype} {m.formulation.describe(m.cfg)}, {slots} slots at position "
+        f"\n{m.name} {m.cfg.quant or m.cfg.dtype} {m.formulation.describe(m.cfg)}, {slots} of {held} slots at position "
         f"{args.position}, KV pool {m.cfg.cache_dtype}, attention {m.cfg.attention} "
         f"(window {window}), temperature {args.temperature}, top_p {args.top_p}: step {statistics.median(wall):.2f} ms "
         f"median untraced, {statistics.median(traced):.2f} ms traced; thunks {total:.2f} ms/step, "
@@ -244,6 +246,9 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="checkpoints")
     parser.add_argument("--weights", choices=["float32", "int8", "gguf"], default="int8")
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 32])
+    parser.add_argument(
+        "--max-slots", type=int, default=0, help="slots the engine holds, of which --slots decode (default: as many)"
+    )
     parser.add_argument("--position", type=int, default=160)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--formulation", choices=FORMULATIONS, default="auto")

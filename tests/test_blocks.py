@@ -66,6 +66,20 @@ def test_block_kernel_equals_numpy(fmt, rows, n, k, isa):
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
+def test_a_rows_outputs_do_not_hang_on_the_rows_beside_it(fmt, isa):
+    """On float activations each row of x gives the same outputs, bit for bit, alone and among others (in any
+    place of a group of rows the kernel computes together): a request's tokens do not hang on the batch."""
+    rng = np.random.default_rng(7)
+    parts, _ = stack(rng, fmt, 70, 160, layers=1)
+    x = rng.standard_normal((11, 160)).astype(np.float32)
+    matmul = jax.jit(kernels.block_matmul, static_argnums=1, static_argnames="isa")
+    together = np.asarray(matmul(x, fmt, *parts, isa=isa))
+    for r in (0, 5, 10):
+        np.testing.assert_array_equal(np.asarray(matmul(x[r : r + 1], fmt, *parts, isa=isa))[0], together[r])
+    np.testing.assert_array_equal(np.asarray(matmul(x[3:9], fmt, *parts, isa=isa)), together[3:9])
+
+
 def test_paths_without_quantized_activations_refuse_them(isa):
     """A path built without AVX512-VNNI says so when asked to multiply on quantized activations."""
     if isa in {i.name for i in kernels.ISAS if i.q8}:

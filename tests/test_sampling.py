@@ -84,6 +84,22 @@ def test_seed_is_per_row_and_reproducible():
     assert len(draws) > 3  # uniform logits: different seeds spread over the vocabulary
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 2**63 - 1])
+def test_seed_key_is_jax_random_key(seed):
+    """The key a seed's row holds, built on the host, is jax.random.key's for the seed's low 32 bits."""
+    row = SamplingState.host_row(SamplingParams(seed=seed), V)
+    expected = jax.random.key_data(jax.random.key(seed & 0xFFFFFFFF))
+    np.testing.assert_array_equal(row["key"], np.asarray(expected))
+    assert row["key"].dtype == np.uint32
+
+
+def test_record_counts_the_first_rows_only():
+    state = state_for(SamplingParams(), SamplingParams(), SamplingParams())
+    state = record(state, jnp.array([4, 2]), jnp.array([True, False]))
+    assert np.asarray(state.counts).tolist() == [[0, 0, 0, 0, 1, 0], [0] * V, [0] * V]
+    assert np.asarray(state.step).tolist() == [1, 0, 0]
+
+
 def test_top_p_mask_equals_the_sorted_nucleus():
     """The bisected threshold keeps exactly the nucleus a sort would: the most likely tokens, in order,
     until their mass reaches top_p."""

@@ -105,6 +105,7 @@ def sample(logits, state: SamplingState):
 
 
 def record(state: SamplingState, tokens, advanced) -> SamplingState:
-    """Count `tokens` [B] for the penalties and move the key streams on, for rows where `advanced`."""
-    step = advanced.astype(jnp.int32)
-    return state.replace(counts=state.counts.at[jnp.arange(tokens.shape[0]), tokens].add(step), step=state.step + step)
+    """Count `tokens` [B] for the penalties and move the key streams on, for the first B rows where `advanced`."""
+    step, rows = advanced.astype(jnp.int32), tokens.shape[0]
+    counts = state.counts.at[jnp.arange(rows), tokens].add(step)
+    return state.replace(counts=counts, step=state.step.at[:rows].add(step))

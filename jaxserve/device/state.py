@@ -112,7 +112,10 @@ def _all_allowed(p: SamplingParams, vocab: int) -> np.ndarray:
 
 
 def _seed_key(p: SamplingParams, vocab: int) -> np.ndarray:
-    return np.asarray(jax.random.key_data(jax.random.key(p.seed & 0xFFFFFFFF)))
+    """jax.random.key(seed)'s data for the default threefry2x32 keys ([0, seed] for a 32-bit seed), made on
+    the host: jax.random.key would queue behind the decode steps in flight and hold the scheduler for a
+    step (~60 ms of each seeded request's first token, served at one stream)."""
+    return np.array([0, p.seed & 0xFFFFFFFF], np.uint32)
 
 
 @struct.dataclass

@@ -113,23 +113,12 @@ inline vf floats(__m128i b) {
 }
 #endif
 
-// The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied). GCC 12
-// converts a byte vector with __builtin_convertvector element by element: AVX2 and AVX-512 widen with their
-// own instructions.
+// The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied), for the
+// paths without AVX-512 (`rows` below). GCC 12 converts a byte vector with __builtin_convertvector element by
+// element: AVX2 widens with its own instructions.
 template <Fmt F>
 inline void codes(const uint8_t* q, vf& lo, vf& hi) {
-#if defined(__AVX512F__)
-  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  if constexpr (F == Fmt::Q8_0) {
-    lo = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
-    hi = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + L))));
-  } else {
-    const __m128i low = _mm_set1_epi8(15);
-    lo = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(a, low)));
-    hi = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(a, 4), low)));
-  }
-  return;
-#elif defined(__AVX2__)
+#if defined(__AVX2__) && !defined(__AVX512F__)
   const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
   if constexpr (F == Fmt::Q8_0) {
     lo = floats<true>(a);
@@ -165,39 +154,6 @@ template <Fmt F, int R>
 void row(const float* x, const float* xs, const uint8_t* q, const float* d, const float* m, float* y, Dims s,
          int64_t m0, int64_t n) {
   const int64_t nb = s.K / QK;
-#if defined(__AVX512F__)
-  if constexpr (F != Fmt::Q8_0) {
-    // Q4: the 16 values a block's codes stand for (d * q + m, or d * (q - 8)) are one vector, and each input's
-    // weight is looked up in it (vpermps reads only the low four bits of each lane's index): a block's codes
-    // are widened once, shifted once for the high nibbles and never converted, and its d and m are applied
-    // once to those 16 values, not to the dot. Two blocks an iteration with accumulators of their own, so
-    // that the FMAs' latency does not bound the loop.
-    const __m512 iota = F == Fmt::Q4_1 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-                                       : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    __m512 acc[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
-    auto block = [&](int64_t b, int a) {
-      const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * QK / 2)));
-      const __m512 values = F == Fmt::Q4_1 ? _mm512_fmadd_ps(iota, _mm512_set1_ps(d[b]), _mm512_set1_ps(m[b]))
-                                           : _mm512_mul_ps(iota, _mm512_set1_ps(d[b]));
-      const __m512 lo = _mm512_permutexvar_ps(c, values);
-      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), values);
-      for (int r = 0; r < R; ++r) {
-        const float* xr = x + (m0 + r) * s.K + b * QK;
-        acc[r][a] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc[r][a]);
-        acc[r][a + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + L), acc[r][a + 1]);
-      }
-    };
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) block(b, 0), block(b + 1, 2);
-    if (b < nb) block(b, 0);
-    for (int r = 0; r < R; ++r)
-      y[(m0 + r) * s.N + n] = _mm512_reduce_add_ps(
-          _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
-    return;
-  }
-#endif
   vf acc[R] = {};
   for (int64_t b = 0; b < nb; ++b) {
     vf lo, hi;
@@ -218,41 +174,73 @@ void row(const float* x, const float* xs, const uint8_t* q, const float* d, cons
 }
 
 #if defined(__AVX512F__)
-// One row of x (a 1-stream decode step) by weight rows n..n+3 at once, so that x's loads and the loop are
-// shared by four rows and the eight chains of FMAs hide their latency. Q4 codes as `row` looks them up; Q8_0
-// codes widened and converted, the dot scaled by d.
+// A block's 32 weights as two float vectors, inputs 0..15 and 16..31, d and m applied. Q4: the 16 values a
+// block's codes stand for (d * q + m, or d * (q - 8)) are one vector and each input's weight is looked up in
+// it (vpermps reads only the low four bits of each lane's index): the codes are widened once, shifted once
+// for the high nibbles and never converted. Q8_0: the codes widened and converted, times d.
 template <Fmt F>
-void rows4(const float* x, const uint8_t* q, const float* d, const float* m, float* y, int64_t nb) {
+inline void weights(const uint8_t* q, float d, float m, __m512& lo, __m512& hi) {
+  const __m128i* codes = reinterpret_cast<const __m128i*>(q);
+  if constexpr (F == Fmt::Q8_0) {
+    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes))), _mm512_set1_ps(d));
+    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes + 1))), _mm512_set1_ps(d));
+  } else {
+    const __m512 iota = F == Fmt::Q4_1 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                                       : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes));
+    const __m512 values = F == Fmt::Q4_1 ? _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m))
+                                         : _mm512_mul_ps(iota, _mm512_set1_ps(d));
+    lo = _mm512_permutexvar_ps(c, values);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), values);
+  }
+}
+
+// Rows [m0, m0 + R) of x by weight rows n..n+W at once (q, d, m: row n's; the W rows follow each other):
+// each block of the W weight rows is looked up once for the R rows of x and each block of x loaded once for
+// the W weight rows, so that from 4 x 4 on the loop is bound by its FMAs, not its loads (one weight row a
+// pass re-read x from L2 for every weight row: 32 rows at ~15 GMAC/s a core). Every (row, weight row) pair
+// runs the same instructions in the same order whatever R and W are, so a row's outputs do not hang on the
+// rows beside it (nor on M).
+template <Fmt F, int R, int W>
+void rows(const float* x, const uint8_t* q, const float* d, const float* m, float* y, Dims s, int64_t m0,
+          int64_t n) {
   constexpr int64_t bb = block_bytes<F>();
-  const __m512 iota = F == Fmt::Q4_1 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-                                     : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  __m512 lo_acc[4], hi_acc[4];
-  for (int i = 0; i < 4; ++i) lo_acc[i] = hi_acc[i] = _mm512_setzero_ps();
+  const int64_t nb = s.K / QK;
+  __m512 acc[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < W; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const __m512 x0 = _mm512_loadu_ps(x + b * QK), x1 = _mm512_loadu_ps(x + b * QK + L);
-    // the codes of the four rows after the next four (as many bytes a block as the four rows' block): the
-    // hardware prefetcher alone leaves the loads waiting (1-row Q4_1 pass: 57% of a plain read's speed
-    // without, ~70% with)
+    __m512 x0[R], x1[R];
+    for (int r = 0; r < R; ++r) {
+      x0[r] = _mm512_loadu_ps(x + (m0 + r) * s.K + b * QK);
+      x1[r] = _mm512_loadu_ps(x + (m0 + r) * s.K + b * QK + L);
+    }
+    // the codes of the four weight rows after the next four (as many bytes a block as the four rows'
+    // block): the hardware prefetcher alone leaves a 1-row pass's loads waiting (Q4_1 at 57% of a plain
+    // read's speed without, ~70% with, on an Intel Xeon)
     for (int64_t line = 0; line < 4 * bb; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(q + 8 * nb * bb + b * 4 * bb + line), _MM_HINT_T0);
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < W; ++i) {
       const int64_t at = i * nb + b;
-      const __m128i* codes = reinterpret_cast<const __m128i*>(q + at * bb);
-      if constexpr (F == Fmt::Q8_0) {
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes)));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes + 1)));
-        const __m512 dot = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
-        lo_acc[i] = _mm512_fmadd_ps(dot, _mm512_set1_ps(d[at]), lo_acc[i]);
-      } else {
-        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes));
-        const __m512 values = F == Fmt::Q4_1 ? _mm512_fmadd_ps(iota, _mm512_set1_ps(d[at]), _mm512_set1_ps(m[at]))
-                                             : _mm512_mul_ps(iota, _mm512_set1_ps(d[at]));
-        lo_acc[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(c, values), x0, lo_acc[i]);
-        hi_acc[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), values), x1, hi_acc[i]);
-      }
+      __m512 lo, hi;
+      weights<F>(q + at * bb, d[at], F == Fmt::Q4_1 ? m[at] : 0.f, lo, hi);
+      for (int r = 0; r < R; ++r) acc[r][i] = _mm512_fmadd_ps(hi, x1[r], _mm512_fmadd_ps(lo, x0[r], acc[r][i]));
     }
   }
-  for (int i = 0; i < 4; ++i) y[i] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[i], hi_acc[i]));
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < W; ++i) y[(m0 + r) * s.N + n + i] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+// rows<F, R, W> for R of 1..4 (M's remainder) and W of 1..4 (the tile's last weight rows)
+template <Fmt F, int R>
+void rows_of(int64_t w, const float* x, const uint8_t* q, const float* d, const float* m, float* y, Dims s,
+             int64_t m0, int64_t n) {
+  switch (w) {
+    case 4: rows<F, R, 4>(x, q, d, m, y, s, m0, n); break;
+    case 3: rows<F, R, 3>(x, q, d, m, y, s, m0, n); break;
+    case 2: rows<F, R, 2>(x, q, d, m, y, s, m0, n); break;
+    default: rows<F, R, 1>(x, q, d, m, y, s, m0, n); break;
+  }
 }
 #endif
 
@@ -265,17 +253,25 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
   float *df = scratch(2 * count), *mf = df + count;
   widen_half(d + first * nb, df, count);
   if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
+#if defined(__AVX512F__)
+  for (int64_t n = first; n < end; n += 4) {
+    const float* dn = df + (n - first) * nb;
+    const float* mn = F == Fmt::Q4_1 ? mf + (n - first) * nb : nullptr;
+    const uint8_t* qn = q + n * nb * block_bytes<F>();
+    const int64_t w = std::min<int64_t>(4, end - n);
+    int64_t m0 = 0;
+    for (; m0 + MB <= s.M; m0 += MB) rows_of<F, MB>(w, x, qn, dn, mn, y, s, m0, n);
+    switch (s.M - m0) {
+      case 1: rows_of<F, 1>(w, x, qn, dn, mn, y, s, m0, n); break;
+      case 2: rows_of<F, 2>(w, x, qn, dn, mn, y, s, m0, n); break;
+      case 3: rows_of<F, 3>(w, x, qn, dn, mn, y, s, m0, n); break;
+    }
+  }
+#else
   for (int64_t n = first; n < end; ++n) {
     const float* dn = df + (n - first) * nb;
     const float* mn = F == Fmt::Q4_1 ? mf + (n - first) * nb : nullptr;
     const uint8_t* qn = q + n * nb * block_bytes<F>();
-#if defined(__AVX512F__)
-    if (s.M == 1 && n + 4 <= end) {
-      rows4<F>(x, qn, dn, mn, y + n, nb);
-      n += 3;
-      continue;
-    }
-#endif
     int64_t m0 = 0;
     for (; m0 + MB <= s.M; m0 += MB) row<F, MB>(x, xs, qn, dn, mn, y, s, m0, n);
     switch (s.M - m0) {
@@ -284,6 +280,7 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
       case 3: row<F, 3>(x, xs, qn, dn, mn, y, s, m0, n); break;
     }
   }
+#endif
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)

@@ -12,10 +12,11 @@
 namespace jaxserve {
 
 // The least work a task should carry: bytes of weights streamed (times the rows of x dotted with them).
-// Handing a task to a pool thread (waking it) costs about as long as streaming this much, so a small
-// weight runs on fewer threads; on two cores shared with other processes, 32-row tasks spread over three
-// workers made the 1-row block matmuls slower than one thread alone (scripts/bench_bandwidth.py).
-constexpr int64_t TASK_BYTES = int64_t{256} << 10;
+// Handing a task to a pool thread (waking it) costs time, so a small weight runs on fewer threads; but
+// SmolLM2's attention projections (69-207 KB a layer in Q4_1) ran on one thread alone at 256 KB, and at
+// 64 KB the 1-row pass over its layers is faster (scripts/bench_bandwidth.py --quantize gguf, AMD EPYC 2
+// cores, fastest of 60: 5.80/4.82 -> 4.43/4.23 ms).
+constexpr int64_t TASK_BYTES = int64_t{64} << 10;
 
 // Runs tile(0..tiles) on the calling thread and up to all but one of the pool's threads, returning when all are
 // done: tiles grouped into tasks of consecutive tiles that stream at least TASK_BYTES each (`bytes`: what

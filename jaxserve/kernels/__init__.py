@@ -37,7 +37,7 @@ from jaxserve import host
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_matmul.cc", "block_matmul.cc", "attention.cc"))
-HEADERS = (Path(__file__).with_name("pool.h"),)
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("pool.h", "vec.h"))
 TARGETS = {"kn": "jaxserve_int8_matmul", "nk": "jaxserve_int8_matmul_nk"}
 BLOCK_TARGETS = {f: f"jaxserve_{f}_matmul" for f in ("q4_0", "q4_1", "q8_0")}
 ATTENTION = "jaxserve_cpu_attention"

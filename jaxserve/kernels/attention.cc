@@ -28,13 +28,17 @@
 #endif
 
 #include "pool.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int L = 16;          // floats per vector; positions in a page and head dims are multiples of it
+using jaxserve::L;  // floats per vector; positions in a page and head dims are multiples of it
+using jaxserve::load;
+using jaxserve::sum;
+using jaxserve::vf;
 constexpr int RB = 4;          // query rows dotted with a page's keys and values at once
 constexpr int VH = 4;          // vectors of the head dim accumulated at once in the values' matmul
 constexpr int64_t ROWS = 32;   // query rows of a task at most (a prefill chunk's split over several)
@@ -43,7 +47,6 @@ constexpr int64_t ROWS = 32;   // query rows of a task at most (a prefill chunk'
 constexpr int64_t AHEAD = 4096;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-typedef float vf __attribute__((vector_size(L * 4)));
 typedef int32_t vi __attribute__((vector_size(L * 4)));
 typedef uint16_t vu16 __attribute__((vector_size(L * 2)));
 typedef uint32_t vu32 __attribute__((vector_size(L * 4)));
@@ -54,12 +57,6 @@ inline vf splat(float x) {
 #else
   return x - vf{};  // x - 0 is x for every x (x + 0 is not for -0)
 #endif
-}
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
 }
 
 // bfloat16 bits -> float32: they are a float32's high half
@@ -93,16 +90,6 @@ inline float hmax(vf v) {
   float m = v[0];
   for (int i = 1; i < L; ++i) m = std::max(m, v[i]);
   return m;
-#endif
-}
-
-inline float hsum(vf v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps((__m512)v);
-#else
-  float t = 0;
-  for (int i = 0; i < L; ++i) t += v[i];
-  return t;
 #endif
 }
 
@@ -194,15 +181,15 @@ void block(const float* q, const E* kp, const E* vp, int64_t H, int64_t S, const
     }
     const float new_m = std::max(m[r], hmax(top));
     const float alpha = std::exp(m[r] - new_m);  // 0 before the first visible key (m = -inf)
-    vf sum = vf{};
+    vf weights = vf{};
     for (int64_t j = blo; j < bhi; j += L) {
       const vi at = iota + static_cast<int32_t>(j);
       const vf e = exp_nonpositive(load(pr + j) - new_m);
       const vf w = (at >= first) & (at < end) ? e : vf{};
       store(pr + j, w);
-      sum += w;
+      weights += w;
     }
-    l[r] = l[r] * alpha + hsum(sum);
+    l[r] = l[r] * alpha + sum(weights);
     m[r] = new_m;
     if (alpha != 1.0f)
       for (int64_t h = 0; h < H; ++h) o[r * H + h] *= alpha;

@@ -29,18 +29,21 @@
 #endif
 
 #include "pool.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int L = 16;     // floats per vector
+using jaxserve::L;
+using jaxserve::load;
+using jaxserve::sum;
+using jaxserve::vf;
 constexpr int QK = 32;    // inputs per block
 constexpr int MB = 4;     // rows of x dotted with a weight row while it is in registers
 constexpr int64_t TILE = 32;  // weight rows (output columns) per task
 
-typedef float vf __attribute__((vector_size(L * 4)));
 typedef uint8_t vu8 __attribute__((vector_size(L)));
 typedef int8_t vs8 __attribute__((vector_size(L)));
 
@@ -49,22 +52,6 @@ enum class Fmt { Q4_0, Q4_1, Q8_0 };
 template <Fmt F>
 constexpr int64_t block_bytes() {  // of the codes; d and m are arrays of their own
   return F == Fmt::Q8_0 ? QK : QK / 2;
-}
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float sum(vf v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps((__m512)v);
-#else
-  float t = 0;
-  for (int i = 0; i < L; ++i) t += v[i];
-  return t;
-#endif
 }
 
 // f16 -> f32 (IEEE half, as GGUF stores d and m), n values.

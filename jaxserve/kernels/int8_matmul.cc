@@ -28,14 +28,17 @@
 #endif
 
 #include "pool.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int L = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(L * 4)));
+using jaxserve::L;
+using jaxserve::load;
+using jaxserve::sum;
+using jaxserve::vf;
 typedef int8_t vb __attribute__((vector_size(L)));
 constexpr int MB = 4;   // rows of x per pass over a weight tile (their accumulators stay in registers)
 constexpr int NV = 4;   // vectors of output columns in a tile of the packed [K, N] kernel (one cache line)
@@ -57,12 +60,6 @@ inline vf widen(const int8_t* p) {
   std::memcpy(&b, p, L);
   return __builtin_convertvector(b, vf);
 #endif
-}
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
 }
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
@@ -123,16 +120,6 @@ void kn_chunk(const float* x, const int8_t* w, const float* s, float* y, Shape d
 }
 
 constexpr int64_t NK_ROWS = 256;  // weight rows (output columns) per tile of the [N, K] kernel
-
-inline float sum(vf v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps((__m512)v);
-#else
-  float t = 0;
-  for (int i = 0; i < L; ++i) t += v[i];
-  return t;
-#endif
-}
 
 // Rows [m0, m0 + R) by output column n, weights [N, K]: a dot product along the weight row, read once
 // for the R rows. A group's products are summed apart and scaled into the row's accumulator once, so the

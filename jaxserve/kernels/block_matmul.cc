@@ -163,22 +163,36 @@ void row(const float* x, const float* xs, const uint8_t* q, const float* d, cons
 }
 
 #if defined(__AVX512F__)
-// A Q8_0 block's 32 weights as two float vectors, inputs 0..15 and 16..31: the codes widened, converted, times d.
-inline void weights(const uint8_t* q, float d, __m512& lo, __m512& hi) {
+// A block's 32 weights as two float vectors, inputs 0..15 and 16..31, d and m applied. Q4: the 16 values a
+// block's codes stand for (d * q + m, or d * (q - 8)) are one vector and each input's weight is looked up in
+// it (vpermps reads only the low four bits of each lane's index). Q8_0: the codes widened, converted, times d.
+template <Fmt F>
+inline void weights(const uint8_t* q, float d, float m, __m512& lo, __m512& hi) {
   const __m128i* codes = reinterpret_cast<const __m128i*>(q);
-  lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes))), _mm512_set1_ps(d));
-  hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes + 1))), _mm512_set1_ps(d));
+  if constexpr (F == Fmt::Q8_0) {
+    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes))), _mm512_set1_ps(d));
+    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes + 1))), _mm512_set1_ps(d));
+  } else {
+    const __m512 iota = F == Fmt::Q4_1 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                                       : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes));
+    const __m512 values = F == Fmt::Q4_1 ? _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m))
+                                         : _mm512_mul_ps(iota, _mm512_set1_ps(d));
+    lo = _mm512_permutexvar_ps(c, values);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), values);
+  }
 }
 
-// Q8_0: rows [m0, m0 + R) of x by weight rows n..n+W at once (q, d: row n's; the W rows follow each other):
+// Rows [m0, m0 + R) of x by weight rows n..n+W at once (q, d, m: row n's; the W rows follow each other):
 // each block of the W weight rows is looked up once for the R rows of x and each block of x loaded once for
 // the W weight rows, so that from 4 x 4 on the loop is bound by its FMAs, not its loads (one weight row a
 // pass re-read x from L2 for every weight row: 32 rows at ~15 GMAC/s a core). Every (row, weight row) pair
-// runs the same instructions in the same order whatever R and W are, so a row's outputs do not hang on the
-// rows beside it (nor on M).
-template <int R, int W>
-void rows(const float* x, const uint8_t* q, const float* d, float* y, Dims s, int64_t m0, int64_t n) {
-  constexpr int64_t bb = block_bytes<Fmt::Q8_0>();
+// runs the same instructions in the same order whatever R and W are, so that from two rows on a row's
+// outputs do not hang on the rows beside it (one row alone is `one_row`'s: the same within float rounding).
+template <Fmt F, int R, int W>
+void rows(const float* x, const uint8_t* q, const float* d, const float* m, float* y, Dims s, int64_t m0,
+          int64_t n) {
+  constexpr int64_t bb = block_bytes<F>();
   const int64_t nb = s.K / QK;
   __m512 acc[R][W];
   for (int r = 0; r < R; ++r)
@@ -189,15 +203,15 @@ void rows(const float* x, const uint8_t* q, const float* d, float* y, Dims s, in
       x0[r] = _mm512_loadu_ps(x + (m0 + r) * s.K + b * QK);
       x1[r] = _mm512_loadu_ps(x + (m0 + r) * s.K + b * QK + L);
     }
-    // the codes of the four weight rows after the next four (as many bytes a block as the four rows'
-    // block): the hardware prefetcher alone leaves a 1-row pass's loads waiting (Q4_1 at 57% of a plain
-    // read's speed without, ~70% with, on an Intel Xeon)
-    for (int64_t line = 0; line < 4 * bb; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(q + 8 * nb * bb + b * 4 * bb + line), _MM_HINT_T0);
+    // one row (Q8_0's: Q4's is one_row's): the codes of the four weight rows after the next four, as many
+    // bytes a block as the four rows' block: the hardware prefetcher alone leaves the loads waiting
+    if constexpr (R == 1)
+      for (int64_t line = 0; line < 4 * bb; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(q + 8 * nb * bb + b * 4 * bb + line), _MM_HINT_T0);
     for (int i = 0; i < W; ++i) {
       const int64_t at = i * nb + b;
       __m512 lo, hi;
-      weights(q + at * bb, d[at], lo, hi);
+      weights<F>(q + at * bb, d[at], F == Fmt::Q4_1 ? m[at] : 0.f, lo, hi);
       for (int r = 0; r < R; ++r) acc[r][i] = _mm512_fmadd_ps(hi, x1[r], _mm512_fmadd_ps(lo, x0[r], acc[r][i]));
     }
   }
@@ -205,128 +219,97 @@ void rows(const float* x, const uint8_t* q, const float* d, float* y, Dims s, in
     for (int i = 0; i < W; ++i) y[(m0 + r) * s.N + n + i] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
-// rows<R, W> for R of 1..4 (M's remainder) and W of 1..4 (the tile's last weight rows)
-template <int R>
-void rows_of(int64_t w, const float* x, const uint8_t* q, const float* d, float* y, Dims s, int64_t m0, int64_t n) {
+// rows<F, R, W> for R of 1..4 (M's remainder) and W of 1..4 (the tile's last weight rows)
+template <Fmt F, int R>
+void rows_of(int64_t w, const float* x, const uint8_t* q, const float* d, const float* m, float* y, Dims s,
+             int64_t m0, int64_t n) {
   switch (w) {
-    case 4: rows<R, 4>(x, q, d, y, s, m0, n); break;
-    case 3: rows<R, 3>(x, q, d, y, s, m0, n); break;
-    case 2: rows<R, 2>(x, q, d, y, s, m0, n); break;
-    default: rows<R, 1>(x, q, d, y, s, m0, n); break;
+    case 4: rows<F, R, 4>(x, q, d, m, y, s, m0, n); break;
+    case 3: rows<F, R, 3>(x, q, d, m, y, s, m0, n); break;
+    case 2: rows<F, R, 2>(x, q, d, m, y, s, m0, n); break;
+    default: rows<F, R, 1>(x, q, d, m, y, s, m0, n); break;
   }
 }
 
-// Q4 on float activations. A 64-byte load of a weight row's codes holds a group of four blocks; its 32-bit
-// lane j holds bytes 4j..4j+3, all of block j / 4. Shifted right by 4t bits (t = 0..7), its lane j's low four
-// bits are the code of input 4 (j % 4) + t / 2 + 16 (t % 2) of that block, and vpermps (which reads only
-// those four bits of each index) looks the code's value up in a table of 16 (0..15, or -8..7 for Q4_0): eight
-// shifts and lookups a group, where widening each block's bytes first took a third shuffle a block (Zen 4:
-// 1.6 -> 1.1 ns a block of a weight row, one core, the codes in L2). x is laid out once per call in the
-// lanes' order (`lanes_of`), so every weight row reads it as it is. The sum over a group's lanes is scaled by
-// each lane's block's d at the group's end, and Q4_1's offsets m multiply x's block sums (xs).
+// Q4, one row of x (a 1-stream decode step, where the loop must keep up with memory, not share lookups over
+// rows). A 64-byte load of a weight row's codes holds a group of four blocks; its 32-bit lane j holds bytes
+// 4j..4j+3, all of block j / 4. Shifted right by 4t bits (t = 0..7), its lane j's low four bits are the
+// code of input 4 (j % 4) + t / 2 + 16 (t % 2) of that block, and vpermps (which reads only those four bits
+// of each index) looks the code's value up in a table of 16 (0..15, or -8..7 for Q4_0): eight shifts and
+// lookups a group, where `rows` widens each block's bytes first, a third shuffle a block (Zen 4: 1.6 -> 1.1
+// ns a block of a weight row, one core, the codes in L2). x is laid out once per call in the lanes' order
+// (`lanes_of`), so every weight row reads it as it is. The sum over a group's lanes is scaled by each lane's
+// block's d at the group's end, and Q4_1's offsets m multiply x's block sums (xs). For four rows of x,
+// `rows` is the faster (0.75 against 0.96 ns a block, weight row and row of x: its lookups shared by more).
 constexpr int64_t GROUP = 4;  // blocks a group
 
 inline int64_t groups_of(int64_t nb) { return (nb + GROUP - 1) / GROUP; }
 
-// x [M, K] as [M, groups, 8, 16]: [r, g, t, j] = x[r, block 4g + j / 4, input 4 (j % 4) + t / 2 + 16 (t % 2)],
-// zero past the last block.
-std::vector<float> lanes_of(const float* x, Dims s) {
-  const int64_t nb = s.K / QK, groups = groups_of(nb);
-  std::vector<float> out(s.M * groups * 8 * L, 0.f);
+// x [K] as [groups, 8, 16]: [g, t, j] = x[block 4g + j / 4, input 4 (j % 4) + t / 2 + 16 (t % 2)], zero past
+// the last block.
+std::vector<float> lanes_of(const float* x, int64_t K) {
+  const int64_t nb = K / QK;
+  std::vector<float> out(groups_of(nb) * 8 * L, 0.f);
   alignas(64) int32_t index[2 * L];  // within a block: [t][p] <- input 4p + t / 2 + 16 (t % 2)
   for (int t = 0; t < 8; ++t)
     for (int p = 0; p < 4; ++p) index[4 * t + p] = 4 * p + t / 2 + 16 * (t % 2);
   const __m512i i0 = _mm512_load_si512(index), i1 = _mm512_load_si512(index + L);
-  for (int64_t r = 0; r < s.M; ++r)
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + r * s.K + b * QK;
-      const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + L);
-      alignas(64) float tp[2 * L];
-      _mm512_store_ps(tp, _mm512_permutex2var_ps(lo, i0, hi));
-      _mm512_store_ps(tp + L, _mm512_permutex2var_ps(lo, i1, hi));
-      float* dst = out.data() + (r * groups + b / GROUP) * 8 * L + 4 * (b % GROUP);
-      for (int t = 0; t < 8; ++t) std::memcpy(dst + t * L, tp + 4 * t, 4 * sizeof(float));
-    }
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 lo = _mm512_loadu_ps(x + b * QK), hi = _mm512_loadu_ps(x + b * QK + L);
+    alignas(64) float tp[2 * L];
+    _mm512_store_ps(tp, _mm512_permutex2var_ps(lo, i0, hi));
+    _mm512_store_ps(tp + L, _mm512_permutex2var_ps(lo, i1, hi));
+    float* dst = out.data() + (b / GROUP) * 8 * L + 4 * (b % GROUP);
+    for (int t = 0; t < 8; ++t) std::memcpy(dst + t * L, tp + 4 * t, 4 * sizeof(float));
+  }
   return out;
 }
 
-// Rows [m0, m0 + R) of x (xt: as lanes_of lays it out) by weight rows n..n+W (q, d, m: row n's): each group's
-// W weight rows looked up once for the R rows. Every (row, weight row) pair runs the same instructions in
-// the same order whatever R and W are.
-template <Fmt F, int R, int W>
-void rows_t(const float* xt, const float* xs, const uint8_t* q, const float* d, const float* m, float* y, Dims s,
-            int64_t m0, int64_t n) {
+// x's one row (xt: as lanes_of lays it out; xs: its block sums) by weight rows n..n+W (q, d, m: row n's).
+template <Fmt F, int W>
+void one_row(const float* xt, const float* xs, const uint8_t* q, const float* d, const float* m, float* y, Dims s,
+             int64_t n) {
   constexpr int64_t bb = block_bytes<F>();
   const int64_t nb = s.K / QK, groups = groups_of(nb);
   const __m512 table = F == Fmt::Q4_1 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
                                       : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  __m512 acc[R][W];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < W; ++i) acc[r][i] = _mm512_setzero_ps();
+  __m512 acc[W];
+  for (int i = 0; i < W; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t blocks = std::min(GROUP, nb - g * GROUP);
     const __mmask64 bytes = blocks == GROUP ? ~__mmask64{0} : (__mmask64{1} << (blocks * bb)) - 1;
     __m512i v[W];
+    __m512 a[W];
     for (int i = 0; i < W; ++i) {
       v[i] = _mm512_maskz_loadu_epi8(bytes, q + (i * nb + g * GROUP) * bb);
-      // the group of the weight row eight rows on: the hardware prefetcher alone leaves a 1-row pass's loads
-      // waiting (Q4_1 at 57% of a plain read's speed without, ~70% with, on an Intel Xeon)
+      a[i] = _mm512_setzero_ps();
+      // the group of the weight row eight rows on: the hardware prefetcher alone leaves the loads waiting
+      // (Q4_1 at 57% of a plain read's speed without, ~70% with, on an Intel Xeon)
       _mm_prefetch(reinterpret_cast<const char*>(q + ((i + 8) * nb + g * GROUP) * bb), _MM_HINT_T0);
     }
-    __m512 a[R][W];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < W; ++i) a[r][i] = _mm512_setzero_ps();
     for (int t = 0; t < 8; ++t) {
-      __m512 c[W];
-      for (int i = 0; i < W; ++i) c[i] = _mm512_permutexvar_ps(_mm512_srli_epi32(v[i], 4 * t), table);
-      for (int r = 0; r < R; ++r) {
-        const __m512 xv = _mm512_loadu_ps(xt + (((m0 + r) * groups + g) * 8 + t) * L);
-        for (int i = 0; i < W; ++i) a[r][i] = _mm512_fmadd_ps(c[i], xv, a[r][i]);
-      }
+      const __m512 xv = _mm512_loadu_ps(xt + (g * 8 + t) * L);
+      for (int i = 0; i < W; ++i)
+        a[i] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v[i], 4 * t), table), xv, a[i]);
     }
     const __mmask16 present = (1u << blocks) - 1;
     for (int i = 0; i < W; ++i) {
-      const __m512 dv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_maskz_loadu_ps(present, d + i * nb + g * GROUP)));
-      for (int r = 0; r < R; ++r) acc[r][i] = _mm512_fmadd_ps(a[r][i], dv, acc[r][i]);
+      const __m128 dq = _mm_maskz_loadu_ps(present, d + i * nb + g * GROUP);
+      acc[i] = _mm512_fmadd_ps(a[i], _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dq)), acc[i]);
     }
   }
   if constexpr (F == Fmt::Q4_1)
     for (int64_t b = 0; b < nb; b += L) {
       const __mmask16 k = nb - b >= L ? 0xffff : (1u << (nb - b)) - 1;
-      for (int i = 0; i < W; ++i) {
-        const __m512 mv = _mm512_maskz_loadu_ps(k, m + i * nb + b);
-        for (int r = 0; r < R; ++r)
-          acc[r][i] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xs + (m0 + r) * nb + b), acc[r][i]);
-      }
+      const __m512 xsv = _mm512_maskz_loadu_ps(k, xs + b);
+      for (int i = 0; i < W; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, m + i * nb + b), xsv, acc[i]);
     }
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < W; ++i) y[(m0 + r) * s.N + n + i] = _mm512_reduce_add_ps(acc[r][i]);
-}
-
-// rows_t over the (up to four) weight rows from n: all at once for up to two rows of x, two at a time for
-// more (two rows' 2 x 4 x 4 accumulators would not fit the 32 registers)
-template <Fmt F, int R>
-void rows_t_of(int64_t w, const float* xt, const float* xs, const uint8_t* q, const float* d, const float* m,
-               float* y, Dims s, int64_t m0, int64_t n) {
-  const int64_t nb = s.K / QK;
-  if constexpr (R <= 2) {
-    switch (w) {
-      case 4: rows_t<F, R, 4>(xt, xs, q, d, m, y, s, m0, n); return;
-      case 3: rows_t<F, R, 3>(xt, xs, q, d, m, y, s, m0, n); return;
-      case 2: rows_t<F, R, 2>(xt, xs, q, d, m, y, s, m0, n); return;
-      default: rows_t<F, R, 1>(xt, xs, q, d, m, y, s, m0, n); return;
-    }
-  }
-  for (int64_t i = 0; i < w; i += 2) {
-    const int64_t o = i * nb;  // row n + i's blocks
-    if (w - i >= 2) rows_t<F, R, 2>(xt, xs, q + o * block_bytes<F>(), d + o, m ? m + o : m, y, s, m0, n + i);
-    else rows_t<F, R, 1>(xt, xs, q + o * block_bytes<F>(), d + o, m ? m + o : m, y, s, m0, n + i);
-  }
+  for (int i = 0; i < W; ++i) y[n + i] = _mm512_reduce_add_ps(acc[i]);
 }
 #endif
 
-// Weight rows [t * TILE, (t + 1) * TILE) by every row of x (AVX-512's Q4: x as lanes_of lays it out).
+// Weight rows [t * TILE, (t + 1) * TILE) by every row of x (AVX-512's Q4 on one row: as lanes_of lays it out).
 template <Fmt F>
 void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
           Dims s, int64_t t) {
@@ -347,8 +330,18 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
       const float* mn = F == Fmt::Q4_1 ? mf + (n - first) * nb : nullptr;
       const uint8_t* qn = q + n * nb * block_bytes<F>();
       const int64_t w = std::min<int64_t>(4, end - n);
-      if constexpr (F == Fmt::Q8_0) rows_of<R>(w, x, qn, dn, y, s, m0, n);
-      else rows_t_of<F, R>(w, x, xs, qn, dn, mn, y, s, m0, n);
+      if constexpr (F != Fmt::Q8_0 && R == 1) {
+        if (s.M == 1) {
+          switch (w) {
+            case 4: one_row<F, 4>(x, xs, qn, dn, mn, y, s, n); break;
+            case 3: one_row<F, 3>(x, xs, qn, dn, mn, y, s, n); break;
+            case 2: one_row<F, 2>(x, xs, qn, dn, mn, y, s, n); break;
+            default: one_row<F, 1>(x, xs, qn, dn, mn, y, s, n); break;
+          }
+          continue;
+        }
+      }
+      rows_of<F, R>(w, x, qn, dn, mn, y, s, m0, n);
     }
   };
   int64_t m0 = 0;
@@ -532,10 +525,10 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
   const int64_t l = *layer.typed_data(), nb = s.K / QK;
   if (l < 0 || l >= qd[0]) return ffi::Error::InvalidArgument("block matmul: layer out of range");
   const float* xp = x.typed_data();
-  // x's block sums, for the offsets of the float paths (AVX-512's Q4_0 has none: its table is -8..7;
-  // quantized activations take their own sums)
+  // x's block sums, for the offsets of the float paths (AVX-512's apply them to the weights, but for one row
+  // of Q4_1; quantized activations take their own sums)
 #if defined(__AVX512F__)
-  const bool offsets = F == Fmt::Q4_1;
+  const bool offsets = F == Fmt::Q4_1 && s.M == 1;
 #else
   const bool offsets = F != Fmt::Q8_0;
 #endif
@@ -563,8 +556,8 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
 #endif
 #if defined(__AVX512F__)
   std::vector<float> lanes;
-  if constexpr (F != Fmt::Q8_0) lanes = lanes_of(xp, s);
-  const float* xin = F != Fmt::Q8_0 ? lanes.data() : xp;
+  if (F != Fmt::Q8_0 && s.M == 1) lanes = lanes_of(xp, s.K);
+  const float* xin = lanes.empty() ? xp : lanes.data();
 #else
   const float* xin = xp;
 #endif

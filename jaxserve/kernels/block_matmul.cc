@@ -13,7 +13,7 @@
 // weights do): the codes are widened in registers and dotted with x, and the dot is scaled by d once a
 // block; the offsets (m, or -8d) multiply x's block sums, computed once per call:
 //   y[r, n] = sum_b d[n, b] * (q[n, b] . x[r, b]) + sum_b m[n, b] * sum(x[r, b]).
-// (AVX-512: Q8_0 scales its weights by d instead, and Q4 looks up its codes' values, see rows and rows_t.)
+// (AVX-512: Q8_0 scales its weights by d instead, and Q4 looks up its codes' values, see rows and one_row.)
 // Weight rows are the output columns, so one row of w is one contiguous read (and stays in L1 while the
 // rows of x are dotted with it). Tiles of rows run on XLA's intra-op thread pool (pool.h).
 
@@ -103,7 +103,7 @@ inline vf floats(__m128i b) {
 #endif
 
 // The block's 32 weights' codes as two float vectors: inputs 0..15 and 16..31 (offsets not applied), for the
-// paths without AVX-512 (`rows` below). GCC 12 converts a byte vector with __builtin_convertvector element by
+// paths without AVX-512 (`row` below). GCC 12 converts a byte vector with __builtin_convertvector element by
 // element: AVX2 widens with its own instructions.
 template <Fmt F>
 inline void codes(const uint8_t* q, vf& lo, vf& hi) {

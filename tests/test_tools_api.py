@@ -264,6 +264,7 @@ def test_arguments_validate_against_ten_schemas_at_temperature_1(client):
         assert [c.index for c in r.choices] == [0, 1]
         for c in r.choices:
             assert c.finish_reason == "stop", (tool["function"]["name"], c.message.content)
+            assert c.message.tool_calls is not None, (tool["function"]["name"], c.message.content)
             (call,) = c.message.tool_calls
             assert call.function.name == tool["function"]["name"]
             _args(call, tool)

@@ -249,7 +249,7 @@ def sample_step(spec: StepSpec, state: DecodeState, logits):
     remaining = seq.remaining - active
     done = active & ((remaining <= 0) | (seq.stop_on_eos & _is_eos(spec, tokens)))
     # only the rows that change are written back: the state's other arrays pass through untouched (written
-    # back whole, XLA copied the [slots, V] logit biases twice a step, ~1 ms of a 1-row step on 64 slots)
+    # back whole, XLA copied the [slots, V] logit biases twice a step, ~0.75 ms of a 1-row step on 64 slots)
     put = lambda full, part: full.at[:rows].set(part)
     state = state.replace(
         sampling=record(state.sampling, tokens, active),  # inactive slots keep their counts and keys

@@ -307,6 +307,18 @@ void one_row(const float* xt, const float* xs, const uint8_t* q, const float* d,
     }
   for (int i = 0; i < W; ++i) y[n + i] = _mm512_reduce_add_ps(acc[i]);
 }
+
+// one_row<F, W> for W of 1..4 (the tile's last weight rows)
+template <Fmt F>
+void one_row_of(int64_t w, const float* xt, const float* xs, const uint8_t* q, const float* d, const float* m,
+                float* y, Dims s, int64_t n) {
+  switch (w) {
+    case 4: one_row<F, 4>(xt, xs, q, d, m, y, s, n); break;
+    case 3: one_row<F, 3>(xt, xs, q, d, m, y, s, n); break;
+    case 2: one_row<F, 2>(xt, xs, q, d, m, y, s, n); break;
+    default: one_row<F, 1>(xt, xs, q, d, m, y, s, n); break;
+  }
+}
 #endif
 
 // Weight rows [t * TILE, (t + 1) * TILE) by every row of x (AVX-512's Q4 on one row: as lanes_of lays it out).
@@ -322,7 +334,7 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
 #if defined(__AVX512F__)
   // Rows of x outer, weight rows inner: a group of rows of x stays in L1 while the tile's weight rows (in L1
   // and L2 after the first group) pass by it. The other way round, every four weight rows streamed all of x
-  // from L2 again (64 rows: ~13 GB of a decode step's loads, its weight matmuls 2.4 times those of 32 rows).
+  // from L2 again (64 rows: ~13 GB of a decode step's loads).
   auto run = [&](auto r, int64_t m0) {  // rows [m0, m0 + r) of x by every weight row of the tile
     constexpr int R = decltype(r)::value;
     for (int64_t n = first; n < end; n += 4) {
@@ -330,17 +342,11 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
       const float* mn = F == Fmt::Q4_1 ? mf + (n - first) * nb : nullptr;
       const uint8_t* qn = q + n * nb * block_bytes<F>();
       const int64_t w = std::min<int64_t>(4, end - n);
-      if constexpr (F != Fmt::Q8_0 && R == 1) {
-        if (s.M == 1) {
-          switch (w) {
-            case 4: one_row<F, 4>(x, xs, qn, dn, mn, y, s, n); break;
-            case 3: one_row<F, 3>(x, xs, qn, dn, mn, y, s, n); break;
-            case 2: one_row<F, 2>(x, xs, qn, dn, mn, y, s, n); break;
-            default: one_row<F, 1>(x, xs, qn, dn, mn, y, s, n); break;
-          }
+      if constexpr (F != Fmt::Q8_0 && R == 1)
+        if (s.M == 1) {  // x as lanes_of lays it out
+          one_row_of<F>(w, x, xs, qn, dn, mn, y, s, n);
           continue;
         }
-      }
       rows_of<F, R>(w, x, qn, dn, mn, y, s, m0, n);
     }
   };

@@ -13,11 +13,15 @@ below the first row count where it lost to float32 (`quant.Formulation`'s kernel
 static in the jitted steps: the choice costs no recompilation after warm-up). GGUF block weights on a CPU
 with AVX512-VNNI have a fourth, "q8": the block kernel on activations quantized to 8 bits, integer dot
 products (the keys', values' and down projections keep float activations: blocks.FLOAT_INPUTS; so it passes
-the same bound, tests/test_blocks.py), asked for only (--formulation q8), at every row count: `auto` never
-takes it, for a step's numerics would then hang on its rows -- a prompt's continuation on the batch it joins
-and on whether its prefix was cached (seeded samples of one chat request differed when asked twice, the
-second time from the prefix cache). On GPU and TPU bfloat16 is the native choice and
-stands without measuring. Float weights are never rounded: float32 asked for stays exact.
+the issue's fidelity bar, tests/test_blocks.py), its Q4 weights held interleaved for it (blocks.interleave).
+It serves every row count or none: from some row count on only, a step's numerics would hang on its rows --
+a prompt's continuation on the batch it joins and on whether its prefix was cached (seeded samples of one
+chat request differed when asked twice, the second time from the prefix cache). At every row count a row's
+outputs are the same whatever rows share its step (tests/test_blocks.py). `auto` measures it first, against
+the kernel at each row count from one up, and takes it where it is nowhere slower (by MARGIN) and faster
+(by MARGIN) at the most rows (SmolLM2 on an AMD EPYC, ms q8/kernel: 1 row 7.2/7.1, 8 rows 17.2/20.9, 32
+rows 43.6/76.7, 64 rows 79.4/121.9; at 256, 311 against bfloat16's 392). On GPU and TPU bfloat16 is the native
+choice and stands without measuring. Float weights are never rounded: float32 asked for stays exact.
 
 A choice is cached in a small JSON file in the compilation cache's folder, keyed by what decides it (CPU
 model and cores or device kind, jax version, backend, the kernel's source, model and its config, weights,
@@ -61,10 +65,10 @@ FORMULATIONS = ("auto", "f32", "bf16", "kernel", "q8")
 CACHE_FILE = "jaxserve-formulations.json"
 MARGIN = 0.97  # a candidate must win by 3% at a row count to be taken there
 SHORT_PREFILL = 64  # tokens: the prefill chunks up to this many are measured too
-PROCEDURE = 3  # how `choose` decides: a cached choice made another way is made again
+PROCEDURE = 4  # how `choose` decides: a cached choice made another way is made again
 REPEATS = 5  # timed runs of each candidate at each row count, interleaved; medians compared
 
-Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "bf16": ms, "kernel": ms}, medians, those measured
+Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "kernel": ms, ...}: medians, those measured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +94,16 @@ class Choice:
             return dataclasses.replace(model, formulation=self.formulation)
         assert kernels.available(), "the kernels are not available here"  # compiled and registered
         if model.cfg.quant == "blocks":
-            return dataclasses.replace(model, formulation=self.formulation)
+            tree = jax.tree_util.tree_map(lambda a: a, model.params)  # a copy of the containers
+            formats = dict(model.cfg.block_formats)
+            tree["params"]["layers"] = qblocks.interleave_layers(tree["params"]["layers"], formats, self.formulation)
+            return dataclasses.replace(model, formulation=self.formulation, params=tree)
         return dataclasses.replace(model, formulation=self.formulation, params=packed(model.params, model.cfg))
 
     def describe(self, cfg) -> str:
         text = f"matmul formulation {self.formulation.describe(cfg)} ({self.source}"
         if self.timings:
-            names = [n for n in ("kernel", "f32", "bf16") if any(n in t for t in self.timings.values())]
+            names = [n for n in ("q8", "kernel", "f32", "bf16") if any(n in t for t in self.timings.values())]
             per_rows = ", ".join(
                 f"{r}: " + "/".join(f"{t[n]:.1f}" if n in t else "-" for n in names)
                 for r, t in sorted(self.timings.items())
@@ -139,6 +146,11 @@ def kernel_possible(model: LoadedModel) -> bool:
     return kernels.available()
 
 
+def q8_possible(model: LoadedModel) -> bool:
+    """Whether the block kernel can serve `model` on quantized activations: GGUF block weights, AVX512-VNNI."""
+    return kernel_possible(model) and model.cfg.quant == "blocks" and kernels.vnni()
+
+
 def matmul_step(model: LoadedModel) -> Callable:
     """A jitted function of (params, x [rows, 1, D]) running what the formulation (`model`'s, its
     weights as `Choice.apply` left them) changes in one decode step: every layer's int8 weight matmuls
@@ -175,8 +187,8 @@ CANDIDATES = {  # each formulation alone, at every row count
     "f32": Choice(None, "forced"),
     "bf16": Choice(1, "forced"),
     "kernel": Choice(None, "forced", kernel_below_rows=EVERY_ROW),
-    # the block kernel on activations quantized to 8 bits (AVX512-VNNI; blocks.FLOAT_INPUTS keep float ones):
-    # asked for only, never taken by auto (see above)
+    # the block kernel on activations quantized to 8 bits (AVX512-VNNI; blocks.FLOAT_INPUTS keep float ones),
+    # at every row count (see above)
     "q8": Choice(None, "forced", kernel_below_rows=EVERY_ROW, q8_from_rows=1),
 }
 
@@ -233,6 +245,7 @@ def _write(path: Path, key: str, choice: Choice) -> None:
     entries[key] = {
         "bf16_from_rows": choice.bf16_from_rows,
         "kernel_below_rows": choice.kernel_below_rows,
+        "q8_from_rows": choice.q8_from_rows,
         "timings_ms": {str(r): t for r, t in sorted(choice.timings.items())},
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -261,8 +274,8 @@ def choose(
     cache_dir: Path | None = None,
     timer: Callable[..., Timings] = measure,
 ) -> Choice:
-    """The formulation to serve `model` with over `slots` slots: `formulation` "f32", "bf16" or "kernel"
-    forces one; "auto" measures on CPU (or reads the cache in `cache_dir`, None: no cache) and takes
+    """The formulation to serve `model` with over `slots` slots: `formulation` "f32", "bf16", "kernel" or
+    "q8" forces one; "auto" measures on CPU (or reads the cache in `cache_dir`, None: no cache) and takes
     bfloat16 elsewhere. `timer(model, rows, names)` answers Timings as `measure` does."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r} (choose from {', '.join(FORMULATIONS)})")
@@ -274,7 +287,7 @@ def choose(
             )
         return Choice(None, "float weights")
     if formulation == "q8":
-        if not (kernel_possible(model) and model.cfg.quant == "blocks" and kernels.vnni()):
+        if not q8_possible(model):
             raise ValueError("--formulation q8 needs GGUF block weights and the kernels built for AVX512-VNNI")
         return CANDIDATES["q8"]
     if formulation == "kernel":
@@ -292,10 +305,24 @@ def choose(
     path = None if cache_dir is None else Path(cache_dir) / CACHE_FILE
     if path is not None and (entry := _read(path).get(key)) is not None:
         timings = {int(r): t for r, t in entry["timings_ms"].items()}
-        return Choice(entry["bf16_from_rows"], f"cached in {path}", timings, entry.get("kernel_below_rows"))
+        kernel, q8 = entry.get("kernel_below_rows"), entry.get("q8_from_rows")
+        return Choice(entry["bf16_from_rows"], f"cached in {path}", timings, kernel, q8)
     t0 = time.perf_counter()
     timings: Timings = {}
     buckets = row_buckets(slots)
+    if q8_possible(model):
+        for rows in buckets:  # from one row up, against the kernel: above a loss nothing counts
+            timings[rows] = timer(model, (rows,), ("q8", "kernel"))[rows]
+            if timings[rows]["q8"] * MARGIN > timings[rows]["kernel"]:
+                break
+        else:
+            if timings[buckets[-1]]["q8"] < MARGIN * timings[buckets[-1]]["kernel"]:
+                source = f"measured in {time.perf_counter() - t0:.1f} s"
+                choice = dataclasses.replace(CANDIDATES["q8"], source=source, timings=timings)
+                if path is not None:
+                    _write(path, key, choice)
+                return choice
+        timings = {}
     below = 0  # the kernel serves fewer rows than this
     if kernel_possible(model):
         for rows in buckets:  # from one row up, against float32: above a loss nothing counts

@@ -137,6 +137,32 @@ struct Dims {
   int64_t M, K, N;
 };
 
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// f(Int<R>, m0) over rows [0, M) of x: MB rows at a time, then the remainder (1..3)
+template <typename Fn>
+inline void over_rows(int64_t M, Fn f) {
+  int64_t m0 = 0;
+  for (; m0 + MB <= M; m0 += MB) f(Int<MB>{}, m0);
+  switch (M - m0) {
+    case 1: f(Int<1>{}, m0); break;
+    case 2: f(Int<2>{}, m0); break;
+    case 3: f(Int<3>{}, m0); break;
+  }
+}
+
+// f(Int<W>) for W = w of 1..4: the weight rows a loop takes at once (a tile's last may be fewer than 4)
+template <typename Fn>
+inline void by_width(int64_t w, Fn f) {
+  switch (w) {
+    case 1: f(Int<1>{}); break;
+    case 2: f(Int<2>{}); break;
+    case 3: f(Int<3>{}); break;
+    default: f(Int<4>{}); break;
+  }
+}
+
 // Rows [m0, m0 + R) of x by weight row n. d and m: the row's block scales and offsets in float32; xs: x's
 // block sums [M, K/32].
 template <Fmt F, int R>
@@ -219,18 +245,6 @@ void rows(const float* x, const uint8_t* q, const float* d, const float* m, floa
     for (int i = 0; i < W; ++i) y[(m0 + r) * s.N + n + i] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
-// rows<F, R, W> for R of 1..4 (M's remainder) and W of 1..4 (the tile's last weight rows)
-template <Fmt F, int R>
-void rows_of(int64_t w, const float* x, const uint8_t* q, const float* d, const float* m, float* y, Dims s,
-             int64_t m0, int64_t n) {
-  switch (w) {
-    case 4: rows<F, R, 4>(x, q, d, m, y, s, m0, n); break;
-    case 3: rows<F, R, 3>(x, q, d, m, y, s, m0, n); break;
-    case 2: rows<F, R, 2>(x, q, d, m, y, s, m0, n); break;
-    default: rows<F, R, 1>(x, q, d, m, y, s, m0, n); break;
-  }
-}
-
 // Q4, one row of x (a 1-stream decode step, where the loop must keep up with memory, not share lookups over
 // rows). A 64-byte load of a weight row's codes holds a group of four blocks; its 32-bit lane j holds bytes
 // 4j..4j+3, all of block j / 4. Shifted right by 4t bits (t = 0..7), its lane j's low four bits are the
@@ -308,17 +322,6 @@ void one_row(const float* xt, const float* xs, const uint8_t* q, const float* d,
   for (int i = 0; i < W; ++i) y[n + i] = _mm512_reduce_add_ps(acc[i]);
 }
 
-// one_row<F, W> for W of 1..4 (the tile's last weight rows)
-template <Fmt F>
-void one_row_of(int64_t w, const float* xt, const float* xs, const uint8_t* q, const float* d, const float* m,
-                float* y, Dims s, int64_t n) {
-  switch (w) {
-    case 4: one_row<F, 4>(xt, xs, q, d, m, y, s, n); break;
-    case 3: one_row<F, 3>(xt, xs, q, d, m, y, s, n); break;
-    case 2: one_row<F, 2>(xt, xs, q, d, m, y, s, n); break;
-    default: one_row<F, 1>(xt, xs, q, d, m, y, s, n); break;
-  }
-}
 #endif
 
 // Weight rows [t * TILE, (t + 1) * TILE) by every row of x (AVX-512's Q4 on one row: as lanes_of lays it out).
@@ -335,40 +338,26 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
   // Rows of x outer, weight rows inner: a group of rows of x stays in L1 while the tile's weight rows (in L1
   // and L2 after the first group) pass by it. The other way round, every four weight rows streamed all of x
   // from L2 again (64 rows: ~13 GB of a decode step's loads).
-  auto run = [&](auto r, int64_t m0) {  // rows [m0, m0 + r) of x by every weight row of the tile
+  over_rows(s.M, [&](auto r, int64_t m0) {  // rows [m0, m0 + r) of x by every weight row of the tile
     constexpr int R = decltype(r)::value;
     for (int64_t n = first; n < end; n += 4) {
       const float* dn = df + (n - first) * nb;
       const float* mn = F == Fmt::Q4_1 ? mf + (n - first) * nb : nullptr;
       const uint8_t* qn = q + n * nb * block_bytes<F>();
-      const int64_t w = std::min<int64_t>(4, end - n);
-      if constexpr (F != Fmt::Q8_0 && R == 1)
-        if (s.M == 1) {  // x as lanes_of lays it out
-          one_row_of<F>(w, x, xs, qn, dn, mn, y, s, n);
-          continue;
-        }
-      rows_of<F, R>(w, x, qn, dn, mn, y, s, m0, n);
+      by_width(end - n, [&](auto w) {
+        constexpr int W = decltype(w)::value;
+        if constexpr (F != Fmt::Q8_0 && R == 1)
+          if (s.M == 1) return one_row<F, W>(x, xs, qn, dn, mn, y, s, n);  // x as lanes_of lays it out
+        rows<F, R, W>(x, qn, dn, mn, y, s, m0, n);
+      });
     }
-  };
-  int64_t m0 = 0;
-  for (; m0 + MB <= s.M; m0 += MB) run(std::integral_constant<int, MB>{}, m0);
-  switch (s.M - m0) {
-    case 1: run(std::integral_constant<int, 1>{}, m0); break;
-    case 2: run(std::integral_constant<int, 2>{}, m0); break;
-    case 3: run(std::integral_constant<int, 3>{}, m0); break;
-  }
+  });
 #else
   for (int64_t n = first; n < end; ++n) {
     const float* dn = df + (n - first) * nb;
     const float* mn = F == Fmt::Q4_1 ? mf + (n - first) * nb : nullptr;
     const uint8_t* qn = q + n * nb * block_bytes<F>();
-    int64_t m0 = 0;
-    for (; m0 + MB <= s.M; m0 += MB) row<F, MB>(x, xs, qn, dn, mn, y, s, m0, n);
-    switch (s.M - m0) {
-      case 1: row<F, 1>(x, xs, qn, dn, mn, y, s, m0, n); break;
-      case 2: row<F, 2>(x, xs, qn, dn, mn, y, s, m0, n); break;
-      case 3: row<F, 3>(x, xs, qn, dn, mn, y, s, m0, n); break;
-    }
+    over_rows(s.M, [&](auto r, int64_t m0) { row<F, decltype(r)::value>(x, xs, qn, dn, mn, y, s, m0, n); });
   }
 #endif
 }
@@ -382,20 +371,22 @@ constexpr bool VNNI = true;
 // step a block of 32; one per 16 inputs keeps more of the reference's top-1 (SmolLM2 teacher-forced, a float
 // emulation of each: 96.9% with 32, 97.4% with 16).
 //
-// A group is 64 bytes of weight codes: four Q4 blocks (16 bytes each) or two Q8_0 ones (32). Its 16 int32
-// lanes are permuted once (shared by every row) so that lane 4i + j holds four inputs of sub-block j, the
-// group's j-th run of 16 inputs with one step: then each lane's step, d and m are a 4-float vector broadcast
-// (a load, no shuffle per row).
+// A group is 64 bytes of a weight row's codes as the file lays them, one vpdpbusd operand: four Q4 blocks
+// (16 bytes each: lanes 4j..4j+3 are block j's) or two Q8_0 ones (32: lanes 8j..8j+7). x is quantized into
+// that order once per call, so the weights are used as they are loaded, and each lane's four products share
+// one weight block (its d, spread to its lanes once a group and weight row) and one run of 16 activations
+// (its step, stored per lane beside the codes: a load, no shuffle per row).
 //   Q4: the codes (0..15) are the unsigned operand and x's the signed one; a group's low nibbles hold inputs
-//   0..15 of its four blocks (sub-block j: block j's first half), its high nibbles inputs 16..31 (second
-//   halves): two dot products, two steps.
-//   Q8_0: the weights are signed: x + 128 is the unsigned operand and 128 * the weight sums (one more vpdpbusd
-//   by ones, shared by every row) is taken off; sub-block j is block j / 2's half j % 2.
+//   0..15 of its blocks, its high nibbles inputs 16..31: two dot products a group.
+//   Q8_0: the weights are signed: x + 128 is the unsigned operand and 128 * the lane's weight sum (one more
+//   vpdpbusd by ones, shared by every row) is taken off.
 // The offsets (m, or -8d) multiply the quantized activations' block sums, as llama.cpp's Q8_1 does, not x's
 // exact ones: the product is then that of the quantized x with the weights d * q + m, whose rounding errors meet
 // centred weights. With exact sums they met the codes 0..15 alone, a bias of about 7.5 d times the block's
 // summed rounding error (SmolLM2 teacher-forced: 89.6% top-1 with exact sums, per 32 inputs).
 // A last group short of blocks is read by a masked load (its missing codes zero); x is padded to whole groups.
+// Every (row, weight row) pair runs the same instructions in the same order whatever rows share the call:
+// a row's outputs do not hang on the rows beside it, one row alone included.
 template <Fmt F>
 struct Layout {
   static constexpr int blocks = F == Fmt::Q8_0 ? 2 : 4;  // in a group
@@ -403,27 +394,22 @@ struct Layout {
 };
 
 struct Quantized {
-  int64_t groups;            // a row
-  std::vector<int8_t> q;     // [M, groups, halves, 64]: the codes, in the permuted lanes' order
-  std::vector<float> steps;  // [M, groups, halves, 4]: the four sub-blocks' steps
-  std::vector<float> sums;   // Q4: [M, groups, 4]: each block's sum of codes times steps, / 4 (four lanes)
+  int64_t groups, padded;    // groups a row; blocks a row rounded up to whole vectors
+  std::vector<int8_t> q;     // [M, groups, halves, 64]: the codes in the weights' lanes' order
+  std::vector<float> steps;  // [M, groups, halves, 16]: each lane's step
+  std::vector<float> sums;   // Q4: [M, padded]: each block's quantized sum (Q4_0: times -8, its offset / d)
 };
-
-// Lane 4i + j of the permuted group is lane 4j + i of the file's (a 4 x 4 transpose, its own inverse).
-inline __m512i transposed(__m512i v) {
-  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
-}
 
 template <Fmt F>
 Quantized quantize_rows(const float* x, Dims s) {
   using Lay = Layout<F>;
-  const int64_t nb = s.K / QK, groups = (nb + Lay::blocks - 1) / Lay::blocks;
-  Quantized out{groups, std::vector<int8_t>(s.M * groups * Lay::halves * 64),
-                std::vector<float>(s.M * groups * Lay::halves * 4),
-                std::vector<float>(F == Fmt::Q8_0 ? 0 : s.M * groups * 4)};
+  const int64_t nb = s.K / QK, groups = (nb + Lay::blocks - 1) / Lay::blocks, padded = (nb + L - 1) / L * L;
+  Quantized out{groups, padded, std::vector<int8_t>(s.M * groups * Lay::halves * 64),
+                std::vector<float>(s.M * groups * Lay::halves * L),
+                std::vector<float>(F == Fmt::Q8_0 ? 0 : s.M * padded)};
   for (int64_t r = 0; r < s.M; ++r)
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t at = r * groups + b / Lay::blocks, within = b % Lay::blocks;
+      const int64_t g = r * groups + b / Lay::blocks, j = b % Lay::blocks;
       float block_sum = 0;
       for (int h = 0; h < 2; ++h) {  // the block's two runs of 16 inputs
         const __m512 v = _mm512_loadu_ps(x + r * s.K + b * QK + h * L);
@@ -431,90 +417,189 @@ Quantized quantize_rows(const float* x, Dims s) {
         const float step = amax / 127, inv = amax > 0 ? 127 / amax : 0;
         const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // nearest, ties even
         __m128i bytes = _mm512_cvtsepi32_epi8(codes);
-        // sub-block j of the group, in half `half` of its dot products
-        const int64_t j = F == Fmt::Q8_0 ? 2 * within + h : within, half = F == Fmt::Q8_0 ? 0 : h;
         if constexpr (F == Fmt::Q8_0) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(static_cast<char>(0x80)));
-        int32_t words[4];
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(words), bytes);
-        int8_t* dst = out.q.data() + (at * Lay::halves + half) * 64;
-        for (int i = 0; i < 4; ++i) std::memcpy(dst + 4 * (4 * i + j), words + i, 4);  // lane 4i + j
-        out.steps[(at * Lay::halves + half) * 4 + j] = step;
+        // Q4: dot product h, lanes 4j..4j+3; Q8_0: lanes 8j + 4h..8j + 4h + 3 of the one
+        const int64_t at = g * Lay::halves + (F == Fmt::Q8_0 ? 0 : h), lane = F == Fmt::Q8_0 ? 8 * j + 4 * h : 4 * j;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(&out.q[at * 64 + 4 * lane]), bytes);
+        std::fill_n(&out.steps[at * L + lane], 4, step);
         block_sum += step * _mm512_reduce_add_epi32(codes);
       }
-      if constexpr (F != Fmt::Q8_0) out.sums[at * 4 + within] = block_sum / 4;
+      if constexpr (F != Fmt::Q8_0) out.sums[r * padded + b] = F == Fmt::Q4_0 ? -8 * block_sum : block_sum;
     }
   return out;
 }
 
-// Rows [m0, m0 + R) by weight row n on quantized activations; dd and mm: the row's d and offsets (m, or -8d)
-// of each group's sub-blocks [groups, 4].
-template <Fmt F, int R>
-void row_q8(const Quantized& xq, const uint8_t* q, const float* dd, const float* mm, float* y, Dims s,
-            int64_t m0, int64_t n) {
+// Rows [m0, m0 + R) of x by weight rows n..n+W on quantized activations (q: row n's codes; d and o: row n's
+// d and offsets widened, m for Q4_1 and d again for Q4_0, whose sums carry the -8; the W rows follow each
+// other). Each group of the W weight rows is loaded and split into its nibbles once for the R rows of x.
+template <Fmt F, int R, int W>
+void rows_q8(const Quantized& xq, const uint8_t* q, const float* d, const float* o, float* y, Dims s, int64_t m0,
+             int64_t n) {
   using Lay = Layout<F>;
-  constexpr int64_t bytes = Lay::blocks * block_bytes<F>();  // 64
+  constexpr int64_t bb = block_bytes<F>(), bytes = Lay::blocks * bb;  // 64
   const int64_t nb = s.K / QK, groups = xq.groups;
   const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i spread = F == Fmt::Q8_0 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                        : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512 acc[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < W; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t blocks = std::min<int64_t>(Lay::blocks, nb - g * Lay::blocks);
-    const __mmask64 mask = blocks == Lay::blocks ? ~__mmask64{0} : (__mmask64{1} << (blocks * block_bytes<F>())) - 1;
-    const __m512i v = transposed(_mm512_maskz_loadu_epi8(mask, q + g * bytes));
-    const __m512 dv = _mm512_broadcast_f32x4(_mm_loadu_ps(dd + 4 * g));
-    if constexpr (F == Fmt::Q8_0) {
-      // each row's dot product starts from -128 * the lane's weight sum
-      const __m512i sums = _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(1), v);
-      const __m512i start = _mm512_sub_epi32(zero, _mm512_slli_epi32(sums, 7));
-      for (int r = 0; r < R; ++r) {
-        const int64_t at = (m0 + r) * groups + g;
-        const __m512i dot = _mm512_dpbusd_epi32(start, _mm512_loadu_si512(&xq.q[at * 64]), v);
-        const __m512 step = _mm512_broadcast_f32x4(_mm_loadu_ps(&xq.steps[at * 4]));
-        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), step), dv, acc[r]);
-      }
-    } else {
-      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      const __m512 mv = _mm512_broadcast_f32x4(_mm_loadu_ps(mm + 4 * g));
-      for (int r = 0; r < R; ++r) {
-        const int64_t at = (m0 + r) * groups + g;
-        const int8_t* xr = &xq.q[at * 128];
-        const float* st = &xq.steps[at * 8];
-        const __m512 dl = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(xr)));
-        const __m512 dh = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(xr + 64)));
-        const __m512 u = _mm512_fmadd_ps(dl, _mm512_broadcast_f32x4(_mm_loadu_ps(st)),
-                                         _mm512_mul_ps(dh, _mm512_broadcast_f32x4(_mm_loadu_ps(st + 4))));
-        acc[r] = _mm512_fmadd_ps(u, dv, acc[r]);
-        acc[r] = _mm512_fmadd_ps(mv, _mm512_broadcast_f32x4(_mm_loadu_ps(&xq.sums[at * 4])), acc[r]);
+    const __mmask64 mask = blocks == Lay::blocks ? ~__mmask64{0} : (__mmask64{1} << (blocks * bb)) - 1;
+    const __mmask16 present = (1u << blocks) - 1;
+    for (int i = 0; i < W; ++i) {
+      // one row of x: the group of the weight row eight rows on, as one_row does
+      if constexpr (R == 1) _mm_prefetch(reinterpret_cast<const char*>(q + (i + 8) * nb * bb + g * bytes), _MM_HINT_T0);
+      const __m512i v = _mm512_maskz_loadu_epi8(mask, q + i * nb * bb + g * bytes);
+      const __m512 dv = _mm512_permutexvar_ps(
+          spread, _mm512_castps128_ps512(_mm_maskz_loadu_ps(present, d + i * nb + g * Lay::blocks)));
+      if constexpr (F == Fmt::Q8_0) {
+        const __m512i sums = _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(1), v);
+        const __m512i start = _mm512_sub_epi32(zero, _mm512_slli_epi32(sums, 7));
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = (m0 + r) * groups + g;
+          const __m512i dot = _mm512_dpbusd_epi32(start, _mm512_loadu_si512(&xq.q[at * 64]), v);
+          const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(&xq.steps[at * L]));
+          acc[r][i] = _mm512_fmadd_ps(u, dv, acc[r][i]);
+        }
+      } else {
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = ((m0 + r) * groups + g) * 2;
+          const __m512 dl = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(&xq.q[at * 64])));
+          const __m512 dh = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(&xq.q[at * 64 + 64])));
+          const __m512 u = _mm512_fmadd_ps(dl, _mm512_loadu_ps(&xq.steps[at * L]),
+                                           _mm512_mul_ps(dh, _mm512_loadu_ps(&xq.steps[at * L + L])));
+          acc[r][i] = _mm512_fmadd_ps(u, dv, acc[r][i]);
+        }
       }
     }
   }
-  for (int r = 0; r < R; ++r) y[(m0 + r) * s.N + n] = _mm512_reduce_add_ps(acc[r]);
+  if constexpr (F != Fmt::Q8_0)
+    for (int64_t b = 0; b < nb; b += L) {
+      const __mmask16 k = nb - b >= L ? 0xffff : (1u << (nb - b)) - 1;
+      for (int i = 0; i < W; ++i) {
+        const __m512 ov = _mm512_maskz_loadu_ps(k, o + i * nb + b);
+        for (int r = 0; r < R; ++r)
+          acc[r][i] = _mm512_fmadd_ps(ov, _mm512_loadu_ps(&xq.sums[(m0 + r) * xq.padded + b]), acc[r][i]);
+      }
+    }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < W; ++i) y[(m0 + r) * s.N + n + i] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
+// Weight rows [t * TILE, (t + 1) * TILE) by every row of x, on quantized activations: as `tile`.
 template <Fmt F>
 void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y, Dims s,
              int64_t t) {
-  const int64_t nb = s.K / QK, groups = xq.groups, end = std::min((t + 1) * TILE, s.N);
-  // a weight row's d (and m) widened, padded to whole vectors, and as each group's four sub-blocks
-  float *df = scratch(2 * (nb + L) + 8 * groups), *mf = df + nb + L, *dd = mf + nb + L, *mm = dd + 4 * groups;
-  for (int64_t n = t * TILE; n < end; ++n) {
-    widen_half(d + n * nb, df, nb);
-    if constexpr (F == Fmt::Q4_1) widen_half(m + n * nb, mf, nb);
-    for (int64_t i = 0; i < groups * 4; ++i) {
-      const int64_t b = F == Fmt::Q8_0 ? i / 2 : i;  // sub-block i's block
-      dd[i] = b < nb ? df[b] : 0;
-      mm[i] = b >= nb || F == Fmt::Q8_0 ? 0 : F == Fmt::Q4_1 ? mf[b] : -8 * df[b];
+  const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N), count = (end - first) * nb;
+  float *df = scratch(2 * count), *mf = df + count;
+  widen_half(d + first * nb, df, count);
+  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
+  const float* of = F == Fmt::Q4_1 ? mf : df;
+  over_rows(s.M, [&](auto r, int64_t m0) {
+    constexpr int R = decltype(r)::value;
+    for (int64_t n = first; n < end; n += 4) {
+      const int64_t at = (n - first) * nb;
+      const uint8_t* qn = q + n * nb * block_bytes<F>();
+      by_width(end - n, [&](auto w) { rows_q8<F, R, decltype(w)::value>(xq, qn, df + at, of + at, y, s, m0, n); });
     }
-    const uint8_t* qn = q + n * nb * block_bytes<F>();
-    int64_t m0 = 0;
-    for (; m0 + MB <= s.M; m0 += MB) row_q8<F, MB>(xq, qn, dd, mm, y, s, m0, n);
-    switch (s.M - m0) {
-      case 1: row_q8<F, 1>(xq, qn, dd, mm, y, s, m0, n); break;
-      case 2: row_q8<F, 2>(xq, qn, dd, mm, y, s, m0, n); break;
-      case 3: row_q8<F, 3>(xq, qn, dd, mm, y, s, m0, n); break;
+  });
+}
+// Q4 weights interleaved for quantized activations (the `interleaved` attribute; jaxserve.model.blocks'
+// `interleave` lays them out so at load): 16 weight rows at a time, block by block, each 64 bytes holding four
+// bytes of the block of each of the 16 rows: [N / 16, blocks, 4, 16 rows, 4 bytes], d and m [N / 16, blocks,
+// 16]. Lane j of every vpdpbusd is then weight row j's, all the way: four dot products (a block's 16 bytes)
+// sum its low nibbles' products with x's first 16 inputs and four more its high nibbles' with the other 16,
+// each times x's four bytes broadcast; the two sums are converted and scaled by x's two steps (the same for
+// every lane) and by the rows' d (one load) once a block, and the 16 lanes are 16 outputs, summed nowhere.
+// In the file's order a lane held four products of one block (`rows_q8`): that conversion and scaling came
+// four times as often (a decode step's Q4 matmuls, SmolLM2 on an AMD EPYC: see the commit).
+struct QuantizedRows {
+  int64_t nb;
+  std::vector<int8_t> q;     // [M, blocks, 32]: the codes, in x's order
+  std::vector<float> steps;  // [M, blocks, 2]: the steps of each block's two runs of 16
+  std::vector<float> sums;   // [M, blocks]: each block's quantized sum (Q4_0: times -8, its offset / d)
+};
+
+template <Fmt F>
+QuantizedRows quantize_plain(const float* x, Dims s) {
+  const int64_t nb = s.K / QK;
+  QuantizedRows out{nb, std::vector<int8_t>(s.M * s.K), std::vector<float>(s.M * nb * 2), std::vector<float>(s.M * nb)};
+  for (int64_t i = 0; i < s.M * nb; ++i) {
+    float block_sum = 0;
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v = _mm512_loadu_ps(x + i * QK + h * L);
+      const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
+      const float step = amax / 127, inv = amax > 0 ? 127 / amax : 0;
+      const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // nearest, ties even
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&out.q[i * QK + h * L]), _mm512_cvtsepi32_epi8(codes));
+      out.steps[i * 2 + h] = step;
+      block_sum += step * _mm512_reduce_add_epi32(codes);
+    }
+    out.sums[i] = F == Fmt::Q4_0 ? -8 * block_sum : block_sum;
+  }
+  return out;
+}
+
+// Rows [m0, m0 + R) of x by the 16 weight rows of one interleaved group (q, d, o: the group's codes, d and
+// offsets widened, m for Q4_1 and d again for Q4_0), into y's columns n..n+16.
+template <int R>
+void rows_interleaved(const QuantizedRows& xq, const uint8_t* q, const float* d, const float* o, float* y, Dims s,
+                      int64_t m0, int64_t n) {
+  const int64_t nb = xq.nb;
+  const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* qb = q + b * 16 * QK / 2;
+    // one row of x: a block further on (the loop must keep up with memory)
+    if constexpr (R == 1)
+      for (int k = 0; k < 4; ++k) _mm_prefetch(reinterpret_cast<const char*>(qb + 2048 + 64 * k), _MM_HINT_T0);
+    __m512i lo[4], hi[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m512i v = _mm512_loadu_si512(qb + 64 * k);
+      lo[k] = _mm512_and_si512(v, low);
+      hi[k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    const __m512 dv = _mm512_loadu_ps(d + b * L), ov = _mm512_loadu_ps(o + b * L);
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (m0 + r) * nb + b;
+      const int8_t* xb = &xq.q[at * QK];
+      __m512i il = zero, ih = zero;
+      for (int k = 0; k < 4; ++k) {
+        int32_t a, c;
+        std::memcpy(&a, xb + 4 * k, 4);
+        std::memcpy(&c, xb + L + 4 * k, 4);
+        il = _mm512_dpbusd_epi32(il, lo[k], _mm512_set1_epi32(a));
+        ih = _mm512_dpbusd_epi32(ih, hi[k], _mm512_set1_epi32(c));
+      }
+      const __m512 u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il), _mm512_set1_ps(xq.steps[2 * at]),
+                                       _mm512_mul_ps(_mm512_cvtepi32_ps(ih), _mm512_set1_ps(xq.steps[2 * at + 1])));
+      acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xq.sums[at]), _mm512_fmadd_ps(u, dv, acc[r]));
     }
   }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (m0 + r) * s.N + n, acc[r]);
 }
+
+// Weight rows [t * TILE, (t + 1) * TILE) (whole groups of 16) by every row of x, interleaved.
+template <Fmt F>
+void tile_interleaved(const QuantizedRows& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
+                      Dims s, int64_t t) {
+  const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N), count = (end - first) * nb;
+  float *df = scratch(2 * count), *mf = df + count;
+  widen_half(d + first * nb, df, count);
+  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
+  const float* of = F == Fmt::Q4_1 ? mf : df;
+  over_rows(s.M, [&](auto r, int64_t m0) {
+    for (int64_t n = first; n < end; n += L) {
+      const int64_t at = (n - first) * nb;
+      rows_interleaved<decltype(r)::value>(xq, q + n * nb * QK / 2, df + at, of + at, y, s, m0, n);
+    }
+  });
+}
+
 #else
 constexpr bool VNNI = false;  // a build without AVX512-VNNI refuses quantized activations (below)
 #endif
@@ -522,7 +607,8 @@ constexpr bool VNNI = false;  // a build without AVX512-VNNI refuses quantized a
 // y = x . w[layer]^T for w's codes [L, N, K * bytes per block / 32], d (and m) [L, N, K / 32].
 template <Fmt F, typename Q>
 ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::Buffer<ffi::F16> d,
-                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8,
+                       int32_t interleaved) {
   auto xd = x.dimensions(), qd = q.dimensions(), dd = d.dimensions();
   if (xd.size() != 2 || qd.size() != 3 || dd.size() != 3 || layer.element_count() != 1 || xd[1] % QK ||
       qd[2] != xd[1] / QK * block_bytes<F>() || dd[0] != qd[0] || dd[1] != qd[1] || dd[2] != xd[1] / QK)
@@ -553,6 +639,14 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
   const int64_t bytes = s.N * nb * (block_bytes<F>() + (F == Fmt::Q4_1 ? 4 : 2)) * s.M;
   if (q8 && !VNNI) return ffi::Error::InvalidArgument("block matmul: quantized activations need AVX512-VNNI");
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (interleaved) {
+    if (F == Fmt::Q8_0 || s.N % L || !q8)
+      return ffi::Error::InvalidArgument("block matmul: interleaved weights are Q4, 16 rows a group, on quantized activations");
+    const QuantizedRows xq = quantize_plain<F>(xp, s);
+    const QuantizedRows* xqp = &xq;
+    jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_interleaved<F>(*xqp, qp, dp, mp, yp, s, t); });
+    return ffi::Error::Success();
+  }
   if (q8) {
     const Quantized xq = quantize_rows<F>(xp, s);
     const Quantized* xqp = &xq;
@@ -572,20 +666,20 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
 }
 
 ffi::Error Q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8, int32_t interleaved) {
   if (m.dimensions().size() != 3 || m.element_count() != d.element_count())
     return ffi::Error::InvalidArgument("block matmul: m as d");
-  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, q8);
+  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, q8, interleaved);
 }
 
 ffi::Error Q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
-  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, q8);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8, int32_t interleaved) {
+  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, q8, interleaved);
 }
 
 ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
-  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8, int32_t interleaved) {
+  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8, interleaved);
 }
 
 // The floor the kernels are measured against (scripts/bench_bandwidth.py): layer `layer` of each of a
@@ -649,18 +743,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8"));
+                                  .Attr<int32_t>("q8")
+                                  .Attr<int32_t>("interleaved"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_0_matmul, Q4_0,
                               bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8"));
+                                  .Attr<int32_t>("q8")
+                                  .Attr<int32_t>("interleaved"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_0_matmul, Q8_0,
                               bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8"));
+                                  .Attr<int32_t>("q8")
+                                  .Attr<int32_t>("interleaved"));

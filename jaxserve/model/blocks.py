@@ -136,6 +136,44 @@ def stacks(layers: dict, formats: dict[str, str]) -> dict[str, BlockWeight]:
 FLOAT_INPUTS = frozenset({"k", "v", "down"})
 
 
+GROUP = 16  # weight rows interleaved together: the kernel's lanes
+
+
+def interleaved(w: BlockWeight, f) -> bool:
+    """Whether `w`, a layer's weight (read from the layers' stack), is held interleaved (`interleave`) for
+    formulation `f`: a Q4 weight multiplied on quantized activations at every row count, its outputs whole
+    groups of GROUP."""
+    q4 = w.fmt != "q8_0" and w.layer is not None and math.prod(w.outputs) % GROUP == 0
+    return q4 and f.q8_from_rows == 1 and w.name not in FLOAT_INPUTS
+
+
+def interleave(arrays: tuple, undo: bool = False) -> tuple:
+    """A Q4 weight's parts (codes, d[, m]) [L, outputs..., last], the outputs flattened to N, laid out as the
+    kernel reads them on quantized activations: GROUP rows at a time, block by block, four bytes of each
+    row's block after another's: codes [L, N / 16, blocks, 4, 16 rows, 4 bytes], d and m [L, N / 16, blocks,
+    16 rows]. Same shapes and elements, other order; `undo`: back to the file's."""
+    out = []
+    for a in arrays:
+        lead, last = a.shape[0], a.shape[-1]
+        if a.dtype == jnp.uint8:  # codes: 16 bytes a block
+            grouped, order = (lead, -1, GROUP, last // 16, 4, 4), (0, 1, 3, 4, 2, 5)
+            if undo:
+                grouped, order = (lead, -1, last // 16, 4, GROUP, 4), (0, 1, 4, 2, 3, 5)
+        else:  # d, m: one a block
+            grouped, order = ((lead, -1, last, GROUP) if undo else (lead, -1, GROUP, last)), (0, 1, 3, 2)
+        out.append(jnp.transpose(jnp.reshape(a, grouped), order).reshape(a.shape))
+    return tuple(out)
+
+
+def interleave_layers(layers: dict, formats: dict[str, str], f) -> dict:
+    """`layers` (a params tree's) with the block weights `interleaved` for `f` interleaved."""
+    out = dict(layers)
+    for name, w in stacks(layers, formats).items():
+        if interleaved(w.at(0), f):
+            out.update(zip((name + p for p in parts(w.fmt)), interleave(w.arrays)))
+    return out
+
+
 def dot(x, w: BlockWeight, f):
     """x [B, T, inputs...] . w -> [B, T, outputs...] in x's dtype, as `f` (a quant.Formulation) says for the
     rows (B * T): by jaxserve's kernel below `kernel_below_rows` (on activations quantized to 8 bits from
@@ -147,7 +185,8 @@ def dot(x, w: BlockWeight, f):
         stack = w.arrays if w.layer is not None else tuple(a[None] for a in w.arrays)
         stack = tuple(a.reshape(a.shape[0], -1, a.shape[-1]) for a in stack)
         q8 = f.q8_from_rows is not None and rows >= f.q8_from_rows and w.name not in FLOAT_INPUTS
-        y = kernels.block_matmul(xr, w.fmt, *stack, layer=0 if w.layer is None else w.layer, q8=q8)
+        layer = 0 if w.layer is None else w.layer
+        y = kernels.block_matmul(xr, w.fmt, *stack, layer=layer, q8=q8, interleaved=interleaved(w, f))
         return y.reshape(*x.shape[:2], *w.outputs).astype(x.dtype)
     arrays = w.arrays if w.layer is None else tuple(a[w.layer] for a in w.arrays)
     arrays = tuple(a.reshape(-1, a.shape[-1]) for a in arrays)  # [N, ...]

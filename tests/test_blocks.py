@@ -183,20 +183,6 @@ def test_served_steps_with_the_block_kernel_equal_the_float32_full_pass(tiny_int
     assert_served_steps_equal_full_pass(tiny_int4, served)
 
 
-@pytest.mark.parametrize("fmt", blocks.FORMATS)
-@pytest.mark.parametrize("rows, n, k", [(1, 45, 96), (5, 64, 576), (9, 70, 1536), (4, 33, 64)])
-def test_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k, q8_isa):
-    """Activations quantized to int8 a run of 16 inputs (llama.cpp's Q8 rounding, at half its block, in NumPy
-    here), then integer dot products: the kernel equals the product of those quantized activations with the
-    weights, offsets included."""
-    rng = np.random.default_rng(rows * k)
-    parts, w = stack(rng, fmt, n, k)
-    x = rng.standard_normal((rows, k)).astype(np.float32)
-    y = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=2, q8=True, isa=q8_isa))(x, *parts)
-    want = quantized(x) @ w[2].T  # the offsets (m, or -8 d) too multiply the quantized activations
-    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
 def quantized(x):
     """x [rows, k] rounded to 8 bits a run of 16 inputs, as the kernel quantizes it, float64."""
     xb = x.reshape(x.shape[0], -1, 16)
@@ -206,33 +192,41 @@ def quantized(x):
 
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
 @pytest.mark.parametrize("rows, n, k", [(1, 48, 96), (5, 80, 576), (9, 160, 1536), (4, 16, 32)])
-def test_interleaved_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k, q8_isa):
-    """Q4 weights interleaved as they are served on quantized activations (16 rows a group: outputs that are
-    not whole tiles of 32 too) give the product of the quantized activations with the weights; `interleave`
-    undone gives the file's parts back."""
+def test_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k, q8_isa):
+    """Activations quantized to int8 a run of 16 inputs (llama.cpp's Q8 rounding, at half its block, in NumPy
+    here), then integer dot products on Q4 weights interleaved as they are served so (16 rows a group:
+    outputs that are not whole tiles of 32 too): the product of those quantized activations with the
+    weights, offsets included. `interleave` undone gives the file's parts back."""
     rng = np.random.default_rng(rows * k)
     parts, w = stack(rng, fmt, n, k)
     woven = tuple(np.asarray(a) for a in blocks.interleave(parts))
-    assert not np.array_equal(woven[0], parts[0]) or n * k <= 16 * 32
+    assert not np.array_equal(woven[0], parts[0])
     for back, part in zip(blocks.interleave(woven, undo=True), parts):
         np.testing.assert_array_equal(np.asarray(back), part)
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    matmul = lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=2, q8=True, interleaved=True, isa=q8_isa)
-    y = jax.jit(matmul)(x, *woven)
-    want = quantized(x) @ w[2].T
+    y = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=2, q8=True, isa=q8_isa))(x, *woven)
+    want = quantized(x) @ w[2].T  # the offsets (m, or -8 d) too multiply the quantized activations
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("fmt, interleaved", [("q4_1", False), ("q8_0", False), ("q4_1", True), ("q4_0", True)])
-def test_on_quantized_activations_a_rows_outputs_do_not_hang_on_the_rows_beside_it(fmt, interleaved, q8_isa):
-    """On quantized activations a row of x gives the same outputs, bit for bit, alone or among any other rows
-    (the file's order or interleaved): a request's tokens do not hang on the batch it shares."""
+def test_quantized_activations_take_interleaved_q4_weights_only(q8_isa):
+    """Q8_0 weights, and Q4 ones whose outputs are not whole groups of 16, keep float activations: the
+    kernel refuses to multiply them on quantized ones."""
+    for fmt, n in (("q8_0", 32), ("q4_1", 40)):
+        parts, _ = stack(np.random.default_rng(0), fmt, n, 64, layers=1)
+        with pytest.raises(Exception, match="take Q4 weights interleaved"):
+            jax.block_until_ready(kernels.block_matmul(np.ones((1, 64), np.float32), fmt, *parts, q8=True, isa=q8_isa))
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+def test_on_quantized_activations_a_rows_outputs_do_not_hang_on_the_rows_beside_it(fmt, q8_isa):
+    """On quantized activations a row of x gives the same outputs, bit for bit, alone or among any other
+    rows: a request's tokens do not hang on the batch it shares."""
     rng = np.random.default_rng(11)
     parts, _ = stack(rng, fmt, 96, 160, layers=1)
-    if interleaved:
-        parts = tuple(np.asarray(a) for a in blocks.interleave(parts))
+    parts = tuple(np.asarray(a) for a in blocks.interleave(parts))
     x = rng.standard_normal((11, 160)).astype(np.float32)
-    matmul = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, q8=True, interleaved=interleaved, isa=q8_isa))
+    matmul = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, q8=True, isa=q8_isa))
     together = np.asarray(matmul(x, *parts))
     for rows in (slice(3, 9), slice(0, 2), slice(9, 11), slice(5, 10), *(slice(r, r + 1) for r in (0, 5, 10))):
         np.testing.assert_array_equal(np.asarray(matmul(x[rows], *parts)), together[rows])

@@ -225,14 +225,14 @@ def test_quantized_activations_serve_every_row_count_or_none(tiny_int8, tmp_path
     wins = timer(calls, {1: q8(10.2, 10), 2: q8(9, 10), 4: q8(8, 10), 16: q8(6, 10), 32: q8(5, 10), 64: q8(5, 10)})
     first = choose(tiny_int8, 4, "auto", tmp_path, wins)
     assert calls == [(r,) for r in rows] and first.source.startswith("measured")
-    assert first.formulation == CANDIDATES["q8"].formulation == Formulation(EVERY_ROW, None, 1)
+    assert first.formulation == CANDIDATES["q8"].formulation == Formulation(EVERY_ROW, None, True)
     again = choose(tiny_int8, 4, "auto", tmp_path, wins)
     assert again.source.startswith("cached") and again.formulation == first.formulation and len(calls) == 6
     calls.clear()
     loses = timer(calls, {1: q8(10, 10), 2: q8(11, 10), 4: q8(5, 10)} | {r: ms(10, 5) for r in (16, 32, 64)})
     other = choose(tiny_int8, 4, "auto", None, loses)
     assert calls[:2] == [(1,), (2,)] and (4,) not in calls[:3]  # above a loss nothing more of them
-    assert other.formulation.q8_from_rows is None and other.bf16_from_rows == 1
+    assert not other.formulation.q8 and other.bf16_from_rows == 1
     calls.clear()
     level = timer(calls, {r: q8(9.9, 10) for r in rows})  # no loss, but no win at the most rows either
-    assert choose(tiny_int8, 4, "auto", None, level).formulation.q8_from_rows is None
+    assert not choose(tiny_int8, 4, "auto", None, level).formulation.q8

@@ -81,11 +81,11 @@ class Choice:
     source: str
     timings: Timings = dataclasses.field(default_factory=dict)
     kernel_below_rows: int | None = None
-    q8_from_rows: int | None = None
+    q8: bool = False
 
     @property
     def formulation(self) -> Formulation:
-        return Formulation(self.kernel_below_rows, self.bf16_from_rows, self.q8_from_rows)
+        return Formulation(self.kernel_below_rows, self.bf16_from_rows, self.q8)
 
     def apply(self, model: LoadedModel) -> LoadedModel:
         """`model` to serve with this choice: it carries the formulation, and with the kernel its int8 weights
@@ -189,7 +189,7 @@ CANDIDATES = {  # each formulation alone, at every row count
     "kernel": Choice(None, "forced", kernel_below_rows=EVERY_ROW),
     # the block kernel on activations quantized to 8 bits (AVX512-VNNI; blocks.FLOAT_INPUTS keep float ones),
     # at every row count (see above)
-    "q8": Choice(None, "forced", kernel_below_rows=EVERY_ROW, q8_from_rows=1),
+    "q8": Choice(None, "forced", kernel_below_rows=EVERY_ROW, q8=True),
 }
 
 
@@ -245,7 +245,7 @@ def _write(path: Path, key: str, choice: Choice) -> None:
     entries[key] = {
         "bf16_from_rows": choice.bf16_from_rows,
         "kernel_below_rows": choice.kernel_below_rows,
-        "q8_from_rows": choice.q8_from_rows,
+        "q8": choice.q8,
         "timings_ms": {str(r): t for r, t in sorted(choice.timings.items())},
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -305,7 +305,7 @@ def choose(
     path = None if cache_dir is None else Path(cache_dir) / CACHE_FILE
     if path is not None and (entry := _read(path).get(key)) is not None:
         timings = {int(r): t for r, t in entry["timings_ms"].items()}
-        kernel, q8 = entry.get("kernel_below_rows"), entry.get("q8_from_rows")
+        kernel, q8 = entry.get("kernel_below_rows"), entry.get("q8", False)
         return Choice(entry["bf16_from_rows"], f"cached in {path}", timings, kernel, q8)
     t0 = time.perf_counter()
     timings: Timings = {}

@@ -365,158 +365,28 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool VNNI = true;
 
-// Quantized activations (the `q8` attribute): x as int8 codes, each 16 inputs with a float32 step of their
-// own (their largest magnitude / 127), so that a weight block's dot with x is integer dot products: AVX512-VNNI's
-// vpdpbusd sums four u8 x s8 products into each int32 lane, 64 bytes an instruction. llama.cpp's Q8_1 has one
-// step a block of 32; one per 16 inputs keeps more of the reference's top-1 (SmolLM2 teacher-forced, a float
-// emulation of each: 96.9% with 32, 97.4% with 16).
+// Quantized activations (the `q8` attribute), for Q4 weights interleaved (jaxserve.model.blocks' `interleave`
+// lays them out so when the formulation is applied): x as int8 codes, each 16 inputs with a float32 step of
+// their own (their largest magnitude / 127), so that a weight block's dot with x is integer dot products:
+// AVX512-VNNI's vpdpbusd sums four u8 x s8 products into each int32 lane, 64 bytes an instruction. llama.cpp's
+// Q8_1 has one step a block of 32; one per 16 inputs keeps more of the reference's top-1 (SmolLM2
+// teacher-forced, a float emulation of each: 96.9% with 32, 97.4% with 16).
 //
-// A group is 64 bytes of a weight row's codes as the file lays them, one vpdpbusd operand: four Q4 blocks
-// (16 bytes each: lanes 4j..4j+3 are block j's) or two Q8_0 ones (32: lanes 8j..8j+7). x is quantized into
-// that order once per call, so the weights are used as they are loaded, and each lane's four products share
-// one weight block (its d, spread to its lanes once a group and weight row) and one run of 16 activations
-// (its step, stored per lane beside the codes: a load, no shuffle per row).
-//   Q4: the codes (0..15) are the unsigned operand and x's the signed one; a group's low nibbles hold inputs
-//   0..15 of its blocks, its high nibbles inputs 16..31: two dot products a group.
-//   Q8_0: the weights are signed: x + 128 is the unsigned operand and 128 * the lane's weight sum (one more
-//   vpdpbusd by ones, shared by every row) is taken off.
+// The weights are interleaved 16 rows at a time, block by block, each 64 bytes holding four bytes of the
+// block of each of the 16 rows: codes [N / 16, blocks, 4, 16 rows, 4 bytes], d and m [N / 16, blocks, 16].
+// Lane j of every vpdpbusd is then weight row j's, all the way: four dot products (a block's 16 bytes) sum
+// its low nibbles' products (the codes 0..15, the unsigned operand) with x's first 16 inputs, and four more
+// its high nibbles' with the other 16, x's four bytes broadcast to every lane; the two sums are converted
+// and scaled by x's two steps (the same for every lane) and by the rows' d (one load) once a block, and the
+// 16 lanes are 16 outputs, summed nowhere. In the file's order a lane held four products of one block: that
+// conversion and scaling came four times as often, as many instructions as the float path's FMAs.
 // The offsets (m, or -8d) multiply the quantized activations' block sums, as llama.cpp's Q8_1 does, not x's
-// exact ones: the product is then that of the quantized x with the weights d * q + m, whose rounding errors meet
-// centred weights. With exact sums they met the codes 0..15 alone, a bias of about 7.5 d times the block's
-// summed rounding error (SmolLM2 teacher-forced: 89.6% top-1 with exact sums, per 32 inputs).
-// A last group short of blocks is read by a masked load (its missing codes zero); x is padded to whole groups.
+// exact ones: the product is then that of the quantized x with the weights d * q + m, whose rounding errors
+// meet centred weights. With exact sums they met the codes 0..15 alone, a bias of about 7.5 d times the
+// block's summed rounding error (SmolLM2 teacher-forced: 89.6% top-1 with exact sums, per 32 inputs).
 // Every (row, weight row) pair runs the same instructions in the same order whatever rows share the call:
 // a row's outputs do not hang on the rows beside it, one row alone included.
-template <Fmt F>
-struct Layout {
-  static constexpr int blocks = F == Fmt::Q8_0 ? 2 : 4;  // in a group
-  static constexpr int halves = F == Fmt::Q8_0 ? 1 : 2;  // 64-byte dot products a group and row
-};
-
 struct Quantized {
-  int64_t groups, padded;    // groups a row; blocks a row rounded up to whole vectors
-  std::vector<int8_t> q;     // [M, groups, halves, 64]: the codes in the weights' lanes' order
-  std::vector<float> steps;  // [M, groups, halves, 16]: each lane's step
-  std::vector<float> sums;   // Q4: [M, padded]: each block's quantized sum (Q4_0: times -8, its offset / d)
-};
-
-template <Fmt F>
-Quantized quantize_rows(const float* x, Dims s) {
-  using Lay = Layout<F>;
-  const int64_t nb = s.K / QK, groups = (nb + Lay::blocks - 1) / Lay::blocks, padded = (nb + L - 1) / L * L;
-  Quantized out{groups, padded, std::vector<int8_t>(s.M * groups * Lay::halves * 64),
-                std::vector<float>(s.M * groups * Lay::halves * L),
-                std::vector<float>(F == Fmt::Q8_0 ? 0 : s.M * padded)};
-  for (int64_t r = 0; r < s.M; ++r)
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t g = r * groups + b / Lay::blocks, j = b % Lay::blocks;
-      float block_sum = 0;
-      for (int h = 0; h < 2; ++h) {  // the block's two runs of 16 inputs
-        const __m512 v = _mm512_loadu_ps(x + r * s.K + b * QK + h * L);
-        const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
-        const float step = amax / 127, inv = amax > 0 ? 127 / amax : 0;
-        const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // nearest, ties even
-        __m128i bytes = _mm512_cvtsepi32_epi8(codes);
-        if constexpr (F == Fmt::Q8_0) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(static_cast<char>(0x80)));
-        // Q4: dot product h, lanes 4j..4j+3; Q8_0: lanes 8j + 4h..8j + 4h + 3 of the one
-        const int64_t at = g * Lay::halves + (F == Fmt::Q8_0 ? 0 : h), lane = F == Fmt::Q8_0 ? 8 * j + 4 * h : 4 * j;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(&out.q[at * 64 + 4 * lane]), bytes);
-        std::fill_n(&out.steps[at * L + lane], 4, step);
-        block_sum += step * _mm512_reduce_add_epi32(codes);
-      }
-      if constexpr (F != Fmt::Q8_0) out.sums[r * padded + b] = F == Fmt::Q4_0 ? -8 * block_sum : block_sum;
-    }
-  return out;
-}
-
-// Rows [m0, m0 + R) of x by weight rows n..n+W on quantized activations (q: row n's codes; d and o: row n's
-// d and offsets widened, m for Q4_1 and d again for Q4_0, whose sums carry the -8; the W rows follow each
-// other). Each group of the W weight rows is loaded and split into its nibbles once for the R rows of x.
-template <Fmt F, int R, int W>
-void rows_q8(const Quantized& xq, const uint8_t* q, const float* d, const float* o, float* y, Dims s, int64_t m0,
-             int64_t n) {
-  using Lay = Layout<F>;
-  constexpr int64_t bb = block_bytes<F>(), bytes = Lay::blocks * bb;  // 64
-  const int64_t nb = s.K / QK, groups = xq.groups;
-  const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
-  const __m512i spread = F == Fmt::Q8_0 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
-                                        : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  __m512 acc[R][W];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < W; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t blocks = std::min<int64_t>(Lay::blocks, nb - g * Lay::blocks);
-    const __mmask64 mask = blocks == Lay::blocks ? ~__mmask64{0} : (__mmask64{1} << (blocks * bb)) - 1;
-    const __mmask16 present = (1u << blocks) - 1;
-    for (int i = 0; i < W; ++i) {
-      // one row of x: the group of the weight row eight rows on, as one_row does
-      if constexpr (R == 1) _mm_prefetch(reinterpret_cast<const char*>(q + (i + 8) * nb * bb + g * bytes), _MM_HINT_T0);
-      const __m512i v = _mm512_maskz_loadu_epi8(mask, q + i * nb * bb + g * bytes);
-      const __m512 dv = _mm512_permutexvar_ps(
-          spread, _mm512_castps128_ps512(_mm_maskz_loadu_ps(present, d + i * nb + g * Lay::blocks)));
-      if constexpr (F == Fmt::Q8_0) {
-        const __m512i sums = _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(1), v);
-        const __m512i start = _mm512_sub_epi32(zero, _mm512_slli_epi32(sums, 7));
-        for (int r = 0; r < R; ++r) {
-          const int64_t at = (m0 + r) * groups + g;
-          const __m512i dot = _mm512_dpbusd_epi32(start, _mm512_loadu_si512(&xq.q[at * 64]), v);
-          const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(&xq.steps[at * L]));
-          acc[r][i] = _mm512_fmadd_ps(u, dv, acc[r][i]);
-        }
-      } else {
-        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        for (int r = 0; r < R; ++r) {
-          const int64_t at = ((m0 + r) * groups + g) * 2;
-          const __m512 dl = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512(&xq.q[at * 64])));
-          const __m512 dh = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512(&xq.q[at * 64 + 64])));
-          const __m512 u = _mm512_fmadd_ps(dl, _mm512_loadu_ps(&xq.steps[at * L]),
-                                           _mm512_mul_ps(dh, _mm512_loadu_ps(&xq.steps[at * L + L])));
-          acc[r][i] = _mm512_fmadd_ps(u, dv, acc[r][i]);
-        }
-      }
-    }
-  }
-  if constexpr (F != Fmt::Q8_0)
-    for (int64_t b = 0; b < nb; b += L) {
-      const __mmask16 k = nb - b >= L ? 0xffff : (1u << (nb - b)) - 1;
-      for (int i = 0; i < W; ++i) {
-        const __m512 ov = _mm512_maskz_loadu_ps(k, o + i * nb + b);
-        for (int r = 0; r < R; ++r)
-          acc[r][i] = _mm512_fmadd_ps(ov, _mm512_loadu_ps(&xq.sums[(m0 + r) * xq.padded + b]), acc[r][i]);
-      }
-    }
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < W; ++i) y[(m0 + r) * s.N + n + i] = _mm512_reduce_add_ps(acc[r][i]);
-}
-
-// Weight rows [t * TILE, (t + 1) * TILE) by every row of x, on quantized activations: as `tile`.
-template <Fmt F>
-void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y, Dims s,
-             int64_t t) {
-  const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N), count = (end - first) * nb;
-  float *df = scratch(2 * count), *mf = df + count;
-  widen_half(d + first * nb, df, count);
-  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
-  const float* of = F == Fmt::Q4_1 ? mf : df;
-  over_rows(s.M, [&](auto r, int64_t m0) {
-    constexpr int R = decltype(r)::value;
-    for (int64_t n = first; n < end; n += 4) {
-      const int64_t at = (n - first) * nb;
-      const uint8_t* qn = q + n * nb * block_bytes<F>();
-      by_width(end - n, [&](auto w) { rows_q8<F, R, decltype(w)::value>(xq, qn, df + at, of + at, y, s, m0, n); });
-    }
-  });
-}
-// Q4 weights interleaved for quantized activations (the `interleaved` attribute; jaxserve.model.blocks'
-// `interleave` lays them out so at load): 16 weight rows at a time, block by block, each 64 bytes holding four
-// bytes of the block of each of the 16 rows: [N / 16, blocks, 4, 16 rows, 4 bytes], d and m [N / 16, blocks,
-// 16]. Lane j of every vpdpbusd is then weight row j's, all the way: four dot products (a block's 16 bytes)
-// sum its low nibbles' products with x's first 16 inputs and four more its high nibbles' with the other 16,
-// each times x's four bytes broadcast; the two sums are converted and scaled by x's two steps (the same for
-// every lane) and by the rows' d (one load) once a block, and the 16 lanes are 16 outputs, summed nowhere.
-// In the file's order a lane held four products of one block (`rows_q8`): that conversion and scaling came
-// four times as often (a decode step's Q4 matmuls, SmolLM2 on an AMD EPYC: see the commit).
-struct QuantizedRows {
   int64_t nb;
   std::vector<int8_t> q;     // [M, blocks, 32]: the codes, in x's order
   std::vector<float> steps;  // [M, blocks, 2]: the steps of each block's two runs of 16
@@ -524,9 +394,9 @@ struct QuantizedRows {
 };
 
 template <Fmt F>
-QuantizedRows quantize_plain(const float* x, Dims s) {
+Quantized quantize_rows(const float* x, Dims s) {
   const int64_t nb = s.K / QK;
-  QuantizedRows out{nb, std::vector<int8_t>(s.M * s.K), std::vector<float>(s.M * nb * 2), std::vector<float>(s.M * nb)};
+  Quantized out{nb, std::vector<int8_t>(s.M * s.K), std::vector<float>(s.M * nb * 2), std::vector<float>(s.M * nb)};
   for (int64_t i = 0; i < s.M * nb; ++i) {
     float block_sum = 0;
     for (int h = 0; h < 2; ++h) {
@@ -546,8 +416,8 @@ QuantizedRows quantize_plain(const float* x, Dims s) {
 // Rows [m0, m0 + R) of x by the 16 weight rows of one interleaved group (q, d, o: the group's codes, d and
 // offsets widened, m for Q4_1 and d again for Q4_0), into y's columns n..n+16.
 template <int R>
-void rows_interleaved(const QuantizedRows& xq, const uint8_t* q, const float* d, const float* o, float* y, Dims s,
-                      int64_t m0, int64_t n) {
+void rows_q8(const Quantized& xq, const uint8_t* q, const float* d, const float* o, float* y, Dims s,
+             int64_t m0, int64_t n) {
   const int64_t nb = xq.nb;
   const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
   __m512 acc[R];
@@ -583,10 +453,10 @@ void rows_interleaved(const QuantizedRows& xq, const uint8_t* q, const float* d,
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (m0 + r) * s.N + n, acc[r]);
 }
 
-// Weight rows [t * TILE, (t + 1) * TILE) (whole groups of 16) by every row of x, interleaved.
+// Weight rows [t * TILE, (t + 1) * TILE) (whole groups of 16) by every row of x, on quantized activations.
 template <Fmt F>
-void tile_interleaved(const QuantizedRows& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
-                      Dims s, int64_t t) {
+void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
+             Dims s, int64_t t) {
   const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N), count = (end - first) * nb;
   float *df = scratch(2 * count), *mf = df + count;
   widen_half(d + first * nb, df, count);
@@ -595,7 +465,7 @@ void tile_interleaved(const QuantizedRows& xq, const uint8_t* q, const uint16_t*
   over_rows(s.M, [&](auto r, int64_t m0) {
     for (int64_t n = first; n < end; n += L) {
       const int64_t at = (n - first) * nb;
-      rows_interleaved<decltype(r)::value>(xq, q + n * nb * QK / 2, df + at, of + at, y, s, m0, n);
+      rows_q8<decltype(r)::value>(xq, q + n * nb * QK / 2, df + at, of + at, y, s, m0, n);
     }
   });
 }
@@ -607,8 +477,7 @@ constexpr bool VNNI = false;  // a build without AVX512-VNNI refuses quantized a
 // y = x . w[layer]^T for w's codes [L, N, K * bytes per block / 32], d (and m) [L, N, K / 32].
 template <Fmt F, typename Q>
 ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::Buffer<ffi::F16> d,
-                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8,
-                       int32_t interleaved) {
+                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
   auto xd = x.dimensions(), qd = q.dimensions(), dd = d.dimensions();
   if (xd.size() != 2 || qd.size() != 3 || dd.size() != 3 || layer.element_count() != 1 || xd[1] % QK ||
       qd[2] != xd[1] / QK * block_bytes<F>() || dd[0] != qd[0] || dd[1] != qd[1] || dd[2] != xd[1] / QK)
@@ -639,15 +508,9 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
   const int64_t bytes = s.N * nb * (block_bytes<F>() + (F == Fmt::Q4_1 ? 4 : 2)) * s.M;
   if (q8 && !VNNI) return ffi::Error::InvalidArgument("block matmul: quantized activations need AVX512-VNNI");
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if (interleaved) {
-    if (F == Fmt::Q8_0 || s.N % L || !q8)
-      return ffi::Error::InvalidArgument("block matmul: interleaved weights are Q4, 16 rows a group, on quantized activations");
-    const QuantizedRows xq = quantize_plain<F>(xp, s);
-    const QuantizedRows* xqp = &xq;
-    jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_interleaved<F>(*xqp, qp, dp, mp, yp, s, t); });
-    return ffi::Error::Success();
-  }
   if (q8) {
+    if (F == Fmt::Q8_0 || s.N % L)
+      return ffi::Error::InvalidArgument("block matmul: quantized activations take Q4 weights interleaved, 16 rows a group");
     const Quantized xq = quantize_rows<F>(xp, s);
     const Quantized* xqp = &xq;
     jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_q8<F>(*xqp, qp, dp, mp, yp, s, t); });
@@ -666,20 +529,20 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
 }
 
 ffi::Error Q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8, int32_t interleaved) {
+                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
   if (m.dimensions().size() != 3 || m.element_count() != d.element_count())
     return ffi::Error::InvalidArgument("block matmul: m as d");
-  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, q8, interleaved);
+  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, q8);
 }
 
 ffi::Error Q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8, int32_t interleaved) {
-  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, q8, interleaved);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, q8);
 }
 
 ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8, int32_t interleaved) {
-  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8, interleaved);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8);
 }
 
 // The floor the kernels are measured against (scripts/bench_bandwidth.py): layer `layer` of each of a
@@ -743,21 +606,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8")
-                                  .Attr<int32_t>("interleaved"));
+                                  .Attr<int32_t>("q8"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_0_matmul, Q4_0,
                               bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8")
-                                  .Attr<int32_t>("interleaved"));
+                                  .Attr<int32_t>("q8"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_0_matmul, Q8_0,
                               bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8")
-                                  .Attr<int32_t>("interleaved"));
+                                  .Attr<int32_t>("q8"));

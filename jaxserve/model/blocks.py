@@ -132,7 +132,9 @@ def stacks(layers: dict, formats: dict[str, str]) -> dict[str, BlockWeight]:
 # top-1; all but these two, 97.4%). The down projection's inputs, the MLP's gated products, carry a few
 # values far larger than the rest of their block, which rounding to 8 bits a block then wipes out: with
 # it quantized SmolLM2 answers "What is the capital of France?" in its chat template with "L'Etoile, la
-# Marseillaise, ..." -- as llama.cpp's own Q4_1 path does -- and with it in float, "Paris".
+# Marseillaise, ..." -- as llama.cpp's own Q4_1 path does -- and with it in float, "Paris". Q8_0 weights
+# (SmolLM2's tied embedding: the logits) keep float activations too: read in the file's order, quantized
+# ones were the slower there (one row: 1.9 against 1.4 ms, AMD EPYC), and only Q4 weights are interleaved.
 FLOAT_INPUTS = frozenset({"k", "v", "down"})
 
 
@@ -144,7 +146,7 @@ def interleaved(w: BlockWeight, f) -> bool:
     formulation `f`: a Q4 weight multiplied on quantized activations at every row count, its outputs whole
     groups of GROUP."""
     q4 = w.fmt != "q8_0" and w.layer is not None and math.prod(w.outputs) % GROUP == 0
-    return q4 and f.q8_from_rows == 1 and w.name not in FLOAT_INPUTS
+    return q4 and f.q8 and w.name not in FLOAT_INPUTS
 
 
 def interleave(arrays: tuple, undo: bool = False) -> tuple:
@@ -176,18 +178,17 @@ def interleave_layers(layers: dict, formats: dict[str, str], f) -> dict:
 
 def dot(x, w: BlockWeight, f):
     """x [B, T, inputs...] . w -> [B, T, outputs...] in x's dtype, as `f` (a quant.Formulation) says for the
-    rows (B * T): by jaxserve's kernel below `kernel_below_rows` (on activations quantized to 8 bits from
-    `q8_from_rows` on, but for FLOAT_INPUTS), else dequantized within the step to float32, or to bfloat16
-    from `bf16_from_rows` on (bfloat16 products, float32 sums), as the int8 formulations do."""
+    rows (B * T): by jaxserve's kernel below `kernel_below_rows` (with `q8`, on activations quantized to 8
+    bits where `w` is `interleaved`), else dequantized within the step to float32, or to bfloat16 from
+    `bf16_from_rows` on (bfloat16 products, float32 sums), as the int8 formulations do."""
     rows = x.shape[0] * x.shape[1]
     xr = x.reshape(rows, -1)
     if f.kernel_below_rows is not None and rows < f.kernel_below_rows:
         stack = w.arrays if w.layer is not None else tuple(a[None] for a in w.arrays)
         stack = tuple(a.reshape(a.shape[0], -1, a.shape[-1]) for a in stack)
-        q8 = f.q8_from_rows is not None and rows >= f.q8_from_rows and w.name not in FLOAT_INPUTS
-        layer = 0 if w.layer is None else w.layer
-        y = kernels.block_matmul(xr, w.fmt, *stack, layer=layer, q8=q8, interleaved=interleaved(w, f))
+        y = kernels.block_matmul(xr, w.fmt, *stack, layer=0 if w.layer is None else w.layer, q8=interleaved(w, f))
         return y.reshape(*x.shape[:2], *w.outputs).astype(x.dtype)
+    assert not interleaved(w, f), "quantized activations are the kernel's, at every row count"
     arrays = w.arrays if w.layer is None else tuple(a[w.layer] for a in w.arrays)
     arrays = tuple(a.reshape(-1, a.shape[-1]) for a in arrays)  # [N, ...]
     bf16 = f.bf16_from_rows is not None and rows >= f.bf16_from_rows

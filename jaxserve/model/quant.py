@@ -30,9 +30,9 @@ class Formulation:
 
     kernel_below_rows: int | None = None
     bf16_from_rows: int | None = None
-    # GGUF block weights: from this many rows on, the kernel multiplies on activations quantized to 8 bits a
-    # block (integer dot products: AVX512-VNNI); None: float activations
-    q8_from_rows: int | None = None
+    # GGUF block weights: the kernel multiplies (every row count) on activations quantized to 8 bits a run of
+    # 16 inputs (integer dot products: AVX512-VNNI), Q4 weights interleaved for it (blocks.interleaved)
+    q8: bool = False
 
     def describe(self, cfg: ModelConfig) -> str:
         """The weight matmuls' arithmetic in a word, as the startup log and /metrics name it: float weights
@@ -41,7 +41,7 @@ class Formulation:
         if cfg.quant not in QUANTIZED:
             return cfg.dtype
         kernel, bf16 = self.kernel_below_rows or 1, self.bf16_from_rows
-        q8 = "" if self.q8_from_rows is None else f"(q8 from {self.q8_from_rows})"
+        q8 = "(q8)" if self.q8 else ""
         if kernel >= EVERY_ROW:
             return "kernel" + q8
         text = f"kernel{q8}<{kernel}<=" if kernel > 1 else ""

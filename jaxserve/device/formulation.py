@@ -12,15 +12,15 @@ bfloat16 from the smallest row count at and above which it won everywhere, and t
 below the first row count where it lost to float32 (`quant.Formulation`'s kernel_below_rows and bf16_from_rows,
 static in the jitted steps: the choice costs no recompilation after warm-up). GGUF block weights on a CPU
 with AVX512-VNNI have a fourth, "q8": the block kernel on activations quantized to 8 bits, integer dot
-products (the keys', values' and down projections keep float activations: blocks.FLOAT_INPUTS; so it passes
-the issue's fidelity bar, tests/test_blocks.py), its Q4 weights held interleaved for it (blocks.interleave).
+products for the MLP's gate and up projections (blocks.Q8_INPUTS; the others keep float activations, so it
+passes the issue's fidelity bar, tests/test_blocks.py), held interleaved for it (blocks.interleave).
 It serves every row count or none: from some row count on only, a step's numerics would hang on its rows --
 a prompt's continuation on the batch it joins and on whether its prefix was cached (seeded samples of one
 chat request differed when asked twice, the second time from the prefix cache). At every row count a row's
 outputs are the same whatever rows share its step (tests/test_blocks.py). `auto` measures it first, against
 the kernel at each row count from one up, and takes it where it is nowhere slower (by MARGIN) and faster
-(by MARGIN) at the most rows (SmolLM2 on an AMD EPYC, ms q8/kernel: 1 row 7.2/7.1, 8 rows 17.2/20.9, 32
-rows 43.6/76.7, 64 rows 79.4/121.9; at 256, 311 against bfloat16's 392). On GPU and TPU bfloat16 is the native
+(by MARGIN) at the most rows (SmolLM2 on an AMD EPYC, a step's matmuls, ms q8/kernel: 1 row 5.2/6.0, 8
+rows 15.2/18.8, 32 rows 45.1/60.1). On GPU and TPU bfloat16 is the native
 choice and stands without measuring. Float weights are never rounded: float32 asked for stays exact.
 
 A choice is cached in a small JSON file in the compilation cache's folder, keyed by what decides it (CPU
@@ -187,8 +187,8 @@ CANDIDATES = {  # each formulation alone, at every row count
     "f32": Choice(None, "forced"),
     "bf16": Choice(1, "forced"),
     "kernel": Choice(None, "forced", kernel_below_rows=EVERY_ROW),
-    # the block kernel on activations quantized to 8 bits (AVX512-VNNI; blocks.FLOAT_INPUTS keep float ones),
-    # at every row count (see above)
+    # the block kernel on activations quantized to 8 bits (AVX512-VNNI; blocks.Q8_INPUTS), at every row count
+    # (see above)
     "q8": Choice(None, "forced", kernel_below_rows=EVERY_ROW, q8=True),
 }
 

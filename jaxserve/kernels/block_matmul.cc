@@ -324,10 +324,11 @@ void one_row(const float* xt, const float* xs, const uint8_t* q, const float* d,
 
 #endif
 
-// Weight rows [t * TILE, (t + 1) * TILE) by every row of x (AVX-512's Q4 on one row: as lanes_of lays it out).
+// Weight rows [t * TILE, (t + 1) * TILE) by every row of x (`lanes`: x is one row as lanes_of lays it out, for
+// one_row).
 template <Fmt F>
 void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
-          Dims s, int64_t t) {
+          Dims s, int64_t t, bool lanes) {
   const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N);
   // the tile's d and m widened at once (its rows' are contiguous)
   const int64_t count = (end - first) * nb;
@@ -347,7 +348,7 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
       by_width(end - n, [&](auto w) {
         constexpr int W = decltype(w)::value;
         if constexpr (F != Fmt::Q8_0 && R == 1)
-          if (s.M == 1) return one_row<F, W>(x, xs, qn, dn, mn, y, s, n);  // x as lanes_of lays it out
+          if (lanes) return one_row<F, W>(x, xs, qn, dn, mn, y, s, n);
         rows<F, R, W>(x, qn, dn, mn, y, s, m0, n);
       });
     }
@@ -477,7 +478,8 @@ constexpr bool VNNI = false;  // a build without AVX512-VNNI refuses quantized a
 // y = x . w[layer]^T for w's codes [L, N, K * bytes per block / 32], d (and m) [L, N, K / 32].
 template <Fmt F, typename Q>
 ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::Buffer<ffi::F16> d,
-                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8,
+                       int32_t invariant) {
   auto xd = x.dimensions(), qd = q.dimensions(), dd = d.dimensions();
   if (xd.size() != 2 || qd.size() != 3 || dd.size() != 3 || layer.element_count() != 1 || xd[1] % QK ||
       qd[2] != xd[1] / QK * block_bytes<F>() || dd[0] != qd[0] || dd[1] != qd[1] || dd[2] != xd[1] / QK)
@@ -486,10 +488,18 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
   const int64_t l = *layer.typed_data(), nb = s.K / QK;
   if (l < 0 || l >= qd[0]) return ffi::Error::InvalidArgument("block matmul: layer out of range");
   const float* xp = x.typed_data();
-  // x's block sums, for the offsets of the float paths (AVX-512's apply them to the weights, but for one row
+  // AVX-512: one row of Q4 through a loop of its own (one_row), unless `invariant` asks for the many-row loop:
+  // the outputs then equal, bit for bit, those the row gets among others (one_row's differ within float
+  // rounding, which a formulation on quantized activations would round into larger differences downstream)
+#if defined(__AVX512F__)
+  const bool lanes = F != Fmt::Q8_0 && s.M == 1 && !invariant;
+#else
+  const bool lanes = false;
+#endif
+  // x's block sums, for the offsets of the float paths (AVX-512's apply them to the weights, but for one_row
   // of Q4_1; quantized activations take their own sums)
 #if defined(__AVX512F__)
-  const bool offsets = F == Fmt::Q4_1 && s.M == 1;
+  const bool offsets = F == Fmt::Q4_1 && lanes;
 #else
   const bool offsets = F != Fmt::Q8_0;
 #endif
@@ -518,31 +528,32 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
   }
 #endif
 #if defined(__AVX512F__)
-  std::vector<float> lanes;
-  if (F != Fmt::Q8_0 && s.M == 1) lanes = lanes_of(xp, s.K);
-  const float* xin = lanes.empty() ? xp : lanes.data();
+  std::vector<float> laid;
+  if (lanes) laid = lanes_of(xp, s.K);
+  const float* xin = lanes ? laid.data() : xp;
 #else
   const float* xin = xp;
 #endif
-  jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile<F>(xin, xsp, qp, dp, mp, yp, s, t); });
+  jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile<F>(xin, xsp, qp, dp, mp, yp, s, t, lanes); });
   return ffi::Error::Success();
 }
 
 ffi::Error Q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
+                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8,
+                int32_t invariant) {
   if (m.dimensions().size() != 3 || m.element_count() != d.element_count())
     return ffi::Error::InvalidArgument("block matmul: m as d");
-  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, q8);
+  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, q8, invariant);
 }
 
 ffi::Error Q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
-  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, q8);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8, int32_t invariant) {
+  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, q8, invariant);
 }
 
 ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8) {
-  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8, int32_t invariant) {
+  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8, invariant);
 }
 
 // The floor the kernels are measured against (scripts/bench_bandwidth.py): layer `layer` of each of a
@@ -606,18 +617,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8"));
+                                  .Attr<int32_t>("q8")
+                                  .Attr<int32_t>("invariant"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_0_matmul, Q4_0,
                               bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8"));
+                                  .Attr<int32_t>("q8")
+                                  .Attr<int32_t>("invariant"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_0_matmul, Q8_0,
                               bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8"));
+                                  .Attr<int32_t>("q8")
+                                  .Attr<int32_t>("invariant"));

@@ -126,16 +126,20 @@ def stacks(layers: dict, formats: dict[str, str]) -> dict[str, BlockWeight]:
     return out
 
 
-# The projections whose activations stay float32 where the others' are quantized to 8 bits. The keys and
-# values are written to the cache and read again at every later position, so their errors add up along the
-# sequence (SmolLM2 teacher-forced against tests/reference, 192 positions: every matmul quantized, 96.4%
-# top-1; all but these two, 97.4%). The down projection's inputs, the MLP's gated products, carry a few
-# values far larger than the rest of their block, which rounding to 8 bits a block then wipes out: with
-# it quantized SmolLM2 answers "What is the capital of France?" in its chat template with "L'Etoile, la
-# Marseillaise, ..." -- as llama.cpp's own Q4_1 path does -- and with it in float, "Paris". Q8_0 weights
-# (SmolLM2's tied embedding: the logits) keep float activations too: read in the file's order, quantized
-# ones were the slower there (one row: 1.9 against 1.4 ms, AMD EPYC), and only Q4 weights are interleaved.
-FLOAT_INPUTS = frozenset({"k", "v", "down"})
+# The projection multiplied on activations quantized to 8 bits where the formulation says so: the MLP's
+# gate and up, half of SmolLM2's layer weights. The others keep float activations. The keys and values are
+# written to the cache and read again at every later position, so their errors add up along the sequence
+# (SmolLM2 teacher-forced against tests/reference, 192 positions: every matmul quantized, 96.4% top-1; all
+# but these two, 97.4%). The down projection's inputs, the MLP's gated products, carry a few values far
+# larger than the rest of their block, which rounding to 8 bits a block then wipes out: with it quantized
+# SmolLM2 answers "What is the capital of France?" in its chat template with "L'Etoile, la Marseillaise,
+# ..." -- as llama.cpp's own Q4_1 path does -- and with it in float, "Paris". The query and output
+# projections' quantized activations still tipped that answer's first token ("The" -1.88 against "L" -1.97
+# in float32, -1.96 against -1.91 with them quantized; gate and up alone, -1.85 against -1.93), and gave
+# ~3% of a 1-row step's matmul time (SmolLM2, AMD EPYC, q8/kernel: 0.84 with them, 0.87 without). Q8_0
+# weights (the tied embedding: the logits) are read in the file's order, where quantized activations were
+# the slower (one row: 1.9 against 1.4 ms).
+Q8_INPUTS = frozenset({"gate_up"})
 
 
 GROUP = 16  # weight rows interleaved together: the kernel's lanes
@@ -146,7 +150,7 @@ def interleaved(w: BlockWeight, f) -> bool:
     formulation `f`: a Q4 weight multiplied on quantized activations at every row count, its outputs whole
     groups of GROUP."""
     q4 = w.fmt != "q8_0" and w.layer is not None and math.prod(w.outputs) % GROUP == 0
-    return q4 and f.q8 and w.name not in FLOAT_INPUTS
+    return q4 and f.q8 and w.name in Q8_INPUTS
 
 
 def interleave(arrays: tuple, undo: bool = False) -> tuple:
@@ -186,7 +190,11 @@ def dot(x, w: BlockWeight, f):
     if f.kernel_below_rows is not None and rows < f.kernel_below_rows:
         stack = w.arrays if w.layer is not None else tuple(a[None] for a in w.arrays)
         stack = tuple(a.reshape(a.shape[0], -1, a.shape[-1]) for a in stack)
-        y = kernels.block_matmul(xr, w.fmt, *stack, layer=0 if w.layer is None else w.layer, q8=interleaved(w, f))
+        # with q8 every row count takes the same loops: a float difference of one row's own loop would come
+        # out of the next quantized activations' rounding larger (seeded samples of a request asked twice,
+        # the second time from the prefix cache, differed)
+        layer = 0 if w.layer is None else w.layer
+        y = kernels.block_matmul(xr, w.fmt, *stack, layer=layer, q8=interleaved(w, f), invariant=f.q8)
         return y.reshape(*x.shape[:2], *w.outputs).astype(x.dtype)
     assert not interleaved(w, f), "quantized activations are the kernel's, at every row count"
     arrays = w.arrays if w.layer is None else tuple(a[w.layer] for a in w.arrays)

@@ -200,13 +200,15 @@ def test_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k, q8_isa):
     """Activations quantized to int8 a run of 16 inputs (llama.cpp's Q8 rounding, at half its block, in NumPy
     here), then integer dot products on Q4 weights interleaved as they are served so (16 rows a group:
     outputs that are not whole tiles of 32 too): the product of those quantized activations with the
-    weights, offsets included. `interleave` undone gives the file's parts back."""
+    weights, offsets included. Interleaved, byte 4k + i of row 16g + j's block b lies at [g, b, k, j, i]."""
     rng = np.random.default_rng(rows * k)
     parts, w = stack(rng, fmt, n, k)
     woven = tuple(np.asarray(a) for a in blocks.interleave(parts))
-    assert not np.array_equal(woven[0], parts[0])
-    for back, part in zip(blocks.interleave(woven, undo=True), parts):
-        np.testing.assert_array_equal(np.asarray(back), part)
+    codes, d = woven[0].reshape(3, n // 16, k // 32, 4, 16, 4), woven[1].reshape(3, n // 16, k // 32, 16)
+    g, b = n // 16 - 1, k // 32 - 1
+    for j, kk, i in np.ndindex(16, 4, 4):
+        assert codes[2, g, b, kk, j, i] == parts[0][2, 16 * g + j, 16 * b + 4 * kk + i]
+        assert d[2, g, b, j] == parts[1][2, 16 * g + j, b]
     x = rng.standard_normal((rows, k)).astype(np.float32)
     y = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=2, q8=True, isa=q8_isa))(x, *woven)
     want = quantized(x) @ w[2].T  # the offsets (m, or -8 d) too multiply the quantized activations

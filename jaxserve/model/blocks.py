@@ -153,20 +153,18 @@ def interleaved(w: BlockWeight, f) -> bool:
     return q4 and f.q8 and w.name in Q8_INPUTS
 
 
-def interleave(arrays: tuple, undo: bool = False) -> tuple:
+def interleave(arrays: tuple) -> tuple:
     """A Q4 weight's parts (codes, d[, m]) [L, outputs..., last], the outputs flattened to N, laid out as the
     kernel reads them on quantized activations: GROUP rows at a time, block by block, four bytes of each
     row's block after another's: codes [L, N / 16, blocks, 4, 16 rows, 4 bytes], d and m [L, N / 16, blocks,
-    16 rows]. Same shapes and elements, other order; `undo`: back to the file's."""
+    16 rows]. Same shapes and elements, other order."""
     out = []
     for a in arrays:
         lead, last = a.shape[0], a.shape[-1]
         if a.dtype == jnp.uint8:  # codes: 16 bytes a block
             grouped, order = (lead, -1, GROUP, last // 16, 4, 4), (0, 1, 3, 4, 2, 5)
-            if undo:
-                grouped, order = (lead, -1, last // 16, 4, GROUP, 4), (0, 1, 4, 2, 3, 5)
         else:  # d, m: one a block
-            grouped, order = ((lead, -1, last, GROUP) if undo else (lead, -1, GROUP, last)), (0, 1, 3, 2)
+            grouped, order = (lead, -1, GROUP, last), (0, 1, 3, 2)
         out.append(jnp.transpose(jnp.reshape(a, grouped), order).reshape(a.shape))
     return tuple(out)
 

@@ -7,7 +7,8 @@
 //
 // Each a layer of a stack [L, N, ...] named by an int32 operand and read in place (an operand sliced out of
 // the stack would be a copy of it each call). The four-bit codes of a block lie as GGUF packs them: byte j
-// holds input j in its low nibble and input j + 16 in its high one.
+// holds input j in its low nibble and input j + 16 in its high one (but for quantized activations, below:
+// Q4 weights interleaved 16 rows at a time, see rows_q8).
 //
 // The activations stay float32 (the served outputs match the float32 reference as closely as float32
 // weights do): the codes are widened in registers and dotted with x, and the dot is scaled by d once a

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -137,6 +138,17 @@ inline void codes(const uint8_t* q, vf& lo, vf& hi) {
 struct Dims {
   int64_t M, K, N;
 };
+
+// Weight rows [first, end)'s d (and Q4_1's m) widened at once into this thread's scratch (the rows' are
+// contiguous, in the file's layout and in the interleaved one alike): {d, m}, (end - first) * K / 32 each.
+template <Fmt F>
+std::pair<float*, float*> widened(const uint16_t* d, const uint16_t* m, Dims s, int64_t first, int64_t end) {
+  const int64_t nb = s.K / QK, count = (end - first) * nb;
+  float *df = scratch(2 * count), *mf = df + count;
+  widen_half(d + first * nb, df, count);
+  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
+  return {df, mf};
+}
 
 template <int N>
 using Int = std::integral_constant<int, N>;
@@ -331,11 +343,7 @@ template <Fmt F>
 void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
           Dims s, int64_t t, bool lanes) {
   const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N);
-  // the tile's d and m widened at once (its rows' are contiguous)
-  const int64_t count = (end - first) * nb;
-  float *df = scratch(2 * count), *mf = df + count;
-  widen_half(d + first * nb, df, count);
-  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
+  const auto [df, mf] = widened<F>(d, m, s, first, end);
 #if defined(__AVX512F__)
   // Rows of x outer, weight rows inner: a group of rows of x stays in L1 while the tile's weight rows (in L1
   // and L2 after the first group) pass by it. The other way round, every four weight rows streamed all of x
@@ -389,7 +397,6 @@ constexpr bool VNNI = true;
 // Every (row, weight row) pair runs the same instructions in the same order whatever rows share the call:
 // a row's outputs do not hang on the rows beside it, one row alone included.
 struct Quantized {
-  int64_t nb;
   std::vector<int8_t> q;     // [M, blocks, 32]: the codes, in x's order
   std::vector<float> steps;  // [M, blocks, 2]: the steps of each block's two runs of 16
   std::vector<float> sums;   // [M, blocks]: each block's quantized sum (Q4_0: times -8, its offset / d)
@@ -398,7 +405,7 @@ struct Quantized {
 template <Fmt F>
 Quantized quantize_rows(const float* x, Dims s) {
   const int64_t nb = s.K / QK;
-  Quantized out{nb, std::vector<int8_t>(s.M * s.K), std::vector<float>(s.M * nb * 2), std::vector<float>(s.M * nb)};
+  Quantized out{std::vector<int8_t>(s.M * s.K), std::vector<float>(s.M * nb * 2), std::vector<float>(s.M * nb)};
   for (int64_t i = 0; i < s.M * nb; ++i) {
     float block_sum = 0;
     for (int h = 0; h < 2; ++h) {
@@ -420,7 +427,7 @@ Quantized quantize_rows(const float* x, Dims s) {
 template <int R>
 void rows_q8(const Quantized& xq, const uint8_t* q, const float* d, const float* o, float* y, Dims s,
              int64_t m0, int64_t n) {
-  const int64_t nb = xq.nb;
+  const int64_t nb = s.K / QK;
   const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -459,10 +466,8 @@ void rows_q8(const Quantized& xq, const uint8_t* q, const float* d, const float*
 template <Fmt F>
 void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
              Dims s, int64_t t) {
-  const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N), count = (end - first) * nb;
-  float *df = scratch(2 * count), *mf = df + count;
-  widen_half(d + first * nb, df, count);
-  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
+  const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N);
+  const auto [df, mf] = widened<F>(d, m, s, first, end);
   const float* of = F == Fmt::Q4_1 ? mf : df;
   over_rows(s.M, [&](auto r, int64_t m0) {
     for (int64_t n = first; n < end; n += L) {

@@ -93,7 +93,7 @@ def test_paths_without_quantized_activations_refuse_them(isa):
         pytest.skip(f"{isa}: multiplies on quantized activations")
     parts, _ = stack(np.random.default_rng(0), "q4_1", 16, 64, layers=1)
     with pytest.raises(Exception, match="quantized activations need AVX512-VNNI"):
-        jax.block_until_ready(kernels.block_matmul(np.ones((1, 64), np.float32), "q4_1", *parts, q8=True, isa=isa))
+        jax.block_until_ready(kernels.block_matmul(np.ones((1, 64), np.float32), "q4_1", *parts, x_bits=8, isa=isa))
 
 
 @needs_kernel
@@ -187,52 +187,73 @@ def test_served_steps_with_the_block_kernel_equal_the_float32_full_pass(tiny_int
     assert_served_steps_equal_full_pass(tiny_int4, served)
 
 
-def quantized(x):
-    """x [rows, k] rounded to 8 bits a run of 16 inputs, as the kernel quantizes it, float64."""
+def quantized(x, bits: int):
+    """x [rows, k] rounded to `bits` (8 or 16) a run of 16 inputs, as the kernel quantizes it, float64."""
     xb = x.reshape(x.shape[0], -1, 16)
-    step = np.abs(xb).max(-1, keepdims=True) / 127
+    step = np.abs(xb).max(-1, keepdims=True) / (127 if bits == 8 else 32639)
     return (np.rint(xb / np.where(step > 0, step, 1)) * step).reshape(x.shape).astype(np.float64)
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
 @pytest.mark.parametrize("rows, n, k", [(1, 48, 96), (5, 80, 576), (9, 160, 1536), (4, 16, 32)])
-def test_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k, q8_isa):
-    """Activations quantized to int8 a run of 16 inputs (llama.cpp's Q8 rounding, at half its block, in NumPy
-    here), then integer dot products on Q4 weights interleaved as they are served so (16 rows a group:
-    outputs that are not whole tiles of 32 too): the product of those quantized activations with the
-    weights, offsets included. Interleaved, byte 4k + i of row 16g + j's block b lies at [g, b, k, j, i]."""
+def test_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k, bits, q8_isa):
+    """Activations quantized to int8 or int16 a run of 16 inputs (int8: llama.cpp's Q8 rounding, at half its
+    block, in NumPy here), then integer dot products on weights interleaved as they are served so (16 rows
+    a group: outputs that are not whole tiles of 32 too): the product of those quantized activations with
+    the weights, offsets included. Interleaved, byte 4k + i of row 16g + j's block b lies at [g, b, k, j, i].
+    The int16 product is checked against the int8 one's error too: that it rounds x more finely, not just
+    as finely as the tolerance."""
     rng = np.random.default_rng(rows * k)
     parts, w = stack(rng, fmt, n, k)
     woven = tuple(np.asarray(a) for a in blocks.interleave(parts))
-    codes, d = woven[0].reshape(3, n // 16, k // 32, 4, 16, 4), woven[1].reshape(3, n // 16, k // 32, 16)
+    bb = blocks.code_width(fmt, 32)  # a block's bytes of codes
+    codes, d = woven[0].reshape(3, n // 16, k // 32, bb // 4, 16, 4), woven[1].reshape(3, n // 16, k // 32, 16)
     g, b = n // 16 - 1, k // 32 - 1
-    for j, kk, i in np.ndindex(16, 4, 4):
-        assert codes[2, g, b, kk, j, i] == parts[0][2, 16 * g + j, 16 * b + 4 * kk + i]
+    for j, kk, i in np.ndindex(16, bb // 4, 4):
+        assert codes[2, g, b, kk, j, i] == parts[0][2, 16 * g + j, bb * b + 4 * kk + i]
         assert d[2, g, b, j] == parts[1][2, 16 * g + j, b]
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    y = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=2, q8=True, isa=q8_isa))(x, *woven)
-    want = quantized(x) @ w[2].T  # the offsets (m, or -8 d) too multiply the quantized activations
-    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    matmul = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=2, x_bits=bits, isa=q8_isa))
+    y = np.asarray(matmul(x, *woven))
+    want = quantized(x, bits) @ w[2].T  # the offsets (m, or -8 d) too multiply the quantized activations
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    if bits == 16:
+        exact = x.astype(np.float64) @ w[2].T
+        assert np.abs(y - exact).max() * 50 < np.abs(quantized(x, 8) @ w[2].T - exact).max()
 
 
-def test_quantized_activations_take_interleaved_q4_weights_only(q8_isa):
-    """Q8_0 weights, and Q4 ones whose outputs are not whole groups of 16, keep float activations: the
-    kernel refuses to multiply them on quantized ones."""
-    for fmt, n in (("q8_0", 32), ("q4_1", 40)):
-        parts, _ = stack(np.random.default_rng(0), fmt, n, 64, layers=1)
-        with pytest.raises(Exception, match="take Q4 weights interleaved"):
-            jax.block_until_ready(kernels.block_matmul(np.ones((1, 64), np.float32), fmt, *parts, q8=True, isa=q8_isa))
+def test_an_embedding_tables_rows_read_interleaved_equal_the_files():
+    """The tied embedding is held interleaved for the logits on quantized activations: the token rows read
+    from it (BlockWeight.rows) are the file's own, for each part."""
+    rng = np.random.default_rng(3)
+    for fmt in blocks.FORMATS:
+        parts, _ = stack(rng, fmt, 64, 96, layers=1)
+        table = blocks.BlockWeight(fmt, tuple(p[0] for p in parts), (64,))
+        woven = blocks.BlockWeight(fmt, tuple(a[0] for a in blocks.interleave(parts)), (64,))
+        tokens = jnp.asarray([[0, 17, 63], [31, 32, 5]])
+        np.testing.assert_array_equal(np.asarray(woven.rows(tokens, woven=True)), np.asarray(table.rows(tokens)))
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
-def test_on_quantized_activations_a_rows_outputs_do_not_hang_on_the_rows_beside_it(fmt, q8_isa):
+def test_quantized_activations_take_weights_interleaved_whole_groups(q8_isa):
+    """Weights whose outputs are not whole groups of 16 keep float activations: the kernel refuses to multiply
+    them on quantized ones."""
+    for fmt in blocks.FORMATS:
+        parts, _ = stack(np.random.default_rng(0), fmt, 40, 64, layers=1)
+        with pytest.raises(Exception, match="take weights interleaved"):
+            jax.block_until_ready(kernels.block_matmul(np.ones((1, 64), np.float32), fmt, *parts, x_bits=8, isa=q8_isa))
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("fmt", blocks.FORMATS)
+def test_on_quantized_activations_a_rows_outputs_do_not_hang_on_the_rows_beside_it(fmt, bits, q8_isa):
     """On quantized activations a row of x gives the same outputs, bit for bit, alone or among any other
     rows: a request's tokens do not hang on the batch it shares."""
     rng = np.random.default_rng(11)
     parts, _ = stack(rng, fmt, 96, 160, layers=1)
     parts = tuple(np.asarray(a) for a in blocks.interleave(parts))
     x = rng.standard_normal((11, 160)).astype(np.float32)
-    matmul = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, q8=True, isa=q8_isa))
+    matmul = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, x_bits=bits, isa=q8_isa))
     together = np.asarray(matmul(x, *parts))
     for rows in (slice(3, 9), slice(0, 2), slice(9, 11), slice(5, 10), *(slice(r, r + 1) for r in (0, 5, 10))):
         np.testing.assert_array_equal(np.asarray(matmul(x[rows], *parts)), together[rows])

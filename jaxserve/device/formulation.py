@@ -11,16 +11,16 @@ bfloat16 loses. It serves
 bfloat16 from the smallest row count at and above which it won everywhere, and the kernel below that and
 below the first row count where it lost to float32 (`quant.Formulation`'s kernel_below_rows and bf16_from_rows,
 static in the jitted steps: the choice costs no recompilation after warm-up). GGUF block weights on a CPU
-with AVX512-VNNI have a fourth, "q8": the block kernel on activations quantized to 8 bits, integer dot
-products for the MLP's gate and up projections (blocks.Q8_INPUTS; the others keep float activations, so it
-passes the issue's fidelity bar, tests/test_blocks.py), held interleaved for it (blocks.interleave).
+with AVX512-VNNI have a fourth, "q8": the block kernel on quantized activations, integer dot products: 8 bits
+for the MLP's gate and up projections (blocks.Q8_INPUTS), 16 for the other weights and the logits (so it
+passes the issue's fidelity bar, tests/test_blocks.py), the weights held interleaved for it (blocks.interleave).
 It serves every row count or none: from some row count on only, a step's numerics would hang on its rows --
 a prompt's continuation on the batch it joins and on whether its prefix was cached (seeded samples of one
 chat request differed when asked twice, the second time from the prefix cache). At every row count a row's
 outputs are the same whatever rows share its step (tests/test_blocks.py). `auto` measures it first, against
 the kernel at each row count, and takes it where it is not slower (by MARGIN) at one row and faster (by
 MARGIN) over all the row counts together (`q8_wins`; SmolLM2 on an AMD EPYC, a step's matmuls, ms
-q8/kernel: 1 row 5.9/6.6, 8 rows 18.1/21.9, 32 rows 48.4/65.7, 64 rows 141.6/206.0). On GPU and TPU
+q8/kernel: 1 row 7.0/8.9, 8 rows 12.0/19.3, 32 rows 32.6/59.8, 64 rows 63.8/159.1). On GPU and TPU
 bfloat16 is the native choice and stands without measuring. Float weights are never rounded: float32 asked
 for stays exact.
 
@@ -97,7 +97,7 @@ class Choice:
         if model.cfg.quant == "blocks":
             tree = jax.tree_util.tree_map(lambda a: a, model.params)  # a copy of the containers
             formats = dict(model.cfg.block_formats)
-            tree["params"]["layers"] = qblocks.interleave_layers(tree["params"]["layers"], formats, self.formulation)
+            tree["params"] = qblocks.interleave_params(tree["params"], formats, self.formulation)
             return dataclasses.replace(model, formulation=self.formulation, params=tree)
         return dataclasses.replace(model, formulation=self.formulation, params=packed(model.params, model.cfg))
 
@@ -198,8 +198,7 @@ CANDIDATES = {  # each formulation alone, at every row count
     "f32": Choice(None, "forced"),
     "bf16": Choice(1, "forced"),
     "kernel": Choice(None, "forced", kernel_below_rows=EVERY_ROW),
-    # the block kernel on activations quantized to 8 bits (AVX512-VNNI; blocks.Q8_INPUTS), at every row count
-    # (see above)
+    # the block kernel on quantized activations (AVX512-VNNI; blocks.x_bits), at every row count (see above)
     "q8": Choice(None, "forced", kernel_below_rows=EVERY_ROW, q8=True),
 }
 

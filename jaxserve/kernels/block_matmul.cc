@@ -8,9 +8,9 @@
 // Each a layer of a stack [L, N, ...] named by an int32 operand and read in place (an operand sliced out of
 // the stack would be a copy of it each call). The four-bit codes of a block lie as GGUF packs them: byte j
 // holds input j in its low nibble and input j + 16 in its high one (but for quantized activations, below:
-// Q4 weights interleaved 16 rows at a time, see rows_q8).
+// weights interleaved 16 rows at a time, see rows_q8).
 //
-// The activations stay float32 (the served outputs match the float32 reference as closely as float32
+// On float32 activations (the served outputs match the float32 reference as closely as float32
 // weights do): the codes are widened in registers and dotted with x, and the dot is scaled by d once a
 // block; the offsets (m, or -8d) multiply x's block sums, computed once per call:
 //   y[r, n] = sum_b d[n, b] * (q[n, b] . x[r, b]) + sum_b m[n, b] * sum(x[r, b]).
@@ -375,18 +375,20 @@ void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool VNNI = true;
 
-// Quantized activations (the `q8` attribute), for Q4 weights interleaved (jaxserve.model.blocks' `interleave`
-// lays them out so when the formulation is applied): x as int8 codes, each 16 inputs with a float32 step of
-// their own (their largest magnitude / 127), so that a weight block's dot with x is integer dot products:
+// Quantized activations (the `x_bits` attribute, 8 or 16), for weights interleaved (jaxserve.model.blocks'
+// `interleave` lays them out so when the formulation is applied): x as integer codes, each 16 inputs with a
+// float32 step of their own (their largest magnitude / 127, or / 32639 for int16, see quantize_rows), so
+// that a weight block's dot with x is integer dot products:
 // AVX512-VNNI's vpdpbusd sums four u8 x s8 products into each int32 lane, 64 bytes an instruction. llama.cpp's
 // Q8_1 has one step a block of 32; one per 16 inputs keeps more of the reference's top-1 (SmolLM2
 // teacher-forced, a float emulation of each: 96.9% with 32, 97.4% with 16).
 //
 // The weights are interleaved 16 rows at a time, block by block, each 64 bytes holding four bytes of the
-// block of each of the 16 rows: codes [N / 16, blocks, 4, 16 rows, 4 bytes], d and m [N / 16, blocks, 16].
-// Lane j of every vpdpbusd is then weight row j's, all the way: four dot products (a block's 16 bytes) sum
-// its low nibbles' products (the codes 0..15, the unsigned operand) with x's first 16 inputs, and four more
-// its high nibbles' with the other 16, x's four bytes broadcast to every lane; the two sums are converted
+// block of each of the 16 rows: codes [N / 16, blocks, block bytes / 4, 16 rows, 4 bytes], d and m [N / 16,
+// blocks, 16]. Lane j of every vpdpbusd is then weight row j's, all the way: four dot products (Q4: a
+// block's 16 bytes) sum its low nibbles' products (the codes 0..15, the unsigned operand) with x's first 16
+// inputs, and four more its high nibbles' with the other 16 (Q8_0: a block's first 16 bytes, then its
+// last 16), x's four bytes broadcast to every lane; the two sums are converted
 // and scaled by x's two steps (the same for every lane) and by the rows' d (one load) once a block, and the
 // 16 lanes are 16 outputs, summed nowhere. In the file's order a lane held four products of one block: that
 // conversion and scaling came four times as often, as many instructions as the float path's FMAs.
@@ -397,73 +399,116 @@ constexpr bool VNNI = true;
 // Every (row, weight row) pair runs the same instructions in the same order whatever rows share the call:
 // a row's outputs do not hang on the rows beside it, one row alone included.
 struct Quantized {
-  std::vector<int8_t> q;     // [M, blocks, 32]: the codes, in x's order
+  std::vector<int8_t> q;     // [M, blocks, P, 32]: the codes, in x's order (P = 2: high bytes, then low ones)
   std::vector<float> steps;  // [M, blocks, 2]: the steps of each block's two runs of 16
   std::vector<float> sums;   // [M, blocks]: each block's quantized sum (Q4_0: times -8, its offset / d)
+  std::vector<int32_t> runs;  // [M, blocks, 2]: 128 times each run's sum of codes (Q8_0's correction, below)
 };
 
-template <Fmt F>
+// P bytes a code: 1, int8 codes -127..127; 2, int16 codes -32639..32639 held as two byte planes, v = 256 h + l
+// (h -127..127, l -128..127), so that the same u8 x s8 products take them, twice as many, and their sums
+// join exactly in int32 (a lane's high sum a block, at most 16 * 255 * 127, times 256, is below 2^31).
+// Int16 codes round x 257 times more finely than int8 ones: the projections whose int8 rounding tipped
+// answers multiply on them (jaxserve.model.blocks.x_bits).
+template <Fmt F, int P>
 Quantized quantize_rows(const float* x, Dims s) {
+  constexpr float top = P == 1 ? 127 : 32639;
   const int64_t nb = s.K / QK;
-  Quantized out{std::vector<int8_t>(s.M * s.K), std::vector<float>(s.M * nb * 2), std::vector<float>(s.M * nb)};
+  Quantized out{std::vector<int8_t>(s.M * s.K * P), std::vector<float>(s.M * nb * 2), std::vector<float>(s.M * nb),
+                std::vector<int32_t>(s.M * nb * 2)};
   for (int64_t i = 0; i < s.M * nb; ++i) {
     float block_sum = 0;
     for (int h = 0; h < 2; ++h) {
       const __m512 v = _mm512_loadu_ps(x + i * QK + h * L);
       const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
-      const float step = amax / 127, inv = amax > 0 ? 127 / amax : 0;
+      const float step = amax / top, inv = amax > 0 ? top / amax : 0;
       const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // nearest, ties even
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(&out.q[i * QK + h * L]), _mm512_cvtsepi32_epi8(codes));
+      int8_t* at = &out.q[i * P * QK + h * L];
+      if constexpr (P == 1) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(at), _mm512_cvtsepi32_epi8(codes));
+      } else {
+        const __m512i high = _mm512_srai_epi32(_mm512_add_epi32(codes, _mm512_set1_epi32(128)), 8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(at), _mm512_cvtsepi32_epi8(high));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(at + QK),
+                         _mm512_cvtsepi32_epi8(_mm512_sub_epi32(codes, _mm512_slli_epi32(high, 8))));
+      }
+      const int32_t total = _mm512_reduce_add_epi32(codes);
       out.steps[i * 2 + h] = step;
-      block_sum += step * _mm512_reduce_add_epi32(codes);
+      out.runs[i * 2 + h] = 128 * total;
+      block_sum += step * total;
     }
     out.sums[i] = F == Fmt::Q4_0 ? -8 * block_sum : block_sum;
   }
   return out;
 }
 
-// Rows [m0, m0 + R) of x by the 16 weight rows of one interleaved group (q, d, o: the group's codes, d and
-// offsets widened, m for Q4_1 and d again for Q4_0), into y's columns n..n+16.
-template <int R>
+// Rows [m0, m0 + R) of x (codes of P bytes) by the 16 weight rows of one interleaved group (q, d, o: the
+// group's codes, d and offsets widened, m for Q4_1 and d again for Q4_0), into y's columns n..n+16.
+// Q8_0 weights are signed, and vpdpbusd's weight operand is not: their codes are offset by 128 in registers
+// (an exclusive or), and 128 times x's run sums taken off the dot products after (`runs`).
+template <Fmt F, int R, int P>
 void rows_q8(const Quantized& xq, const uint8_t* q, const float* d, const float* o, float* y, Dims s,
              int64_t m0, int64_t n) {
+  constexpr int64_t group = 16 * block_bytes<F>();  // bytes of a block of the 16 weight rows
   const int64_t nb = s.K / QK;
-  const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+  const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512(), sign = _mm512_set1_epi8(-128);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* qb = q + b * 16 * QK / 2;
-    // one row of x: a block further on (the loop must keep up with memory)
+    const uint8_t* qb = q + b * group;
+    // one row of x: eight blocks further on (the loop must keep up with memory)
     if constexpr (R == 1)
-      for (int k = 0; k < 4; ++k) _mm_prefetch(reinterpret_cast<const char*>(qb + 2048 + 64 * k), _MM_HINT_T0);
-    __m512i lo[4], hi[4];
+      for (int64_t line = 0; line < group; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(qb + 8 * group + line), _MM_HINT_T0);
+    // [k]: the 16 rows' codes of inputs 4k..4k+3 (first) and 16 + 4k..16 + 4k + 3 (second)
+    __m512i first[4], second[4];
     for (int k = 0; k < 4; ++k) {
-      const __m512i v = _mm512_loadu_si512(qb + 64 * k);
-      lo[k] = _mm512_and_si512(v, low);
-      hi[k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      if constexpr (F == Fmt::Q8_0) {
+        first[k] = _mm512_xor_si512(_mm512_loadu_si512(qb + 64 * k), sign);
+        second[k] = _mm512_xor_si512(_mm512_loadu_si512(qb + 256 + 64 * k), sign);
+      } else {  // a byte's low nibble is input 4k + i, its high one 16 + 4k + i
+        const __m512i v = _mm512_loadu_si512(qb + 64 * k);
+        first[k] = _mm512_and_si512(v, low);
+        second[k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
     }
-    const __m512 dv = _mm512_loadu_ps(d + b * L), ov = _mm512_loadu_ps(o + b * L);
+    const __m512 dv = _mm512_loadu_ps(d + b * L), ov = F == Fmt::Q8_0 ? dv : _mm512_loadu_ps(o + b * L);
     for (int r = 0; r < R; ++r) {
       const int64_t at = (m0 + r) * nb + b;
-      const int8_t* xb = &xq.q[at * QK];
-      __m512i il = zero, ih = zero;
+      const int8_t* xb = &xq.q[at * P * QK];
+      __m512i il = zero, ih = zero, jl = zero, jh = zero;  // the sums of x's first 16 inputs and its last 16
       for (int k = 0; k < 4; ++k) {
         int32_t a, c;
         std::memcpy(&a, xb + 4 * k, 4);
         std::memcpy(&c, xb + L + 4 * k, 4);
-        il = _mm512_dpbusd_epi32(il, lo[k], _mm512_set1_epi32(a));
-        ih = _mm512_dpbusd_epi32(ih, hi[k], _mm512_set1_epi32(c));
+        il = _mm512_dpbusd_epi32(il, first[k], _mm512_set1_epi32(a));
+        ih = _mm512_dpbusd_epi32(ih, second[k], _mm512_set1_epi32(c));
+        if constexpr (P == 2) {  // the low bytes
+          std::memcpy(&a, xb + QK + 4 * k, 4);
+          std::memcpy(&c, xb + QK + L + 4 * k, 4);
+          jl = _mm512_dpbusd_epi32(jl, first[k], _mm512_set1_epi32(a));
+          jh = _mm512_dpbusd_epi32(jh, second[k], _mm512_set1_epi32(c));
+        }
+      }
+      if constexpr (P == 2) {
+        il = _mm512_add_epi32(_mm512_slli_epi32(il, 8), jl);
+        ih = _mm512_add_epi32(_mm512_slli_epi32(ih, 8), jh);
+      }
+      if constexpr (F == Fmt::Q8_0) {
+        il = _mm512_sub_epi32(il, _mm512_set1_epi32(xq.runs[2 * at]));
+        ih = _mm512_sub_epi32(ih, _mm512_set1_epi32(xq.runs[2 * at + 1]));
       }
       const __m512 u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il), _mm512_set1_ps(xq.steps[2 * at]),
                                        _mm512_mul_ps(_mm512_cvtepi32_ps(ih), _mm512_set1_ps(xq.steps[2 * at + 1])));
-      acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xq.sums[at]), _mm512_fmadd_ps(u, dv, acc[r]));
+      acc[r] = _mm512_fmadd_ps(u, dv, acc[r]);
+      if constexpr (F != Fmt::Q8_0) acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xq.sums[at]), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (m0 + r) * s.N + n, acc[r]);
 }
 
 // Weight rows [t * TILE, (t + 1) * TILE) (whole groups of 16) by every row of x, on quantized activations.
-template <Fmt F>
+template <Fmt F, int P>
 void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
              Dims s, int64_t t) {
   const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N);
@@ -472,7 +517,7 @@ void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uin
   over_rows(s.M, [&](auto r, int64_t m0) {
     for (int64_t n = first; n < end; n += L) {
       const int64_t at = (n - first) * nb;
-      rows_q8<decltype(r)::value>(xq, q + n * nb * QK / 2, df + at, of + at, y, s, m0, n);
+      rows_q8<F, decltype(r)::value, P>(xq, q + n * nb * block_bytes<F>(), df + at, of + at, y, s, m0, n);
     }
   });
 }
@@ -484,7 +529,7 @@ constexpr bool VNNI = false;  // a build without AVX512-VNNI refuses quantized a
 // y = x . w[layer]^T for w's codes [L, N, K * bytes per block / 32], d (and m) [L, N, K / 32].
 template <Fmt F, typename Q>
 ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::Buffer<ffi::F16> d,
-                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8,
+                       const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t x_bits,
                        int32_t invariant) {
   auto xd = x.dimensions(), qd = q.dimensions(), dd = d.dimensions();
   if (xd.size() != 2 || qd.size() != 3 || dd.size() != 3 || layer.element_count() != 1 || xd[1] % QK ||
@@ -522,14 +567,19 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
   const float* xsp = xs.data();
   const int64_t tiles = (s.N + TILE - 1) / TILE;
   const int64_t bytes = s.N * nb * (block_bytes<F>() + (F == Fmt::Q4_1 ? 4 : 2)) * s.M;
+  if (x_bits != 8 && x_bits != 16 && x_bits != 32)
+    return ffi::Error::InvalidArgument("block matmul: x_bits is 8, 16 or 32 (float)");
+  const bool q8 = x_bits != 32;
   if (q8 && !VNNI) return ffi::Error::InvalidArgument("block matmul: quantized activations need AVX512-VNNI");
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (q8) {
-    if (F == Fmt::Q8_0 || s.N % L)
-      return ffi::Error::InvalidArgument("block matmul: quantized activations take Q4 weights interleaved, 16 rows a group");
-    const Quantized xq = quantize_rows<F>(xp, s);
+    if (s.N % L) return ffi::Error::InvalidArgument("block matmul: quantized activations take weights interleaved, 16 rows a group");
+    const Quantized xq = x_bits == 8 ? quantize_rows<F, 1>(xp, s) : quantize_rows<F, 2>(xp, s);
     const Quantized* xqp = &xq;
-    jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_q8<F>(*xqp, qp, dp, mp, yp, s, t); });
+    if (x_bits == 8)
+      jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_q8<F, 1>(*xqp, qp, dp, mp, yp, s, t); });
+    else
+      jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_q8<F, 2>(*xqp, qp, dp, mp, yp, s, t); });
     return ffi::Error::Success();
   }
 #endif
@@ -545,21 +595,21 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
 }
 
 ffi::Error Q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8,
+                ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t x_bits,
                 int32_t invariant) {
   if (m.dimensions().size() != 3 || m.element_count() != d.element_count())
     return ffi::Error::InvalidArgument("block matmul: m as d");
-  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, q8, invariant);
+  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, x_bits, invariant);
 }
 
 ffi::Error Q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8, int32_t invariant) {
-  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, q8, invariant);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t x_bits, int32_t invariant) {
+  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, x_bits, invariant);
 }
 
 ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t q8, int32_t invariant) {
-  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, q8, invariant);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t x_bits, int32_t invariant) {
+  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, x_bits, invariant);
 }
 
 // The floor the kernels are measured against (scripts/bench_bandwidth.py): layer `layer` of each of a
@@ -623,7 +673,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8")
+                                  .Attr<int32_t>("x_bits")
                                   .Attr<int32_t>("invariant"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_0_matmul, Q4_0,
                               bind()
@@ -631,7 +681,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_0_matmul, Q4_0,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8")
+                                  .Attr<int32_t>("x_bits")
                                   .Attr<int32_t>("invariant"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_0_matmul, Q8_0,
                               bind()
@@ -639,5 +689,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_0_matmul, Q8_0,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("q8")
+                                  .Attr<int32_t>("x_bits")
                                   .Attr<int32_t>("invariant"));

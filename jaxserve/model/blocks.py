@@ -94,9 +94,10 @@ class BlockWeight:
     def at(self, layer) -> BlockWeight:
         return dataclasses.replace(self, layer=layer)
 
-    def rows(self, tokens) -> jax.Array:
-        """Rows `tokens` [...] of an embedding table [V, D] -> float32 [..., D]."""
-        return dequantize(self.fmt, *(a[tokens] for a in self.arrays), xp=jnp)
+    def rows(self, tokens, woven: bool = False) -> jax.Array:
+        """Rows `tokens` [...] of an embedding table [V, D] (`woven`: held interleaved) -> float32 [..., D]."""
+        arrays = tuple(interleaved_rows(a, tokens) if woven else a[tokens] for a in self.arrays)
+        return dequantize(self.fmt, *arrays, xp=jnp)
 
 
 def declare(module: nn.Module, fmt: str, name: str, shape, axes, a: int) -> BlockWeight:
@@ -126,19 +127,20 @@ def stacks(layers: dict, formats: dict[str, str]) -> dict[str, BlockWeight]:
     return out
 
 
-# The projection multiplied on activations quantized to 8 bits where the formulation says so: the MLP's
-# gate and up, half of SmolLM2's layer weights. The others keep float activations. The keys and values are
+# Under the "q8" formulation every weight whose outputs are whole groups of GROUP multiplies on quantized
+# activations (integer dot products): the MLP's gate and up, half of SmolLM2's layer weights, on 8 bits a
+# value; the others (the attention projections, down, and the logits' Q8_0 embedding) on 16 bits, as near
+# float32 as makes no difference to their answers and, at 8 rows and more, faster than float32 ones (SmolLM2,
+# AMD EPYC, a decode step's matmuls, ms, int16 against float32 for them: 8 rows 14.6/18.4, 32 rows 38/50,
+# 64 rows 71/96; 1 row even within the noise). On 8 bits they tipped answers. The keys and values are
 # written to the cache and read again at every later position, so their errors add up along the sequence
-# (SmolLM2 teacher-forced against tests/reference, 192 positions: every matmul quantized, 96.4% top-1; all
+# (SmolLM2 teacher-forced against tests/reference, 192 positions: every matmul on 8 bits, 96.4% top-1; all
 # but these two, 97.4%). The down projection's inputs, the MLP's gated products, carry a few values far
-# larger than the rest of their block, which rounding to 8 bits a block then wipes out: with it quantized
+# larger than the rest of their block, which rounding to 8 bits a block then wipes out: with it on 8 bits
 # SmolLM2 answers "What is the capital of France?" in its chat template with "L'Etoile, la Marseillaise,
-# ..." -- as llama.cpp's own Q4_1 path does -- and with it in float, "Paris". The query and output
-# projections' quantized activations still tipped that answer's first token ("The" -1.88 against "L" -1.97
-# in float32, -1.96 against -1.91 with them quantized; gate and up alone, -1.85 against -1.93), and gave
-# ~3% of a 1-row step's matmul time (SmolLM2, AMD EPYC, q8/kernel: 0.84 with them, 0.87 without). Q8_0
-# weights (the tied embedding: the logits) are read in the file's order, where quantized activations were
-# the slower (one row: 1.9 against 1.4 ms).
+# ..." -- as llama.cpp's own Q4_1 path does -- and otherwise "Paris". The query and output projections on
+# 8 bits still tipped that answer's first token ("The" -1.88 against "L" -1.97 in float32, -1.96 against
+# -1.91 with them on 8 bits; gate and up on 8 bits and the rest on 16, -1.83 against -1.94).
 Q8_INPUTS = frozenset({"gate_up"})
 
 
@@ -146,35 +148,65 @@ GROUP = 16  # weight rows interleaved together: the kernel's lanes
 
 
 def interleaved(w: BlockWeight, f) -> bool:
-    """Whether `w`, a layer's weight (read from the layers' stack), is held interleaved (`interleave`) for
-    formulation `f`: a Q4 weight multiplied on quantized activations at every row count, its outputs whole
-    groups of GROUP."""
-    q4 = w.fmt != "q8_0" and w.layer is not None and math.prod(w.outputs) % GROUP == 0
-    return q4 and f.q8 and w.name in Q8_INPUTS
+    """Whether `w` is held interleaved (`interleave`) for formulation `f`: a weight multiplied on quantized
+    activations at every row count, its outputs whole groups of GROUP."""
+    return f.q8 and math.prod(w.outputs) % GROUP == 0
+
+
+def x_bits(w: BlockWeight, f) -> int:
+    """The bits of the activations `w` multiplies under formulation `f`: 8 for Q8_INPUTS' interleaved
+    weights, 16 for the other interleaved ones, 32 (float) for the rest."""
+    if not interleaved(w, f):
+        return 32
+    return 8 if w.name in Q8_INPUTS else 16
+
+
+def _code_bytes(a) -> int | None:
+    """A block's bytes of codes, if `a` is a weight's codes (d and m are float16)."""
+    return {jnp.dtype(jnp.uint8): 16, jnp.dtype(jnp.int8): 32}.get(jnp.dtype(a.dtype))
 
 
 def interleave(arrays: tuple) -> tuple:
-    """A Q4 weight's parts (codes, d[, m]) [L, outputs..., last], the outputs flattened to N, laid out as the
+    """A weight's parts (codes, d[, m]) [L, outputs..., last], the outputs flattened to N, laid out as the
     kernel reads them on quantized activations: GROUP rows at a time, block by block, four bytes of each
-    row's block after another's: codes [L, N / 16, blocks, 4, 16 rows, 4 bytes], d and m [L, N / 16, blocks,
-    16 rows]. Same shapes and elements, other order."""
+    row's block after another's: codes [L, N / 16, blocks, block bytes / 4, 16 rows, 4 bytes], d and m
+    [L, N / 16, blocks, 16 rows]. Same shapes and elements, other order."""
     out = []
     for a in arrays:
-        lead, last = a.shape[0], a.shape[-1]
-        if a.dtype == jnp.uint8:  # codes: 16 bytes a block
-            grouped, order = (lead, -1, GROUP, last // 16, 4, 4), (0, 1, 3, 4, 2, 5)
-        else:  # d, m: one a block
+        lead, last, bb = a.shape[0], a.shape[-1], _code_bytes(a)
+        if bb:
+            grouped, order = (lead, -1, GROUP, last // bb, bb // 4, 4), (0, 1, 3, 4, 2, 5)
+        else:
             grouped, order = (lead, -1, GROUP, last), (0, 1, 3, 2)
         out.append(jnp.transpose(jnp.reshape(a, grouped), order).reshape(a.shape))
     return tuple(out)
 
 
-def interleave_layers(layers: dict, formats: dict[str, str], f) -> dict:
-    """`layers` (a params tree's) with the block weights `interleaved` for `f` interleaved."""
-    out = dict(layers)
-    for name, w in stacks(layers, formats).items():
-        if interleaved(w.at(0), f):
-            out.update(zip((name + p for p in parts(w.fmt)), interleave(w.arrays)))
+def interleaved_rows(a, tokens):
+    """Rows `tokens` [...] of a table's part `a` [N, last] held interleaved, in the file's order: [..., last]."""
+    last, bb = a.shape[-1], _code_bytes(a)
+    group, j = tokens // GROUP, tokens % GROUP
+    if bb:
+        return a.reshape(-1, last // bb, bb // 4, GROUP, 4)[group, :, :, j, :].reshape(*tokens.shape, last)
+    return a.reshape(-1, last, GROUP)[group, :, j]
+
+
+def interleave_params(params: dict, formats: dict[str, str], f) -> dict:
+    """A params tree (its "params") with the block weights `interleaved` for `f` interleaved: the layers'
+    stacks, and the embedding table or an untied output projection."""
+    out = dict(params)
+    for scope in ("layers", "embed", None):
+        held = dict(params[scope]) if scope else out
+        for name, fmt in formats.items():
+            if name not in held:
+                continue
+            arrays = tuple(held[name + p] for p in parts(fmt))
+            stack = arrays if scope == "layers" else tuple(a[None] for a in arrays)
+            if interleaved(BlockWeight(fmt, stack, tuple(stack[0].shape[1:-1]), name=name), f):
+                woven = interleave(stack)
+                held.update(zip((name + p for p in parts(fmt)), woven if scope == "layers" else (a[0] for a in woven)))
+        if scope:
+            out[scope] = held
     return out
 
 
@@ -192,7 +224,7 @@ def dot(x, w: BlockWeight, f):
         # out of the next quantized activations' rounding larger (seeded samples of a request asked twice,
         # the second time from the prefix cache, differed)
         layer = 0 if w.layer is None else w.layer
-        y = kernels.block_matmul(xr, w.fmt, *stack, layer=layer, q8=interleaved(w, f), invariant=f.q8)
+        y = kernels.block_matmul(xr, w.fmt, *stack, layer=layer, x_bits=x_bits(w, f), invariant=f.q8)
         return y.reshape(*x.shape[:2], *w.outputs).astype(x.dtype)
     assert not interleaved(w, f), "quantized activations are the kernel's, at every row count"
     arrays = w.arrays if w.layer is None else tuple(a[w.layer] for a in w.arrays)

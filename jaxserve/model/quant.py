@@ -30,8 +30,8 @@ class Formulation:
 
     kernel_below_rows: int | None = None
     bf16_from_rows: int | None = None
-    # GGUF block weights: the kernel multiplies (every row count) on activations quantized to 8 bits a run of
-    # 16 inputs (integer dot products: AVX512-VNNI), Q4 weights interleaved for it (blocks.interleaved)
+    # GGUF block weights: the kernel multiplies (every row count) on activations quantized to 8 or 16 bits a
+    # run of 16 inputs (integer dot products: AVX512-VNNI, blocks.x_bits), weights interleaved for it
     q8: bool = False
 
     def describe(self, cfg: ModelConfig) -> str:

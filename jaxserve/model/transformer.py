@@ -199,7 +199,8 @@ class Embedding(nn.Module):
 
     def __call__(self, tokens):
         if self.blocks is not None:
-            return self.blocks.rows(tokens).astype(jnp.dtype(self.cfg.dtype))
+            woven = blocks.interleaved(self.blocks, self.formulation)
+            return self.blocks.rows(tokens, woven).astype(jnp.dtype(self.cfg.dtype))
         if self.scale is None:
             return self.table[tokens]
         return quant.dequantize(self.table[tokens], self.scale[tokens]).astype(jnp.dtype(self.cfg.dtype))

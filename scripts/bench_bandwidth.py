@@ -1,11 +1,14 @@
 """The 1-row weight matmuls' bandwidth against a plain read of the same bytes, in the same process.
 
     python scripts/bench_bandwidth.py [--quantize gguf int8] [--rows 1] [--repeats 30] [--isa avx2]
+                                      [--formulation kernel|q8]
 
 For each weight format, one jitted pass over every layer's matmul weights as a decode step reads them (the
 layer stacks, each layer read in place by jaxserve's kernel; `--rows` rows of activations), and one pass
 reading the very same bytes on the same threads with nothing computed (jaxserve.kernels.read_bytes), with the
-kernels of the path `--isa` (jaxserve.kernels.ISAS; the one that serves here by default). Prints
+kernels of the path `--isa` (jaxserve.kernels.ISAS; the one that serves here by default), the block weights
+on float activations (`--formulation kernel`) or quantized ones, interleaved, as they serve on a path with
+AVX512-VNNI (q8, the default there). Prints
 both as GB/s and their ratio, medians and fastest of interleaved runs, with the load average: the machine may be
 shared.
 """
@@ -30,21 +33,23 @@ from jaxserve.model.quant import grouped_axis
 from jaxserve.sharding import make_mesh
 
 
-def weights(model) -> list[tuple[str, tuple]]:
-    """(how the kernel reads it, the arrays of one weight stacked over the layers), for every layer matmul."""
+def weights(model) -> list[tuple[str, tuple, int]]:
+    """(how the kernel reads it, the arrays of one weight stacked over the layers, the bits of the
+    activations it multiplies: blocks.x_bits), for every layer matmul."""
     layers = model.params["params"]["layers"]
     if model.cfg.quant == "blocks":
-        return [(w.fmt, w.arrays) for w in blocks.stacks(layers, dict(model.cfg.block_formats)).values()]
-    return [("int8", (layers[n], layers[n + "_scale"])) for n in sorted(layers) if n + "_scale" in layers]
+        stacked = blocks.stacks(layers, dict(model.cfg.block_formats)).values()
+        return [(w.fmt, w.arrays, blocks.x_bits(w, model.formulation)) for w in stacked]
+    return [("int8", (layers[n], layers[n + "_scale"]), 32) for n in sorted(layers) if n + "_scale" in layers]
 
 
-def kernel_pass(ws: list[tuple[str, tuple]], n_layers: int, isa: str | None = None):
+def kernel_pass(ws: list[tuple[str, tuple, int]], n_layers: int, isa: str | None = None):
     """One jitted pass (arrays, x [rows, D]) -> a scalar: every weight of `ws` (as `weights` lists them) of
     every layer multiplied by x (resized to its inputs) with the kernel of path `isa`."""
 
     def run(arrays, x):
         def layer(acc, i):
-            for (how, _), a in zip(ws, arrays):
+            for (how, _, bits), a in zip(ws, arrays):
                 if how == "int8":
                     contracted = grouped_axis(a[0].shape[1:], a[1].shape[1:]) + 1
                     k = math.prod(a[0].shape[1 : 1 + contracted])
@@ -53,7 +58,7 @@ def kernel_pass(ws: list[tuple[str, tuple]], n_layers: int, isa: str | None = No
                 else:
                     xk = jnp.resize(x + acc, (x.shape[0], a[1].shape[-1] * blocks.QK))
                     stack = tuple(p.reshape(p.shape[0], -1, p.shape[-1]) for p in a)
-                    y = kernels.block_matmul(xk, how, *stack, layer=i, isa=isa)
+                    y = kernels.block_matmul(xk, how, *stack, layer=i, x_bits=bits, invariant=bits < 32, isa=isa)
                 acc = acc + 1e-6 * y[0, 0]
             return acc, None
 
@@ -89,10 +94,10 @@ def timings(calls: dict, repeats: int) -> dict[str, list[float]]:
     return runs
 
 
-def kernel_against_read(ws: list[tuple[str, tuple]], n_layers: int, x, repeats: int, isa: str | None = None):
+def kernel_against_read(ws: list[tuple[str, tuple, int]], n_layers: int, x, repeats: int, isa: str | None = None):
     """Kernel and read passes over the weights `ws`, timed interleaved -> their runs' seconds."""
     kernel, read = kernel_pass(ws, n_layers, isa), read_pass(n_layers, isa)
-    arrays = [a for _, a in ws]
+    arrays = [a for _, a, _ in ws]
     return timings({"kernel": lambda: kernel(arrays, x), "read": lambda: read(arrays)}, repeats)
 
 
@@ -108,7 +113,7 @@ def summary(runs: dict[str, list[float]], nbytes: int, pick) -> str:
 
 def measure(model, label: str, rows: int, repeats: int, isa: str | None) -> None:
     ws = weights(model)
-    nbytes = sum(part.nbytes for _, a in ws for part in a)
+    nbytes = sum(part.nbytes for _, a, _ in ws for part in a)
     runs = kernel_against_read(ws, model.cfg.n_layers, jnp.ones((rows, model.cfg.dim), jnp.float32), repeats, isa)
     # the median, and the fastest run: on a shared machine the one least disturbed by the others' load
     for how, pick in (("median", statistics.median), ("fastest", min)):
@@ -127,12 +132,19 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--isa", choices=[i.name for i in kernels.ISAS], help="the kernels' path (default: the best here)")
+    p.add_argument(
+        "--formulation",
+        choices=["kernel", "q8"],
+        help="the block weights' (default: q8, quantized activations, where the CPU has AVX512-VNNI)",
+    )
     args = p.parse_args()
     assert kernels.available(args.isa), "the kernels need a C++ compiler and the CPU backend"
+    path = next(i for i in kernels.ISAS if i.name == (args.isa or kernels.best().name))
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()}", flush=True)
     for q in args.quantize:
         model = load_model(args.model, args.checkpoints, make_mesh(1, 1), progress=False, quantize=q)
-        model = CANDIDATES["kernel"].apply(model)  # int8 packed as the kernel reads it
+        q8 = q != "int8" and (args.formulation or ("q8" if path.q8 else "kernel")) == "q8"
+        model = CANDIDATES["q8" if q8 else "kernel"].apply(model)  # held as the kernel reads them
         measure(model, q, args.rows, args.repeats, args.isa)
     print(f"load average {os.getloadavg()}")
 

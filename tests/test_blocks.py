@@ -264,20 +264,27 @@ def test_on_quantized_activations_a_rows_outputs_do_not_hang_on_the_rows_beside_
 def test_one_row_kernel_against_a_plain_read(bench_bandwidth, bandwidth_summary, fmt, layers):
     """scripts/bench_bandwidth.py's measure on made-up weights of SmolLM2's gate shape [1536, 576], stacked
     to as many bytes as its layers' (about 66 MB, more than most CPUs' last-level cache): the 1-row kernel of
-    the path that serves, and a plain read of the same bytes on the same threads, timed interleaved. Their
-    ratio goes to the terminal summary -- reported, never asserted. The kernel's result is checked."""
+    the path that serves (with AVX512-VNNI: on quantized activations, 8 bits for Q4 as the gate's, 16 for
+    Q8_0 as the logits', the weights interleaved), and a plain read of the same bytes on the same threads,
+    timed interleaved. Their ratio goes to the terminal summary -- reported, never asserted. The kernel's
+    result is checked."""
     rng = np.random.default_rng(0)
     n, k = 1536, 576
     codes = rng.integers(-128, 128, (layers, n, blocks.code_width(fmt, k)), np.int8)
     scales = [rng.uniform(-0.01, 0.01, (layers, n, k // 32)).astype(np.float16) for _ in blocks.parts(fmt)[1:]]
     parts = (codes if fmt == "q8_0" else codes.view(np.uint8), *scales)
     x = rng.standard_normal((1, k)).astype(np.float32)
-    y = jax.jit(kernels.block_matmul, static_argnums=1)(x, fmt, *parts, layer=layers - 1)
-    want = x.astype(np.float64) @ blocks.dequantize(fmt, *(p[-1] for p in parts)).astype(np.float64).T
+    bits = (16 if fmt == "q8_0" else 8) if kernels.vnni() else 32
+    served = tuple(np.asarray(a) for a in blocks.interleave(parts)) if bits < 32 else parts
+    matmul = jax.jit(kernels.block_matmul, static_argnums=1, static_argnames="x_bits")
+    y = matmul(x, fmt, *served, layer=layers - 1, x_bits=bits)
+    w = blocks.dequantize(fmt, *(p[-1] for p in parts)).astype(np.float64)
+    want = (quantized(x, bits) if bits < 32 else x.astype(np.float64)) @ w.T
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    arrays = tuple(jnp.asarray(p) for p in parts)
+    arrays = tuple(jnp.asarray(p) for p in served)
     repeats = 15
-    runs = bench_bandwidth.kernel_against_read([(fmt, arrays)], layers, jnp.asarray(x), repeats)
+    runs = bench_bandwidth.kernel_against_read([(fmt, arrays, bits)], layers, jnp.asarray(x), repeats)
     nbytes = sum(p.nbytes for p in parts)
-    what = f"{fmt} {layers} x [{n}, {k}] ({nbytes / 1e6:.0f} MB), {kernels.best().name}, median of {repeats}"
+    x_is = f"{bits}-bit x" if bits < 32 else "float x"
+    what = f"{fmt} {layers} x [{n}, {k}] ({nbytes / 1e6:.0f} MB), {kernels.best().name}, {x_is}, median of {repeats}"
     bandwidth_summary[what] = bench_bandwidth.summary(runs, nbytes, statistics.median)

@@ -118,7 +118,7 @@ def test_one_row_kernel_against_a_plain_read(bench_bandwidth, bandwidth_summary)
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     repeats = 15
     arrays = (jnp.asarray(kernel), jnp.asarray(scale))  # on the device once (NumPy ones are copied each call)
-    runs = bench_bandwidth.kernel_against_read([("int8", arrays)], layers, jnp.asarray(x), repeats)
+    runs = bench_bandwidth.kernel_against_read([("int8", arrays, 32)], layers, jnp.asarray(x), repeats)
     nbytes = kernel.nbytes + scale.nbytes
     what = f"int8 {layers} x [{k}, {n}] ({nbytes / 1e6:.0f} MB), {kernels.best().name}, median of {repeats}"
     bandwidth_summary[what] = bench_bandwidth.summary(runs, nbytes, statistics.median)

@@ -39,12 +39,18 @@ def top_k(x, k: int):
     return values.reshape(*lead, k), ids.reshape(*lead, k)
 
 
-def top_logprobs(logits):
-    """log-softmax of raw logits [..., V] -> (logprobs [..., V], top ids [..., K], top logprobs [..., K]),
-    K = TOP_LOGPROBS (or V, for a vocabulary smaller than that)."""
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    top_lp, top_ids = top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
-    return logprobs, top_ids.astype(jnp.int32), top_lp
+def top_logprobs(logits, chosen):
+    """Raw logits [..., V] and token ids `chosen` [...] -> (their logprobs [...], top ids [..., K], top
+    logprobs [..., K]), K = TOP_LOGPROBS (or V, for a vocabulary smaller than that): the log-softmax, as
+    jax.nn.log_softmax computes it, at those entries alone. The top K of the logits are those of the
+    logprobs, and the whole [..., V] of logprobs is never written (at 32 rows of SmolLM2's vocabulary, 6 MB
+    a step written and read again)."""
+    x = logits.astype(jnp.float32)
+    peak = x.max(axis=-1, keepdims=True)
+    log_total = jnp.log(jnp.sum(jnp.exp(x - peak), axis=-1, keepdims=True))
+    top_x, top_ids = top_k(x, min(TOP_LOGPROBS, logits.shape[-1]))
+    at = jnp.take_along_axis(x, chosen[..., None], axis=-1)
+    return ((at - peak) - log_total)[..., 0], top_ids.astype(jnp.int32), (top_x - peak) - log_total
 
 
 def _top_p_mask(probs, top_p):
@@ -93,15 +99,13 @@ def sample(logits, state: SamplingState):
 
     Pure: the caller records the tokens with `record` for the rows that really advanced."""
     logits = logits.astype(jnp.float32)
-    raw_logprobs, top_ids, top_lp = top_logprobs(logits)
     x = logits + state.bias
     x = x - state.frequency[:, None] * state.counts - state.presence[:, None] * (state.counts > 0)
     x = jax.lax.cond(jnp.any(state.allowed != -1), _constrain, lambda x, _: x, x, state.allowed)
     greedy = top_k(x, 1)[1][:, 0]  # argmax, first index on ties; faster than argmax on XLA:CPU
     drawn = jax.lax.cond(jnp.any(state.temperature > 0), _draw, lambda x, s: greedy, x, state)
     tokens = jnp.where(state.temperature > 0, drawn, greedy).astype(jnp.int32)
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen, top_ids, top_lp
+    return tokens, *top_logprobs(logits, tokens)
 
 
 def record(state: SamplingState, tokens, advanced) -> SamplingState:

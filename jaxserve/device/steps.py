@@ -110,8 +110,7 @@ def prefill(
 
     def every_position(x):
         logits = model.apply(params, x, method="logits")
-        logprobs, top_ids, top_lp = top_logprobs(logits)
-        chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+        chosen, top_ids, top_lp = top_logprobs(logits, targets)
         return PrefillOutput(
             logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp, last_logits=logits[jnp.arange(P), last]
         )

@@ -11,8 +11,9 @@ it depends on (sources, compiler, flags, jax version, CPU flags), so a restart l
 another kind never does. Where no compiler or no CPU backend is at hand, `available()` says so and the model
 computes with XLA alone.
 
-Paths not written yet, though CPUs have them: AVX512-BF16 (bfloat16 dot products) and AMX (tile matrix
-multiplies); a path for either is one more `Isa` here and the code its flags select in the sources.
+Not written, though CPUs have them: AMX (tile matrix multiplies; a path is one more `Isa` here and the code
+its flags select in the sources), and AVX512-BF16, whose bfloat16 dot products are no faster than the int16
+ones AVX512-VNNI gives (present on every CPU with AVX512-BF16) and round more coarsely.
 """
 
 from __future__ import annotations

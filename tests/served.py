@@ -12,10 +12,12 @@ from jaxserve.model import KVCache, Transformer
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def full_logits(cfg, params, tokens) -> np.ndarray:
-    """One forward pass of the model over `tokens` from an empty cache: logits [T, V]."""
+def full_logits(cfg, params, tokens, formulation=None) -> np.ndarray:
+    """One forward pass of the model (under `formulation`, None: float32) over `tokens` from an empty cache:
+    logits [T, V]."""
     n = len(tokens)
-    forward = jax.jit(lambda params, t, pos, cache, table: Transformer(cfg).apply(params, t, pos, cache, table, n)[0])
+    model = Transformer(cfg) if formulation is None else Transformer(cfg, formulation)
+    forward = jax.jit(lambda params, t, pos, cache, table: model.apply(params, t, pos, cache, table, n)[0])
     cache, table = KVCache.per_row(cfg, 1, n)
     return np.asarray(
         forward(params, np.array([tokens], np.int32), np.arange(n, dtype=np.int32)[None], cache, table)[0]

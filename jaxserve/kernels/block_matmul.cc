@@ -139,8 +139,8 @@ struct Dims {
   int64_t M, K, N;
 };
 
-// Weight rows [first, end)'s d (and Q4_1's m) widened at once into this thread's scratch (the rows' are
-// contiguous, in the file's layout and in the interleaved one alike): {d, m}, (end - first) * K / 32 each.
+// Weight rows [first, end)'s d (and Q4_1's m) widened at once into this thread's scratch: {d, m},
+// (end - first) * K / 32 each.
 template <Fmt F>
 std::pair<float*, float*> widened(const uint16_t* d, const uint16_t* m, Dims s, int64_t first, int64_t end) {
   const int64_t nb = s.K / QK, count = (end - first) * nb;
@@ -442,12 +442,13 @@ Quantized quantize_rows(const float* x, Dims s) {
   return out;
 }
 
-// Rows [m0, m0 + R) of x (codes of P bytes) by the 16 weight rows of one interleaved group (q, d, o: the
-// group's codes, d and offsets widened, m for Q4_1 and d again for Q4_0), into y's columns n..n+16.
+// Rows [m0, m0 + R) of x (codes of P bytes) by the 16 weight rows of one interleaved group (q, d, m: the
+// group's codes, d and Q4_1's m, float16, each block's 16 widened in registers), into y's columns n..n+16.
+// The offsets are m for Q4_1 and d for Q4_0 (its -8 is in x's sums).
 // Q8_0 weights are signed, and vpdpbusd's weight operand is not: their codes are offset by 128 in registers
 // (an exclusive or), and 128 times x's run sums taken off the dot products after (`runs`).
 template <Fmt F, int R, int P>
-void rows_q8(const Quantized& xq, const uint8_t* q, const float* d, const float* o, float* y, Dims s,
+void rows_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y, Dims s,
              int64_t m0, int64_t n) {
   constexpr int64_t group = 16 * block_bytes<F>();  // bytes of a block of the 16 weight rows
   const int64_t nb = s.K / QK;
@@ -472,7 +473,10 @@ void rows_q8(const Quantized& xq, const uint8_t* q, const float* d, const float*
         second[k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       }
     }
-    const __m512 dv = _mm512_loadu_ps(d + b * L), ov = F == Fmt::Q8_0 ? dv : _mm512_loadu_ps(o + b * L);
+    const auto widen = [b](const uint16_t* h) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + b * L)));
+    };
+    const __m512 dv = widen(d), ov = F == Fmt::Q4_1 ? widen(m) : dv;
     for (int r = 0; r < R; ++r) {
       const int64_t at = (m0 + r) * nb + b;
       const int8_t* xb = &xq.q[at * P * QK];
@@ -512,13 +516,10 @@ template <Fmt F, int P>
 void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
              Dims s, int64_t t) {
   const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N);
-  const auto [df, mf] = widened<F>(d, m, s, first, end);
-  const float* of = F == Fmt::Q4_1 ? mf : df;
   over_rows(s.M, [&](auto r, int64_t m0) {
-    for (int64_t n = first; n < end; n += L) {
-      const int64_t at = (n - first) * nb;
-      rows_q8<F, decltype(r)::value, P>(xq, q + n * nb * block_bytes<F>(), df + at, of + at, y, s, m0, n);
-    }
+    for (int64_t n = first; n < end; n += L)
+      rows_q8<F, decltype(r)::value, P>(xq, q + n * nb * block_bytes<F>(), d + n * nb, m ? m + n * nb : nullptr,
+                                         y, s, m0, n);
   });
 }
 

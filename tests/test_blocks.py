@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-from served import assert_served_steps_equal_full_pass, full_logits, greedy_decode
+from served import assert_served_steps_equal_full_pass, full_logits, greedy_decode, scored_prefill
 from test_kernels import TINY_LLAMA
 from test_quantize import teacher_forced
 
 from jaxserve import kernels
 from jaxserve.checkpoint import convert_hf, load_checkpoint, load_model
 from jaxserve.device.formulation import CANDIDATES, Choice, kernel_possible
-from jaxserve.device.runner import JaxRunner
-from jaxserve.model import blocks
+from jaxserve.device.runner import PAGE_SIZE, JaxRunner
+from jaxserve.model import attention_kernels, blocks
 from jaxserve.model.quant import Formulation
 from jaxserve.sharding import make_mesh
 
@@ -173,6 +173,25 @@ def test_smollm2_blocks_on_quantized_activations_stay_close_to_the_reference(smo
     print(f"{name}: top-1 agreement {agreement:.4f}, mean |delta logprob| {mean_diff:.4f}")
     assert agreement >= 0.97
     assert mean_diff <= 0.039
+
+
+@pytest.mark.skipif(not kernels.vnni(), reason="avx512_vnni: not on this CPU (the float path serves)")
+def test_a_prompt_prefilled_on_quantized_activations_gives_the_same_logprobs_in_any_chunks(smollm2_gguf):
+    """The served prefill under q8 with the attention `jaxserve serve` takes here: one chunk, or chunks of 1,
+    3 and 8 tokens, give the same logprobs and top ids, bit for bit -- a prompt whose prefix comes from the
+    cache is computed as one that does not. (A decode step is not a prefill chunk: its logprobs differ from
+    the prefill's of the same tokens by float rounding under float activations, ~4e-6, which quantized ones
+    turn into a draw of their own rounding, up to ~0.04.)"""
+    served = CANDIDATES["q8"].apply(smollm2_gguf)
+    served = dataclasses.replace(served, cfg=attention_kernels.choose(served.cfg, served.mesh, PAGE_SIZE))
+    prompt = served.tokenizer.encode("Call me Ishmael. Some years ago, never mind how long precisely")
+    runs = []
+    for chunk in (len(prompt), 1, 3, 8):
+        core = JaxRunner(served, slots=1, cache_len=128, eos_id=None)
+        runs.append(scored_prefill(core, 0, prompt, chunk=chunk)[:2])
+    for lp, top in runs[1:]:
+        np.testing.assert_array_equal(lp, runs[0][0])
+        np.testing.assert_array_equal(top, runs[0][1])
 
 
 @pytest.fixture(scope="module")

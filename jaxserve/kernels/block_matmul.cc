@@ -23,7 +23,6 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -138,17 +137,6 @@ inline void codes(const uint8_t* q, vf& lo, vf& hi) {
 struct Dims {
   int64_t M, K, N;
 };
-
-// Weight rows [first, end)'s d (and Q4_1's m) widened at once into this thread's scratch: {d, m},
-// (end - first) * K / 32 each.
-template <Fmt F>
-std::pair<float*, float*> widened(const uint16_t* d, const uint16_t* m, Dims s, int64_t first, int64_t end) {
-  const int64_t nb = s.K / QK, count = (end - first) * nb;
-  float *df = scratch(2 * count), *mf = df + count;
-  widen_half(d + first * nb, df, count);
-  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
-  return {df, mf};
-}
 
 template <int N>
 using Int = std::integral_constant<int, N>;
@@ -343,7 +331,11 @@ template <Fmt F>
 void tile(const float* x, const float* xs, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
           Dims s, int64_t t, bool lanes) {
   const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N);
-  const auto [df, mf] = widened<F>(d, m, s, first, end);
+  // the tile's d and m widened at once (its rows' are contiguous)
+  const int64_t count = (end - first) * nb;
+  float *df = scratch(2 * count), *mf = df + count;
+  widen_half(d + first * nb, df, count);
+  if constexpr (F == Fmt::Q4_1) widen_half(m + first * nb, mf, count);
 #if defined(__AVX512F__)
   // Rows of x outer, weight rows inner: a group of rows of x stays in L1 while the tile's weight rows (in L1
   // and L2 after the first group) pass by it. The other way round, every four weight rows streamed all of x

@@ -212,8 +212,8 @@ def interleave_params(params: dict, formats: dict[str, str], f) -> dict:
 
 def dot(x, w: BlockWeight, f):
     """x [B, T, inputs...] . w -> [B, T, outputs...] in x's dtype, as `f` (a quant.Formulation) says for the
-    rows (B * T): by jaxserve's kernel below `kernel_below_rows` (with `q8`, on activations quantized to 8
-    bits where `w` is `interleaved`), else dequantized within the step to float32, or to bfloat16 from
+    rows (B * T): by jaxserve's kernel below `kernel_below_rows` (with `q8`, on activations quantized to
+    `x_bits` where `w` is `interleaved`), else dequantized within the step to float32, or to bfloat16 from
     `bf16_from_rows` on (bfloat16 products, float32 sums), as the int8 formulations do."""
     rows = x.shape[0] * x.shape[1]
     xr = x.reshape(rows, -1)

@@ -61,7 +61,6 @@ def bench_bandwidth():
 # largest values 2^7 times more finely than bfloat16 does: a bfloat16 path would be no faster and less exact.
 UNWRITTEN = {
     "avx512_bf16": (frozenset({"avx512_bf16"}), "on this CPU, but not written: AVX512-VNNI's int16 products serve"),
-    "amx": (frozenset({"amx_tile", "amx_int8"}), "on this CPU, but no kernel path written for it"),
 }
 
 
@@ -84,16 +83,17 @@ def _kernel_path(name: str, summary) -> str:
     return name
 
 
-@pytest.fixture(params=[*(i.name for i in kernels.ISAS), *UNWRITTEN])
+@pytest.fixture(params=[*(i.name for i in kernels.ISAS if not i.emulated), *UNWRITTEN])
 def isa(request, summary) -> str:
     """Each kernel path in turn (jaxserve.kernels.ISAS, then those not written yet), skipped by name where
-    this CPU cannot run it; the summary lists which ran."""
+    this CPU cannot run it; the summary lists which ran. An emulated path's other code is its CPU's own
+    path: it runs in `q8_isa` alone."""
     return _kernel_path(request.param, summary)
 
 
 @pytest.fixture(params=[*(i.name for i in kernels.ISAS if i.q8), *UNWRITTEN])
 def q8_isa(request, summary) -> str:
-    """As `isa`, over the paths that multiply on quantized activations."""
+    """As `isa`, over the paths that multiply on quantized activations, the emulated ones too."""
     return _kernel_path(request.param, summary)
 
 

@@ -265,12 +265,13 @@ def quantized(x, bits: int):
 
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("fmt", blocks.FORMATS)
-@pytest.mark.parametrize("rows, n, k", [(1, 48, 96), (5, 80, 576), (9, 160, 1536), (4, 16, 32)])
+@pytest.mark.parametrize("rows, n, k", [(1, 48, 96), (5, 80, 576), (9, 160, 1536), (4, 16, 32), (35, 48, 96)])
 def test_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k, bits, q8_isa):
     """Activations quantized to int8 or int16 a run of 16 inputs (int8: llama.cpp's Q8 rounding, at half its
     block, in NumPy here), then integer dot products on weights interleaved as they are served so (16 rows
-    a group: outputs that are not whole tiles of 32 too): the product of those quantized activations with
-    the weights, offsets included. Interleaved, byte 4k + i of row 16g + j's block b lies at [g, b, k, j, i].
+    a group: outputs that are not whole tiles of 32 too; 35 rows: two groups of 16 on AMX's tiles, where the
+    path has them, and 3 beside them): the product of those quantized activations with the weights, offsets
+    included. Interleaved, byte 4k + i of row 16g + j's block b lies at [g, b, k, j, i].
     The int16 product is checked against the int8 one's error too: that it rounds x more finely, not just
     as finely as the tolerance."""
     rng = np.random.default_rng(rows * k)
@@ -317,15 +318,26 @@ def test_quantized_activations_take_weights_interleaved_whole_groups(q8_isa):
 @pytest.mark.parametrize("fmt", blocks.FORMATS)
 def test_on_quantized_activations_a_rows_outputs_do_not_hang_on_the_rows_beside_it(fmt, bits, q8_isa):
     """On quantized activations a row of x gives the same outputs, bit for bit, alone or among any other
-    rows: a request's tokens do not hang on the batch it shares."""
+    rows: a request's tokens do not hang on the batch it shares. With AMX's tiles, 16 rows at a time take
+    them and the rest AVX512-VNNI's loop, so which rows the tiles take changes with the rows beside them."""
     rng = np.random.default_rng(11)
     parts, _ = stack(rng, fmt, 96, 160, layers=1)
     parts = tuple(np.asarray(a) for a in blocks.interleave(parts))
-    x = rng.standard_normal((11, 160)).astype(np.float32)
+    x = rng.standard_normal((40, 160)).astype(np.float32)
     matmul = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, x_bits=bits, isa=q8_isa))
     together = np.asarray(matmul(x, *parts))
-    for rows in (slice(3, 9), slice(0, 2), slice(9, 11), slice(5, 10), *(slice(r, r + 1) for r in (0, 5, 10))):
+    spans = (slice(3, 9), slice(0, 2), slice(9, 11), slice(5, 10), slice(0, 16), slice(7, 39), slice(20, 37))
+    for rows in (*spans, *(slice(r, r + 1) for r in (0, 5, 10, 39))):
         np.testing.assert_array_equal(np.asarray(matmul(x[rows], *parts)), together[rows])
+
+
+def test_amx_paths_multiply_on_tiles(q8_isa):
+    """The AMX paths take 16 rows at a time on tiles (where Linux lends a process their state: the kernels
+    ask it), the others never: the tests of quantized activations above then check the tiles' code."""
+    amx = q8_isa.startswith("avx512_amx")
+    if amx and not kernels.tiles(q8_isa):
+        pytest.skip(f"{q8_isa}: Linux did not lend this process AMX's tile state (arch_prctl)")
+    assert kernels.tiles(q8_isa) == amx
 
 
 @needs_kernel

@@ -11,9 +11,12 @@ it depends on (sources, compiler, flags, jax version, CPU flags), so a restart l
 another kind never does. Where no compiler or no CPU backend is at hand, `available()` says so and the model
 computes with XLA alone.
 
-Not written, though CPUs have them: AMX (tile matrix multiplies; a path is one more `Isa` here and the code
-its flags select in the sources), and AVX512-BF16, whose bfloat16 dot products are no faster than the int16
-ones AVX512-VNNI gives (present on every CPU with AVX512-BF16) and round more coarsely.
+AMX (Intel Sapphire Rapids on): the block kernels on quantized activations take 16 rows of x at a time on
+its tiles, to the bits AVX512-VNNI gives them (tiles.h). No CPU we measure on has AMX: its path is tested
+where a CPU has it, and everywhere with AVX512-VNNI through an emulation of the tile instructions
+("avx512_amx_emulated", built for the tests, never the path that serves). Not written: AVX512-BF16, whose
+bfloat16 dot products are no faster than the int16 ones AVX512-VNNI gives (present on every CPU with
+AVX512-BF16) and round more coarsely.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from jaxserve import host
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("int8_matmul.cc", "block_matmul.cc", "attention.cc"))
-HEADERS = tuple(Path(__file__).with_name(n) for n in ("pool.h", "vec.h"))
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("pool.h", "tiles.h", "vec.h"))
 TARGETS = {"kn": "jaxserve_int8_matmul", "nk": "jaxserve_int8_matmul_nk"}
 BLOCK_TARGETS = {f: f"jaxserve_{f}_matmul" for f in ("q4_0", "q4_1", "q8_0")}
 ATTENTION = "jaxserve_cpu_attention"
@@ -50,24 +53,29 @@ COMPILER = os.environ.get("CXX", "g++")
 @dataclasses.dataclass(frozen=True)
 class Isa:
     """One build of the kernels: the compiler flags it is built with, the CPU flags (as /proc/cpuinfo names
-    them) it needs to run, and whether it multiplies on quantized activations (`block_matmul`'s q8)."""
+    them) it needs to run, whether it multiplies on quantized activations (`block_matmul`'s q8), and
+    whether it is a test build that never serves (`emulated`)."""
 
     name: str
     flags: tuple[str, ...]
     needs: frozenset[str]
     q8: bool = False
+    emulated: bool = False
 
 
 _AVX2 = ("-mavx2", "-mfma", "-mf16c")
 _AVX512 = (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 _AVX512_NEEDS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
+_VNNI, _VNNI_NEEDS = (*_AVX512, "-mavx512vnni"), _AVX512_NEEDS | {"avx512_vnni"}
 # From the plainest to the fastest: the portable build is the compiler's default target (vector code that
 # the compiler lowers to whatever that target has), the others add what their flags name.
 ISAS = (
     Isa("portable", (), frozenset()),
     Isa("avx2", _AVX2, frozenset({"avx2", "fma", "f16c"})),
     Isa("avx512", _AVX512, _AVX512_NEEDS),
-    Isa("avx512_vnni", (*_AVX512, "-mavx512vnni"), _AVX512_NEEDS | {"avx512_vnni"}, q8=True),
+    Isa("avx512_vnni", _VNNI, _VNNI_NEEDS, q8=True),
+    Isa("avx512_amx_emulated", (*_VNNI, "-DJAXSERVE_AMX_EMULATE"), _VNNI_NEEDS, q8=True, emulated=True),
+    Isa("avx512_amx", (*_VNNI, "-mamx-tile", "-mamx-int8"), _VNNI_NEEDS | {"amx_tile", "amx_int8"}, q8=True),
 )
 
 
@@ -78,7 +86,7 @@ def runnable() -> tuple[Isa, ...]:
 
 def best() -> Isa:
     """The path that serves here: the fastest this CPU runs."""
-    return runnable()[-1]
+    return [isa for isa in runnable() if not isa.emulated][-1]
 
 
 def _isa(name: str | None) -> Isa:
@@ -119,22 +127,30 @@ def target(name: str, isa: str | None) -> str:
 def available(isa: str | None = None) -> bool:
     """Whether the kernels of path `isa` (None: `best()`, the one that serves) are compiled and registered
     with XLA:CPU (once per process and path). Only a path in `runnable()` may be asked for."""
-    return _register(_isa(isa))
+    return _register(_isa(isa)) is not None
 
 
 @functools.cache
-def _register(chosen: Isa) -> bool:
+def _register(chosen: Isa) -> ctypes.CDLL | None:
+    """The library of path `chosen`, its targets registered; None where it cannot be."""
     if jax.default_backend() != "cpu" or shutil.which(COMPILER) is None:
-        return False
+        return None
     assert chosen in runnable(), f"{chosen.name}: not on this CPU"
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(chosen)))
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("kernels unavailable (%s); quantized matmuls use XLA's formulations", e)
-        return False
+        return None
     for name in (*TARGETS.values(), *BLOCK_TARGETS.values(), ATTENTION, READ):
         jax.ffi.register_ffi_target(target(name, chosen.name), jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-    return True
+    return lib
+
+
+def tiles(isa: str | None = None) -> bool:
+    """Whether path `isa` (None: `best()`) multiplies 16 rows of quantized activations at a time on AMX tiles
+    (or their emulation) here: built with them and, on the hardware, lent their state by Linux."""
+    lib = _register(_isa(isa))
+    return lib is not None and bool(lib.jaxserve_tiles())
 
 
 def vnni() -> bool:

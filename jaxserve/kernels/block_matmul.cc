@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -30,6 +31,7 @@
 #endif
 
 #include "pool.h"
+#include "tiles.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -503,15 +505,124 @@ void rows_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uin
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (m0 + r) * s.N + n, acc[r]);
 }
 
-// Weight rows [t * TILE, (t + 1) * TILE) (whole groups of 16) by every row of x, on quantized activations.
+#if defined(JAXSERVE_TILES)
+// AMX: rows [m0, m0 + 16) of x by the 16 weight rows of one interleaved group, as rows_q8 computes them and
+// to the same bits, the integer dot products on tiles. tdpbusd multiplies u8 rows of its first tile with s8
+// columns of its second, those laid out as the interleaved weights already are (a block's 64 bytes [k]: the
+// 16 rows' codes of inputs 4k..4k+3): the weights are the signed operand, as they lie (Q4's nibbles
+// unpacked into a scratch block first), and x's codes the unsigned one, offset by 128 (`xu`). One product a
+// run of 16 inputs (x's step changes there): C [16 rows of x, 16 weight rows] int32, from which 128 times
+// the weights' sums over the run come off; its rows are then rows_q8's vectors of 16 weight rows, scaled
+// and summed in the same order. Tiles: 0, 1 the products of runs 0 and 1 (int16 x: of the high bytes), 2, 3
+// those of the low bytes, 4, 5 x's runs, 6, 7 the weights'.
 template <Fmt F, int P>
-void tile_q8(const Quantized& xq, const uint8_t* q, const uint16_t* d, const uint16_t* m, float* y,
-             Dims s, int64_t t) {
+void tiles_q8(const Quantized& xq, const uint8_t* xu, const uint8_t* q, const uint16_t* d, const uint16_t* m,
+              float* y, Dims s, int64_t m0, int64_t n) {
+  constexpr int64_t group = 16 * block_bytes<F>();
+  const int64_t nb = s.K / QK, stride = nb * P * QK;  // bytes between two rows of xu
+  const __m512i low = _mm512_set1_epi8(15), offset = _mm512_set1_epi8(-128);
+  alignas(64) uint8_t unpacked[2][4][64];  // Q4: a block's codes of inputs 0..15 (4 x 64 bytes), then 16..31
+  alignas(64) int32_t c[2 * P][16][16];
+  __m512 acc[16];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* qb = q + b * group;
+    __m512i run_sum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // 128 times each row's codes' sum
+    for (int k = 0; k < 4; ++k) {
+      __m512i first, second;
+      if constexpr (F == Fmt::Q8_0) {
+        first = _mm512_loadu_si512(qb + 64 * k);
+        second = _mm512_loadu_si512(qb + 256 + 64 * k);
+      } else {
+        const __m512i v = _mm512_loadu_si512(qb + 64 * k);
+        first = _mm512_and_si512(v, low);
+        second = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        _mm512_store_si512(unpacked[0][k], first);
+        _mm512_store_si512(unpacked[1][k], second);
+      }
+      run_sum[0] = _mm512_dpbusd_epi32(run_sum[0], offset, first);
+      run_sum[1] = _mm512_dpbusd_epi32(run_sum[1], offset, second);
+    }
+    const uint8_t* w = F == Fmt::Q8_0 ? qb : unpacked[0][0];
+    JAXSERVE_TILE_LOAD(6, w, 64);
+    JAXSERVE_TILE_LOAD(7, w + 256, 64);
+    const uint8_t* xb = xu + (m0 * nb + b) * P * QK;
+    JAXSERVE_TILE_LOAD(4, xb, stride);
+    JAXSERVE_TILE_LOAD(5, xb + L, stride);
+    JAXSERVE_TILE_ZERO(0);
+    JAXSERVE_TILE_ZERO(1);
+    JAXSERVE_TILE_DPBUSD(0, 4, 6);
+    JAXSERVE_TILE_DPBUSD(1, 5, 7);
+    JAXSERVE_TILE_STORE(0, c[0], 64);
+    JAXSERVE_TILE_STORE(1, c[1], 64);
+    if constexpr (P == 2) {  // the low bytes
+      JAXSERVE_TILE_LOAD(4, xb + QK, stride);
+      JAXSERVE_TILE_LOAD(5, xb + QK + L, stride);
+      JAXSERVE_TILE_ZERO(2);
+      JAXSERVE_TILE_ZERO(3);
+      JAXSERVE_TILE_DPBUSD(2, 4, 6);
+      JAXSERVE_TILE_DPBUSD(3, 5, 7);
+      JAXSERVE_TILE_STORE(2, c[2], 64);
+      JAXSERVE_TILE_STORE(3, c[3], 64);
+    }
+    const auto widen = [b](const uint16_t* h) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + b * L)));
+    };
+    const __m512 dv = widen(d), ov = F == Fmt::Q4_1 ? widen(m) : dv;
+    for (int r = 0; r < 16; ++r) {
+      const int64_t at = (m0 + r) * nb + b;
+      const auto dot = [&](int i, int h) { return _mm512_sub_epi32(_mm512_load_si512(c[i][r]), run_sum[h]); };
+      __m512i il = dot(0, 0), ih = dot(1, 1);
+      if constexpr (P == 2) {
+        il = _mm512_add_epi32(_mm512_slli_epi32(il, 8), dot(2, 0));
+        ih = _mm512_add_epi32(_mm512_slli_epi32(ih, 8), dot(3, 1));
+      }
+      const __m512 u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(il), _mm512_set1_ps(xq.steps[2 * at]),
+                                       _mm512_mul_ps(_mm512_cvtepi32_ps(ih), _mm512_set1_ps(xq.steps[2 * at + 1])));
+      acc[r] = _mm512_fmadd_ps(u, dv, acc[r]);
+      if constexpr (F != Fmt::Q8_0) acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xq.sums[at]), acc[r]);
+    }
+  }
+  for (int r = 0; r < 16; ++r) _mm512_storeu_ps(y + (m0 + r) * s.N + n, acc[r]);
+}
+
+// The tiles' shapes for tiles_q8: products 16 x 16 int32, x's runs 16 rows of 16 bytes, the weights' 4 rows
+// of 64 bytes.
+inline jaxserve::tiles::Config tile_shapes() {
+  jaxserve::tiles::Config c;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = t < 6 ? 16 : 4;
+    c.colsb[t] = t == 4 || t == 5 ? 16 : 64;
+  }
+  return c;
+}
+#endif
+
+// Weight rows [t * TILE, (t + 1) * TILE) (whole groups of 16) by every row of x, on quantized activations:
+// where `xu` (x's codes offset by 128) is given, each whole 16 rows of x on AMX tiles, the rest with rows_q8.
+template <Fmt F, int P>
+void tile_q8(const Quantized& xq, const uint8_t* xu, const uint8_t* q, const uint16_t* d, const uint16_t* m,
+             float* y, Dims s, int64_t t) {
   const int64_t nb = s.K / QK, first = t * TILE, end = std::min((t + 1) * TILE, s.N);
-  over_rows(s.M, [&](auto r, int64_t m0) {
-    for (int64_t n = first; n < end; n += L)
-      rows_q8<F, decltype(r)::value, P>(xq, q + n * nb * block_bytes<F>(), d + n * nb, m ? m + n * nb : nullptr,
-                                         y, s, m0, n);
+  const auto at = [&](int64_t n) { return std::make_tuple(q + n * nb * block_bytes<F>(), d + n * nb, m ? m + n * nb : nullptr); };
+  int64_t tiled = 0;  // rows of x taken on tiles
+#if defined(JAXSERVE_TILES)
+  if (xu) {
+    tiled = s.M / 16 * 16;
+    jaxserve::tiles::configure(tile_shapes());
+    for (int64_t m0 = 0; m0 < tiled; m0 += 16)
+      for (int64_t n = first; n < end; n += L) {
+        const auto [qn, dn, mn] = at(n);
+        tiles_q8<F, P>(xq, xu, qn, dn, mn, y, s, m0, n);
+      }
+    jaxserve::tiles::release();
+  }
+#endif
+  over_rows(s.M - tiled, [&](auto r, int64_t m0) {
+    for (int64_t n = first; n < end; n += L) {
+      const auto [qn, dn, mn] = at(n);
+      rows_q8<F, decltype(r)::value, P>(xq, qn, dn, mn, y, s, tiled + m0, n);
+    }
   });
 }
 
@@ -569,10 +680,20 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
     if (s.N % L) return ffi::Error::InvalidArgument("block matmul: quantized activations take weights interleaved, 16 rows a group");
     const Quantized xq = x_bits == 8 ? quantize_rows<F, 1>(xp, s) : quantize_rows<F, 2>(xp, s);
     const Quantized* xqp = &xq;
+    std::vector<uint8_t> offset;  // x's codes plus 128, the tiles' unsigned operand, where 16 rows or more
+#if defined(JAXSERVE_TILES)
+    if (s.M >= 16 && jaxserve::tiles::permitted())
+      for (int8_t v : xq.q) offset.push_back(static_cast<uint8_t>(v) ^ 0x80);
+#endif
+    const uint8_t* xu = offset.empty() ? nullptr : offset.data();
     if (x_bits == 8)
-      jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_q8<F, 1>(*xqp, qp, dp, mp, yp, s, t); });
+      jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_q8<F, 1>(*xqp, xu, qp, dp, mp, yp, s, t); });
     else
-      jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_q8<F, 2>(*xqp, qp, dp, mp, yp, s, t); });
+      jaxserve::parallel(pool, tiles, bytes, [=](int64_t t) { tile_q8<F, 2>(*xqp, xu, qp, dp, mp, yp, s, t); });
+#if defined(JAXSERVE_TILES)
+    if (jaxserve::tiles::broken.exchange(false))
+      return ffi::Error::Internal("block matmul: a tile operation broke its configuration's limits");
+#endif
     return ffi::Error::Success();
   }
 #endif
@@ -652,6 +773,16 @@ ffi::Error Read(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Remainin
 auto bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>(); }
 
 }  // namespace
+
+// Whether the block kernels multiply 16 rows of quantized activations at a time on AMX tiles here: built
+// with them (or their emulation) and, on the hardware, lent the tiles' state by the kernel.
+extern "C" int jaxserve_tiles() {
+#if defined(JAXSERVE_TILES)
+  return jaxserve::tiles::permitted();
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_read_bytes, Read,
                               ffi::Ffi::Bind()

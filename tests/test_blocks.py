@@ -284,7 +284,8 @@ def test_kernel_equals_numpy_on_quantized_activations(fmt, rows, n, k, bits, q8_
         assert codes[2, g, b, kk, j, i] == parts[0][2, 16 * g + j, bb * b + 4 * kk + i]
         assert d[2, g, b, j] == parts[1][2, 16 * g + j, b]
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    matmul = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=2, x_bits=bits, isa=q8_isa))
+    tiles = kernels.tiles(q8_isa)
+    matmul = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, layer=2, x_bits=bits, tiles=tiles, isa=q8_isa))
     y = np.asarray(matmul(x, *woven))
     want = quantized(x, bits) @ w[2].T  # the offsets (m, or -8 d) too multiply the quantized activations
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
@@ -324,7 +325,8 @@ def test_on_quantized_activations_a_rows_outputs_do_not_hang_on_the_rows_beside_
     parts, _ = stack(rng, fmt, 96, 160, layers=1)
     parts = tuple(np.asarray(a) for a in blocks.interleave(parts))
     x = rng.standard_normal((40, 160)).astype(np.float32)
-    matmul = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, x_bits=bits, isa=q8_isa))
+    tiles = kernels.tiles(q8_isa)
+    matmul = jax.jit(lambda x, *p: kernels.block_matmul(x, fmt, *p, x_bits=bits, tiles=tiles, isa=q8_isa))
     together = np.asarray(matmul(x, *parts))
     spans = (slice(3, 9), slice(0, 2), slice(9, 11), slice(5, 10), slice(0, 16), slice(7, 39), slice(20, 37))
     for rows in (*spans, *(slice(r, r + 1) for r in (0, 5, 10, 39))):
@@ -333,11 +335,18 @@ def test_on_quantized_activations_a_rows_outputs_do_not_hang_on_the_rows_beside_
 
 def test_amx_paths_multiply_on_tiles(q8_isa):
     """The AMX paths take 16 rows at a time on tiles (where Linux lends a process their state: the kernels
-    ask it), the others never: the tests of quantized activations above then check the tiles' code."""
+    ask it), so the tests of quantized activations above check the tiles' code there; the other paths
+    refuse to be asked for tiles."""
     amx = q8_isa.startswith("avx512_amx")
     if amx and not kernels.tiles(q8_isa):
         pytest.skip(f"{q8_isa}: Linux did not lend this process AMX's tile state (arch_prctl)")
     assert kernels.tiles(q8_isa) == amx
+    if not amx:
+        parts = tuple(np.asarray(a) for a in blocks.interleave(stack(np.random.default_rng(0), "q4_1", 16, 32, 1)[0]))
+        with pytest.raises(Exception, match="tiles need a path built for AMX"):
+            jax.block_until_ready(
+                kernels.block_matmul(np.ones((16, 32), np.float32), "q4_1", *parts, x_bits=8, tiles=True, isa=q8_isa)
+            )
 
 
 @needs_kernel

@@ -234,3 +234,26 @@ def test_quantized_activations_serve_every_row_count_or_none(tiny_int8, tmp_path
     assert {r: t["q8"] for r, t in other.timings.items()} == {r: 10.4 if r == 1 else 5 for r in rows}
     level = timer(calls, {r: q8(9.9, 10) for r in rows})  # no loss, but no win either
     assert not choose(tiny_int8, 4, "auto", None, level).formulation.q8
+
+
+def test_amx_tiles_serve_where_measured_faster(tiny_int8, tmp_path, monkeypatch):
+    """Where the kernels have AMX tiles, `auto` times quantized activations with them and without: they
+    serve (and are cached so) where faster by the margin over all the row counts, and then the quantized
+    activations are weighed against the kernel at the tiles' timings."""
+    monkeypatch.setattr(formulation, "q8_possible", lambda model: True)
+    monkeypatch.setattr(formulation, "kernel_possible", lambda model: False)
+    monkeypatch.setattr(formulation.kernels, "tiles", lambda isa=None: True)
+    rows = (1, 2, 4, 16, 32, 64)
+    ms3 = lambda tiles, q8, kernel: ms(10, 5) | {"q8_tiles": tiles, "q8": q8, "kernel": kernel}
+    calls: list = []
+    faster = timer(calls, {r: ms3(8 if r >= 16 else 9.5, 9.5, 10) for r in rows})
+    first = choose(tiny_int8, 4, "auto", tmp_path, faster)
+    assert calls == [rows] and first.formulation == Formulation(EVERY_ROW, None, True, True)
+    assert choose(tiny_int8, 4, "auto", tmp_path, faster).source.startswith("cached")
+    assert choose(tiny_int8, 4, "auto", tmp_path, faster).formulation.tiles and len(calls) == 1
+    slower = timer(calls, {r: ms3(9.6 if r >= 16 else 9.5, 9.5, 10) for r in rows})
+    assert choose(tiny_int8, 4, "auto", None, slower).formulation == Formulation(EVERY_ROW, None, True, False)
+    # a single stream would lose to the kernel (10.4 at one row), with the tiles or without
+    lose_alone = timer(calls, {r: ms3(10.4 if r == 1 else 5, 10.4 if r == 1 else 9, 10) for r in rows})
+    assert not choose(tiny_int8, 4, "auto", None, lose_alone).formulation.q8
+    assert choose(tiny_int8, 4, "q8").formulation.tiles

@@ -20,7 +20,9 @@ chat request differed when asked twice, the second time from the prefix cache). 
 outputs are the same whatever rows share its step (tests/test_blocks.py). `auto` measures it first, against
 the kernel at each row count, and takes it where it is not slower (by MARGIN) at one row and faster (by
 MARGIN) over all the row counts together (`q8_wins`; SmolLM2 on an AMD EPYC, a step's matmuls, ms
-q8/kernel: 1 row 7.0/8.9, 8 rows 12.0/19.3, 32 rows 32.6/59.8, 64 rows 63.8/159.1). On GPU and TPU
+q8/kernel: 1 row 7.0/8.9, 8 rows 12.0/19.3, 32 rows 32.6/59.8, 64 rows 63.8/159.1). Where the kernels
+have AMX tiles (jaxserve.kernels.tiles), "q8" is measured with them too (16 rows at a time, to the same
+bits) and they serve where faster by MARGIN over all the row counts (`tiles_win`). On GPU and TPU
 bfloat16 is the native choice and stands without measuring. Float weights are never rounded: float32 asked
 for stays exact.
 
@@ -83,10 +85,11 @@ class Choice:
     timings: Timings = dataclasses.field(default_factory=dict)
     kernel_below_rows: int | None = None
     q8: bool = False
+    tiles: bool = False
 
     @property
     def formulation(self) -> Formulation:
-        return Formulation(self.kernel_below_rows, self.bf16_from_rows, self.q8)
+        return Formulation(self.kernel_below_rows, self.bf16_from_rows, self.q8, self.tiles)
 
     def apply(self, model: LoadedModel) -> LoadedModel:
         """`model` to serve with this choice: it carries the formulation, and with the kernel its int8 weights
@@ -104,7 +107,7 @@ class Choice:
     def describe(self, cfg) -> str:
         text = f"matmul formulation {self.formulation.describe(cfg)} ({self.source}"
         if self.timings:
-            names = [n for n in ("q8", "kernel", "f32", "bf16") if any(n in t for t in self.timings.values())]
+            names = [n for n in (*Q8, "kernel", "f32", "bf16") if any(n in t for t in self.timings.values())]
             per_rows = ", ".join(
                 f"{r}: " + "/".join(f"{t[n]:.1f}" if n in t else "-" for n in names)
                 for r, t in sorted(self.timings.items())
@@ -157,6 +160,12 @@ def q8_wins(timings: Timings) -> bool:
     return fewest["q8"] * MARGIN <= fewest["kernel"] and total["q8"] < MARGIN * total["kernel"]
 
 
+def tiles_win(timings: Timings) -> bool:
+    """Whether quantized activations take AMX tiles, from the timings of "q8_tiles" and "q8" at each row
+    count: faster by MARGIN over all the row counts together (below 16 rows they compute alike)."""
+    return sum(t["q8_tiles"] for t in timings.values()) < MARGIN * sum(t["q8"] for t in timings.values())
+
+
 def q8_possible(model: LoadedModel) -> bool:
     """Whether the block kernel can serve `model` on quantized activations: GGUF block weights, AVX512-VNNI."""
     return kernel_possible(model) and model.cfg.quant == "blocks" and kernels.vnni()
@@ -200,7 +209,9 @@ CANDIDATES = {  # each formulation alone, at every row count
     "kernel": Choice(None, "forced", kernel_below_rows=EVERY_ROW),
     # the block kernel on quantized activations (AVX512-VNNI; blocks.x_bits), at every row count (see above)
     "q8": Choice(None, "forced", kernel_below_rows=EVERY_ROW, q8=True),
+    "q8_tiles": Choice(None, "forced", kernel_below_rows=EVERY_ROW, q8=True, tiles=True),  # and AMX tiles
 }
+Q8 = ("q8", "q8_tiles")
 
 
 def measure(model: LoadedModel, rows: tuple[int, ...], names=("f32", "bf16"), repeats: int = REPEATS) -> Timings:
@@ -256,6 +267,7 @@ def _write(path: Path, key: str, choice: Choice) -> None:
         "bf16_from_rows": choice.bf16_from_rows,
         "kernel_below_rows": choice.kernel_below_rows,
         "q8": choice.q8,
+        "tiles": choice.tiles,
         "timings_ms": {str(r): t for r, t in sorted(choice.timings.items())},
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -285,8 +297,9 @@ def choose(
     timer: Callable[..., Timings] = measure,
 ) -> Choice:
     """The formulation to serve `model` with over `slots` slots: `formulation` "f32", "bf16", "kernel" or
-    "q8" forces one; "auto" measures on CPU (or reads the cache in `cache_dir`, None: no cache) and takes
-    bfloat16 elsewhere. `timer(model, rows, names)` answers Timings as `measure` does."""
+    "q8" forces one ("q8" with AMX tiles where the kernels have them); "auto" measures on CPU (or reads the
+    cache in `cache_dir`, None: no cache) and takes bfloat16 elsewhere. `timer(model, rows, names)` answers
+    Timings as `measure` does."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r} (choose from {', '.join(FORMULATIONS)})")
     if model.cfg.quant not in QUANTIZED:
@@ -299,7 +312,7 @@ def choose(
     if formulation == "q8":
         if not q8_possible(model):
             raise ValueError("--formulation q8 needs GGUF block weights and the kernels built for AVX512-VNNI")
-        return CANDIDATES["q8"]
+        return CANDIDATES["q8_tiles" if kernels.tiles() else "q8"]
     if formulation == "kernel":
         if not kernel_possible(model):
             raise ValueError(
@@ -315,18 +328,21 @@ def choose(
     path = None if cache_dir is None else Path(cache_dir) / CACHE_FILE
     if path is not None and (entry := _read(path).get(key)) is not None:
         timings = {int(r): t for r, t in entry["timings_ms"].items()}
-        kernel, q8 = entry.get("kernel_below_rows"), entry.get("q8", False)
-        return Choice(entry["bf16_from_rows"], f"cached in {path}", timings, kernel, q8)
+        kernel, q8, tiles = entry.get("kernel_below_rows"), entry.get("q8", False), entry.get("tiles", False)
+        return Choice(entry["bf16_from_rows"], f"cached in {path}", timings, kernel, q8, tiles)
     t0 = time.perf_counter()
     timings: Timings = {}
     buckets = row_buckets(slots)
-    if q8_possible(model) and q8_wins(timings := timer(model, buckets, ("q8", "kernel"))):
-        source = f"measured in {time.perf_counter() - t0:.1f} s"
-        choice = dataclasses.replace(CANDIDATES["q8"], source=source, timings=timings)
-        if path is not None:
-            _write(path, key, choice)
-        return choice
-    timings = {r: {n: ms for n, ms in t.items() if n == "q8"} for r, t in timings.items()}  # shown, not used
+    if q8_possible(model):
+        timings = timer(model, buckets, ("q8", "kernel", *(("q8_tiles",) if kernels.tiles() else ())))
+        q8 = "q8_tiles" if "q8_tiles" in timings[buckets[0]] and tiles_win(timings) else "q8"
+        if q8_wins({r: t | {"q8": t[q8]} for r, t in timings.items()}):
+            source = f"measured in {time.perf_counter() - t0:.1f} s"
+            choice = dataclasses.replace(CANDIDATES[q8], source=source, timings=timings)
+            if path is not None:
+                _write(path, key, choice)
+            return choice
+    timings = {r: {n: ms for n, ms in t.items() if n in Q8} for r, t in timings.items()}  # shown, not used
     below = 0  # the kernel serves fewer rows than this
     if kernel_possible(model):
         for rows in buckets:  # from one row up, against float32: above a loss nothing counts

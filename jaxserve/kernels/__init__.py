@@ -202,7 +202,16 @@ def int8_matmul(x, kernel, scale, contracted: int = 1, layer=0, layout: str = "k
 
 
 def block_matmul(
-    x, fmt: str, codes, d, m=None, layer=0, x_bits: int = 32, invariant: bool = False, isa: str | None = None
+    x,
+    fmt: str,
+    codes,
+    d,
+    m=None,
+    layer=0,
+    x_bits: int = 32,
+    invariant: bool = False,
+    tiles: bool = False,
+    isa: str | None = None,
 ):
     """x [M, K] . layer `layer` (an int32 scalar, traced or not) of a weight [L, N, K] in GGUF block format
     `fmt` ("q4_0", "q4_1", "q8_0"), transposed -> [M, N] float32: codes [L, N, K/32 * block bytes], d (and,
@@ -210,12 +219,13 @@ def block_matmul(
     to that many bits a run of 16 inputs first and multiplied with integer dot products (on a path whose
     `q8` is true), on a weight as jaxserve.model.blocks.interleave lays it out; 32: float32 x. `invariant`:
     one row of x gets the outputs it gets among other rows, bit for bit (AVX-512's float path otherwise
-    takes one row through a loop of its own, the same within float rounding). `isa`: the path computing it
-    (None: `best()`); call `available(isa)` first."""
+    takes one row through a loop of its own, the same within float rounding). `tiles`: on quantized
+    activations, 16 rows at a time on AMX tiles, to the same bits (where `tiles(isa)`). `isa`: the path
+    computing it (None: `best()`); call `available(isa)` first."""
     out = jax.ShapeDtypeStruct((x.shape[0], codes.shape[1]), jnp.float32)
     operands = (d,) if m is None else (d, m)
     call = jax.ffi.ffi_call(target(BLOCK_TARGETS[fmt], isa), out)
-    flags = {"x_bits": np.int32(x_bits), "invariant": np.int32(invariant)}
+    flags = {"x_bits": np.int32(x_bits), "invariant": np.int32(invariant), "tiles": np.int32(tiles)}
     return call(x.astype(jnp.float32), codes, *operands, jnp.int32(layer), **flags)
 
 

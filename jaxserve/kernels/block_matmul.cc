@@ -634,7 +634,7 @@ constexpr bool VNNI = false;  // a build without AVX512-VNNI refuses quantized a
 template <Fmt F, typename Q>
 ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::Buffer<ffi::F16> d,
                        const uint16_t* m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t x_bits,
-                       int32_t invariant) {
+                       int32_t invariant, int32_t on_tiles) {
   auto xd = x.dimensions(), qd = q.dimensions(), dd = d.dimensions();
   if (xd.size() != 2 || qd.size() != 3 || dd.size() != 3 || layer.element_count() != 1 || xd[1] % QK ||
       qd[2] != xd[1] / QK * block_bytes<F>() || dd[0] != qd[0] || dd[1] != qd[1] || dd[2] != xd[1] / QK)
@@ -675,14 +675,17 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
     return ffi::Error::InvalidArgument("block matmul: x_bits is 8, 16 or 32 (float)");
   const bool q8 = x_bits != 32;
   if (q8 && !VNNI) return ffi::Error::InvalidArgument("block matmul: quantized activations need AVX512-VNNI");
+#if !defined(JAXSERVE_TILES)
+  if (on_tiles) return ffi::Error::InvalidArgument("block matmul: tiles need a path built for AMX");
+#endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (q8) {
     if (s.N % L) return ffi::Error::InvalidArgument("block matmul: quantized activations take weights interleaved, 16 rows a group");
     const Quantized xq = x_bits == 8 ? quantize_rows<F, 1>(xp, s) : quantize_rows<F, 2>(xp, s);
     const Quantized* xqp = &xq;
-    std::vector<uint8_t> offset;  // x's codes plus 128, the tiles' unsigned operand, where 16 rows or more
+    std::vector<uint8_t> offset;  // x's codes plus 128, the tiles' unsigned operand, where they take rows
 #if defined(JAXSERVE_TILES)
-    if (s.M >= 16 && jaxserve::tiles::permitted())
+    if (on_tiles && s.M >= 16 && jaxserve::tiles::permitted())
       for (int8_t v : xq.q) offset.push_back(static_cast<uint8_t>(v) ^ 0x80);
 #endif
     const uint8_t* xu = offset.empty() ? nullptr : offset.data();
@@ -710,20 +713,22 @@ ffi::Error BlockMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, Q q, ffi::
 
 ffi::Error Q4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
                 ffi::Buffer<ffi::F16> m, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t x_bits,
-                int32_t invariant) {
+                int32_t invariant, int32_t tiles) {
   if (m.dimensions().size() != 3 || m.element_count() != d.element_count())
     return ffi::Error::InvalidArgument("block matmul: m as d");
-  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, x_bits, invariant);
+  return BlockMatmul<Fmt::Q4_1>(pool, x, q, d, reinterpret_cast<const uint16_t*>(m.typed_data()), layer, y, x_bits, invariant, tiles);
 }
 
 ffi::Error Q4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t x_bits, int32_t invariant) {
-  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, x_bits, invariant);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t x_bits, int32_t invariant,
+                int32_t tiles) {
+  return BlockMatmul<Fmt::Q4_0>(pool, x, q, d, nullptr, layer, y, x_bits, invariant, tiles);
 }
 
 ffi::Error Q8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> d,
-                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t x_bits, int32_t invariant) {
-  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, x_bits, invariant);
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t x_bits, int32_t invariant,
+                int32_t tiles) {
+  return BlockMatmul<Fmt::Q8_0>(pool, x, q, d, nullptr, layer, y, x_bits, invariant, tiles);
 }
 
 // The floor the kernels are measured against (scripts/bench_bandwidth.py): layer `layer` of each of a
@@ -798,7 +803,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_1_matmul, Q4_1,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("x_bits")
-                                  .Attr<int32_t>("invariant"));
+                                  .Attr<int32_t>("invariant")
+                                  .Attr<int32_t>("tiles"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_0_matmul, Q4_0,
                               bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()
@@ -806,7 +812,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q4_0_matmul, Q4_0,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("x_bits")
-                                  .Attr<int32_t>("invariant"));
+                                  .Attr<int32_t>("invariant")
+                                  .Attr<int32_t>("tiles"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_0_matmul, Q8_0,
                               bind()
                                   .Arg<ffi::Buffer<ffi::S8>>()
@@ -814,4 +821,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxserve_q8_0_matmul, Q8_0,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("x_bits")
-                                  .Attr<int32_t>("invariant"));
+                                  .Attr<int32_t>("invariant")
+                                  .Attr<int32_t>("tiles"));

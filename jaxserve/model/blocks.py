@@ -224,7 +224,7 @@ def dot(x, w: BlockWeight, f):
         # out of the next quantized activations' rounding larger (seeded samples of a request asked twice,
         # the second time from the prefix cache, differed)
         layer = 0 if w.layer is None else w.layer
-        y = kernels.block_matmul(xr, w.fmt, *stack, layer=layer, x_bits=x_bits(w, f), invariant=f.q8)
+        y = kernels.block_matmul(xr, w.fmt, *stack, layer=layer, x_bits=x_bits(w, f), invariant=f.q8, tiles=f.tiles)
         return y.reshape(*x.shape[:2], *w.outputs).astype(x.dtype)
     assert not interleaved(w, f), "quantized activations are the kernel's, at every row count"
     arrays = w.arrays if w.layer is None else tuple(a[w.layer] for a in w.arrays)

@@ -33,6 +33,9 @@ class Formulation:
     # GGUF block weights: the kernel multiplies (every row count) on activations quantized to 8 or 16 bits a
     # run of 16 inputs (integer dot products: AVX512-VNNI, blocks.x_bits), weights interleaved for it
     q8: bool = False
+    # and with q8, 16 rows at a time on AMX tiles (to the same bits; jaxserve.kernels.tiles) where `auto`
+    # measured them faster
+    tiles: bool = False
 
     def describe(self, cfg: ModelConfig) -> str:
         """The weight matmuls' arithmetic in a word, as the startup log and /metrics name it: float weights
@@ -41,7 +44,7 @@ class Formulation:
         if cfg.quant not in QUANTIZED:
             return cfg.dtype
         kernel, bf16 = self.kernel_below_rows or 1, self.bf16_from_rows
-        q8 = "(q8)" if self.q8 else ""
+        q8 = ("(q8, tiles)" if self.tiles else "(q8)") if self.q8 else ""
         if kernel >= EVERY_ROW:
             return "kernel" + q8
         text = f"kernel{q8}<{kernel}<=" if kernel > 1 else ""

@@ -68,7 +68,7 @@ FORMULATIONS = ("auto", "f32", "bf16", "kernel", "q8")
 CACHE_FILE = "jaxserve-formulations.json"
 MARGIN = 0.97  # a candidate must win by 3% at a row count to be taken there
 SHORT_PREFILL = 64  # tokens: the prefill chunks up to this many are measured too
-PROCEDURE = 5  # how `choose` decides: a cached choice made another way is made again
+PROCEDURE = 6  # how `choose` decides: a cached choice made another way is made again
 REPEATS = 5  # timed runs of each candidate at each row count, interleaved; medians compared
 
 Timings = dict[int, dict[str, float]]  # rows -> {"f32": ms, "kernel": ms, ...}: medians, those measured

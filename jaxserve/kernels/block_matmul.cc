@@ -547,24 +547,22 @@ void tiles_q8(const Quantized& xq, const uint8_t* xu, const uint8_t* q, const ui
     JAXSERVE_TILE_LOAD(6, w, 64);
     JAXSERVE_TILE_LOAD(7, w + 256, 64);
     const uint8_t* xb = xu + (m0 * nb + b) * P * QK;
-    JAXSERVE_TILE_LOAD(4, xb, stride);
-    JAXSERVE_TILE_LOAD(5, xb + L, stride);
-    JAXSERVE_TILE_ZERO(0);
-    JAXSERVE_TILE_ZERO(1);
-    JAXSERVE_TILE_DPBUSD(0, 4, 6);
-    JAXSERVE_TILE_DPBUSD(1, 5, 7);
-    JAXSERVE_TILE_STORE(0, c[0], 64);
-    JAXSERVE_TILE_STORE(1, c[1], 64);
+// One byte plane of x (its codes at xp) by the block's weights: runs 0 and 1 into product tiles c0 and c1
+// (literals, as the intrinsics need), stored to c[c0] and c[c1].
+#define JAXSERVE_PLANE(xp, c0, c1)       \
+  JAXSERVE_TILE_LOAD(4, xp, stride);     \
+  JAXSERVE_TILE_LOAD(5, (xp) + L, stride); \
+  JAXSERVE_TILE_ZERO(c0);                \
+  JAXSERVE_TILE_ZERO(c1);                \
+  JAXSERVE_TILE_DPBUSD(c0, 4, 6);        \
+  JAXSERVE_TILE_DPBUSD(c1, 5, 7);        \
+  JAXSERVE_TILE_STORE(c0, c[c0], 64);    \
+  JAXSERVE_TILE_STORE(c1, c[c1], 64)
+    JAXSERVE_PLANE(xb, 0, 1);
     if constexpr (P == 2) {  // the low bytes
-      JAXSERVE_TILE_LOAD(4, xb + QK, stride);
-      JAXSERVE_TILE_LOAD(5, xb + QK + L, stride);
-      JAXSERVE_TILE_ZERO(2);
-      JAXSERVE_TILE_ZERO(3);
-      JAXSERVE_TILE_DPBUSD(2, 4, 6);
-      JAXSERVE_TILE_DPBUSD(3, 5, 7);
-      JAXSERVE_TILE_STORE(2, c[2], 64);
-      JAXSERVE_TILE_STORE(3, c[3], 64);
+      JAXSERVE_PLANE(xb + QK, 2, 3);
     }
+#undef JAXSERVE_PLANE
     const auto widen = [b](const uint16_t* h) {
       return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + b * L)));
     };

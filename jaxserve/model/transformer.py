@@ -32,6 +32,19 @@ def _param(module: nn.Module, name: str, shape, axes, init, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def ordered_sum(x):
+    """The sum over x's last axis (kept, as 1), the same bits whatever the other axes hold: its halves
+    added element by element down to one (zeros past a power of two). XLA:CPU's reduction sums one or two
+    rows in another order than eight (2e-7 apart), which quantized activations round into larger
+    differences: a decode step then differed from a prefill of the same tokens."""
+    n = x.shape[-1]
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, (1 << (n - 1).bit_length()) - n)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * scale over the last axis, in float32. (Gemma's `1 + w` is stored as the scale itself.)"""
 
@@ -43,7 +56,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones, self.dtype)
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        y = x32 * jax.lax.rsqrt(ordered_sum(x32 * x32) / x.shape[-1] + self.eps)
         return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 

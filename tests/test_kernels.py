@@ -69,6 +69,23 @@ def test_nk_kernel_equals_the_dequantized_product(group, rows, isa):
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_the_path_that_serves_is_the_fastest_the_compiler_builds(monkeypatch):
+    """A CPU with AMX and a g++ without its flags (older than 11) serves AVX512-VNNI's path, not XLA alone."""
+    amx = next(i for i in kernels.ISAS if i.name == "avx512_amx")
+    monkeypatch.setattr(kernels.host, "cpu_flags", lambda: frozenset().union(*(i.needs for i in kernels.ISAS)))
+    monkeypatch.setattr(kernels, "_compiler_takes", lambda flags: not set(flags) & {"-mamx-tile", "-mamx-int8"})
+    kernels.best.cache_clear()
+    try:
+        assert amx in kernels.runnable() and kernels.best().name == "avx512_vnni"
+        monkeypatch.setattr(kernels, "_compiler_takes", lambda flags: True)
+        kernels.best.cache_clear()
+        assert kernels.best() == amx
+    finally:
+        monkeypatch.undo()
+        kernels.best.cache_clear()
+    assert kernels._compiler_takes(kernels.best().flags) and not kernels._compiler_takes(("-mno-such-flag",))
+
+
 def test_a_layer_out_of_the_stack_is_an_error():
     kernel, scale, _ = weights(np.random.default_rng(0), (64, 64), 1, 64)
     with pytest.raises(Exception, match="layer out of range"):

@@ -84,9 +84,19 @@ def runnable() -> tuple[Isa, ...]:
     return tuple(isa for isa in ISAS if isa.needs <= host.cpu_flags())
 
 
+@functools.cache
 def best() -> Isa:
-    """The path that serves here: the fastest this CPU runs."""
-    return [isa for isa in runnable() if not isa.emulated][-1]
+    """The path that serves here: the fastest this CPU runs whose flags the compiler here takes (a g++ older
+    than 11 has no AMX flags: there the next path serves, not XLA alone)."""
+    paths = [isa for isa in runnable() if not isa.emulated]
+    return next((isa for isa in reversed(paths) if _compiler_takes(isa.flags)), paths[0])
+
+
+def _compiler_takes(flags: tuple[str, ...]) -> bool:
+    try:
+        return subprocess.run([COMPILER, *flags, "-E", "-x", "c++", os.devnull], capture_output=True).returncode == 0
+    except OSError:  # no compiler: `available` says so
+        return False
 
 
 def _isa(name: str | None) -> Isa:

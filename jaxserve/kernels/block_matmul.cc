@@ -778,7 +778,7 @@ auto bind() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi
 }  // namespace
 
 // Whether the block kernels multiply 16 rows of quantized activations at a time on AMX tiles here: built
-// with them (or their emulation) and, on the hardware, lent the tiles' state by the kernel.
+// with them (or their emulation) and, on the hardware, lent the tiles' state by Linux.
 extern "C" int jaxserve_tiles() {
 #if defined(JAXSERVE_TILES)
   return jaxserve::tiles::permitted();

@@ -203,6 +203,36 @@ def test_cpu_kernel_equals_a_numpy_reference_and_the_plain_path(T, kv_dtype):
         np.testing.assert_allclose(kernel, plain, atol=2e-5, err_msg=f"{layer=}")
 
 
+@built
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("T", [1, 6])  # decode rows, a prefill chunk
+def test_cpu_pool_written_in_place_equals_the_scatter(T, kv_dtype):
+    """The CPU kernel's pool (CpuKVCache) writes a step's keys and values with jaxserve's kernel, in place:
+    the same pool as KVCache's scatter, in every layer, with the writes it drops (rows without a page, and
+    positions before `write_from`, in pages shared with other sequences) dropped, under jit with the pool
+    donated as the steps donate it."""
+    c = ModelConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=32, mlp_dim=64, kv_dtype=kv_dtype
+    )
+    rng = np.random.default_rng(T)
+    shapes = KVCache.shape_dtype(c, CPU_P, CPU_S)
+    pool = [jnp.asarray(rng.normal(size=x.shape), jnp.float32).astype(c.cache_dtype) for x in (shapes.k, shapes.v)]
+    bits = lambda x: x if x.dtype == jnp.float32 else jax.lax.bitcast_convert_type(x, jnp.uint16)
+    positions = cpu_case(T)
+    k, v = (jnp.asarray(rng.normal(size=(len(positions), T, c.n_kv_heads, c.head_dim)), jnp.float32) for _ in "kv")
+    write_from = jnp.asarray([0, 0, T, 0, CPU_WINDOW - T // 2], jnp.int32)  # row 2: all shared; row 4: half
+    cpu = LAYOUTS["cpu_kernel"]
+    assert cpu is not KVCache and issubclass(cpu, KVCache)
+    write = jax.jit(lambda cache, layer: cache.write(layer, CPU_TABLE, positions, k, v, write_from), donate_argnums=0)
+    for layer in range(c.n_layers):
+        want = KVCache(*map(bits, pool)).write(layer, CPU_TABLE, positions, k, v, write_from)
+        got = write(cpu(*(jnp.array(bits(x)) for x in pool)), jnp.int32(layer))  # a copy: donated
+        assert type(got) is cpu
+        np.testing.assert_array_equal(np.asarray(got.k), np.asarray(want.k), err_msg=f"{layer=}")
+        np.testing.assert_array_equal(np.asarray(got.v), np.asarray(want.v), err_msg=f"{layer=}")
+        assert not np.array_equal(np.asarray(got.k), np.asarray(bits(pool[0])))  # something was written
+
+
 TINY = Path(__file__).parent / "reference" / "hf-tiny"
 
 

@@ -45,6 +45,7 @@ HEADERS = tuple(Path(__file__).with_name(n) for n in ("pool.h", "tiles.h", "vec.
 TARGETS = {"kn": "jaxserve_int8_matmul", "nk": "jaxserve_int8_matmul_nk"}
 BLOCK_TARGETS = {f: f"jaxserve_{f}_matmul" for f in ("q4_0", "q4_1", "q8_0")}
 ATTENTION = "jaxserve_cpu_attention"
+KV_WRITE = "jaxserve_kv_write"
 READ = "jaxserve_read_bytes"  # a plain read of a weight's bytes: the floor the kernels are measured against
 LANES = 16  # the kernel's vector width in floats: output columns and groups are multiples of it
 COMPILER = os.environ.get("CXX", "g++")
@@ -151,7 +152,7 @@ def _register(chosen: Isa) -> ctypes.CDLL | None:
     except (OSError, subprocess.CalledProcessError) as e:
         log.warning("kernels unavailable (%s); quantized matmuls use XLA's formulations", e)
         return None
-    for name in (*TARGETS.values(), *BLOCK_TARGETS.values(), ATTENTION, READ):
+    for name in (*TARGETS.values(), *BLOCK_TARGETS.values(), ATTENTION, KV_WRITE, READ):
         jax.ffi.register_ffi_target(target(name, chosen.name), jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     return lib
 
@@ -251,6 +252,17 @@ def attention(q, k, v, layer, table, positions, local, scale: float, sliding_win
     call = jax.ffi.ffi_call(target(ATTENTION, isa), out)
     operands = (q.astype(jnp.float32), k, v, index(layer), index(table), index(positions), index(local))
     return call(*operands, scale=np.float32(scale), window=np.int32(sliding_window))
+
+
+def kv_write(k_pool, v_pool, layer, page, offset, k, v, isa: str | None = None):
+    """The pools k [L, P, K, H, S] and v [L, P, K, S, H] with k, v [B, T, K, H] (in the pools' dtype) written
+    into layer `layer` at (page, offset) [B, T] (kv_cache.write_targets: a page outside the pool drops the
+    write), in place: the results are the operands' buffers. `isa`: the path computing it (None: `best()`);
+    call `available(isa)` first."""
+    index = lambda x: jnp.asarray(x, jnp.int32)
+    shapes = (jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype), jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype))
+    call = jax.ffi.ffi_call(target(KV_WRITE, isa), shapes, input_output_aliases={0: 0, 1: 1})
+    return call(k_pool, v_pool, index(layer), index(page), index(offset), k, v)
 
 
 def read_bytes(parts, layer=0, isa: str | None = None):

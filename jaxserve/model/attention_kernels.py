@@ -54,6 +54,17 @@ log = logging.getLogger(__name__)
 
 
 @struct.dataclass
+class CpuKVCache(KVCache):
+    """KVCache's pool, for the CPU kernel: written in place by jaxserve's kernel (kernels.kv_write), where
+    XLA:CPU's scatter is a loop over the tokens, a fusion each."""
+
+    def write(self, layer, table, positions, k, v, write_from=None) -> CpuKVCache:
+        page, offset = write_targets(table, positions, write_from, self.pages, self.page_size)
+        k, v = kernels.kv_write(self.k, self.v, layer, page, offset, self._stored(k), self._stored(v))
+        return self.replace(k=k, v=v)
+
+
+@struct.dataclass
 class TpuKVCache:
     """The pool in the TPU kernel's layout: kv [L, P, K, 2, S, H], a page holding each KV head's keys and
     values as [S, H] tiles (positions on sublanes, head dim on lanes), so that one DMA per (page, head)
@@ -141,10 +152,10 @@ class GpuKVCache:
 
 
 # cfg.attention -> its pool
-LAYOUTS = {"plain": KVCache, "cpu_kernel": KVCache, "tpu_kernel": TpuKVCache, "gpu_kernel": GpuKVCache}
+LAYOUTS = {"plain": KVCache, "cpu_kernel": CpuKVCache, "tpu_kernel": TpuKVCache, "gpu_kernel": GpuKVCache}
 
 
-def kv_cache_for(cfg: ModelConfig) -> type[KVCache] | type[TpuKVCache] | type[GpuKVCache]:
+def kv_cache_for(cfg: ModelConfig) -> type[KVCache] | type[CpuKVCache] | type[TpuKVCache] | type[GpuKVCache]:
     """The pool's class for cfg.attention."""
     return LAYOUTS[cfg.attention]
 

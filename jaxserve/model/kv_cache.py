@@ -79,11 +79,11 @@ class KVCache:
         """The pool's bytes per position (K and V of every layer), in cfg.cache_dtype: what sizes the pool."""
         return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.cache_dtype).itemsize
 
-    @staticmethod
-    def axes() -> KVCache:
+    @classmethod
+    def axes(cls) -> KVCache:
         """Logical axis names of each array, for jaxserve.sharding. Pages are not split: any sequence, on
         any data shard, may hold any page."""
-        return KVCache(
+        return cls(
             k=("layers", None, "kv_heads", "head_dim", None),
             v=("layers", None, "kv_heads", None, "head_dim"),
         )
@@ -116,7 +116,7 @@ class KVCache:
         those without a page."""
         page, offset = write_targets(table, positions, write_from, self.pages, self.page_size)
         # advanced indices around slices: the indexed dims [b, T] come first, then K, H — k's own layout
-        return KVCache(
+        return self.replace(
             k=self.k.at[layer, page, :, :, offset].set(self._stored(k), mode="drop"),
             v=self.v.at[layer, page, :, offset].set(self._stored(v), mode="drop"),
         )
@@ -130,7 +130,7 @@ class KVCache:
     def with_entries(self, page, offset, k, v) -> KVCache:
         """Every layer's entries at (page, offset) [b, T] take k, v [b, T, L, K, H] (`entries`' layout);
         no page: dropped."""
-        return KVCache(
+        return self.replace(
             k=self.k.at[:, page, :, :, offset].set(self._stored(k), mode="drop"),
             v=self.v.at[:, page, :, offset].set(self._stored(v), mode="drop"),
         )
@@ -141,4 +141,4 @@ class KVCache:
 
     def copy_page(self, src, dst) -> KVCache:
         """Page dst takes page src's contents (every layer): copy-on-write of a shared partial page."""
-        return KVCache(k=self.k.at[:, dst].set(self.k[:, src]), v=self.v.at[:, dst].set(self.v[:, src]))
+        return self.replace(k=self.k.at[:, dst].set(self.k[:, src]), v=self.v.at[:, dst].set(self.v[:, src]))

@@ -341,7 +341,8 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuff
 // [layer, page, :, offset, :] of the v pool [L, P, K, S, H]; a page outside the pool drops the token's
 // write (KVCache.write's mode="drop"). The results are the pools' own buffers (aliased: XLA hands the
 // operands over), so nothing else of the pool is touched. XLA:CPU turns the scatter this replaces into a
-// loop over the tokens, a fusion each, twice a layer (SmolLM2 q8, 32 rows: ~3-4 ms of a ~50 ms step).
+// loop over the tokens, a fusion each, twice a layer. SmolLM2 q8 forward, scatter -> this, over a pool of
+// serve's default size (182 pages): 1 row even (within 0.25 ms of ~5 ms), 8 rows 0.2-0.45 ms faster.
 ffi::Error KvWrite(ffi::AnyBuffer kp, ffi::AnyBuffer vp, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page,
                    ffi::Buffer<ffi::S32> offset, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> ko,
                    ffi::Result<ffi::AnyBuffer> vo) {

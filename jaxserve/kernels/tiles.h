@@ -23,7 +23,7 @@
 namespace jaxserve::tiles {
 
 // ldtilecfg's 64 bytes, palette 1: each tile register's rows (at most 16) and bytes a row (at most 64).
-struct Config {
+struct alignas(64) Config {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};

@@ -79,7 +79,7 @@ def _settle(spec: StepSpec, state: DecodeState, out=None):
 # XLA:CPU's fusion emitters compile the scanned layer body (RoPE in it) for a decode step's shapes to other
 # bits than for a prefill's: with the former emitters (and transformer.ordered_sum) a decode step's logits
 # are those of a prefill of the same tokens, bit for bit (SmolLM2 under q8: 0.01-0.1 logprob apart before).
-# Other platforms ignore the option.
+# A debug option only XLA:CPU reads (not yet compiled on a GPU or TPU here).
 COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 _jit = functools.partial(jax.jit, donate_argnames=("state",), compiler_options=COMPILER_OPTIONS)
 
